@@ -1,0 +1,288 @@
+"""`pushgw`: the command line. Subcommands: demo, serve, worker, api, send, dlq, devices, vapid-keygen.
+
+With no Redis configured (`redis.url` / PUSHGW_REDIS_URL empty) every command uses the embedded
+Redis in `redis.embedded_dir`: it joins the one a running `pushgw serve` started, or starts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pushgw.gateway.config import ConfigError, Settings, load_settings
+from pushgw.gateway.embedded import EmbeddedRedis, EmbeddedRedisError
+
+
+def _multiproc_dir() -> None:
+    """Prometheus multiprocess mode must be chosen before prometheus_client is imported."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="pushgw-metrics-")
+
+
+def redis_target(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
+    """The Redis URL to use, and the embedded server this process started (to stop on exit)."""
+    if settings.redis.url:
+        return settings.redis.url, None
+    embedded = EmbeddedRedis(settings.redis.embedded_dir, aof=settings.redis.embedded_aof)
+    if embedded.is_live():
+        return embedded.url, None
+    return embedded.start(), embedded
+
+
+def _print(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from pushgw.gateway.demo import run_demo
+
+    return run_demo(learners=args.learners, messages=args.messages, processes=args.processes, seed=args.seed)
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """API and worker processes on one host, sharing one metrics folder."""
+    _multiproc_dir()
+    from pushgw.gateway.api import serve_api
+    from pushgw.gateway.pool import Pool, install_loop
+
+    url, embedded = redis_target(settings)
+    processes = args.processes or settings.worker.processes
+    pool = Pool(settings, url, processes, args.consumer_prefix)
+    pool.start()
+    install_loop()
+    try:
+        asyncio.run(serve_api(settings, url, supervise=pool.supervise_once))
+    finally:
+        pool.stop()
+        if embedded:
+            embedded.stop()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    _multiproc_dir()
+    import signal
+    import time
+
+    from pushgw.gateway.pool import Pool
+
+    url, embedded = redis_target(settings)
+    pool = Pool(settings, url, args.processes or settings.worker.processes, args.consumer_prefix)
+    stop = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    pool.start()
+    try:
+        while not stop:
+            pool.supervise_once()
+            time.sleep(0.5)
+    finally:
+        pool.stop()
+        if embedded:
+            embedded.stop()
+    return 0
+
+
+def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
+    from pushgw.gateway.api import serve_api
+    from pushgw.gateway.pool import install_loop
+
+    url, embedded = redis_target(settings)
+    install_loop()
+    try:
+        asyncio.run(serve_api(settings, url))
+    finally:
+        if embedded:
+            embedded.stop()
+    return 0
+
+
+async def _with_client(settings: Settings, fn: Any) -> Any:
+    import redis.asyncio as aioredis
+
+    url, embedded = redis_target(settings)
+    client = aioredis.from_url(url)
+    try:
+        return await fn(client)
+    finally:
+        await client.aclose()
+        if embedded:
+            embedded.stop()
+
+
+def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
+    from pushgw.gateway.client import PushClient
+    from pushgw.gateway.schema import MessageInvalid
+
+    if args.json:
+        raw = sys.stdin.read() if args.json == "-" else Path(args.json).read_text()
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            sys.stderr.write(f"error: {args.json} is not valid JSON: {e}\n")
+            return 2
+    else:
+        obj = {k: v for k, v in {
+            "user": args.user, "title": args.title, "body": args.body, "category": args.category,
+            "priority": args.priority, "ttl": args.ttl, "id": args.id,
+        }.items() if v is not None}
+    messages = obj if isinstance(obj, list) else [obj]
+
+    async def go(redis: Any) -> list[tuple[str, bool]]:
+        result: list[tuple[str, bool]] = await PushClient(redis, settings).send_many(messages)
+        return result
+
+    try:
+        results = asyncio.run(_with_client(settings, go))
+    except MessageInvalid as e:
+        sys.stderr.write("error: message rejected:\n" + "".join(f"  {err}\n" for err in e.errors))
+        return 2
+    _print([{"id": i, "status": "queued" if ok else "duplicate"} for i, ok in results])
+    return 0
+
+
+def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
+    from pushgw.queue.deadletter import DeadLetters
+    from pushgw.queue.keys import Keys
+
+    keys = Keys(settings.redis.prefix)
+
+    async def go(redis: Any) -> Any:
+        dl = DeadLetters(redis, keys)
+        if args.action == "list":
+            return [e.to_json() if hasattr(e, "to_json") else e for e in await dl.list(args.count, args.start)]
+        if args.action == "count":
+            return {"dead_letters": await dl.count()}
+        ids = args.ids or None
+        if not ids and not args.all:
+            raise SystemExit("error: name entry ids, or pass --all")
+        if args.action == "replay":
+            return {"replayed": await dl.replay(ids, limit=args.count)}
+        return {"purged": await dl.purge(ids)}
+
+    _print(asyncio.run(_with_client(settings, go)))
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace, settings: Settings) -> int:
+    from pushgw.gateway.client import PushClient
+
+    async def go(redis: Any) -> Any:
+        client = PushClient(redis, settings)
+        if args.action == "add":
+            device = json.loads(args.device)
+            await client.register_device(args.user, device)
+            return {"registered": args.user}
+        if args.action == "rm":
+            return {"removed": await client.unregister_device(args.user, args.key)}
+        from pushgw.gateway.registry import DeviceRegistry
+        from pushgw.queue.keys import Keys
+
+        return [d.to_json() | {"key": d.key} for d in await DeviceRegistry(redis, Keys(settings.redis.prefix)).devices(args.user)]
+
+    _print(asyncio.run(_with_client(settings, go)))
+    return 0
+
+
+def cmd_vapid_keygen(args: argparse.Namespace, settings: Settings) -> int:
+    from pushgw.providers.vapid import make_vapid_key
+
+    path = make_vapid_key(args.directory)
+    _print({"vapid_private_key_file": str(path)})
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pushgw", description="Push delivery gateway: Redis Streams to APNs, FCM, Web Push")
+    p.add_argument("--config", "-c", help="TOML settings file (default: $PUSHGW_CONFIG)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="run the main job on an embedded Redis with local provider fakes")
+    d.add_argument("--learners", type=int, default=400)
+    d.add_argument("--messages", type=int, default=3000)
+    d.add_argument("--processes", type=int, default=2)
+    d.add_argument("--seed", type=int, default=7)
+    d.set_defaults(fn=cmd_demo)
+
+    for name, fn, help_ in (
+        ("serve", cmd_serve, "HTTP API plus worker processes"),
+        ("worker", cmd_worker, "worker processes only"),
+    ):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--processes", type=int, default=0, help="default: worker.processes")
+        s.add_argument("--consumer-prefix", default=None, help="consumer names are <prefix>:<index> (default: host name)")
+        s.set_defaults(fn=fn)
+    sub.add_parser("api", help="HTTP API only").set_defaults(fn=cmd_api)
+
+    s = sub.add_parser("send", help="enqueue a message (validated like the API)")
+    s.add_argument("--json", help="file with a message or a list of messages, or - for stdin")
+    s.add_argument("--user")
+    s.add_argument("--title")
+    s.add_argument("--body")
+    s.add_argument("--category")
+    s.add_argument("--priority", choices=["normal", "high"])
+    s.add_argument("--ttl", type=int)
+    s.add_argument("--id")
+    s.set_defaults(fn=cmd_send)
+
+    q = sub.add_parser("dlq", help="dead letters: list, count, replay, purge")
+    q.add_argument("action", choices=["list", "count", "replay", "purge"])
+    q.add_argument("ids", nargs="*")
+    q.add_argument("--all", action="store_true")
+    q.add_argument("--count", type=int, default=50)
+    q.add_argument("--start", default="-")
+    q.set_defaults(fn=cmd_dlq)
+
+    v = sub.add_parser("devices", help="device registry: add, list, rm")
+    v.add_argument("action", choices=["add", "list", "rm"])
+    v.add_argument("user")
+    v.add_argument("--device", help='JSON, e.g. \'{"fcm": "<token>"}\'')
+    v.add_argument("--key", help="device key (from list) for rm")
+    v.set_defaults(fn=cmd_devices)
+
+    k = sub.add_parser("vapid-keygen", help="write a new VAPID (P-256) private key")
+    k.add_argument("directory")
+    k.set_defaults(fn=cmd_vapid_keygen)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as e:
+        sys.stderr.write(f"configuration error: {e}\n")
+        return 2
+    from pushgw.gateway.logs import setup_logging
+
+    setup_logging(settings.log_level)
+    try:
+        code: int = args.fn(args, settings)
+        return code
+    except (EmbeddedRedisError, ConfigError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,260 @@
+"""One frozen settings object, loaded from a TOML file and then overridden by environment variables.
+
+Environment variables are `PUSHGW_<SECTION>_<KEY>` for scalar settings (e.g. `PUSHGW_REDIS_URL`,
+`PUSHGW_WORKER_PROCESSES`, `PUSHGW_API_PORT`). A bad value stops the process at start with an
+error that names the setting; it never silently falls back. Secrets (API tokens, key files) are
+never included in `repr()` output, so a logged settings object leaks nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "PUSHGW_"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or wrong; the message names the setting."""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    url: str = ""  # empty: start a private embedded redis-server
+    prefix: str = "pushgw"
+    embedded_dir: str = ".pushgw/redis"
+    embedded_aof: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ApiClient:
+    name: str
+    token: str = field(repr=False)
+    scopes: tuple[str, ...] = ("enqueue",)  # "enqueue", "devices", "admin"
+
+
+@dataclass(frozen=True, slots=True)
+class ApiSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 1 << 20
+    max_batch: int = 1000
+    clients: tuple[ApiClient, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    processes: int = 2
+    batch_size: int = 256
+    block_ms: int = 500
+    max_inflight: int = 4096  # deliveries in flight per process
+    provider_backlog: int = 2048  # queued deliveries per provider before they are parked (slow provider)
+    claim_idle_s: float = 60.0  # a pending entry idle this long belongs to a dead consumer
+    janitor_interval_s: float = 5.0
+    drain_deadline_s: float = 25.0
+    max_attempts: int = 8
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 300.0
+    idempotency_window_s: int = 86400
+    done_ttl_s: int = 86400
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSettings:
+    timeout_s: float = 10.0
+    concurrency: int = 256  # requests in flight per provider per process
+
+
+@dataclass(frozen=True, slots=True)
+class ApnsApp:
+    name: str
+    topic: str
+    team_id: str = ""
+    key_id: str = ""
+    key_file: str = field(default="", repr=False)  # .p8 ES256 key: token auth
+    cert_file: str = field(default="", repr=False)  # PEM with certificate and key: certificate auth
+    sandbox: bool = False
+    host: str = ""  # default: api.push.apple.com or api.sandbox.push.apple.com
+    port: int = 443
+    ca_file: str = ""
+    connections: int = 2
+    push_type: str = "alert"
+
+
+@dataclass(frozen=True, slots=True)
+class FcmApp:
+    name: str
+    service_account_file: str = field(default="", repr=False)
+    project_id: str = ""  # default: from the service account JSON
+    base_url: str = "https://fcm.googleapis.com"
+    token_uri: str = ""  # default: from the service account JSON
+    ca_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WebPushSettings:
+    vapid_private_key_file: str = field(default="", repr=False)  # PEM, P-256
+    vapid_subject: str = "mailto:ops@example.org"
+    allowed_hosts: tuple[str, ...] = (
+        "fcm.googleapis.com",
+        "*.push.services.mozilla.com",
+        "*.push.apple.com",
+        "*.notify.windows.com",
+    )
+    allow_private: bool = False  # loopback/private/link-local endpoints only when set (tests, labs)
+    ca_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    redis: RedisSettings = RedisSettings()
+    api: ApiSettings = ApiSettings()
+    worker: WorkerSettings = WorkerSettings()
+    providers: ProviderSettings = ProviderSettings()
+    apns: tuple[ApnsApp, ...] = ()
+    fcm: tuple[FcmApp, ...] = ()
+    webpush: WebPushSettings = WebPushSettings()
+    log_level: str = "INFO"
+
+    def apns_app(self, name: str) -> ApnsApp | None:
+        return next((a for a in self.apns if a.name == name), None)
+
+    def fcm_app(self, name: str) -> FcmApp | None:
+        return next((a for a in self.fcm if a.name == name), None)
+
+
+def _coerce(section: str, name: str, value: Any, default: Any) -> Any:
+    where = f"{section}.{name}"
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if isinstance(default, int):
+        try:
+            out = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a whole number, got {value!r}") from None
+        if out < 0:
+            raise ConfigError(f"{where} must not be negative")
+        return out
+    if isinstance(default, float):
+        try:
+            outf = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number, got {value!r}") from None
+        if outf < 0:
+            raise ConfigError(f"{where} must not be negative")
+        return outf
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{where} must be a list of strings")
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string")
+    return value
+
+
+def _section(cls: Any, section: str, data: Mapping[str, Any], env: Mapping[str, str], **fixed: Any) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in [{section}]: {sorted(unknown)}")
+    values: dict[str, Any] = dict(fixed)
+    defaults = cls(**fixed)
+    for name in known:
+        if name in fixed or name == "clients":
+            continue
+        default = getattr(defaults, name)
+        raw = data.get(name)
+        env_key = f"{ENV_PREFIX}{section.upper().replace('.', '_')}_{name.upper()}"
+        if env_key in env:
+            raw = env[env_key]
+        if raw is not None:
+            values[name] = _coerce(section, name, raw, default)
+    return cls(**values)
+
+
+def _clients(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[ApiClient, ...]:
+    out: list[ApiClient] = []
+    for i, c in enumerate(data.get("clients", [])):
+        where = f"api.clients[{i}]"
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str):
+            raise ConfigError(f"{where} needs a name")
+        token = c.get("token")
+        if "token_env" in c:
+            token = env.get(str(c["token_env"]))
+            if not token:
+                raise ConfigError(f"{where}.token_env: environment variable {c['token_env']} is not set")
+        if not isinstance(token, str) or len(token) < 16:
+            raise ConfigError(f"{where}.token must be a string of at least 16 characters")
+        scopes = c.get("scopes", ["enqueue"])
+        bad = set(scopes) - {"enqueue", "devices", "admin"}
+        if bad:
+            raise ConfigError(f"{where}.scopes: unknown scope(s) {sorted(bad)}")
+        out.append(ApiClient(c["name"], token, tuple(scopes)))
+    # A single token from the environment: the simplest deployment.
+    env_token = env.get(f"{ENV_PREFIX}API_TOKEN")
+    if env_token:
+        if len(env_token) < 16:
+            raise ConfigError("PUSHGW_API_TOKEN must be at least 16 characters")
+        out.append(ApiClient("env", env_token, ("enqueue", "devices", "admin")))
+    return tuple(out)
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read `path` (or `$PUSHGW_CONFIG`, or nothing) and apply `PUSHGW_*` environment overrides."""
+    env = os.environ if env is None else env
+    path = path or env.get(f"{ENV_PREFIX}CONFIG")
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    unknown = set(data) - {"redis", "api", "worker", "providers", "apns", "fcm", "webpush", "log"}
+    if unknown:
+        raise ConfigError(f"unknown section(s) {sorted(unknown)}")
+    api = _section(ApiSettings, "api", data.get("api", {}), env)
+    api = replace(api, clients=_clients(data.get("api", {}), env))
+    apns = tuple(
+        _section(ApnsApp, f"apns.{name}", app, env, name=name, topic=str(app.get("topic", "")))
+        for name, app in data.get("apns", {}).items()
+    )
+    for a in apns:
+        if not a.topic:
+            raise ConfigError(f"apns.{a.name}.topic is required (the app's bundle id)")
+        if not a.key_file and not a.cert_file:
+            raise ConfigError(f"apns.{a.name}: set key_file (+ key_id, team_id) or cert_file")
+        if a.key_file and not (a.key_id and a.team_id):
+            raise ConfigError(f"apns.{a.name}: token auth needs key_id and team_id")
+    fcm = tuple(_section(FcmApp, f"fcm.{name}", app, env, name=name) for name, app in data.get("fcm", {}).items())
+    for f in fcm:
+        if not f.service_account_file:
+            raise ConfigError(f"fcm.{f.name}.service_account_file is required")
+    log = data.get("log", {})
+    level = str(env.get(f"{ENV_PREFIX}LOG_LEVEL", log.get("level", "INFO"))).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"log.level must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    settings = Settings(
+        redis=_section(RedisSettings, "redis", data.get("redis", {}), env),
+        api=api,
+        worker=_section(WorkerSettings, "worker", data.get("worker", {}), env),
+        providers=_section(ProviderSettings, "providers", data.get("providers", {}), env),
+        apns=apns,
+        fcm=fcm,
+        webpush=_section(WebPushSettings, "webpush", data.get("webpush", {}), env),
+        log_level=level,
+    )
+    if settings.worker.processes < 1 or settings.worker.batch_size < 1 or settings.worker.max_attempts < 1:
+        raise ConfigError("worker.processes, worker.batch_size and worker.max_attempts must be at least 1")
+    return settings

@@ -1,0 +1,78 @@
+"""Prometheus metrics, valid across several worker processes.
+
+prometheus-client reads PROMETHEUS_MULTIPROC_DIR when it is imported, so the CLI sets it (to a
+fresh folder per gateway run) before this module is imported anywhere. In that mode every process
+writes its samples to files and /metrics aggregates them. Label children are cached by callers on
+the hot path: `.labels()` costs a dict lookup and a lock each time.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_E2E_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+ENQUEUED = Counter("pushgw_enqueued_total", "Messages accepted into the queue", ["source"])
+DUPLICATES = Counter("pushgw_enqueue_duplicates_total", "Enqueues ignored because the message id was seen")
+DELIVERIES = Counter(
+    "pushgw_deliveries_total",
+    "Delivery attempts by provider and outcome (delivered, retry, token_invalid, rejected)",
+    ["provider", "outcome"],
+)
+PROVIDER_LATENCY = Histogram(
+    "pushgw_provider_request_seconds", "Time of one provider request", ["provider"], buckets=_LATENCY_BUCKETS
+)
+END_TO_END = Histogram(
+    "pushgw_enqueue_to_delivered_seconds",
+    "Time from enqueue to the provider accepting the push",
+    ["provider"],
+    buckets=_E2E_BUCKETS,
+)
+RETRIES = Counter("pushgw_retries_scheduled_total", "Deliveries scheduled for another attempt", ["provider"])
+DEAD_LETTERS = Counter("pushgw_dead_letters_total", "Deliveries moved to the dead-letter stream", ["reason"])
+INVALID_TOKENS = Counter("pushgw_invalid_tokens_total", "Device tokens found gone and removed", ["provider"])
+SKIPPED = Counter(
+    "pushgw_deliveries_skipped_total",
+    "Deliveries not sent: already done before a redelivery, expired, or no device",
+    ["reason"],
+)
+IN_FLIGHT = Gauge(
+    "pushgw_deliveries_in_flight", "Deliveries being sent now", ["provider"], multiprocess_mode="livesum"
+)
+STREAM_LAG = Gauge(
+    "pushgw_stream_lag_entries", "Entries in the stream not yet read by the group", multiprocess_mode="max"
+)
+STREAM_PENDING = Gauge(
+    "pushgw_stream_pending_entries", "Entries read but not yet acknowledged", multiprocess_mode="max"
+)
+DELAYED = Gauge("pushgw_delayed_entries", "Deliveries waiting for a retry time", multiprocess_mode="max")
+DLQ_LENGTH = Gauge("pushgw_dead_letter_entries", "Entries in the dead-letter stream", multiprocess_mode="max")
+RECLAIMED = Counter("pushgw_reclaimed_entries_total", "Pending entries taken over from a dead consumer")
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text for /metrics (aggregated over processes in multiprocess mode)."""
+    if MULTIPROCESS:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a finished worker's live gauges (in-flight) from the aggregate."""
+    if MULTIPROCESS:
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

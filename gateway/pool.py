@@ -1,0 +1,119 @@
+"""Worker processes on one host: spawn N, restart the ones that crash, drain them all on SIGTERM.
+
+Each process is one consumer of the group with a stable name (`<host>:<index>`), so a process
+that restarts re-reads its own pending entries at once instead of waiting for the janitor.
+Processes share nothing but Redis and the Prometheus multiprocess folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import time
+from multiprocessing.process import BaseProcess
+
+from pushgw.gateway.config import Settings
+
+log = logging.getLogger("pushgw.pool")
+
+
+def consumer_name(index: int, prefix: str | None = None) -> str:
+    return f"{prefix or socket.gethostname()}:{index}"
+
+
+def install_loop() -> None:
+    """uvloop where available: measurably cheaper per callback than the default loop."""
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+        pass
+
+
+async def run_worker(settings: Settings, redis_url: str, consumer: str, stop: asyncio.Event | None = None) -> None:
+    """One worker in this process until SIGTERM/SIGINT (or `stop`), then drain and close."""
+    import redis.asyncio as aioredis
+    from pushgw.gateway.worker import Worker
+    from pushgw.providers import build_providers
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    client = aioredis.from_url(redis_url, max_connections=64, health_check_interval=30)
+    providers = build_providers(settings)
+    try:
+        await Worker(settings, client, providers, consumer=consumer).run(stop)
+    finally:
+        for p in providers.values():
+            await p.close()
+        await client.aclose()
+
+
+def _child(settings: Settings, redis_url: str, consumer: str) -> None:
+    from pushgw.gateway.logs import setup_logging
+
+    setup_logging(settings.log_level)
+    install_loop()
+    asyncio.run(run_worker(settings, redis_url, consumer))
+
+
+class Pool:
+    """Supervises worker processes; `stop()` forwards SIGTERM and waits for the drain."""
+
+    def __init__(self, settings: Settings, redis_url: str, processes: int, consumer_prefix: str | None = None):
+        self.settings = settings
+        self.redis_url = redis_url
+        self.processes = processes
+        self.prefix = consumer_prefix
+        self.ctx = mp.get_context("spawn")
+        self.children: dict[int, BaseProcess] = {}
+        self.stopping = False
+
+    def _spawn(self, index: int) -> None:
+        p = self.ctx.Process(
+            target=_child, args=(self.settings, self.redis_url, consumer_name(index, self.prefix)),
+            name=f"pushgw-worker-{index}", daemon=False,
+        )
+        p.start()
+        self.children[index] = p
+        log.info("worker started", extra={"pid": p.pid, "consumer": consumer_name(index, self.prefix)})
+
+    def start(self) -> None:
+        for i in range(self.processes):
+            self._spawn(i)
+
+    def supervise_once(self) -> None:
+        """Restart any child that died while the pool is not stopping."""
+        from pushgw.gateway.metrics import mark_process_dead
+
+        for index, p in list(self.children.items()):
+            if not p.is_alive() and not self.stopping:
+                log.warning("worker exited, restarting", extra={"pid": p.pid, "exit_code": p.exitcode})
+                if p.pid is not None:
+                    mark_process_dead(p.pid)
+                time.sleep(0.5)  # no tight restart loop on a crash at start
+                self._spawn(index)
+
+    def stop(self, deadline_s: float | None = None) -> None:
+        """SIGTERM every child, wait for their drain, SIGKILL what is left after the deadline."""
+        from pushgw.gateway.metrics import mark_process_dead
+
+        self.stopping = True
+        deadline = time.monotonic() + (deadline_s or self.settings.worker.drain_deadline_s + 5)
+        for p in self.children.values():
+            if p.is_alive() and p.pid:
+                os.kill(p.pid, signal.SIGTERM)
+        for p in self.children.values():
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                log.error("worker did not drain in time; killing", extra={"pid": p.pid})
+                p.kill()
+                p.join()
+            if p.pid is not None:
+                mark_process_dead(p.pid)

@@ -1,0 +1,443 @@
+"""The worker: stream entries in, provider requests out, every outcome written back in one transaction.
+
+Where a message goes, in order:
+
+1. `read_new` takes a batch from the consumer group (after the worker first re-read its own
+   pending entries, and while a janitor claims the entries of dead consumers).
+2. `_plan` decodes each entry (poison → dead letter), drops expired ones, resolves the user's
+   devices from the registry (one pipelined round trip per batch) and skips devices a redelivered
+   entry already completed (done marks).
+3. Each delivery goes to its provider's lane: a semaphore bounds requests in flight per provider,
+   and a lane that is too far behind (a hung provider) parks new deliveries in the delay set
+   instead of letting them fill the worker, so one provider never stalls the others.
+4. `_settle` turns the typed outcome into writes: done mark, retry with backoff and full jitter
+   (never before the provider's Retry-After), invalid-token removal and event, or dead letter.
+5. The flusher writes those and the acks of finished entries in one MULTI/EXEC every few ms.
+
+Retries are per delivery: a retry entry names only the device that failed, so devices that
+succeeded are never sent to again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from pushgw.gateway import metrics
+from pushgw.gateway.config import Settings
+from pushgw.gateway.registry import DeviceRegistry
+from pushgw.gateway.schema import Device, Message, MessageInvalid, loads_message
+from pushgw.providers.base import Delivered, Delivery, Outcome, Provider, Rejected, Retry, TokenInvalid
+from pushgw.queue.keys import Keys
+from pushgw.queue.streams import Commit, DeadLetter, Entry, StreamQueue
+from pushgw.ratelimit.base import Defer, Drop, Limiter, Unlimited
+
+log = logging.getLogger("pushgw.worker")
+
+PARK_DELAY_S = 1.0  # how long a delivery for a saturated provider waits before it is tried again
+FLUSH_INTERVAL_S = 0.005
+FLUSH_MAX_ITEMS = 512
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: Callable[[], float] = random.random) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2^(attempt-1))] (AWS architecture blog's best spread)."""
+    return rng() * min(cap, base * 2.0 ** (attempt - 1))
+
+
+@dataclass(slots=True)
+class _Job:
+    """One stream entry in flight: acked when its last delivery settles."""
+
+    entry: Entry
+    message: Message
+    pending: int
+    registry_keys: frozenset[str] = frozenset()  # device keys that came from the user's registry
+
+
+@dataclass(slots=True)
+class _Lane:
+    """Per-provider concurrency: `sem` bounds requests in flight, `queued` counts waiting deliveries."""
+
+    provider: Provider
+    sem: asyncio.Semaphore
+    queued: int = 0
+
+
+class Worker:
+    """One consumer in the group. Run several per host (processes) and on any number of hosts."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        providers: Mapping[str, Provider],
+        *,
+        consumer: str,
+        limiter: Limiter | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.settings = settings
+        self.ws = settings.worker
+        self.redis = redis
+        self.keys = Keys(settings.redis.prefix)
+        self.queue = StreamQueue(
+            redis, self.keys, idempotency_window_s=self.ws.idempotency_window_s, done_ttl_s=self.ws.done_ttl_s
+        )
+        self.registry = DeviceRegistry(redis, self.keys)
+        self.consumer = consumer
+        self.limiter: Limiter = limiter or Unlimited()
+        self.clock = clock
+        self.rng = rng
+        self.lanes = {
+            name: _Lane(p, asyncio.Semaphore(settings.providers.concurrency)) for name, p in providers.items()
+        }
+        self._commit = Commit([], [], [], [], [])
+        self._commit_items = 0
+        self._flush_wake = asyncio.Event()
+        self._in_flight = 0  # deliveries, across lanes
+        self._capacity = asyncio.Event()
+        self._capacity.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.stopping = False
+        # Cached label children: `.labels()` is a dict lookup plus a lock; not per delivery.
+        self._m_delivered = {p: metrics.DELIVERIES.labels(p, "delivered") for p in (*providers, "none")}
+        self._m_retry = {p: metrics.DELIVERIES.labels(p, "retry") for p in (*providers, "none")}
+        self._m_invalid = {p: metrics.DELIVERIES.labels(p, "token_invalid") for p in (*providers, "none")}
+        self._m_rejected = {p: metrics.DELIVERIES.labels(p, "rejected") for p in (*providers, "none")}
+        self._m_e2e = {p: metrics.END_TO_END.labels(p) for p in providers}
+        self._m_inflight = {p: metrics.IN_FLIGHT.labels(p) for p in providers}
+        self._m_retries = {p: metrics.RETRIES.labels(p) for p in (*providers, "none")}
+        self._m_tokens = {p: metrics.INVALID_TOKENS.labels(p) for p in (*providers, "none")}
+
+    # ------------------------------------------------------------------ run loop
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Deliver until `stop` is set, then drain: stop reading, finish in flight, flush, return."""
+        await self.queue.ensure_group()
+        flusher = asyncio.create_task(self._flusher(), name="flusher")
+        mover = asyncio.create_task(self._mover(stop), name="mover")
+        janitor = asyncio.create_task(self._janitor(stop), name="janitor")
+        try:
+            await self._recover_own_pending(stop)
+            while not stop.is_set():
+                if not self._capacity.is_set():
+                    await _wait_either(self._capacity, stop)
+                    continue
+                room = max(1, self.ws.max_inflight - self._in_flight)
+                try:
+                    entries = await self.queue.read_new(self.consumer, min(self.ws.batch_size, room), self.ws.block_ms)
+                except (ConnectionError, OSError, aioredis.RedisError) as e:
+                    log.warning("redis read failed, retrying", extra={"error": type(e).__name__})
+                    await _sleep_or(stop, 0.5)
+                    continue
+                if entries:
+                    await self._dispatch(entries)
+        finally:
+            self.stopping = True
+            mover.cancel()
+            janitor.cancel()
+            await self.drain(self.ws.drain_deadline_s)
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            for t in (mover, janitor):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush(), max(1.0, self.ws.drain_deadline_s))
+
+    async def drain(self, deadline_s: float) -> bool:
+        """Wait for in-flight deliveries, at most `deadline_s`; True when all finished.
+
+        Entries still unfinished at the deadline stay pending in Redis: after a restart this
+        consumer re-reads them, or the janitor of another worker claims them. Nothing is lost.
+        """
+        try:
+            await asyncio.wait_for(self._idle.wait(), deadline_s)
+            return True
+        except TimeoutError:
+            log.warning("drain deadline reached", extra={"in_flight": self._in_flight})
+            return False
+
+    async def _recover_own_pending(self, stop: asyncio.Event) -> None:
+        """Entries this consumer read before a crash or restart come first (at-least-once)."""
+        after = "0"
+        while not stop.is_set():
+            entries = await self.queue.read_own_pending(self.consumer, self.ws.batch_size, after)
+            if not entries:
+                return
+            after = entries[-1].entry_id
+            await self._dispatch(entries)
+
+    async def _mover(self, stop: asyncio.Event) -> None:
+        """Moves due retries back to the stream; atomic in Lua, so any number of workers may run it."""
+        while not stop.is_set():
+            try:
+                moved = await self.queue.move_due(self.clock(), 1000)
+            except (ConnectionError, OSError, aioredis.RedisError):
+                moved = 0
+                await _sleep_or(stop, 1.0)
+            if moved < 1000:
+                await _sleep_or(stop, 0.05)
+
+    async def _janitor(self, stop: asyncio.Event) -> None:
+        """Reclaims entries of dead consumers, trims acked history, publishes queue gauges."""
+        idle_ms = int(self.ws.claim_idle_s * 1000)
+        rounds = 0
+        while not stop.is_set():
+            await _sleep_or(stop, self.ws.janitor_interval_s)
+            if stop.is_set():
+                return
+            try:
+                while self._in_flight < self.ws.max_inflight // 2:
+                    claimed = await self.queue.claim_stale(self.consumer, idle_ms, self.ws.batch_size)
+                    if not claimed:
+                        break
+                    metrics.RECLAIMED.inc(len(claimed))
+                    log.info("reclaimed entries of a dead consumer", extra={"count": len(claimed)})
+                    await self._dispatch(claimed)
+                rounds += 1
+                if rounds % 6 == 0:
+                    await self.queue.trim()
+                    await self.queue.delete_idle_consumers(idle_ms * 10)
+                stats = await self.queue.stats()
+                metrics.STREAM_LAG.set(stats.lag)
+                metrics.STREAM_PENDING.set(stats.pending)
+                metrics.DELAYED.set(stats.delayed)
+                metrics.DLQ_LENGTH.set(stats.dead_letters)
+            except (ConnectionError, OSError, aioredis.RedisError) as e:
+                log.warning("janitor round failed", extra={"error": type(e).__name__})
+
+    # ------------------------------------------------------------------ planning
+
+    async def _dispatch(self, entries: Sequence[Entry]) -> None:
+        """Turn a batch into deliveries (one registry round trip, one done-mark round trip)."""
+        now = self.clock()
+        decoded: list[tuple[Entry, Message]] = []
+        for entry in entries:
+            try:
+                msg = loads_message(entry.raw)
+            except (MessageInvalid, ValueError) as e:
+                self._dead_letter_raw(entry, f"invalid_message: {e}"[:500])
+                continue
+            expiry = msg.expiry(entry.enqueued_ms / 1000)
+            if expiry is not None and expiry <= now:
+                metrics.SKIPPED.labels("expired").inc()
+                self._ack(entry)
+                continue
+            decoded.append((entry, msg))
+        if decoded:
+            decisions = await self.limiter.decide([m for _, m in decoded], now)
+            admitted: list[tuple[Entry, Message]] = []
+            for (entry, msg), decision in zip(decoded, decisions, strict=True):
+                match decision:
+                    case Defer(until=until, reason=reason):
+                        metrics.SKIPPED.labels(f"deferred_{reason}"[:40]).inc()
+                        self._commit.retries.append((until, msg, entry.attempt, entry.enqueued_ms))
+                        self._ack(entry)
+                    case Drop(reason=reason):
+                        metrics.SKIPPED.labels(f"dropped_{reason}"[:40]).inc()
+                        self._ack(entry)
+                    case _:
+                        admitted.append((entry, msg))
+            decoded = admitted
+        users = sorted({m.user for _, m in decoded if m.user and not m.resolved})
+        registry = await self.registry.devices_many(users) if users else {}
+        redelivered = [m.id for e, m in decoded if e.redelivered]
+        done = await self.queue.done_marks(redelivered) if redelivered else {}
+
+        for entry, msg in decoded:
+            devices: dict[str, Device] = {d.key: d for d in msg.devices}
+            from_registry: frozenset[str] = frozenset()
+            if msg.user and not msg.resolved:
+                reg = registry.get(msg.user, [])
+                from_registry = frozenset(d.key for d in reg if d.key not in devices)
+                for d in reg:
+                    devices.setdefault(d.key, d)
+            if entry.redelivered:
+                finished = done.get(msg.id, set())
+                if finished:
+                    metrics.SKIPPED.labels("already_done").inc(len(finished & devices.keys()))
+                for k in finished:
+                    devices.pop(k, None)
+            if not devices:
+                metrics.SKIPPED.labels("no_device").inc()
+                self._ack(entry)
+                continue
+            job = _Job(entry, msg, len(devices), from_registry)
+            for device in devices.values():
+                self._start(job, device)
+
+    def _start(self, job: _Job, device: Device) -> None:
+        lane = self.lanes.get(device.provider)
+        if lane is None:
+            self._settle(job, device, Rejected(f"no {device.provider} provider is configured"), "none")
+            return
+        if lane.queued >= self.ws.provider_backlog:
+            # The provider is not keeping up (slow or hung): park this delivery without spending
+            # an attempt, so the worker keeps its capacity for the providers that answer.
+            metrics.SKIPPED.labels("parked").inc()
+            self._schedule_retry(job, device, self.clock() + PARK_DELAY_S, job.entry.attempt, device.provider)
+            if job.pending > 1:
+                self._commit.done.append((job.message.id, device.key))
+            self._finish_one(job)
+            return
+        lane.queued += 1
+        self._in_flight += 1
+        if self._in_flight >= self.ws.max_inflight:
+            self._capacity.clear()
+        self._idle.clear()
+        task = asyncio.create_task(self._deliver(lane, job, device))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _deliver(self, lane: _Lane, job: _Job, device: Device) -> None:
+        name = lane.provider.name
+        try:
+            async with lane.sem:
+                gauge = self._m_inflight[name]
+                gauge.inc()
+                try:
+                    outcome: Outcome = await lane.provider.send(Delivery(job.message, device, job.entry.attempt))
+                except Exception as e:  # a provider bug must not lose the message: retry it
+                    log.exception("provider raised", extra={"provider": name, "msg_id": job.message.id})
+                    outcome = Retry(f"provider error: {type(e).__name__}")
+                finally:
+                    gauge.dec()
+            self._settle(job, device, outcome, name)
+        finally:
+            lane.queued -= 1
+            self._in_flight -= 1
+            if self._in_flight < self.ws.max_inflight:
+                self._capacity.set()
+            if self._in_flight == 0:
+                self._idle.set()
+
+    # ------------------------------------------------------------------ outcomes
+
+    def _settle(self, job: _Job, device: Device, outcome: Outcome, provider: str) -> None:
+        msg, entry = job.message, job.entry
+        c = self._commit
+        match outcome:
+            case Delivered():
+                self._m_delivered[provider].inc()
+                if provider in self._m_e2e:
+                    self._m_e2e[provider].observe(max(0.0, self.clock() - entry.enqueued_ms / 1000))
+                if job.pending > 1:
+                    c.done.append((msg.id, device.key))
+                log.debug("delivered", extra={"msg_id": msg.id, "provider": provider, "outcome": "delivered"})
+            case Retry(reason=reason, after=after):
+                self._m_retry[provider].inc()
+                if entry.attempt >= self.ws.max_attempts:
+                    self._dead_letter(msg, device, f"max_attempts: {reason}", entry, provider)
+                else:
+                    delay = backoff_delay(entry.attempt, self.ws.backoff_base_s, self.ws.backoff_cap_s, self.rng)
+                    if after is not None:
+                        delay = max(delay, after)
+                    due = self.clock() + delay
+                    expiry = msg.expiry(entry.enqueued_ms / 1000)
+                    if expiry is not None and due >= expiry:
+                        metrics.SKIPPED.labels("expired").inc()
+                        log.info("expired before retry", extra={"msg_id": msg.id, "provider": provider})
+                    else:
+                        self._m_retries[provider].inc()
+                        self._schedule_retry(job, device, due, entry.attempt + 1, provider)
+                if job.pending > 1:
+                    c.done.append((msg.id, device.key))
+            case TokenInvalid(reason=reason):
+                self._m_invalid[provider].inc()
+                self._m_tokens[provider].inc()
+                user = msg.user if (device.key in job.registry_keys or msg.resolved) else None
+                c.invalid_tokens.append((user, device, reason))
+                if job.pending > 1:
+                    c.done.append((msg.id, device.key))
+                log.info("token invalid", extra={"msg_id": msg.id, "provider": provider, "outcome": "token_invalid"})
+            case Rejected(reason=reason):
+                self._m_rejected[provider].inc()
+                self._dead_letter(msg, device, f"rejected: {reason}", entry, provider)
+                if job.pending > 1:
+                    c.done.append((msg.id, device.key))
+        self._finish_one(job)
+
+    def _schedule_retry(self, job: _Job, device: Device, due: float, attempt: int, provider: str) -> None:
+        self._commit.retries.append((due, job.message.with_devices((device,)), attempt, job.entry.enqueued_ms))
+        self._bump()
+
+    def _dead_letter(self, msg: Message, device: Device, reason: str, entry: Entry, provider: str) -> None:
+        metrics.DEAD_LETTERS.labels(reason.split(":", 1)[0]).inc()
+        log.warning("dead letter", extra={"msg_id": msg.id, "provider": provider, "reason": reason})
+        self._commit.dead.append(
+            DeadLetter(msg.with_devices((device,)), reason, entry.attempt, provider, entry.enqueued_ms)
+        )
+        self._bump()
+
+    def _dead_letter_raw(self, entry: Entry, reason: str) -> None:
+        metrics.DEAD_LETTERS.labels("invalid_message").inc()
+        log.warning("poison entry", extra={"entry_id": entry.entry_id, "reason": reason})
+        self._commit.dead.append(DeadLetter(_POISON, reason, entry.attempt, None, entry.enqueued_ms, raw=entry.raw))
+        self._ack(entry)
+
+    def _finish_one(self, job: _Job) -> None:
+        job.pending -= 1
+        if job.pending == 0:
+            self._ack(job.entry)
+
+    def _ack(self, entry: Entry) -> None:
+        self._commit.acks.append(entry.entry_id)
+        self._bump()
+
+    def _bump(self) -> None:
+        self._commit_items += 1
+        if self._commit_items >= FLUSH_MAX_ITEMS:
+            self._flush_wake.set()
+
+    # ------------------------------------------------------------------ flushing
+
+    async def _flusher(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_wake.wait(), FLUSH_INTERVAL_S)
+            self._flush_wake.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Write everything settled since the last flush in one transaction; keep it on failure."""
+        if self._commit_items == 0:
+            return
+        commit, self._commit = self._commit, Commit([], [], [], [], [])
+        self._commit_items = 0
+        delay = 0.05
+        while True:
+            try:
+                await self.queue.commit(commit)
+                return
+            except (ConnectionError, OSError, aioredis.RedisError) as e:
+                # Acks and retries must not be dropped: keep trying (the entries stay pending meanwhile).
+                log.warning("commit failed, retrying", extra={"error": type(e).__name__})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+
+_POISON = Message(id="poison", body="(entry could not be decoded)")
+
+
+async def _sleep_or(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+async def _wait_either(a: asyncio.Event, b: asyncio.Event) -> None:
+    ta = asyncio.ensure_future(a.wait())
+    tb = asyncio.ensure_future(b.wait())
+    _, pending = await asyncio.wait({ta, tb}, return_when=asyncio.FIRST_COMPLETED)
+    for t in pending:
+        t.cancel()

@@ -1,0 +1,28 @@
+"""Provider clients behind one interface (`providers.base.Provider`): one module per provider."""
+
+from __future__ import annotations
+
+from pushgw.gateway.config import Settings
+from pushgw.providers.base import Provider
+
+
+def build_providers(settings: Settings) -> dict[str, Provider]:
+    """The providers this deployment has credentials for, keyed by `Device.provider`.
+
+    A device whose provider is not configured is dead-lettered with that reason rather than
+    retried forever. Construct inside a running event loop; connections open on first use.
+    """
+    out: dict[str, Provider] = {}
+    if settings.apns:
+        from pushgw.providers.apns import ApnsProvider
+
+        out["apns"] = ApnsProvider(settings.apns, settings.providers)
+    if settings.fcm:
+        from pushgw.providers.fcm import FcmProvider
+
+        out["fcm"] = FcmProvider(settings.fcm, settings.providers)
+    if settings.webpush.vapid_private_key_file:
+        from pushgw.providers.webpush import WebPushProvider
+
+        out["webpush"] = WebPushProvider(settings.webpush, settings.providers)
+    return out

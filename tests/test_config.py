@@ -1,0 +1,81 @@
+"""Settings: TOML plus environment, frozen, and every bad value named at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pushgw.gateway.config import ConfigError, load_settings
+
+
+def write(tmp: Path, text: str) -> Path:
+    p = tmp / "pushgw.toml"
+    p.write_text(text)
+    return p
+
+
+def test_toml_then_environment_overrides(tmp: Path) -> None:
+    path = write(tmp, """
+[redis]
+url = "redis://127.0.0.1:6390/0"
+[worker]
+processes = 4
+max_attempts = 5
+[apns.campus]
+topic = "org.example.campus"
+key_file = "/keys/apns.p8"
+key_id = "ABC123DEFG"
+team_id = "TEAM123456"
+[fcm.campus]
+service_account_file = "/keys/sa.json"
+[[api.clients]]
+name = "course-service"
+token = "0123456789abcdef0123"
+scopes = ["enqueue", "devices"]
+""")
+    s = load_settings(path, env={"PUSHGW_WORKER_PROCESSES": "8", "PUSHGW_APNS_CAMPUS_SANDBOX": "true"})
+    assert s.redis.url == "redis://127.0.0.1:6390/0"
+    assert s.worker.processes == 8 and s.worker.max_attempts == 5
+    assert s.apns_app("campus") is not None and s.apns_app("campus").sandbox is True  # type: ignore[union-attr]
+    assert s.fcm_app("campus") is not None
+    assert s.api.clients[0].scopes == ("enqueue", "devices")
+    with pytest.raises(AttributeError):
+        s.worker.processes = 1  # type: ignore[misc]
+
+
+def test_secrets_stay_out_of_repr(tmp: Path) -> None:
+    s = load_settings(None, env={"PUSHGW_API_TOKEN": "super-secret-token-value"})
+    assert "super-secret-token-value" not in repr(s)
+    assert s.api.clients[0].token == "super-secret-token-value"
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "named"),
+    [
+        ("[worker]\nprocesses = 'many'", {}, "worker.processes"),
+        ("[worker]\nbatch_sise = 3", {}, "batch_sise"),
+        ("[apns.x]\nkey_file = 'k'", {}, "apns.x.topic"),
+        ("[apns.x]\ntopic = 't'\nkey_file = 'k'", {}, "key_id and team_id"),
+        ("[fcm.y]\nproject_id = 'p'", {}, "fcm.y.service_account_file"),
+        ("[[api.clients]]\nname = 'a'\ntoken = 'short'", {}, "api.clients[0].token"),
+        ("", {"PUSHGW_WORKER_BLOCK_MS": "-5"}, "worker.block_ms"),
+        ("", {"PUSHGW_LOG_LEVEL": "LOUD"}, "log.level"),
+        ("[nope]\nx = 1", {}, "nope"),
+    ],
+)
+def test_bad_settings_name_the_setting(tmp: Path, text: str, env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_settings(write(tmp, text), env=env)
+    assert named in str(e.value)
+
+
+def test_missing_file_is_a_clear_error(tmp: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp / "absent.toml", env={})
+
+
+def test_the_documented_example_loads() -> None:
+    example = Path(__file__).resolve().parent.parent / "docs" / "pushgw.example.toml"
+    s = load_settings(example, env={"PUSHGW_TOKEN_COURSE": "course-token-0123456789", "PUSHGW_TOKEN_OPS": "ops-token-0123456789"})
+    assert [c.name for c in s.api.clients] == ["course-service", "ops"]
+    assert s.apns_app("campus") is not None and s.fcm_app("campus") is not None

@@ -1,0 +1,312 @@
+"""The worker's routing of outcomes, against a real Redis and scripted providers.
+
+The providers here implement the `Provider` interface with scripted outcomes: these tests are
+about what the worker does with each outcome (retry, dead letter, token removal, ack), not about
+any provider's wire protocol, which tests/test_apns.py, test_fcm.py and test_webpush.py cover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+
+import orjson
+import redis.asyncio as aioredis
+from pushgw.gateway.config import ProviderSettings, Settings, WorkerSettings
+from pushgw.gateway.registry import DeviceRegistry
+from pushgw.gateway.schema import Device, Message, parse_message
+from pushgw.gateway.worker import Worker, backoff_delay
+from pushgw.providers.base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid
+from pushgw.queue.deadletter import DeadLetters
+from pushgw.queue.keys import Keys
+from pushgw.queue.streams import StreamQueue
+
+APNS_TOKEN = "a" * 64
+APNS_TOKEN_2 = "b" * 64
+
+
+class ScriptedProvider:
+    """Answers each send with the next scripted outcome for that token (Delivered when none left)."""
+
+    def __init__(self, name: str, script: dict[str, list[Outcome]] | None = None) -> None:
+        self.name = name
+        self.script = {k: list(v) for k, v in (script or {}).items()}
+        self.sent: list[tuple[str, int, str]] = []  # (token, attempt, message id)
+        self.gate: asyncio.Event | None = None  # when set up, sends wait for it (a hung provider)
+
+    async def send(self, delivery: Delivery) -> Outcome:
+        if self.gate is not None:
+            await self.gate.wait()
+        self.sent.append((delivery.device.token, delivery.attempt, delivery.message.id))
+        queue = self.script.get(delivery.device.token)
+        if queue:
+            return queue.pop(0)
+        return Delivered("ok")
+
+    async def close(self) -> None:
+        return None
+
+
+class Clock:
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_settings(**worker: object) -> Settings:
+    base = WorkerSettings(
+        batch_size=50, block_ms=20, claim_idle_s=0.2, janitor_interval_s=0.05, drain_deadline_s=5,
+        max_attempts=4, backoff_base_s=0.01, backoff_cap_s=0.05,
+    )
+    return Settings(worker=replace(base, **worker), providers=ProviderSettings(timeout_s=2, concurrency=64))  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def running(worker: Worker) -> AsyncIterator[asyncio.Event]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        yield stop
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def until(cond: Callable[[], object], timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    """Poll a condition (bounded): the worker runs concurrently in the same loop."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = cond()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+async def settled(redis: aioredis.Redis) -> bool:
+    """Nothing left: no pending entry, nothing delayed, everything read."""
+    q = StreamQueue(redis, Keys())
+    s = await q.stats()
+    return s.pending == 0 and s.delayed == 0 and s.lag == 0
+
+
+def msg(**kw: object) -> Message:
+    return parse_message({"title": "Live session in 15 min", "body": "Statistics 101", **kw})
+
+
+async def enqueue(redis: aioredis.Redis, *messages: Message) -> None:
+    q = StreamQueue(redis, Keys())
+    await q.ensure_group()
+    assert all(await q.enqueue(list(messages)))
+
+
+def test_backoff_is_full_jitter_capped() -> None:
+    assert backoff_delay(1, 1.0, 300, rng=lambda: 1.0) == 1.0
+    assert backoff_delay(4, 1.0, 300, rng=lambda: 1.0) == 8.0
+    assert backoff_delay(20, 1.0, 300, rng=lambda: 1.0) == 300
+    assert backoff_delay(5, 1.0, 300, rng=lambda: 0.0) == 0.0
+
+
+async def test_fans_out_to_every_device_of_the_user(redis: aioredis.Redis) -> None:
+    reg = DeviceRegistry(redis, Keys())
+    await reg.register("learner-1", Device("apns", APNS_TOKEN))
+    await reg.register("learner-1", Device("fcm", "fcm-token-1"))
+    await reg.register("learner-1", Device("fcm", "fcm-token-2"))
+    apns, fcm = ScriptedProvider("apns"), ScriptedProvider("fcm")
+    await enqueue(redis, msg(user="learner-1", category="reminder"))
+    async with running(Worker(make_settings(), redis, {"apns": apns, "fcm": fcm}, consumer="w1")):
+        await until(lambda: len(apns.sent) + len(fcm.sent) == 3)
+        await until(lambda: settled(redis))
+    assert [t for t, _, _ in apns.sent] == [APNS_TOKEN]
+    assert sorted(t for t, _, _ in fcm.sent) == ["fcm-token-1", "fcm-token-2"]
+
+
+async def test_retry_goes_only_to_the_device_that_failed(redis: aioredis.Redis) -> None:
+    apns = ScriptedProvider("apns")
+    fcm = ScriptedProvider("fcm", {"flaky": [Retry("503", status=503), Retry("503", status=503)]})
+    m = msg(devices=[{"apns": APNS_TOKEN}, {"fcm": "flaky"}, {"fcm": "steady"}])
+    await enqueue(redis, m)
+    async with running(Worker(make_settings(), redis, {"apns": apns, "fcm": fcm}, consumer="w1")):
+        await until(lambda: Counter(t for t, _, _ in fcm.sent)["flaky"] == 3)
+        await until(lambda: settled(redis))
+    assert [t for t, _, _ in apns.sent] == [APNS_TOKEN]
+    assert Counter(t for t, _, _ in fcm.sent) == {"flaky": 3, "steady": 1}
+    assert [a for t, a, _ in fcm.sent if t == "flaky"] == [1, 2, 3]
+
+
+async def test_retry_after_is_honoured_to_the_second(redis: aioredis.Redis) -> None:
+    clock = Clock()
+    fcm = ScriptedProvider("fcm", {"busy": [Retry("429", after=30.0, status=429)]})
+    await enqueue(redis, msg(devices=[{"fcm": "busy"}]))
+    worker = Worker(make_settings(backoff_base_s=0.001), redis, {"fcm": fcm}, consumer="w1", clock=clock)
+    async with running(worker):
+        await until(lambda: redis.zcard(Keys().delayed))
+        [(_, score)] = await redis.zrange(Keys().delayed, 0, -1, withscores=True)
+        assert score >= clock.now + 30.0  # never before the time the provider named
+        clock.now += 29.0
+        await asyncio.sleep(0.3)  # the mover runs every 50 ms: it had several chances
+        assert len(fcm.sent) == 1
+        clock.now += 1.5
+        await until(lambda: len(fcm.sent) == 2)
+        await until(lambda: settled(redis))
+
+
+async def test_dead_letter_after_max_attempts_keeps_message_reason_and_attempts(redis: aioredis.Redis) -> None:
+    fcm = ScriptedProvider("fcm", {"down": [Retry("503 ServiceUnavailable", status=503)] * 10})
+    m = msg(devices=[{"fcm": "down"}], id="exam-reminder-7")
+    await enqueue(redis, m)
+    async with running(Worker(make_settings(max_attempts=3), redis, {"fcm": fcm}, consumer="w1")):
+        await until(lambda: redis.xlen(Keys().dlq))
+        await until(lambda: settled(redis))
+    assert len(fcm.sent) == 3
+    [entry] = await DeadLetters(redis, Keys()).list()
+    assert entry.attempts == 3
+    assert entry.reason.startswith("max_attempts")
+    assert entry.message is not None and entry.message["id"] == "exam-reminder-7"
+    assert entry.message["devices"] == [{"fcm": "down"}]
+
+
+async def test_rejected_is_dead_lettered_without_retry(redis: aioredis.Redis) -> None:
+    apns = ScriptedProvider("apns", {APNS_TOKEN: [Rejected("BadCollapseId", status=400)]})
+    await enqueue(redis, msg(devices=[{"apns": APNS_TOKEN}]))
+    async with running(Worker(make_settings(), redis, {"apns": apns}, consumer="w1")):
+        await until(lambda: redis.xlen(Keys().dlq))
+        await until(lambda: settled(redis))
+    assert len(apns.sent) == 1
+    [entry] = await DeadLetters(redis, Keys()).list()
+    assert entry.reason == "rejected: BadCollapseId"
+    assert entry.attempts == 1
+
+
+async def test_unconfigured_provider_is_dead_lettered(redis: aioredis.Redis) -> None:
+    await enqueue(redis, msg(devices=[{"apns": APNS_TOKEN}]))
+    async with running(Worker(make_settings(), redis, {"fcm": ScriptedProvider("fcm")}, consumer="w1")):
+        await until(lambda: redis.xlen(Keys().dlq))
+    [entry] = await DeadLetters(redis, Keys()).list()
+    assert "no apns provider" in entry.reason
+
+
+async def test_invalid_token_is_removed_and_announced(redis: aioredis.Redis) -> None:
+    reg = DeviceRegistry(redis, Keys())
+    await reg.register("learner-2", Device("apns", APNS_TOKEN))
+    await reg.register("learner-2", Device("apns", APNS_TOKEN_2))
+    apns = ScriptedProvider("apns", {APNS_TOKEN: [TokenInvalid("Unregistered", status=410)]})
+    await enqueue(redis, msg(user="learner-2"))
+    async with running(Worker(make_settings(), redis, {"apns": apns}, consumer="w1")):
+        await until(lambda: settled(redis))
+        await until(lambda: redis.xlen(Keys().invalid_tokens))
+    assert [d.token for d in await reg.devices("learner-2")] == [APNS_TOKEN_2]
+    [event] = await reg.invalid_token_events()
+    assert event["user"] == "learner-2" and event["reason"] == "Unregistered"
+    assert await redis.xlen(Keys().dlq) == 0  # a dead token is not a dead letter
+
+
+async def test_poison_entries_are_dead_lettered_and_the_worker_goes_on(redis: aioredis.Redis) -> None:
+    q = StreamQueue(redis, Keys())
+    await q.ensure_group()
+    await redis.xadd(Keys().stream, {b"m": b"{not json", b"a": b"1", b"t": b"0"})
+    await redis.xadd(Keys().stream, {b"m": orjson.dumps({"v": 1, "id": "x", "title": 5}), b"a": b"1", b"t": b"0"})
+    fcm = ScriptedProvider("fcm")
+    await q.enqueue([msg(devices=[{"fcm": "good"}])])
+    async with running(Worker(make_settings(), redis, {"fcm": fcm}, consumer="w1")):
+        await until(lambda: len(fcm.sent) == 1)
+        await until(lambda: settled(redis))
+    entries = await DeadLetters(redis, Keys()).list()
+    assert len(entries) == 2
+    assert all(e.reason.startswith("invalid_message") for e in entries)
+
+
+async def test_expired_message_is_never_delivered(redis: aioredis.Redis) -> None:
+    clock = Clock()
+    fcm = ScriptedProvider("fcm")
+    q = StreamQueue(redis, Keys())
+    await q.ensure_group()
+    # A live-session reminder enqueued 20 minutes ago with a 15-minute TTL: the session has started.
+    await q.enqueue([msg(devices=[{"fcm": "late"}], ttl=900)], now_ms=int((clock.now - 1200) * 1000))
+    await q.enqueue([msg(devices=[{"fcm": "on-time"}], ttl=900)], now_ms=int(clock.now * 1000))
+    async with running(Worker(make_settings(), redis, {"fcm": fcm}, consumer="w1", clock=clock)):
+        await until(lambda: len(fcm.sent) == 1)
+        await until(lambda: settled(redis))
+    assert [t for t, _, _ in fcm.sent] == ["on-time"]
+
+
+async def test_entries_of_a_dead_consumer_are_reclaimed(redis: aioredis.Redis) -> None:
+    await enqueue(redis, *[msg(devices=[{"fcm": f"t{i}"}]) for i in range(5)])
+    q = StreamQueue(redis, Keys())
+    taken = await q.read_new("crashed-worker", 10, 10)  # read, never acked: the process died
+    assert len(taken) == 5
+    fcm = ScriptedProvider("fcm")
+    async with running(Worker(make_settings(claim_idle_s=0.1), redis, {"fcm": fcm}, consumer="w2")):
+        await until(lambda: len(fcm.sent) == 5)
+        await until(lambda: settled(redis))
+    assert sorted(t for t, _, _ in fcm.sent) == [f"t{i}" for i in range(5)]
+
+
+async def test_restarted_consumer_rereads_its_pending_and_skips_finished_devices(redis: aioredis.Redis) -> None:
+    m = msg(devices=[{"fcm": "done-before-crash"}, {"fcm": "not-yet"}], id="module-3-alert")
+    await enqueue(redis, m)
+    q = StreamQueue(redis, Keys())
+    assert len(await q.read_new("w1", 10, 10)) == 1
+    # Before the crash, the first device had been delivered and its done mark written.
+    await redis.hset(Keys().done(m.id), Device("fcm", "done-before-crash").key, b"1")
+    fcm = ScriptedProvider("fcm")
+    async with running(Worker(make_settings(claim_idle_s=60), redis, {"fcm": fcm}, consumer="w1")):
+        await until(lambda: len(fcm.sent) == 1)
+        await until(lambda: settled(redis))
+    assert [t for t, _, _ in fcm.sent] == ["not-yet"]
+
+
+async def test_a_hung_provider_does_not_stall_the_others(redis: aioredis.Redis) -> None:
+    apns, fcm = ScriptedProvider("apns"), ScriptedProvider("fcm")
+    apns.gate = asyncio.Event()  # APNs accepts nothing until released
+    await enqueue(redis, *[msg(devices=[{"apns": f"{i:064x}"}]) for i in range(40)])
+    await enqueue(redis, *[msg(devices=[{"fcm": f"f{i}"}]) for i in range(40)])
+    settings = make_settings(provider_backlog=8, max_inflight=32)
+    async with running(Worker(settings, redis, {"apns": apns, "fcm": fcm}, consumer="w1")):
+        await until(lambda: len(fcm.sent) == 40)
+        assert apns.sent == []
+        assert await redis.zcard(Keys().delayed) > 0  # APNs deliveries parked, not holding capacity
+        apns.gate.set()
+        await until(lambda: len({t for t, _, _ in apns.sent}) == 40, timeout=10)
+        await until(lambda: settled(redis))
+    assert len(apns.sent) == 40  # each exactly once
+
+
+async def test_drain_finishes_in_flight_and_acks_before_returning(redis: aioredis.Redis) -> None:
+    fcm = ScriptedProvider("fcm")
+    fcm.gate = asyncio.Event()
+    await enqueue(redis, *[msg(devices=[{"fcm": f"d{i}"}]) for i in range(10)])
+    worker = Worker(make_settings(), redis, {"fcm": fcm}, consumer="w1")
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    await until(lambda: worker._in_flight == 10)
+    stop.set()  # what SIGTERM does
+    await asyncio.sleep(0.05)
+    assert not task.done()  # still draining: in-flight deliveries are finished, not abandoned
+    fcm.gate.set()
+    await asyncio.wait_for(task, 5)
+    assert len(fcm.sent) == 10
+    assert (await StreamQueue(redis, Keys()).stats()).pending == 0
+
+
+async def test_drain_deadline_leaves_unfinished_entries_pending_for_others(redis: aioredis.Redis) -> None:
+    fcm = ScriptedProvider("fcm")
+    fcm.gate = asyncio.Event()  # never released: a provider that hangs through shutdown
+    await enqueue(redis, *[msg(devices=[{"fcm": f"d{i}"}]) for i in range(3)])
+    worker = Worker(make_settings(drain_deadline_s=0.2), redis, {"fcm": fcm}, consumer="w1")
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    await until(lambda: worker._in_flight == 3)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert (await StreamQueue(redis, Keys()).stats()).pending == 3  # not lost: another worker reclaims them
+    for t in list(worker._tasks):
+        t.cancel()
