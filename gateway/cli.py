@@ -22,7 +22,10 @@ from pushgw.gateway.embedded import EmbeddedRedis, EmbeddedRedisError
 
 def _multiproc_dir() -> None:
     """Prometheus multiprocess mode must be chosen before prometheus_client is imported."""
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        os.makedirs(path, exist_ok=True)
+    else:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="pushgw-metrics-")
 
 

@@ -45,7 +45,9 @@ async def run_worker(settings: Settings, redis_url: str, consumer: str, stop: as
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    client = aioredis.from_url(redis_url, max_connections=64, health_check_interval=30)
+    # A blocking pool: redis-py's default pool raises when all connections are busy instead of waiting.
+    pool = aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=64, timeout=None, health_check_interval=30)
+    client = aioredis.Redis(connection_pool=pool)
     providers = build_providers(settings)
     try:
         await Worker(settings, client, providers, consumer=consumer).run(stop)

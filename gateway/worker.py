@@ -107,6 +107,7 @@ class Worker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._jobs: dict[str, _Job] = {}  # entry id -> job, while any of its deliveries is unsettled
         self.stopping = False
         # Cached label children: `.labels()` is a dict lookup plus a lock; not per delivery.
         self._m_delivered = {p: metrics.DELIVERIES.labels(p, "delivered") for p in (*providers, "none")}
@@ -198,8 +199,12 @@ class Worker:
             if stop.is_set():
                 return
             try:
+                # Heartbeat: entries still in flight here (a slow provider) must not look abandoned.
+                if self._jobs:
+                    await self.queue.touch(self.consumer, list(self._jobs))
                 while self._in_flight < self.ws.max_inflight // 2:
                     claimed = await self.queue.claim_stale(self.consumer, idle_ms, self.ws.batch_size)
+                    claimed = [e for e in claimed if e.entry_id not in self._jobs]
                     if not claimed:
                         break
                     metrics.RECLAIMED.inc(len(claimed))
@@ -252,7 +257,7 @@ class Worker:
             decoded = admitted
         users = sorted({m.user for _, m in decoded if m.user and not m.resolved})
         registry = await self.registry.devices_many(users) if users else {}
-        redelivered = [m.id for e, m in decoded if e.redelivered]
+        redelivered = [e.entry_id for e, _ in decoded if e.redelivered]
         done = await self.queue.done_marks(redelivered) if redelivered else {}
 
         for entry, msg in decoded:
@@ -264,7 +269,7 @@ class Worker:
                 for d in reg:
                     devices.setdefault(d.key, d)
             if entry.redelivered:
-                finished = done.get(msg.id, set())
+                finished = done.get(entry.entry_id, set())
                 if finished:
                     metrics.SKIPPED.labels("already_done").inc(len(finished & devices.keys()))
                 for k in finished:
@@ -273,7 +278,10 @@ class Worker:
                 metrics.SKIPPED.labels("no_device").inc()
                 self._ack(entry)
                 continue
+            if entry.entry_id in self._jobs:
+                continue  # already in flight here (claimed back while a provider was slow)
             job = _Job(entry, msg, len(devices), from_registry)
+            self._jobs[entry.entry_id] = job
             for device in devices.values():
                 self._start(job, device)
 
@@ -288,7 +296,7 @@ class Worker:
             metrics.SKIPPED.labels("parked").inc()
             self._schedule_retry(job, device, self.clock() + PARK_DELAY_S, job.entry.attempt, device.provider)
             if job.pending > 1:
-                self._commit.done.append((job.message.id, device.key))
+                self._commit.done.append((job.entry.entry_id, device.key))
             self._finish_one(job)
             return
         lane.queued += 1
@@ -333,7 +341,7 @@ class Worker:
                 if provider in self._m_e2e:
                     self._m_e2e[provider].observe(max(0.0, self.clock() - entry.enqueued_ms / 1000))
                 if job.pending > 1:
-                    c.done.append((msg.id, device.key))
+                    c.done.append((entry.entry_id, device.key))
                 log.debug("delivered", extra={"msg_id": msg.id, "provider": provider, "outcome": "delivered"})
             case Retry(reason=reason, after=after):
                 self._m_retry[provider].inc()
@@ -352,20 +360,20 @@ class Worker:
                         self._m_retries[provider].inc()
                         self._schedule_retry(job, device, due, entry.attempt + 1, provider)
                 if job.pending > 1:
-                    c.done.append((msg.id, device.key))
+                    c.done.append((entry.entry_id, device.key))
             case TokenInvalid(reason=reason):
                 self._m_invalid[provider].inc()
                 self._m_tokens[provider].inc()
                 user = msg.user if (device.key in job.registry_keys or msg.resolved) else None
                 c.invalid_tokens.append((user, device, reason))
                 if job.pending > 1:
-                    c.done.append((msg.id, device.key))
+                    c.done.append((entry.entry_id, device.key))
                 log.info("token invalid", extra={"msg_id": msg.id, "provider": provider, "outcome": "token_invalid"})
             case Rejected(reason=reason):
                 self._m_rejected[provider].inc()
                 self._dead_letter(msg, device, f"rejected: {reason}", entry, provider)
                 if job.pending > 1:
-                    c.done.append((msg.id, device.key))
+                    c.done.append((entry.entry_id, device.key))
         self._finish_one(job)
 
     def _schedule_retry(self, job: _Job, device: Device, due: float, attempt: int, provider: str) -> None:
@@ -389,6 +397,7 @@ class Worker:
     def _finish_one(self, job: _Job) -> None:
         job.pending -= 1
         if job.pending == 0:
+            self._jobs.pop(job.entry.entry_id, None)
             self._ack(job.entry)
 
     def _ack(self, entry: Entry) -> None:

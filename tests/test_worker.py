@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import orjson
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 from pushgw.gateway.config import ProviderSettings, Settings, WorkerSettings
 from pushgw.gateway.registry import DeviceRegistry
 from pushgw.gateway.schema import Device, Message, parse_message
@@ -164,7 +165,7 @@ async def test_dead_letter_after_max_attempts_keeps_message_reason_and_attempts(
     m = msg(devices=[{"fcm": "down"}], id="exam-reminder-7")
     await enqueue(redis, m)
     async with running(Worker(make_settings(max_attempts=3), redis, {"fcm": fcm}, consumer="w1")):
-        await until(lambda: redis.xlen(Keys().dlq))
+        await until(lambda: redis.xlen(Keys().dead))
         await until(lambda: settled(redis))
     assert len(fcm.sent) == 3
     [entry] = await DeadLetters(redis, Keys()).list()
@@ -178,7 +179,7 @@ async def test_rejected_is_dead_lettered_without_retry(redis: aioredis.Redis) ->
     apns = ScriptedProvider("apns", {APNS_TOKEN: [Rejected("BadCollapseId", status=400)]})
     await enqueue(redis, msg(devices=[{"apns": APNS_TOKEN}]))
     async with running(Worker(make_settings(), redis, {"apns": apns}, consumer="w1")):
-        await until(lambda: redis.xlen(Keys().dlq))
+        await until(lambda: redis.xlen(Keys().dead))
         await until(lambda: settled(redis))
     assert len(apns.sent) == 1
     [entry] = await DeadLetters(redis, Keys()).list()
@@ -189,7 +190,7 @@ async def test_rejected_is_dead_lettered_without_retry(redis: aioredis.Redis) ->
 async def test_unconfigured_provider_is_dead_lettered(redis: aioredis.Redis) -> None:
     await enqueue(redis, msg(devices=[{"apns": APNS_TOKEN}]))
     async with running(Worker(make_settings(), redis, {"fcm": ScriptedProvider("fcm")}, consumer="w1")):
-        await until(lambda: redis.xlen(Keys().dlq))
+        await until(lambda: redis.xlen(Keys().dead))
     [entry] = await DeadLetters(redis, Keys()).list()
     assert "no apns provider" in entry.reason
 
@@ -206,7 +207,7 @@ async def test_invalid_token_is_removed_and_announced(redis: aioredis.Redis) -> 
     assert [d.token for d in await reg.devices("learner-2")] == [APNS_TOKEN_2]
     [event] = await reg.invalid_token_events()
     assert event["user"] == "learner-2" and event["reason"] == "Unregistered"
-    assert await redis.xlen(Keys().dlq) == 0  # a dead token is not a dead letter
+    assert await redis.xlen(Keys().dead) == 0  # a dead token is not a dead letter
 
 
 async def test_poison_entries_are_dead_lettered_and_the_worker_goes_on(redis: aioredis.Redis) -> None:
@@ -254,9 +255,9 @@ async def test_restarted_consumer_rereads_its_pending_and_skips_finished_devices
     m = msg(devices=[{"fcm": "done-before-crash"}, {"fcm": "not-yet"}], id="module-3-alert")
     await enqueue(redis, m)
     q = StreamQueue(redis, Keys())
-    assert len(await q.read_new("w1", 10, 10)) == 1
+    [entry] = await q.read_new("w1", 10, 10)
     # Before the crash, the first device had been delivered and its done mark written.
-    await redis.hset(Keys().done(m.id), Device("fcm", "done-before-crash").key, b"1")
+    await redis.sadd(Keys().done(entry.entry_id), Device("fcm", "done-before-crash").key)
     fcm = ScriptedProvider("fcm")
     async with running(Worker(make_settings(claim_idle_s=60), redis, {"fcm": fcm}, consumer="w1")):
         await until(lambda: len(fcm.sent) == 1)
@@ -270,10 +271,14 @@ async def test_a_hung_provider_does_not_stall_the_others(redis: aioredis.Redis) 
     await enqueue(redis, *[msg(devices=[{"apns": f"{i:064x}"}]) for i in range(40)])
     await enqueue(redis, *[msg(devices=[{"fcm": f"f{i}"}]) for i in range(40)])
     settings = make_settings(provider_backlog=8, max_inflight=32)
-    async with running(Worker(settings, redis, {"apns": apns, "fcm": fcm}, consumer="w1")):
+    worker = Worker(settings, redis, {"apns": apns, "fcm": fcm}, consumer="w1")
+    parked_before = REGISTRY.get_sample_value("pushgw_deliveries_skipped_total", {"reason": "parked"}) or 0
+    async with running(worker):
         await until(lambda: len(fcm.sent) == 40)
         assert apns.sent == []
-        assert await redis.zcard(Keys().delayed) > 0  # APNs deliveries parked, not holding capacity
+        # APNs holds no more than its backlog; the rest were parked (delayed), not holding capacity.
+        assert worker.lanes["apns"].queued == 8
+        assert (REGISTRY.get_sample_value("pushgw_deliveries_skipped_total", {"reason": "parked"}) or 0) > parked_before
         apns.gate.set()
         await until(lambda: len({t for t, _, _ in apns.sent}) == 40, timeout=10)
         await until(lambda: settled(redis))

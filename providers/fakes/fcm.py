@@ -131,6 +131,7 @@ class FakeFcm:
         self.expires_in = expires_in  # lifetime of the access tokens it issues; tests shorten it
         self.token_status: int | None = None  # when set, the token endpoint fails with this HTTP status
         self.hang = False  # when set, messages:send never answers (until the fake stops)
+        self.delay_s = 0.0  # answer every accepted send this much later (a slow but healthy provider)
         self.received: list[Received] = []
         self.failed_then_ok: list[Received] = []  # accepted after a programmed failure for that token
         self.tokens: list[IssuedToken] = []
@@ -307,6 +308,8 @@ class FakeFcm:
             finally:
                 self.hanging -= 1
             return _error(503, "UNAVAILABLE", "The service is shutting down.")
+        if self.delay_s > 0:
+            await asyncio.sleep(self.delay_s)
         target = message.get("token")
         queue = self._programmed.get(target) if isinstance(target, str) else None
         if queue:

@@ -1,0 +1,52 @@
+"""Every Redis key the gateway uses, in one place, under one prefix (several gateways can share a Redis)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "pushgw"
+
+    @property
+    def stream(self) -> str:
+        """The work stream: one entry per message (or per retried delivery)."""
+        return f"{self.prefix}:stream"
+
+    @property
+    def group(self) -> str:
+        """The consumer group every worker on every host joins."""
+        return "workers"
+
+    @property
+    def delayed(self) -> str:
+        """Sorted set of retries by due time; members are `attempt:enqueued_ms:uid`."""
+        return f"{self.prefix}:delayed"
+
+    @property
+    def delayed_data(self) -> str:
+        """Hash member -> message JSON for the delayed set (kept apart so the set stays small)."""
+        return f"{self.prefix}:delayed:data"
+
+    @property
+    def dead(self) -> str:
+        """Dead-letter stream: message, reason, attempts, provider."""
+        return f"{self.prefix}:dead"
+
+    @property
+    def invalid_tokens(self) -> str:
+        """Stream of invalid-token events that upstream services may read (and clean their own data)."""
+        return f"{self.prefix}:events:invalid_tokens"
+
+    def idem(self, message_id: str) -> str:
+        """Marks a message id as accepted, for the idempotency window."""
+        return f"{self.prefix}:idem:{message_id}"
+
+    def done(self, entry_id: str) -> str:
+        """Device keys of a stream entry whose delivery has settled (skipped if the entry is redelivered)."""
+        return f"{self.prefix}:done:{entry_id}"
+
+    def devices(self, user: str) -> str:
+        """Hash device key -> device JSON: the user's registered devices."""
+        return f"{self.prefix}:devices:{user}"
