@@ -164,16 +164,17 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
     from pushgw.queue.keys import Keys
 
     keys = Keys(settings.redis.prefix)
+    if args.action in ("replay", "purge") and not args.ids and not args.all:
+        sys.stderr.write(f"error: dlq {args.action} needs entry ids (from `pushgw dlq list`) or --all\n")
+        return 2
 
     async def go(redis: Any) -> Any:
         dl = DeadLetters(redis, keys)
         if args.action == "list":
-            return [e.to_json() if hasattr(e, "to_json") else e for e in await dl.list(args.count, args.start)]
+            return [e.to_json() if hasattr(e, "to_json") else e for e in await dl.list(args.count or 50, args.start)]
         if args.action == "count":
             return {"dead_letters": await dl.count()}
         ids = args.ids or None
-        if not ids and not args.all:
-            raise SystemExit("error: name entry ids, or pass --all")
         if args.action == "replay":
             return {"replayed": await dl.replay(ids, limit=args.count)}
         return {"purged": await dl.purge(ids)}
@@ -250,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("action", choices=["list", "count", "replay", "purge"])
     q.add_argument("ids", nargs="*")
     q.add_argument("--all", action="store_true")
-    q.add_argument("--count", type=int, default=50)
+    q.add_argument("--count", type=int, default=None, help="list: how many (default 50); replay: at most this many")
     q.add_argument("--start", default="-")
     q.set_defaults(fn=cmd_dlq)
 
