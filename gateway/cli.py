@@ -33,7 +33,9 @@ def redis_target(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
     """The Redis URL to use, and the embedded server this process started (to stop on exit)."""
     if settings.redis.url:
         return settings.redis.url, None
-    embedded = EmbeddedRedis(settings.redis.embedded_dir, aof=settings.redis.embedded_aof)
+    embedded = EmbeddedRedis(
+        settings.redis.embedded_dir, aof=settings.redis.embedded_aof, fsync=settings.redis.embedded_fsync
+    )
     if embedded.is_live():
         return embedded.url, None
     return embedded.start(), embedded

@@ -46,9 +46,14 @@ def find_redis_server() -> str:
 class EmbeddedRedis:
     """Start with `with EmbeddedRedis(dir) as r: r.url`, or `start()` / `stop()`."""
 
-    def __init__(self, data_dir: str | Path, *, aof: bool = True) -> None:
+    def __init__(self, data_dir: str | Path, *, aof: bool = True, fsync: str = "everysec") -> None:
+        if fsync not in ("always", "everysec", "no"):
+            raise ValueError(f"appendfsync must be always, everysec or no, not {fsync!r}")
         self.data_dir = Path(data_dir).resolve()
         self.aof = aof
+        # everysec: a crash of the machine (or SIGKILL of Redis) may lose the last second of writes;
+        # always: no acknowledged write is lost, at the cost of an fsync per event-loop round.
+        self.fsync = fsync
         digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:12]
         # unix socket paths are limited to ~107 bytes, so the socket lives in the temp dir.
         self.socket_path = Path(tempfile.gettempdir()) / f"pushgw-{digest}.sock"
@@ -71,7 +76,7 @@ class EmbeddedRedis:
             "--unixsocketperm", "700",
             "--dir", str(self.data_dir),
             "--appendonly", "yes" if self.aof else "no",
-            "--appendfsync", "everysec",
+            "--appendfsync", self.fsync,
             "--save", "",
             "--logfile", str(self.data_dir / "redis.log"),
             "--daemonize", "no",
