@@ -28,6 +28,7 @@ class RedisSettings:
     prefix: str = "pushgw"
     embedded_dir: str = ".pushgw/redis"
     embedded_aof: bool = True
+    embedded_fsync: str = "everysec"  # "always": no acknowledged enqueue lost even if Redis is killed
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,4 +258,6 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     )
     if settings.worker.processes < 1 or settings.worker.batch_size < 1 or settings.worker.max_attempts < 1:
         raise ConfigError("worker.processes, worker.batch_size and worker.max_attempts must be at least 1")
+    if settings.redis.embedded_fsync not in ("always", "everysec", "no"):
+        raise ConfigError(f"redis.embedded_fsync must be always, everysec or no, got {settings.redis.embedded_fsync!r}")
     return settings

@@ -40,7 +40,7 @@ def _messages(n: int, tag: str) -> list[Message]:
     return [Message(id=f"{tag}-{i}", body="Your quiz closes tonight", devices=(Device("fcm", f"{tag}{i}"),)) for i in range(n)]
 
 
-async def _wait(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+async def _wait(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]  # noqa: ASYNC109
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
