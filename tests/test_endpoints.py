@@ -44,7 +44,7 @@ def test_bad_endpoints_are_refused_with_a_reason(url: str, reason: str) -> None:
 @pytest.mark.parametrize(
     "address",
     ["127.0.0.1", "10.1.2.3", "172.16.0.9", "192.168.1.1", "169.254.169.254", "::1", "fe80::1", "fc00::5",
-     "::ffff:127.0.0.1", "0.0.0.0", "100.64.0.1", "224.0.0.1"],
+     "::ffff:127.0.0.1", "0.0.0.0", "100.64.0.1", "224.0.0.1"],  # noqa: S104
 )
 def test_private_loopback_and_link_local_addresses_are_refused(address: str) -> None:
     refusal = DEFAULT.check_address(address)
