@@ -68,6 +68,9 @@ class WorkerSettings:
 class ProviderSettings:
     timeout_s: float = 10.0
     concurrency: int = 256  # requests in flight per provider per process
+    circuit_failures: int = 20  # consecutive 5xx/timeouts that open a provider/app circuit
+    circuit_open_s: float = 2.0  # first open period; doubles on each failed probe
+    circuit_max_open_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,6 +60,13 @@ STREAM_PENDING = Gauge(
 )
 DELAYED = Gauge("pushgw_delayed_entries", "Deliveries waiting for a retry time", multiprocess_mode="max")
 DLQ_LENGTH = Gauge("pushgw_dead_letter_entries", "Entries in the dead-letter stream", multiprocess_mode="max")
+CIRCUIT_STATE = Gauge(
+    "pushgw_circuit_state",
+    "Circuit per provider and app: 0 closed, 1 half-open (probing), 2 open (deliveries parked)",
+    ["provider", "app"],
+    multiprocess_mode="max",
+)
+CIRCUIT_OPENS = Counter("pushgw_circuit_opens_total", "Times a provider circuit opened", ["provider", "app"])
 RECLAIMED = Counter("pushgw_reclaimed_entries_total", "Pending entries taken over from a dead consumer")
 
 

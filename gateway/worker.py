@@ -26,9 +26,10 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+from prometheus_client import Gauge
 from pushgw.gateway import metrics
 from pushgw.gateway.config import Settings
 from pushgw.gateway.registry import DeviceRegistry
@@ -37,6 +38,8 @@ from pushgw.providers.base import Delivered, Delivery, Outcome, Provider, Reject
 from pushgw.queue.keys import Keys
 from pushgw.queue.streams import Commit, DeadLetter, Entry, StreamQueue
 from pushgw.ratelimit.base import Defer, Drop, Limiter, Unlimited
+from pushgw.ratelimit.circuit import Circuit
+from pushgw.ratelimit.circuit import State as CircuitState
 
 log = logging.getLogger("pushgw.worker")
 
@@ -67,6 +70,7 @@ class _Lane:
     provider: Provider
     sem: asyncio.Semaphore
     queued: int = 0
+    circuits: dict[str, Circuit] = field(default_factory=dict)  # app -> circuit
 
 
 class Worker:
@@ -118,6 +122,7 @@ class Worker:
         self._m_inflight = {p: metrics.IN_FLIGHT.labels(p) for p in providers}
         self._m_retries = {p: metrics.RETRIES.labels(p) for p in (*providers, "none")}
         self._m_tokens = {p: metrics.INVALID_TOKENS.labels(p) for p in (*providers, "none")}
+        self._m_circuit: dict[tuple[str, str], Gauge] = {}
 
     # ------------------------------------------------------------------ run loop
 
@@ -293,35 +298,70 @@ class Worker:
         if lane.queued >= self.ws.provider_backlog:
             # The provider is not keeping up (slow or hung): park this delivery without spending
             # an attempt, so the worker keeps its capacity for the providers that answer.
-            metrics.SKIPPED.labels("parked").inc()
-            self._schedule_retry(job, device, self.clock() + PARK_DELAY_S, job.entry.attempt, device.provider)
-            if job.pending > 1:
-                self._commit.done.append((job.entry.entry_id, device.key))
-            self._finish_one(job)
+            self._park(job, device, self.clock() + PARK_DELAY_S, "parked")
             return
+        app = device.app or job.message.app
+        circuit = lane.circuits.get(app)
+        if circuit is None:
+            circuit = lane.circuits[app] = self._new_circuit(lane.provider.name, app)
         lane.queued += 1
         self._in_flight += 1
         if self._in_flight >= self.ws.max_inflight:
             self._capacity.clear()
         self._idle.clear()
-        task = asyncio.create_task(self._deliver(lane, job, device))
+        task = asyncio.create_task(self._deliver(lane, job, device, circuit, app))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _deliver(self, lane: _Lane, job: _Job, device: Device) -> None:
+    def _park(self, job: _Job, device: Device, until: float, reason: str) -> None:
+        metrics.SKIPPED.labels(reason).inc()
+        self._schedule_retry(job, device, until, job.entry.attempt, device.provider)
+        if job.pending > 1:
+            self._commit.done.append((job.entry.entry_id, device.key))
+        self._finish_one(job)
+
+    def _new_circuit(self, provider: str, app: str) -> Circuit:
+        ps = self.settings.providers
+        circuit = Circuit(threshold=ps.circuit_failures, open_s=ps.circuit_open_s, max_open_s=ps.circuit_max_open_s)
+        self._m_circuit[(provider, app)] = metrics.CIRCUIT_STATE.labels(provider, app)
+        self._m_circuit[(provider, app)].set(0)
+        return circuit
+
+    def _circuit_report(self, provider: str, app: str, circuit: Circuit, outcome: Outcome) -> None:
+        before = circuit.state
+        if isinstance(outcome, Retry) and (outcome.status is None or outcome.status >= 500):
+            if circuit.failure(self.clock()):
+                metrics.CIRCUIT_OPENS.labels(provider, app).inc()
+                log.warning("circuit opened", extra={"provider": provider, "app": app, "open_s": circuit.current_open_s})
+        else:
+            circuit.success()  # the provider answered (even a 429 or an error about one token)
+            if before is not CircuitState.CLOSED:
+                log.info("circuit closed", extra={"provider": provider, "app": app})
+        if circuit.state is not before:
+            self._m_circuit[(provider, app)].set(int(circuit.state))
+
+    async def _deliver(self, lane: _Lane, job: _Job, device: Device, circuit: Circuit, app: str) -> None:
         name = lane.provider.name
+        outcome: Outcome | None = None
         try:
             async with lane.sem:
-                gauge = self._m_inflight[name]
-                gauge.inc()
-                try:
-                    outcome: Outcome = await lane.provider.send(Delivery(job.message, device, job.entry.attempt))
-                except Exception as e:  # a provider bug must not lose the message: retry it
-                    log.exception("provider raised", extra={"provider": name, "msg_id": job.message.id})
-                    outcome = Retry(f"provider error: {type(e).__name__}")
-                finally:
-                    gauge.dec()
-            self._settle(job, device, outcome, name)
+                # The circuit is asked when a request could go out (not when the delivery was
+                # queued), so deliveries queued behind a failing run are parked, not sent.
+                if circuit.allow(self.clock()):
+                    gauge = self._m_inflight[name]
+                    gauge.inc()
+                    try:
+                        outcome = await lane.provider.send(Delivery(job.message, device, job.entry.attempt))
+                    except Exception as e:  # a provider bug must not lose the message: retry it
+                        log.exception("provider raised", extra={"provider": name, "msg_id": job.message.id})
+                        outcome = Retry(f"provider error: {type(e).__name__}")
+                    finally:
+                        gauge.dec()
+            if outcome is None:  # the provider is down for this app: wait for the probe, spending no attempt
+                self._park(job, device, circuit.retry_at(self.clock()) + self.rng() * PARK_DELAY_S, "circuit_open")
+            else:
+                self._circuit_report(name, app, circuit, outcome)
+                self._settle(job, device, outcome, name)
         finally:
             lane.queued -= 1
             self._in_flight -= 1

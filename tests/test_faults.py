@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 from pushgw.gateway.config import FcmApp, ProviderSettings, RedisSettings, Settings, WorkerSettings
 from pushgw.gateway.embedded import EmbeddedRedis
 from pushgw.gateway.pool import Pool
@@ -38,6 +39,10 @@ def _settings(fcm: FakeFcm, account: Path, ca: LocalCA, prefix: str, url: str = 
 
 def _messages(n: int, tag: str) -> list[Message]:
     return [Message(id=f"{tag}-{i}", body="Your quiz closes tonight", devices=(Device("fcm", f"{tag}{i}"),)) for i in range(n)]
+
+
+def _circuit_opens() -> float:
+    return REGISTRY.get_sample_value("pushgw_circuit_opens_total", {"provider": "fcm", "app": "default"}) or 0.0
 
 
 async def _wait(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]  # noqa: ASYNC109
@@ -174,10 +179,15 @@ async def test_hung_provider_times_out_retries_and_delivers_after_it_recovers(
         await q.enqueue(_messages(20, "h"))
         provider = FcmProvider(settings.fcm, settings.providers)
         fcm.hang = True
+        opened_before = _circuit_opens()
         stop = asyncio.Event()
         task = asyncio.create_task(Worker(settings, redis, {"fcm": provider}, consumer="w").run(stop))
         try:
-            await _wait(lambda: fcm.send_requests >= 40, 30, "timed-out attempts")
+            await _wait(lambda: _circuit_opens() > opened_before, 30, "the circuit to open after repeated timeouts")
+            requests_when_open = fcm.send_requests
+            await asyncio.sleep(1.0)
+            # While open, deliveries wait for the probe instead of spending attempts on a dead provider.
+            assert fcm.send_requests <= requests_when_open + settings.providers.concurrency
             assert fcm.received == []
             assert not task.done()  # the worker is alive and retrying, not stuck
             fcm.hang = False
@@ -186,5 +196,6 @@ async def test_hung_provider_times_out_retries_and_delivers_after_it_recovers(
             stop.set()
             await asyncio.wait_for(task, 30)
             await provider.close()
-        print(f"\nhung provider: {fcm.send_requests} requests for 20 messages before and after it recovered")
+        print(f"\nhung provider: {fcm.send_requests} requests for 20 messages before and after it recovered; "
+              f"circuit opened {_circuit_opens() - opened_before} time(s)")
         assert (await q.stats()).dead_letters == 0
