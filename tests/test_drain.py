@@ -97,7 +97,7 @@ level = "WARNING"
         task = asyncio.create_task(Worker(settings, redis, {"fcm": provider}, consumer="second").run(stop))
         try:
             deadline = time.monotonic() + 30
-            while len(fcm.received) < N and time.monotonic() < deadline:  # noqa: ASYNC110 - polls the fake's list
+            while len(fcm.received) < N and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
         finally:
             stop.set()
