@@ -14,7 +14,7 @@ import orjson
 
 _FIELDS = (
     "msg_id", "entry_id", "provider", "outcome", "reason", "error", "count", "in_flight", "consumer",
-    "processes", "pid", "status", "path", "client", "exit_code",
+    "processes", "pid", "status", "path", "client", "exit_code", "app", "open_s", "address",
 )
 
 

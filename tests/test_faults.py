@@ -199,3 +199,35 @@ async def test_hung_provider_times_out_retries_and_delivers_after_it_recovers(
         print(f"\nhung provider: {fcm.send_requests} requests for 20 messages before and after it recovered; "
               f"circuit opened {_circuit_opens() - opened_before} time(s)")
         assert (await q.stats()).dead_letters == 0
+
+
+async def test_429_retry_after_no_request_for_that_target_before_the_named_time(
+    redis: aioredis.Redis, local_ca: LocalCA, tmp: Path
+) -> None:
+    async with FakeFcm(local_ca) as fcm:
+        account = fcm.service_account(tmp)
+        # Backoff alone would retry within 10 ms; only Retry-After can make the worker wait longer.
+        settings = _settings(fcm, account, local_ca, "ra", backoff_base_s=0.01, backoff_cap_s=0.01)
+        fcm.program("ra0", [(429, "QUOTA_EXCEEDED", 2)])
+        fcm.program("ra1", [(503, "UNAVAILABLE", 1), (429, "QUOTA_EXCEEDED", 1)])
+        q = StreamQueue(redis, Keys("ra"))
+        await q.enqueue(_messages(3, "ra"))
+        provider = FcmProvider(settings.fcm, settings.providers)
+        stop = asyncio.Event()
+        task = asyncio.create_task(Worker(settings, redis, {"fcm": provider}, consumer="w").run(stop))
+        try:
+            await _wait(lambda: len({r.message["token"] for r in fcm.received}) == 3, 30, "all three delivered")
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            await provider.close()
+    by_token: dict[str, list[tuple[float, int]]] = {}
+    for token, at, status in fcm.answers:
+        by_token.setdefault(token, []).append((at, status))
+    for token, named in (("ra0", [2.0]), ("ra1", [1.0, 1.0])):
+        answers = by_token[token]
+        assert [s for _, s in answers] == ([429, 200] if token == "ra0" else [503, 429, 200])
+        for (t_prev, _), (t_next, _), wait in zip(answers[:-1], answers[1:], named, strict=True):
+            print(f"\n{token}: Retry-After {wait:.0f} s, next request after {t_next - t_prev:.2f} s")
+            assert t_next - t_prev >= wait  # never before the time the provider named
+    assert [s for _, s in by_token["ra2"]] == [200]

@@ -138,6 +138,7 @@ class FakeFcm:
         self.token_requests = 0
         self.send_requests = 0
         self.hanging = 0  # requests held by hang mode right now
+        self.answers: list[tuple[str, float, int]] = []  # (token, time.monotonic(), status) of programmed/accepted sends
         self._accounts: dict[str, _Account] = {}
         self._issued: dict[str, IssuedToken] = {}
         self._programmed: dict[str, deque[Programmed]] = {}
@@ -317,10 +318,12 @@ class FakeFcm:
             status, code, retry_after = programmed[0], programmed[1], programmed[2]
             text = programmed[3] if len(programmed) == 4 else None
             self._failed.add(str(target))
+            self.answers.append((str(target), time.monotonic(), status))
             return _error(status, code, text, retry_after)
         name = f"projects/{project}/messages/0:{next(self._ids)}%fake"
         received = Received(project, message, name, issued.access_token)
         self.received.append(received)
+        self.answers.append((str(target), time.monotonic(), 200))
         if target in self._failed:
             self.failed_then_ok.append(received)
         return _json({"name": name}, 200)
