@@ -46,6 +46,7 @@ log = logging.getLogger("pushgw.worker")
 PARK_DELAY_S = 1.0  # how long a delivery for a saturated provider waits before it is tried again
 FLUSH_INTERVAL_S = 0.005
 FLUSH_MAX_ITEMS = 512
+POISON_KEEP_BYTES = 16384  # a poison entry is kept in the dead letters up to this size (it could be anything)
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: Callable[[], float] = random.random) -> float:
@@ -431,7 +432,7 @@ class Worker:
     def _dead_letter_raw(self, entry: Entry, reason: str) -> None:
         metrics.DEAD_LETTERS.labels("invalid_message").inc()
         log.warning("poison entry", extra={"entry_id": entry.entry_id, "reason": reason})
-        self._commit.dead.append(DeadLetter(_POISON, reason, entry.attempt, None, entry.enqueued_ms, raw=entry.raw))
+        self._commit.dead.append(DeadLetter(_POISON, reason, entry.attempt, None, entry.enqueued_ms, raw=entry.raw[:POISON_KEEP_BYTES]))
         self._ack(entry)
 
     def _finish_one(self, job: _Job) -> None:

@@ -215,14 +215,22 @@ async def test_poison_entries_are_dead_lettered_and_the_worker_goes_on(redis: ai
     await q.ensure_group()
     await redis.xadd(Keys().stream, {b"m": b"{not json", b"a": b"1", b"t": b"0"})
     await redis.xadd(Keys().stream, {b"m": orjson.dumps({"v": 1, "id": "x", "title": 5}), b"a": b"1", b"t": b"0"})
+    oversized = {"v": 1, "id": "big", "body": "x" * 200_000, "devices": [{"fcm": "t"}]}
+    await redis.xadd(Keys().stream, {b"m": orjson.dumps(oversized), b"a": b"1", b"t": b"0"})
+    unknown_provider = {"v": 1, "id": "sms", "body": "hi", "devices": [{"sms": "+33600000000"}]}
+    await redis.xadd(Keys().stream, {b"m": orjson.dumps(unknown_provider), b"a": b"1", b"t": b"0"})
+    await redis.xadd(Keys().stream, {b"x": b"no message field"})
     fcm = ScriptedProvider("fcm")
     await q.enqueue([msg(devices=[{"fcm": "good"}])])
     async with running(Worker(make_settings(), redis, {"fcm": fcm}, consumer="w1")):
         await until(lambda: len(fcm.sent) == 1)
         await until(lambda: settled(redis))
     entries = await DeadLetters(redis, Keys()).list()
-    assert len(entries) == 2
+    assert len(entries) == 5
     assert all(e.reason.startswith("invalid_message") for e in entries)
+    assert "body" in entries[2].reason and "devices[0]" in entries[3].reason
+    assert entries[2].raw is not None and len(entries[2].raw) <= 4096  # the dead letter keeps a bounded excerpt
+    assert [t for t, _, _ in fcm.sent] == ["good"]
 
 
 async def test_expired_message_is_never_delivered(redis: aioredis.Redis) -> None:
