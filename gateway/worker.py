@@ -432,7 +432,8 @@ class Worker:
     def _dead_letter_raw(self, entry: Entry, reason: str) -> None:
         metrics.DEAD_LETTERS.labels("invalid_message").inc()
         log.warning("poison entry", extra={"entry_id": entry.entry_id, "reason": reason})
-        self._commit.dead.append(DeadLetter(_POISON, reason, entry.attempt, None, entry.enqueued_ms, raw=entry.raw[:POISON_KEEP_BYTES]))
+        raw = entry.raw[:POISON_KEEP_BYTES]
+        self._commit.dead.append(DeadLetter(_POISON, reason, entry.attempt, None, entry.enqueued_ms, raw=raw))
         self._ack(entry)
 
     def _finish_one(self, job: _Job) -> None:
