@@ -352,7 +352,9 @@ class Worker:
                     gauge = self._m_inflight[name]
                     gauge.inc()
                     try:
-                        outcome = await lane.provider.send(Delivery(job.message, device, job.entry.attempt))
+                        outcome = await lane.provider.send(
+                            Delivery(job.message, device, job.entry.attempt, job.message.expiry(job.entry.enqueued_ms / 1000))
+                        )
                     except Exception as e:  # a provider bug must not lose the message: retry it
                         log.exception("provider raised", extra={"provider": name, "msg_id": job.message.id})
                         outcome = Retry(f"provider error: {type(e).__name__}")

@@ -20,6 +20,9 @@ class Delivery:
     message: Message
     device: Device
     attempt: int = 1  # 1 on the first try
+    # Absolute unix time after which the push is useless (from ttl counted from when the message was
+    # accepted, or expires_at); None: no expiry. Providers turn it into apns-expiration or a Web Push TTL.
+    expires_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ class LocalCA:
     ca_file: Path  # PEM certificate clients trust
     cert_file: Path  # server certificate for localhost and 127.0.0.1
     key_file: Path
+    ca_key_file: Path  # signs client certificates (APNs certificate auth in the fake)
 
     def server_context(self, alpn: list[str] | None = None) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -46,8 +47,8 @@ def make_local_ca(directory: str | Path) -> LocalCA:
     """Create (or reuse) a CA and a localhost server certificate in `directory`."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    out = LocalCA(d / "ca.pem", d / "server.pem", d / "server.key")
-    if out.ca_file.exists() and out.cert_file.exists() and out.key_file.exists():
+    out = LocalCA(d / "ca.pem", d / "server.pem", d / "server.key", d / "ca.key")
+    if all(p.exists() for p in (out.ca_file, out.cert_file, out.key_file, out.ca_key_file)):
         return out
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -89,4 +90,38 @@ def make_local_ca(directory: str | Path) -> LocalCA:
         key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     out.key_file.chmod(0o600)
+    out.ca_key_file.write_bytes(
+        ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    out.ca_key_file.chmod(0o600)
     return out
+
+
+def make_client_cert(ca: LocalCA, directory: str | Path, *, uid: str, cn: str = "Apple Push Services") -> Path:
+    """A client certificate + key (one PEM file) signed by `ca`, subject UID = `uid` (APNs: the topic)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    ca_cert = x509.load_pem_x509_certificate(ca.ca_file.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca.ca_key_file.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    subject = x509.Name([x509.NameAttribute(NameOID.USER_ID, uid), x509.NameAttribute(NameOID.COMMON_NAME, f"{cn}: {uid}")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    path = d / f"client-{uid}.pem"
+    path.write_bytes(
+        cert.public_bytes(pem) + key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    path.chmod(0o600)
+    return path

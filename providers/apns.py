@@ -1,0 +1,281 @@
+"""APNs provider: HTTP/2 POST /3/device/<token>, token (ES256 JWT) or certificate auth.
+
+Each configured app keeps `connections` long-lived HTTP/2 connections (see `providers.h2client`
+for why this is our own client on jh2 and not aioapns) and spreads requests over the one with the
+fewest streams in flight. Apple asks providers to keep connections open and not to reconnect
+rapidly, so a lost connection is reopened on the next send, and after a failed attempt the next
+one waits `RECONNECT_GAP_S`.
+
+The provider JWT is signed once and shared by every connection of every app that uses the same
+key; it is re-signed after `JWT_REFRESH_S` (Apple: not more often than every 20 minutes, at
+least every 60) or when APNs answers ExpiredProviderToken.
+
+Outcome mapping (reason first, then status): 410 Unregistered/ExpiredToken, 400 BadDeviceToken
+and DeviceTokenNotForTopic -> token gone; 403 ExpiredProviderToken -> re-sign and retry at once;
+429 -> retry (after Retry-After when given); 500/503 -> retry; other 4xx -> rejected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ssl
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import orjson
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from pushgw.gateway.config import ApnsApp, ConfigError, ProviderSettings
+from pushgw.gateway.metrics import PROVIDER_LATENCY
+from pushgw.gateway.schema import Message
+from pushgw.providers.base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid
+from pushgw.providers.h2client import ConnectionLost, H2ClientConnection, H2Error, StreamRefused
+from pushgw.providers.payloads import apns_payload, check_payload_limits
+
+PRODUCTION_HOST = "api.push.apple.com"
+SANDBOX_HOST = "api.sandbox.push.apple.com"
+JWT_REFRESH_S = 50 * 60
+RECONNECT_GAP_S = 1.0
+_APNS_ID_NS = uuid.UUID("9d3f2a57-8f64-4c1e-9a0e-3f4f1f2b7c11")
+_TOKEN_GONE = {"BadDeviceToken", "DeviceTokenNotForTopic", "Unregistered", "ExpiredToken"}
+_REASON_MAX = 200
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+class ProviderJwt:
+    """The ES256 provider token for one (team, key): signed once, reused until it is due for refresh."""
+
+    def __init__(self, key_file: str, key_id: str, team_id: str, *, clock: Callable[[], float] = time.time,
+                 refresh_s: float = JWT_REFRESH_S) -> None:
+        try:
+            key = serialization.load_pem_private_key(Path(key_file).read_bytes(), password=None)
+        except (OSError, ValueError, TypeError) as e:
+            raise ConfigError(f"apns key_file {key_file} is not a readable .p8 (PEM PKCS#8) key: {type(e).__name__}") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+            raise ConfigError(f"apns key_file {key_file} must hold a P-256 (ES256) key")
+        self._key = key
+        self._key_id = key_id
+        self._team_id = team_id
+        self._clock = clock
+        self._refresh_s = refresh_s
+        self._token = ""
+        self._issued_at = 0.0
+        self.signed = 0  # how many tokens this process signed (tests, metrics)
+
+    def token(self) -> str:
+        now = self._clock()
+        if not self._token or now - self._issued_at >= self._refresh_s:
+            self._sign(now)
+        return self._token
+
+    def expired(self, token: str) -> None:
+        """APNs said ExpiredProviderToken for `token`: sign a new one unless another request already did."""
+        if token == self._token:
+            self._token = ""
+
+    def _sign(self, now: float) -> None:
+        header = _b64url(orjson.dumps({"alg": "ES256", "kid": self._key_id}))
+        claims = _b64url(orjson.dumps({"iss": self._team_id, "iat": int(now)}))
+        signing_input = f"{header}.{claims}".encode("ascii")
+        r, s = decode_dss_signature(self._key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
+        self._token = f"{header}.{claims}.{_b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+        self._issued_at = now
+        self.signed += 1
+
+
+class _App:
+    """One APNs app (topic + credentials) and its pool of HTTP/2 connections."""
+
+    def __init__(self, app: ApnsApp, settings: ProviderSettings, jwt: ProviderJwt | None) -> None:
+        self.name = app.name
+        self.topic = app.topic
+        self.push_type = app.push_type
+        self.host = app.host or (SANDBOX_HOST if app.sandbox else PRODUCTION_HOST)
+        self.port = app.port
+        self.jwt = jwt
+        try:
+            ctx = ssl.create_default_context(cafile=app.ca_file or None)
+            if app.cert_file:
+                ctx.load_cert_chain(app.cert_file)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"apns.{app.name}: cannot load ca_file/cert_file ({type(e).__name__})") from None
+        ctx.set_alpn_protocols(["h2"])
+        self.ssl = ctx
+        self.size = max(1, app.connections)
+        self.max_streams = max(1, settings.concurrency)
+        self.timeout_s = settings.timeout_s
+        self.authority = self.host.encode() if self.port == 443 else f"{self.host}:{self.port}".encode()
+        self.path_prefix = b"/3/device/"
+        self.conns: list[H2ClientConnection] = []
+        self._connecting: asyncio.Task[H2ClientConnection] | None = None
+        self._last_failure = -RECONNECT_GAP_S
+        self.connects = 0
+
+    async def connection(self) -> H2ClientConnection:
+        """The open connection with a free stream, else a new one while below `size`, else the least loaded."""
+        while True:
+            self.conns = [c for c in self.conns if not c.closed]
+            best = min(self.conns, key=lambda c: c.load, default=None)
+            if best is not None and best.load < 1.0:
+                return best
+            if len(self.conns) >= self.size:
+                assert best is not None
+                return best  # every connection is busy: queue for a stream on the least loaded one
+            if self._connecting is None:
+                self._connecting = asyncio.create_task(self._connect())
+                # A caller that stops waiting leaves the error unobserved otherwise.
+                self._connecting.add_done_callback(lambda t: t.cancelled() or t.exception())
+            try:
+                await asyncio.shield(self._connecting)
+            except (H2Error, OSError, ssl.SSLError, TimeoutError):
+                if best is None:
+                    raise
+                return best
+
+    async def _connect(self) -> H2ClientConnection:
+        try:
+            # After a failed attempt, wait before the next one: rapid reconnects look like abuse to Apple.
+            wait = self._last_failure + RECONNECT_GAP_S - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            conn = await H2ClientConnection.connect(
+                self.host, self.port, self.ssl, timeout_s=self.timeout_s, max_streams=self.max_streams
+            )
+        except BaseException:
+            self._last_failure = time.monotonic()
+            raise
+        finally:
+            self._connecting = None
+        self.connects += 1
+        self.conns.append(conn)
+        return conn
+
+    def close(self) -> None:
+        for c in self.conns:
+            c.close()
+        self.conns = []
+        if self._connecting is not None:
+            self._connecting.cancel()
+
+
+class ApnsProvider:
+    """Sends to APNs; never raises for a provider-side failure (see module docstring)."""
+
+    name = "apns"
+
+    def __init__(self, apps: Sequence[ApnsApp], settings: ProviderSettings, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        jwts: dict[tuple[str, str, str], ProviderJwt] = {}
+        self._apps: dict[str, _App] = {}
+        for a in apps:
+            jwt = None
+            if a.key_file:
+                ident = (a.key_file, a.key_id, a.team_id)
+                jwt = jwts.get(ident) or jwts.setdefault(ident, ProviderJwt(a.key_file, a.key_id, a.team_id, clock=clock))
+            self._apps[a.name] = _App(a, settings, jwt)
+        self._timeout_s = settings.timeout_s
+        self._clock = clock
+        self._latency = PROVIDER_LATENCY.labels("apns")
+
+    def __repr__(self) -> str:
+        return f"ApnsProvider(apps=[{', '.join(f'{a.name}:{a.topic}@{a.host}' for a in self._apps.values())}])"
+
+    def check_payload(self, message: Message) -> None:
+        check_payload_limits(message, ("apns",))
+
+    def app(self, name: str) -> _App:
+        """One app's state (connections, JWT): for tests and diagnostics."""
+        return self._apps[name]
+
+    def _headers(self, app: _App, d: Delivery, jwt: str | None) -> list[tuple[bytes, bytes]]:
+        msg = d.message
+        silent = msg.is_silent
+        headers = [
+            (b":method", b"POST"),
+            (b":scheme", b"https"),
+            (b":authority", app.authority),
+            (b":path", app.path_prefix + d.device.token.encode()),
+            (b"apns-topic", app.topic.encode()),
+            (b"apns-push-type", b"background" if silent else app.push_type.encode()),
+            # Background pushes must be 5; alerts go at once only when the message asks for it.
+            (b"apns-priority", b"10" if msg.priority == "high" and not silent else b"5"),
+            (b"apns-id", str(uuid.uuid5(_APNS_ID_NS, f"{msg.id}/{d.device.token}")).encode()),
+            (b"content-type", b"application/json"),
+        ]
+        if jwt is not None:
+            headers.append((b"authorization", b"bearer " + jwt.encode()))
+        if d.expires_at is not None:
+            headers.append((b"apns-expiration", str(max(1, int(d.expires_at))).encode()))
+        if msg.collapse_key:
+            headers.append((b"apns-collapse-id", msg.collapse_key.encode()))
+        return headers
+
+    async def send(self, delivery: Delivery) -> Outcome:
+        app_name = delivery.device.app or delivery.message.app
+        app = self._apps.get(app_name)
+        if app is None:
+            return Rejected(f"apns app {app_name!r} is not configured")
+        jwt = app.jwt.token() if app.jwt is not None else None
+        body = apns_payload(delivery.message)
+        headers = self._headers(app, delivery, jwt)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                while True:  # a stream refused by GOAWAY was never processed: resend it (bounded by the timeout)
+                    conn = await app.connection()
+                    try:
+                        resp = await conn.request(headers, body)
+                        break
+                    except StreamRefused:
+                        continue
+        except TimeoutError:
+            return Retry("apns timeout")
+        except ConnectionLost as e:
+            return Retry(f"apns {e}"[:_REASON_MAX])
+        except (H2Error, OSError, ssl.SSLError) as e:
+            text = str(e)
+            return Retry(f"apns connection error: {type(e).__name__}{': ' + text if text else ''}"[:_REASON_MAX])
+        finally:
+            self._latency.observe(time.perf_counter() - started)
+        if resp.status == 200:
+            return Delivered(resp.headers.get(b"apns-id", b"").decode("ascii", "replace"))
+        return self._failure(app, jwt, resp.status, resp.body, resp.headers.get(b"retry-after"))
+
+    def _failure(self, app: _App, jwt: str | None, status: int, raw: bytes, retry_after: bytes | None) -> Outcome:
+        try:
+            doc = orjson.loads(raw) if raw else {}
+        except orjson.JSONDecodeError:
+            doc = {}
+        reason = doc.get("reason") if isinstance(doc, dict) else None
+        reason = reason if isinstance(reason, str) else f"HTTP {status}"
+        text = f"apns {reason}"[:_REASON_MAX]
+        if reason in _TOKEN_GONE or status == 410:
+            return TokenInvalid(text, status)
+        if reason == "ExpiredProviderToken" and app.jwt is not None and jwt is not None:
+            app.jwt.expired(jwt)
+            return Retry(text, after=0.0, status=status)
+        if status == 429:
+            return Retry(text, after=_seconds(retry_after), status=status)
+        if status >= 500:
+            return Retry(text, after=_seconds(retry_after), status=status)
+        return Rejected(text, status)
+
+    async def close(self) -> None:
+        for a in self._apps.values():
+            a.close()
+
+
+def _seconds(value: bytes | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None

@@ -1,0 +1,392 @@
+"""A local APNs that speaks the real wire protocol: HTTP/2 over TLS with ALPN h2, ES256 JWT or client certificates.
+
+It checks what Apple checks on `POST /3/device/<token>`: the provider JWT (alg ES256, a known
+key id, the team as issuer, signature, an iat within the last hour), or a client certificate
+whose subject UID is the topic; the topic, push type, priority, expiration, collapse id, payload
+size and JSON, and the device token's form. Like Apple, a new connection allows one stream until
+its first authenticated request and then raises MAX_CONCURRENT_STREAMS. Answers are Apple's:
+`{"reason": ...}` JSON bodies, apns-id echoed, a timestamp on 410.
+
+Failures are programmed per device token; `goaway_after` sends GOAWAY after that many requests
+on a connection, `hang` holds requests unanswered, `delay_s` slows every answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ssl
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from jh2.config import H2Configuration
+from jh2.connection import H2Connection
+from jh2.errors import ErrorCodes
+from jh2.events import ConnectionTerminated, DataReceived, RequestReceived, StreamEnded, StreamReset
+from jh2.exceptions import H2Error
+from jh2.settings import SettingCodes, Settings
+from pushgw.providers.fakes.tls import LocalCA
+from pushgw.providers.h2client import drainable
+
+PUSH_TYPES = {"alert", "background", "voip", "complication", "fileprovider", "mdm", "liveactivity", "location", "pushtotalk"}
+MAX_PAYLOAD = 4096
+Programmed = tuple[int, str, float | None]
+"""(HTTP status, APNs reason, Retry-After seconds or None)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApnsKey:
+    """A .p8 signing key as Apple hands it out, with the ids a provider configures."""
+
+    key_file: Path
+    key_id: str
+    team_id: str
+
+
+def make_apns_key(directory: str | Path, *, key_id: str = "ABC123DEFG", team_id: str = "TEAM123456") -> ApnsKey:
+    """Write a fresh P-256 key as `AuthKey_<key_id>.p8` (mode 0600)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    path = d / f"AuthKey_{key_id}.p8"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    path.chmod(0o600)
+    return ApnsKey(path, key_id, team_id)
+
+
+@dataclass(frozen=True, slots=True)
+class ApnsReceived:
+    """A push the fake accepted (HTTP 200)."""
+
+    token: str
+    topic: str
+    headers: dict[str, str]
+    payload: dict[str, Any]
+    apns_id: str
+    auth: str  # "jwt" or "certificate"
+    jwt: str = field(default="", repr=False)
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _b64decode(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+class FakeApns:
+    """APNs over HTTP/2 + TLS on 127.0.0.1: `async with FakeApns(ca, keys=[...], topics=[...]) as apns:`."""
+
+    def __init__(self, ca: LocalCA, *, keys: Iterable[ApnsKey] = (), topics: Iterable[str] = (),
+                 max_streams: int = 1000, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._ca = ca
+        self._host = host
+        self._port = port
+        self._keys: dict[tuple[str, str], ec.EllipticCurvePublicKey] = {}
+        for k in keys:
+            self.trust(k)
+        self.topics = set(topics)
+        self.max_streams = max_streams
+        self.goaway_after: int | None = None  # GOAWAY after this many requests on one connection
+        self.hang = False
+        self.delay_s = 0.0
+        self.received: list[ApnsReceived] = []
+        self.failed_then_ok: list[ApnsReceived] = []
+        self.answers: list[tuple[str, float, int]] = []  # (device token, time.monotonic(), status)
+        self.rejections: list[tuple[int, str]] = []  # (status, reason) of every non-200 answer
+        self.jwts_seen: set[str] = set()
+        self.connections = 0
+        self.requests = 0
+        self.hanging = 0
+        self._programmed: dict[str, deque[Programmed]] = {}
+        self._failed: set[str] = set()
+        self._server: asyncio.Server | None = None
+        self._protocols: set[_ApnsServerProtocol] = set()
+        self._release = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        if not self._port:
+            raise RuntimeError("FakeApns is not started")
+        return self._port
+
+    def trust(self, key: ApnsKey) -> None:
+        """Accept provider tokens signed with this key (as if uploaded to the developer account)."""
+        private = serialization.load_pem_private_key(key.key_file.read_bytes(), password=None)
+        assert isinstance(private, ec.EllipticCurvePrivateKey)
+        self._keys[(key.team_id, key.key_id)] = private.public_key()
+
+    def program(self, token: str, responses: Iterable[Programmed]) -> None:
+        """Answer the next pushes to `token` with these (status, reason, retry_after), then accept again."""
+        self._programmed.setdefault(token.lower(), deque()).extend(responses)
+
+    async def start(self) -> FakeApns:
+        ctx = self._ca.server_context(alpn=["h2"])
+        ctx.verify_mode = ssl.CERT_OPTIONAL  # certificate auth when the client offers one
+        ctx.load_verify_locations(cafile=str(self._ca.ca_file))
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _ApnsServerProtocol(self), self._host, self._port, ssl=ctx)
+        self._port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        self._release.set()
+        for p in list(self._protocols):
+            p.abort()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> FakeApns:
+        return await self.start()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    # --- request checks -----------------------------------------------------------------------
+
+    def _verify_jwt(self, jwt: str) -> None:
+        parts = jwt.split(".")
+        if len(parts) != 3:
+            raise _Refused(403, "InvalidProviderToken")
+        try:
+            header = orjson.loads(_b64decode(parts[0]))
+            claims = orjson.loads(_b64decode(parts[1]))
+            sig = _b64decode(parts[2])
+        except (ValueError, orjson.JSONDecodeError):
+            raise _Refused(403, "InvalidProviderToken") from None
+        if not isinstance(header, dict) or not isinstance(claims, dict) or header.get("alg") != "ES256" or len(sig) != 64:
+            raise _Refused(403, "InvalidProviderToken")
+        key = self._keys.get((str(claims.get("iss")), str(header.get("kid"))))
+        if key is None:
+            raise _Refused(403, "InvalidProviderToken")
+        try:
+            der = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
+            key.verify(der, f"{parts[0]}.{parts[1]}".encode("ascii"), ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            raise _Refused(403, "InvalidProviderToken") from None
+        iat = claims.get("iat")
+        if not isinstance(iat, int) or iat > time.time() + 60:
+            raise _Refused(403, "InvalidProviderToken")
+        if iat < time.time() - 3600:
+            raise _Refused(403, "ExpiredProviderToken")
+        self.jwts_seen.add(jwt)
+
+    def _check(self, headers: dict[str, str], body: bytes, cert_topic: str | None) -> tuple[str, dict[str, Any], str]:
+        if headers.get(":method") != "POST":
+            raise _Refused(405, "MethodNotAllowed")
+        path = headers.get(":path", "")
+        if not path.startswith("/3/device/"):
+            raise _Refused(404, "BadPath")
+        token = path[len("/3/device/"):]
+        auth = headers.get("authorization")
+        topic = headers.get("apns-topic")
+        if auth is not None:
+            if not auth.startswith("bearer "):
+                raise _Refused(403, "InvalidProviderToken")
+            self._verify_jwt(auth[7:])
+            if not topic:
+                raise _Refused(400, "MissingTopic")
+            kind = "jwt"
+        elif cert_topic is not None:
+            topic = topic or cert_topic
+            if topic != cert_topic:
+                raise _Refused(400, "BadTopic")
+            kind = "certificate"
+        else:
+            raise _Refused(403, "MissingProviderToken")
+        if topic not in self.topics:
+            raise _Refused(400, "TopicDisallowed")
+        push_type = headers.get("apns-push-type", "alert")
+        if push_type not in PUSH_TYPES:
+            raise _Refused(400, "InvalidPushType")
+        priority = headers.get("apns-priority", "10")
+        if priority not in ("1", "5", "10") or (push_type == "background" and priority != "5"):
+            raise _Refused(400, "BadPriority")
+        expiration = headers.get("apns-expiration")
+        if expiration is not None and not expiration.isdigit():
+            raise _Refused(400, "BadExpirationDate")
+        collapse = headers.get("apns-collapse-id")
+        if collapse is not None and len(collapse.encode()) > 64:
+            raise _Refused(400, "BadCollapseId")
+        apns_id = headers.get("apns-id")
+        if apns_id is not None:
+            try:
+                uuid.UUID(apns_id)
+            except ValueError:
+                raise _Refused(400, "BadMessageId") from None
+        if not body:
+            raise _Refused(400, "PayloadEmpty")
+        if len(body) > MAX_PAYLOAD:
+            raise _Refused(413, "PayloadTooLarge")
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise _Refused(400, "PayloadEmpty") from None
+        if not isinstance(payload, dict) or not isinstance(payload.get("aps"), dict):
+            raise _Refused(400, "PayloadEmpty")
+        if not token or len(token) < 64 or any(c not in "0123456789abcdefABCDEF" for c in token):
+            raise _Refused(400, "BadDeviceToken")
+        return token.lower(), payload, kind
+
+    async def handle(self, headers: dict[str, str], body: bytes, cert_topic: str | None) -> tuple[int, dict[str, str], bytes]:
+        """One request: (status, response headers, body)."""
+        self.requests += 1
+        apns_id = headers.get("apns-id") or str(uuid.uuid4()).upper()
+        out_headers = {"apns-id": apns_id}
+        try:
+            token, payload, kind = self._check(headers, body, cert_topic)
+        except _Refused as e:
+            self.rejections.append((e.status, e.reason))
+            return e.status, out_headers, orjson.dumps({"reason": e.reason})
+        if self.hang:
+            self.hanging += 1
+            try:
+                await self._release.wait()
+            finally:
+                self.hanging -= 1
+            return 503, out_headers, orjson.dumps({"reason": "Shutdown"})
+        if self.delay_s > 0:
+            await asyncio.sleep(self.delay_s)
+        queue = self._programmed.get(token)
+        if queue:
+            status, reason, retry_after = queue.popleft()
+            self._failed.add(token)
+            self.answers.append((token, time.monotonic(), status))
+            self.rejections.append((status, reason))
+            doc: dict[str, Any] = {"reason": reason}
+            if status == 410:
+                doc["timestamp"] = int(time.time() * 1000)
+            if retry_after is not None:
+                out_headers["retry-after"] = str(int(retry_after))
+            return status, out_headers, orjson.dumps(doc)
+        auth = headers.get("authorization", "")
+        received = ApnsReceived(token, headers.get("apns-topic") or cert_topic or "", dict(headers), payload,
+                                apns_id, kind, auth[7:])
+        self.received.append(received)
+        self.answers.append((token, time.monotonic(), 200))
+        if token in self._failed:
+            self.failed_then_ok.append(received)
+        return 200, out_headers, b""
+
+
+class _ApnsServerProtocol(asyncio.Protocol):
+    def __init__(self, fake: FakeApns) -> None:
+        self.fake = fake
+        self.h2 = drainable(H2Connection(H2Configuration(client_side=False, header_encoding="utf-8")))
+        self.transport: asyncio.Transport | None = None
+        self.requests: dict[int, tuple[dict[str, str], bytearray]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.cert_topic: str | None = None
+        self.authenticated = False
+        self.count = 0
+        self.goaway_sent = False
+        self.last_stream_id = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.fake.connections += 1
+        self.fake._protocols.add(self)
+        peer = transport.get_extra_info("peercert")
+        if peer:
+            for rdn in peer.get("subject", ()):
+                for name, value in rdn:
+                    if name == "userId":
+                        self.cert_topic = value
+        # Apple allows one stream until a request authenticates, then raises the limit.
+        self.h2.local_settings = Settings(client=False, initial_values={SettingCodes.MAX_CONCURRENT_STREAMS: 1})
+        self.h2.initiate_connection()
+        transport.write(self.h2.data_to_send())
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fake._protocols.discard(self)
+        for t in self.tasks:
+            t.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except H2Error:
+            self.flush()
+            self.abort()
+            return
+        for ev in events:
+            if isinstance(ev, RequestReceived):
+                if self.goaway_sent and ev.stream_id > self.last_stream_id:
+                    continue  # above the GOAWAY: never processed, the client resends it elsewhere
+                self.requests[ev.stream_id] = (dict(ev.headers), bytearray())
+                if ev.stream_ended is not None:
+                    self._dispatch(ev.stream_id)
+            elif isinstance(ev, DataReceived):
+                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                req = self.requests.get(ev.stream_id)
+                if req is not None:
+                    req[1].extend(ev.data)
+            elif isinstance(ev, StreamEnded):
+                self._dispatch(ev.stream_id)
+            elif isinstance(ev, StreamReset):
+                self.requests.pop(ev.stream_id, None)
+            elif isinstance(ev, ConnectionTerminated):
+                self.abort()
+        self.flush()
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _dispatch(self, stream_id: int) -> None:
+        req = self.requests.pop(stream_id, None)
+        if req is None:
+            return
+        self.count += 1
+        task = asyncio.get_running_loop().create_task(self._answer(stream_id, req[0], bytes(req[1])))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        if self.fake.goaway_after is not None and self.count >= self.fake.goaway_after and not self.goaway_sent:
+            self.goaway_sent = True
+            self.last_stream_id = stream_id
+            self.h2.close_connection(ErrorCodes.NO_ERROR, last_stream_id=stream_id)
+
+    async def _answer(self, stream_id: int, headers: dict[str, str], body: bytes) -> None:
+        status, out_headers, out_body = await self.fake.handle(headers, body, self.cert_topic)
+        if status == 200 and not self.authenticated:
+            self.authenticated = True
+            self.h2.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: self.fake.max_streams})
+        try:
+            response = [(":status", str(status)), *out_headers.items()]
+            if out_body:
+                response.append(("content-type", "application/json"))
+                response.append(("content-length", str(len(out_body))))
+                self.h2.send_headers(stream_id, response)
+                self.h2.send_data(stream_id, out_body, end_stream=True)
+            else:
+                self.h2.send_headers(stream_id, response, end_stream=True)
+        except H2Error:
+            return  # the client reset the stream meanwhile
+        self.flush()
+        if self.goaway_sent and not self.tasks - {asyncio.current_task()} and self.transport is not None:
+            self.transport.close()  # every stream below the GOAWAY is answered
