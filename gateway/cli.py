@@ -206,10 +206,11 @@ def cmd_devices(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_vapid_keygen(args: argparse.Namespace, settings: Settings) -> int:
-    from pushgw.providers.vapid import make_vapid_key
+    from pushgw.providers.vapid import application_server_key, load_vapid_key, make_vapid_key
 
     path = make_vapid_key(args.directory)
-    _print({"vapid_private_key_file": str(path)})
+    # The public half is what web pages pass to pushManager.subscribe({applicationServerKey}).
+    _print({"vapid_private_key_file": str(path), "application_server_key": application_server_key(load_vapid_key(path))})
     return 0
 
 
