@@ -36,6 +36,8 @@ class ApiClient:
     name: str
     token: str = field(repr=False)
     scopes: tuple[str, ...] = ("enqueue",)  # "enqueue", "devices", "admin"
+    rate_per_s: float = 0.0  # messages (or requests) per second this client may send; 0: no limit
+    burst: int = 0  # bucket size; 0: one second's worth of rate_per_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +205,12 @@ def _clients(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[ApiClient
         bad = set(scopes) - {"enqueue", "devices", "admin"}
         if bad:
             raise ConfigError(f"{where}.scopes: unknown scope(s) {sorted(bad)}")
-        out.append(ApiClient(c["name"], token, tuple(scopes)))
+        rate, burst = c.get("rate_per_s", 0.0), c.get("burst", 0)
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or rate < 0:
+            raise ConfigError(f"{where}.rate_per_s must be a number >= 0")
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 0:
+            raise ConfigError(f"{where}.burst must be a whole number >= 0")
+        out.append(ApiClient(c["name"], token, tuple(scopes), float(rate), burst))
     # A single token from the environment: the simplest deployment.
     env_token = env.get(f"{ENV_PREFIX}API_TOKEN")
     if env_token:

@@ -43,11 +43,21 @@ class Learner:
     devices: list[dict[str, Any]]
 
 
-def _progress(done: int, total: int, started: float, extra: str = "") -> None:
+_last_line = 0.0
+
+
+def _progress(done: int, total: int, started: float, extra: str = "", *, force: bool = False) -> None:
+    """A bar redrawn in place on a terminal; a plain line every 5 s when the output is a file or a pipe."""
+    global _last_line
     width = 30
     filled = int(width * done / total) if total else width
     rate = done / max(1e-6, time.monotonic() - started)
-    sys.stderr.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} deliveries settled  {rate:,.0f}/s {extra}   ")
+    text = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} delivered  {rate:,.0f}/s {extra}"
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r  {text}   ")
+    elif force or time.monotonic() - _last_line >= 5.0:
+        _last_line = time.monotonic()
+        sys.stderr.write(f"  {text}\n")
     sys.stderr.flush()
 
 
@@ -102,6 +112,8 @@ async def _demo(tmp: Path, n_learners: int, n_messages: int, processes: int, see
                 claim_idle_s=10, janitor_interval_s=1.0, drain_deadline_s=10,
             ),
             providers=ProviderSettings(timeout_s=5.0, concurrency=128),
+            # Each worker decision is a JSON log line at INFO; the demo shows only errors unless asked.
+            log_level=os.environ.get("PUSHGW_LOG_LEVEL", "ERROR").upper(),
             apns=(ApnsApp("default", TOPIC, team_id=apns_key.team_id, key_id=apns_key.key_id,
                           key_file=str(apns_key.key_file), host="127.0.0.1", port=apns.port,
                           ca_file=str(ca.ca_file), connections=2),),
@@ -148,7 +160,7 @@ async def _demo(tmp: Path, n_learners: int, n_messages: int, processes: int, see
                         fcm.program(d["fcm"], [(403, "SENDER_ID_MISMATCH", None)] * 50)
                         programmed["fcm sender mismatch (rejected)"] += 1
                 elif r < 0.1:
-                    webpush.program(_sub_id(d), [(410, None, None)] * 50)
+                    webpush.program(_sub_id(d), [(410, None)] * 50)
                     programmed["webpush subscription gone (410)"] += 1
 
         redis = aioredis.from_url(url)
@@ -188,11 +200,13 @@ async def _demo(tmp: Path, n_learners: int, n_messages: int, processes: int, see
                 sys.stderr.write("\n  gave up waiting after 120 s\n")
         finally:
             await asyncio.to_thread(pool.stop)
+        received = len(apns.received) + len(fcm.received) + len(webpush.received)
+        _progress(received, expected, started, "(the rest: dead tokens and dead letters, below)", force=True)
         elapsed = time.monotonic() - started
         sys.stderr.write("\n")
 
         report = await _report(redis, settings, batch, by_user, apns, fcm, webpush, elapsed, programmed)
-        await client.aclose() if hasattr(client, "aclose") else None
+        await client.aclose()
         await redis.aclose()
     redis_server.stop()
     return 0 if report else 1
@@ -234,18 +248,19 @@ async def _report(redis: Any, settings: Settings, batch: list[dict[str, Any]], b
     from pushgw.queue.keys import Keys
 
     out = sys.stdout
+    key_by_sub = {_sub_id(d): _dev_key(d) for lr in by_user.values() for d in lr.devices if "webpush" in d}
     got: Counter[tuple[str, str]] = Counter()
     for r in apns.received:
         got[(r.payload["pushgw"]["id"], f"apns:{r.token}")] += 1
     for r in fcm.received:
         got[(r.message["data"]["pushgw_id"], f"fcm:{r.message['token']}")] += 1
     for r in webpush.received:
-        got[(orjson.loads(r.plaintext)["id"], f"webpush:{r.subscription_id}")] += 1
+        got[(orjson.loads(r.plaintext)["id"], key_by_sub[r.subscription_id])] += 1
 
     dead = await DeadLetters(redis, Keys()).list(count=10_000)
     events = await DeviceRegistry(redis, Keys()).invalid_token_events(count=10_000)
     dead_keys = {(e.message["id"], _dev_key(e.message["devices"][0])) for e in dead if e.message}
-    dead_tokens = {(ev["provider"], ev.get("token") or ev.get("endpoint", "")) for ev in events}
+    dead_tokens = {ev["key"] for ev in events}
 
     lost = 0
     delivered = 0
@@ -254,7 +269,7 @@ async def _report(redis: Any, settings: Settings, batch: list[dict[str, Any]], b
             key = (m["id"], _dev_key(d))
             if got[key]:
                 delivered += 1
-            elif key not in dead_keys and not _is_dead_token(d, dead_tokens):
+            elif key not in dead_keys and key[1] not in dead_tokens:
                 lost += 1
     duplicates = sum(c - 1 for c in got.values() if c > 1)
 
@@ -264,7 +279,8 @@ async def _report(redis: Any, settings: Settings, batch: list[dict[str, Any]], b
         out.write(f"  {name:<10}{len(fake.received):>10}\n")
     out.write(f"  programmed provider failures: {dict(programmed)}\n")
     out.write(f"  retried and then delivered:   {sum(1 for r in _retried(apns, fcm, webpush))}\n")
-    out.write(f"  dead tokens removed:          {len(events)} (event stream pushgw:events:invalid_tokens)\n")
+    out.write(f"  dead tokens removed:          {len(dead_tokens)} devices, {len(events)} events "
+              "(stream pushgw:events:invalid_tokens)\n")
     reasons = Counter(e.reason for e in dead)
     out.write(f"  dead-lettered:                {len(dead)} {dict(reasons)}\n")
     out.write(f"  reconciliation: {delivered} delivered, lost {lost}, duplicates {duplicates}\n")
@@ -278,16 +294,11 @@ def _retried(*fakes: Any) -> list[Any]:
 
 
 def _dev_key(d: dict[str, Any]) -> str:
-    if "apns" in d:
-        return f"apns:{d['apns']}"
-    if "fcm" in d:
-        return f"fcm:{d['fcm']}"
-    return f"webpush:{_sub_id(d)}"
+    """The registry's key of a device given as API JSON (what events and dead letters carry)."""
+    from pushgw.gateway.schema import FieldError, parse_device
 
-
-def _is_dead_token(d: dict[str, Any], dead: set[tuple[str, str]]) -> bool:
-    if "apns" in d:
-        return ("apns", d["apns"]) in dead
-    if "fcm" in d:
-        return ("fcm", d["fcm"]) in dead
-    return ("webpush", d["webpush"]["endpoint"]) in dead
+    errors: list[FieldError] = []
+    device = parse_device(d, "device", errors, None)
+    if device is None:
+        raise ValueError(f"demo device is invalid: {errors}")
+    return device.key

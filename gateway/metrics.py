@@ -67,6 +67,7 @@ CIRCUIT_STATE = Gauge(
     multiprocess_mode="max",
 )
 CIRCUIT_OPENS = Counter("pushgw_circuit_opens_total", "Times a provider circuit opened", ["provider", "app"])
+API_REQUESTS = Counter("pushgw_api_requests_total", "HTTP API requests by route and status", ["route", "status"])
 RECLAIMED = Counter("pushgw_reclaimed_entries_total", "Pending entries taken over from a dead consumer")
 
 

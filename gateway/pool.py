@@ -15,6 +15,7 @@ import signal
 import socket
 import time
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 from pushgw.gateway.config import Settings
 
@@ -35,9 +36,20 @@ def install_loop() -> None:
         pass
 
 
+def make_redis(redis_url: str, max_connections: int = 64, timeout_s: float | None = None) -> Any:
+    """A Redis client on a blocking pool: redis-py's default pool raises when every connection is
+    busy instead of waiting. `timeout_s` bounds connect and each command (the API's 503 path)."""
+    import redis.asyncio as aioredis
+
+    pool = aioredis.BlockingConnectionPool.from_url(
+        redis_url, max_connections=max_connections, timeout=timeout_s, health_check_interval=30,
+        socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
 async def run_worker(settings: Settings, redis_url: str, consumer: str, stop: asyncio.Event | None = None) -> None:
     """One worker in this process until SIGTERM/SIGINT (or `stop`), then drain and close."""
-    import redis.asyncio as aioredis
     from pushgw.gateway.worker import Worker
     from pushgw.providers import build_providers
 
@@ -45,9 +57,7 @@ async def run_worker(settings: Settings, redis_url: str, consumer: str, stop: as
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # A blocking pool: redis-py's default pool raises when all connections are busy instead of waiting.
-    pool = aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=64, timeout=None, health_check_interval=30)
-    client = aioredis.Redis(connection_pool=pool)
+    client = make_redis(redis_url)
     providers = build_providers(settings)
     try:
         await Worker(settings, client, providers, consumer=consumer).run(stop)

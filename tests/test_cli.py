@@ -76,3 +76,36 @@ def test_config_error_names_the_setting_and_stops(tmp: Path, capsys: pytest.Capt
     assert main(["--config", str(path), "dlq", "count"]) == 2
     err = capsys.readouterr().err
     assert "worker.batch_size" in err
+
+
+def test_send_and_devices(redis_url: str, tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _config(tmp, redis_url)
+    assert main(["-c", cfg, "devices", "add", "learner-3", "--device", '{"fcm": "tok-cli"}']) == 0
+    assert _json_out(capsys) == {"registered": "learner-3"}
+    assert main(["-c", cfg, "devices", "list", "learner-3"]) == 0
+    assert _json_out(capsys) == [{"fcm": "tok-cli", "key": "fcm:tok-cli"}]
+    args = ["-c", cfg, "send", "--user", "learner-3", "--title", "New module", "--body", "Module 4 is out", "--id", "cli-1"]
+    assert main(args) == 0
+    assert _json_out(capsys) == [{"id": "cli-1", "status": "queued"}]
+    assert main(args) == 0
+    assert _json_out(capsys) == [{"id": "cli-1", "status": "duplicate"}]
+    batch = tmp / "batch.json"
+    batch.write_text(json.dumps([{"id": "cli-2", "user": "learner-3", "body": "b"}, {"user": "learner 3", "body": "b"}]))
+    assert main(["-c", cfg, "send", "--json", str(batch)]) == 2
+    err = capsys.readouterr().err
+    assert "messages[1].user" in err
+
+    async def ids(r: aioredis.Redis) -> list[str]:
+        return [json.loads(f[b"m"])["id"] for _, f in await r.xrange(Keys(PREFIX).stream)]
+
+    assert _run(ids, redis_url)[-1] == "cli-1"  # the invalid batch queued nothing
+    assert main(["-c", cfg, "devices", "rm", "learner-3", "--key", "fcm:tok-cli"]) == 0
+    assert _json_out(capsys) == {"removed": True}
+
+
+def test_vapid_keygen_prints_the_application_server_key(tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["vapid-keygen", str(tmp / "v")]) == 0
+    out = _json_out(capsys)
+    assert isinstance(out, dict) and Path(out["vapid_private_key_file"]).exists() and len(out["application_server_key"]) == 87
+    assert main(["vapid-keygen", str(tmp / "v")]) != 0  # never overwrites
+    assert "already exists" in capsys.readouterr().err

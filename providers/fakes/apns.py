@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from cryptography.exceptions import InvalidSignature
@@ -302,7 +302,7 @@ class _ApnsServerProtocol(asyncio.Protocol):
         self.last_stream_id = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio subclasses
         self.transport = transport
         self.fake.connections += 1
         self.fake._protocols.add(self)
