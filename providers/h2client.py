@@ -62,6 +62,33 @@ class _DrainableStateMachine(H2ConnectionStateMachine):  # type: ignore[misc]
     }
 
 
+class CountingH2Connection(H2Connection):  # type: ignore[misc]
+    """jh2 counts open streams by scanning every stream it holds, on each new stream: O(n) per request,
+    measured at 90 us per request with 250 streams in flight (bench/apns_throughput.py, cProfile).
+    The owner already knows how many streams it has open and enforces the peer's limit itself, so
+    the check reads `in_flight`, set by the owner; closed streams are purged by one scan every
+    `PURGE_EVERY` new streams, so the stream table stays bounded (what aioapns fails to do)."""
+
+    PURGE_EVERY = 128
+    in_flight = 0
+    _since_purge = 0
+
+    def _count(self) -> int:
+        self._since_purge += 1
+        if self._since_purge >= self.PURGE_EVERY:
+            self._since_purge = 0
+            self._open_streams(0)  # drops closed streams of both parities while it counts
+        return self.in_flight
+
+    @property
+    def open_outbound_streams(self) -> int:
+        return self._count()
+
+    @property
+    def open_inbound_streams(self) -> int:
+        return self._count()
+
+
 def drainable(conn: H2Connection) -> H2Connection:
     """Let `conn` finish its open streams after a GOAWAY in either direction (see `_AFTER_GOAWAY`)."""
     conn.state_machine = _DrainableStateMachine()
@@ -101,7 +128,7 @@ class H2ClientConnection(asyncio.Protocol):
     """One HTTP/2 connection; `await connect(...)`, then `await conn.request(headers, body)`."""
 
     def __init__(self, max_streams: int = 1000) -> None:
-        self._h2 = drainable(H2Connection(H2Configuration(
+        self._h2 = drainable(CountingH2Connection(H2Configuration(
             client_side=True, header_encoding=None, validate_outbound_headers=False,
             validate_inbound_headers=False, normalize_outbound_headers=False,
         )))
@@ -180,6 +207,7 @@ class H2ClientConnection(asyncio.Protocol):
         self._streams[stream_id] = stream
         self.requests += 1
         try:
+            self._h2.in_flight = len(self._streams) - 1  # open before this one (see CountingH2Connection)
             self._h2.send_headers(stream_id, headers, end_stream=not body)
             if body:
                 await self._send_body(stream_id, body)

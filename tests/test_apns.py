@@ -258,3 +258,26 @@ def test_repr_shows_no_key(key: ApnsKey) -> None:
     app = ApnsApp("default", TOPIC, team_id=key.team_id, key_id=key.key_id, key_file=str(key.key_file))
     text = repr(ApnsProvider([app], ProviderSettings())) + repr(app)
     assert str(key.key_file) not in text and key.key_file.read_text() not in text
+
+
+async def test_several_apps_with_their_own_topics_and_keys(fake: FakeApns, local_ca: LocalCA, key: ApnsKey,
+                                                           tmp_path: Path) -> None:
+    other_key = make_apns_key(tmp_path / "k2", key_id="KEY2222222", team_id="TEAM222222")
+    fake.trust(other_key)
+    fake.topics.add("org.example.teacher")
+    common: dict[str, Any] = {"host": "127.0.0.1", "port": fake.port, "ca_file": str(local_ca.ca_file)}
+    provider = ApnsProvider([
+        ApnsApp("default", TOPIC, team_id=key.team_id, key_id=key.key_id, key_file=str(key.key_file), **common),
+        ApnsApp("teacher", "org.example.teacher", team_id=other_key.team_id, key_id=other_key.key_id,
+                key_file=str(other_key.key_file), **common),
+    ], ProviderSettings())
+    try:
+        assert isinstance(await provider.send(delivery(token(1))), Delivered)
+        assert isinstance(await provider.send(delivery(token(2), app="teacher")), Delivered)  # the message picks the app
+        d = delivery(token(3))
+        assert isinstance(await provider.send(Delivery(d.message, Device("apns", token(3), app="teacher"))), Delivered)
+    finally:
+        await provider.close()
+    assert [(r.token, r.topic) for r in fake.received] == [
+        (token(1), TOPIC), (token(2), "org.example.teacher"), (token(3), "org.example.teacher")]
+    assert len(fake.jwts_seen) == 2

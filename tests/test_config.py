@@ -79,3 +79,13 @@ def test_the_documented_example_loads() -> None:
     s = load_settings(example, env={"PUSHGW_TOKEN_COURSE": "course-token-0123456789", "PUSHGW_TOKEN_OPS": "ops-token-0123456789"})
     assert [c.name for c in s.api.clients] == ["course-service", "ops"]
     assert s.apns_app("campus") is not None and s.fcm_app("campus") is not None
+
+
+def test_example_config_in_docs_loads() -> None:
+    example = Path(__file__).parent.parent / "docs" / "pushgw.example.toml"
+    env = {"PUSHGW_TOKEN_COURSE": "course-token-0123456789", "PUSHGW_TOKEN_OPS": "ops-token-0123456789ab"}
+    s = load_settings(example, env=env)
+    course = next(c for c in s.api.clients if c.name == "course-service")
+    assert course.rate_per_s == 2000 and course.burst == 5000 and course.scopes == ("enqueue", "devices")
+    with pytest.raises(ConfigError, match="PUSHGW_TOKEN_OPS"):
+        load_settings(example, env={"PUSHGW_TOKEN_COURSE": "course-token-0123456789"})

@@ -31,13 +31,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from jh2.config import H2Configuration
-from jh2.connection import H2Connection
 from jh2.errors import ErrorCodes
 from jh2.events import ConnectionTerminated, DataReceived, RequestReceived, StreamEnded, StreamReset
 from jh2.exceptions import H2Error
 from jh2.settings import SettingCodes, Settings
 from pushgw.providers.fakes.tls import LocalCA
-from pushgw.providers.h2client import drainable
+from pushgw.providers.h2client import CountingH2Connection, drainable
 
 PUSH_TYPES = {"alert", "background", "voip", "complication", "fileprovider", "mdm", "liveactivity", "location", "pushtotalk"}
 MAX_PAYLOAD = 4096
@@ -111,6 +110,7 @@ class FakeApns:
         self.answers: list[tuple[str, float, int]] = []  # (device token, time.monotonic(), status)
         self.rejections: list[tuple[int, str]] = []  # (status, reason) of every non-200 answer
         self.jwts_seen: set[str] = set()
+        self._verified: dict[str, int] = {}  # JWT -> iat, for tokens whose signature checked out
         self.connections = 0
         self.requests = 0
         self.hanging = 0
@@ -164,6 +164,11 @@ class FakeApns:
     # --- request checks -----------------------------------------------------------------------
 
     def _verify_jwt(self, jwt: str) -> None:
+        iat_seen = self._verified.get(jwt)
+        if iat_seen is not None:  # like Apple, verify a provider token once and then only its age
+            if iat_seen < time.time() - 3600:
+                raise _Refused(403, "ExpiredProviderToken")
+            return
         parts = jwt.split(".")
         if len(parts) != 3:
             raise _Refused(403, "InvalidProviderToken")
@@ -189,6 +194,7 @@ class FakeApns:
         if iat < time.time() - 3600:
             raise _Refused(403, "ExpiredProviderToken")
         self.jwts_seen.add(jwt)
+        self._verified[jwt] = iat
 
     def _check(self, headers: dict[str, str], body: bytes, cert_topic: str | None) -> tuple[str, dict[str, Any], str]:
         if headers.get(":method") != "POST":
@@ -291,7 +297,7 @@ class FakeApns:
 class _ApnsServerProtocol(asyncio.Protocol):
     def __init__(self, fake: FakeApns) -> None:
         self.fake = fake
-        self.h2 = drainable(H2Connection(H2Configuration(client_side=False, header_encoding="utf-8")))
+        self.h2 = drainable(CountingH2Connection(H2Configuration(client_side=False, header_encoding="utf-8")))
         self.transport: asyncio.Transport | None = None
         self.requests: dict[int, tuple[dict[str, str], bytearray]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
@@ -327,6 +333,7 @@ class _ApnsServerProtocol(asyncio.Protocol):
             t.cancel()
 
     def data_received(self, data: bytes) -> None:
+        self.h2.in_flight = len(self.requests) + len(self.tasks)
         try:
             events = self.h2.receive_data(data)
         except H2Error:

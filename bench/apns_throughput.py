@@ -1,0 +1,103 @@
+"""Throughput of `ApnsProvider` (our HTTP/2 client on jh2) against FakeApns in another process, over TLS.
+
+    python -m pushgw.bench.apns_throughput [--n 20000] [--concurrency 500] [--connections 2]
+
+The fake runs in a child process so that the figure is the client's (plus loopback TLS), not the
+two sharing one event loop. Prints pushes per second and the client process's CPU time per push,
+as JSON. Both include TLS and the fake's JWT checks on its own core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import orjson
+
+TOPIC = "org.example.bench"
+
+
+def _serve(directory: str, conn: Connection) -> None:
+    from pushgw.gateway.pool import install_loop
+    from pushgw.providers.fakes.apns import ApnsKey, FakeApns
+    from pushgw.providers.fakes.tls import make_local_ca
+
+    install_loop()
+
+    async def main() -> None:
+        ca = make_local_ca(Path(directory) / "tls")
+        key = ApnsKey(Path(directory) / "AuthKey_BENCH00001.p8", "BENCH00001", "TEAMBENCH1")
+        async with FakeApns(ca, keys=[key], topics=[TOPIC]) as fake:
+            conn.send(fake.port)
+            await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # until the parent is done
+            conn.send(len(fake.received))
+
+    asyncio.run(main())
+
+
+async def _run(directory: Path, port: int, n: int, concurrency: int, connections: int) -> dict[str, float]:
+    from pushgw.gateway.config import ApnsApp, ProviderSettings
+    from pushgw.gateway.schema import Device, Message
+    from pushgw.providers.apns import ApnsProvider
+    from pushgw.providers.base import Delivered, Delivery
+
+    app = ApnsApp("default", TOPIC, team_id="TEAMBENCH1", key_id="BENCH00001",
+                  key_file=str(directory / "AuthKey_BENCH00001.p8"), host="127.0.0.1", port=port,
+                  ca_file=str(directory / "tls" / "ca.pem"), connections=connections)
+    provider = ApnsProvider([app], ProviderSettings(timeout_s=30.0, concurrency=1000))
+    msg = Message(id="bench", title="Live session in 15 minutes", body="Statistics 101 starts at 14:00",
+                  data={"link": "/sessions/812"}, category="reminder", priority="high")
+    deliveries = [Delivery(msg, Device("apns", f"{i:064x}")) for i in range(n)]
+    await provider.send(deliveries[0])  # connect and authenticate before timing
+    sem = asyncio.Semaphore(concurrency)
+    ok = 0
+
+    async def one(d: Delivery) -> None:
+        nonlocal ok
+        async with sem:
+            if isinstance(await provider.send(d), Delivered):
+                ok += 1
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(one(d) for d in deliveries))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    await provider.close()
+    return {"pushes": n, "delivered": ok, "seconds": round(wall, 3), "pushes_per_s": round(n / wall),
+            "client_cpu_us_per_push": round(cpu / n * 1e6, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--concurrency", type=int, default=500)
+    ap.add_argument("--connections", type=int, default=2)
+    args = ap.parse_args(argv)
+    from pushgw.gateway.pool import install_loop
+    from pushgw.providers.fakes.apns import make_apns_key
+    from pushgw.providers.fakes.tls import make_local_ca
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        make_local_ca(directory / "tls")
+        make_apns_key(directory, key_id="BENCH00001", team_id="TEAMBENCH1")
+        parent, child = mp.Pipe()
+        proc = mp.get_context("spawn").Process(target=_serve, args=(tmp, child), daemon=True)
+        proc.start()
+        port = parent.recv()
+        install_loop()
+        result = asyncio.run(_run(directory, port, args.n, args.concurrency, args.connections))
+        parent.send("done")
+        result["fake_received"] = parent.recv()
+        proc.join(5)
+    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    return 0 if result["delivered"] == args.n else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
