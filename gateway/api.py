@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -75,13 +76,16 @@ class TokenBucket:
         self.at = clock()
 
     def take(self, n: float) -> float:
+        """0 when taken; else seconds until n are there; infinity when n exceeds the bucket."""
+        if n > self.burst:
+            return math.inf
         now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
         self.at = now
         if n <= self.tokens:
             self.tokens -= n
             return 0.0
-        return (min(n, self.burst) - self.tokens) / self.rate
+        return (n - self.tokens) / self.rate
 
 
 class Authenticator:
@@ -95,7 +99,7 @@ class Authenticator:
         if not header or not header.startswith("Bearer "):
             raise ApiError(401, "unauthenticated", "send Authorization: Bearer <token>",
                            headers={"WWW-Authenticate": 'Bearer realm="pushgw"'})
-        presented = header[7:].strip().encode()
+        presented = header[7:].strip().encode("utf-8", "surrogateescape")  # a header may carry any bytes
         found: ApiClient | None = None
         for client, token in self._clients:  # compare with every token: constant time over the set
             if hmac.compare_digest(presented, token):
@@ -110,6 +114,9 @@ class Authenticator:
         if bucket is None:
             return
         wait = bucket.take(units)
+        if wait == math.inf:
+            raise ApiError(413, "batch_too_large",
+                           f"{units} messages exceed client {client.name}'s burst of {bucket.burst:g}; send smaller batches")
         if wait > 0:
             raise ApiError(429, "rate_limited", f"client {client.name} is over its {client.rate_per_s:g}/s limit",
                            headers={"Retry-After": str(max(1, int(wait + 0.999)))})

@@ -54,6 +54,18 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return run_demo(learners=args.learners, messages=args.messages, processes=args.processes, seed=args.seed)
 
 
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from pushgw.bench.run import options_from, run
+
+    if args.messages < 1 or args.users < 1 or args.processes < 1 or args.rate < 0 or args.duration < 0:
+        sys.stderr.write("error: --messages, --users and --processes must be at least 1; --rate and --duration >= 0\n")
+        return 2
+    if args.duration and not args.rate:
+        sys.stderr.write("error: --duration needs --rate (a soak runs at a steady rate)\n")
+        return 2
+    return run(options_from(args))
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """API and worker processes on one host, sharing one metrics folder."""
     _multiproc_dir()
@@ -228,6 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--processes", type=int, default=2)
     d.add_argument("--seed", type=int, default=7)
     d.set_defaults(fn=cmd_demo)
+
+    b = sub.add_parser("bench", help="load-test the gateway on this machine (private Redis, sinks, workers)")
+    b.add_argument("--messages", type=int, default=50_000, help="messages to enqueue (default 50000)")
+    b.add_argument("--users", type=int, default=10_000, help="users, each with 1-2 devices (default 10000)")
+    b.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
+    b.add_argument("--mode", choices=("fast", "strict"), default="fast",
+                   help="fast: nginx sinks (installed if missing); strict: the protocol-checking fakes")
+    b.add_argument("--rate", type=float, default=0.0, help="enqueue at this many messages/s (default: all at once)")
+    b.add_argument("--duration", type=float, default=0.0, help="with --rate: run this many seconds (a soak)")
+    b.add_argument("--no-baseline", action="store_true", help="skip the direct-to-provider baseline")
+    b.add_argument("--json", help="write the result as JSON to this file")
+    b.add_argument("--plots", help="write throughput.png and latency_cdf.png to this folder (needs matplotlib)")
+    b.add_argument("--seed", type=int, default=1)
+    b.set_defaults(fn=cmd_bench)
 
     for name, fn, help_ in (
         ("serve", cmd_serve, "HTTP API plus worker processes"),

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
+import math
 import ssl
 import time
 import uuid
@@ -39,7 +41,12 @@ from pushgw.providers.payloads import apns_payload, check_payload_limits
 PRODUCTION_HOST = "api.push.apple.com"
 SANDBOX_HOST = "api.sandbox.push.apple.com"
 JWT_REFRESH_S = 50 * 60
+JWT_MIN_AGE_S = 20 * 60  # Apple: at most one new provider token per 20 minutes
+CLOCK_SKEW_RETRY_S = 60.0
+MAX_RETRY_AFTER_S = 3600.0
 RECONNECT_GAP_S = 1.0
+RESENDS = 3
+log = logging.getLogger("pushgw.apns")
 _APNS_ID_NS = uuid.UUID("9d3f2a57-8f64-4c1e-9a0e-3f4f1f2b7c11")
 _TOKEN_GONE = {"BadDeviceToken", "DeviceTokenNotForTopic", "Unregistered", "ExpiredToken"}
 _REASON_MAX = 200
@@ -75,10 +82,18 @@ class ProviderJwt:
             self._sign(now)
         return self._token
 
-    def expired(self, token: str) -> None:
-        """APNs said ExpiredProviderToken for `token`: sign a new one unless another request already did."""
-        if token == self._token:
-            self._token = ""
+    def expired(self, token: str) -> bool:
+        """APNs said ExpiredProviderToken for `token`: sign a new one on the next send, if ours is old enough.
+
+        Apple refuses new tokens more often than every 20 minutes (TooManyProviderTokenUpdates), so a
+        younger token is kept: APNs calling it expired means this host's clock is off. Returns
+        whether a new token will be signed."""
+        if token != self._token:
+            return True  # another request re-signed already
+        if self._clock() - self._issued_at < JWT_MIN_AGE_S:
+            return False
+        self._token = ""
+        return True
 
     def _sign(self, now: float) -> None:
         header = _b64url(orjson.dumps({"alg": "ES256", "kid": self._key_id}))
@@ -114,6 +129,7 @@ class _App:
         self.authority = self.host.encode() if self.port == 443 else f"{self.host}:{self.port}".encode()
         self.path_prefix = b"/3/device/"
         self.conns: list[H2ClientConnection] = []
+        self.draining: set[H2ClientConnection] = set()
         self._connecting: asyncio.Task[H2ClientConnection] | None = None
         self._last_failure = -RECONNECT_GAP_S
         self.connects = 0
@@ -121,7 +137,14 @@ class _App:
     async def connection(self) -> H2ClientConnection:
         """The open connection with a free stream, else a new one while below `size`, else the least loaded."""
         while True:
-            self.conns = [c for c in self.conns if not c.closed]
+            if any(c.closed for c in self.conns):
+                for c in self.conns:
+                    if c.closed:
+                        self.draining.add(c)  # may still finish streams; closed at shutdown if not
+                        if c.completed == 0:
+                            self._last_failure = time.monotonic()  # refused before any answer: back off
+                self.conns = [c for c in self.conns if not c.closed]
+            self.draining = {c for c in self.draining if c.active}
             best = min(self.conns, key=lambda c: c.load, default=None)
             if best is not None and best.load < 1.0:
                 return best
@@ -158,9 +181,10 @@ class _App:
         return conn
 
     def close(self) -> None:
-        for c in self.conns:
+        for c in [*self.conns, *self.draining]:
             c.close()
         self.conns = []
+        self.draining = set()
         if self._connecting is not None:
             self._connecting.cancel()
 
@@ -228,13 +252,15 @@ class ApnsProvider:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s):
-                while True:  # a stream refused by GOAWAY was never processed: resend it (bounded by the timeout)
+                for _ in range(RESENDS):  # a stream refused by GOAWAY was never processed: resend it elsewhere
                     conn = await app.connection()
                     try:
                         resp = await conn.request(headers, body)
                         break
                     except StreamRefused:
                         continue
+                else:
+                    return Retry(f"apns: request refused on {RESENDS} connections")
         except TimeoutError:
             return Retry("apns timeout")
         except ConnectionLost as e:
@@ -259,8 +285,10 @@ class ApnsProvider:
         if reason in _TOKEN_GONE or status == 410:
             return TokenInvalid(text, status)
         if reason == "ExpiredProviderToken" and app.jwt is not None and jwt is not None:
-            app.jwt.expired(jwt)
-            return Retry(text, after=0.0, status=status)
+            if app.jwt.expired(jwt):
+                return Retry(text, after=0.0, status=status)
+            log.warning("APNs calls a fresh provider token expired: check this host's clock", extra={"app": app.name})
+            return Retry(f"{text} (token younger than 20 min: clock skew?)", after=CLOCK_SKEW_RETRY_S, status=status)
         if status == 429:
             return Retry(text, after=_seconds(retry_after), status=status)
         if status >= 500:
@@ -273,9 +301,11 @@ class ApnsProvider:
 
 
 def _seconds(value: bytes | None) -> float | None:
+    """Retry-After in seconds, capped at an hour; None if absent, unreadable or not finite."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_S) if math.isfinite(seconds) else None

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import math
 import ssl
 import time
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ from pushgw.providers.payloads import check_payload_limits, fcm_message
 QUOTA_DEFAULT_RETRY_S = 60.0  # Google: back off at least a minute after QUOTA_EXCEEDED
 _FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 _REASON_MAX = 200
+MAX_RETRY_AFTER_S = 3600.0
 
 
 class _App:
@@ -234,11 +236,11 @@ def _retry_after(value: str | None) -> float | None:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    # "inf" parses as a float: a retry at infinity would park the delivery forever.
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_S) if math.isfinite(seconds) else None

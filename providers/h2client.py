@@ -142,6 +142,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.closed = False  # no new requests: lost, GOAWAY received, or stream ids used up
         self.close_reason = ""
         self.requests = 0
+        self.completed = 0  # requests answered: a GOAWAY before the first is a failed connection
         self._preface: asyncio.Future[None] = self._loop.create_future()  # the server's first SETTINGS
 
     # --- public -------------------------------------------------------------------------------
@@ -193,9 +194,12 @@ class H2ClientConnection(asyncio.Protocol):
             self._slot_waiters.append(waiter)
             try:
                 await waiter
-            finally:
-                if not waiter.done():
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_slot()  # we were handed a free slot but leave: pass it on
+                else:
                     waiter.cancel()
+                raise
         if self.closed:
             raise StreamRefused(f"connection closed: {self.close_reason}")
         try:
@@ -215,19 +219,30 @@ class H2ClientConnection(asyncio.Protocol):
             return await stream.future
         except asyncio.CancelledError:
             # Timed out or cancelled: tell the server, free the slot, keep the connection.
-            if stream_id in self._streams:
-                del self._streams[stream_id]
+            if self._end(stream_id) is not None:
                 try:
                     self._h2.reset_stream(stream_id, ErrorCodes.CANCEL)
                     self._flush_soon()
                 except _JH2Error:
                     pass
-                self._wake_slot()
             raise
         except _JH2Error as e:
-            self._streams.pop(stream_id, None)
-            self._wake_slot()
+            self._end(stream_id)
             raise H2Error(f"HTTP/2 protocol error: {type(e).__name__}") from None
+
+    def _end(self, stream_id: int) -> _Stream | None:
+        """Forget a stream (answered, reset or abandoned): free its slot, wake its body sender, and
+        close a connection that is draining after GOAWAY once its last stream is gone."""
+        stream = self._streams.pop(stream_id, None)
+        waiter = self._window_waiters.pop(stream_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if stream is not None:
+            self._wake_slot()
+        if self.closed and not self._streams and self._transport is not None and not self._transport.is_closing():
+            self._flush()
+            self._transport.close()
+        return stream
 
     def close(self) -> None:
         if self._transport is not None and not self._transport.is_closing():
@@ -300,6 +315,9 @@ class H2ClientConnection(asyncio.Protocol):
         transport.write(self._h2.data_to_send())
 
     def data_received(self, data: bytes) -> None:
+        # Write what requests queued first: jh2 drops its outbound buffer when it reads a GOAWAY,
+        # and frames of streams the server will still process must not be lost with it.
+        self._flush()
         try:
             events = self._h2.receive_data(data)
         except _JH2Error as e:
@@ -330,20 +348,15 @@ class H2ClientConnection(asyncio.Protocol):
             if stream is not None:
                 stream.body += event.data
         elif isinstance(event, StreamEnded):
-            stream = self._streams.pop(event.stream_id, None)
-            if stream is not None:
-                if not stream.future.done():
-                    stream.future.set_result(H2Response(stream.status, stream.headers, bytes(stream.body)))
-                self._wake_slot()
-                if self.closed and not self._streams and self._transport is not None:
-                    self._transport.close()  # drained after GOAWAY
+            stream = self._end(event.stream_id)  # an early answer (413 before the body) ends the send too
+            if stream is not None and not stream.future.done():
+                self.completed += 1
+                stream.future.set_result(H2Response(stream.status, stream.headers, bytes(stream.body)))
         elif isinstance(event, StreamReset):
-            stream = self._streams.pop(event.stream_id, None)
-            if stream is not None:
-                if not stream.future.done():
-                    exc_type = StreamRefused if event.error_code == ErrorCodes.REFUSED_STREAM else H2Error
-                    stream.future.set_exception(exc_type(f"stream reset by server: {event.error_code!r}"))
-                self._wake_slot()
+            stream = self._end(event.stream_id)
+            if stream is not None and not stream.future.done():
+                exc_type = StreamRefused if event.error_code == ErrorCodes.REFUSED_STREAM else H2Error
+                stream.future.set_exception(exc_type(f"stream reset by server: {event.error_code!r}"))
         elif isinstance(event, WindowUpdated):
             if event.stream_id == 0:
                 waiters = list(self._window_waiters.values())
@@ -360,15 +373,21 @@ class H2ClientConnection(asyncio.Protocol):
             if SettingCodes.MAX_CONCURRENT_STREAMS in event.changed_settings:
                 for _ in range(self.capacity):
                     self._wake_slot()
+            if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+                waiters = list(self._window_waiters.values())  # windows grew without a WINDOW_UPDATE
+                self._window_waiters.clear()
+                for w in waiters:
+                    if not w.done():
+                        w.set_result(None)
         elif isinstance(event, ConnectionTerminated):
             last = event.last_stream_id if event.last_stream_id is not None else 0
-            self._close_for_new(f"GOAWAY {event.error_code!r}")
+            detail = event.additional_data.decode("utf-8", "replace")[:100] if event.additional_data else ""
+            self._close_for_new(f"GOAWAY {event.error_code!r}{': ' + detail if detail else ''}")
             for stream_id in [s for s in self._streams if s > last]:
-                stream = self._streams.pop(stream_id)
-                if not stream.future.done():
+                stream = self._end(stream_id)
+                if stream is not None and not stream.future.done():
                     stream.future.set_exception(StreamRefused("server sent GOAWAY before processing the request"))
-            if not self._streams and self._transport is not None:
-                self._transport.close()
+            self._end(0)  # closes the transport now if nothing is left to drain
 
         elif isinstance(event, TrailersReceived):
             pass

@@ -20,8 +20,10 @@ Outcomes: 2xx -> delivered; 404/410 -> subscription gone; 429 -> retry after Ret
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hashlib
 import hmac
+import math
 import os
 import re
 import socket
@@ -53,6 +55,7 @@ _KEY_INFO = b"WebPush: info\x00"
 _CEK_INFO = b"Content-Encoding: aes128gcm\x00\x01"
 _NONCE_INFO = b"Content-Encoding: nonce\x00\x01"
 _REASON_MAX = 200
+MAX_RETRY_AFTER_S = 3600.0
 
 
 class EncryptionError(ValueError):
@@ -220,14 +223,14 @@ class WebPushProvider:
 
 
 def _seconds(value: str | None) -> float | None:
+    """Retry-After (seconds or an HTTP date) capped at an hour; None if absent, unreadable or not finite."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        import email.utils
-
         try:
-            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
         except (TypeError, ValueError):
             return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_S) if math.isfinite(seconds) else None

@@ -187,9 +187,24 @@ async def test_per_client_rate_limit(make_client: Any, redis: aioredis.Redis) ->
     assert len(await queued(redis)) == 16
 
 
+async def test_batch_larger_than_the_clients_burst_is_413_not_free(make_client: Any, redis: aioredis.Redis) -> None:
+    c = await make_client()
+    batch = {"messages": [dict(MSG, id=f"big-{i}") for i in range(11)]}  # quiz-service: burst 10
+    body = await error(await c.post("/v1/messages/batch", json=batch, headers=auth(LIMITED)), 413, "batch_too_large")
+    assert "burst" in body["message"]
+    assert await queued(redis) == []
+
+
+async def test_token_that_is_not_utf8_is_401(make_client: Any) -> None:
+    c = await make_client()
+    resp = await c.post("/v1/messages", json=MSG, headers={"Authorization": "Bearer \udcff\udcfe-not-utf8"})
+    await error(resp, 401, "unauthenticated")
+
+
 def test_token_bucket_refills() -> None:
     now = [0.0]
     b = TokenBucket(5.0, 10.0, clock=lambda: now[0])
+    assert b.take(11) == float("inf")  # more than the bucket holds can never be granted
     assert b.take(10) == 0.0
     assert b.take(1) == pytest.approx(0.2)
     now[0] += 1.0

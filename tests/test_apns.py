@@ -109,16 +109,30 @@ async def test_jwt_is_signed_once_and_refreshed_after_50_minutes(fake: FakeApns,
     assert jwt.signed == 2 and len(fake.jwts_seen) == 2
 
 
-async def test_expired_provider_token_is_resigned(fake: FakeApns, make_provider: Factory) -> None:
-    skew = [3700.0]  # our clock runs an hour late: the token's iat looks older than an hour to APNs
-    provider = make_provider(clock=lambda: time.time() - skew[0])
+async def test_expired_provider_token_is_resigned_but_not_more_often_than_every_20_minutes(
+    fake: FakeApns, make_provider: Factory
+) -> None:
+    now = [time.time() - 3700]  # our clock runs an hour late: APNs finds the token's iat too old
+    provider = make_provider(clock=lambda: now[0])
     out = await provider.send(delivery())
-    assert isinstance(out, Retry) and out.after == 0.0 and out.status == 403
-    assert "ExpiredProviderToken" in out.reason
-    skew[0] = 0.0
-    assert isinstance(await provider.send(delivery()), Delivered)
+    # A token signed a moment ago cannot be refreshed yet (Apple: TooManyProviderTokenUpdates): wait.
+    assert isinstance(out, Retry) and out.after == 60.0 and out.status == 403 and "clock skew" in out.reason
     jwt = provider.app("default").jwt
-    assert jwt is not None and jwt.signed == 2
+    assert jwt is not None and jwt.signed == 1
+    now[0] += 21 * 60  # 21 minutes later by our clock: the token may be replaced, and the new iat is accepted
+    out = await provider.send(delivery())
+    assert isinstance(out, Retry) and out.after == 0.0 and "ExpiredProviderToken" in out.reason
+    assert isinstance(await provider.send(delivery()), Delivered)
+    assert jwt.signed == 2
+
+
+def test_retry_after_is_finite_and_capped() -> None:
+    from pushgw.providers import apns, fcm, webpush
+
+    assert apns._seconds(b"inf") is None and apns._seconds(b"nan") is None and apns._seconds(b"1e9") == 3600.0
+    assert apns._seconds(b"-5") == 0.0 and apns._seconds(b"2.5") == 2.5 and apns._seconds(b"soon") is None
+    assert webpush._seconds("inf") is None and webpush._seconds("86400") == 3600.0
+    assert fcm._retry_after("Infinity") is None and fcm._retry_after("120") == 120.0
 
 
 async def test_unknown_key_is_rejected_not_retried(fake: FakeApns, make_provider: Factory, tmp_path: Path) -> None:

@@ -76,6 +76,7 @@ class ApnsReceived:
     apns_id: str
     auth: str  # "jwt" or "certificate"
     jwt: str = field(default="", repr=False)
+    received_at: float = field(default_factory=time.time)
 
 
 class _Refused(Exception):

@@ -92,6 +92,7 @@ class Received:
     message: dict[str, Any]
     name: str
     access_token: str = field(repr=False)
+    received_at: float = field(default_factory=time.time)
 
 
 @dataclass(frozen=True, slots=True)

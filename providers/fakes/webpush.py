@@ -64,6 +64,7 @@ class WebPushReceived:
     topic: str | None
     vapid_key: str
     headers: dict[str, str]
+    received_at: float = field(default_factory=time.time)
 
 
 class _Refused(Exception):

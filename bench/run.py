@@ -1,0 +1,591 @@
+"""`pushgw bench`: load-test the whole gateway on one machine and reconcile every delivery.
+
+It starts a private Redis, provider sinks (fast: nginx; strict: the protocol-checking fakes) and N
+worker processes; registers K users with a device mix; enqueues M messages for users drawn from a
+skewed distribution (pipelined, 1000 per round trip), either all at once (throughput) or at a steady
+`--rate` (latency, soak); samples throughput, worker CPU and RSS while it runs; then reconciles
+every (message, device) against the sinks' receipts: delivered, dead-lettered, lost, duplicated.
+A baseline run sends the same deliveries with the same provider clients and no queue, in the same
+number of processes, so `ratio` is what everything the gateway adds costs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import random
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pushgw.gateway.config import (
+    ApnsApp,
+    FcmApp,
+    ProviderSettings,
+    RedisSettings,
+    Settings,
+    WebPushSettings,
+    WorkerSettings,
+)
+from pushgw.gateway.schema import Device, Message
+
+TOPIC = "org.example.bench"
+_APNS_ID_NS = uuid.UUID("9d3f2a57-8f64-4c1e-9a0e-3f4f1f2b7c11")  # providers.apns derives apns-id from it
+ENQUEUE_CHUNK = 1000
+
+
+@dataclass
+class Options:
+    messages: int = 50_000
+    users: int = 10_000
+    processes: int = 2
+    mode: str = "fast"  # fast (nginx) or strict (protocol-checking fakes)
+    rate: float = 0.0  # messages/s; 0: enqueue everything at once
+    duration_s: float = 0.0  # with rate: run this long (soak); else messages/rate
+    mix: tuple[float, float, float] = (0.6, 0.3, 0.1)  # fcm, apns, webpush
+    baseline: bool = True
+    json_path: str | None = None
+    plots_dir: str | None = None
+    seed: int = 1
+    timeout_s: float = 600.0
+
+
+@dataclass
+class Sample:
+    t: float
+    delivered: int
+    rss_mb: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Population:
+    devices: dict[str, list[Device]]  # user -> devices
+    subs: dict[str, Any]  # webpush subscription id -> device (strict mode keeps browser keys in the fake)
+
+
+def _proc_stat(pid: int) -> tuple[float, float, float]:
+    """(cpu seconds, rss MB, peak rss MB) of a process, from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        cpu = (int(parts[11]) + int(parts[12])) / ticks
+        rss = hwm = 0.0
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) / 1024
+                elif line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1]) / 1024
+        return cpu, rss, hwm
+    except (OSError, IndexError, ValueError):
+        return 0.0, 0.0, 0.0
+
+
+def _max_rss(sample: Sample) -> float:
+    return round(max(sample.rss_mb), 1) if sample.rss_mb else 0.0
+
+
+def _percentile(sorted_values: Sequence[float], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+def _progress(text: str, final: bool = False) -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r  {text}   " + ("\n" if final else ""))
+    else:
+        sys.stderr.write(f"  {text}\n")
+    sys.stderr.flush()
+
+
+def _bar(done: int, total: int, width: int = 28) -> str:
+    filled = int(width * min(done, total) / total) if total else width
+    return f"[{'#' * filled}{'.' * (width - filled)}]"
+
+
+class Bench:
+    def __init__(self, opts: Options, tmp: Path) -> None:
+        self.o = opts
+        self.tmp = tmp
+        self.rng = random.Random(opts.seed)
+
+    # --- setup ------------------------------------------------------------------------------
+
+    def population(self, new_subscription: Any) -> Population:
+        fcm_share, apns_share, _ = self.o.mix
+        devices: dict[str, list[Device]] = {}
+        subs: dict[str, Any] = {}
+        for i in range(self.o.users):
+            user = f"u{i}"
+            devs: list[Device] = []
+            for j in range(1 if self.rng.random() < 0.7 else 2):
+                r = self.rng.random()
+                if r < fcm_share:
+                    devs.append(Device("fcm", f"fcm-{i}-{j}-{self.rng.getrandbits(40):010x}"))
+                elif r < fcm_share + apns_share:
+                    devs.append(Device("apns", f"{self.rng.getrandbits(256):064x}"))
+                else:
+                    sub = new_subscription()
+                    d = Device("webpush", sub["endpoint"], None, sub["keys"]["p256dh"], sub["keys"]["auth"])
+                    subs[sub["endpoint"].rsplit("/", 1)[-1]] = d
+                    devs.append(d)
+            devices[user] = devs
+        return Population(devices, subs)
+
+    def messages(self, n: int, prefix: str) -> list[Message]:
+        """A learning-platform mix; users drawn from a skewed distribution (a few very active learners).
+
+        The same seed gives the same messages, so the baseline sends exactly what the gateway sent."""
+        rng = random.Random(self.o.seed + 1)
+        out: list[Message] = []
+        k = self.o.users
+        for i in range(n):
+            user = f"u{min(k - 1, int(k * rng.random() ** 3))}"
+            r = rng.random()
+            if r < 0.5:
+                out.append(Message(id=f"{prefix}{i}", user=user, title="Live session in 15 minutes",
+                                   body="Statistics 101: Q&A with your mentor", category="reminder", priority="high",
+                                   ttl=3600, collapse_key=f"session-{i % 50}", data={"link": f"/live/{i % 50}"}))
+            elif r < 0.85:
+                out.append(Message(id=f"{prefix}{i}", user=user, title="New module available",
+                                   body="Module 4 of Data Science is out", category="new_content",
+                                   data={"track": "data-science", "module": "4"}, campaign="module-launch",
+                                   variant="a" if i % 2 else "b"))
+            else:
+                out.append(Message(id=f"{prefix}{i}", user=user, title="Badge earned", body="You scored 92% on the quiz",
+                                   category="reward", data={"badge": "quiz-master"}))
+        return out
+
+    # --- the run ----------------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        import redis.asyncio as aioredis
+        from pushgw.gateway.embedded import EmbeddedRedis
+        from pushgw.providers.fakes.tls import make_local_ca
+        from pushgw.providers.vapid import make_vapid_key
+
+        o = self.o
+        ca = make_local_ca(self.tmp / "tls")
+        vapid = make_vapid_key(self.tmp / "vapid")
+        redis_server = EmbeddedRedis(self.tmp / "redis", aof=False)
+        url = redis_server.start()
+        sinks: Any = None
+        fakes: list[Any] = []
+        ceiling: dict[str, float] = {}
+        try:
+            if o.mode == "fast":
+                from pushgw.bench.sinks import NginxSinks, sink_ceiling
+                from pushgw.providers.fakes.apns import make_apns_key
+                from pushgw.providers.fakes.fcm import make_service_account
+
+                sinks = NginxSinks(self.tmp / "nginx", ca).start()
+                _progress("measuring the sinks' own ceiling with h2load ...", final=True)
+                ceiling = sink_ceiling(sinks)
+                apns_key = make_apns_key(self.tmp / "apns")
+                sa = make_service_account(self.tmp / "fcm", f"https://127.0.0.1:{sinks.fcm_port}/token", "bench")
+                ports = (sinks.apns_port, sinks.fcm_port, sinks.webpush_port)
+                counter = 0
+
+                def new_subscription() -> dict[str, Any]:
+                    nonlocal counter
+                    counter += 1
+                    return {"endpoint": f"https://127.0.0.1:{sinks.webpush_port}/push/s{counter}",
+                            "keys": {"p256dh": _P256DH, "auth": _AUTH}}
+            else:
+                from pushgw.providers.fakes.apns import FakeApns, make_apns_key
+                from pushgw.providers.fakes.fcm import FakeFcm
+                from pushgw.providers.fakes.webpush import FakePushService
+
+                apns_key = make_apns_key(self.tmp / "apns")
+                apns_fake = await FakeApns(ca, keys=[apns_key], topics=[TOPIC]).start()
+                fcm_fake = await FakeFcm(ca).start()
+                wp_fake = await FakePushService(ca).start()
+                fakes = [apns_fake, fcm_fake, wp_fake]
+                sa = fcm_fake.service_account(self.tmp / "fcm", "bench")
+                ports = (apns_fake.port, fcm_fake.port, wp_fake.port)
+                new_subscription = wp_fake.new_subscription
+
+            settings = Settings(
+                redis=RedisSettings(url=url, prefix="bench"),
+                worker=WorkerSettings(processes=o.processes, batch_size=512, block_ms=200, max_inflight=4096,
+                                      max_attempts=5, backoff_base_s=0.2, backoff_cap_s=2.0, drain_deadline_s=10),
+                providers=ProviderSettings(timeout_s=10.0, concurrency=256),
+                apns=(ApnsApp("default", TOPIC, team_id=apns_key.team_id, key_id=apns_key.key_id,
+                              key_file=str(apns_key.key_file), host="127.0.0.1", port=ports[0],
+                              ca_file=str(ca.ca_file), connections=2),),
+                fcm=(FcmApp("default", service_account_file=str(sa), base_url=f"https://127.0.0.1:{ports[1]}",
+                            ca_file=str(ca.ca_file)),),
+                webpush=WebPushSettings(vapid_private_key_file=str(vapid), allowed_hosts=("127.0.0.1",),
+                                        allow_private=True, ca_file=str(ca.ca_file)),
+                log_level="WARNING",
+            )
+            pop = self.population(new_subscription)
+            redis = aioredis.from_url(url)
+            try:
+                result = await self._gateway_run(settings, url, redis, pop, sinks, fakes)
+            finally:
+                await redis.aclose()
+            result["sink_ceiling_per_s"] = ceiling
+            if o.baseline:
+                result.update(await self._baseline(settings, pop, sinks, fakes, result["deliveries_expected"]))
+                if result.get("baseline_per_s"):
+                    result["ratio"] = round(result["deliveries_per_s"] / result["baseline_per_s"], 3)
+            return result
+        finally:
+            for f in fakes:
+                await f.stop()
+            if sinks is not None:
+                sinks.stop()
+            redis_server.stop()
+
+    async def _gateway_run(self, settings: Settings, url: str, redis: Any, pop: Population, sinks: Any,
+                           fakes: list[Any]) -> dict[str, Any]:
+        from pushgw.gateway.pool import Pool
+        from pushgw.queue.keys import Keys
+        from pushgw.queue.streams import StreamQueue
+
+        o = self.o
+        keys = Keys("bench")
+        q = StreamQueue(redis, keys)
+        await q.ensure_group()
+        async with redis.pipeline(transaction=False) as pipe:
+            for user, devs in pop.devices.items():
+                pipe.hset(keys.devices(user), mapping={d.key: orjson.dumps(d.to_json()) for d in devs})
+            await pipe.execute()
+        n = int(o.rate * o.duration_s) if o.rate and o.duration_s else o.messages
+        msgs = self.messages(n, "m")
+        expected = {(m.id, d.key) for m in msgs for d in pop.devices[m.user or ""]}
+        _progress(f"{o.users} users, {sum(len(v) for v in pop.devices.values())} devices; {n} messages -> "
+                  f"{len(expected)} deliveries; {o.processes} workers; {o.mode} sinks", final=True)
+
+        pool = Pool(settings, url, o.processes, consumer_prefix="bench")
+        pool.start()
+        await asyncio.sleep(1.0)  # workers up and connected before the clock starts
+        pids = [p.pid for p in pool.children.values() if p.pid]
+        cpu0 = sum(_proc_stat(pid)[0] for pid in pids)
+        enqueued_at: dict[str, float] = {}
+        samples: list[Sample] = []
+        started = time.time()
+        done_at = started
+
+        async def enqueue_all() -> None:
+            if o.rate <= 0:
+                for i in range(0, len(msgs), ENQUEUE_CHUNK):
+                    chunk = msgs[i:i + ENQUEUE_CHUNK]
+                    await q.enqueue(chunk)
+                    now = time.time()
+                    for m in chunk:
+                        enqueued_at[m.id] = now
+                return
+            step = max(1, int(o.rate / 50))  # 50 small batches a second
+            t0 = time.monotonic()
+            for i in range(0, len(msgs), step):
+                due = t0 + i / o.rate
+                wait = due - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                chunk = msgs[i:i + step]
+                await q.enqueue(chunk)
+                now = time.time()
+                for m in chunk:
+                    enqueued_at[m.id] = now
+
+        samples.append(Sample(0.0, 0, [_proc_stat(pid)[1] for pid in pids]))
+        enqueue_task = asyncio.create_task(enqueue_all())
+        deadline = time.monotonic() + o.timeout_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+            acked = await self._acked(redis, keys)
+            rss = [_proc_stat(pid)[1] for pid in pids]
+            samples.append(Sample(time.time() - started, acked, rss))
+            stats = await q.stats()
+            _progress(f"{_bar(len(enqueued_at), n)} enqueued {len(enqueued_at)}/{n}  lag {stats.lag}  pending "
+                      f"{stats.pending}  retries {stats.delayed}  rss {'/'.join(f'{r:.0f}' for r in rss)} MB")
+            if enqueue_task.done() and stats.lag == 0 and stats.pending == 0 and stats.delayed == 0:
+                done_at = time.time()
+                break
+        else:
+            _progress("gave up waiting (timeout)", final=True)
+        await enqueue_task
+        cpu = sum(_proc_stat(pid)[0] for pid in pids) - cpu0
+        peak = [_proc_stat(pid)[2] for pid in pids]
+        await asyncio.to_thread(pool.stop)
+        elapsed = done_at - started
+        _progress(f"done in {elapsed:.1f}s", final=True)
+
+        # Reconcile every (message, device) against the sinks' receipts.
+        if sinks is not None:
+            sinks.flush()
+            receipts = [(r.at, r.key) for r in sinks.receipts() if "ceiling" not in r.key and "00000000-0000" not in r.key]
+        else:
+            receipts = self._fake_receipts(fakes)
+        apns_ids = {str(uuid.uuid5(_APNS_ID_NS, f"{mid}/{key[5:]}")): (mid, key) for mid, key in expected
+                    if key.startswith("apns:")}
+        sub_keys = {sid: d.key for sid, d in pop.subs.items()}
+        got: Counter[tuple[str, str]] = Counter()
+        latencies: list[float] = []
+        webpush_receipts = 0
+        for at, rkey in receipts:
+            kind, _, rest = rkey.partition(":")
+            if kind == "apns":
+                pair = apns_ids.get(rest)
+            elif kind == "fcm":
+                mid, _, token = rest.partition("/")
+                pair = (mid, f"fcm:{token}")
+            else:
+                webpush_receipts += 1
+                pair = None if sinks is not None else (rest.split("|", 1)[0], sub_keys.get(rest.split("|", 1)[1], ""))
+            if pair is None:
+                continue
+            got[pair] += 1
+            if pair[0] in enqueued_at:
+                latencies.append((at - enqueued_at[pair[0]]) * 1000)
+        dead = await redis.xlen(keys.dead)
+        expected_wp = sum(1 for _, k in expected if k.startswith("webpush:"))
+        if sinks is not None:  # nginx cannot see inside the encrypted Web Push body: count receipts
+            delivered = sum(1 for p in expected if got[p]) + min(webpush_receipts, expected_wp)
+            lost = sum(1 for p in expected if not p[1].startswith("webpush:") and not got[p]) + max(
+                0, expected_wp - webpush_receipts) - dead
+            duplicates = sum(c - 1 for c in got.values() if c > 1) + max(0, webpush_receipts - expected_wp)
+        else:
+            delivered = sum(1 for p in expected if got[p])
+            lost = len(expected) - delivered - dead
+            duplicates = sum(c - 1 for c in got.values() if c > 1)
+        latencies.sort()
+        deliveries = len(expected)
+        out: dict[str, Any] = {
+            "mode": o.mode,
+            "messages": n,
+            "users": o.users,
+            "workers": o.processes,
+            "deliveries_expected": deliveries,
+            "delivered": delivered,
+            "dead_lettered": dead,
+            "lost": max(0, lost),
+            "duplicates": duplicates,
+            "seconds": round(elapsed, 3),
+            "throughput_per_s": round(n / elapsed) if elapsed > 0 else 0,
+            "deliveries_per_s": round(deliveries / elapsed) if elapsed > 0 else 0,
+            "rate_per_s": o.rate,
+            "latency_ms": {"p50": round(_percentile(latencies, 50), 2), "p95": round(_percentile(latencies, 95), 2),
+                           "p99": round(_percentile(latencies, 99), 2), "samples": len(latencies)},
+            "cpu_s_per_1k": round(cpu / n * 1000, 3),
+            "peak_rss_mb": round(max(peak), 1) if peak else 0.0,
+            "rss_mb_start_end": [_max_rss(samples[0]), _max_rss(samples[-1])] if samples else [],
+            "timeline": [[round(s.t, 2), s.delivered, [round(r, 1) for r in s.rss_mb]] for s in samples],
+        }
+        out["_latencies"] = latencies
+        return out
+
+    async def _acked(self, redis: Any, keys: Any) -> int:
+        """Deliveries settled so far, from the group's view: entries read minus still pending (fast mode)."""
+        groups = await redis.xinfo_groups(keys.stream)
+        for g in groups:
+            if g.get("name") in (b"workers", "workers"):
+                read = int(g.get("entries-read") or 0)
+                return read - int(g.get("pending") or 0)
+        return 0
+
+    def _fake_receipts(self, fakes: list[Any]) -> list[tuple[float, str]]:
+        apns, fcm, wp = fakes
+        out: list[tuple[float, str]] = []
+        for r in apns.received:
+            out.append((r.received_at, f"apns:{r.apns_id}"))
+        for r in fcm.received:
+            out.append((r.received_at, f"fcm:{r.message['data']['pushgw_id']}/{r.message['token']}"))
+        for r in wp.received:
+            out.append((r.received_at, f"webpush:{orjson.loads(r.plaintext)['id']}|{r.subscription_id}"))
+        return out
+
+    async def _baseline(self, settings: Settings, pop: Population, sinks: Any, fakes: list[Any],
+                        expected: int) -> dict[str, Any]:
+        """The same deliveries through the same provider clients, no queue, same number of processes."""
+        msgs = self.messages(self.o.messages if not (self.o.rate and self.o.duration_s) else
+                             int(self.o.rate * self.o.duration_s), "b")
+        work = [(m.dumps(), orjson.dumps(d.to_json())) for m in msgs for d in pop.devices[m.user or ""]]
+        path = self.tmp / "baseline.jsonl"
+        with path.open("wb") as f:
+            for m, d in work:
+                f.write(orjson.dumps({"m": orjson.loads(m), "d": orjson.loads(d)}) + b"\n")
+        _progress(f"baseline: {len(work)} deliveries straight through the provider clients ...", final=True)
+        ctx = mp.get_context("spawn")
+        # In strict mode the fakes live in this process's loop: it keeps serving while the children send.
+        queue: Any = ctx.Queue()
+        children = [ctx.Process(target=_baseline_child, args=(settings, str(path), i, self.o.processes, queue))
+                    for i in range(self.o.processes)]
+        for c in children:
+            c.start()
+        results: list[tuple[float, float, int]] = []
+        while len(results) < len(children):
+            try:
+                results.append(await asyncio.to_thread(queue.get, True, 1.0))
+            except Exception:  # queue.Empty: keep the loop (and the fakes) running
+                if not any(c.is_alive() for c in children) and len(results) < len(children):
+                    break
+        for c in children:
+            c.join(10)
+        if len(results) < len(children):
+            return {"baseline_per_s": 0, "baseline_error": "a baseline process failed"}
+        t0 = min(r[0] for r in results)
+        t1 = max(r[1] for r in results)
+        ok = sum(r[2] for r in results)
+        return {"baseline_per_s": round(len(work) / (t1 - t0)), "baseline_delivered": ok, "baseline_deliveries": len(work)}
+
+
+_P256DH = "BCVxsr7N_eNgVRqvHtD0zTZsEc6-VV-JvLexhqUzORcxaOzi6-AYWXvTBHm4bjyPjs7Vd8pZGH6SRpkNtoIAiw4"
+_AUTH = "BTBZMqHH6r4Tts7J_aSIgg"  # RFC 8291's example subscription keys: nginx does not decrypt
+
+
+def _baseline_child(settings: Settings, path: str, index: int, count: int, queue: Any) -> None:
+    from pushgw.gateway.pool import install_loop
+
+    install_loop()
+    queue.put(asyncio.run(_baseline_send(settings, _load_share(path, index, count))))
+
+
+def _load_share(path: str, index: int, count: int) -> list[Any]:
+    """Every count-th delivery of the file, starting at index: this process's share of the baseline."""
+    from pushgw.gateway.schema import parse_device, parse_message
+    from pushgw.providers.base import Delivery
+
+    deliveries: list[Delivery] = []
+    with open(path, "rb") as f:
+        for i, line in enumerate(f):
+            if i % count != index:
+                continue
+            doc = orjson.loads(line)
+            errors: list[Any] = []
+            device = parse_device(doc["d"], "d", errors, None)
+            assert device is not None
+            msg = parse_message(doc["m"], now=0.0)
+            deliveries.append(Delivery(msg, device, 1, msg.expiry(time.time())))
+    return deliveries
+
+
+async def _baseline_send(settings: Settings, deliveries: list[Any]) -> tuple[float, float, int]:
+    from pushgw.providers import build_providers
+    from pushgw.providers.base import Delivered, Delivery
+
+    providers = build_providers(settings)
+    sems = {name: asyncio.Semaphore(settings.providers.concurrency) for name in providers}
+    ok = 0
+
+    async def one(d: Delivery) -> None:
+        nonlocal ok
+        async with sems[d.device.provider]:
+            if isinstance(await providers[d.device.provider].send(d), Delivered):
+                ok += 1
+
+    # Warm up connections and tokens outside the clock, as the gateway's workers were before theirs.
+    for name in providers:
+        first = next((d for d in deliveries if d.device.provider == name), None)
+        if first is not None:
+            await providers[name].send(first)
+    t0 = time.time()
+    await asyncio.gather(*(one(d) for d in deliveries))
+    t1 = time.time()
+    for p in providers.values():
+        await p.close()
+    return t0, t1, ok
+
+
+def plots(result: dict[str, Any], latencies: list[float], directory: Path) -> list[str]:
+    """throughput.png (deliveries/s over time, RSS) and latency_cdf.png; needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    tl = result["timeline"]
+    if len(tl) > 1:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ts = [row[0] for row in tl]
+        rates = [0.0] + [(tl[i][1] - tl[i - 1][1]) / max(1e-6, tl[i][0] - tl[i - 1][0]) for i in range(1, len(tl))]
+        ax.plot(ts, rates, label="stream entries settled/s")
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("entries/s")
+        ax2 = ax.twinx()
+        ax2.plot(ts, [max(row[2]) if row[2] else 0 for row in tl], color="tab:red", alpha=0.6, label="max worker RSS")
+        ax2.set_ylabel("RSS MB")
+        ax.set_title(f"pushgw {result['mode']} mode, {result['workers']} workers, {result['messages']} messages")
+        fig.tight_layout()
+        p = directory / "throughput.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        written.append(str(p))
+    if latencies:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ys = [i / len(latencies) for i in range(len(latencies))]
+        ax.plot(latencies, ys)
+        ax.set_xscale("log")
+        ax.set_xlabel("enqueue -> sink receipt, ms")
+        ax.set_ylabel("fraction")
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        p = directory / "latency_cdf.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        written.append(str(p))
+    return written
+
+
+def summary(result: dict[str, Any]) -> str:
+    lat = result["latency_ms"]
+    rows = [
+        ("mode", result["mode"]),
+        ("messages / deliveries", f"{result['messages']} / {result['deliveries_expected']}"),
+        ("delivered", result["delivered"]),
+        ("dead-lettered", result["dead_lettered"]),
+        ("lost / duplicates", f"{result['lost']} / {result['duplicates']}"),
+        ("time", f"{result['seconds']} s"),
+        ("throughput", f"{result['throughput_per_s']:,} messages/s, {result['deliveries_per_s']:,} deliveries/s"),
+        ("baseline (no queue)", f"{result.get('baseline_per_s', 0):,} deliveries/s"),
+        ("gateway / baseline", result.get("ratio", "-")),
+        ("latency p50/p95/p99", f"{lat['p50']} / {lat['p95']} / {lat['p99']} ms ({lat['samples']} samples)"),
+        ("worker CPU", f"{result['cpu_s_per_1k']} s per 1000 messages"),
+        ("peak RSS per worker", f"{result['peak_rss_mb']} MB"),
+        ("sink ceiling (h2load)", ", ".join(f"{k} {v:,.0f}/s" for k, v in result.get("sink_ceiling_per_s", {}).items())
+         or "-"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def run(opts: Options) -> int:
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="pushgw-bench-metrics-")
+    from pushgw.gateway.pool import install_loop
+
+    install_loop()
+    with tempfile.TemporaryDirectory(prefix="pushgw-bench-") as tmp:
+        result = asyncio.run(Bench(opts, Path(tmp)).run())
+    latencies = result.pop("_latencies", [])
+    sys.stdout.write("\npushgw bench\n" + summary(result) + "\n")
+    if opts.json_path:
+        Path(opts.json_path).write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+        sys.stdout.write(f"  json: {opts.json_path}\n")
+    if opts.plots_dir:
+        for p in plots(result, latencies, Path(opts.plots_dir)):
+            sys.stdout.write(f"  plot: {p}\n")
+    ok = result["lost"] == 0 and result["duplicates"] == 0
+    sys.stdout.write("  OK: lost 0, duplicates 0\n" if ok else "  FAILED: lost or duplicated deliveries\n")
+    return 0 if ok else 1
+
+
+def options_from(ns: Any) -> Options:
+    return replace(Options(), messages=ns.messages, users=ns.users, processes=ns.processes, mode=ns.mode, rate=ns.rate,
+                   duration_s=ns.duration, baseline=not ns.no_baseline, json_path=ns.json, plots_dir=ns.plots,
+                   seed=ns.seed)

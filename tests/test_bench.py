@@ -1,0 +1,46 @@
+"""Smoke test of the benchmark tool (no timing assertions): it runs, reconciles, writes JSON and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FIELDS = {"messages", "delivered", "lost", "duplicates", "throughput_per_s", "baseline_per_s", "ratio", "latency_ms",
+          "cpu_s_per_1k", "peak_rss_mb", "workers"}
+
+
+def _bench(tmp_path: Path, *args: str) -> dict[str, object]:
+    pushgw = Path(sys.executable).with_name("pushgw")
+    (tmp_path / "metrics").mkdir()
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"))
+    out = tmp_path / "result.json"
+    proc = subprocess.run([str(pushgw), "bench", "--messages", "400", "--users", "150", "--json", str(out),
+                           "--plots", str(tmp_path / "plots"), *args], capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "lost 0, duplicates 0" in proc.stdout
+    result: dict[str, object] = json.loads(out.read_text())
+    assert set(result) >= FIELDS
+    assert result["messages"] == 400 and result["lost"] == 0 and result["duplicates"] == 0
+    assert result["delivered"] == result["deliveries_expected"]
+    assert (tmp_path / "plots" / "throughput.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "latency_cdf.png").stat().st_size > 0
+    return result
+
+
+def test_bench_strict_mode(tmp_path: Path) -> None:
+    result = _bench(tmp_path, "--mode", "strict")
+    assert result["mode"] == "strict" and result["baseline_delivered"] == result["baseline_deliveries"]
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None and not os.path.exists("/usr/sbin/nginx"),
+                    reason="fast mode needs nginx (scripts/bench.sh installs it)")
+def test_bench_fast_mode_with_nginx_sinks(tmp_path: Path) -> None:
+    result = _bench(tmp_path, "--mode", "fast")
+    assert result["mode"] == "fast"
+    assert isinstance(result["latency_ms"], dict) and result["latency_ms"]["samples"] > 0
