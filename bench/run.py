@@ -478,22 +478,26 @@ async def _baseline_send(settings: Settings, deliveries: list[Any]) -> tuple[flo
     from pushgw.providers.base import Delivered, Delivery
 
     providers = build_providers(settings)
-    sems = {name: asyncio.Semaphore(settings.providers.concurrency) for name in providers}
+    by_provider: dict[str, list[Delivery]] = {name: [] for name in providers}
+    for d in deliveries:
+        by_provider[d.device.provider].append(d)
     ok = 0
 
-    async def one(d: Delivery) -> None:
+    async def lane(name: str, items: list[Delivery]) -> None:
+        # As many lanes per provider as the gateway's workers allow in flight (providers.concurrency).
         nonlocal ok
-        async with sems[d.device.provider]:
-            if isinstance(await providers[d.device.provider].send(d), Delivered):
+        provider = providers[name]
+        while items:
+            if isinstance(await provider.send(items.pop()), Delivered):
                 ok += 1
 
     # Warm up connections and tokens outside the clock, as the gateway's workers were before theirs.
-    for name in providers:
-        first = next((d for d in deliveries if d.device.provider == name), None)
-        if first is not None:
-            await providers[name].send(first)
+    for name, items in by_provider.items():
+        if items:
+            await providers[name].send(items[0])
     t0 = time.time()
-    await asyncio.gather(*(one(d) for d in deliveries))
+    await asyncio.gather(*(lane(name, items) for name, items in by_provider.items()
+                           for _ in range(min(len(items), settings.providers.concurrency))))
     t1 = time.time()
     for p in providers.values():
         await p.close()
@@ -552,11 +556,12 @@ def summary(result: dict[str, Any]) -> str:
         ("lost / duplicates", f"{result['lost']} / {result['duplicates']}"),
         ("time", f"{result['seconds']} s"),
         ("throughput", f"{result['throughput_per_s']:,} messages/s, {result['deliveries_per_s']:,} deliveries/s"),
-        ("baseline (no queue)", f"{result.get('baseline_per_s', 0):,} deliveries/s"),
+        ("baseline (no queue)", f"{result['baseline_per_s']:,} deliveries/s" if result.get("baseline_per_s") else "-"),
         ("gateway / baseline", result.get("ratio", "-")),
         ("latency p50/p95/p99", f"{lat['p50']} / {lat['p95']} / {lat['p99']} ms ({lat['samples']} samples)"),
         ("worker CPU", f"{result['cpu_s_per_1k']} s per 1000 messages"),
         ("peak RSS per worker", f"{result['peak_rss_mb']} MB"),
+        ("worker RSS start -> end", " -> ".join(f"{v} MB" for v in result.get("rss_mb_start_end", [])) or "-"),
         ("sink ceiling (h2load)", ", ".join(f"{k} {v:,.0f}/s" for k, v in result.get("sink_ceiling_per_s", {}).items())
          or "-"),
     ]

@@ -76,7 +76,7 @@ class Outage:
 
 
 async def test_outage_of_one_provider_opens_its_circuit_others_keep_delivering(redis: aioredis.Redis) -> None:
-    outage_s = 3.0  # the 30 s outage, scaled down to keep the suite fast
+    outage_s = 30.0  # the 30 s outage of one provider
     fcm = Outage("fcm", time.monotonic() + outage_s)
     apns = Outage("apns", 0.0)
     settings = Settings(
@@ -98,7 +98,7 @@ async def test_outage_of_one_provider_opens_its_circuit_others_keep_delivering(r
         apns_done_at = time.monotonic() - started
         assert len(apns.delivered) == n
         assert max(t for _, t in apns.calls) < fcm.down_until  # every APNs push went out during the FCM outage
-        while len(fcm.delivered) < n and time.monotonic() - started < 40:
+        while len(fcm.delivered) < n and time.monotonic() - started < outage_s + 20:
             await asyncio.sleep(0.05)
     finally:
         stop.set()
@@ -109,7 +109,8 @@ async def test_outage_of_one_provider_opens_its_circuit_others_keep_delivering(r
     circuit = worker.lanes["fcm"].circuits["default"]
     print(f"\noutage {outage_s} s: {attempts_in_outage} FCM requests during it for {n} messages "
           f"(without a circuit: about {n} per backoff round), circuit opened {circuit.opened_count} times, "
-          f"APNs all delivered after {apns_done_at:.2f} s")
+          f"APNs all delivered after {apns_done_at:.2f} s, FCM all delivered "
+          f"{max(t for _, t in fcm.calls) - fcm.down_until:.2f} s after it recovered")
     assert circuit.opened_count >= 1
     assert attempts_in_outage < n  # fewer requests than messages: parked while open, one probe at a time
     assert stats.dead_letters == 0  # a provider outage spends no attempts while the circuit is open

@@ -14,8 +14,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import REGISTRY
-from pushgw.gateway.config import FcmApp, ProviderSettings, RedisSettings, Settings, WorkerSettings
+from pushgw.gateway.api import create_app
+from pushgw.gateway.config import ApiClient, ApiSettings, FcmApp, ProviderSettings, RedisSettings, Settings, WorkerSettings
 from pushgw.gateway.embedded import EmbeddedRedis
 from pushgw.gateway.pool import Pool
 from pushgw.gateway.schema import Device, Message
@@ -117,7 +119,13 @@ async def test_redis_killed_and_restarted_with_aof_loses_no_acknowledged_enqueue
             provider = FcmProvider(settings.fcm, settings.providers)
             stop = asyncio.Event()
             worker = asyncio.create_task(Worker(settings, worker_client, {"fcm": provider}, consumer="w").run(stop))
-            q = StreamQueue(producer_client, Keys("aof"))
+            # The producer is an upstream service on the HTTP API: it must see 503 during the outage,
+            # then 202 again once the API's Redis client has reconnected by itself.
+            token = "faults-api-token-0123456789"
+            api_settings = replace(settings, api=ApiSettings(clients=(ApiClient("svc", token, ("enqueue",)),)))
+            api: TestClient[object, object] = TestClient(TestServer(create_app(api_settings, producer_client)))
+            await api.start_server()
+            statuses: Counter[int] = Counter()
             acknowledged: list[str] = []
             failures = 0
             outage: dict[str, float] = {}
@@ -137,13 +145,15 @@ async def test_redis_killed_and_restarted_with_aof_loses_no_acknowledged_enqueue
                         crasher = asyncio.create_task(crash_and_restart())
                         await asyncio.sleep(0.05)
                     for _attempt in range(100):
-                        try:
-                            await q.enqueue(msgs)
+                        resp = await api.post("/v1/messages/batch", json={"messages": [m.to_json() for m in msgs]},
+                                              headers={"Authorization": f"Bearer {token}"})
+                        statuses[resp.status] += 1
+                        if resp.status == 202:
                             acknowledged += [m.devices[0].token for m in msgs]
                             break
-                        except (ConnectionError, OSError, aioredis.RedisError):
-                            failures += 1
-                            await asyncio.sleep(0.1)
+                        assert resp.status == 503 and resp.headers["Retry-After"] == "1", await resp.text()
+                        failures += 1
+                        await asyncio.sleep(0.1)
                     await asyncio.sleep(0.02)
                 assert crasher is not None
                 await crasher
@@ -155,8 +165,10 @@ async def test_redis_killed_and_restarted_with_aof_loses_no_acknowledged_enqueue
                 stop.set()
                 await asyncio.wait_for(worker, 30)
                 await provider.close()
+                await api.close()
             counts = Counter(r.message["token"] for r in fcm.received)
-            print(f"\nRedis crash: back after {outage['s']:.2f} s, {failures} enqueue calls failed and were retried, "
+            print(f"\nRedis crash: back after {outage['s']:.2f} s, API answers {dict(statuses)}, "
+                  f"{failures} enqueue calls failed and were retried, "
                   f"{len(acknowledged)} acknowledged, all delivered ({caught_up:.2f} s after the load), "
                   f"duplicates {sum(c - 1 for c in counts.values())}")
             assert failures > 0  # the producer did see the outage
