@@ -28,7 +28,9 @@ from typing import Any
 import orjson
 from pushgw.gateway.config import (
     ApnsApp,
+    CategoryCap,
     FcmApp,
+    PolicySettings,
     ProviderSettings,
     RedisSettings,
     Settings,
@@ -52,6 +54,7 @@ class Options:
     duration_s: float = 0.0  # with rate: run this long (soak); else messages/rate
     mix: tuple[float, float, float] = (0.6, 0.3, 0.1)  # fcm, apns, webpush
     baseline: bool = True
+    policy: bool = False  # frequency caps on, with limits no message reaches: measures what the policy costs
     json_path: str | None = None
     plots_dir: str | None = None
     seed: int = 1
@@ -229,6 +232,11 @@ class Bench:
                 webpush=WebPushSettings(vapid_private_key_file=str(vapid), allowed_hosts=("127.0.0.1",),
                                         allow_private=True, ca_file=str(ca.ca_file)),
                 log_level="WARNING",
+                # Every rule is evaluated and recorded, but the limits are out of reach (the skewed
+                # users get thousands of messages), so the run measures the policy's cost alone.
+                policy=PolicySettings(enabled=True, user_limit=10**6, user_period_s=60.0, caps=(
+                    CategoryCap("reminder", 10**6, 7 * 86400.0), CategoryCap("new_content", 10**6, 86400.0),
+                    CategoryCap("reward", 10**6, 86400.0))) if o.policy else PolicySettings(),
             )
             pop = self.population(new_subscription)
             redis = aioredis.from_url(url)
@@ -366,6 +374,7 @@ class Bench:
         deliveries = len(expected)
         out: dict[str, Any] = {
             "mode": o.mode,
+            "policy": o.policy,
             "messages": n,
             "users": o.users,
             "workers": o.processes,
@@ -549,7 +558,7 @@ def plots(result: dict[str, Any], latencies: list[float], directory: Path) -> li
 def summary(result: dict[str, Any]) -> str:
     lat = result["latency_ms"]
     rows = [
-        ("mode", result["mode"]),
+        ("mode", result["mode"] + (", policy on" if result.get("policy") else "")),
         ("messages / deliveries", f"{result['messages']} / {result['deliveries_expected']}"),
         ("delivered", result["delivered"]),
         ("dead-lettered", result["dead_lettered"]),
@@ -593,4 +602,4 @@ def run(opts: Options) -> int:
 def options_from(ns: Any) -> Options:
     return replace(Options(), messages=ns.messages, users=ns.users, processes=ns.processes, mode=ns.mode, rate=ns.rate,
                    duration_s=ns.duration, baseline=not ns.no_baseline, json_path=ns.json, plots_dir=ns.plots,
-                   seed=ns.seed)
+                   seed=ns.seed, policy=ns.policy)

@@ -252,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-baseline", action="store_true", help="skip the direct-to-provider baseline")
     b.add_argument("--json", help="write the result as JSON to this file")
     b.add_argument("--plots", help="write throughput.png and latency_cdf.png to this folder (needs matplotlib)")
+    b.add_argument("--policy", action="store_true",
+                   help="frequency caps on (limits no message reaches): compare with a run without to see their cost")
     b.add_argument("--seed", type=int, default=1)
     b.set_defaults(fn=cmd_bench)
 

@@ -116,6 +116,26 @@ class WebPushSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CategoryCap:
+    """At most `limit` messages of `category` per user in any `period_s` window; `over`: defer or drop."""
+
+    category: str
+    limit: int
+    period_s: float
+    over: str = "defer"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySettings:
+    """Delivery policy applied by the workers (ratelimit/caps.py); off unless `enabled`."""
+
+    enabled: bool = False
+    user_limit: int = 0  # messages per user across all categories in any user_period_s window; 0: none
+    user_period_s: float = 60.0
+    caps: tuple[CategoryCap, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     redis: RedisSettings = RedisSettings()
     api: ApiSettings = ApiSettings()
@@ -124,6 +144,7 @@ class Settings:
     apns: tuple[ApnsApp, ...] = ()
     fcm: tuple[FcmApp, ...] = ()
     webpush: WebPushSettings = WebPushSettings()
+    policy: PolicySettings = PolicySettings()
     log_level: str = "INFO"
 
     def apns_app(self, name: str) -> ApnsApp | None:
@@ -220,6 +241,25 @@ def _clients(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[ApiClient
     return tuple(out)
 
 
+def _caps(data: Any) -> tuple[CategoryCap, ...]:
+    if not isinstance(data, dict):
+        raise ConfigError("[policy.caps] must be a table of categories, e.g. [policy.caps.reminder]")
+    out = []
+    for category, cap in data.items():
+        where = f"policy.caps.{category}"
+        if not isinstance(cap, dict) or set(cap) - {"limit", "period_s", "over"}:
+            raise ConfigError(f"{where}: expected limit, period_s and optionally over")
+        limit, period, over = cap.get("limit"), cap.get("period_s"), cap.get("over", "defer")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigError(f"{where}.limit must be a whole number >= 1")
+        if isinstance(period, bool) or not isinstance(period, int | float) or period <= 0:
+            raise ConfigError(f"{where}.period_s must be a number of seconds > 0")
+        if over not in ("defer", "drop"):
+            raise ConfigError(f"{where}.over must be defer or drop, got {over!r}")
+        out.append(CategoryCap(category, limit, float(period), over))
+    return tuple(out)
+
+
 def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Read `path` (or `$PUSHGW_CONFIG`, or nothing) and apply `PUSHGW_*` environment overrides."""
     env = os.environ if env is None else env
@@ -232,7 +272,7 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
             raise ConfigError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    unknown = set(data) - {"redis", "api", "worker", "providers", "apns", "fcm", "webpush", "log"}
+    unknown = set(data) - {"redis", "api", "worker", "providers", "apns", "fcm", "webpush", "policy", "log"}
     if unknown:
         raise ConfigError(f"unknown section(s) {sorted(unknown)}")
     api = _section(ApiSettings, "api", data.get("api", {}), env)
@@ -256,7 +296,12 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     level = str(env.get(f"{ENV_PREFIX}LOG_LEVEL", log.get("level", "INFO"))).upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log.level must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    policy_data = dict(data.get("policy", {}))
+    caps_data = policy_data.pop("caps", {})
+    policy = _section(PolicySettings, "policy", policy_data, env)
+    policy = replace(policy, caps=_caps(caps_data))
     settings = Settings(
+        policy=policy,
         redis=_section(RedisSettings, "redis", data.get("redis", {}), env),
         api=api,
         worker=_section(WorkerSettings, "worker", data.get("worker", {}), env),

@@ -67,6 +67,11 @@ CIRCUIT_STATE = Gauge(
     multiprocess_mode="max",
 )
 CIRCUIT_OPENS = Counter("pushgw_circuit_opens_total", "Times a provider circuit opened", ["provider", "app"])
+POLICY = Counter(
+    "pushgw_policy_decisions_total",
+    "Messages held back by delivery policy, by category, rule (cap, burst) and action (deferred, dropped)",
+    ["category", "rule", "action"],
+)
 API_REQUESTS = Counter("pushgw_api_requests_total", "HTTP API requests by route and status", ["route", "status"])
 RECLAIMED = Counter("pushgw_reclaimed_entries_total", "Pending entries taken over from a dead consumer")
 

@@ -59,8 +59,14 @@ async def run_worker(settings: Settings, redis_url: str, consumer: str, stop: as
         loop.add_signal_handler(sig, stop.set)
     client = make_redis(redis_url)
     providers = build_providers(settings)
+    limiter = None
+    if settings.policy.enabled:
+        from pushgw.queue.keys import Keys
+        from pushgw.ratelimit.caps import FrequencyCaps
+
+        limiter = FrequencyCaps(client, Keys(settings.redis.prefix), settings.policy)
     try:
-        await Worker(settings, client, providers, consumer=consumer).run(stop)
+        await Worker(settings, client, providers, consumer=consumer, limiter=limiter).run(stop)
     finally:
         for p in providers.values():
             await p.close()

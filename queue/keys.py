@@ -50,3 +50,11 @@ class Keys:
     def devices(self, user: str) -> str:
         """Hash device key -> device JSON: the user's registered devices."""
         return f"{self.prefix}:devices:{user}"
+
+    def cap(self, user: str, category: str) -> str:
+        """Sorted set of message ids a category cap admitted for a user, scored by time (ratelimit/caps.py)."""
+        return f"{self.prefix}:cap:{category}:{user}"
+
+    def burst(self, user: str) -> str:
+        """Sorted set of message ids the per-user burst limit admitted, scored by time."""
+        return f"{self.prefix}:burst:{user}"
