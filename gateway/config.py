@@ -252,8 +252,8 @@ def _caps(data: Any) -> tuple[CategoryCap, ...]:
         limit, period, over = cap.get("limit"), cap.get("period_s"), cap.get("over", "defer")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ConfigError(f"{where}.limit must be a whole number >= 1")
-        if isinstance(period, bool) or not isinstance(period, int | float) or period <= 0:
-            raise ConfigError(f"{where}.period_s must be a number of seconds > 0")
+        if isinstance(period, bool) or not isinstance(period, int | float) or period < 0.001:
+            raise ConfigError(f"{where}.period_s must be a number of seconds, at least 0.001")
         if over not in ("defer", "drop"):
             raise ConfigError(f"{where}.over must be defer or drop, got {over!r}")
         out.append(CategoryCap(category, limit, float(period), over))
@@ -313,6 +313,8 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     )
     if settings.worker.processes < 1 or settings.worker.batch_size < 1 or settings.worker.max_attempts < 1:
         raise ConfigError("worker.processes, worker.batch_size and worker.max_attempts must be at least 1")
+    if settings.policy.user_limit and settings.policy.user_period_s < 0.001:
+        raise ConfigError("policy.user_period_s must be at least 0.001 s when policy.user_limit is set")
     if settings.redis.embedded_fsync not in ("always", "everysec", "no"):
         raise ConfigError(f"redis.embedded_fsync must be always, everysec or no, got {settings.redis.embedded_fsync!r}")
     return settings

@@ -246,10 +246,15 @@ class Worker:
                 self._ack(entry)
                 continue
             decoded.append((entry, msg))
-        if decoded:
-            decisions = await self.limiter.decide([m for _, m in decoded], now)
-            admitted: list[tuple[Entry, Message]] = []
-            for (entry, msg), decision in zip(decoded, decisions, strict=True):
+        # Policy decides each message once, on its first read: an entry read again after a crash or
+        # taken over from a dead worker was decided then, and may already be partly delivered.
+        fresh = [(e, m) for e, m in decoded if not e.redelivered]
+        if fresh:
+            decisions = await self.limiter.decide(
+                [m for _, m in fresh], now, members=[f"{m.id}:{e.enqueued_ms}" for e, m in fresh]
+            )
+            admitted: list[tuple[Entry, Message]] = [(e, m) for e, m in decoded if e.redelivered]
+            for (entry, msg), decision in zip(fresh, decisions, strict=True):
                 match decision:
                     case Defer(until=until, reason=reason):
                         metrics.SKIPPED.labels(f"deferred_{reason}"[:40]).inc()

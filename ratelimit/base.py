@@ -38,13 +38,18 @@ ADMIT = Admit()
 
 
 class Limiter(Protocol):
-    async def decide(self, messages: Sequence[Message], now: float) -> list[Decision]:
-        """One decision per message, in order."""
+    async def decide(
+        self, messages: Sequence[Message], now: float, members: Sequence[str] | None = None
+    ) -> list[Decision]:
+        """One decision per message, in order. `members` name each message's acceptance (id and enqueue
+        time): the same message deferred and read again is the same member, a new enqueue is not."""
         ...
 
 
 class Unlimited:
     """No policy: every message is admitted, with no Redis round trip."""
 
-    async def decide(self, messages: Sequence[Message], now: float) -> list[Decision]:
+    async def decide(
+        self, messages: Sequence[Message], now: float, members: Sequence[str] | None = None
+    ) -> list[Decision]:
         return [ADMIT] * len(messages)

@@ -10,8 +10,9 @@ rate inside one period). The sets hold at most `limit` recent members, so memory
 The whole batch is decided in one Lua call, in batch order, so messages to the same user in one
 batch count against each other, and two workers never both take the last slot. Redis runs the
 calls one at a time, and each key's time only moves forward (a worker whose clock lags sees the
-window the latest caller saw), so the guarantee holds for any interleaving of workers. The message id is
-the member: a message read again after a crash is admitted again without being counted twice.
+window the latest caller saw), so the guarantee holds for any interleaving of workers. The member is
+the message id with its enqueue time: a message deferred and read again is the same member, a new
+enqueue of the same id is not. The worker asks only on an entry's first read.
 
 Over a cap, the category's action applies: "defer" (back to the queue until the oldest entry
 leaves the window) or "drop" (counted, with the reason). The burst limit always defers. Retries of
@@ -37,6 +38,7 @@ from pushgw.ratelimit.base import ADMIT, Decision, Defer, Drop
 _DECIDE = """
 local now = tonumber(ARGV[1])
 local out = {}
+local seen = {}
 -- A worker whose clock lags behind another's must not see an emptier window than the later one
 -- saw: each key's time only moves forward (the newest score in it is a floor for "now").
 local function key_now(key)
@@ -63,16 +65,25 @@ for i = 1, #KEYS / 2 do
   local burst_on = burst_key ~= '' and burst_limit > 0
   local cap_t = cap_on and key_now(cap_key) or now
   local burst_t = burst_on and key_now(burst_key) or now
-  local cap_until = check(cap_key, cap_limit, cap_period, id, cap_t)
-  local burst_until = check(burst_key, burst_limit, burst_period, id, burst_t)
+  local cap_until, burst_until
+  if seen[id] then
+    -- the same message twice in one batch: the second is new to the caps, not already counted
+    cap_until = check(cap_key, cap_limit, cap_period, id .. '#' .. i, cap_t)
+    burst_until = check(burst_key, burst_limit, burst_period, id .. '#' .. i, burst_t)
+    id = id .. '#' .. i
+  else
+    cap_until = check(cap_key, cap_limit, cap_period, id, cap_t)
+    burst_until = check(burst_key, burst_limit, burst_period, id, burst_t)
+  end
+  seen[id] = true
   if cap_until == 0 and burst_until == 0 then
     if cap_on then
       redis.call('ZADD', cap_key, 'NX', cap_t, id)
-      redis.call('PEXPIRE', cap_key, cap_period)
+      redis.call('PEXPIRE', cap_key, cap_period + math.max(0, cap_t - now) + 1000)
     end
     if burst_on then
       redis.call('ZADD', burst_key, 'NX', burst_t, id)
-      redis.call('PEXPIRE', burst_key, burst_period)
+      redis.call('PEXPIRE', burst_key, burst_period + math.max(0, burst_t - now) + 1000)
     end
     out[i] = 0
   elseif cap_until >= burst_until then
@@ -95,7 +106,9 @@ class FrequencyCaps:
         self._script = redis.register_script(_DECIDE)
         self._burst_ms = int(policy.user_period_s * 1000)
 
-    async def decide(self, messages: Sequence[Message], now: float) -> list[Decision]:
+    async def decide(
+        self, messages: Sequence[Message], now: float, members: Sequence[str] | None = None
+    ) -> list[Decision]:
         out: list[Decision] = [ADMIT] * len(messages)
         keys: list[str] = []
         args: list[Any] = [int(now * 1000)]
@@ -106,7 +119,7 @@ class FrequencyCaps:
             cap = self._caps.get(m.category)
             keys.append(self._keys.cap(m.user, m.category) if cap else "")
             keys.append(self._keys.burst(m.user) if self._policy.user_limit else "")
-            args += [m.id, cap.limit if cap else 0, int(cap.period_s * 1000) if cap else 0,
+            args += [members[i] if members is not None else m.id, cap.limit if cap else 0, int(cap.period_s * 1000) if cap else 0,
                      self._policy.user_limit, self._burst_ms]
             index.append(i)
         if not index:

@@ -65,6 +65,29 @@ async def test_a_message_decided_again_after_a_crash_is_not_counted_twice(redis:
     assert isinstance((await caps.decide([msg(3)], T0 + 7))[0], Defer)
 
 
+async def test_members_tell_a_new_enqueue_from_a_deferred_copy_and_duplicates_in_a_batch_count(
+    redis: aioredis.Redis,
+) -> None:
+    caps = FrequencyCaps(redis, Keys("caps"), POLICY)
+    assert await caps.decide([msg(1)], T0, members=["m-1:100"]) == [Admit()]
+    assert await caps.decide([msg(1)], T0 + 1, members=["m-1:100"]) == [Admit()]  # the same acceptance again
+    assert await caps.decide([msg(1)], T0 + 2, members=["m-1:900"]) == [Admit()]  # enqueued anew: counted
+    [d] = await caps.decide([msg(1)], T0 + 3, members=["m-1:999"])
+    assert isinstance(d, Defer)
+    out = await caps.decide([msg(5, user="learner-2")] * 3, T0, members=["m-5:1"] * 3)  # one id thrice in a batch
+    assert [type(x) for x in out] == [Admit, Admit, Defer]
+
+
+def test_zero_periods_are_config_errors(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text("[policy]\nuser_limit = 3\nuser_period_s = 0\n")
+    with pytest.raises(ConfigError, match="user_period_s"):
+        load_settings(path, env={})
+    path.write_text("[policy.caps.reward]\nlimit = 3\nperiod_s = 0.0001\n")
+    with pytest.raises(ConfigError, match="period_s"):
+        load_settings(path, env={})
+
+
 async def test_retries_and_device_targeted_messages_are_not_limited(redis: aioredis.Redis) -> None:
     caps = FrequencyCaps(redis, Keys("caps"), POLICY)
     retries = [msg(i, resolved=True, devices=(Device("fcm", "t"),)) for i in range(5)]
