@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
-import os
 import socket
 import sys
 import tempfile
@@ -74,12 +73,6 @@ async def _post(port: int, batches: int, size: int, clients: int) -> tuple[int, 
         return queued, time.perf_counter() - t0
 
 
-def _cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        parts = f.read().rsplit(")", 1)[1].split()
-    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", type=int, default=200)
@@ -87,14 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--api-processes", type=int, default=1)
     args = ap.parse_args(argv)
+    from pushgw.bench.run import proc_stat
+    from pushgw.bench.sinks import free_port
     from pushgw.gateway.embedded import EmbeddedRedis
+
+    def _cpu_s(pid: int) -> float:
+        return proc_stat(pid)[0]
 
     with tempfile.TemporaryDirectory() as tmp:
         redis = EmbeddedRedis(Path(tmp) / "redis", aof=False)
         url = redis.start()
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_serve, args=(url, port), daemon=True) for _ in range(args.api_processes)]
         for p in procs:
@@ -109,12 +105,12 @@ def main(argv: list[str] | None = None) -> int:
                     raise
                 time.sleep(0.1)
         time.sleep(0.5 * args.api_processes)
-        cpu0 = sum(_cpu(p.pid) for p in procs if p.pid)
+        cpu0 = sum(_cpu_s(p.pid) for p in procs if p.pid)
         redis_pid = redis.proc.pid if redis.proc else 0
-        rcpu0 = _cpu(redis_pid) if redis_pid else 0.0
+        rcpu0 = _cpu_s(redis_pid) if redis_pid else 0.0
         queued, seconds = asyncio.run(_post(port, args.batches, args.batch, args.clients))
-        cpu = sum(_cpu(p.pid) for p in procs if p.pid) - cpu0
-        rcpu = (_cpu(redis_pid) if redis_pid else 0.0) - rcpu0
+        cpu = sum(_cpu_s(p.pid) for p in procs if p.pid) - cpu0
+        rcpu = (_cpu_s(redis_pid) if redis_pid else 0.0) - rcpu0
         for p in procs:
             p.terminate()
             p.join(5)

@@ -18,7 +18,6 @@ import random
 import sys
 import tempfile
 import time
-import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -40,7 +39,6 @@ from pushgw.gateway.config import (
 from pushgw.gateway.schema import Device, Message
 
 TOPIC = "org.example.bench"
-_APNS_ID_NS = uuid.UUID("9d3f2a57-8f64-4c1e-9a0e-3f4f1f2b7c11")  # providers.apns derives apns-id from it
 ENQUEUE_CHUNK = 1000
 
 
@@ -74,7 +72,7 @@ class Population:
     subs: dict[str, Any]  # webpush subscription id -> device (strict mode keeps browser keys in the fake)
 
 
-def _proc_stat(pid: int) -> tuple[float, float, float]:
+def proc_stat(pid: int) -> tuple[float, float, float]:
     """(cpu seconds, rss MB, peak rss MB) of a process, from /proc."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -281,7 +279,7 @@ class Bench:
         pool.start()
         await asyncio.sleep(1.0)  # workers up and connected before the clock starts
         pids = [p.pid for p in pool.children.values() if p.pid]
-        cpu0 = sum(_proc_stat(pid)[0] for pid in pids)
+        cpu0 = sum(proc_stat(pid)[0] for pid in pids)
         enqueued_at: dict[str, float] = {}
         samples: list[Sample] = []
         started = time.time()
@@ -309,13 +307,13 @@ class Bench:
                 for m in chunk:
                     enqueued_at[m.id] = now
 
-        samples.append(Sample(0.0, 0, [_proc_stat(pid)[1] for pid in pids]))
+        samples.append(Sample(0.0, 0, [proc_stat(pid)[1] for pid in pids]))
         enqueue_task = asyncio.create_task(enqueue_all())
         deadline = time.monotonic() + o.timeout_s
         while time.monotonic() < deadline:
             await asyncio.sleep(0.25)
             acked = await self._acked(redis, keys)
-            rss = [_proc_stat(pid)[1] for pid in pids]
+            rss = [proc_stat(pid)[1] for pid in pids]
             samples.append(Sample(time.time() - started, acked, rss))
             stats = await q.stats()
             _progress(f"{_bar(len(enqueued_at), n)} enqueued {len(enqueued_at)}/{n}  lag {stats.lag}  pending "
@@ -326,8 +324,8 @@ class Bench:
         else:
             _progress("gave up waiting (timeout)", final=True)
         await enqueue_task
-        cpu = sum(_proc_stat(pid)[0] for pid in pids) - cpu0
-        peak = [_proc_stat(pid)[2] for pid in pids]
+        cpu = sum(proc_stat(pid)[0] for pid in pids) - cpu0
+        peak = [proc_stat(pid)[2] for pid in pids]
         await asyncio.to_thread(pool.stop)
         elapsed = done_at - started
         _progress(f"done in {elapsed:.1f}s", final=True)
@@ -338,7 +336,9 @@ class Bench:
             receipts = [(r.at, r.key) for r in sinks.receipts() if "ceiling" not in r.key and "00000000-0000" not in r.key]
         else:
             receipts = self._fake_receipts(fakes)
-        apns_ids = {str(uuid.uuid5(_APNS_ID_NS, f"{mid}/{key[5:]}")): (mid, key) for mid, key in expected
+        from pushgw.providers.apns import apns_id
+
+        apns_ids = {apns_id(mid, key[5:]): (mid, key) for mid, key in expected
                     if key.startswith("apns:")}
         sub_keys = {sid: d.key for sid, d in pop.subs.items()}
         got: Counter[tuple[str, str]] = Counter()

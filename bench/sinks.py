@@ -29,7 +29,7 @@ from pushgw.providers.fakes.tls import LocalCA
 FCM_TOKEN_BODY = '{"access_token":"bench-access-token","expires_in":3600,"token_type":"Bearer"}'  # noqa: S105
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -59,10 +59,10 @@ class NginxSinks:
     def __init__(self, directory: Path, ca: LocalCA) -> None:
         self.dir = directory
         self.ca = ca
-        self.apns_port = _free_port()
-        self.fcm_port = _free_port()
-        self.webpush_port = _free_port()
-        self.backend_port = _free_port()
+        self.apns_port = free_port()
+        self.fcm_port = free_port()
+        self.webpush_port = free_port()
+        self.backend_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def config(self) -> str:

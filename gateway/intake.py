@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from pushgw.gateway import metrics
 from pushgw.gateway.config import Settings
 from pushgw.gateway.registry import DeviceRegistry
-from pushgw.gateway.schema import PROVIDERS, Device, FieldError, Message, MessageInvalid, parse_device, parse_message
+from pushgw.gateway.schema import PROVIDERS, Device, FieldError, Message, MessageInvalid, parse_device, parse_message, parse_user
 from pushgw.providers.base import PayloadTooLarge
 from pushgw.providers.endpoints import EndpointPolicy
 from pushgw.providers.payloads import check_payload_limits
@@ -87,7 +87,7 @@ class Intake:
 
     async def register_device(self, user: str, obj: Any) -> Device:
         """Validate and add a device for `user`; raises `MessageInvalid` or `RegistryFull`."""
-        parse_message({"user": user, "body": "x"})  # validates the user id with the message rules
+        user = parse_user(user)
         device = self.parse_device(obj)
         await self.registry.register(user, device)
         return device

@@ -167,6 +167,15 @@ def _str(
     return value
 
 
+def parse_user(value: Any) -> str:
+    """A user id by the same rule as a message's `user`; `MessageInvalid` naming the field otherwise."""
+    errors: list[FieldError] = []
+    user = _str({"user": value}, "user", errors, max_len=MAX_ID_LEN, pattern=_ID_RE)
+    if user is None:
+        raise MessageInvalid(errors or [FieldError("user", "is required")])
+    return user
+
+
 def parse_device(obj: Any, where: str, errors: list[FieldError], endpoint_check: EndpointCheck | None) -> Device | None:
     """Parse `{"apns": token}`, `{"fcm": token}` or `{"webpush": {"endpoint", "keys"}}` (+ optional app)."""
     if not isinstance(obj, dict):

@@ -18,24 +18,19 @@ and DeviceTokenNotForTopic -> token gone; 403 ExpiredProviderToken -> re-sign an
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
-import math
 import ssl
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import orjson
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from pushgw.gateway.config import ApnsApp, ConfigError, ProviderSettings
 from pushgw.gateway.metrics import PROVIDER_LATENCY
 from pushgw.gateway.schema import Message
-from pushgw.providers.base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid
+from pushgw.providers.base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
 from pushgw.providers.h2client import ConnectionLost, H2ClientConnection, H2Error, StreamRefused
+from pushgw.providers.jose import load_p256_key, sign_es256
 from pushgw.providers.payloads import apns_payload, check_payload_limits
 
 PRODUCTION_HOST = "api.push.apple.com"
@@ -43,7 +38,6 @@ SANDBOX_HOST = "api.sandbox.push.apple.com"
 JWT_REFRESH_S = 50 * 60
 JWT_MIN_AGE_S = 20 * 60  # Apple: at most one new provider token per 20 minutes
 CLOCK_SKEW_RETRY_S = 60.0
-MAX_RETRY_AFTER_S = 3600.0
 RECONNECT_GAP_S = 1.0
 RESENDS = 3
 log = logging.getLogger("pushgw.apns")
@@ -52,8 +46,9 @@ _TOKEN_GONE = {"BadDeviceToken", "DeviceTokenNotForTopic", "Unregistered", "Expi
 _REASON_MAX = 200
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+def apns_id(message_id: str, token: str) -> str:
+    """The apns-id of a push: the same for every attempt of one message to one device (APNs echoes it)."""
+    return str(uuid.uuid5(_APNS_ID_NS, f"{message_id}/{token}"))
 
 
 class ProviderJwt:
@@ -61,13 +56,7 @@ class ProviderJwt:
 
     def __init__(self, key_file: str, key_id: str, team_id: str, *, clock: Callable[[], float] = time.time,
                  refresh_s: float = JWT_REFRESH_S) -> None:
-        try:
-            key = serialization.load_pem_private_key(Path(key_file).read_bytes(), password=None)
-        except (OSError, ValueError, TypeError) as e:
-            raise ConfigError(f"apns key_file {key_file} is not a readable .p8 (PEM PKCS#8) key: {type(e).__name__}") from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
-            raise ConfigError(f"apns key_file {key_file} must hold a P-256 (ES256) key")
-        self._key = key
+        self._key = load_p256_key(key_file, "apns key_file")
         self._key_id = key_id
         self._team_id = team_id
         self._clock = clock
@@ -96,11 +85,7 @@ class ProviderJwt:
         return True
 
     def _sign(self, now: float) -> None:
-        header = _b64url(orjson.dumps({"alg": "ES256", "kid": self._key_id}))
-        claims = _b64url(orjson.dumps({"iss": self._team_id, "iat": int(now)}))
-        signing_input = f"{header}.{claims}".encode("ascii")
-        r, s = decode_dss_signature(self._key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
-        self._token = f"{header}.{claims}.{_b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+        self._token = sign_es256(self._key, {"alg": "ES256", "kid": self._key_id}, {"iss": self._team_id, "iat": int(now)})
         self._issued_at = now
         self.signed += 1
 
@@ -111,7 +96,8 @@ class _App:
     def __init__(self, app: ApnsApp, settings: ProviderSettings, jwt: ProviderJwt | None) -> None:
         self.name = app.name
         self.topic = app.topic
-        self.push_type = app.push_type
+        self.topic_header = app.topic.encode()  # header values built once, not per request
+        self.push_type_header = app.push_type.encode()
         self.host = app.host or (SANDBOX_HOST if app.sandbox else PRODUCTION_HOST)
         self.port = app.port
         self.jwt = jwt
@@ -205,7 +191,6 @@ class ApnsProvider:
                 jwt = jwts.get(ident) or jwts.setdefault(ident, ProviderJwt(a.key_file, a.key_id, a.team_id, clock=clock))
             self._apps[a.name] = _App(a, settings, jwt)
         self._timeout_s = settings.timeout_s
-        self._clock = clock
         self._latency = PROVIDER_LATENCY.labels("apns")
 
     def __repr__(self) -> str:
@@ -226,11 +211,11 @@ class ApnsProvider:
             (b":scheme", b"https"),
             (b":authority", app.authority),
             (b":path", app.path_prefix + d.device.token.encode()),
-            (b"apns-topic", app.topic.encode()),
-            (b"apns-push-type", b"background" if silent else app.push_type.encode()),
+            (b"apns-topic", app.topic_header),
+            (b"apns-push-type", b"background" if silent else app.push_type_header),
             # Background pushes must be 5; alerts go at once only when the message asks for it.
             (b"apns-priority", b"10" if msg.priority == "high" and not silent else b"5"),
-            (b"apns-id", str(uuid.uuid5(_APNS_ID_NS, f"{msg.id}/{d.device.token}")).encode()),
+            (b"apns-id", apns_id(msg.id, d.device.token).encode()),
             (b"content-type", b"application/json"),
         ]
         if jwt is not None:
@@ -290,22 +275,11 @@ class ApnsProvider:
             log.warning("APNs calls a fresh provider token expired: check this host's clock", extra={"app": app.name})
             return Retry(f"{text} (token younger than 20 min: clock skew?)", after=CLOCK_SKEW_RETRY_S, status=status)
         if status == 429:
-            return Retry(text, after=_seconds(retry_after), status=status)
+            return Retry(text, after=retry_after_seconds(retry_after), status=status)
         if status >= 500:
-            return Retry(text, after=_seconds(retry_after), status=status)
+            return Retry(text, after=retry_after_seconds(retry_after), status=status)
         return Rejected(text, status)
 
     async def close(self) -> None:
         for a in self._apps.values():
             a.close()
-
-
-def _seconds(value: bytes | None) -> float | None:
-    """Retry-After in seconds, capped at an hour; None if absent, unreadable or not finite."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return min(max(0.0, seconds), MAX_RETRY_AFTER_S) if math.isfinite(seconds) else None

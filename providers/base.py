@@ -7,6 +7,9 @@ slow APNs, a throttling FCM project and a dead Web Push subscription with the sa
 
 from __future__ import annotations
 
+import email.utils
+import math
+import time
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -58,6 +61,26 @@ class Rejected:
 
 
 Outcome = Delivered | Retry | TokenInvalid | Rejected
+
+
+MAX_RETRY_AFTER_S = 3600.0
+
+
+def retry_after_seconds(value: str | bytes | None) -> float | None:
+    """A Retry-After header (delta-seconds or an HTTP date) as seconds from now, capped at an hour;
+    None if absent, unreadable or not finite ("inf" parses as a float and would park a delivery forever)."""
+    if not value:
+        return None
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    text = text.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(text).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_S) if math.isfinite(seconds) else None
 
 
 class PayloadTooLarge(ValueError):

@@ -23,8 +23,6 @@ UNAVAILABLE/INTERNAL/5xx -> retry, after Retry-After if given.
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import math
 import ssl
 import time
 from collections.abc import Sequence
@@ -36,14 +34,13 @@ from multidict import CIMultiDict
 from pushgw.gateway.config import ConfigError, FcmApp, ProviderSettings
 from pushgw.gateway.metrics import PROVIDER_LATENCY
 from pushgw.gateway.schema import Message
-from pushgw.providers.base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid
+from pushgw.providers.base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
 from pushgw.providers.oauth2 import AccessTokenSource, TokenUnavailable, load_service_account
 from pushgw.providers.payloads import check_payload_limits, fcm_message
 
 QUOTA_DEFAULT_RETRY_S = 60.0  # Google: back off at least a minute after QUOTA_EXCEEDED
 _FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 _REASON_MAX = 200
-MAX_RETRY_AFTER_S = 3600.0
 
 
 class _App:
@@ -180,10 +177,10 @@ class FcmProvider:
             app.auth.invalidate(token)
             return Retry(f"{reason}: access token refused", after=0.0, status=status)
         if code in ("QUOTA_EXCEEDED", "RESOURCE_EXHAUSTED") or status == 429:
-            after = _retry_after(retry_after)
+            after = retry_after_seconds(retry_after)
             return Retry(reason, after=QUOTA_DEFAULT_RETRY_S if after is None else after, status=status)
         if status >= 500 or code in ("UNAVAILABLE", "INTERNAL"):
-            return Retry(reason, after=_retry_after(retry_after), status=status)
+            return Retry(reason, after=retry_after_seconds(retry_after), status=status)
         return Rejected(f"{reason}: {message}"[:_REASON_MAX] if message else reason, status)
 
     async def close(self) -> None:
@@ -228,19 +225,3 @@ def _error_code(raw: bytes) -> tuple[str, str]:
                 return d["errorCode"], message
     status = error.get("status")
     return (status if isinstance(status, str) else ""), message
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds from now: delta-seconds or an HTTP date; None if absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return None
-    # "inf" parses as a float: a retry at infinity would park the delivery forever.
-    return min(max(0.0, seconds), MAX_RETRY_AFTER_S) if math.isfinite(seconds) else None

@@ -32,7 +32,6 @@ from jh2.events import (
     ResponseReceived,
     StreamEnded,
     StreamReset,
-    TrailersReceived,
     WindowUpdated,
 )
 from jh2.exceptions import H2Error as _JH2Error
@@ -392,9 +391,6 @@ class H2ClientConnection(asyncio.Protocol):
                 if stream is not None and not stream.future.done():
                     stream.future.set_exception(StreamRefused("server sent GOAWAY before processing the request"))
             self._end(0)  # closes the transport now if nothing is left to drain
-
-        elif isinstance(event, TrailersReceived):
-            pass
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = f"connection lost: {type(exc).__name__}" if exc else "connection closed by server"

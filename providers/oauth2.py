@@ -19,7 +19,6 @@ Secrets (the private key, access tokens) are kept out of `repr()`, exception mes
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import ssl
 import time
@@ -32,6 +31,7 @@ import orjson
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pushgw.gateway.config import ConfigError
+from pushgw.providers.jose import b64url
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,6 @@ JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 DEFAULT_TOKEN_URI = "https://oauth2.googleapis.com/token"  # noqa: S105 (a URL, not a secret)
 ASSERTION_LIFETIME_S = 3600  # Google's maximum for exp - iat
 _REASON_MAX = 200
-
-
-def b64url(data: bytes) -> str:
-    """Unpadded base64url, as JWTs use it."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 @dataclass(frozen=True, slots=True)

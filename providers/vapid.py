@@ -9,28 +9,18 @@ its 12-hour expiry (RFC 8292 allows at most 24 hours).
 
 from __future__ import annotations
 
-import base64
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import orjson
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from pushgw.gateway.config import ConfigError
+from pushgw.providers.jose import b64url, load_p256_key, sign_es256
 
 TOKEN_LIFETIME_S = 12 * 3600
 REFRESH_BEFORE_S = 3600
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def b64url_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def make_vapid_key(directory: str | Path, name: str = "vapid.pem") -> Path:
@@ -54,13 +44,7 @@ def make_vapid_key(directory: str | Path, name: str = "vapid.pem") -> Path:
 
 
 def load_vapid_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
-    try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as e:
-        raise ConfigError(f"webpush.vapid_private_key_file {path} is not a readable PEM key ({type(e).__name__})") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
-        raise ConfigError(f"webpush.vapid_private_key_file {path} must hold a P-256 key")
-    return key
+    return load_p256_key(path, "webpush.vapid_private_key_file")
 
 
 def application_server_key(key: ec.EllipticCurvePrivateKey) -> str:
@@ -89,11 +73,7 @@ class VapidSigner:
         if cached is not None and cached[0] - now > REFRESH_BEFORE_S:
             return cached[1]
         exp = int(now) + TOKEN_LIFETIME_S
-        header = b64url(orjson.dumps({"typ": "JWT", "alg": "ES256"}))
-        claims = b64url(orjson.dumps({"aud": origin, "exp": exp, "sub": self._subject}))
-        signing_input = f"{header}.{claims}".encode("ascii")
-        r, s = decode_dss_signature(self._key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
-        token = f"{header}.{claims}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+        token = sign_es256(self._key, {"typ": "JWT", "alg": "ES256"}, {"aud": origin, "exp": exp, "sub": self._subject})
         value = f"vapid t={token}, k={self.public_key}"
         if len(self._cache) > 10_000:  # origins are a handful of push services; bound it anyway
             self._cache.clear()

@@ -20,10 +20,8 @@ Outcomes: 2xx -> delivered; 404/410 -> subscription gone; 429 -> retry after Ret
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import hashlib
 import hmac
-import math
 import os
 import re
 import socket
@@ -43,10 +41,11 @@ from multidict import CIMultiDict
 from pushgw.gateway.config import ConfigError, ProviderSettings, WebPushSettings
 from pushgw.gateway.metrics import PROVIDER_LATENCY
 from pushgw.gateway.schema import Message
-from pushgw.providers.base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid
+from pushgw.providers.base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
 from pushgw.providers.endpoints import EndpointPolicy
+from pushgw.providers.jose import b64url, b64url_decode
 from pushgw.providers.payloads import check_payload_limits, webpush_plaintext
-from pushgw.providers.vapid import VapidSigner, b64url, b64url_decode, load_vapid_key
+from pushgw.providers.vapid import VapidSigner, load_vapid_key
 
 RECORD_SIZE = 4096
 DEFAULT_TTL_S = 28 * 24 * 3600  # no expiry given: keep it as long as the services allow
@@ -55,7 +54,6 @@ _KEY_INFO = b"WebPush: info\x00"
 _CEK_INFO = b"Content-Encoding: aes128gcm\x00\x01"
 _NONCE_INFO = b"Content-Encoding: nonce\x00\x01"
 _REASON_MAX = 200
-MAX_RETRY_AFTER_S = 3600.0
 
 
 class EncryptionError(ValueError):
@@ -213,24 +211,10 @@ class WebPushProvider:
         if status in (404, 410):
             return TokenInvalid(reason, status)
         if status == 429 or status >= 500:
-            return Retry(reason, after=_seconds(retry_after), status=status)
+            return Retry(reason, after=retry_after_seconds(retry_after), status=status)
         return Rejected(reason, status)
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-
-def _seconds(value: str | None) -> float | None:
-    """Retry-After (seconds or an HTTP date) capped at an hour; None if absent, unreadable or not finite."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return None
-    return min(max(0.0, seconds), MAX_RETRY_AFTER_S) if math.isfinite(seconds) else None

@@ -127,12 +127,12 @@ async def test_expired_provider_token_is_resigned_but_not_more_often_than_every_
 
 
 def test_retry_after_is_finite_and_capped() -> None:
-    from pushgw.providers import apns, fcm, webpush
+    from pushgw.providers.base import retry_after_seconds as seconds  # shared by APNs, FCM and Web Push
 
-    assert apns._seconds(b"inf") is None and apns._seconds(b"nan") is None and apns._seconds(b"1e9") == 3600.0
-    assert apns._seconds(b"-5") == 0.0 and apns._seconds(b"2.5") == 2.5 and apns._seconds(b"soon") is None
-    assert webpush._seconds("inf") is None and webpush._seconds("86400") == 3600.0
-    assert fcm._retry_after("Infinity") is None and fcm._retry_after("120") == 120.0
+    assert seconds(b"inf") is None and seconds(b"nan") is None and seconds(b"1e9") == 3600.0
+    assert seconds(b"-5") == 0.0 and seconds(b"2.5") == 2.5 and seconds(b"soon") is None
+    assert seconds("inf") is None and seconds("86400") == 3600.0
+    assert seconds("Infinity") is None and seconds("120") == 120.0 and seconds(None) is None
 
 
 async def test_unknown_key_is_rejected_not_retried(fake: FakeApns, make_provider: Factory, tmp_path: Path) -> None:

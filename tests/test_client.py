@@ -32,6 +32,9 @@ async def test_devices(redis: aioredis.Redis) -> None:
     assert dev.key == f"apns:{'ab' * 32}" and [d.key for d in await client.devices("learner-1")] == [dev.key]
     with pytest.raises(MessageInvalid):
         await client.register_device("learner-1", {"apns": "zz"})
+    with pytest.raises(MessageInvalid) as bad_user:
+        await client.register_device("learner 1", {"fcm": "t"})
+    assert [e.field for e in bad_user.value.errors] == ["user"]
     for i in range(99):
         await client.register_device("learner-1", {"fcm": f"t-{i}"})
     with pytest.raises(RegistryFull):

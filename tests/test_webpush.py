@@ -72,7 +72,8 @@ def test_encrypt_is_readable_by_an_independent_implementation() -> None:
     for size in (0, 1, 100, 3993):
         plaintext = os.urandom(size)
         body = encrypt(plaintext, b64(public).decode().rstrip("="), b64(auth).decode().rstrip("="))
-        assert len(body) == 86 + size + 1 + 16 <= 4096 or size != 3993
+        assert len(body) == 86 + size + 1 + 16  # header, plaintext, delimiter, tag
+        assert len(body) <= 4096  # 3993 bytes of plaintext fill one record exactly
         assert http_ece.decrypt(body, private_key=browser, auth_secret=auth, version="aes128gcm") == plaintext
 
 

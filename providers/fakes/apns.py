@@ -14,7 +14,6 @@ on a connection, `hang` holds requests unanswered, `delay_s` slows every answer.
 from __future__ import annotations
 
 import asyncio
-import base64
 import ssl
 import time
 import uuid
@@ -26,10 +25,8 @@ from types import TracebackType
 from typing import Any, cast
 
 import orjson
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from jh2.config import H2Configuration
 from jh2.errors import ErrorCodes
 from jh2.events import ConnectionTerminated, DataReceived, RequestReceived, StreamEnded, StreamReset
@@ -37,6 +34,7 @@ from jh2.exceptions import H2Error
 from jh2.settings import SettingCodes, Settings
 from pushgw.providers.fakes.tls import LocalCA
 from pushgw.providers.h2client import CountingH2Connection, drainable
+from pushgw.providers.jose import decode_jwt, es256_valid
 
 PUSH_TYPES = {"alert", "background", "voip", "complication", "fileprovider", "mdm", "liveactivity", "location", "pushtotalk"}
 MAX_PAYLOAD = 4096
@@ -84,10 +82,6 @@ class _Refused(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
-
-
-def _b64decode(part: str) -> bytes:
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
 
 
 class FakeApns:
@@ -170,25 +164,13 @@ class FakeApns:
             if iat_seen < time.time() - 3600:
                 raise _Refused(403, "ExpiredProviderToken")
             return
-        parts = jwt.split(".")
-        if len(parts) != 3:
-            raise _Refused(403, "InvalidProviderToken")
         try:
-            header = orjson.loads(_b64decode(parts[0]))
-            claims = orjson.loads(_b64decode(parts[1]))
-            sig = _b64decode(parts[2])
-        except (ValueError, orjson.JSONDecodeError):
+            header, claims, signing_input, sig = decode_jwt(jwt)
+        except ValueError:
             raise _Refused(403, "InvalidProviderToken") from None
-        if not isinstance(header, dict) or not isinstance(claims, dict) or header.get("alg") != "ES256" or len(sig) != 64:
-            raise _Refused(403, "InvalidProviderToken")
         key = self._keys.get((str(claims.get("iss")), str(header.get("kid"))))
-        if key is None:
+        if header.get("alg") != "ES256" or key is None or not es256_valid(key, signing_input, sig):
             raise _Refused(403, "InvalidProviderToken")
-        try:
-            der = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
-            key.verify(der, f"{parts[0]}.{parts[1]}".encode("ascii"), ec.ECDSA(hashes.SHA256()))
-        except InvalidSignature:
-            raise _Refused(403, "InvalidProviderToken") from None
         iat = claims.get("iat")
         if not isinstance(iat, int) or iat > time.time() + 60:
             raise _Refused(403, "InvalidProviderToken")

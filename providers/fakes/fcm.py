@@ -11,7 +11,6 @@ device dead, throttled or flaky without touching the client code.
 from __future__ import annotations
 
 import asyncio
-import base64
 import itertools
 import re
 import secrets
@@ -29,6 +28,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pushgw.providers.fakes.tls import LocalCA
+from pushgw.providers.jose import b64url_decode
 
 FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -116,10 +116,6 @@ class _Account:
 
 class _Invalid(Exception):
     pass
-
-
-def _b64decode(part: str) -> bytes:
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
 
 
 class FakeFcm:
@@ -243,9 +239,9 @@ class FakeFcm:
         if len(parts) != 3:
             raise _Invalid("Invalid JWT: not three segments")
         try:
-            header = orjson.loads(_b64decode(parts[0]))
-            claims = orjson.loads(_b64decode(parts[1]))
-            signature = _b64decode(parts[2])
+            header = orjson.loads(b64url_decode(parts[0]))
+            claims = orjson.loads(b64url_decode(parts[1]))
+            signature = b64url_decode(parts[2])
         except (ValueError, orjson.JSONDecodeError):
             raise _Invalid("Invalid JWT: bad encoding") from None
         if not isinstance(header, dict) or not isinstance(claims, dict):

@@ -12,7 +12,6 @@ the browser could read it. Failures are programmed per subscription id.
 from __future__ import annotations
 
 import asyncio
-import base64
 import re
 import secrets
 import time
@@ -23,26 +22,16 @@ from types import TracebackType
 from typing import Any
 
 import http_ece
-import orjson
 from aiohttp import web
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pushgw.providers.fakes.tls import LocalCA
+from pushgw.providers.jose import b64url, b64url_decode, decode_jwt, es256_valid
 
 MAX_BODY = 4096
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 Programmed = tuple[int, float | None]
 """(HTTP status, Retry-After seconds or None)."""
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 @dataclass(slots=True)
@@ -112,7 +101,7 @@ class FakePushService:
         auth = secrets.token_bytes(16)
         self._subs[sub_id] = _Subscription(sub_id, key, auth)
         public = key.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
-        return {"endpoint": f"{self.origin}/push/{sub_id}", "keys": {"p256dh": _b64(public), "auth": _b64(auth)}}
+        return {"endpoint": f"{self.origin}/push/{sub_id}", "keys": {"p256dh": b64url(public), "auth": b64url(auth)}}
 
     def unsubscribe(self, sub_id: str) -> None:
         """The user revoked permission: the service answers 410 Gone from now on."""
@@ -157,21 +146,15 @@ class FakePushService:
         if not token or not k:
             raise _Refused(401, "vapid needs t and k")
         try:
-            public = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), _unb64(k))
-            h64, c64, s64 = token.split(".")
-            header_doc = orjson.loads(_unb64(h64))
-            claims = orjson.loads(_unb64(c64))
-            sig = _unb64(s64)
-        except (ValueError, orjson.JSONDecodeError):
+            public = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b64url_decode(k))
+            header_doc, claims, signing_input, sig = decode_jwt(token)
+        except ValueError:
             raise _Refused(401, "malformed vapid token or key") from None
-        if not isinstance(header_doc, dict) or header_doc.get("alg") != "ES256" or len(sig) != 64:
+        if header_doc.get("alg") != "ES256" or len(sig) != 64:
             raise _Refused(401, "vapid token must be ES256")
-        try:
-            der = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
-            public.verify(der, f"{h64}.{c64}".encode("ascii"), ec.ECDSA(hashes.SHA256()))
-        except InvalidSignature:
-            raise _Refused(403, "vapid signature does not match k") from None
-        if not isinstance(claims, dict) or claims.get("aud") != self.origin:
+        if not es256_valid(public, signing_input, sig):
+            raise _Refused(403, "vapid signature does not match k")
+        if claims.get("aud") != self.origin:
             raise _Refused(403, "vapid aud must be the push service origin")
         exp = claims.get("exp")
         now = time.time()
