@@ -28,6 +28,7 @@ from aiohttp import web
 from pushgw.gateway import metrics
 from pushgw.gateway.config import ApiClient, ConfigError, Settings
 from pushgw.gateway.intake import Intake
+from pushgw.gateway.profiles import Profiles
 from pushgw.gateway.registry import RegistryFull
 from pushgw.gateway.schema import MessageInvalid
 from pushgw.queue.deadletter import DeadLetters
@@ -39,6 +40,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 CLIENT: web.RequestKey[ApiClient] = web.RequestKey("client", ApiClient)
 INTAKE: web.AppKey[Intake] = web.AppKey("intake", Intake)
+PROFILES: web.AppKey[Profiles] = web.AppKey("profiles", Profiles)
 REDIS: web.AppKey[aioredis.Redis] = web.AppKey("redis", aioredis.Redis)
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 _PUBLIC = {"/healthz", "/readyz", "/metrics", "/openapi.yaml"}
@@ -247,6 +249,26 @@ class Routes:
             raise ApiError(404, "not_found", "no such device for this user")
         return web.Response(status=204)
 
+    async def put_preferences(self, request: web.Request) -> web.Response:
+        """PUT replaces the user's preferences, PATCH changes only the fields it names."""
+        client = _need(request, "devices")
+        body = await _body(request)
+        self.auth.charge(client, 1)
+        try:
+            prefs = await request.app[PROFILES].update(request.match_info["user"], body, merge=request.method == "PATCH")
+        except MessageInvalid as e:
+            raise _invalid(e) from None
+        return _json(prefs.to_json())
+
+    async def get_preferences(self, request: web.Request) -> web.Response:
+        client = _need(request, "devices")
+        self.auth.charge(client, 1)
+        try:
+            prefs = await request.app[PROFILES].get(request.match_info["user"])
+        except MessageInvalid as e:
+            raise _invalid(e) from None
+        return _json(prefs.to_json())
+
     async def dead_letters(self, request: web.Request) -> web.Response:
         _need(request, "admin")
         try:
@@ -319,12 +341,16 @@ def create_app(settings: Settings, redis: aioredis.Redis) -> web.Application:
     app[SETTINGS] = settings
     app[REDIS] = redis
     app[INTAKE] = Intake(redis, settings, source="api")
+    app[PROFILES] = Profiles(redis, app[INTAKE].keys)
     r = Routes(auth)
     app.router.add_post("/v1/messages", r.message)
     app.router.add_post("/v1/messages/batch", r.batch)
     app.router.add_put("/v1/users/{user}/devices", r.put_device)
     app.router.add_get("/v1/users/{user}/devices", r.list_devices)
     app.router.add_delete("/v1/users/{user}/devices/{key}", r.delete_device)
+    app.router.add_put("/v1/users/{user}/preferences", r.put_preferences)
+    app.router.add_patch("/v1/users/{user}/preferences", r.put_preferences)
+    app.router.add_get("/v1/users/{user}/preferences", r.get_preferences)
     app.router.add_get("/v1/deadletters", r.dead_letters)
     app.router.add_post("/v1/deadletters/replay", r.replay)
     app.router.add_get("/v1/events/invalid-tokens", r.invalid_tokens)

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -63,6 +64,11 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     if args.duration and not args.rate:
         sys.stderr.write("error: --duration needs --rate (a soak runs at a steady rate)\n")
         return 2
+
+    def _terminated(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)  # unwinds like Ctrl-C: workers, nginx and Redis are stopped on the way out
+
+    signal.signal(signal.SIGTERM, _terminated)
     return run(options_from(args))
 
 
@@ -156,7 +162,7 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     else:
         obj = {k: v for k, v in {
             "user": args.user, "title": args.title, "body": args.body, "category": args.category,
-            "priority": args.priority, "ttl": args.ttl, "id": args.id,
+            "priority": args.priority, "ttl": args.ttl, "id": args.id, "send_at": args.send_at,
         }.items() if v is not None}
     messages = obj if isinstance(obj, list) else [obj]
 
@@ -217,6 +223,30 @@ def cmd_devices(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_prefs(args: argparse.Namespace, settings: Settings) -> int:
+    from pushgw.gateway.client import UNSET, PushClient
+    from pushgw.gateway.schema import MessageInvalid
+
+    async def go(redis: Any) -> Any:
+        client = PushClient(redis, settings)
+        changes = args.timezone is not None or args.clear_timezone or args.opt_out_all is not None \
+            or args.opt_out is not None
+        if not changes:
+            return (await client.preferences(args.user)).to_json()
+        timezone: Any = None if args.clear_timezone else (args.timezone if args.timezone is not None else UNSET)
+        categories = [c for c in args.opt_out.split(",") if c] if args.opt_out is not None else None
+        prefs = await client.set_preferences(args.user, timezone=timezone, opt_out_all=args.opt_out_all,
+                                             opt_out_categories=categories)
+        return prefs.to_json()
+
+    try:
+        _print(asyncio.run(_with_client(settings, go)))
+    except MessageInvalid as e:
+        sys.stderr.write("error: preferences rejected:\n" + "".join(f"  {err}\n" for err in e.errors))
+        return 2
+    return 0
+
+
 def cmd_vapid_keygen(args: argparse.Namespace, settings: Settings) -> int:
     from pushgw.providers.vapid import application_server_key, load_vapid_key, make_vapid_key
 
@@ -252,8 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-baseline", action="store_true", help="skip the direct-to-provider baseline")
     b.add_argument("--json", help="write the result as JSON to this file")
     b.add_argument("--plots", help="write throughput.png and latency_cdf.png to this folder (needs matplotlib)")
-    b.add_argument("--policy", action="store_true",
-                   help="frequency caps on (limits no message reaches): compare with a run without to see their cost")
+    b.add_argument("--policy", choices=("off", "default", "full"), default="default",
+                   help="default: as deployed (preferences read per batch); full: every rule on with limits out of "
+                        "reach; compare full with off to see the policy's cost")
     b.add_argument("--seed", type=int, default=1)
     b.set_defaults(fn=cmd_bench)
 
@@ -275,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--category")
     s.add_argument("--priority", choices=["normal", "high"])
     s.add_argument("--ttl", type=int)
+    s.add_argument("--send-at", type=float, dest="send_at", help="unix seconds: hold the message until then")
     s.add_argument("--id")
     s.set_defaults(fn=cmd_send)
 
@@ -292,6 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", help='JSON, e.g. \'{"fcm": "<token>"}\'')
     v.add_argument("--key", help="device key (from list) for rm")
     v.set_defaults(fn=cmd_devices)
+
+    f = sub.add_parser("prefs", help="a user's time zone and opt-outs: show, or change the options given")
+    f.add_argument("user")
+    f.add_argument("--timezone", help="IANA name, e.g. Europe/Paris (send windows are in this zone)")
+    f.add_argument("--clear-timezone", action="store_true", help="use the policy's default zone again")
+    f.add_argument("--opt-out-all", dest="opt_out_all", action="store_true", default=None, help="no push at all")
+    f.add_argument("--opt-in-all", dest="opt_out_all", action="store_false", help="undo --opt-out-all")
+    f.add_argument("--opt-out", metavar="CATEGORIES",
+                   help="comma-separated categories the user opted out of (replaces the list; '' clears it)")
+    f.set_defaults(fn=cmd_prefs)
 
     k = sub.add_parser("vapid-keygen", help="write a new VAPID (P-256) private key")
     k.add_argument("directory")

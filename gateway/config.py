@@ -64,6 +64,8 @@ class WorkerSettings:
     backoff_cap_s: float = 300.0
     idempotency_window_s: int = 86400
     done_ttl_s: int = 86400
+    high_weight: int = 4  # provider slots: high-lane grants in a row before a waiting normal delivery gets one
+    high_reserve: int = 256  # deliveries in flight beyond max_inflight kept for the high lane
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,12 +129,28 @@ class CategoryCap:
 
 @dataclass(frozen=True, slots=True)
 class PolicySettings:
-    """Delivery policy applied by the workers (ratelimit/caps.py); off unless `enabled`."""
+    """Delivery policy applied by the workers to messages for a user (ratelimit/policy.py).
 
-    enabled: bool = False
+    On by default, so a user's opt-out always holds; with no caps or windows configured it costs one
+    pipelined read of the batch's users' preferences. `enabled = false` turns every rule off."""
+
+    enabled: bool = True
     user_limit: int = 0  # messages per user across all categories in any user_period_s window; 0: none
     user_period_s: float = 60.0
     caps: tuple[CategoryCap, ...] = ()
+    windows: tuple[str, ...] = ()  # default send windows in the user's local time, "07:30-09:00"; empty: any time
+    category_windows: tuple[tuple[str, tuple[str, ...]], ...] = ()  # per-category windows; () for a category: any time
+    timezone: str = "UTC"  # for users with no time zone stored
+    window_jitter_s: float = 900.0  # deferred messages spread over this much of the window start
+    high_bypasses_windows: bool = True  # priority "high" (a session starting now) goes out at any hour
+    opt_out_exempt: tuple[str, ...] = ()  # categories sent despite a global opt-out (e.g. account security)
+    provider_rates: tuple[tuple[str, float], ...] = ()  # ("fcm", 10000.0) or ("apns:app", 500.0): requests/s, all workers
+
+    def windows_for(self, category: str) -> tuple[str, ...]:
+        for name, windows in self.category_windows:
+            if name == category:
+                return windows
+        return self.windows
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +207,16 @@ def _coerce(section: str, name: str, value: Any, default: Any) -> Any:
     return value
 
 
+def _check_policy(policy: PolicySettings) -> None:
+    from pushgw.ratelimit.windows import SendWindows, WindowError, zone
+
+    try:
+        SendWindows.parse(policy.windows)
+        zone(policy.timezone)
+    except WindowError as e:
+        raise ConfigError(f"policy: {e}") from None
+
+
 def _section(cls: Any, section: str, data: Mapping[str, Any], env: Mapping[str, str], **fixed: Any) -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = set(data) - set(known)
@@ -197,7 +225,7 @@ def _section(cls: Any, section: str, data: Mapping[str, Any], env: Mapping[str, 
     values: dict[str, Any] = dict(fixed)
     defaults = cls(**fixed)
     for name in known:
-        if name in fixed or name == "clients":
+        if name in fixed or name in ("clients", "caps", "category_windows", "provider_rates"):  # tables, parsed apart
             continue
         default = getattr(defaults, name)
         raw = data.get(name)
@@ -260,6 +288,37 @@ def _caps(data: Any) -> tuple[CategoryCap, ...]:
     return tuple(out)
 
 
+def _category_windows(data: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    from pushgw.ratelimit.windows import SendWindows, WindowError
+
+    if not isinstance(data, dict):
+        raise ConfigError("[policy.category_windows] must be a table: category = [\"07:30-09:00\", ...]")
+    out = []
+    for category, windows in data.items():
+        if not isinstance(windows, list) or not all(isinstance(w, str) for w in windows):
+            raise ConfigError(f"policy.category_windows.{category} must be a list of \"HH:MM-HH:MM\" strings")
+        try:
+            SendWindows.parse(windows)
+        except WindowError as e:
+            raise ConfigError(f"policy.category_windows.{category}: {e}") from None
+        out.append((str(category), tuple(windows)))
+    return tuple(out)
+
+
+def _provider_rates(data: Any) -> tuple[tuple[str, float], ...]:
+    if not isinstance(data, dict):
+        raise ConfigError("[policy.provider_rates] must be a table: fcm = 10000, \"apns:<app>\" = 500")
+    out = []
+    for scope, rate in data.items():
+        provider = str(scope).split(":", 1)[0]
+        if provider not in ("apns", "fcm", "webpush"):
+            raise ConfigError(f"policy.provider_rates.{scope}: name a provider (apns, fcm, webpush), optionally :<app>")
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or rate <= 0:
+            raise ConfigError(f"policy.provider_rates.{scope} must be requests per second > 0")
+        out.append((str(scope), float(rate)))
+    return tuple(out)
+
+
 def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Read `path` (or `$PUSHGW_CONFIG`, or nothing) and apply `PUSHGW_*` environment overrides."""
     env = os.environ if env is None else env
@@ -298,8 +357,11 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         raise ConfigError(f"log.level must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
     policy_data = dict(data.get("policy", {}))
     caps_data = policy_data.pop("caps", {})
+    category_windows = _category_windows(policy_data.pop("category_windows", {}))
+    provider_rates = _provider_rates(policy_data.pop("provider_rates", {}))
     policy = _section(PolicySettings, "policy", policy_data, env)
-    policy = replace(policy, caps=_caps(caps_data))
+    policy = replace(policy, caps=_caps(caps_data), category_windows=category_windows, provider_rates=provider_rates)
+    _check_policy(policy)
     settings = Settings(
         policy=policy,
         redis=_section(RedisSettings, "redis", data.get("redis", {}), env),

@@ -7,6 +7,7 @@ caller fixes its input and sends the same batch again; idempotency ids make that
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +36,7 @@ class Intake:
         self.registry = DeviceRegistry(redis, self.keys)
         self.policy = EndpointPolicy(settings.webpush)
         self._enqueued = metrics.ENQUEUED.labels(source)
+        self._scheduled = metrics.SCHEDULED.labels(source)
         self._group_ready = False
 
     def validate(self, objs: Sequence[Any]) -> list[Message]:
@@ -74,6 +76,10 @@ class Intake:
         queued = sum(flags)
         if queued:
             self._enqueued.inc(queued)
+            now = time.time()
+            scheduled = sum(1 for m, f in zip(messages, flags, strict=True) if f and m.send_at is not None and m.send_at > now)
+            if scheduled:
+                self._scheduled.inc(scheduled)
         if len(flags) - queued:
             metrics.DUPLICATES.inc(len(flags) - queued)
         return [(m.id, f) for m, f in zip(messages, flags, strict=True)]

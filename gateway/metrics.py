@@ -55,10 +55,15 @@ IN_FLIGHT = Gauge(
 STREAM_LAG = Gauge(
     "pushgw_stream_lag_entries", "Entries in the stream not yet read by the group", multiprocess_mode="max"
 )
+STREAM_LAG_HIGH = Gauge(
+    "pushgw_stream_lag_high_entries", "Entries in the high lane not yet read by the group", multiprocess_mode="max"
+)
 STREAM_PENDING = Gauge(
     "pushgw_stream_pending_entries", "Entries read but not yet acknowledged", multiprocess_mode="max"
 )
-DELAYED = Gauge("pushgw_delayed_entries", "Deliveries waiting for a retry time", multiprocess_mode="max")
+DELAYED = Gauge(
+    "pushgw_delayed_entries", "Scheduled, deferred and retried messages waiting for their time", multiprocess_mode="max"
+)
 DLQ_LENGTH = Gauge("pushgw_dead_letter_entries", "Entries in the dead-letter stream", multiprocess_mode="max")
 CIRCUIT_STATE = Gauge(
     "pushgw_circuit_state",
@@ -69,9 +74,30 @@ CIRCUIT_STATE = Gauge(
 CIRCUIT_OPENS = Counter("pushgw_circuit_opens_total", "Times a provider circuit opened", ["provider", "app"])
 POLICY = Counter(
     "pushgw_policy_decisions_total",
-    "Messages held back by delivery policy, by category, rule (cap, burst) and action (deferred, dropped)",
+    "Messages held back by delivery policy, by category, rule (cap, burst, window, opt_out, expired) "
+    "and action (deferred, dropped)",
     ["category", "rule", "action"],
 )
+PROVIDER_RATE_WAITS = Counter(
+    "pushgw_provider_rate_waits_total",
+    "Times a worker waited for the shared provider rate ([policy.provider_rates]), by scope",
+    ["scope"],
+)
+SCHEDULED = Counter("pushgw_scheduled_total", "Messages accepted with a send_at in the future", ["source"])
+
+MAX_CATEGORY_LABELS = 64
+_categories: set[str] = set()
+
+
+def category_label(category: str) -> str:
+    """Categories come from upstream input: at most MAX_CATEGORY_LABELS distinct label values per
+    process, later ones are counted as "other", so a caller cannot blow up the series count."""
+    if category in _categories:
+        return category
+    if len(_categories) < MAX_CATEGORY_LABELS:
+        _categories.add(category)
+        return category
+    return "other"
 API_REQUESTS = Counter("pushgw_api_requests_total", "HTTP API requests by route and status", ["route", "status"])
 RECLAIMED = Counter("pushgw_reclaimed_entries_total", "Pending entries taken over from a dead consumer")
 

@@ -59,14 +59,15 @@ async def run_worker(settings: Settings, redis_url: str, consumer: str, stop: as
         loop.add_signal_handler(sig, stop.set)
     client = make_redis(redis_url)
     providers = build_providers(settings)
-    limiter = None
-    if settings.policy.enabled:
-        from pushgw.queue.keys import Keys
-        from pushgw.ratelimit.caps import FrequencyCaps
+    from pushgw.queue.keys import Keys
+    from pushgw.ratelimit.policy import DeliveryPolicy
+    from pushgw.ratelimit.provider_rate import rates_for
 
-        limiter = FrequencyCaps(client, Keys(settings.redis.prefix), settings.policy)
+    keys = Keys(settings.redis.prefix)
+    limiter = DeliveryPolicy(client, keys, settings.policy) if settings.policy.enabled else None
+    rates = rates_for(client, keys, settings.policy.provider_rates)
     try:
-        await Worker(settings, client, providers, consumer=consumer, limiter=limiter).run(stop)
+        await Worker(settings, client, providers, consumer=consumer, limiter=limiter, rates=rates).run(stop)
     finally:
         for p in providers.values():
             await p.close()

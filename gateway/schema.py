@@ -2,7 +2,7 @@
 
 A message names its audience (a `user` whose devices come from the registry, and/or explicit
 `devices`), its content (`title`, `body`, `data`), and how to deliver it (`category`, `priority`,
-`ttl`/`expires_at`, `collapse_key`, `app`). Validation collects every problem with the field at
+`ttl`/`expires_at`, `send_at`, `collapse_key`, `app`). Validation collects every problem with the field at
 fault, so a 4xx answer tells the caller exactly what to fix; nothing invalid is ever queued.
 """
 
@@ -22,6 +22,7 @@ SCHEMA_VERSION = 1
 PROVIDERS = ("apns", "fcm", "webpush")
 PRIORITIES = ("normal", "high")
 MAX_TTL_S = 28 * 24 * 3600  # APNs and FCM both keep a push at most four weeks
+MAX_SCHEDULE_S = 366 * 24 * 3600  # send_at at most a year ahead: a later date is a typo, not a plan
 MAX_ID_LEN = 128
 MAX_LABEL_LEN = 64
 MAX_DEVICES = 100
@@ -100,6 +101,7 @@ class Message:
     priority: Priority = "normal"
     ttl: int | None = None
     expires_at: float | None = None
+    send_at: float | None = None  # unix seconds: not before this time (queue/streams.py holds it until then)
     collapse_key: str | None = None
     campaign: str | None = None
     variant: str | None = None
@@ -113,12 +115,15 @@ class Message:
         """No visible alert: a background/data-only push."""
         return self.title is None and self.body is None
 
-    def expiry(self, now: float) -> float | None:
-        """Absolute unix time after which the push is useless, or None if it never expires."""
+    def expiry(self, accepted: float) -> float | None:
+        """Absolute unix time after which the push is useless, or None if it never expires.
+
+        `ttl` counts from `send_at` when the message is scheduled, else from `accepted` (the enqueue
+        time), so "remind me at 9:00, useless after 9:15" is `send_at` plus `ttl: 900`."""
         if self.expires_at is not None:
             return self.expires_at
         if self.ttl is not None:
-            return now + self.ttl
+            return max(accepted, self.send_at or 0.0) + self.ttl
         return None
 
     def with_devices(self, devices: tuple[Device, ...]) -> Message:
@@ -133,7 +138,7 @@ class Message:
             out["devices"] = [d.to_json() for d in self.devices]
         if self.app != "default":
             out["app"] = self.app
-        for name in ("title", "body", "collapse_key", "campaign", "variant", "ttl", "expires_at"):
+        for name in ("title", "body", "collapse_key", "campaign", "variant", "ttl", "expires_at", "send_at"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -234,7 +239,7 @@ def parse_device(obj: Any, where: str, errors: list[FieldError], endpoint_check:
 
 _KNOWN = {
     "v", "id", "user", "devices", "app", "title", "body", "data", "category", "priority",
-    "ttl", "expires_at", "collapse_key", "campaign", "variant",
+    "ttl", "expires_at", "send_at", "collapse_key", "campaign", "variant",
 }
 
 
@@ -304,6 +309,20 @@ def parse_message(
         else:
             expires_at = float(expires_at)
 
+    send_at = obj.get("send_at")
+    if send_at is not None:
+        clock = now if now is not None else time.time()
+        if isinstance(send_at, bool) or not isinstance(send_at, int | float) or send_at != send_at:
+            errors.append(FieldError("send_at", "must be a unix time in seconds"))
+            send_at = None
+        elif not internal and send_at > clock + MAX_SCHEDULE_S:
+            errors.append(FieldError("send_at", f"must be at most {MAX_SCHEDULE_S // 86400} days ahead"))
+            send_at = None
+        else:
+            send_at = float(send_at)  # in the past: due now (the sender's clock may be a little behind)
+            if isinstance(expires_at, float) and send_at >= expires_at:
+                errors.append(FieldError("send_at", "is at or after expires_at: the message could never be delivered"))
+
     devices: list[Device] = []
     devices_in = obj.get("devices", [])
     if not isinstance(devices_in, list):
@@ -336,6 +355,7 @@ def parse_message(
         priority=priority,
         ttl=ttl,
         expires_at=expires_at,
+        send_at=send_at,
         collapse_key=collapse_key,
         campaign=campaign,
         variant=variant,

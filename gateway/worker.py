@@ -2,14 +2,19 @@
 
 Where a message goes, in order:
 
-1. `read_new` takes a batch from the consumer group (after the worker first re-read its own
-   pending entries, and while a janitor claims the entries of dead consumers).
-2. `_plan` decodes each entry (poison → dead letter), drops expired ones, resolves the user's
-   devices from the registry (one pipelined round trip per batch) and skips devices a redelivered
-   entry already completed (done marks).
-3. Each delivery goes to its provider's lane: a semaphore bounds requests in flight per provider,
-   and a lane that is too far behind (a hung provider) parks new deliveries in the delay set
-   instead of letting them fill the worker, so one provider never stalls the others.
+1. `read_new` takes a batch from the consumer group, from both lanes' streams in one call, the
+   high lane first (after the worker first re-read its own pending entries, and while a janitor
+   claims the entries of dead consumers). With its normal capacity full, the worker still polls
+   the high lane into a reserve, so a campaign backlog never keeps a reminder out.
+2. `_dispatch` decodes each entry (poison → dead letter), drops expired ones, asks the policy
+   about first reads (opt-out, send window, caps: ratelimit/policy.py; one batch, one answer),
+   resolves the user's devices from the registry (one pipelined round trip per batch) and skips
+   devices a redelivered entry already completed (done marks).
+3. Each delivery goes to its provider's lane: the shared provider rate, if configured, is taken
+   first; then `PrioritySlots` bound requests in flight per provider and serve high-priority
+   deliveries first (gateway/slots.py); a lane too far behind (a hung provider) parks new
+   deliveries in the delay set instead of letting them fill the worker, so one provider never
+   stalls the others.
 4. `_settle` turns the typed outcome into writes: done mark, retry with backoff and full jitter
    (never before the provider's Retry-After), invalid-token removal and event, or dead letter.
 5. The flusher writes those and the acks of finished entries in one MULTI/EXEC every few ms.
@@ -34,16 +39,19 @@ from pushgw.gateway import metrics
 from pushgw.gateway.config import Settings
 from pushgw.gateway.registry import DeviceRegistry
 from pushgw.gateway.schema import Device, Message, MessageInvalid, loads_message
+from pushgw.gateway.slots import PrioritySlots
 from pushgw.providers.base import Delivered, Delivery, Outcome, Provider, Rejected, Retry, TokenInvalid
 from pushgw.queue.keys import Keys
-from pushgw.queue.streams import Commit, DeadLetter, Entry, StreamQueue
+from pushgw.queue.streams import LANES, Commit, DeadLetter, Entry, StreamQueue
 from pushgw.ratelimit.base import Defer, Drop, Limiter, Unlimited
 from pushgw.ratelimit.circuit import Circuit
 from pushgw.ratelimit.circuit import State as CircuitState
+from pushgw.ratelimit.provider_rate import SharedRate
 
 log = logging.getLogger("pushgw.worker")
 
 PARK_DELAY_S = 1.0  # how long a delivery for a saturated provider waits before it is tried again
+HIGH_POLL_S = 0.01  # with normal capacity full, how often the high lane is polled
 FLUSH_INTERVAL_S = 0.005
 FLUSH_MAX_ITEMS = 512
 POISON_KEEP_BYTES = 16384  # a poison entry is kept in the dead letters up to this size (it could be anything)
@@ -66,11 +74,12 @@ class _Job:
 
 @dataclass(slots=True)
 class _Lane:
-    """Per-provider concurrency: `sem` bounds requests in flight, `queued` counts waiting deliveries."""
+    """Per-provider concurrency: `slots` bound requests in flight, `queued` counts waiting deliveries."""
 
     provider: Provider
-    sem: asyncio.Semaphore
+    slots: PrioritySlots
     queued: int = 0
+    queued_high: int = 0
     circuits: dict[str, Circuit] = field(default_factory=dict)  # app -> circuit
 
 
@@ -85,6 +94,7 @@ class Worker:
         *,
         consumer: str,
         limiter: Limiter | None = None,
+        rates: Mapping[str, SharedRate] | None = None,
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
     ) -> None:
@@ -98,10 +108,12 @@ class Worker:
         self.registry = DeviceRegistry(redis, self.keys)
         self.consumer = consumer
         self.limiter: Limiter = limiter or Unlimited()
+        self.rates = dict(rates or {})  # "fcm" or "fcm:<app>" -> shared provider rate
         self.clock = clock
         self.rng = rng
         self.lanes = {
-            name: _Lane(p, asyncio.Semaphore(settings.providers.concurrency)) for name, p in providers.items()
+            name: _Lane(p, PrioritySlots(settings.providers.concurrency, self.ws.high_weight))
+            for name, p in providers.items()
         }
         self._commit = Commit([], [], [], [], [])
         self._commit_items = 0
@@ -136,12 +148,20 @@ class Worker:
         try:
             await self._recover_own_pending(stop)
             while not stop.is_set():
-                if not self._capacity.is_set():
-                    await _wait_either(self._capacity, stop)
-                    continue
-                room = max(1, self.ws.max_inflight - self._in_flight)
+                room = self.ws.max_inflight - self._in_flight
+                reserve = self.ws.max_inflight + self.ws.high_reserve - self._in_flight
                 try:
-                    entries = await self.queue.read_new(self.consumer, min(self.ws.batch_size, room), self.ws.block_ms)
+                    if room > 0:  # both lanes, blocking until either has entries
+                        entries = await self.queue.read_new(self.consumer, min(self.ws.batch_size, room), self.ws.block_ms)
+                    elif reserve > 0:  # normal capacity full: only the high lane, polled
+                        entries = await self.queue.read_new(
+                            self.consumer, min(self.ws.batch_size, reserve), None, lanes=("high",)
+                        )
+                        if not entries:
+                            await _sleep_or(stop, HIGH_POLL_S)
+                    else:
+                        await _wait_either(self._capacity, stop)
+                        continue
                 except (ConnectionError, OSError, aioredis.RedisError) as e:
                     log.warning("redis read failed, retrying", extra={"error": type(e).__name__})
                     await _sleep_or(stop, 0.5)
@@ -177,13 +197,14 @@ class Worker:
 
     async def _recover_own_pending(self, stop: asyncio.Event) -> None:
         """Entries this consumer read before a crash or restart come first (at-least-once)."""
-        after = "0"
-        while not stop.is_set():
-            entries = await self.queue.read_own_pending(self.consumer, self.ws.batch_size, after)
-            if not entries:
-                return
-            after = entries[-1].entry_id
-            await self._dispatch(entries)
+        for lane in LANES:
+            after = "0"
+            while not stop.is_set():
+                entries = await self.queue.read_own_pending(self.consumer, self.ws.batch_size, lane, after)
+                if not entries:
+                    break
+                after = entries[-1].entry_id
+                await self._dispatch(entries)
 
     async def _mover(self, stop: asyncio.Event) -> None:
         """Moves due retries back to the stream; atomic in Lua, so any number of workers may run it."""
@@ -208,20 +229,22 @@ class Worker:
                 # Heartbeat: entries still in flight here (a slow provider) must not look abandoned.
                 if self._jobs:
                     await self.queue.touch(self.consumer, list(self._jobs))
-                while self._in_flight < self.ws.max_inflight // 2:
-                    claimed = await self.queue.claim_stale(self.consumer, idle_ms, self.ws.batch_size)
-                    claimed = [e for e in claimed if e.entry_id not in self._jobs]
-                    if not claimed:
-                        break
-                    metrics.RECLAIMED.inc(len(claimed))
-                    log.info("reclaimed entries of a dead consumer", extra={"count": len(claimed)})
-                    await self._dispatch(claimed)
+                for lane in LANES:
+                    while self._in_flight < self.ws.max_inflight // 2:
+                        claimed = await self.queue.claim_stale(self.consumer, idle_ms, self.ws.batch_size, lane)
+                        claimed = [e for e in claimed if e.ref not in self._jobs]
+                        if not claimed:
+                            break
+                        metrics.RECLAIMED.inc(len(claimed))
+                        log.info("reclaimed entries of a dead consumer", extra={"count": len(claimed)})
+                        await self._dispatch(claimed)
                 rounds += 1
                 if rounds % 6 == 0:
                     await self.queue.trim()
                     await self.queue.delete_idle_consumers(idle_ms * 10)
                 stats = await self.queue.stats()
                 metrics.STREAM_LAG.set(stats.lag)
+                metrics.STREAM_LAG_HIGH.set(stats.lag_high)
                 metrics.STREAM_PENDING.set(stats.pending)
                 metrics.DELAYED.set(stats.delayed)
                 metrics.DLQ_LENGTH.set(stats.dead_letters)
@@ -242,7 +265,7 @@ class Worker:
                 continue
             expiry = msg.expiry(entry.enqueued_ms / 1000)
             if expiry is not None and expiry <= now:
-                metrics.SKIPPED.labels("expired").inc()
+                self._expired(msg)
                 self._ack(entry)
                 continue
             decoded.append((entry, msg))
@@ -257,18 +280,23 @@ class Worker:
             for (entry, msg), decision in zip(fresh, decisions, strict=True):
                 match decision:
                     case Defer(until=until, reason=reason):
-                        metrics.SKIPPED.labels(f"deferred_{reason}"[:40]).inc()
-                        self._commit.retries.append((until, msg, entry.attempt, entry.enqueued_ms))
+                        expiry = msg.expiry(entry.enqueued_ms / 1000)
+                        if expiry is not None and until >= expiry:
+                            self._expired(msg)  # it could only go out too late
+                        else:
+                            metrics.SKIPPED.labels("deferred").inc()
+                            self._commit.retries.append((until, msg, entry.attempt, entry.enqueued_ms))
                         self._ack(entry)
                     case Drop(reason=reason):
-                        metrics.SKIPPED.labels(f"dropped_{reason}"[:40]).inc()
+                        metrics.SKIPPED.labels("dropped").inc()
+                        log.info("dropped by policy", extra={"msg_id": msg.id, "reason": reason})
                         self._ack(entry)
                     case _:
                         admitted.append((entry, msg))
             decoded = admitted
         users = sorted({m.user for _, m in decoded if m.user and not m.resolved})
         registry = await self.registry.devices_many(users) if users else {}
-        redelivered = [e.entry_id for e, _ in decoded if e.redelivered]
+        redelivered = [e.ref for e, _ in decoded if e.redelivered]
         done = await self.queue.done_marks(redelivered) if redelivered else {}
 
         for entry, msg in decoded:
@@ -280,7 +308,7 @@ class Worker:
                 for d in reg:
                     devices.setdefault(d.key, d)
             if entry.redelivered:
-                finished = done.get(entry.entry_id, set())
+                finished = done.get(entry.ref, set())
                 if finished:
                     metrics.SKIPPED.labels("already_done").inc(len(finished & devices.keys()))
                 for k in finished:
@@ -289,10 +317,10 @@ class Worker:
                 metrics.SKIPPED.labels("no_device").inc()
                 self._ack(entry)
                 continue
-            if entry.entry_id in self._jobs:
+            if entry.ref in self._jobs:
                 continue  # already in flight here (claimed back while a provider was slow)
             job = _Job(entry, msg, len(devices), from_registry)
-            self._jobs[entry.entry_id] = job
+            self._jobs[entry.ref] = job
             for device in devices.values():
                 self._start(job, device)
 
@@ -301,9 +329,11 @@ class Worker:
         if lane is None:
             self._settle(job, device, Rejected(f"no {device.provider} provider is configured"), "none")
             return
-        if lane.queued >= self.ws.provider_backlog:
+        high = job.message.priority == "high"
+        if (lane.queued_high if high else lane.queued) >= self.ws.provider_backlog:
             # The provider is not keeping up (slow or hung): park this delivery without spending
-            # an attempt, so the worker keeps its capacity for the providers that answer.
+            # an attempt, so the worker keeps its capacity for the providers that answer. (High
+            # deliveries count only against each other: a bulk backlog never parks a reminder.)
             self._park(job, device, self.clock() + PARK_DELAY_S, "parked")
             return
         app = device.app or job.message.app
@@ -311,11 +341,13 @@ class Worker:
         if circuit is None:
             circuit = lane.circuits[app] = self._new_circuit(lane.provider.name, app)
         lane.queued += 1
+        lane.queued_high += high
         self._in_flight += 1
-        if self._in_flight >= self.ws.max_inflight:
+        if self._in_flight >= self.ws.max_inflight + self.ws.high_reserve:
             self._capacity.clear()
         self._idle.clear()
-        task = asyncio.create_task(self._deliver(lane, job, device, circuit, app))
+        rate = self.rates.get(f"{lane.provider.name}:{app}") or self.rates.get(lane.provider.name)
+        task = asyncio.create_task(self._deliver(lane, job, device, circuit, app, rate))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -323,7 +355,7 @@ class Worker:
         metrics.SKIPPED.labels(reason).inc()
         self._schedule_retry(job, device, until, job.entry.attempt, device.provider)
         if job.pending > 1:
-            self._commit.done.append((job.entry.entry_id, device.key))
+            self._commit.done.append((job.entry.ref, device.key))
         self._finish_one(job)
 
     def _new_circuit(self, provider: str, app: str) -> Circuit:
@@ -346,11 +378,17 @@ class Worker:
         if circuit.state is not before:
             self._m_circuit[(provider, app)].set(int(circuit.state))
 
-    async def _deliver(self, lane: _Lane, job: _Job, device: Device, circuit: Circuit, app: str) -> None:
+    async def _deliver(
+        self, lane: _Lane, job: _Job, device: Device, circuit: Circuit, app: str, rate: SharedRate | None
+    ) -> None:
         name = lane.provider.name
         outcome: Outcome | None = None
+        high = job.message.priority == "high"
         try:
-            async with lane.sem:
+            if rate is not None and not rate.take_now():
+                await rate.acquire()
+            await lane.slots.acquire(high)
+            try:
                 # The circuit is asked when a request could go out (not when the delivery was
                 # queued), so deliveries queued behind a failing run are parked, not sent.
                 if circuit.allow(self.clock()):
@@ -365,6 +403,8 @@ class Worker:
                         outcome = Retry(f"provider error: {type(e).__name__}")
                     finally:
                         gauge.dec()
+            finally:
+                lane.slots.release()
             if outcome is None:  # the provider is down for this app: wait for the probe, spending no attempt
                 self._park(job, device, circuit.retry_at(self.clock()) + self.rng() * PARK_DELAY_S, "circuit_open")
             else:
@@ -372,8 +412,9 @@ class Worker:
                 self._settle(job, device, outcome, name)
         finally:
             lane.queued -= 1
+            lane.queued_high -= high
             self._in_flight -= 1
-            if self._in_flight < self.ws.max_inflight:
+            if self._in_flight < self.ws.max_inflight + self.ws.high_reserve:
                 self._capacity.set()
             if self._in_flight == 0:
                 self._idle.set()
@@ -389,7 +430,7 @@ class Worker:
                 if provider in self._m_e2e:
                     self._m_e2e[provider].observe(max(0.0, self.clock() - entry.enqueued_ms / 1000))
                 if job.pending > 1:
-                    c.done.append((entry.entry_id, device.key))
+                    c.done.append((entry.ref, device.key))
                 log.debug("delivered", extra={"msg_id": msg.id, "provider": provider, "outcome": "delivered"})
             case Retry(reason=reason, after=after):
                 self._m_retry[provider].inc()
@@ -402,31 +443,35 @@ class Worker:
                     due = self.clock() + delay
                     expiry = msg.expiry(entry.enqueued_ms / 1000)
                     if expiry is not None and due >= expiry:
-                        metrics.SKIPPED.labels("expired").inc()
+                        self._expired(msg)
                         log.info("expired before retry", extra={"msg_id": msg.id, "provider": provider})
                     else:
                         self._m_retries[provider].inc()
                         self._schedule_retry(job, device, due, entry.attempt + 1, provider)
                 if job.pending > 1:
-                    c.done.append((entry.entry_id, device.key))
+                    c.done.append((entry.ref, device.key))
             case TokenInvalid(reason=reason):
                 self._m_invalid[provider].inc()
                 self._m_tokens[provider].inc()
                 user = msg.user if (device.key in job.registry_keys or msg.resolved) else None
                 c.invalid_tokens.append((user, device, reason))
                 if job.pending > 1:
-                    c.done.append((entry.entry_id, device.key))
+                    c.done.append((entry.ref, device.key))
                 log.info("token invalid", extra={"msg_id": msg.id, "provider": provider, "outcome": "token_invalid"})
             case Rejected(reason=reason):
                 self._m_rejected[provider].inc()
                 self._dead_letter(msg, device, f"rejected: {reason}", entry, provider)
                 if job.pending > 1:
-                    c.done.append((entry.entry_id, device.key))
+                    c.done.append((entry.ref, device.key))
         self._finish_one(job)
 
     def _schedule_retry(self, job: _Job, device: Device, due: float, attempt: int, provider: str) -> None:
         self._commit.retries.append((due, job.message.with_devices((device,)), attempt, job.entry.enqueued_ms))
         self._bump()
+
+    def _expired(self, msg: Message) -> None:
+        metrics.SKIPPED.labels("expired").inc()
+        metrics.POLICY.labels(metrics.category_label(msg.category), "expired", "dropped").inc()
 
     def _dead_letter(self, msg: Message, device: Device, reason: str, entry: Entry, provider: str) -> None:
         metrics.DEAD_LETTERS.labels(reason.split(":", 1)[0]).inc()
@@ -446,11 +491,11 @@ class Worker:
     def _finish_one(self, job: _Job) -> None:
         job.pending -= 1
         if job.pending == 0:
-            self._jobs.pop(job.entry.entry_id, None)
+            self._jobs.pop(job.entry.ref, None)
             self._ack(job.entry)
 
     def _ack(self, entry: Entry) -> None:
-        self._commit.acks.append(entry.entry_id)
+        self._commit.acks.append(entry.ref)
         self._bump()
 
     def _bump(self) -> None:

@@ -112,7 +112,9 @@ class DeadLetters:
             if todo:
                 async with self.redis.pipeline(transaction=True) as pipe:
                     for e in todo:
-                        pipe.xadd(self.keys.stream, {"m": orjson.dumps(e.message), "a": 1, "t": now_ms})
+                        high = isinstance(e.message, dict) and e.message.get("priority") == "high"
+                        pipe.xadd(self.keys.stream_high if high else self.keys.stream,
+                                  {"m": orjson.dumps(e.message), "a": 1, "t": now_ms})
                         pipe.xdel(self.keys.dead, e.entry_id)
                     await pipe.execute()
                 replayed += len(todo)

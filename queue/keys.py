@@ -11,8 +11,16 @@ class Keys:
 
     @property
     def stream(self) -> str:
-        """The work stream: one entry per message (or per retried delivery)."""
+        """The work stream of the normal lane: one entry per message (or per retried delivery)."""
         return f"{self.prefix}:stream"
+
+    @property
+    def stream_high(self) -> str:
+        """The work stream of the high lane (priority "high"): workers serve it first."""
+        return f"{self.prefix}:stream:high"
+
+    def lane_stream(self, lane: str) -> str:
+        return self.stream_high if lane == "high" else self.stream
 
     @property
     def group(self) -> str:
@@ -21,7 +29,9 @@ class Keys:
 
     @property
     def delayed(self) -> str:
-        """Sorted set of retries by due time; members are `attempt:enqueued_ms:uid`."""
+        """Sorted set of scheduled, deferred and retried messages by due time.
+
+        Members are `attempt:enqueued_ms:lane:uid` (lane `h` or `n`: the stream they return to)."""
         return f"{self.prefix}:delayed"
 
     @property
@@ -43,9 +53,17 @@ class Keys:
         """Marks a message id as accepted, for the idempotency window."""
         return f"{self.prefix}:idem:{message_id}"
 
-    def done(self, entry_id: str) -> str:
-        """Device keys of a stream entry whose delivery has settled (skipped if the entry is redelivered)."""
-        return f"{self.prefix}:done:{entry_id}"
+    def done(self, ref: str) -> str:
+        """Device keys of a stream entry (`Entry.ref`) whose delivery has settled (skipped if it is redelivered)."""
+        return f"{self.prefix}:done:{ref}"
+
+    def user(self, user: str) -> str:
+        """Hash of a user's stored preferences: time zone, opt-outs (gateway/profiles.py)."""
+        return f"{self.prefix}:user:{user}"
+
+    def provider_rate(self, scope: str) -> str:
+        """GCRA state (theoretical arrival time) of a provider-wide rate limit (ratelimit/provider_rate.py)."""
+        return f"{self.prefix}:rate:{scope}"
 
     def devices(self, user: str) -> str:
         """Hash device key -> device JSON: the user's registered devices."""

@@ -8,8 +8,11 @@ atomic Redis operation:
 - read: XREADGROUP in batches; an entry stays pending until its last delivery settles;
 - settle: acks, per-delivery done marks, retries, dead letters and invalid-token events of many
   entries go in one MULTI/EXEC (`commit`), so an entry is never acked without its retry;
-- retries wait in a sorted set; `move_due` (Lua) moves due ones back to the stream, atomically,
-  so two workers never move the same item;
+- two lanes, two streams: priority "high" entries go to their own stream, which workers read
+  first (the worker's weighted slots keep the normal lane from starving);
+- scheduled (`send_at`), deferred (policy) and retried messages wait in one sorted set by due
+  time; `move_due` (Lua) moves due ones to their lane's stream in batches, atomically, so two
+  workers never move the same item;
 - crash recovery: a worker first re-reads its own pending entries; a janitor claims entries of
   dead consumers (XAUTOCLAIM) after an idle timeout; done marks make a redelivered entry skip the
   devices already settled;
@@ -33,12 +36,25 @@ from redis.exceptions import ResponseError
 
 INVALID_TOKEN_EVENTS_MAXLEN = 1_000_000  # events are a feed for upstream services, not a record
 
-# KEYS: stream, idem key 1..n   ARGV: window_s, now_ms, payload 1..n   -> {1|0,...}
+LANES = ("high", "normal")  # read order: the high lane first (priority "high": reminders, transactional)
+
+# KEYS: normal stream, high stream, delayed zset, delayed data hash, idem key 1..n
+# ARGV: window_s, now_ms, then per message: payload, lane (h|n), due_ms (0: now)   -> {1|0,...}
+# A scheduled message (send_at ahead) goes to the delayed set with its due time as its enqueue time,
+# so its latency, ttl and caps membership count from when it was meant to go.
 _ENQUEUE = """
 local out = {}
-for i = 2, #KEYS do
+for i = 5, #KEYS do
+  local j = 3 + (i - 5) * 3
+  local payload, lane, due = ARGV[j], ARGV[j + 1], tonumber(ARGV[j + 2])
   if redis.call('SET', KEYS[i], ARGV[2], 'NX', 'EX', ARGV[1]) then
-    redis.call('XADD', KEYS[1], '*', 'm', ARGV[i + 1], 'a', '1', 't', ARGV[2])
+    if due > 0 then
+      local member = '1:' .. due .. ':' .. lane .. ':' .. KEYS[i]
+      redis.call('ZADD', KEYS[3], due / 1000, member)
+      redis.call('HSET', KEYS[4], member, payload)
+    else
+      redis.call('XADD', lane == 'h' and KEYS[2] or KEYS[1], '*', 'm', payload, 'a', '1', 't', ARGV[2])
+    end
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
@@ -47,20 +63,32 @@ end
 return out
 """
 
-# KEYS: delayed zset, delayed data hash, stream   ARGV: now (s), limit   -> moved count
+# KEYS: delayed zset, delayed data hash, normal stream, high stream   ARGV: now (s), limit   -> moved count
+# Members are attempt:enqueued_ms:lane:uid (older members without the lane go to the normal lane).
 _MOVE_DUE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 for _, member in ipairs(due) do
   local payload = redis.call('HGET', KEYS[2], member)
   if payload then
     local attempt, enq = string.match(member, '^(%d+):(%d+):')
-    redis.call('XADD', KEYS[3], '*', 'm', payload, 'a', attempt or '1', 't', enq or '0')
+    local lane = string.match(member, '^%d+:%d+:([hn]):')
+    redis.call('XADD', lane == 'h' and KEYS[4] or KEYS[3], '*', 'm', payload, 'a', attempt or '1', 't', enq or '0')
     redis.call('HDEL', KEYS[2], member)
   end
   redis.call('ZREM', KEYS[1], member)
 end
 return #due
 """
+
+
+def lane_of(message: Message) -> str:
+    return "high" if message.priority == "high" else "normal"
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    """`Entry.ref` -> (lane, stream entry id)."""
+    lane, sep, entry_id = ref.partition("/")
+    return (lane, entry_id) if sep else ("normal", ref)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +98,14 @@ class Entry:
     entry_id: str
     raw: bytes  # the message JSON
     attempt: int  # 1 for a first try; a retry entry carries the attempt it is
-    enqueued_ms: int  # when the message was first accepted (for end-to-end latency and ttl)
+    enqueued_ms: int  # when the message was first accepted, or became due (for end-to-end latency and ttl)
     redelivered: bool = False  # read again after a crash: some deliveries may have settled already
+    lane: str = "normal"
+
+    @property
+    def ref(self) -> str:
+        """Unique across lanes (ids of two streams may be equal): the id, prefixed `high/` in the high lane."""
+        return self.entry_id if self.lane == "normal" else f"{self.lane}/{self.entry_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +124,8 @@ class DeadLetter:
 class Commit:
     """Everything settled since the last flush; written in one MULTI/EXEC."""
 
-    acks: list[str] = field(default_factory=list)
-    done: list[tuple[str, str]] = field(default_factory=list)  # (entry id, device key)
+    acks: list[str] = field(default_factory=list)  # entry refs
+    done: list[tuple[str, str]] = field(default_factory=list)  # (entry ref, device key)
     retries: list[tuple[float, Message, int, int]] = field(default_factory=list)  # (due, message, attempt, enqueued_ms)
     dead: list[DeadLetter] = field(default_factory=list)
     invalid_tokens: list[tuple[str | None, Device, str]] = field(default_factory=list)  # (user, device, reason)
@@ -102,7 +136,8 @@ class Commit:
 
 @dataclass(frozen=True, slots=True)
 class QueueStats:
-    lag: int  # entries not yet read by any worker
+    lag: int  # entries not yet read by any worker (both lanes)
+    lag_high: int  # of which in the high lane
     pending: int  # entries read and not yet acknowledged
     delayed: int  # retries and deferred messages waiting for their time
     dead_letters: int
@@ -128,40 +163,52 @@ class StreamQueue:
         self.done_ttl_s = max(1, int(done_ttl_s))
         self._enqueue = redis.register_script(_ENQUEUE)
         self._move_due = redis.register_script(_MOVE_DUE)
-        self._claim_cursor = "0-0"
+        self._claim_cursor = {lane: "0-0" for lane in LANES}
+        self._lane_by_stream: dict[str | bytes, str] = {}
+        for lane in LANES:
+            self._lane_by_stream[keys.lane_stream(lane)] = self._lane_by_stream[keys.lane_stream(lane).encode()] = lane
 
     # ------------------------------------------------------------------ producers
 
     async def ensure_group(self) -> None:
-        """Create the stream and the group; from id 0, so messages enqueued before any worker ran are delivered."""
-        try:
-            await self.redis.xgroup_create(self.keys.stream, self.keys.group, id="0", mkstream=True)
-        except ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        """Create both lanes' streams and the group; from id 0, so messages enqueued before any worker ran are delivered."""
+        for lane in LANES:
+            try:
+                await self.redis.xgroup_create(self.keys.lane_stream(lane), self.keys.group, id="0", mkstream=True)
+            except ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
 
     async def enqueue(self, messages: Sequence[Message], now_ms: int | None = None) -> list[bool]:
-        """Queue validated messages in one round trip; False for an id already accepted within the window."""
+        """Queue validated messages in one round trip; False for an id already accepted within the window.
+
+        A message goes to its priority's lane; one with `send_at` ahead waits in the delayed set."""
         if not messages:
             return []
         now = int(time.time() * 1000) if now_ms is None else int(now_ms)
-        keys = [self.keys.stream, *(self.keys.idem(m.id) for m in messages)]
-        args: list[Any] = [self.idempotency_window_s, now, *(m.dumps() for m in messages)]
+        k = self.keys
+        keys = [k.stream, k.stream_high, k.delayed, k.delayed_data, *(k.idem(m.id) for m in messages)]
+        args: list[Any] = [self.idempotency_window_s, now]
+        for m in messages:
+            due = int(m.send_at * 1000) if m.send_at is not None and m.send_at * 1000 > now else 0
+            args += [m.dumps(), "h" if m.priority == "high" else "n", due]
         flags = await self._enqueue(keys=keys, args=args)
         return [bool(f) for f in flags]
 
-    async def enqueue_raw(self, fields: dict[str, bytes | str]) -> str:
+    async def enqueue_raw(self, fields: dict[str, bytes | str], lane: str = "normal") -> str:
         """Append an entry as-is (tests of poison entries; replays of dead letters)."""
-        return _s(await self.redis.xadd(self.keys.stream, fields))  # type: ignore[arg-type]
+        return _s(await self.redis.xadd(self.keys.lane_stream(lane), fields))  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ consumers
 
-    async def read_new(self, consumer: str, count: int, block_ms: int) -> list[Entry]:
-        """Entries never delivered to any consumer, up to `count`, waiting at most `block_ms`."""
+    async def read_new(
+        self, consumer: str, count: int, block_ms: int | None, lanes: Sequence[str] = LANES
+    ) -> list[Entry]:
+        """Entries never delivered to any consumer, up to `count` per lane, waiting at most `block_ms`
+        (None: not at all). One XREADGROUP over the lanes' streams; high-lane entries come first."""
+        streams = {self.keys.lane_stream(lane): ">" for lane in lanes}
         try:
-            reply = await self.redis.xreadgroup(
-                self.keys.group, consumer, {self.keys.stream: ">"}, count=count, block=block_ms
-            )
+            reply = await self.redis.xreadgroup(self.keys.group, consumer, streams, count=count, block=block_ms)  # type: ignore[arg-type]
         except ResponseError as e:
             if "NOGROUP" in str(e):  # Redis lost its data (no AOF) or someone deleted the stream
                 await self.ensure_group()
@@ -169,10 +216,10 @@ class StreamQueue:
             raise
         return await self._entries(reply, redelivered=False)
 
-    async def read_own_pending(self, consumer: str, count: int, after: str = "0") -> list[Entry]:
-        """This consumer's entries that were read but never acknowledged (it crashed or was killed)."""
+    async def read_own_pending(self, consumer: str, count: int, lane: str = "normal", after: str = "0") -> list[Entry]:
+        """This consumer's entries in `lane` that were read but never acknowledged (it crashed or was killed)."""
         try:
-            reply = await self.redis.xreadgroup(self.keys.group, consumer, {self.keys.stream: after}, count=count)
+            reply = await self.redis.xreadgroup(self.keys.group, consumer, {self.keys.lane_stream(lane): after}, count=count)
         except ResponseError as e:
             if "NOGROUP" in str(e):
                 await self.ensure_group()
@@ -180,36 +227,43 @@ class StreamQueue:
             raise
         return await self._entries(reply, redelivered=True)
 
-    async def claim_stale(self, consumer: str, idle_ms: int, count: int) -> list[Entry]:
+    async def claim_stale(self, consumer: str, idle_ms: int, count: int, lane: str = "normal") -> list[Entry]:
         """Take over entries another consumer has held for `idle_ms` without acknowledging (it died)."""
-        start = self._claim_cursor
+        stream = self.keys.lane_stream(lane)
+        start = self._claim_cursor[lane]
         while True:
             reply = await self.redis.xautoclaim(
-                self.keys.stream, self.keys.group, consumer, min_idle_time=idle_ms, start_id=start, count=count
+                stream, self.keys.group, consumer, min_idle_time=idle_ms, start_id=start, count=count
             )
             cursor = _s(reply[0])
-            entries = await self._entries([[self.keys.stream, reply[1]]], redelivered=True)
+            entries = await self._entries([[stream, reply[1]]], redelivered=True)
             deleted = reply[2] if len(reply) > 2 else []
             if deleted:  # trimmed or XDELed while pending: nothing left to deliver
-                await self.redis.xack(self.keys.stream, self.keys.group, *deleted)
-            self._claim_cursor = cursor
+                await self.redis.xack(stream, self.keys.group, *deleted)
+            self._claim_cursor[lane] = cursor
             if entries or cursor == "0-0":
                 return entries
             start = cursor
 
-    async def touch(self, consumer: str, entry_ids: Sequence[str]) -> None:
+    async def touch(self, consumer: str, refs: Sequence[str]) -> None:
         """Reset the idle time of entries this consumer is still working on, so no janitor claims them."""
-        for i in range(0, len(entry_ids), 1000):
-            chunk = entry_ids[i : i + 1000]
-            await self.redis.xclaim(self.keys.stream, self.keys.group, consumer, 0, list(chunk), justid=True)
+        by_lane: dict[str, list[str]] = {}
+        for ref in refs:
+            lane, entry_id = split_ref(ref)
+            by_lane.setdefault(lane, []).append(entry_id)
+        for lane, ids in by_lane.items():
+            for i in range(0, len(ids), 1000):
+                chunk: list[Any] = ids[i : i + 1000]
+                await self.redis.xclaim(self.keys.lane_stream(lane), self.keys.group, consumer, 0, chunk, justid=True)
 
     async def _entries(self, reply: Any, *, redelivered: bool) -> list[Entry]:
         out: list[Entry] = []
-        gone: list[Any] = []
-        for _stream, items in reply or []:
+        gone: dict[Any, list[Any]] = {}
+        for stream, items in sorted(reply or [], key=lambda r: self._lane_by_stream.get(r[0]) != "high"):
+            lane = self._lane_by_stream.get(stream, "normal")
             for entry_id, fields in items:
                 if not fields:  # pending entry whose data was deleted
-                    gone.append(entry_id)
+                    gone.setdefault(stream, []).append(entry_id)
                     continue
                 raw = fields.get(b"m") or fields.get("m") or b""
                 try:
@@ -217,20 +271,21 @@ class StreamQueue:
                     enq = int(fields.get(b"t") or fields.get("t") or 0)
                 except ValueError:
                     attempt, enq = 1, 0
-                out.append(Entry(_s(entry_id), raw if isinstance(raw, bytes) else raw.encode(), attempt, enq, redelivered))
-        if gone:
-            await self.redis.xack(self.keys.stream, self.keys.group, *gone)
+                raw_b = raw if isinstance(raw, bytes) else raw.encode()
+                out.append(Entry(_s(entry_id), raw_b, attempt, enq, redelivered, lane))
+        for stream, ids in gone.items():
+            await self.redis.xack(stream, self.keys.group, *ids)
         return out
 
-    async def done_marks(self, entry_ids: Sequence[str]) -> dict[str, set[str]]:
+    async def done_marks(self, refs: Sequence[str]) -> dict[str, set[str]]:
         """Device keys already settled for each of these (redelivered) entries; one round trip."""
-        if not entry_ids:
+        if not refs:
             return {}
         async with self.redis.pipeline(transaction=False) as pipe:
-            for eid in entry_ids:
-                pipe.smembers(self.keys.done(eid))
+            for ref in refs:
+                pipe.smembers(self.keys.done(ref))
             replies = await pipe.execute()
-        return {eid: {_s(k) for k in r} for eid, r in zip(entry_ids, replies, strict=True) if r}
+        return {ref: {_s(k) for k in r} for ref, r in zip(refs, replies, strict=True) if r}
 
     async def commit(self, c: Commit, now: float | None = None) -> None:
         """Write acks, done marks, retries, dead letters and token removals atomically (MULTI/EXEC)."""
@@ -241,16 +296,16 @@ class StreamQueue:
         async with self.redis.pipeline(transaction=True) as pipe:
             if c.done:
                 touched: set[str] = set()
-                for eid, device_key in c.done:
-                    pipe.sadd(k.done(eid), device_key)
-                    touched.add(eid)
-                for eid in touched:
-                    pipe.expire(k.done(eid), self.done_ttl_s)
+                for ref, device_key in c.done:
+                    pipe.sadd(k.done(ref), device_key)
+                    touched.add(ref)
+                for ref in touched:
+                    pipe.expire(k.done(ref), self.done_ttl_s)
             if c.retries:
                 scores: dict[str, float] = {}
                 data: dict[str, bytes] = {}
                 for due, msg, attempt, enq in c.retries:
-                    member = f"{attempt}:{enq}:{uuid.uuid4().hex}"
+                    member = f"{attempt}:{enq}:{'h' if msg.priority == 'high' else 'n'}:{uuid.uuid4().hex}"
                     scores[member] = due
                     data[member] = msg.dumps()
                 pipe.hset(k.delayed_data, mapping=data)  # type: ignore[arg-type]
@@ -274,26 +329,35 @@ class StreamQueue:
                 event = {"user": user or "", "key": device.key, "provider": device.provider, "reason": reason, "at": now_ms}
                 pipe.xadd(k.invalid_tokens, event, maxlen=INVALID_TOKEN_EVENTS_MAXLEN, approximate=True)  # type: ignore[arg-type]
             if c.acks:
-                pipe.xack(k.stream, k.group, *c.acks)
+                by_lane: dict[str, list[str]] = {}
+                for ref in c.acks:
+                    lane, entry_id = split_ref(ref)
+                    by_lane.setdefault(lane, []).append(entry_id)
+                for lane, ids in by_lane.items():
+                    pipe.xack(k.lane_stream(lane), k.group, *ids)
             await pipe.execute()
 
     # ------------------------------------------------------------------ scheduling and upkeep
 
     async def schedule(self, due: float, message: Message, attempt: int = 1, enqueued_ms: int | None = None) -> None:
-        """Put a message in the delayed set to enter the stream at `due` (unix seconds)."""
+        """Put a message in the delayed set to enter its lane's stream at `due` (unix seconds)."""
         enq = int(time.time() * 1000) if enqueued_ms is None else enqueued_ms
         await self.commit(Commit(retries=[(due, message, attempt, enq)]))
 
     async def move_due(self, now: float, limit: int = 1000) -> int:
-        """Move retries whose time has come back to the stream; atomic, safe with many workers."""
-        moved = await self._move_due(keys=[self.keys.delayed, self.keys.delayed_data, self.keys.stream], args=[now, limit])
+        """Move scheduled items whose time has come to their lane's stream; atomic (Lua), safe with many workers."""
+        k = self.keys
+        moved = await self._move_due(keys=[k.delayed, k.delayed_data, k.stream, k.stream_high], args=[now, limit])
         return int(moved)
 
     async def trim(self) -> int:
-        """Drop acknowledged history: everything before the oldest entry that is pending or not yet read."""
+        """Drop acknowledged history of both lanes: everything before the oldest entry pending or not yet read."""
+        return sum([await self._trim(self.keys.lane_stream(lane)) for lane in LANES])
+
+    async def _trim(self, stream: str) -> int:
         k = self.keys
         try:
-            groups = await self.redis.xinfo_groups(k.stream)
+            groups = await self.redis.xinfo_groups(stream)
         except ResponseError:
             return 0
         group = next((g for g in groups if _s(g.get("name")) == k.group), None)
@@ -301,7 +365,7 @@ class StreamQueue:
             return 0
         last = _s(group.get("last-delivered-id") or "0-0")
         floor = last
-        summary = await self.redis.xpending(k.stream, k.group)
+        summary = await self.redis.xpending(stream, k.group)
         if summary and summary.get("pending"):
             oldest = _s(summary["min"])
             if _id_lt(oldest, floor):
@@ -309,43 +373,54 @@ class StreamQueue:
         if floor == "0-0":
             return 0
         # MINID keeps every entry with id >= floor; entries below it were all read and acknowledged.
-        return int(await self.redis.xtrim(k.stream, minid=floor, approximate=False))
+        return int(await self.redis.xtrim(stream, minid=floor, approximate=False))
 
     async def delete_idle_consumers(self, idle_ms: int) -> int:
-        """Forget consumers that hold nothing and were idle this long (old process names pile up otherwise)."""
+        """Forget consumers that hold nothing in either lane and were idle this long (old process names pile up)."""
         k = self.keys
-        try:
-            consumers = await self.redis.xinfo_consumers(k.stream, k.group)
-        except ResponseError:
-            return 0
         removed = 0
-        for c in consumers:
-            if int(c.get("pending", 0)) == 0 and int(c.get("idle", 0)) > idle_ms:
-                await self.redis.xgroup_delconsumer(k.stream, k.group, _s(c["name"]))
-                removed += 1
+        for lane in LANES:
+            stream = k.lane_stream(lane)
+            try:
+                consumers = await self.redis.xinfo_consumers(stream, k.group)
+            except ResponseError:
+                continue
+            for c in consumers:
+                if int(c.get("pending", 0)) == 0 and int(c.get("idle", 0)) > idle_ms:
+                    await self.redis.xgroup_delconsumer(stream, k.group, _s(c["name"]))
+                    removed += 1
         return removed
 
     async def stats(self) -> QueueStats:
         k = self.keys
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xinfo_groups(k.stream)
+            for lane in LANES:
+                pipe.xinfo_groups(k.lane_stream(lane))
+                pipe.xlen(k.lane_stream(lane))
             pipe.zcard(k.delayed)
             pipe.xlen(k.dead)
-            pipe.xlen(k.stream)
-            groups, delayed, dead, length = await pipe.execute(raise_on_error=False)
-        lag = pending = 0
-        if isinstance(groups, list):
-            for g in groups:
-                if _s(g.get("name")) == k.group:
-                    pending = int(g.get("pending") or 0)
-                    raw_lag = g.get("lag")
-                    lag = int(raw_lag) if raw_lag is not None else int(length if isinstance(length, int) else 0)
+            replies = await pipe.execute(raise_on_error=False)
+        lags: dict[str, int] = {}
+        pending = length = 0
+        for i, lane in enumerate(LANES):
+            groups, n = replies[2 * i], replies[2 * i + 1]
+            n = int(n) if isinstance(n, int) else 0
+            length += n
+            lags[lane] = 0
+            if isinstance(groups, list):
+                for g in groups:
+                    if _s(g.get("name")) == k.group:
+                        pending += int(g.get("pending") or 0)
+                        raw_lag = g.get("lag")
+                        lags[lane] = int(raw_lag) if raw_lag is not None else n
+        delayed, dead = replies[-2], replies[-1]
         return QueueStats(
-            lag=lag,
+            lag=sum(lags.values()),
+            lag_high=lags["high"],
             pending=pending,
             delayed=int(delayed) if isinstance(delayed, int) else 0,
             dead_letters=int(dead) if isinstance(dead, int) else 0,
-            length=int(length) if isinstance(length, int) else 0,
+            length=length,
         )
 
 

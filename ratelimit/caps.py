@@ -32,59 +32,55 @@ from pushgw.queue.keys import Keys
 from pushgw.ratelimit.base import ADMIT, Decision, Defer, Drop
 
 # KEYS: per message, its cap key and its burst key ("" when the rule does not apply).
-# ARGV: now_ms, then per message: id, cap_limit, cap_period_ms, burst_limit, burst_period_ms.
+# ARGV: now_ms, burst_limit, burst_period_ms, then per message: member id, cap limit, cap period ms.
 # Returns per message: 0 admitted, else the ms time the blocking rule frees a slot, negated when
 # the blocking rule is the burst limit (so the caller knows which rule said no).
+# Each key is read (its time, trimmed, counted) once per batch and expired once at the end: a
+# learner with many messages in one batch costs one ZADD per message, not a round of six calls.
 _DECIDE = """
 local now = tonumber(ARGV[1])
-local out = {}
-local seen = {}
+local burst_limit, burst_period = tonumber(ARGV[2]), tonumber(ARGV[3])
+local out, seen = {}, {}
+local key_t, key_n, key_ttl = {}, {}, {}
 -- A worker whose clock lags behind another's must not see an emptier window than the later one
 -- saw: each key's time only moves forward (the newest score in it is a floor for "now").
-local function key_now(key)
+local function open(key, period)
+  if key_t[key] then return end
+  local t = now
   local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-  if newest[2] and tonumber(newest[2]) > now then return tonumber(newest[2]) end
-  return now
-end
-local function check(key, limit, period, id, t)
-  if key == '' or limit <= 0 then return 0 end
+  if newest[2] and tonumber(newest[2]) > now then t = tonumber(newest[2]) end
   redis.call('ZREMRANGEBYSCORE', key, '-inf', t - period)
-  if redis.call('ZSCORE', key, id) then return 0 end
-  local n = redis.call('ZCARD', key)
+  key_t[key], key_n[key] = t, redis.call('ZCARD', key)
+end
+local function check(key, limit, period, id)
+  if key == '' or limit <= 0 then return 0 end
+  open(key, period)
+  local n = key_n[key]
   if n < limit then return 0 end
+  if redis.call('ZSCORE', key, id) then return 0 end
   local oldest = redis.call('ZRANGE', key, n - limit, n - limit, 'WITHSCORES')
   return tonumber(oldest[2]) + period
 end
+local function add(key, period, id)
+  if key == '' then return end
+  local t = key_t[key]
+  key_n[key] = key_n[key] + redis.call('ZADD', key, 'NX', t, id)
+  key_ttl[key] = period + math.max(0, t - now) + 1000
+end
 for i = 1, #KEYS / 2 do
-  local base = 1 + (i - 1) * 5
-  local id = ARGV[base + 1]
-  local cap_key, burst_key = KEYS[2 * i - 1], KEYS[2 * i]
-  local cap_limit, cap_period = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
-  local burst_limit, burst_period = tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
-  local cap_on = cap_key ~= '' and cap_limit > 0
-  local burst_on = burst_key ~= '' and burst_limit > 0
-  local cap_t = cap_on and key_now(cap_key) or now
-  local burst_t = burst_on and key_now(burst_key) or now
-  local cap_until, burst_until
-  if seen[id] then
-    -- the same message twice in one batch: the second is new to the caps, not already counted
-    cap_until = check(cap_key, cap_limit, cap_period, id .. '#' .. i, cap_t)
-    burst_until = check(burst_key, burst_limit, burst_period, id .. '#' .. i, burst_t)
-    id = id .. '#' .. i
-  else
-    cap_until = check(cap_key, cap_limit, cap_period, id, cap_t)
-    burst_until = check(burst_key, burst_limit, burst_period, id, burst_t)
-  end
+  local base = 4 + (i - 1) * 3
+  local id = ARGV[base]
+  if seen[id] then id = id .. '#' .. i end  -- the same message twice in one batch: the second is new
   seen[id] = true
+  local cap_key, burst_key = KEYS[2 * i - 1], KEYS[2 * i]
+  local cap_limit, cap_period = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
+  if burst_limit <= 0 then burst_key = '' end
+  if cap_limit <= 0 then cap_key = '' end
+  local cap_until = check(cap_key, cap_limit, cap_period, id)
+  local burst_until = check(burst_key, burst_limit, burst_period, id)
   if cap_until == 0 and burst_until == 0 then
-    if cap_on then
-      redis.call('ZADD', cap_key, 'NX', cap_t, id)
-      redis.call('PEXPIRE', cap_key, cap_period + math.max(0, cap_t - now) + 1000)
-    end
-    if burst_on then
-      redis.call('ZADD', burst_key, 'NX', burst_t, id)
-      redis.call('PEXPIRE', burst_key, burst_period + math.max(0, burst_t - now) + 1000)
-    end
+    add(cap_key, cap_period, id)
+    add(burst_key, burst_period, id)
     out[i] = 0
   elseif cap_until >= burst_until then
     out[i] = cap_until
@@ -92,6 +88,7 @@ for i = 1, #KEYS / 2 do
     out[i] = -burst_until
   end
 end
+for key, ttl in pairs(key_ttl) do redis.call('PEXPIRE', key, ttl) end
 return out
 """
 
@@ -105,22 +102,26 @@ class FrequencyCaps:
         self._caps = {c.category: c for c in policy.caps}
         self._script = redis.register_script(_DECIDE)
         self._burst_ms = int(policy.user_period_s * 1000)
+        self._period_ms = {c.category: int(c.period_s * 1000) for c in policy.caps}
 
     async def decide(
         self, messages: Sequence[Message], now: float, members: Sequence[str] | None = None
     ) -> list[Decision]:
         out: list[Decision] = [ADMIT] * len(messages)
         keys: list[str] = []
-        args: list[Any] = [int(now * 1000)]
+        args: list[Any] = [int(now * 1000), self._policy.user_limit, self._burst_ms]
         index: list[int] = []
+        burst_on = self._policy.user_limit > 0
         for i, m in enumerate(messages):
             if m.user is None or m.resolved:
                 continue  # device-targeted sends and retries of admitted messages are not limited
             cap = self._caps.get(m.category)
+            if cap is None and not burst_on:
+                continue
             keys.append(self._keys.cap(m.user, m.category) if cap else "")
-            keys.append(self._keys.burst(m.user) if self._policy.user_limit else "")
-            args += [members[i] if members is not None else m.id, cap.limit if cap else 0, int(cap.period_s * 1000) if cap else 0,
-                     self._policy.user_limit, self._burst_ms]
+            keys.append(self._keys.burst(m.user) if burst_on else "")
+            member = members[i] if members is not None else m.id
+            args += [member, cap.limit, self._period_ms[m.category]] if cap else [member, 0, 0]
             index.append(i)
         if not index:
             return out
@@ -132,13 +133,13 @@ class FrequencyCaps:
             m = messages[i]
             if until_ms < 0:
                 out[i] = Defer(-until_ms / 1000, "burst")
-                metrics.POLICY.labels(m.category, "burst", "deferred").inc()
+                metrics.POLICY.labels(metrics.category_label(m.category), "burst", "deferred").inc()
                 continue
             cap = self._caps[m.category]
             if cap.over == "drop":
                 out[i] = Drop(f"cap_{m.category}")
-                metrics.POLICY.labels(m.category, "cap", "dropped").inc()
+                metrics.POLICY.labels(metrics.category_label(m.category), "cap", "dropped").inc()
             else:
                 out[i] = Defer(until_ms / 1000, f"cap_{m.category}")
-                metrics.POLICY.labels(m.category, "cap", "deferred").inc()
+                metrics.POLICY.labels(metrics.category_label(m.category), "cap", "deferred").inc()
         return out

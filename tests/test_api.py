@@ -65,7 +65,8 @@ async def error(resp: ClientResponse, status: int, code: str) -> dict[str, Any]:
 
 
 async def queued(redis: aioredis.Redis) -> list[Message]:
-    entries = await redis.xrange(Keys("apitest").stream)
+    k = Keys("apitest")
+    entries = [*await redis.xrange(k.stream_high), *await redis.xrange(k.stream)]  # both lanes, high first
     return [loads_message(fields[b"m"]) for _, fields in entries]
 
 

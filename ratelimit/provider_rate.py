@@ -1,0 +1,92 @@
+"""A request rate per provider (or provider and app) shared by every worker on every host.
+
+FCM grants a project 600k messages a minute by default; APNs and push services answer 429 when a
+sender goes too fast. A per-process limit would multiply with the number of workers, so the rate
+lives in Redis as GCRA state (one "theoretical arrival time" per scope). Asking Redis for every
+request would cost a round trip per push, so a worker reserves a small block of requests at a
+time (about 20 ms worth) and spends it locally; a block it does not spend within a second lapses
+(so a worker that went quiet cannot later burst above the rate). Over any interval T the scope
+sends at most rate * T + one block per worker, and never more than the rate on average.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as aioredis
+from pushgw.gateway import metrics
+from pushgw.queue.keys import Keys
+
+# KEYS: tat key   ARGV: now_ms, interval_ms (float), wanted, burst_ms   -> {granted, wait_ms}
+_RESERVE = """
+local now, interval = tonumber(ARGV[1]), tonumber(ARGV[2])
+local wanted, burst = tonumber(ARGV[3]), tonumber(ARGV[4])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local room = math.floor((now + burst - tat) / interval)
+if room < 1 then
+  return {0, math.ceil(tat + interval - burst - now)}
+end
+local granted = math.min(wanted, room)
+tat = tat + granted * interval
+redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.ceil(tat - now + burst) + 1000)
+return {granted, 0}
+"""
+
+BLOCK_S = 0.02  # a reservation covers about this much of the rate
+LAPSE_S = 1.0  # unspent requests of a reservation are given up after this long
+
+
+class SharedRate:
+    """`await acquire()` before each request; waits as long as the shared rate requires."""
+
+    def __init__(
+        self, redis: aioredis.Redis, keys: Keys, scope: str, rate_per_s: float,
+        clock: Callable[[], float] = time.time, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.scope = scope
+        self.rate = rate_per_s
+        self._key = keys.provider_rate(scope)
+        self._script = redis.register_script(_RESERVE)
+        self._interval_ms = 1000.0 / rate_per_s
+        self._block = max(1, min(256, int(rate_per_s * BLOCK_S)))
+        self._burst_ms = self._block * self._interval_ms
+        self._clock = clock
+        self._sleep = sleep
+        self._tokens = 0
+        self._valid_until = 0.0
+        self._lock = asyncio.Lock()
+        self._waits = metrics.PROVIDER_RATE_WAITS.labels(scope)
+
+    def take_now(self) -> bool:
+        """Take a request from this process's reservation without waiting; False when it is spent."""
+        if self._tokens > 0 and self._clock() < self._valid_until:
+            self._tokens -= 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.take_now():
+            return
+        waited = False
+        async with self._lock:  # one reservation in flight per process; the others wait for it
+            while not self.take_now():
+                now = self._clock()
+                granted, wait_ms = await self._script(
+                    keys=[self._key], args=[int(now * 1000), self._interval_ms, self._block, self._burst_ms]
+                )
+                if int(granted) > 0:
+                    self._tokens, self._valid_until = int(granted), now + LAPSE_S
+                    continue
+                waited = True
+                await self._sleep(max(0.001, int(wait_ms) / 1000))
+        if waited:
+            self._waits.inc()
+
+
+def rates_for(redis: aioredis.Redis, keys: Keys, rates: tuple[tuple[str, float], ...]) -> dict[str, SharedRate]:
+    """`[policy.provider_rates]` as limiters keyed by scope ("fcm" or "fcm:<app>")."""
+    return {scope: SharedRate(redis, keys, scope, rate) for scope, rate in rates if rate > 0 and math.isfinite(rate)}
