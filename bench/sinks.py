@@ -2,10 +2,12 @@
 
 Fast mode: one nginx (C, from Debian's packages) serving the three providers' wire formats over
 TLS: APNs on HTTP/2 with ALPN h2 echoing apns-id, FCM v1 (its token endpoint and messages:send)
-and Web Push on HTTPS. nginx is never the bottleneck (its own ceiling is measured with h2load and
-printed beside the result). Its access logs are the receipt records: the APNs log keeps apns-id
-(one per message and device), the FCM log keeps the request body (message id and token), the Web
-Push log keeps the subscription path, each with the receipt time.
+on HTTP/2 and HTTP/1.1 by ALPN as Google serves it (the provider sends over HTTP/2, the OAuth2
+token request comes over HTTP/1.1), and Web Push on HTTPS. nginx is never the bottleneck (its
+own ceiling is measured with h2load and printed beside the result). Its access logs are the
+receipt records: the APNs log keeps apns-id (one per message and device), the FCM log keeps the
+request body (message id and token), the Web Push log keeps the subscription path, each with the
+receipt time.
 
 Strict mode uses the protocol-checking fakes (providers/fakes) instead: slower, but every request
 is verified (JWTs, OAuth2, VAPID, decryption) under load.
@@ -84,6 +86,7 @@ http {{
   log_format fcm escape=json '$msec $status $request_body';
   log_format webpush '$msec $status $uri';
   upstream ok {{ server 127.0.0.1:{self.backend_port}; keepalive 64; }}
+  # nginx 1.22 (Debian 12) takes HTTP/2 as a listen parameter; "http2 on;" needs nginx >= 1.25.1.
   server {{
     listen 127.0.0.1:{self.apns_port} ssl http2; {tls}
     location /3/device/ {{
@@ -93,7 +96,7 @@ http {{
     }}
   }}
   server {{
-    listen 127.0.0.1:{self.fcm_port} ssl; {tls}
+    listen 127.0.0.1:{self.fcm_port} ssl http2; {tls}
     location = /token {{ default_type application/json; return 200 '{FCM_TOKEN_BODY}'; }}
     location /v1/projects/ {{
       access_log {d}/fcm.log fcm buffer=256k flush=200ms;
@@ -184,7 +187,7 @@ http {{
 
 
 def sink_ceiling(sinks: NginxSinks, seconds: float = 3.0) -> dict[str, float]:
-    """Requests/s nginx serves with h2load (C) as the client: APNs over HTTP/2, FCM over HTTP/1.1."""
+    """Requests/s nginx serves with h2load (C) as the client: APNs and FCM over HTTP/2, as the providers send."""
     h2load = shutil.which("h2load")
     if h2load is None:
         return {}
@@ -195,7 +198,8 @@ def sink_ceiling(sinks: NginxSinks, seconds: float = 3.0) -> dict[str, float]:
         "apns": [h2load, "-D", str(max(1, int(seconds))), "-c", "4", "-m", "100",
                  "-H", "apns-id: 00000000-0000-0000-0000-000000000000", "-d", str(body),
                  f"https://127.0.0.1:{sinks.apns_port}/3/device/{'0' * 64}"],
-        "fcm": [h2load, "--h1", "-D", str(max(1, int(seconds))), "-c", "64", "-d", str(body),
+        "fcm": [h2load, "-D", str(max(1, int(seconds))), "-c", "4", "-m", "100",
+                "-H", "content-type: application/json; charset=UTF-8", "-d", str(body),
                 f"https://127.0.0.1:{sinks.fcm_port}/v1/projects/bench/messages:send"],
     }
     for name, cmd in runs.items():

@@ -354,6 +354,9 @@ def create_app(settings: Settings, redis: aioredis.Redis) -> web.Application:
     app.router.add_get("/v1/deadletters", r.dead_letters)
     app.router.add_post("/v1/deadletters/replay", r.replay)
     app.router.add_get("/v1/events/invalid-tokens", r.invalid_tokens)
+    from pushgw.gateway.campaign_routes import add_routes
+
+    add_routes(app, auth)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)

@@ -1,4 +1,5 @@
-"""`pushgw`: the command line. Subcommands: demo, serve, worker, api, send, dlq, devices, vapid-keygen.
+"""`pushgw`: the command line. Subcommands: demo, serve, worker, api, send, dlq, devices, prefs, users, templates,
+campaigns, events, vapid-keygen.
 
 With no Redis configured (`redis.url` / PUSHGW_REDIS_URL empty) every command uses the embedded
 Redis in `redis.embedded_dir`: it joins the one a running `pushgw serve` started, or starts it.
@@ -163,6 +164,7 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
         obj = {k: v for k, v in {
             "user": args.user, "title": args.title, "body": args.body, "category": args.category,
             "priority": args.priority, "ttl": args.ttl, "id": args.id, "send_at": args.send_at,
+            "template": args.template, "vars": json.loads(args.vars) if args.vars else None,
         }.items() if v is not None}
     messages = obj if isinstance(obj, list) else [obj]
 
@@ -247,6 +249,144 @@ def cmd_prefs(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _read_json(path: str) -> Any:
+    """A JSON document from a file or stdin (-), or JSON lines when the file ends in .jsonl."""
+    raw = sys.stdin.read() if path == "-" else Path(path).read_text()
+    if path.endswith(".jsonl"):
+        return [json.loads(line) for line in raw.splitlines() if line.strip()]
+    return json.loads(raw)
+
+
+def _campaign_command(settings: Settings, fn: Any) -> int:
+    """Run `fn(client, redis)`; validation errors and refusals print to stderr with exit status 2."""
+    from pushgw.campaigns.fanout import CampaignError
+    from pushgw.campaigns.report import ChartUnavailable
+    from pushgw.campaigns.templates import RenderError
+    from pushgw.gateway.client import PushClient
+    from pushgw.gateway.schema import MessageInvalid
+
+    async def go(redis: Any) -> Any:
+        return await fn(PushClient(redis, settings), redis)
+
+    try:
+        out = asyncio.run(_with_client(settings, go))
+    except MessageInvalid as e:
+        sys.stderr.write("error: rejected:\n" + "".join(f"  {err}\n" for err in e.errors))
+        return 2
+    except (CampaignError, RenderError, ChartUnavailable, TimeoutError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    except (OSError, json.JSONDecodeError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    if isinstance(out, str):
+        sys.stdout.write(out)
+    elif out is not None:
+        _print(out)
+    return 0
+
+
+def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
+    async def go(client: Any, redis: Any) -> Any:
+        if args.action == "import":
+            rows = _read_json(args.target)
+            return {"imported": await client.import_attributes(
+                [(r.get("user"), r.get("attributes")) if isinstance(r, dict) else (None, None) for r in rows])}
+        if args.action == "set":
+            attrs = json.loads(args.attributes or "{}")
+            return (await client.set_attributes(args.target, attrs, replace=args.replace)).to_json()
+        return (await client.attributes(args.target)).to_json()
+
+    return _campaign_command(settings, go)
+
+
+def cmd_templates(args: argparse.Namespace, settings: Settings) -> int:
+    async def go(client: Any, redis: Any) -> Any:
+        from pushgw.campaigns.templates import Templates
+        from pushgw.queue.keys import Keys
+
+        templates = Templates(redis, Keys(settings.redis.prefix))
+        if args.action == "list":
+            return await templates.names()
+        if args.action == "put":
+            return (await client.save_template(args.name, _read_json(args.file))).to_json()
+        if args.action == "render":
+            r = await client.render_template(args.name, json.loads(args.vars or "{}"), args.locale)
+            return {"locale": r.locale, "title": r.title, "body": r.body, "data": r.data}
+        t = await templates.require(args.name, "name")
+        return t.to_json()
+
+    if args.action in ("put", "show", "render") and not args.name:
+        sys.stderr.write(f"error: templates {args.action} needs a template name\n")
+        return 2
+    if args.action == "put" and not args.file:
+        sys.stderr.write("error: templates put NAME FILE.json\n")
+        return 2
+    return _campaign_command(settings, go)
+
+
+def cmd_campaigns(args: argparse.Namespace, settings: Settings) -> int:
+    async def go(client: Any, redis: Any) -> Any:
+        from pushgw.campaigns.fanout import CampaignStore, FanoutRunner
+        from pushgw.campaigns.report import format_report
+        from pushgw.queue.keys import Keys
+
+        store = CampaignStore(redis, Keys(settings.redis.prefix))
+        if args.action == "list":
+            return await store.ids()
+        if args.action == "create":
+            return (await client.create_campaign(_read_json(args.target))).to_json()
+        if args.action == "run":
+            return {"finished": await FanoutRunner(redis, settings).run_pending()}
+        if args.action == "launch":
+            if args.percent is None:
+                sys.stderr.write("error: campaigns launch ID --percent P (10: a pilot; 100: everyone)\n")
+                return None
+            return await client.launch_campaign(args.target, args.percent, json.loads(args.weights) if args.weights else None)
+        if args.action == "status":
+            if args.wait:
+                return await client.wait_for_fanout(args.target, timeout_s=args.timeout)
+            return await client.campaign_status(args.target)
+        if args.action == "report":
+            report = await client.campaign_report(args.target)
+            if args.chart:
+                from pushgw.campaigns.report import chart_png
+
+                png = chart_png(report)
+                await asyncio.to_thread(Path(args.chart).write_bytes, png)
+            return report if args.json else format_report(report)
+        s = await store.require(args.target)
+        return s.campaign.to_json() | {"stage_percent": s.stage_percent}
+
+    if args.action not in ("list", "run") and not args.target:
+        sys.stderr.write(f"error: campaigns {args.action} needs {'a file' if args.action == 'create' else 'a campaign id'}\n")
+        return 2
+    if args.action == "launch" and args.percent is None:
+        sys.stderr.write("error: campaigns launch ID --percent P (10: a pilot; 100: everyone)\n")
+        return 2
+    return _campaign_command(settings, go)
+
+
+def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
+    async def go(client: Any, redis: Any) -> Any:
+        from pushgw.campaigns.events import summary
+
+        if args.action == "import":
+            events = _read_json(args.file)
+            results: list[dict[str, Any]] = []
+            for i in range(0, len(events), 1000):
+                results += await client.report_events(events[i:i + 1000])
+            return summary(results)
+        event = {k: v for k, v in {"type": args.type, "message_id": args.message_id, "campaign": args.campaign,
+                                   "user": args.user}.items() if v is not None}
+        return (await client.report_events([event]))[0]
+
+    if args.action == "import" and not args.file:
+        sys.stderr.write("error: events import FILE.jsonl\n")
+        return 2
+    return _campaign_command(settings, go)
+
+
 def cmd_vapid_keygen(args: argparse.Namespace, settings: Settings) -> int:
     from pushgw.providers.vapid import application_server_key, load_vapid_key, make_vapid_key
 
@@ -308,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ttl", type=int)
     s.add_argument("--send-at", type=float, dest="send_at", help="unix seconds: hold the message until then")
     s.add_argument("--id")
+    s.add_argument("--template", help="a saved template instead of --title/--body, rendered for the user's locale")
+    s.add_argument("--vars", help='the template\'s variables as JSON, e.g. \'{"score": "87"}\'')
     s.set_defaults(fn=cmd_send)
 
     q = sub.add_parser("dlq", help="dead letters: list, count, replay, purge")
@@ -334,6 +476,41 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--opt-out", metavar="CATEGORIES",
                    help="comma-separated categories the user opted out of (replaces the list; '' clears it)")
     f.set_defaults(fn=cmd_prefs)
+
+    u = sub.add_parser("users", help="learner attributes: set USER --attributes JSON, show USER, import FILE.jsonl")
+    u.add_argument("action", choices=["set", "show", "import"])
+    u.add_argument("target", help="a user id (set, show) or a JSON lines file of {user, attributes} (import)")
+    u.add_argument("--attributes", help='JSON, e.g. \'{"cohort": "intermediate", "locale": "fr"}\'')
+    u.add_argument("--replace", action="store_true", help="set: replace all attributes (default: change those named)")
+    u.set_defaults(fn=cmd_users)
+
+    t = sub.add_parser("templates", help="message templates: put NAME FILE.json, show NAME, list, render NAME")
+    t.add_argument("action", choices=["put", "show", "list", "render"])
+    t.add_argument("name", nargs="?")
+    t.add_argument("file", nargs="?", help="put: the template JSON (or - for stdin)")
+    t.add_argument("--vars", help="render: JSON object of variables")
+    t.add_argument("--locale", help="render: the learner's locale, e.g. fr")
+    t.set_defaults(fn=cmd_templates)
+
+    c = sub.add_parser("campaigns", help="campaigns: create FILE.json, list, show, launch, status, report, run")
+    c.add_argument("action", choices=["create", "list", "show", "launch", "status", "report", "run"])
+    c.add_argument("target", nargs="?", help="a campaign id (create: the campaign JSON file)")
+    c.add_argument("--percent", type=float, help="launch: the stage, e.g. 10 for a pilot, 100 for rollout")
+    c.add_argument("--weights", help='launch: this stage\'s weights, e.g. \'{"social": 1}\' to roll out the winner')
+    c.add_argument("--wait", action="store_true", help="status: wait until the fan-out is done")
+    c.add_argument("--timeout", type=float, default=600.0, help="status --wait: at most this many seconds")
+    c.add_argument("--json", action="store_true", help="report: JSON instead of a table")
+    c.add_argument("--chart", help="report: also write a PNG chart here (needs matplotlib)")
+    c.set_defaults(fn=cmd_campaigns)
+
+    e = sub.add_parser("events", help="app events for campaign reports: send one, or import FILE.jsonl")
+    e.add_argument("action", choices=["send", "import"])
+    e.add_argument("file", nargs="?", help="import: JSON lines of events")
+    e.add_argument("--type", choices=["opened", "clicked", "converted", "dismissed", "opt_out"])
+    e.add_argument("--message-id", dest="message_id")
+    e.add_argument("--campaign")
+    e.add_argument("--user")
+    e.set_defaults(fn=cmd_events)
 
     k = sub.add_parser("vapid-keygen", help="write a new VAPID (P-256) private key")
     k.add_argument("directory")

@@ -9,10 +9,18 @@ Same validation, limits and idempotency as the API (both go through `gateway.int
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from pushgw.campaigns.audiences import Attributes, UserAttributes, count, parse_audience
+from pushgw.campaigns.events import EventRecorder
+from pushgw.campaigns.experiments import Campaign
+from pushgw.campaigns.fanout import CampaignStore
+from pushgw.campaigns.report import campaign_report, chart_png
+from pushgw.campaigns.templates import Rendered, Template, Templates
 from pushgw.gateway.config import Settings
 from pushgw.gateway.intake import Intake
 from pushgw.gateway.profiles import Preferences, Profiles
@@ -31,6 +39,7 @@ class PushClient:
         self.redis = redis
         self._intake = Intake(redis, settings, source="client")
         self._profiles = Profiles(redis, self._intake.keys)
+        self._campaigns = CampaignStore(redis, self._intake.keys)
         self._owns = owns_redis
 
     @classmethod
@@ -73,6 +82,86 @@ class PushClient:
 
     async def preferences(self, user: str) -> Preferences:
         return await self._profiles.get(user)
+
+    # ------------------------------------------------------------------ campaigns (campaigns/*)
+
+    async def set_attributes(self, user: str, attributes: dict[str, Any], *, replace: bool = False) -> Attributes:
+        """A learner's cohort, track, skills, locale, time zone, topics, first name, vars (PATCH; `replace`: PUT)."""
+        return await UserAttributes(self.redis, self._intake.keys).update(user, attributes, merge=not replace)
+
+    async def attributes(self, user: str) -> Attributes:
+        return await UserAttributes(self.redis, self._intake.keys).get(user)
+
+    async def import_attributes(self, learners: Iterable[tuple[str, dict[str, Any]]]) -> int:
+        """Replace the attributes of many learners at once (validated first; pipelined chunks of 1000)."""
+        return await UserAttributes(self.redis, self._intake.keys).import_many(learners)
+
+    async def audience_size(self, audience: dict[str, Any]) -> int:
+        return await count(self.redis, self._intake.keys, parse_audience(audience))
+
+    async def save_template(self, name: str, template: dict[str, Any]) -> Template:
+        """Validate and store a template (`MessageInvalid` names each field at fault)."""
+        return await Templates(self.redis, self._intake.keys).save(name, template)
+
+    async def render_template(self, name: str, variables: dict[str, str], locale: str | None = None) -> Rendered:
+        return (await Templates(self.redis, self._intake.keys).require(name)).render(variables, locale)
+
+    async def create_campaign(self, campaign: dict[str, Any]) -> Campaign:
+        return await self._campaigns.create(campaign)
+
+    async def launch_campaign(self, campaign: str, percent: float, weights: dict[str, float] | None = None) -> dict[str, Any]:
+        """Start the fan-out of a stage (10: a pilot; 100: rollout, `weights={"b": 1}` for only variant b to the
+        learners not reached yet); the workers run it. Returns its status at once."""
+        return await self._campaigns.launch(campaign, percent, weights)
+
+    async def assignment(self, campaign: str, user: str) -> str | None:
+        """"control", the learner's variant, or None if no launched stage includes them (deterministic: a hash)."""
+        return (await self._campaigns.require(campaign)).arm(user)
+
+    async def campaign_status(self, campaign: str) -> dict[str, Any]:
+        return await self._campaigns.status(campaign)
+
+    async def wait_for_fanout(self, campaign: str, timeout_s: float = 600.0, poll_s: float = 0.2) -> dict[str, Any]:
+        """Poll the status until the fan-out is done; `TimeoutError` if the workers do not finish in time."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = await self.campaign_status(campaign)
+            if status["fanout"]["state"] == "done":
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"campaign {campaign}: fan-out not done after {timeout_s:g} s: {status['fanout']}")
+            await asyncio.sleep(poll_s)
+
+    async def wait_for_delivery(self, campaign: str, timeout_s: float = 600.0, poll_s: float = 0.2) -> dict[str, Any]:
+        """Poll the report until the workers settled (delivered, failed or dropped) every learner sent to; returns the
+        report. Messages scheduled for later (`send_at`, send windows) keep it waiting until they go."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            report = await self.campaign_report(campaign)
+            arms = [a for a in report["arms"] if not a["control"]]
+            if all(a["delivered"] + a["failed"] + a["dropped"] >= a["sent"] for a in arms):
+                return report
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"campaign {campaign}: not every message settled after {timeout_s:g} s")
+            await asyncio.sleep(poll_s)
+
+    async def campaign_report(self, campaign: str) -> dict[str, Any]:
+        return await campaign_report(self.redis, self._intake.keys, campaign)
+
+    async def campaign_chart(self, campaign: str) -> bytes:
+        """The report as a PNG (needs matplotlib: `ChartUnavailable` otherwise)."""
+        return chart_png(await self.campaign_report(campaign))
+
+    async def report_events(self, events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """App events: {"type": opened|clicked|converted|dismissed|opt_out, "message_id"} or {"type", "campaign",
+        "user"}; each counted once per learner and type; per event {"status": counted|duplicate|ignored, ...}."""
+        return await EventRecorder(self.redis, self._intake.keys).record(list(events))
+
+    async def report_event(self, type: str, *, message_id: str | None = None, campaign: str | None = None,
+                           user: str | None = None) -> dict[str, Any]:
+        event = {k: v for k, v in {"type": type, "message_id": message_id, "campaign": campaign, "user": user}.items()
+                 if v is not None}
+        return (await self.report_events([event]))[0]
 
     async def aclose(self) -> None:
         if self._owns:

@@ -31,11 +31,16 @@ class RedisSettings:
     embedded_fsync: str = "everysec"  # "always": no acknowledged enqueue lost even if Redis is killed
 
 
+# enqueue: messages; devices: devices, preferences, learner attributes; admin: dead letters, token events;
+# campaigns: templates, campaigns, launches, reports; events: app events (opened, converted, ...) only.
+SCOPES = ("enqueue", "devices", "admin", "campaigns", "events")
+
+
 @dataclass(frozen=True, slots=True)
 class ApiClient:
     name: str
     token: str = field(repr=False)
-    scopes: tuple[str, ...] = ("enqueue",)  # "enqueue", "devices", "admin"
+    scopes: tuple[str, ...] = ("enqueue",)  # of SCOPES
     rate_per_s: float = 0.0  # messages (or requests) per second this client may send; 0: no limit
     burst: int = 0  # bucket size; 0: one second's worth of rate_per_s
 
@@ -208,6 +213,8 @@ def _coerce(section: str, name: str, value: Any, default: Any) -> Any:
 
 
 def _check_policy(policy: PolicySettings) -> None:
+    import re
+
     from pushgw.ratelimit.windows import SendWindows, WindowError, zone
 
     try:
@@ -215,6 +222,13 @@ def _check_policy(policy: PolicySettings) -> None:
         zone(policy.timezone)
     except WindowError as e:
         raise ConfigError(f"policy: {e}") from None
+    # A category name that can never match a message (e.g. "Reward") would silently do nothing.
+    named = [("policy.opt_out_exempt", c) for c in policy.opt_out_exempt]
+    named += [("policy.category_windows", c) for c, _ in policy.category_windows]
+    named += [("policy.caps", c.category) for c in policy.caps]
+    for where, category in named:
+        if not re.fullmatch(r"[a-z0-9_]{1,32}", category):
+            raise ConfigError(f"{where}: {category!r} is not a category (lowercase letters, digits and _, at most 32)")
 
 
 def _section(cls: Any, section: str, data: Mapping[str, Any], env: Mapping[str, str], **fixed: Any) -> Any:
@@ -251,7 +265,7 @@ def _clients(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[ApiClient
         if not isinstance(token, str) or len(token) < 16:
             raise ConfigError(f"{where}.token must be a string of at least 16 characters")
         scopes = c.get("scopes", ["enqueue"])
-        bad = set(scopes) - {"enqueue", "devices", "admin"}
+        bad = set(scopes) - set(SCOPES)
         if bad:
             raise ConfigError(f"{where}.scopes: unknown scope(s) {sorted(bad)}")
         rate, burst = c.get("rate_per_s", 0.0), c.get("burst", 0)
@@ -265,7 +279,7 @@ def _clients(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[ApiClient
     if env_token:
         if len(env_token) < 16:
             raise ConfigError("PUSHGW_API_TOKEN must be at least 16 characters")
-        out.append(ApiClient("env", env_token, ("enqueue", "devices", "admin")))
+        out.append(ApiClient("env", env_token, SCOPES))
     return tuple(out)
 
 
@@ -375,6 +389,8 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     )
     if settings.worker.processes < 1 or settings.worker.batch_size < 1 or settings.worker.max_attempts < 1:
         raise ConfigError("worker.processes, worker.batch_size and worker.max_attempts must be at least 1")
+    if settings.worker.high_weight < 1 or settings.providers.concurrency < 1:
+        raise ConfigError("worker.high_weight and providers.concurrency must be at least 1")
     if settings.policy.user_limit and settings.policy.user_period_s < 0.001:
         raise ConfigError("policy.user_period_s must be at least 0.001 s when policy.user_limit is set")
     if settings.redis.embedded_fsync not in ("always", "everysec", "no"):

@@ -64,9 +64,65 @@ class Intake:
             raise MessageInvalid(errors)
         return out
 
+    async def expand_templates(self, objs: Sequence[Any]) -> list[Any]:
+        """Messages naming a `template` (+ `vars`, optional `locale`) get their title, body and data rendered here,
+        for the `user`'s locale and first name; errors name the field (`vars.score`, `locale`, `template`), and a
+        message that cannot be rendered completely is refused, never sent with a gap."""
+        if not any(isinstance(o, dict) and "template" in o for o in objs):
+            return list(objs)
+        from pushgw.campaigns.audiences import NO_ATTRIBUTES, UserAttributes
+        from pushgw.campaigns.templates import RenderError, Template, Templates
+
+        templates = Templates(self.queue.redis, self.keys)
+        cache: dict[str, Template] = {}
+        out: list[Any] = []
+        errors: list[FieldError] = []
+        batch = len(objs) > 1
+        for i, obj in enumerate(objs):
+            if not isinstance(obj, dict) or "template" not in obj:
+                out.append(obj)
+                continue
+            where = f"messages[{i}]." if batch else ""
+            obj = dict(obj)
+            name, variables, locale = obj.pop("template"), obj.pop("vars", None) or {}, obj.pop("locale", None)
+            clash = [f for f in ("title", "body") if f in obj]
+            if clash:
+                errors.append(FieldError(where + clash[0], "give either a template or a title/body"))
+                continue
+            if not isinstance(variables, dict) or not all(isinstance(v, str) for v in variables.values()):
+                errors.append(FieldError(where + "vars", "must be an object of string values"))
+                continue
+            if locale is not None and not isinstance(locale, str):
+                errors.append(FieldError(where + "locale", "must be a language tag such as fr"))
+                continue
+            try:
+                t = cache.get(name) if isinstance(name, str) else None
+                if t is None:
+                    t = cache[name] = await templates.require(name)
+                user = obj.get("user")
+                attrs = (await UserAttributes(self.queue.redis, self.keys).get(user)) if isinstance(user, str) else NO_ATTRIBUTES
+                r = t.render({**attrs.template_vars(), **variables}, locale or attrs.locale)
+            except MessageInvalid as e:
+                errors += [FieldError(where + err.field, err.message) for err in e.errors]
+                continue
+            except RenderError as e:
+                errors.append(FieldError(where + e.field, e.message))
+                continue
+            if r.title is not None:
+                obj["title"] = r.title
+            if r.body is not None:
+                obj["body"] = r.body
+            if r.data:
+                data = obj.get("data")
+                obj["data"] = r.data | (data if isinstance(data, dict) else {})
+            out.append(obj)
+        if errors:
+            raise MessageInvalid(errors)
+        return out
+
     async def submit(self, objs: Sequence[Any]) -> list[tuple[str, bool]]:
         """Validate all, then enqueue; returns (message id, True if queued / False if a duplicate id)."""
-        messages = self.validate(objs)
+        messages = self.validate(await self.expand_templates(objs))
         if not self._group_ready:
             await self.queue.ensure_group()  # so a message queued before any worker started is delivered
             self._group_ready = True

@@ -98,6 +98,52 @@ def category_label(category: str) -> str:
         _categories.add(category)
         return category
     return "other"
+CAMPAIGN_MESSAGES = Counter(
+    "pushgw_campaign_messages_total",
+    "Campaign messages settled by the workers, by campaign, variant and outcome (delivered, failed, dropped); "
+    "at most 32 campaigns and 16 variants per process, later ones as \"other\"",
+    ["campaign", "variant", "outcome"],
+)
+CAMPAIGN_EVENTS = Counter(
+    "pushgw_campaign_events_total",
+    "App events counted for campaigns (opened, converted, dismissed, opt_out), same label bounds",
+    ["campaign", "variant", "type"],
+)
+MAX_CAMPAIGN_LABELS = 32
+MAX_VARIANT_LABELS = 16
+_campaigns: set[str] = set()
+_variants: set[str] = set()
+
+
+def campaign_labels(campaign: str, variant: str | None) -> tuple[str, str]:
+    """Campaign and variant names come from upstream input: bounded like `category_label`, so a stream of
+    one-off campaign names cannot blow up the series count (the exact figures are in Redis, per campaign)."""
+    variant = variant or "default"
+    if campaign not in _campaigns:
+        if len(_campaigns) >= MAX_CAMPAIGN_LABELS:
+            campaign = "other"
+        else:
+            _campaigns.add(campaign)
+    if variant not in _variants:
+        if len(_variants) >= MAX_VARIANT_LABELS:
+            variant = "other"
+        else:
+            _variants.add(variant)
+    return campaign, variant
+
+
+_campaign_children: dict[tuple[str, str, str], Counter] = {}
+
+
+def campaign_message(campaign: str, variant: str | None, outcome: str) -> Counter:
+    """The cached `CAMPAIGN_MESSAGES` child (the worker counts every campaign delivery: no `.labels()` each time)."""
+    key = (*campaign_labels(campaign, variant), outcome)
+    child = _campaign_children.get(key)
+    if child is None:
+        child = _campaign_children[key] = CAMPAIGN_MESSAGES.labels(*key)
+    return child
+
+
 API_REQUESTS = Counter("pushgw_api_requests_total", "HTTP API requests by route and status", ["route", "status"])
 RECLAIMED = Counter("pushgw_reclaimed_entries_total", "Pending entries taken over from a dead consumer")
 

@@ -8,6 +8,7 @@ Processes share nothing but Redis and the Prometheus multiprocess folder.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -66,20 +67,48 @@ async def run_worker(settings: Settings, redis_url: str, consumer: str, stop: as
     keys = Keys(settings.redis.prefix)
     limiter = DeliveryPolicy(client, keys, settings.policy) if settings.policy.enabled else None
     rates = rates_for(client, keys, settings.policy.provider_rates)
+    # Every worker process also runs campaign fan-outs (one lease per job), so a launch never blocks the API.
+    from pushgw.campaigns.fanout import FanoutRunner
+
+    fanout = asyncio.create_task(FanoutRunner(client, settings).run(stop), name="fanout")
     try:
         await Worker(settings, client, providers, consumer=consumer, limiter=limiter, rates=rates).run(stop)
     finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(fanout, settings.worker.drain_deadline_s)
         for p in providers.values():
             await p.close()
         await client.aclose()
 
 
-def _child(settings: Settings, redis_url: str, consumer: str) -> None:
+async def _orphan_watch(parent: int, stop: asyncio.Event) -> None:
+    """A worker whose supervisor died (SIGKILLed, crashed) drains and exits instead of running on unseen."""
+    while not stop.is_set():
+        if os.getppid() != parent:
+            log.warning("supervisor gone; draining", extra={"pid": parent})
+            stop.set()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+
+
+def _child(settings: Settings, redis_url: str, consumer: str, parent: int | None = None) -> None:
     from pushgw.gateway.logs import setup_logging
 
     setup_logging(settings.log_level)
     install_loop()
-    asyncio.run(run_worker(settings, redis_url, consumer))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        watch = asyncio.create_task(_orphan_watch(parent, stop)) if parent else None
+        try:
+            await run_worker(settings, redis_url, consumer, stop)
+        finally:
+            if watch is not None:
+                watch.cancel()
+
+    asyncio.run(main())
 
 
 class Pool:
@@ -96,7 +125,7 @@ class Pool:
 
     def _spawn(self, index: int) -> None:
         p = self.ctx.Process(
-            target=_child, args=(self.settings, self.redis_url, consumer_name(index, self.prefix)),
+            target=_child, args=(self.settings, self.redis_url, consumer_name(index, self.prefix), os.getpid()),
             name=f"pushgw-worker-{index}", daemon=False,
         )
         p.start()

@@ -51,7 +51,7 @@ from pushgw.ratelimit.provider_rate import SharedRate
 log = logging.getLogger("pushgw.worker")
 
 PARK_DELAY_S = 1.0  # how long a delivery for a saturated provider waits before it is tried again
-HIGH_POLL_S = 0.01  # with normal capacity full, how often the high lane is polled
+HIGH_POLL_MS = 10  # with normal capacity full, the high lane alone is read with this short block
 FLUSH_INTERVAL_S = 0.005
 FLUSH_MAX_ITEMS = 512
 POISON_KEEP_BYTES = 16384  # a poison entry is kept in the dead letters up to this size (it could be anything)
@@ -126,6 +126,7 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._jobs: dict[str, _Job] = {}  # entry id -> job, while any of its deliveries is unsettled
         self.stopping = False
+        self._flusher_stop = False
         # Cached label children: `.labels()` is a dict lookup plus a lock; not per delivery.
         self._m_delivered = {p: metrics.DELIVERIES.labels(p, "delivered") for p in (*providers, "none")}
         self._m_retry = {p: metrics.DELIVERIES.labels(p, "retry") for p in (*providers, "none")}
@@ -153,12 +154,10 @@ class Worker:
                 try:
                     if room > 0:  # both lanes, blocking until either has entries
                         entries = await self.queue.read_new(self.consumer, min(self.ws.batch_size, room), self.ws.block_ms)
-                    elif reserve > 0:  # normal capacity full: only the high lane, polled
+                    elif reserve > 0:  # normal capacity full: only the high lane, with a short block
                         entries = await self.queue.read_new(
-                            self.consumer, min(self.ws.batch_size, reserve), None, lanes=("high",)
+                            self.consumer, min(self.ws.batch_size, reserve), HIGH_POLL_MS, lanes=("high",)
                         )
-                        if not entries:
-                            await _sleep_or(stop, HIGH_POLL_S)
                     else:
                         await _wait_either(self._capacity, stop)
                         continue
@@ -173,6 +172,7 @@ class Worker:
             mover.cancel()
             janitor.cancel()
             await self.drain(self.ws.drain_deadline_s)
+            self._flusher_stop = True
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher
@@ -269,15 +269,17 @@ class Worker:
                 self._ack(entry)
                 continue
             decoded.append((entry, msg))
-        # Policy decides each message once, on its first read: an entry read again after a crash or
-        # taken over from a dead worker was decided then, and may already be partly delivered.
-        fresh = [(e, m) for e, m in decoded if not e.redelivered]
-        if fresh:
+        # The policy sees every message with a user. Caps and windows decide a message once, on its
+        # first read: an entry read again after a crash or taken over from a dead worker was decided
+        # then, and may be partly delivered. Opt-outs are checked on every read (retries and replays
+        # too): a learner who opted out meanwhile gets nothing more.
+        if decoded:
             decisions = await self.limiter.decide(
-                [m for _, m in fresh], now, members=[f"{m.id}:{e.enqueued_ms}" for e, m in fresh]
+                [m for _, m in decoded], now, members=[f"{m.id}:{e.enqueued_ms}" for e, m in decoded],
+                first_read=[not e.redelivered for e, _ in decoded],
             )
-            admitted: list[tuple[Entry, Message]] = [(e, m) for e, m in decoded if e.redelivered]
-            for (entry, msg), decision in zip(fresh, decisions, strict=True):
+            admitted: list[tuple[Entry, Message]] = []
+            for (entry, msg), decision in zip(decoded, decisions, strict=True):
                 match decision:
                     case Defer(until=until, reason=reason):
                         expiry = msg.expiry(entry.enqueued_ms / 1000)
@@ -289,6 +291,7 @@ class Worker:
                         self._ack(entry)
                     case Drop(reason=reason):
                         metrics.SKIPPED.labels("dropped").inc()
+                        self._kpi(msg, "dropped")
                         log.info("dropped by policy", extra={"msg_id": msg.id, "reason": reason})
                         self._ack(entry)
                     case _:
@@ -315,6 +318,8 @@ class Worker:
                     devices.pop(k, None)
             if not devices:
                 metrics.SKIPPED.labels("no_device").inc()
+                if not done.get(entry.ref):
+                    self._kpi(msg, "failed")  # a learner with no device: not reached
                 self._ack(entry)
                 continue
             if entry.ref in self._jobs:
@@ -330,13 +335,17 @@ class Worker:
             self._settle(job, device, Rejected(f"no {device.provider} provider is configured"), "none")
             return
         high = job.message.priority == "high"
-        if (lane.queued_high if high else lane.queued) >= self.ws.provider_backlog:
+        app = device.app or job.message.app
+        rate = self.rates.get(f"{lane.provider.name}:{app}") or self.rates.get(lane.provider.name)
+        backlog = lane.queued_high if high else lane.queued
+        # A lane held back by its configured rate is not hung: its deliveries wait (backpressure on
+        # reading, through max_inflight) instead of cycling through the delayed set.
+        if backlog >= self.ws.provider_backlog and not (rate is not None and rate.waiting):
             # The provider is not keeping up (slow or hung): park this delivery without spending
             # an attempt, so the worker keeps its capacity for the providers that answer. (High
             # deliveries count only against each other: a bulk backlog never parks a reminder.)
             self._park(job, device, self.clock() + PARK_DELAY_S, "parked")
             return
-        app = device.app or job.message.app
         circuit = lane.circuits.get(app)
         if circuit is None:
             circuit = lane.circuits[app] = self._new_circuit(lane.provider.name, app)
@@ -346,7 +355,6 @@ class Worker:
         if self._in_flight >= self.ws.max_inflight + self.ws.high_reserve:
             self._capacity.clear()
         self._idle.clear()
-        rate = self.rates.get(f"{lane.provider.name}:{app}") or self.rates.get(lane.provider.name)
         task = asyncio.create_task(self._deliver(lane, job, device, circuit, app, rate))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -383,21 +391,27 @@ class Worker:
     ) -> None:
         name = lane.provider.name
         outcome: Outcome | None = None
+        park: tuple[float, str] | None = None
         high = job.message.priority == "high"
+        expiry = job.message.expiry(job.entry.enqueued_ms / 1000)
         try:
-            if rate is not None and not rate.take_now():
-                await rate.acquire()
+            # Slot first (priority order), then the circuit, then the shared rate: so high priority
+            # holds when the rate is the bottleneck, and a parked delivery spends no rate.
             await lane.slots.acquire(high)
             try:
                 # The circuit is asked when a request could go out (not when the delivery was
                 # queued), so deliveries queued behind a failing run are parked, not sent.
-                if circuit.allow(self.clock()):
+                if not circuit.allow(self.clock()):
+                    park = (circuit.retry_at(self.clock()) + self.rng() * PARK_DELAY_S, "circuit_open")
+                elif rate is not None and not await self._take_rate(rate):
+                    park = (self.clock() + PARK_DELAY_S * (1 + self.rng()), "rate_unavailable")
+                elif expiry is not None and expiry <= self.clock():
+                    outcome = _EXPIRED  # it waited past its expiry: never sent late
+                else:
                     gauge = self._m_inflight[name]
                     gauge.inc()
                     try:
-                        outcome = await lane.provider.send(
-                            Delivery(job.message, device, job.entry.attempt, job.message.expiry(job.entry.enqueued_ms / 1000))
-                        )
+                        outcome = await lane.provider.send(Delivery(job.message, device, job.entry.attempt, expiry))
                     except Exception as e:  # a provider bug must not lose the message: retry it
                         log.exception("provider raised", extra={"provider": name, "msg_id": job.message.id})
                         outcome = Retry(f"provider error: {type(e).__name__}")
@@ -405,9 +419,14 @@ class Worker:
                         gauge.dec()
             finally:
                 lane.slots.release()
-            if outcome is None:  # the provider is down for this app: wait for the probe, spending no attempt
-                self._park(job, device, circuit.retry_at(self.clock()) + self.rng() * PARK_DELAY_S, "circuit_open")
-            else:
+            if park is not None:  # no request went out: come back later, spending no attempt
+                self._park(job, device, park[0], park[1])
+            elif outcome is _EXPIRED:
+                self._expired(job.message)
+                if job.pending > 1:
+                    self._commit.done.append((job.entry.ref, device.key))
+                self._finish_one(job)
+            elif outcome is not None:
                 self._circuit_report(name, app, circuit, outcome)
                 self._settle(job, device, outcome, name)
         finally:
@@ -419,6 +438,17 @@ class Worker:
             if self._in_flight == 0:
                 self._idle.set()
 
+    async def _take_rate(self, rate: SharedRate) -> bool:
+        """Wait for the shared provider rate; False when Redis cannot say (the delivery is parked)."""
+        if rate.take_now():
+            return True
+        try:
+            await rate.acquire()
+            return True
+        except (ConnectionError, OSError, aioredis.RedisError) as e:
+            log.warning("provider rate unavailable", extra={"error": type(e).__name__, "provider": rate.scope})
+            return False
+
     # ------------------------------------------------------------------ outcomes
 
     def _settle(self, job: _Job, device: Device, outcome: Outcome, provider: str) -> None:
@@ -427,6 +457,7 @@ class Worker:
         match outcome:
             case Delivered():
                 self._m_delivered[provider].inc()
+                self._kpi(msg, "delivered")
                 if provider in self._m_e2e:
                     self._m_e2e[provider].observe(max(0.0, self.clock() - entry.enqueued_ms / 1000))
                 if job.pending > 1:
@@ -455,6 +486,7 @@ class Worker:
                 self._m_tokens[provider].inc()
                 user = msg.user if (device.key in job.registry_keys or msg.resolved) else None
                 c.invalid_tokens.append((user, device, reason))
+                self._kpi(msg, "failed")
                 if job.pending > 1:
                     c.done.append((entry.ref, device.key))
                 log.info("token invalid", extra={"msg_id": msg.id, "provider": provider, "outcome": "token_invalid"})
@@ -472,9 +504,17 @@ class Worker:
     def _expired(self, msg: Message) -> None:
         metrics.SKIPPED.labels("expired").inc()
         metrics.POLICY.labels(metrics.category_label(msg.category), "expired", "dropped").inc()
+        self._kpi(msg, "dropped")
+
+    def _kpi(self, msg: Message, outcome: str) -> None:
+        """Campaign figures per learner, written with the acks (campaigns/report.py reads them)."""
+        if msg.campaign:
+            self._commit.kpi.append((msg.campaign, msg.variant or "default", outcome, msg.user or msg.id))
+            metrics.campaign_message(msg.campaign, msg.variant, outcome).inc()
 
     def _dead_letter(self, msg: Message, device: Device, reason: str, entry: Entry, provider: str) -> None:
         metrics.DEAD_LETTERS.labels(reason.split(":", 1)[0]).inc()
+        self._kpi(msg, "failed")
         log.warning("dead letter", extra={"msg_id": msg.id, "provider": provider, "reason": reason})
         self._commit.dead.append(
             DeadLetter(msg.with_devices((device,)), reason, entry.attempt, provider, entry.enqueued_ms)
@@ -506,9 +546,14 @@ class Worker:
     # ------------------------------------------------------------------ flushing
 
     async def _flusher(self) -> None:
-        while True:
+        # Keeps flushing while the worker drains (acks of deliveries finishing then are written within
+        # ms, not at the end). It stops on `_flusher_stop`, set before the cancel: on Python 3.11
+        # `wait_for` can swallow a cancel that lands as its inner wait completes (gh-86296), so the
+        # cancel alone could leave this loop running and the drain waiting for it forever.
+        while not self._flusher_stop:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._flush_wake.wait(), FLUSH_INTERVAL_S)
+                async with asyncio.timeout(FLUSH_INTERVAL_S):
+                    await self._flush_wake.wait()
             self._flush_wake.clear()
             await self._flush()
 
@@ -531,6 +576,7 @@ class Worker:
 
 
 _POISON = Message(id="poison", body="(entry could not be decoded)")
+_EXPIRED = Rejected("expired while waiting")  # sentinel outcome: settled as expired, never sent
 
 
 async def _sleep_or(stop: asyncio.Event, seconds: float) -> None:

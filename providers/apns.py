@@ -1,8 +1,8 @@
 """APNs provider: HTTP/2 POST /3/device/<token>, token (ES256 JWT) or certificate auth.
 
-Each configured app keeps `connections` long-lived HTTP/2 connections (see `providers.h2client`
-for why this is our own client on jh2 and not aioapns) and spreads requests over the one with the
-fewest streams in flight. Apple asks providers to keep connections open and not to reconnect
+Each configured app keeps up to `connections` long-lived HTTP/2 connections (`H2Pool`; see
+`providers.h2client` for why this is our own client on jh2 and not aioapns) and spreads requests
+over the one with the fewest streams in flight. Apple asks providers to keep connections open and not to reconnect
 rapidly, so a lost connection is reopened on the next send, and after a failed attempt the next
 one waits `RECONNECT_GAP_S`.
 
@@ -29,7 +29,7 @@ from pushgw.gateway.config import ApnsApp, ConfigError, ProviderSettings
 from pushgw.gateway.metrics import PROVIDER_LATENCY
 from pushgw.gateway.schema import Message
 from pushgw.providers.base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
-from pushgw.providers.h2client import ConnectionLost, H2ClientConnection, H2Error, StreamRefused
+from pushgw.providers.h2client import ConnectionLost, H2ClientConnection, H2Error, H2Pool, StreamRefused
 from pushgw.providers.jose import load_p256_key, sign_es256
 from pushgw.providers.payloads import apns_payload, check_payload_limits
 
@@ -109,70 +109,23 @@ class _App:
             raise ConfigError(f"apns.{app.name}: cannot load ca_file/cert_file ({type(e).__name__})") from None
         ctx.set_alpn_protocols(["h2"])
         self.ssl = ctx
-        self.size = max(1, app.connections)
-        self.max_streams = max(1, settings.concurrency)
         self.timeout_s = settings.timeout_s
         self.authority = self.host.encode() if self.port == 443 else f"{self.host}:{self.port}".encode()
         self.path_prefix = b"/3/device/"
-        self.conns: list[H2ClientConnection] = []
-        self.draining: set[H2ClientConnection] = set()
-        self._connecting: asyncio.Task[H2ClientConnection] | None = None
-        self._last_failure = -RECONNECT_GAP_S
-        self.connects = 0
+        self.pool = H2Pool(self.host, self.port, ctx, size=app.connections, max_streams=settings.concurrency,
+                           timeout_s=settings.timeout_s, reconnect_gap_s=RECONNECT_GAP_S, resends=RESENDS)
 
-    async def connection(self) -> H2ClientConnection:
-        """The open connection with a free stream, else a new one while below `size`, else the least loaded."""
-        while True:
-            if any(c.closed for c in self.conns):
-                for c in self.conns:
-                    if c.closed:
-                        self.draining.add(c)  # may still finish streams; closed at shutdown if not
-                        if c.completed == 0:
-                            self._last_failure = time.monotonic()  # refused before any answer: back off
-                self.conns = [c for c in self.conns if not c.closed]
-            self.draining = {c for c in self.draining if c.active}
-            best = min(self.conns, key=lambda c: c.load, default=None)
-            if best is not None and best.load < 1.0:
-                return best
-            if len(self.conns) >= self.size:
-                assert best is not None
-                return best  # every connection is busy: queue for a stream on the least loaded one
-            if self._connecting is None:
-                self._connecting = asyncio.create_task(self._connect())
-                # A caller that stops waiting leaves the error unobserved otherwise.
-                self._connecting.add_done_callback(lambda t: t.cancelled() or t.exception())
-            try:
-                await asyncio.shield(self._connecting)
-            except (H2Error, OSError, ssl.SSLError, TimeoutError):
-                if best is None:
-                    raise
-                return best
+    @property
+    def conns(self) -> list[H2ClientConnection]:
+        """The open connections (tests, diagnostics)."""
+        return self.pool.conns
 
-    async def _connect(self) -> H2ClientConnection:
-        try:
-            # After a failed attempt, wait before the next one: rapid reconnects look like abuse to Apple.
-            wait = self._last_failure + RECONNECT_GAP_S - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            conn = await H2ClientConnection.connect(
-                self.host, self.port, self.ssl, timeout_s=self.timeout_s, max_streams=self.max_streams
-            )
-        except BaseException:
-            self._last_failure = time.monotonic()
-            raise
-        finally:
-            self._connecting = None
-        self.connects += 1
-        self.conns.append(conn)
-        return conn
+    @property
+    def connects(self) -> int:
+        return self.pool.connects
 
     def close(self) -> None:
-        for c in [*self.conns, *self.draining]:
-            c.close()
-        self.conns = []
-        self.draining = set()
-        if self._connecting is not None:
-            self._connecting.cancel()
+        self.pool.close()
 
 
 class ApnsProvider:
@@ -237,17 +190,12 @@ class ApnsProvider:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s):
-                for _ in range(RESENDS):  # a stream refused by GOAWAY was never processed: resend it elsewhere
-                    conn = await app.connection()
-                    try:
-                        resp = await conn.request(headers, body)
-                        break
-                    except StreamRefused:
-                        continue
-                else:
-                    return Retry(f"apns: request refused on {RESENDS} connections")
+                # A stream refused by GOAWAY was never processed: the pool resends it on another connection.
+                resp = await app.pool.request(headers, body)
         except TimeoutError:
             return Retry("apns timeout")
+        except StreamRefused as e:
+            return Retry(f"apns: {e}"[:_REASON_MAX])
         except ConnectionLost as e:
             return Retry(f"apns {e}"[:_REASON_MAX])
         except (H2Error, OSError, ssl.SSLError) as e:

@@ -1,32 +1,52 @@
-"""FCM HTTP v1 provider: one `messages:send` POST per delivery, OAuth2 service-account auth.
+"""FCM HTTP v1 provider: one `messages:send` POST per delivery over HTTP/2, OAuth2 service-account auth.
 
-Why HTTP v1 over aiohttp HTTP/1.1: the legacy XMPP/HTTP APIs (what aiofcm speaks) were shut down
-in 2024, and v1 has no batch endpoint, so throughput comes from many concurrent requests on reused
-connections. Measured here, aiohttp HTTP/1.1 with keep-alive reaches ~9.7k requests/s on one
-process, as fast as the best HTTP/2 option, with a mature, well-tested client. So each app gets
-one `ClientSession` with a `TCPConnector(limit=settings.concurrency)` that keeps connections
-alive; sessions are created lazily on the first send, inside the running loop.
+Why HTTP/2 on our own client: v1 has no batch endpoint (the legacy XMPP/HTTP APIs aiofcm speaks were
+shut down in 2024), so throughput comes from many concurrent requests. Over aiohttp's HTTP/1.1 each
+request in flight needs a TLS connection of its own (256 per process at our concurrency, each a
+handshake) and pays aiohttp's per-request machinery: a py-spy profile of the workers put a large
+part of their CPU there (issue 4). FCM supports HTTP/2, so each app (Firebase project) now keeps a
+small `H2Pool` of long-lived HTTP/2 connections on `providers.h2client` (the client APNs uses: jh2
+with compiled HPACK, flow control, MAX_CONCURRENT_STREAMS, graceful GOAWAY): at most `connections`
+per app and process, opened only while every open one has as many streams in flight as the server
+allows (its MAX_CONCURRENT_STREAMS, commonly 100), so 256 requests in flight take a few connections
+instead of 256. The hot path does no repeated work: the request headers (with the bearer token,
+HPACK-indexed after the first request of a connection) are built once per access token (no
+content-length: HTTP/2 frames the body), the body once per delivery (a stream refused by GOAWAY is
+resent as is on another connection), the access token comes from a cache (`providers.oauth2`), the
+latency histogram child is resolved once. The OAuth2 token endpoint stays on aiohttp: it is called
+about once an hour.
 
-Each configured app (Firebase project) has its own service account, access token and session;
-the app is chosen per delivery by `device.app or message.app`. The hot path does no repeated
-work: the URL and the request headers for the current token are precomputed, the token is read
-from a cache (see `providers.oauth2`), and the latency histogram child is resolved once.
+When the FCM endpoint does not speak HTTP/2 (`base_url` on plain http://, or a TLS server that
+does not choose ALPN "h2", e.g. an HTTP/1.1-only egress proxy): the app falls back to the
+HTTP/1.1 path (aiohttp, one keep-alive `ClientSession` per app with `TCPConnector(limit=
+concurrency)`), logs one warning, and stays on it for the life of the process. Why fall back
+rather than fail: `base_url` exists for proxies and sandboxes, and one that worked before this
+client spoke HTTP/2 must keep delivering after an upgrade; failing would turn a slower path into an
+outage (every FCM delivery retried until dead-lettered). The fallback keeps every behaviour below,
+and `tests/test_fcm.py` runs both paths against the fake.
+
+Each configured app has its own service account, access token and connections; the app is
+chosen per delivery by `device.app or message.app`.
 
 Outcome mapping (FcmError `errorCode` first, then `error.status`, then the HTTP status) follows
 Google's guidance: UNREGISTERED/404 -> token gone; INVALID_ARGUMENT -> token gone only when the
 message is about the registration token (payloads were validated before queueing), else rejected;
 SENDER_ID_MISMATCH, THIRD_PARTY_AUTH_ERROR -> rejected; UNAUTHENTICATED -> our access token was
-refused: drop it and retry at once; QUOTA_EXCEEDED/429 -> retry after Retry-After or 60 s;
-UNAVAILABLE/INTERNAL/5xx -> retry, after Retry-After if given.
+refused: drop it (once: concurrent refusals of one token cause one refresh) and retry at once;
+QUOTA_EXCEEDED/429 -> retry after Retry-After or 60 s; UNAVAILABLE/INTERNAL/5xx -> retry, after
+Retry-After if given. Network failures, timeouts and streams refused on `RESENDS` connections are
+retries; a stream cut by a lost connection may have been processed, as with any network error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -35,30 +55,48 @@ from pushgw.gateway.config import ConfigError, FcmApp, ProviderSettings
 from pushgw.gateway.metrics import PROVIDER_LATENCY
 from pushgw.gateway.schema import Message
 from pushgw.providers.base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
+from pushgw.providers.h2client import ConnectionLost, H2Error, H2Pool, NoHttp2, StreamRefused
 from pushgw.providers.oauth2 import AccessTokenSource, TokenUnavailable, load_service_account
 from pushgw.providers.payloads import check_payload_limits, fcm_message
 
 QUOTA_DEFAULT_RETRY_S = 60.0  # Google: back off at least a minute after QUOTA_EXCEEDED
+CONNECTIONS = 4  # HTTP/2 connections per app and process, at most (opened as the streams in flight need them)
+RESENDS = 3  # tries for a request refused unprocessed (GOAWAY above its stream), each on another connection
+RECONNECT_GAP_S = 1.0  # after a failed connection attempt, wait this long before the next
 _FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 _REASON_MAX = 200
+_CONTENT_TYPE = "application/json; charset=UTF-8"
+log = logging.getLogger("pushgw.fcm")
 
 
 class _App:
-    """One Firebase project: its endpoint, credentials, token cache and connection pool."""
+    """One Firebase project: its endpoint, credentials, token cache and connections."""
 
-    def __init__(self, app: FcmApp, settings: ProviderSettings, refresh_margin_s: float, auth_backoff_s: float) -> None:
+    def __init__(self, app: FcmApp, settings: ProviderSettings, refresh_margin_s: float, auth_backoff_s: float,
+                 connections: int) -> None:
         account = load_service_account(app.service_account_file, where=f"fcm.{app.name}")
         self.name = app.name
         self.project_id = app.project_id or account.project_id
         if not self.project_id:
             raise ConfigError(f"fcm.{app.name}: no project_id in the settings or the service account file")
-        self.url = f"{app.base_url.rstrip('/')}/v1/projects/{self.project_id}/messages:send"
-        self._ssl: ssl.SSLContext | None = None
-        if app.ca_file:
-            try:
+        base = app.base_url.rstrip("/")
+        self.url = f"{base}/v1/projects/{self.project_id}/messages:send"
+        try:
+            parts = urlsplit(self.url)
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"fcm.{app.name}.base_url {app.base_url!r} is not a valid URL") from None
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ConfigError(f"fcm.{app.name}.base_url {app.base_url!r} must be an https:// (or http://) URL")
+        self._ssl: ssl.SSLContext | None = None  # the token endpoint and HTTP/1.1: no ALPN
+        try:
+            if app.ca_file:
                 self._ssl = ssl.create_default_context(cafile=app.ca_file)
-            except (OSError, ssl.SSLError):
-                raise ConfigError(f"fcm.{app.name}.ca_file {app.ca_file} is not a readable PEM CA file") from None
+            h2_ssl = ssl.create_default_context(cafile=app.ca_file or None)
+        except (OSError, ssl.SSLError):
+            raise ConfigError(f"fcm.{app.name}.ca_file {app.ca_file} is not a readable PEM CA file") from None
+        # "http/1.1" too: a server without HTTP/2 then says so by choosing it, instead of failing the handshake.
+        h2_ssl.set_alpn_protocols(["h2", "http/1.1"])
         self._concurrency = max(1, settings.concurrency)
         self.auth = AccessTokenSource(
             account,
@@ -68,9 +106,38 @@ class _App:
             refresh_margin_s=refresh_margin_s,
             backoff_s=auth_backoff_s,
         )
+        self.pool = H2Pool(parts.hostname, port or 443, h2_ssl, size=connections, max_streams=self._concurrency,
+                           timeout_s=settings.timeout_s, reconnect_gap_s=RECONNECT_GAP_S, resends=RESENDS)
+        self._authority = parts.netloc.rpartition("@")[2].encode()
+        self._path = (parts.path + (f"?{parts.query}" if parts.query else "")).encode()
+        # HTTP/1.1 only when the endpoint cannot do HTTP/2 (see the module docstring).
+        self.http1 = parts.scheme == "http"
         self._session: aiohttp.ClientSession | None = None
         self._headers_token: str | None = None
-        self._headers: CIMultiDict[str] = CIMultiDict()
+        self._h2_headers: list[tuple[bytes, bytes]] = []
+        self._http1_token: str | None = None
+        self._http1_headers: CIMultiDict[str] = CIMultiDict()
+
+    def h2_headers(self, token: str) -> list[tuple[bytes, bytes]]:
+        """HTTP/2 request headers for `token`, rebuilt only when the token changes (about hourly)."""
+        if token is not self._headers_token:
+            self._h2_headers = [
+                (b":method", b"POST"),
+                (b":scheme", b"https"),
+                (b":authority", self._authority),
+                (b":path", self._path),
+                (b"authorization", b"Bearer " + token.encode()),
+                (b"content-type", _CONTENT_TYPE.encode()),
+            ]
+            self._headers_token = token
+        return self._h2_headers
+
+    def use_http1(self, reason: str) -> None:
+        if not self.http1:
+            self.http1 = True
+            self.pool.close()
+            log.warning("FCM endpoint does not speak HTTP/2, sending over HTTP/1.1 from now on",
+                        extra={"app": self.name, "provider": "fcm", "reason": reason[:_REASON_MAX]})
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -81,19 +148,18 @@ class _App:
             self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
         return self._session
 
-    def headers(self, token: str) -> CIMultiDict[str]:
-        """Request headers for `token`, rebuilt only when the token changes (about hourly).
+    def http1_headers(self, token: str) -> CIMultiDict[str]:
+        """HTTP/1.1 request headers for `token`, rebuilt only when the token changes.
 
         A ready CIMultiDict spares aiohttp converting a plain dict on every request.
         """
-        if token is not self._headers_token:
-            self._headers = CIMultiDict(
-                {"Authorization": f"Bearer {token}", "Content-Type": "application/json; charset=UTF-8"}
-            )
-            self._headers_token = token
-        return self._headers
+        if token is not self._http1_token:
+            self._http1_headers = CIMultiDict({"Authorization": f"Bearer {token}", "Content-Type": _CONTENT_TYPE})
+            self._http1_token = token
+        return self._http1_headers
 
     async def close(self) -> None:
+        self.pool.close()
         await self.auth.close()
         if self._session is not None:
             await self._session.close()
@@ -115,9 +181,11 @@ class FcmProvider:
         *,
         refresh_margin_s: float = 300.0,
         auth_backoff_s: float = 1.0,
+        connections: int = CONNECTIONS,
     ) -> None:
-        """`refresh_margin_s`: refresh the access token when less than this remains (tests shorten it)."""
-        self._apps = {a.name: _App(a, settings, refresh_margin_s, auth_backoff_s) for a in apps}
+        """`refresh_margin_s`: refresh the access token when less than this remains (tests shorten it);
+        `connections`: HTTP/2 connections per app, at most."""
+        self._apps = {a.name: _App(a, settings, refresh_margin_s, auth_backoff_s, connections) for a in apps}
         self._timeout_s = settings.timeout_s
         self._latency = PROVIDER_LATENCY.labels("fcm")
 
@@ -133,6 +201,10 @@ class FcmProvider:
         """The access-token cache of one app (for metrics and tests)."""
         return self._apps[app].auth
 
+    def app(self, name: str) -> _App:
+        """One app's state (connections, protocol in use): for tests and diagnostics."""
+        return self._apps[name]
+
     async def send(self, delivery: Delivery) -> Outcome:
         app_name = delivery.device.app or delivery.message.app
         app = self._apps.get(app_name)
@@ -143,16 +215,31 @@ class FcmProvider:
         except TokenUnavailable as e:
             return Retry(e.reason, after=e.retry_after)
         body = orjson.dumps({"message": fcm_message(delivery.message, delivery.device.token)})
+        retry_after: bytes | str | None
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s):
-                async with app.session().post(app.url, data=body, headers=app.headers(token)) as resp:
-                    status = resp.status
-                    raw = await resp.read()
-                    retry_after = resp.headers.get("Retry-After")
+                h2 = not app.http1  # decided once per request: a request answered over HTTP/2 is never sent again
+                if h2:
+                    try:
+                        resp = await app.pool.request(app.h2_headers(token), body)
+                    except NoHttp2 as e:
+                        app.use_http1(str(e))
+                        h2 = False
+                    else:
+                        status, raw, retry_after = resp.status, resp.body, resp.headers.get(b"retry-after")
+                if not h2:
+                    async with app.session().post(app.url, data=body, headers=app.http1_headers(token)) as r:
+                        status = r.status
+                        raw = await r.read()
+                        retry_after = r.headers.get("Retry-After")
         except TimeoutError:
             return Retry("fcm timeout")
-        except (aiohttp.ClientError, OSError) as e:
+        except StreamRefused as e:
+            return Retry(f"fcm: {e}"[:_REASON_MAX])
+        except ConnectionLost as e:
+            return Retry(f"fcm {e}"[:_REASON_MAX])
+        except (H2Error, aiohttp.ClientError, OSError) as e:  # ssl.SSLError (certificate checks) is an OSError
             text = str(e)
             return Retry(f"fcm connection error: {type(e).__name__}{': ' + text if text else ''}"[:_REASON_MAX])
         finally:
@@ -161,7 +248,7 @@ class FcmProvider:
             return Delivered(_message_name(raw))
         return self._failure(app, token, status, raw, retry_after)
 
-    def _failure(self, app: _App, token: str, status: int, raw: bytes, retry_after: str | None) -> Outcome:
+    def _failure(self, app: _App, token: str, status: int, raw: bytes, retry_after: bytes | str | None) -> Outcome:
         code, message = _error_code(raw)
         code = code or _STATUS_NAMES.get(status, f"HTTP {status}")
         reason = f"fcm {code}"

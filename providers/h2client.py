@@ -1,4 +1,4 @@
-"""A small HTTP/2 client connection over asyncio TLS, for APNs.
+"""A small HTTP/2 client over asyncio TLS, for APNs and FCM: one connection, and a pool of them per origin.
 
 Why not aioapns or httpx: aioapns 4.0 keeps one dict entry per successful push on a connection
 (it grows without bound on a long-lived connection) and needs ALPN "h2" set on a caller's own
@@ -7,17 +7,19 @@ request. This module drives `jh2` (the same state machine, with compiled HPACK) 
 `asyncio.Protocol`: no per-request task, frames of every request started in one loop iteration
 go out in one write, and each stream's state is dropped as soon as it ends.
 
-It does what APNs needs and no more: POST with a small body, the server's MAX_CONCURRENT_STREAMS
-(APNs starts at 1 until the first authenticated request and then raises it), flow control,
-GOAWAY (streams the server never processed fail with `StreamRefused`, safe to resend) and
-connection loss (pending streams fail with `ConnectionLost`: they may or may not have reached
-the server, as with any network error).
+It does what APNs and FCM need and no more: POST with a small body, the server's
+MAX_CONCURRENT_STREAMS (APNs starts at 1 until the first authenticated request and then raises it),
+flow control, GOAWAY (streams the server never processed fail with `StreamRefused`, safe to resend)
+and connection loss (pending streams fail with `ConnectionLost`: they may or may not have reached
+the server, as with any network error). `H2Pool` keeps a few long-lived connections to one origin
+and opens another only when every open one has all the streams the server allows in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
@@ -102,6 +104,10 @@ class H2Error(Exception):
     """A request failed at the HTTP/2 layer; `str()` says why."""
 
 
+class NoHttp2(H2Error):
+    """The server finished the TLS handshake without choosing ALPN "h2": it does not speak HTTP/2 there."""
+
+
 class StreamRefused(H2Error):
     """The server did not process the request (GOAWAY above it, or REFUSED_STREAM): resend it."""
 
@@ -147,6 +153,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.requests = 0
         self.completed = 0  # requests answered: a GOAWAY before the first is a failed connection
         self._preface: asyncio.Future[None] = self._loop.create_future()  # the server's first SETTINGS
+        self._alpn_h2 = False  # the TLS handshake chose HTTP/2
 
     # --- public -------------------------------------------------------------------------------
 
@@ -160,10 +167,10 @@ class H2ClientConnection(asyncio.Protocol):
             transport, proto = await loop.create_connection(
                 lambda: cls(max_streams), host, port, ssl=ssl_context, server_hostname=host
             )
-        ssl_obj = transport.get_extra_info("ssl_object")
-        if ssl_obj is None or ssl_obj.selected_alpn_protocol() != "h2":
+        if not proto._alpn_h2:
+            proto._preface.cancel()  # nobody will wait for it
             transport.close()
-            raise H2Error(f"{host}:{port} did not negotiate HTTP/2 (ALPN h2)")
+            raise NoHttp2(f"{host}:{port} did not negotiate HTTP/2 (ALPN h2)")
         try:
             # Wait for the server's SETTINGS: APNs allows a single stream at first, and sending more
             # before we know would be a protocol error.
@@ -313,6 +320,10 @@ class H2ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio subclasses
         self._transport = transport
+        ssl_obj = transport.get_extra_info("ssl_object")
+        self._alpn_h2 = ssl_obj is not None and ssl_obj.selected_alpn_protocol() == "h2"
+        if not self._alpn_h2:
+            return  # not an HTTP/2 server: no preface; `connect` closes the connection
         self._h2.initiate_connection()
         self._h2.update_settings({SettingCodes.ENABLE_PUSH: 0, SettingCodes.MAX_CONCURRENT_STREAMS: 0})
         transport.write(self._h2.data_to_send())
@@ -405,3 +416,106 @@ class H2ClientConnection(asyncio.Protocol):
             if not stream.future.done():
                 stream.future.set_exception(exc)
         self._wake_all()
+
+
+class H2Pool:
+    """Up to `size` long-lived HTTP/2 connections to one origin (APNs per app, FCM per project).
+
+    `request()` goes out on the open connection with the most room; a new connection is opened only
+    while every open one has as many streams in flight as the server allows and fewer than `size`
+    are open, so a pool under light load holds one connection. A request the server refused
+    unprocessed (GOAWAY above it, REFUSED_STREAM) is resent on another connection, at most
+    `resends` times in all. A closed connection (GOAWAY, lost, stream ids used up) leaves the pool
+    at once and finishes its open streams on its own. After a failed attempt to connect, or a
+    connection refused before its first answer, the next attempt waits `reconnect_gap_s`: both
+    Apple and Google ask clients not to reconnect in a tight loop.
+    """
+
+    def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext, *, size: int, max_streams: int,
+                 timeout_s: float, reconnect_gap_s: float = 1.0, resends: int = 3) -> None:
+        self.host = host
+        self.port = port
+        self.ssl = ssl_context
+        self.size = max(1, size)
+        self.max_streams = max(1, max_streams)  # our own cap on streams per connection
+        self.timeout_s = timeout_s
+        self.reconnect_gap_s = reconnect_gap_s
+        self.resends = max(1, resends)
+        self.conns: list[H2ClientConnection] = []
+        self.draining: set[H2ClientConnection] = set()  # closed for new requests, still finishing streams
+        self.connects = 0  # connections opened so far (tests, diagnostics)
+        self._connecting: asyncio.Task[H2ClientConnection] | None = None
+        self._last_failure = -reconnect_gap_s
+
+    async def request(self, headers: list[Header], body: bytes) -> H2Response:
+        """Send one request and wait for its response; the caller bounds the time (`asyncio.timeout`).
+
+        Raises `StreamRefused` when `resends` connections in a row refused it unprocessed,
+        `ConnectionLost` when a connection closed with it in flight, and from connecting: `NoHttp2`,
+        `H2Error`, `OSError`, `ssl.SSLError` (certificate verification included) or `TimeoutError`."""
+        for _ in range(self.resends):
+            conn = await self.connection()
+            try:
+                return await conn.request(headers, body)
+            except StreamRefused:
+                continue
+        raise StreamRefused(f"request refused on {self.resends} connections")
+
+    async def connection(self) -> H2ClientConnection:
+        """The open connection with a free stream, else a new one while below `size`, else the least loaded."""
+        while True:
+            if any(c.closed for c in self.conns):
+                for c in self.conns:
+                    if c.closed:
+                        self.draining.add(c)  # may still finish streams; closed at shutdown if not
+                        if c.completed == 0:
+                            self._last_failure = time.monotonic()  # refused before any answer: back off
+                self.conns = [c for c in self.conns if not c.closed]
+            if self.draining:
+                self.draining = {c for c in self.draining if c.active}
+            conns = self.conns
+            best = conns[0] if len(conns) == 1 else min(conns, key=_load, default=None)
+            if best is not None and best.load < 1.0:
+                return best
+            if len(self.conns) >= self.size:
+                assert best is not None
+                return best  # every connection is busy: queue for a stream on the least loaded one
+            if self._connecting is None:
+                self._connecting = asyncio.create_task(self._connect())
+                # A caller that stops waiting leaves the error unobserved otherwise.
+                self._connecting.add_done_callback(lambda t: t.cancelled() or t.exception())
+            try:
+                await asyncio.shield(self._connecting)
+            except (H2Error, OSError, ssl.SSLError, TimeoutError):
+                if best is None:
+                    raise
+                return best
+
+    async def _connect(self) -> H2ClientConnection:
+        try:
+            wait = self._last_failure + self.reconnect_gap_s - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            conn = await H2ClientConnection.connect(
+                self.host, self.port, self.ssl, timeout_s=self.timeout_s, max_streams=self.max_streams
+            )
+        except BaseException:
+            self._last_failure = time.monotonic()
+            raise
+        finally:
+            self._connecting = None
+        self.connects += 1
+        self.conns.append(conn)
+        return conn
+
+    def close(self) -> None:
+        for c in [*self.conns, *self.draining]:
+            c.close()
+        self.conns = []
+        self.draining = set()
+        if self._connecting is not None:
+            self._connecting.cancel()
+
+
+def _load(conn: H2ClientConnection) -> float:
+    return conn.load

@@ -3,7 +3,8 @@
 Why not pywebpush for sending: it builds a new `py_vapid` token and goes through `http_ece` for
 every message; measured here (`python -m pushgw.bench.webpush_encode`, 2026-11-25) encrypt + VAPID
 header cost 199 us per message with pywebpush + py_vapid and 99 us with `encrypt` and a cached
-header (most of what is left is the ephemeral ECDH key RFC 8291 requires per message). The
+header (most of what is left is the ephemeral ECDH key RFC 8291 requires per message); each
+subscription's parsed public key is cached too (`subscription_key`). The
 format is small and fixed (one record, one key derivation), so it is implemented here on
 `cryptography`, and the fake push service decrypts with `http_ece`, an independent implementation,
 so the two are checked against each other on every test.
@@ -20,6 +21,7 @@ Outcomes: 2xx -> delivered; 404/410 -> subscription gone; 429 -> retry after Ret
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import os
@@ -60,16 +62,35 @@ class EncryptionError(ValueError):
     """The subscription's keys are unusable (not a P-256 point, wrong auth length)."""
 
 
-def encrypt(plaintext: bytes, p256dh: str, auth: str, *, salt: bytes | None = None,
-            server_key: ec.EllipticCurvePrivateKey | None = None) -> bytes:
-    """One aes128gcm record (RFC 8291 §3-4): header (salt, rs, keyid = our ephemeral key) + ciphertext."""
+SUBSCRIPTION_KEY_CACHE = 4096  # parsed p256dh keys kept per process (about 1 KB each)
+
+
+@functools.lru_cache(maxsize=SUBSCRIPTION_KEY_CACHE)
+def subscription_key(p256dh: str) -> tuple[bytes, ec.EllipticCurvePublicKey]:
+    """A subscription's p256dh as (65 raw bytes, parsed P-256 point), parsed once per subscription.
+
+    Parsing checks the point is on the curve, a fixed cost paid on every message before; a
+    subscription usually gets many messages, so the latest `SUBSCRIPTION_KEY_CACHE` are kept (LRU,
+    bounded). A key that fails to parse raises `EncryptionError` and is not cached."""
     try:
         ua_public = b64url_decode(p256dh)
-        auth_secret = b64url_decode(auth)
         ua_key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), ua_public)
     except (ValueError, TypeError):
         raise EncryptionError("subscription p256dh is not a P-256 public key") from None
-    if len(auth_secret) != 16 or len(ua_public) != 65:
+    if len(ua_public) != 65:
+        raise EncryptionError("subscription keys have the wrong length (p256dh 65 bytes, auth 16)")
+    return ua_public, ua_key
+
+
+def encrypt(plaintext: bytes, p256dh: str, auth: str, *, salt: bytes | None = None,
+            server_key: ec.EllipticCurvePrivateKey | None = None) -> bytes:
+    """One aes128gcm record (RFC 8291 §3-4): header (salt, rs, keyid = our ephemeral key) + ciphertext."""
+    ua_public, ua_key = subscription_key(p256dh)
+    try:
+        auth_secret = b64url_decode(auth)
+    except (ValueError, TypeError):
+        raise EncryptionError("subscription auth is not base64url") from None
+    if len(auth_secret) != 16:
         raise EncryptionError("subscription keys have the wrong length (p256dh 65 bytes, auth 16)")
     as_key = server_key or ec.generate_private_key(ec.SECP256R1())
     as_public = as_key.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)

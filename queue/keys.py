@@ -76,3 +76,62 @@ class Keys:
     def burst(self, user: str) -> str:
         """Sorted set of message ids the per-user burst limit admitted, scored by time."""
         return f"{self.prefix}:burst:{user}"
+
+    # ------------------------------------------------------------------ campaigns (campaigns/*)
+
+    def audience_index(self, attr: str, value: str) -> str:
+        """Set of users whose attribute `attr` (cohort, track, skill, locale, topic) has `value`: audiences are
+        SINTER/SUNION of these, so a filter over 100k learners is one Redis command, not a scan."""
+        return f"{self.prefix}:aud:{attr}:{value}"
+
+    def template(self, name: str) -> str:
+        """JSON of a saved, validated template (campaigns/templates.py)."""
+        return f"{self.prefix}:tpl:{name}"
+
+    @property
+    def templates(self) -> str:
+        """Set of template names."""
+        return f"{self.prefix}:tpls"
+
+    def campaign(self, campaign: str) -> str:
+        """JSON of a campaign definition (campaigns/experiments.py), plus its launched stage."""
+        return f"{self.prefix}:cmp:{campaign}"
+
+    @property
+    def campaigns(self) -> str:
+        """Set of campaign ids."""
+        return f"{self.prefix}:cmps"
+
+    def campaign_members(self, campaign: str) -> str:
+        """The audience frozen at the first launch (SINTERSTORE): every stage and the control group come from it."""
+        return f"{self.prefix}:cmp:{campaign}:members"
+
+    def fanout(self, campaign: str) -> str:
+        """Hash: the campaign's current fan-out job (state, stage, SSCAN cursor, progress counters)."""
+        return f"{self.prefix}:cmp:{campaign}:fanout"
+
+    def fanout_lease(self, campaign: str) -> str:
+        """Who runs the fan-out job now (SET NX PX): a crashed runner's lease expires and another resumes."""
+        return f"{self.prefix}:cmp:{campaign}:lease"
+
+    @property
+    def fanout_jobs(self) -> str:
+        """Set of campaign ids whose fan-out job is not finished: what runners look at."""
+        return f"{self.prefix}:fanout:jobs"
+
+    def kpi(self, campaign: str) -> str:
+        """Hash `<variant>:<figure>` -> count: assigned, sent, messages (fan-out) and event counts."""
+        return f"{self.prefix}:cmp:{campaign}:kpi"
+
+    def kpi_users(self, campaign: str, variant: str, outcome: str) -> str:
+        """Set of users (or message ids) of a campaign/variant whose messages were delivered, failed or dropped:
+        written in the worker's commit, so a retry, a second device or a redelivery is counted once."""
+        return f"{self.prefix}:cmp:{campaign}:{outcome}:{variant}"
+
+    def event_seen(self, campaign: str, kind: str, subject: str) -> str:
+        """SET NX marker: an event of this kind for this user (or message) was counted for this campaign."""
+        return f"{self.prefix}:evt:{campaign}:{kind}:{subject}"
+
+    def campaign_variants(self, campaign: str) -> str:
+        """Set of variant names the workers saw for a campaign (also for campaigns labelled by upstream messages)."""
+        return f"{self.prefix}:cmp:{campaign}:variants"

@@ -35,6 +35,7 @@ from pushgw.queue.keys import Keys
 from redis.exceptions import ResponseError
 
 INVALID_TOKEN_EVENTS_MAXLEN = 1_000_000  # events are a feed for upstream services, not a record
+KPI_TTL_S = 180 * 86400  # campaign delivery sets outlive any experiment's reading period
 
 LANES = ("high", "normal")  # read order: the high lane first (priority "high": reminders, transactional)
 
@@ -129,9 +130,13 @@ class Commit:
     retries: list[tuple[float, Message, int, int]] = field(default_factory=list)  # (due, message, attempt, enqueued_ms)
     dead: list[DeadLetter] = field(default_factory=list)
     invalid_tokens: list[tuple[str | None, Device, str]] = field(default_factory=list)  # (user, device, reason)
+    # Campaign KPIs: (campaign, variant, outcome delivered|failed|dropped, user or message id); a set per
+    # outcome, so a retry, a second device or a redelivered entry counts a learner once.
+    kpi: list[tuple[str, str, str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.acks) + len(self.done) + len(self.retries) + len(self.dead) + len(self.invalid_tokens)
+        return (len(self.acks) + len(self.done) + len(self.retries) + len(self.dead) + len(self.invalid_tokens)
+                + len(self.kpi))
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +333,14 @@ class StreamQueue:
                     pipe.hdel(k.devices(user), device.key)
                 event = {"user": user or "", "key": device.key, "provider": device.provider, "reason": reason, "at": now_ms}
                 pipe.xadd(k.invalid_tokens, event, maxlen=INVALID_TOKEN_EVENTS_MAXLEN, approximate=True)  # type: ignore[arg-type]
+            if c.kpi:
+                sets: dict[str, list[str]] = {}
+                for campaign, variant, outcome, subject in c.kpi:
+                    sets.setdefault(k.kpi_users(campaign, variant, outcome), []).append(subject)
+                    sets.setdefault(k.campaign_variants(campaign), []).append(variant)
+                for key, members in sets.items():
+                    pipe.sadd(key, *members)
+                    pipe.expire(key, KPI_TTL_S)
             if c.acks:
                 by_lane: dict[str, list[str]] = {}
                 for ref in c.acks:

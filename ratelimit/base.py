@@ -39,10 +39,12 @@ ADMIT = Admit()
 
 class Limiter(Protocol):
     async def decide(
-        self, messages: Sequence[Message], now: float, members: Sequence[str] | None = None
+        self, messages: Sequence[Message], now: float, members: Sequence[str] | None = None,
+        first_read: Sequence[bool] | None = None,
     ) -> list[Decision]:
         """One decision per message, in order. `members` name each message's acceptance (id and enqueue
-        time): the same message deferred and read again is the same member, a new enqueue is not."""
+        time): the same message deferred and read again is the same member, a new enqueue is not.
+        `first_read` is False for an entry read again after a crash: only opt-outs apply to it."""
         ...
 
 
@@ -50,6 +52,7 @@ class Unlimited:
     """No policy: every message is admitted, with no Redis round trip."""
 
     async def decide(
-        self, messages: Sequence[Message], now: float, members: Sequence[str] | None = None
+        self, messages: Sequence[Message], now: float, members: Sequence[str] | None = None,
+        first_read: Sequence[bool] | None = None,
     ) -> list[Decision]:
         return [ADMIT] * len(messages)

@@ -105,7 +105,8 @@ class FrequencyCaps:
         self._period_ms = {c.category: int(c.period_s * 1000) for c in policy.caps}
 
     async def decide(
-        self, messages: Sequence[Message], now: float, members: Sequence[str] | None = None
+        self, messages: Sequence[Message], now: float, members: Sequence[str] | None = None,
+        first_read: Sequence[bool] | None = None,
     ) -> list[Decision]:
         out: list[Decision] = [ADMIT] * len(messages)
         keys: list[str] = []
@@ -113,8 +114,8 @@ class FrequencyCaps:
         index: list[int] = []
         burst_on = self._policy.user_limit > 0
         for i, m in enumerate(messages):
-            if m.user is None or m.resolved:
-                continue  # device-targeted sends and retries of admitted messages are not limited
+            if m.user is None or m.resolved or (first_read is not None and not first_read[i]):
+                continue  # device-targeted sends, retries of admitted messages and re-reads are not limited
             cap = self._caps.get(m.category)
             if cap is None and not burst_on:
                 continue

@@ -10,7 +10,8 @@
 
 The window comes before the caps, so a message held for the morning does not use up a slot in
 the evening. Preferences come from one pipelined read for the batch's users (gateway/profiles.py).
-Device-targeted messages (no user) and retries of admitted messages pass untouched.
+Device-targeted messages (no user) pass untouched. Retries of an admitted message, dead-letter
+replays and entries read again after a crash meet the opt-out check only (they were decided once).
 """
 
 from __future__ import annotations
@@ -53,22 +54,25 @@ class DeliveryPolicy:
         return self._category_windows.get(category, self._default_windows)
 
     async def decide(
-        self, messages: Sequence[Message], now: float, members: Sequence[str] | None = None
+        self, messages: Sequence[Message], now: float, members: Sequence[str] | None = None,
+        first_read: Sequence[bool] | None = None,
     ) -> list[Decision]:
         out: list[Decision] = [ADMIT] * len(messages)
-        users = {m.user for m in messages if m.user is not None and not m.resolved}
+        users = {m.user for m in messages if m.user is not None}
         if not users:
             return out
         prefs = await self._profiles.get_many(users)
         to_cap: list[int] = []
         for i, m in enumerate(messages):
-            if m.user is None or m.resolved:
+            if m.user is None:
                 continue
             p = prefs.get(m.user, NO_PREFERENCES)
-            if p.opted_out(m.category, self._exempt):
+            if p.opted_out(m.category, self._exempt):  # on every read, retries and replays included
                 out[i] = Drop("opted_out")
                 metrics.POLICY.labels(metrics.category_label(m.category), "opt_out", "dropped").inc()
                 continue
+            if m.resolved or (first_read is not None and not first_read[i]):
+                continue  # windows and caps decided this message on its first read
             windows = self._windows(m.category)
             if windows.windows and not (m.priority == "high" and self._policy.high_bypasses_windows):
                 tz = self._zone(p.timezone)

@@ -6,7 +6,8 @@ lives in Redis as GCRA state (one "theoretical arrival time" per scope). Asking 
 request would cost a round trip per push, so a worker reserves a small block of requests at a
 time (about 20 ms worth) and spends it locally; a block it does not spend within a second lapses
 (so a worker that went quiet cannot later burst above the rate). Over any interval T the scope
-sends at most rate * T + one block per worker, and never more than the rate on average.
+sends at most rate * T + one block per worker, and never more than the rate on average. The
+time is Redis's own, so clock skew between hosts cannot stall anyone.
 """
 
 from __future__ import annotations
@@ -20,24 +21,33 @@ import redis.asyncio as aioredis
 from pushgw.gateway import metrics
 from pushgw.queue.keys import Keys
 
-# KEYS: tat key   ARGV: now_ms, interval_ms (float), wanted, burst_ms   -> {granted, wait_ms}
+# KEYS: tat key   ARGV: now_ms ('' = Redis's own clock), interval_ms (float), wanted, burst_ms
+# -> {granted, wait_ms}. Redis's clock by default: every worker on every host then shares one time, so
+# a host whose clock runs ahead cannot push the state into the future and stall the others.
+# A reservation is all of `wanted` or nothing (wait until a whole block is free), so a worker
+# makes one call per block, not one per request, however many workers share the rate.
 _RESERVE = """
-local now, interval = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now = tonumber(ARGV[1])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
+local interval = tonumber(ARGV[2])
 local wanted, burst = tonumber(ARGV[3]), tonumber(ARGV[4])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
-local room = math.floor((now + burst - tat) / interval)
-if room < 1 then
-  return {0, math.ceil(tat + interval - burst - now)}
+local room = math.floor((now + burst - tat) / interval + 1e-9)
+if room < wanted then
+  return {0, math.ceil(tat + wanted * interval - burst - now)}
 end
-local granted = math.min(wanted, room)
-tat = tat + granted * interval
+tat = tat + wanted * interval
 redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.ceil(tat - now + burst) + 1000)
-return {granted, 0}
+return {wanted, 0}
 """
 
 BLOCK_S = 0.02  # a reservation covers about this much of the rate
 LAPSE_S = 1.0  # unspent requests of a reservation are given up after this long
+MAX_SLEEP_S = 0.5  # a single wait is never longer: the answer is asked again (state may have been reset)
 
 
 class SharedRate:
@@ -45,8 +55,9 @@ class SharedRate:
 
     def __init__(
         self, redis: aioredis.Redis, keys: Keys, scope: str, rate_per_s: float,
-        clock: Callable[[], float] = time.time, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] | None = None, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        """`clock` (tests only) replaces Redis's clock in the script; the lapse of a reservation uses it too."""
         self.scope = scope
         self.rate = rate_per_s
         self._key = keys.provider_rate(scope)
@@ -54,8 +65,10 @@ class SharedRate:
         self._interval_ms = 1000.0 / rate_per_s
         self._block = max(1, min(256, int(rate_per_s * BLOCK_S)))
         self._burst_ms = self._block * self._interval_ms
-        self._clock = clock
+        self._script_clock = clock
+        self._clock = clock or time.monotonic
         self._sleep = sleep
+        self.waiting = 0  # deliveries of this process waiting for the rate now
         self._tokens = 0
         self._valid_until = 0.0
         self._lock = asyncio.Lock()
@@ -72,17 +85,21 @@ class SharedRate:
         if self.take_now():
             return
         waited = False
-        async with self._lock:  # one reservation in flight per process; the others wait for it
-            while not self.take_now():
-                now = self._clock()
-                granted, wait_ms = await self._script(
-                    keys=[self._key], args=[int(now * 1000), self._interval_ms, self._block, self._burst_ms]
-                )
-                if int(granted) > 0:
-                    self._tokens, self._valid_until = int(granted), now + LAPSE_S
-                    continue
-                waited = True
-                await self._sleep(max(0.001, int(wait_ms) / 1000))
+        self.waiting += 1
+        try:
+            async with self._lock:  # one reservation in flight per process; the others wait for it
+                while not self.take_now():
+                    now_arg = int(self._script_clock() * 1000) if self._script_clock else ""
+                    granted, wait_ms = await self._script(
+                        keys=[self._key], args=[now_arg, self._interval_ms, self._block, self._burst_ms]
+                    )
+                    if int(granted) > 0:
+                        self._tokens, self._valid_until = int(granted), self._clock() + LAPSE_S
+                        continue
+                    waited = True
+                    await self._sleep(min(MAX_SLEEP_S, max(0.001, int(wait_ms) / 1000)))
+        finally:
+            self.waiting -= 1
         if waited:
             self._waits.inc()
 

@@ -4,9 +4,10 @@ A window is local wall-clock time, "07:30-09:00"; "22:00-06:00" wraps past midni
 "00:00-24:00" is all day. A message outside every window is deferred to the start of the next
 one, computed with zoneinfo so it follows the user's daylight-saving rules: a window start that
 falls in a spring-forward gap (02:30 on the night clocks skip to 03:00) resolves to the first
-instant after the gap, and one in an autumn repeat resolves to its first occurrence, so a window
-start is never skipped. The deferral adds a jitter (see `jitter_for`) so a
-million learners in one zone do not all get their reminders in the same second.
+instant after the gap, and one in an autumn repeat opens at its first occurrence (or its second,
+once the first has passed). A window lying entirely inside a skipped hour does not open that
+day. The deferral adds a jitter (see `jitter_for`) so a million learners in one zone do not all
+get their reminders in the same second.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def zone(name: str) -> ZoneInfo:
     """A ZoneInfo by IANA name ("Europe/Paris"); `WindowError` for an unknown one."""
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as e:
+    except (ZoneInfoNotFoundError, ValueError, OSError) as e:  # OSError: a folder name such as "Europe"
         raise WindowError(f"unknown time zone {name!r}: use an IANA name such as Europe/Paris") from e
 
 
@@ -86,6 +87,16 @@ def _instant(day: date, minute: int, tz: ZoneInfo) -> float:
     return float(round(hi))
 
 
+def _repeat(day: date, minute: int, tz: ZoneInfo) -> float | None:
+    """The second occurrence of a local time repeated when clocks go back, else None."""
+    naive = datetime.combine(day, time(minute // 60, minute % 60))
+    second = naive.replace(tzinfo=tz, fold=1)
+    if second.utcoffset() == naive.replace(tzinfo=tz, fold=0).utcoffset():
+        return None
+    ts = second.timestamp()
+    return ts if datetime.fromtimestamp(ts, tz).replace(tzinfo=None) == naive else None
+
+
 @dataclass(frozen=True, slots=True)
 class SendWindows:
     windows: tuple[Window, ...]  # empty: any time
@@ -109,10 +120,11 @@ class SendWindows:
         for offset in range(-1, 3):
             day = today + timedelta(days=offset)
             for w in self.windows:
-                start = _instant(day, w.start, tz)
                 end = _instant(day, w.start + w.length_min, tz)
-                if start > now and (best is None or start < best[0]):
-                    best = (start, end)
+                # A start in an autumn repeat occurs twice; the second counts if the first has passed.
+                for start in (_instant(day, w.start, tz), _repeat(day, w.start, tz)):
+                    if start is not None and start > now and (best is None or start < best[0]):
+                        best = (start, max(end, start + 60))
         if best is None:  # pragma: no cover - a non-empty window set always opens within two days
             raise WindowError("no send window opens in the next two days")
         return best

@@ -9,7 +9,7 @@ echo "==> mypy"
 # mypy cannot follow setuptools' editable import hook, so it reads the same folders through links
 # that give them their installed names (pushgw.gateway -> gateway/, ...).
 rm -rf build/typecheck && mkdir -p build/typecheck/pushgw
-for d in gateway providers queue ratelimit bench; do ln -s "$PWD/$d" "build/typecheck/pushgw/$d"; done
-MYPYPATH=build/typecheck .venv/bin/mypy -p pushgw.gateway -p pushgw.providers -p pushgw.queue -p pushgw.ratelimit -p pushgw.bench
+for d in gateway providers queue ratelimit bench campaigns; do ln -s "$PWD/$d" "build/typecheck/pushgw/$d"; done
+MYPYPATH=build/typecheck .venv/bin/mypy -p pushgw.gateway -p pushgw.providers -p pushgw.queue -p pushgw.ratelimit -p pushgw.bench -p pushgw.campaigns
 echo "==> pytest"
 .venv/bin/pytest "$@"

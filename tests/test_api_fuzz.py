@@ -37,7 +37,7 @@ CHECKS = [not_a_server_error, response_schema_conformance, status_code_conforman
 
 
 def fuzz_settings() -> Settings:
-    client = ApiClient("fuzzer", TOKEN, ("enqueue", "devices", "admin"))
+    client = ApiClient("fuzzer", TOKEN, ("enqueue", "devices", "admin", "campaigns", "events"))
     return Settings(redis=RedisSettings(prefix="fuzztest"), api=ApiSettings(clients=(client,)))
 
 
@@ -137,6 +137,40 @@ def test_accepted_requests_conform(api_url: str) -> None:
         ("POST", "/v1/deadletters/replay", {"body": {"all": True}}, 200),
         ("POST", "/v1/deadletters/replay", {"body": {"ids": ["1700000000000-0"]}}, 200),
         ("GET", "/v1/events/invalid-tokens", {"query": {"count": 10}}, 200),
+        # campaigns: learners, a template, a campaign, a pilot, events, the report
+        ("PUT", "/v1/users/{user}/attributes", {"path_parameters": user, "body": {
+            "first_name": "Ana", "cohort": "intermediate", "skills": ["python"], "locale": "fr", "timezone": "Europe/Paris",
+            "topics": ["module-news"], "vars": {"score": "87"}}}, 200),
+        ("PATCH", "/v1/users/{user}/attributes", {"path_parameters": user, "body": {"track": "data"}}, 200),
+        ("GET", "/v1/users/{user}/attributes", {"path_parameters": user}, 200),
+        ("POST", "/v1/attributes/batch",
+         {"body": {"users": [{"user": "fuzz-2", "attributes": {"cohort": "intermediate"}}]}}, 200),
+        ("POST", "/v1/audiences/count", {"body": {"audience": {"filter": {"cohort": "intermediate"}}}}, 200),
+        ("PUT", "/v1/templates/{name}", {"path_parameters": {"name": "fuzz-tpl"}, "body": {
+            "default_locale": "en", "variables": {"first_name": "there", "module_title": None},
+            "locales": {"en": {"title": "New: {module_title}", "body": "Hi {first_name}"},
+                        "fr": {"title": "Nouveau : {module_title}", "body": "Bonjour {first_name}"}}}}, 200),
+        ("GET", "/v1/templates/{name}", {"path_parameters": {"name": "fuzz-tpl"}}, 200),
+        ("GET", "/v1/templates", {}, 200),
+        ("POST", "/v1/templates/{name}/render", {"path_parameters": {"name": "fuzz-tpl"},
+                                                  "body": {"vars": {"module_title": "Stats"}, "locale": "fr"}}, 200),
+        ("POST", "/v1/messages", {"body": {"id": "fuzz-tpl-1", "user": "fuzz-user", "template": "fuzz-tpl",
+                                           "vars": {"module_title": "Stats"}}}, 202),
+        ("POST", "/v1/campaigns", {"body": {"id": "fuzz-cmp", "template": "fuzz-tpl", "vars": {"module_title": "Stats"},
+                                            "audience": {"filter": {"cohort": "intermediate"}}, "control_percent": 10,
+                                            "variants": [{"name": "a"}, {"name": "b", "weight": 2}]}}, 201),
+        ("POST", "/v1/campaigns", {"body": {"id": "fuzz-cmp", "template": "fuzz-tpl", "vars": {"module_title": "Stats"},
+                                            "audience": {"topic": "module-news"}}}, 409),
+        ("GET", "/v1/campaigns", {}, 200),
+        ("GET", "/v1/campaigns/{id}", {"path_parameters": {"id": "fuzz-cmp"}}, 200),
+        ("POST", "/v1/campaigns/{id}/launch", {"path_parameters": {"id": "fuzz-cmp"}, "body": {"percent": 10}}, 202),
+        ("POST", "/v1/campaigns/{id}/launch", {"path_parameters": {"id": "fuzz-cmp"}, "body": {"percent": 50}}, 409),
+        ("GET", "/v1/campaigns/{id}/status", {"path_parameters": {"id": "fuzz-cmp"}}, 200),
+        ("POST", "/v1/events", {"body": {"events": [{"type": "converted", "campaign": "fuzz-cmp", "user": "fuzz-user"},
+                                                    {"type": "opened", "message_id": "cmp:fuzz-cmp:fuzz-2"}]}}, 202),
+        ("GET", "/v1/campaigns/{id}/report", {"path_parameters": {"id": "fuzz-cmp"}}, 200),
+        ("GET", "/v1/campaigns/{id}/report.png", {"path_parameters": {"id": "fuzz-cmp"}}, 200),
+        ("GET", "/v1/campaigns/{id}/report", {"path_parameters": {"id": "nope"}}, 404),
     ]
     for method, path, kwargs, status in steps:
         case = schema[path][method].Case(**kwargs)

@@ -233,7 +233,7 @@ async def test_connection_refused_is_a_retry(make_provider: Factory) -> None:
 
 
 async def test_server_without_http2_is_a_retry(local_ca: LocalCA, make_provider: Factory) -> None:
-    async with FakeFcm(local_ca) as http1:  # TLS, but HTTP/1.1 only
+    async with FakeFcm(local_ca, http2=False) as http1:  # TLS, but HTTP/1.1 only
         out = await make_provider(port=http1.port, timeout_s=2.0).send(delivery())
     assert isinstance(out, Retry) and "did not negotiate HTTP/2" in out.reason
 

@@ -109,3 +109,47 @@ level = "WARNING"
 
 def _with_prefix(settings: Settings, prefix: str) -> Settings:
     return replace(settings, redis=replace(settings.redis, prefix=prefix))
+
+
+def test_workers_of_a_killed_supervisor_drain_and_exit(redis_url: str, tmp: Path) -> None:
+    """SIGKILL the process that supervises the pool: its workers notice, drain and exit by themselves."""
+    import subprocess
+
+    script = tmp / "supervisor.py"
+    script.write_text(
+        "import sys, time\n"
+        "from pushgw.gateway.config import RedisSettings, Settings, WorkerSettings\n"
+        "from pushgw.gateway.pool import Pool\n"
+        "if __name__ == '__main__':\n"
+        f"    s = Settings(redis=RedisSettings(prefix='orphan'), worker=WorkerSettings(block_ms=50, drain_deadline_s=2))\n"
+        f"    pool = Pool(s, {redis_url!r}, 2, consumer_prefix='orphan')\n"
+        "    pool.start()\n"
+        "    print(' '.join(str(p.pid) for p in pool.children.values()), flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    sup = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert sup.stdout is not None
+    pids = [int(p) for p in sup.stdout.readline().split()]
+    assert len(pids) == 2
+    time.sleep(1.5)  # the workers are up and watching
+    sup.kill()
+    sup.wait()
+    started = time.monotonic()
+    alive = pids
+    for _ in range(300):  # bounded: at most 30 s
+        alive = [p for p in pids if _alive(p)]
+        if not alive:
+            break
+        time.sleep(0.1)
+    print(f"\norphaned workers exited {time.monotonic() - started:.1f} s after their supervisor was killed")
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    assert not alive
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

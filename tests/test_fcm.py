@@ -19,8 +19,9 @@ from pushgw.gateway.config import ConfigError, FcmApp, ProviderSettings
 from pushgw.gateway.schema import Device, Message
 from pushgw.providers.base import Delivered, Delivery, Outcome, Provider, Rejected, Retry, TokenInvalid
 from pushgw.providers.fakes.fcm import FCM_ERROR_TYPE, FakeFcm, Programmed, make_service_account
-from pushgw.providers.fakes.tls import LocalCA
+from pushgw.providers.fakes.tls import LocalCA, make_local_ca
 from pushgw.providers.fcm import FcmProvider
+from pushgw.providers.h2client import H2ClientConnection
 from pushgw.providers.payloads import fcm_message
 
 Factory = Callable[..., FcmProvider]
@@ -393,3 +394,168 @@ async def test_fake_error_format_and_auth(fake: FakeFcm, local_ca: LocalCA, make
         async with s.post(fake.token_uri, data={"grant_type": "password", "assertion": "x.y.z"}, ssl=ctx) as resp:
             assert resp.status == 400
             assert (await resp.json())["error"] == "unsupported_grant_type"
+
+
+# --- HTTP/2: the transport of messages:send -------------------------------------------------------
+
+
+async def test_sends_go_over_http2_and_only_the_token_over_http1(fake: FakeFcm, make_provider: Factory) -> None:
+    provider = make_provider()
+    for i in range(5):
+        assert isinstance(await provider.send(delivery(f"t{i}")), Delivered)
+    assert fake.requests_by_protocol == {"h2": 5, "http/1.1": 1}  # the OAuth2 token request stays on aiohttp
+    assert {r.protocol for r in fake.received} == {"h2"}
+    assert fake.connections == 1 and fake.http1_connections == 1
+    assert provider.app("default").pool.connects == 1 and not provider.app("default").http1
+
+
+async def test_requests_in_flight_share_one_http2_connection(fake: FakeFcm, make_provider: Factory) -> None:
+    fake.max_streams = 1000
+    provider = make_provider(concurrency=256)
+    assert isinstance(await provider.send(delivery("warm")), Delivered)  # token and connection first
+    fake.hang = True  # hold every answer: all 200 requests are in flight at once
+    sends = asyncio.gather(*(provider.send(delivery(f"tok-{i}", id=f"m-{i}")) for i in range(200)))
+    await wait_for(lambda: fake.hanging == 200)
+    assert fake.connections == 1 and fake.peak_streams == 200
+    fake.resume()
+    outs = await sends
+    assert all(isinstance(o, Delivered) for o in outs)
+    assert fake.connections == 1 and provider.app("default").pool.connects == 1
+    assert sorted(r.message["token"] for r in fake.received[1:]) == sorted(f"tok-{i}" for i in range(200))
+
+
+async def test_server_stream_limit_is_respected_with_a_small_pool(fake: FakeFcm, make_provider: Factory) -> None:
+    fake.max_streams = 20  # a stream above it would be a protocol error: the fake drops the connection
+    fake.delay_s = 0.05
+    provider = make_provider(concurrency=256, connections=3)
+    outs = await asyncio.gather(*(provider.send(delivery(f"tok-{i}", id=f"m-{i}")) for i in range(300)))
+    assert all(isinstance(o, Delivered) for o in outs), [o for o in outs if not isinstance(o, Delivered)][:3]
+    assert len(fake.received) == 300
+    assert fake.connections == 3 and fake.peak_streams == 20  # the pool grew to its size, never past the limit
+
+
+async def test_goaway_moves_unprocessed_requests_to_a_new_connection(fake: FakeFcm, make_provider: Factory) -> None:
+    fake.goaway_after = 50
+    provider = make_provider(concurrency=256)
+    outs = await asyncio.gather(*(provider.send(delivery(f"g-{i}", id=f"m-{i}")) for i in range(200)))
+    assert all(isinstance(o, Delivered) for o in outs), [o for o in outs if not isinstance(o, Delivered)][:3]
+    tokens = [r.message["token"] for r in fake.received]
+    assert len(tokens) == 200 and len(set(tokens)) == 200  # each exactly once: refused streams were resent, never doubled
+    assert fake.connections >= 4  # one GOAWAY per 50 requests
+
+
+async def test_refused_access_token_over_http2_is_refreshed_once(fake: FakeFcm, make_provider: Factory) -> None:
+    provider = make_provider()
+    assert isinstance(await provider.send(delivery()), Delivered)
+    fake.revoke()
+    outs = await asyncio.gather(*(provider.send(delivery(f"t{i}")) for i in range(50)))
+    assert outs == [Retry("fcm UNAUTHENTICATED: access token refused", after=0.0, status=401)] * 50
+    outs = await asyncio.gather(*(provider.send(delivery(f"t{i}")) for i in range(50)))
+    assert all(isinstance(o, Delivered) for o in outs)
+    assert fake.token_requests == 2  # 50 refusals of one token: one refresh
+    assert {r.access_token for r in fake.received[1:]} == {fake.tokens[1].access_token}
+    assert fake.connections == 1  # the new token goes on the same connection
+
+
+async def test_quota_exceeded_over_http2_honours_retry_after(fake: FakeFcm, make_provider: Factory) -> None:
+    provider = make_provider()
+    fake.program("busy", [(429, "QUOTA_EXCEEDED", 17), (429, None, None), (503, "UNAVAILABLE", 4)])
+    assert await provider.send(delivery("busy")) == Retry("fcm QUOTA_EXCEEDED", after=17.0, status=429)
+    assert await provider.send(delivery("busy")) == Retry("fcm RESOURCE_EXHAUSTED", after=60.0, status=429)
+    assert await provider.send(delivery("busy")) == Retry("fcm UNAVAILABLE", after=4.0, status=503)
+    assert isinstance(await provider.send(delivery("busy")), Delivered)
+    assert fake.requests_by_protocol["h2"] == 4 and fake.connections == 1
+
+
+async def test_timeout_resets_the_stream_and_keeps_the_connection(fake: FakeFcm, make_provider: Factory) -> None:
+    provider = make_provider(timeout_s=0.5)
+    assert isinstance(await provider.send(delivery("a")), Delivered)
+    fake.hang = True
+    assert await provider.send(delivery("b")) == Retry("fcm timeout")
+    await wait_for(lambda: fake.hanging == 0)  # the RST_STREAM reached the fake: it stopped answering
+    fake.resume()
+    assert isinstance(await provider.send(delivery("c")), Delivered)
+    assert fake.connections == 1
+    assert [r.message["token"] for r in fake.received] == ["a", "c"]
+
+
+async def test_lost_connection_is_a_retry_and_the_next_send_reconnects(fake: FakeFcm, make_provider: Factory) -> None:
+    provider = make_provider()
+    assert isinstance(await provider.send(delivery("a")), Delivered)
+    fake.hang = True
+    task = asyncio.create_task(provider.send(delivery("b")))
+    await wait_for(lambda: fake.hanging == 1)
+    for p in list(fake._protocols):
+        p.abort()
+    out = await task
+    assert isinstance(out, Retry) and out.reason.startswith("fcm connection")
+    fake.resume()
+    assert isinstance(await provider.send(delivery("c")), Delivered)  # the connection had answered: no reconnect gap
+    assert fake.connections == 2
+
+
+async def test_http2_server_certificate_is_verified(
+    fake: FakeFcm, account: Path, local_ca: LocalCA, tmp_path: Path, make_provider: Factory
+) -> None:
+    stranger_ca = make_local_ca(tmp_path / "other-ca")  # a server certificate the app's ca_file does not vouch for
+    async with FakeFcm(stranger_ca) as impostor:
+        app_ = FcmApp("default", service_account_file=str(account), base_url=impostor.base_url,
+                      token_uri=fake.token_uri, ca_file=str(local_ca.ca_file))
+        out = await make_provider([app_]).send(delivery())
+    assert isinstance(out, Retry) and out.reason.startswith("fcm connection error: SSLCertVerificationError")
+    assert fake.token_requests == 1 and impostor.send_requests == 0
+
+
+async def test_fake_serves_the_token_endpoint_over_http2_too(fake: FakeFcm, local_ca: LocalCA, make_provider: Factory) -> None:
+    assert isinstance(await make_provider().send(delivery()), Delivered)
+    conn = await H2ClientConnection.connect("127.0.0.1", fake.port, local_ca.client_context(alpn=["h2"]), timeout_s=5.0)
+    try:
+        headers = [(b":method", b"POST"), (b":scheme", b"https"), (b":authority", f"127.0.0.1:{fake.port}".encode()),
+                   (b":path", b"/token"), (b"content-type", b"application/x-www-form-urlencoded")]
+        resp = await conn.request(headers, b"grant_type=password&assertion=x.y.z")
+        assert resp.status == 400 and orjson.loads(resp.body)["error"] == "unsupported_grant_type"
+        resp = await conn.request([*headers[:3], (b":path", b"/v1/projects/demo-project/messages:send"),
+                                   (b"authorization", b"Bearer forged")], b"{}")
+        assert resp.status == 401 and orjson.loads(resp.body)["error"]["status"] == "UNAUTHENTICATED"
+    finally:
+        conn.close()
+
+
+# --- HTTP/1.1 fallback: an endpoint without HTTP/2 ----------------------------------------------
+
+
+@pytest.fixture
+async def http1_fake(local_ca: LocalCA) -> AsyncIterator[FakeFcm]:
+    async with FakeFcm(local_ca, http2=False) as f:  # like an egress proxy that speaks HTTP/1.1 only
+        yield f
+
+
+async def test_endpoint_without_http2_falls_back_to_http1_with_every_behaviour(
+    http1_fake: FakeFcm, local_ca: LocalCA, tmp_path: Path, make_provider: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pushgw.fcm")
+    sa = http1_fake.service_account(tmp_path / "sa1")
+    provider = make_provider([app("default", sa, http1_fake, local_ca)])
+    outs = await asyncio.gather(*(provider.send(delivery(f"t{i}")) for i in range(20)))
+    assert all(isinstance(o, Delivered) for o in outs)
+    assert provider.app("default").http1 and provider.app("default").pool.conns == []
+    assert http1_fake.requests_by_protocol["h2"] == 0 and http1_fake.connections == 0
+    assert {r.protocol for r in http1_fake.received} == {"http/1.1"}
+    warnings = [r for r in caplog.records if "HTTP/1.1" in r.getMessage()]
+    assert len(warnings) == 1 and "did not negotiate HTTP/2" in warnings[0].reason  # type: ignore[attr-defined]
+    http1_fake.program("x", [(429, "QUOTA_EXCEEDED", 9), (404, "UNREGISTERED", None)])
+    assert await provider.send(delivery("x")) == Retry("fcm QUOTA_EXCEEDED", after=9.0, status=429)
+    assert await provider.send(delivery("x")) == TokenInvalid("fcm UNREGISTERED", 404)
+    http1_fake.revoke()
+    assert await provider.send(delivery("x")) == Retry("fcm UNAUTHENTICATED: access token refused", after=0.0, status=401)
+    assert isinstance(await provider.send(delivery("x")), Delivered)
+    assert http1_fake.token_requests == 2
+
+
+def test_base_url_scheme_chooses_the_transport(account: Path) -> None:
+    plain = FcmProvider([FcmApp("default", str(account), base_url="http://127.0.0.1:9/")], ProviderSettings())
+    assert plain.app("default").http1  # no TLS, no ALPN: HTTP/1.1
+    tls = FcmProvider([FcmApp("default", str(account))], ProviderSettings())
+    assert not tls.app("default").http1
+    with pytest.raises(ConfigError, match=r"fcm\.default\.base_url"):
+        FcmProvider([FcmApp("default", str(account), base_url="ftp://fcm.example")], ProviderSettings())

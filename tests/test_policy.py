@@ -104,6 +104,19 @@ async def test_windows_defer_to_the_learners_next_window_with_jitter(redis: aior
     assert isinstance(d, Defer)
 
 
+async def test_opt_outs_also_stop_retries_and_re_reads_but_windows_do_not(redis: aioredis.Redis) -> None:
+    keys = Keys(PREFIX)
+    await Profiles(redis, keys).update("learner-1", {"opt_out": {"categories": ["reminder"]}})
+    policy = DeliveryPolicy(redis, keys, LEARNING)
+    night = paris(2026, 11, 25, 23, 15)
+    retry = msg(1).with_devices((Device("fcm", "t"),))  # a retry aims at one device, `resolved`
+    out = await policy.decide([retry, msg(2), msg(3, "reward"), msg(4, "reward")], night,
+                              first_read=[True, False, False, True])
+    # opted out: dropped, even as a retry or a re-read; a re-read reward is not held for the window again
+    assert out[:3] == [Drop("opted_out"), Drop("opted_out"), Admit()]
+    assert isinstance(out[3], Defer)
+
+
 async def test_preferences_validation(redis: aioredis.Redis) -> None:
     profiles = Profiles(redis, Keys(PREFIX))
     with pytest.raises(MessageInvalid) as e:
@@ -304,7 +317,10 @@ fcm = 10000
     assert s.policy.provider_rates == (("fcm", 10000.0), ("apns:learner-ios", 500.0))
     for bad, needle in (('[policy]\nwindows = ["7-9"]', "send window"), ('[policy]\ntimezone = "Mars/Base"', "time zone"),
                         ('[policy.provider_rates]\nsms = 5', "name a provider"), ('[policy.provider_rates]\nfcm = 0', "> 0"),
-                        ('[policy.category_windows]\nreward = "07:00-22:00"', "list")):
+                        ('[policy.category_windows]\nreward = "07:00-22:00"', "list"),
+                        ('[policy]\nopt_out_exempt = ["Account"]', "not a category"),
+                        ('[policy.category_windows]\nRewards = []', "not a category"),
+                        ('[worker]\nhigh_weight = 0', "high_weight")):
         cfg.write_text(bad)
         with pytest.raises(ConfigError, match=needle):
             load_settings(cfg, env={})

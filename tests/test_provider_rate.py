@@ -14,13 +14,20 @@ from pushgw.ratelimit.provider_rate import SharedRate, rates_for
 class _Clock:
     def __init__(self, t: float) -> None:
         self.t = t
+        self.pending: list[float] = []
 
     def __call__(self) -> float:
         return self.t
 
     async def sleep(self, s: float) -> None:
-        self.t += s
-        await asyncio.sleep(0)
+        """Sleepers overlap in time, as processes do: the earliest pending wake-up moves the clock."""
+        target = self.t + s
+        self.pending.append(target)
+        while self.t < target:
+            await asyncio.sleep(0)
+            if min(self.pending) == target:
+                self.t = max(self.t, target)
+        self.pending.remove(target)
 
 
 async def test_two_workers_share_one_rate(redis: aioredis.Redis) -> None:
@@ -98,3 +105,46 @@ async def test_the_worker_takes_the_shared_rate_before_each_request(redis: aiore
     assert Sink.sent == 200
     # 200 requests at 100/s: the (simulated) clock had to move about 2 s while they went out.
     assert 1.9 <= clock.t - start <= 2.2, clock.t - start
+
+
+async def test_when_redis_cannot_answer_for_the_rate_the_delivery_is_parked_not_stuck(redis: aioredis.Redis,
+                                                                                      tmp_path: object) -> None:
+    from pushgw.gateway.config import RedisSettings, Settings, WorkerSettings
+    from pushgw.gateway.schema import Device, Message
+    from pushgw.gateway.worker import Worker
+    from pushgw.providers.base import Delivery, Outcome
+    from pushgw.queue.streams import StreamQueue
+
+    class Sink:
+        name = "fcm"
+
+        async def send(self, delivery: Delivery) -> Outcome:
+            raise AssertionError("nothing may be sent without the rate")
+
+        async def close(self) -> None:
+            return None
+
+    keys = Keys("rateerr")
+    q = StreamQueue(redis, keys)
+    await q.ensure_group()
+    await q.enqueue([Message(id="m1", devices=(Device("fcm", "t1"),), body="b")])
+    dead = aioredis.from_url(f"unix://{tmp_path}/no-redis-here.sock")  # the rate's Redis is unreachable
+    limiter = SharedRate(dead, keys, "fcm", 100.0)
+    settings = Settings(redis=RedisSettings(prefix="rateerr"), worker=WorkerSettings(block_ms=20))
+    parked_before = REGISTRY.get_sample_value("pushgw_deliveries_skipped_total", {"reason": "rate_unavailable"}) or 0
+    stop = asyncio.Event()
+    task = asyncio.create_task(Worker(settings, redis, {"fcm": Sink()}, consumer="w", rates={"fcm": limiter}).run(stop))
+    for _ in range(500):
+        st = await q.stats()
+        if st.pending == 0 and st.lag == 0 and st.delayed == 1:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    await dead.aclose()
+    st = await q.stats()
+    assert (st.pending, st.lag, st.delayed) == (0, 0, 1)  # acked, and waiting in the delayed set for another try
+    [(member, _)] = await redis.zrange(keys.delayed, 0, -1, withscores=True)
+    assert member.startswith(b"1:")  # no attempt spent
+    parked = REGISTRY.get_sample_value("pushgw_deliveries_skipped_total", {"reason": "rate_unavailable"}) or 0
+    assert parked == parked_before + 1

@@ -21,7 +21,14 @@ from pushgw.providers.base import Delivered, Delivery, Provider, Rejected, Retry
 from pushgw.providers.fakes.tls import LocalCA
 from pushgw.providers.fakes.webpush import FakePushService
 from pushgw.providers.vapid import VapidSigner, application_server_key, load_vapid_key, make_vapid_key
-from pushgw.providers.webpush import WebPushProvider, encrypt, topic_for
+from pushgw.providers.webpush import (
+    SUBSCRIPTION_KEY_CACHE,
+    EncryptionError,
+    WebPushProvider,
+    encrypt,
+    subscription_key,
+    topic_for,
+)
 
 Factory = Callable[..., WebPushProvider]
 
@@ -238,3 +245,22 @@ def test_repr_shows_no_private_key(tmp_path: Path) -> None:
     settings = WebPushSettings(vapid_private_key_file=str(path))
     text = repr(WebPushProvider(settings, ProviderSettings())) + repr(settings)
     assert str(path) not in text and "PRIVATE" not in text
+
+
+def test_subscription_key_is_parsed_once_per_subscription_and_the_cache_is_bounded() -> None:
+    browsers = [ec.generate_private_key(ec.SECP256R1()) for _ in range(2)]
+    keys = [base64.urlsafe_b64encode(b.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)).rstrip(b"=").decode() for b in browsers]
+    auth_secret = os.urandom(16)
+    auth = base64.urlsafe_b64encode(auth_secret).rstrip(b"=").decode()
+    subscription_key.cache_clear()
+    bodies = [encrypt(b"hello", keys[i % 2], auth) for i in range(6)]
+    info = subscription_key.cache_info()
+    assert (info.misses, info.hits, info.currsize) == (2, 4, 2)
+    assert info.maxsize == SUBSCRIPTION_KEY_CACHE
+    for i, body in enumerate(bodies):  # a cached key encrypts exactly as a fresh one: each still decrypts
+        assert http_ece.decrypt(body, private_key=browsers[i % 2], auth_secret=auth_secret, version="aes128gcm") == b"hello"
+    for _ in range(2):  # a broken key is refused every time and never cached
+        with pytest.raises(EncryptionError):
+            encrypt(b"hello", "not-a-key", auth)
+    assert subscription_key.cache_info().currsize == 2

@@ -72,6 +72,10 @@ def test_daylight_saving_changes() -> None:
     repeat = SendWindows.parse(["01:30-02:00"])
     start, _ = repeat.next_open(at("America/New_York", 2026, 11, 1, 0, 0), NEW_YORK)
     assert local(start, "America/New_York") == "2026-11-01 01:30 EDT"
+    # Checked during the second 02:10 of Paris's autumn night, a window at 02:30 opens 20 minutes later.
+    second_210 = datetime(2026, 10, 25, 2, 10, tzinfo=PARIS, fold=1).timestamp()
+    start, _ = SendWindows.parse(["02:30-03:30"]).next_open(second_210, PARIS)
+    assert start - second_210 == 20 * 60
     # Lord Howe Island moves its clocks by 30 minutes (5 April 2026, 02:00 -> 01:30).
     start, _ = LEARNING_DAY.next_open(at("Australia/Lord_Howe", 2026, 4, 4, 22, 0), LORD_HOWE)
     assert datetime.fromtimestamp(start, LORD_HOWE).strftime("%d %H:%M") == "05 07:30"

@@ -22,18 +22,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
 import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from jh2.config import H2Configuration
-from jh2.errors import ErrorCodes
-from jh2.events import ConnectionTerminated, DataReceived, RequestReceived, StreamEnded, StreamReset
-from jh2.exceptions import H2Error
-from jh2.settings import SettingCodes, Settings
+from jh2.settings import SettingCodes
+from pushgw.providers.fakes.h2server import Answer, H2ServerProtocol
 from pushgw.providers.fakes.tls import LocalCA
-from pushgw.providers.h2client import CountingH2Connection, drainable
 from pushgw.providers.jose import decode_jwt, es256_valid
 
 PUSH_TYPES = {"alert", "background", "voip", "complication", "fileprovider", "mdm", "liveactivity", "location", "pushtotalk"}
@@ -107,12 +103,13 @@ class FakeApns:
         self.jwts_seen: set[str] = set()
         self._verified: dict[str, int] = {}  # JWT -> iat, for tokens whose signature checked out
         self.connections = 0
+        self.peak_streams = 0  # most pushes in flight at once on one connection
         self.requests = 0
         self.hanging = 0
         self._programmed: dict[str, deque[Programmed]] = {}
         self._failed: set[str] = set()
         self._server: asyncio.Server | None = None
-        self._protocols: set[_ApnsServerProtocol] = set()
+        self._protocols: set[H2ServerProtocol] = set()
         self._release = asyncio.Event()
 
     @property
@@ -277,106 +274,31 @@ class FakeApns:
         return 200, out_headers, b""
 
 
-class _ApnsServerProtocol(asyncio.Protocol):
+class _ApnsServerProtocol(H2ServerProtocol):
+    """One APNs connection: the client certificate's topic, and Apple's stream limit (1 until a push is accepted)."""
+
     def __init__(self, fake: FakeApns) -> None:
+        super().__init__(fake, max_streams=1)
         self.fake = fake
-        self.h2 = drainable(CountingH2Connection(H2Configuration(client_side=False, header_encoding="utf-8")))
-        self.transport: asyncio.Transport | None = None
-        self.requests: dict[int, tuple[dict[str, str], bytearray]] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
         self.cert_topic: str | None = None
         self.authenticated = False
-        self.count = 0
-        self.goaway_sent = False
-        self.last_stream_id = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio subclasses
-        self.transport = transport
-        self.fake.connections += 1
-        self.fake._protocols.add(self)
         peer = transport.get_extra_info("peercert")
         if peer:
             for rdn in peer.get("subject", ()):
                 for name, value in rdn:
                     if name == "userId":
                         self.cert_topic = value
-        # Apple allows one stream until a request authenticates, then raises the limit.
-        self.h2.local_settings = Settings(client=False, initial_values={SettingCodes.MAX_CONCURRENT_STREAMS: 1})
-        self.h2.initiate_connection()
-        transport.write(self.h2.data_to_send())
+        super().connection_made(transport)
 
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.fake._protocols.discard(self)
-        for t in self.tasks:
-            t.cancel()
-
-    def data_received(self, data: bytes) -> None:
-        self.h2.in_flight = len(self.requests) + len(self.tasks)
-        try:
-            events = self.h2.receive_data(data)
-        except H2Error:
-            self.flush()
-            self.abort()
-            return
-        for ev in events:
-            if isinstance(ev, RequestReceived):
-                if self.goaway_sent and ev.stream_id > self.last_stream_id:
-                    continue  # above the GOAWAY: never processed, the client resends it elsewhere
-                self.requests[ev.stream_id] = (dict(ev.headers), bytearray())
-                if ev.stream_ended is not None:
-                    self._dispatch(ev.stream_id)
-            elif isinstance(ev, DataReceived):
-                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-                req = self.requests.get(ev.stream_id)
-                if req is not None:
-                    req[1].extend(ev.data)
-            elif isinstance(ev, StreamEnded):
-                self._dispatch(ev.stream_id)
-            elif isinstance(ev, StreamReset):
-                self.requests.pop(ev.stream_id, None)
-            elif isinstance(ev, ConnectionTerminated):
-                self.abort()
-        self.flush()
-
-    def flush(self) -> None:
-        data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def _dispatch(self, stream_id: int) -> None:
-        req = self.requests.pop(stream_id, None)
-        if req is None:
-            return
-        self.count += 1
-        task = asyncio.get_running_loop().create_task(self._answer(stream_id, req[0], bytes(req[1])))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        if self.fake.goaway_after is not None and self.count >= self.fake.goaway_after and not self.goaway_sent:
-            self.goaway_sent = True
-            self.last_stream_id = stream_id
-            self.h2.close_connection(ErrorCodes.NO_ERROR, last_stream_id=stream_id)
-
-    async def _answer(self, stream_id: int, headers: dict[str, str], body: bytes) -> None:
+    async def respond(self, headers: dict[str, str], body: bytes) -> Answer:
         status, out_headers, out_body = await self.fake.handle(headers, body, self.cert_topic)
+        if out_body:
+            out_headers["content-type"] = "application/json"
+        return status, out_headers, out_body
+
+    def answered(self, status: int) -> None:
         if status == 200 and not self.authenticated:
             self.authenticated = True
             self.h2.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: self.fake.max_streams})
-        try:
-            response = [(":status", str(status)), *out_headers.items()]
-            if out_body:
-                response.append(("content-type", "application/json"))
-                response.append(("content-length", str(len(out_body))))
-                self.h2.send_headers(stream_id, response)
-                self.h2.send_data(stream_id, out_body, end_stream=True)
-            else:
-                self.h2.send_headers(stream_id, response, end_stream=True)
-        except H2Error:
-            return  # the client reset the stream meanwhile
-        self.flush()
-        if self.goaway_sent and not self.tasks - {asyncio.current_task()} and self.transport is not None:
-            self.transport.close()  # every stream below the GOAWAY is answered

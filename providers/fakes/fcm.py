@@ -6,6 +6,12 @@ Google does, `messages:send` checks the Bearer token it issued, the project in t
 message the way the v1 API validates it, and errors come back in Google's JSON error format with
 the FcmError `errorCode` detail. Failures are programmed per device token, so a test can make one
 device dead, throttled or flaky without touching the client code.
+
+Like Google's front ends it serves HTTP/2 and HTTP/1.1 on one TLS port, chosen by ALPN: a client
+offering "h2" gets HTTP/2 (`providers.fakes.h2server`, the machinery FakeApns uses, with
+MAX_CONCURRENT_STREAMS and `goaway_after`), any other client HTTP/1.1 (aiohttp's server). Both
+answer every route from the same handlers. `FakeFcm(ca, http2=False)` serves HTTP/1.1 only, as a
+proxy without HTTP/2 would.
 """
 
 from __future__ import annotations
@@ -16,17 +22,19 @@ import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
+from urllib.parse import parse_qsl
 
 import orjson
 from aiohttp import web
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from pushgw.providers.fakes.h2server import Answer, H2ServerProtocol
 from pushgw.providers.fakes.tls import LocalCA
 from pushgw.providers.jose import b64url_decode
 
@@ -53,6 +61,10 @@ _ERRORS: dict[str, tuple[int, str, str]] = {
 }
 _STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
                  429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}
+_SEND_PATH = re.compile(r"^/v1/projects/([^/?]+)/([^/?]+)$")
+# Streams per HTTP/2 connection: 100, the least RFC 9113 recommends and a common server default (Google's
+# actual figure is whatever its SETTINGS say; the client reads it from there).
+DEFAULT_MAX_STREAMS = 100
 
 Programmed = tuple[int, str | None, float | str | None] | tuple[int, str | None, float | str | None, str]
 """(HTTP status, FcmError errorCode or None, Retry-After or None[, error message])."""
@@ -93,6 +105,7 @@ class Received:
     name: str
     access_token: str = field(repr=False)
     received_at: float = field(default_factory=time.time)
+    protocol: str = "h2"  # "h2" or "http/1.1": how the request came
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,19 +134,27 @@ class _Invalid(Exception):
 class FakeFcm:
     """FCM HTTP v1 over TLS on 127.0.0.1: `async with FakeFcm(local_ca) as fcm: ...`."""
 
-    def __init__(self, ca: LocalCA, *, expires_in: float = 3600.0, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, ca: LocalCA, *, expires_in: float = 3600.0, host: str = "127.0.0.1", port: int = 0,
+                 http2: bool = True, max_streams: int = DEFAULT_MAX_STREAMS) -> None:
         self._ca = ca
         self._host = host
         self._port = port
+        self.http2 = http2  # offer HTTP/2 by ALPN (else HTTP/1.1 only)
+        self.max_streams = max_streams  # MAX_CONCURRENT_STREAMS of each new HTTP/2 connection
+        self.goaway_after: int | None = None  # HTTP/2: GOAWAY after this many requests on one connection
         self.expires_in = expires_in  # lifetime of the access tokens it issues; tests shorten it
         self.token_status: int | None = None  # when set, the token endpoint fails with this HTTP status
-        self.hang = False  # when set, messages:send never answers (until the fake stops)
+        self.hang = False  # when set, messages:send holds its answer until `resume()` or the fake stops
         self.delay_s = 0.0  # answer every accepted send this much later (a slow but healthy provider)
         self.received: list[Received] = []
         self.failed_then_ok: list[Received] = []  # accepted after a programmed failure for that token
         self.tokens: list[IssuedToken] = []
         self.token_requests = 0
         self.send_requests = 0
+        self.requests_by_protocol: dict[str, int] = {"h2": 0, "http/1.1": 0}  # every request, any route
+        self.connections = 0  # HTTP/2 connections accepted
+        self.http1_connections = 0
+        self.peak_streams = 0  # most requests in flight at once on one HTTP/2 connection
         self.hanging = 0  # requests held by hang mode right now
         self.answers: list[tuple[str, float, int]] = []  # (token, time.monotonic(), status) of programmed/accepted sends
         self._accounts: dict[str, _Account] = {}
@@ -142,7 +163,10 @@ class FakeFcm:
         self._failed: set[str] = set()
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+        self._protocols: set[H2ServerProtocol] = set()
         self._release = asyncio.Event()
+        self._stopping = False
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -186,22 +210,35 @@ class FakeFcm:
 
     async def start(self) -> FakeFcm:
         app = web.Application()
-        app.router.add_post("/token", self._token)
-        app.router.add_post("/v1/projects/{project}/{method}", self._send)
+        app.router.add_post("/token", self._token_http1)
+        app.router.add_post("/v1/projects/{project}/{method}", self._send_http1)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(
-            self._runner, self._host, self._port, ssl_context=self._ca.server_context()
-        )
-        await site.start()
-        self._port = self._runner.addresses[0][1]
+        ctx = self._ca.server_context(alpn=["h2", "http/1.1"] if self.http2 else ["http/1.1"])
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Negotiated(self), self._host, self._port, ssl=ctx)
+        self._port = self._server.sockets[0].getsockname()[1]
         return self
 
-    async def stop(self) -> None:
+    def resume(self) -> None:
+        """End hang mode: the requests held so far are answered as usual."""
+        self.hang = False
         self._release.set()
+        self._release = asyncio.Event()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._release.set()
+        for p in list(self._protocols):
+            p.abort()
+        if self._server is not None:
+            self._server.close()
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._runner.cleanup()  # closes the HTTP/1.1 connections
             self._runner = None
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
 
     async def __aenter__(self) -> FakeFcm:
         return await self.start()
@@ -211,13 +248,44 @@ class FakeFcm:
     ) -> None:
         await self.stop()
 
+    def _http1_handler(self) -> asyncio.Protocol:
+        assert self._runner is not None and self._runner.server is not None
+        return cast(asyncio.Protocol, self._runner.server())
+
+    # --- routing: the same handlers for HTTP/1.1 and HTTP/2 -------------------------------------
+
+    async def _token_http1(self, request: web.Request) -> web.Response:
+        self.requests_by_protocol["http/1.1"] += 1
+        form = await request.post()
+        return _response(await self.handle_token({k: v for k, v in form.items() if isinstance(v, str)}))
+
+    async def _send_http1(self, request: web.Request) -> web.Response:
+        self.requests_by_protocol["http/1.1"] += 1
+        answer = await self.handle_send(request.match_info["project"], request.match_info["method"],
+                                 request.headers.get("Authorization", ""), await request.read(), "http/1.1")
+        return _response(answer)
+
+    async def handle_h2(self, headers: Mapping[str, str], body: bytes) -> Answer:
+        """One HTTP/2 request: the routes of the HTTP/1.1 server, from the pseudo-headers."""
+        self.requests_by_protocol["h2"] += 1
+        path = headers.get(":path", "")
+        if headers.get(":method") != "POST":
+            return _error(405, None, "Method not allowed.")
+        if path == "/token":
+            if not headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+                return _json({"error": "invalid_request", "error_description": "Bad Request"}, 400)
+            return await self.handle_token(dict(parse_qsl(body.decode("utf-8", "replace"))))
+        m = _SEND_PATH.match(path)
+        if m is None:
+            return _error(404, None, "Not found.")
+        return await self.handle_send(m.group(1), m.group(2), headers.get("authorization", ""), body, "h2")
+
     # --- OAuth2 token endpoint ----------------------------------------------------------------
 
-    async def _token(self, request: web.Request) -> web.Response:
+    async def handle_token(self, form: Mapping[str, str]) -> Answer:
         self.token_requests += 1
         if self.token_status is not None:
             return _json({"error": "internal_failure", "error_description": "token endpoint down"}, self.token_status)
-        form = await request.post()
         if form.get("grant_type") != JWT_BEARER_GRANT:
             return _json({"error": "unsupported_grant_type", "error_description": "Invalid grant_type"}, 400)
         assertion = form.get("assertion")
@@ -275,12 +343,11 @@ class FakeFcm:
 
     # --- messages:send ------------------------------------------------------------------------
 
-    async def _send(self, request: web.Request) -> web.Response:
+    async def handle_send(self, project: str, method: str, auth: str, raw: bytes, protocol: str) -> Answer:
+        """`POST /v1/projects/{project}/{method}` with this Authorization header and body."""
         self.send_requests += 1
-        project = request.match_info["project"]
-        if request.match_info["method"] != "messages:send":
+        if method != "messages:send":
             return _error(404, None, "Method not found.")
-        auth = request.headers.get("Authorization", "")
         issued = self._issued.get(auth[7:]) if auth.startswith("Bearer ") else None
         if issued is None or time.monotonic() >= issued.expires_at:
             return _error(
@@ -293,7 +360,7 @@ class FakeFcm:
                 f"'//cloudresourcemanager.googleapis.com/projects/{project}' (or it may not exist)."
             )
         try:
-            body = orjson.loads(await request.read())
+            body = orjson.loads(raw)
             message = _validate(body)
         except orjson.JSONDecodeError:
             return _error(400, None, "Invalid JSON payload received.")
@@ -305,7 +372,8 @@ class FakeFcm:
                 await self._release.wait()
             finally:
                 self.hanging -= 1
-            return _error(503, "UNAVAILABLE", "The service is shutting down.")
+            if self._stopping:
+                return _error(503, "UNAVAILABLE", "The service is shutting down.")
         if self.delay_s > 0:
             await asyncio.sleep(self.delay_s)
         target = message.get("token")
@@ -318,7 +386,7 @@ class FakeFcm:
             self.answers.append((str(target), time.monotonic(), status))
             return _error(status, code, text, retry_after)
         name = f"projects/{project}/messages/0:{next(self._ids)}%fake"
-        received = Received(project, message, name, issued.access_token)
+        received = Received(project, message, name, issued.access_token, protocol=protocol)
         self.received.append(received)
         self.answers.append((str(target), time.monotonic(), 200))
         if target in self._failed:
@@ -373,17 +441,22 @@ def _string_map(value: Any, where: str) -> None:
             raise _Invalid(f"Invalid value at '{where}[{k}]' (TYPE_STRING).")
 
 
-def _json(body: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
+def _json(body: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> Answer:
+    return status, {"content-type": "application/json", **(headers or {})}, orjson.dumps(body)
 
 
-def _error(status: int, code: str | None, message: str | None, retry_after: float | str | None = None) -> web.Response:
+def _response(answer: Answer) -> web.Response:
+    status, headers, body = answer
+    return web.Response(body=body, status=status, headers=headers)
+
+
+def _error(status: int, code: str | None, message: str | None, retry_after: float | str | None = None) -> Answer:
     """Google's error JSON; with `code`, an FcmError detail carrying the errorCode.
 
     A status Google's API never sends (e.g. 502) comes back as a front-end proxy's HTML page.
     """
     if code is None and status not in _STATUS_NAMES:
-        return web.Response(text=f"<html><body>Error {status}</body></html>", status=status, content_type="text/html")
+        return status, {"content-type": "text/html"}, f"<html><body>Error {status}</body></html>".encode()
     default = _ERRORS.get(code or "")
     error: dict[str, Any] = {
         "code": status,
@@ -394,5 +467,32 @@ def _error(status: int, code: str | None, message: str | None, retry_after: floa
         error["details"] = [{"@type": FCM_ERROR_TYPE, "errorCode": code}]
     headers = None
     if retry_after is not None:
-        headers = {"Retry-After": retry_after if isinstance(retry_after, str) else str(int(retry_after))}
+        headers = {"retry-after": retry_after if isinstance(retry_after, str) else str(int(retry_after))}
     return _json({"error": error}, status, headers)
+
+
+class _FcmH2Protocol(H2ServerProtocol):
+    def __init__(self, fake: FakeFcm) -> None:
+        super().__init__(fake, max_streams=fake.max_streams)
+        self.fake = fake
+
+    async def respond(self, headers: dict[str, str], body: bytes) -> Answer:
+        return await self.fake.handle_h2(headers, body)
+
+
+class _Negotiated(asyncio.Protocol):
+    """Accepts a TLS connection and hands it to the HTTP/2 or the HTTP/1.1 server, by the ALPN protocol chosen."""
+
+    def __init__(self, fake: FakeFcm) -> None:
+        self.fake = fake
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        proto: asyncio.Protocol
+        if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+            proto = _FcmH2Protocol(self.fake)
+        else:
+            self.fake.http1_connections += 1
+            proto = self.fake._http1_handler()
+        transport.set_protocol(proto)
+        proto.connection_made(transport)

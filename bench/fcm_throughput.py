@@ -1,0 +1,105 @@
+"""Throughput of `FcmProvider` against FakeFcm in another process, over TLS: HTTP/2 (default) or HTTP/1.1.
+
+    python -m pushgw.bench.fcm_throughput [--n 20000] [--concurrency 256] [--http1]
+
+`--http1` makes the fake serve HTTP/1.1 only, so the provider takes its HTTP/1.1 path (aiohttp,
+one keep-alive connection per request in flight): the two runs compare the transports with the
+same provider code around them. The fake runs in a child process so that the figure is the
+client's (plus loopback TLS), not the two sharing one event loop. Prints pushes per second and
+the client process's CPU time per push, as JSON; pushes/s is bounded by the fake (Python, on the
+other core), CPU per push is the client's own cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+
+def _serve(directory: str, http2: bool, conn: Connection) -> None:
+    from pushgw.gateway.pool import install_loop
+    from pushgw.providers.fakes.fcm import FakeFcm
+    from pushgw.providers.fakes.tls import make_local_ca
+
+    install_loop()
+
+    async def main() -> None:
+        ca = make_local_ca(Path(directory) / "tls")
+        async with FakeFcm(ca, http2=http2) as fake:
+            fake.service_account(Path(directory) / "sa", "bench")
+            conn.send(fake.port)
+            await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # until the parent is done
+            conn.send([len(fake.received), fake.connections, fake.http1_connections])
+
+    asyncio.run(main())
+
+
+async def _run(directory: Path, port: int, n: int, concurrency: int) -> dict[str, Any]:
+    from pushgw.gateway.config import FcmApp, ProviderSettings
+    from pushgw.gateway.schema import Device, Message
+    from pushgw.providers.base import Delivered, Delivery
+    from pushgw.providers.fcm import FcmProvider
+
+    [sa] = (directory / "sa").glob("*.json")
+    app = FcmApp("default", service_account_file=str(sa), base_url=f"https://127.0.0.1:{port}",
+                 ca_file=str(directory / "tls" / "ca.pem"))
+    provider = FcmProvider([app], ProviderSettings(timeout_s=30.0, concurrency=concurrency))
+    msg = Message(id="bench", title="New module available", body="Module 4 of Data Science is out",
+                  data={"track": "data-science", "module": "4"}, category="new_content", campaign="module-launch")
+    deliveries = [Delivery(msg, Device("fcm", f"fcm-{i}-0-{i:010x}")) for i in range(n)]
+    await provider.send(deliveries[0])  # access token and a first connection before timing
+    ok = 0
+
+    async def lane(items: list[Delivery]) -> None:
+        nonlocal ok
+        while items:
+            if isinstance(await provider.send(items.pop()), Delivered):
+                ok += 1
+
+    shares = [deliveries[i::concurrency] for i in range(concurrency)]
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(lane(s) for s in shares))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    await provider.close()
+    return {"pushes": n, "delivered": ok, "seconds": round(wall, 3), "pushes_per_s": round(n / wall),
+            "client_cpu_us_per_push": round(cpu / n * 1e6, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--concurrency", type=int, default=256, help="sends in flight (providers.concurrency)")
+    ap.add_argument("--http1", action="store_true", help="the fake serves HTTP/1.1 only")
+    args = ap.parse_args(argv)
+    from pushgw.gateway.pool import install_loop
+    from pushgw.providers.fakes.tls import make_local_ca
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        make_local_ca(directory / "tls")
+        parent, child = mp.Pipe()
+        proc = mp.get_context("spawn").Process(target=_serve, args=(tmp, not args.http1, child), daemon=True)
+        proc.start()
+        port = parent.recv()
+        install_loop()
+        result = asyncio.run(_run(directory, port, args.n, args.concurrency))
+        parent.send("done")
+        received, h2_conns, http1_conns = parent.recv()
+        result.update(transport="http/1.1" if args.http1 else "h2", fake_received=received,
+                      h2_connections=h2_conns, http1_connections=http1_conns)
+        proc.join(5)
+    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    return 0 if result["delivered"] == args.n else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

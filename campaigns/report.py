@@ -1,0 +1,209 @@
+"""KPI report per campaign and variant, with 95% Wilson intervals and two-proportion z-tests; a PNG chart.
+
+The unit is the learner (the unit of assignment): a learner with two devices, a retried delivery or
+a frequency variant's second message is one learner reached, and an event is counted once per
+learner and type. Figures:
+
+- `assigned`: learners the fan-out put in the arm (the control group: learners held out);
+- `sent`: learners with at least one message queued; `messages`: messages queued;
+- `delivered`: learners with at least one delivery accepted by a provider; `failed`: learners with a
+  failed delivery (dead letter, invalid token, no device) and none delivered; `dropped`: learners
+  whose message the policy dropped (opt-out, cap, expiry) and nothing delivered or failed;
+- `opened`, `converted`, `dismissed`, `opt_out`: from app events;
+- rates over `delivered`: CTR (opened), CR (converted), opt-out rate;
+- `conversion_itt`: converted / assigned, for every arm including control ("intent to treat": the
+  fair comparison with a group that got no push, since nobody in it could be "delivered").
+
+Tests: every pair of variants on CTR, CR and opt-out rate; every variant against the control group
+on conversion_itt. A two-sided two-proportion z-test with the pooled variance; p = erfc(|z|/√2).
+No scipy: `math.erfc` is exact enough and keeps the dependency list short.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from pushgw.campaigns.experiments import CONTROL
+from pushgw.campaigns.fanout import CampaignStore
+from pushgw.queue.keys import Keys
+
+Z95 = 1.959963984540054
+ALPHA = 0.05
+EVENT_FIGURES = ("opened", "converted", "dismissed", "opt_out")
+RATES = (("ctr", "opened"), ("cr", "converted"), ("opt_out_rate", "opt_out"))
+
+
+def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None:
+    """Wilson score interval: honest near 0 and 1 and with small n, where the normal interval is not."""
+    if n <= 0:
+        return None
+    p = successes / n
+    z2 = z * z
+    denom = 1 + z2 / n
+    center = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def two_proportion(x1: int, n1: int, x2: int, n2: int) -> tuple[float, float] | None:
+    """(z, two-sided p) for H0: p1 == p2, pooled variance; None when a group is empty."""
+    if n1 <= 0 or n2 <= 0:
+        return None
+    p1, p2 = x1 / n1, x2 / n2
+    pooled = (x1 + x2) / (n1 + n2)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    if se == 0:
+        return 0.0, 1.0
+    z = (p1 - p2) / se
+    return z, math.erfc(abs(z) / math.sqrt(2))
+
+
+def _rate(x: int, n: int) -> dict[str, Any]:
+    ci = wilson(x, n)
+    return {"value": (x / n) if n else None, "ci95": list(ci) if ci else None, "count": x, "of": n}
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+async def campaign_report(redis: aioredis.Redis, keys: Keys, campaign: str) -> dict[str, Any]:
+    """The report as JSON (the API's, the CLI's and the chart's source)."""
+    stored = await CampaignStore(redis, keys).get(campaign)
+    kpi = {_s(k): int(v) for k, v in (await redis.hgetall(keys.kpi(campaign))).items()}
+    seen = {_s(v) for v in await redis.smembers(keys.campaign_variants(campaign))}
+    if stored is not None:
+        arms = [v.name for v in stored.campaign.variants]
+        if stored.campaign.control_percent > 0:
+            arms.append(CONTROL)
+    else:
+        arms = sorted(seen | {f.split(":", 1)[0] for f in kpi})
+    tmp = f"{keys.prefix}:report:{uuid.uuid4().hex}"
+    async with redis.pipeline(transaction=False) as pipe:
+        for arm in arms:
+            d, f, x = (keys.kpi_users(campaign, arm, o) for o in ("delivered", "failed", "dropped"))
+            pipe.scard(d)
+            pipe.scard(f)
+            pipe.sintercard(2, [f, d])
+            pipe.scard(x)
+            pipe.sintercard(2, [x, d])
+            pipe.sunionstore(tmp, [d, f])
+            pipe.sintercard(2, [x, tmp])
+            pipe.delete(tmp)
+        replies = await pipe.execute()
+    out_arms: list[dict[str, Any]] = []
+    for i, arm in enumerate(arms):
+        delivered, failed_all, failed_and_delivered, dropped_all, _, _, dropped_and_settled, _ = replies[8 * i:8 * i + 8]
+        a: dict[str, Any] = {"arm": arm, "control": arm == CONTROL}
+        a["assigned"] = kpi.get(f"{arm}:assigned", 0)
+        a["sent"] = kpi.get(f"{arm}:sent", 0)
+        a["messages"] = kpi.get(f"{arm}:messages", 0)
+        a["render_failed"] = kpi.get(f"{arm}:render_failed", 0)
+        a["delivered"] = int(delivered)
+        a["failed"] = int(failed_all) - int(failed_and_delivered)
+        a["dropped"] = int(dropped_all) - int(dropped_and_settled)
+        for fig in EVENT_FIGURES:
+            a[fig] = kpi.get(f"{arm}:{fig}", 0)
+        for name, fig in RATES:
+            a[name] = _rate(a[fig], a["delivered"])
+        a["conversion_itt"] = _rate(a["converted"], a["assigned"])
+        out_arms.append(a)
+    comparisons: list[dict[str, Any]] = []
+    variants = [a for a in out_arms if not a["control"]]
+    for i, a in enumerate(variants):
+        for b in variants[i + 1:]:
+            for name, _fig in RATES:
+                comparisons.append(_compare(a, b, name))
+    control = next((a for a in out_arms if a["control"]), None)
+    if control is not None:
+        for a in variants:
+            comparisons.append(_compare(a, control, "conversion_itt"))
+    return {"campaign": campaign, "stage_percent": stored.stage_percent if stored else None,
+            "control_percent": stored.campaign.control_percent if stored else 0.0, "arms": out_arms,
+            "comparisons": comparisons, "alpha": ALPHA, "method": "Wilson 95% intervals; two-sided two-proportion z-test"}
+
+
+def _compare(a: dict[str, Any], b: dict[str, Any], metric: str) -> dict[str, Any]:
+    ra, rb = a[metric], b[metric]
+    test = two_proportion(ra["count"], ra["of"], rb["count"], rb["of"])
+    out: dict[str, Any] = {"metric": metric, "a": a["arm"], "b": b["arm"]}
+    if test is None:
+        return out | {"difference": None, "z": None, "p_value": None, "significant": False}
+    z, p = test
+    return out | {"difference": ra["value"] - rb["value"], "z": z, "p_value": p, "significant": p < ALPHA}
+
+
+def _pct(r: dict[str, Any]) -> str:
+    if r["value"] is None:
+        return "-"
+    lo, hi = r["ci95"]
+    return f"{100 * r['value']:.1f}% [{100 * lo:.1f}-{100 * hi:.1f}]"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A fixed-width table for the terminal (`pushgw campaigns report`)."""
+    lines = [f"campaign {report['campaign']}  stage {report['stage_percent']}%  control {report['control_percent']}%"]
+    head = ("arm", "assigned", "sent", "delivered", "failed", "dropped", "opened", "converted", "opt_out",
+            "CTR [95% CI]", "CR [95% CI]", "opt-out rate", "CR(ITT)")
+    rows = [head]
+    for a in report["arms"]:
+        rows.append((a["arm"], *(str(a[k]) for k in ("assigned", "sent", "delivered", "failed", "dropped", "opened",
+                                                   "converted", "opt_out")),
+                     _pct(a["ctr"]), _pct(a["cr"]), _pct(a["opt_out_rate"]), _pct(a["conversion_itt"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    if report["comparisons"]:
+        lines.append("")
+        for c in report["comparisons"]:
+            if c["p_value"] is None:
+                lines.append(f"{c['metric']}: {c['a']} vs {c['b']}: not enough data")
+                continue
+            verdict = "significant" if c["significant"] else "not significant"
+            p = "p<0.0001" if c["p_value"] < 0.0001 else f"p={c['p_value']:.4f}"
+            lines.append(f"{c['metric']}: {c['a']} vs {c['b']}: {100 * c['difference']:+.2f} points, z={c['z']:.2f}, "
+                         f"{p} ({verdict} at {report['alpha']})")
+    return "\n".join(lines) + "\n"
+
+
+class ChartUnavailable(RuntimeError):
+    """matplotlib is an optional dependency (the `test` extra has it)."""
+
+
+def chart_png(report: dict[str, Any], metrics: Sequence[str] = ("ctr", "cr", "opt_out_rate", "conversion_itt")) -> bytes:
+    """Grouped bars per arm with 95% Wilson intervals as error bars."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ChartUnavailable("the chart needs matplotlib: pip install matplotlib (or install pushgw[test])") from e
+    arms = report["arms"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(metrics) * max(1, len(arms)) / 2), 4.2))
+    width = 0.8 / max(1, len(arms))
+    labels = {"ctr": "CTR (opened)", "cr": "CR (converted)", "opt_out_rate": "opt-out rate", "conversion_itt": "CR (ITT)"}
+    for j, a in enumerate(arms):
+        xs, ys, lo, hi = [], [], [], []
+        for i, m in enumerate(metrics):
+            r = a[m]
+            if r["value"] is None:
+                continue
+            xs.append(i + (j - (len(arms) - 1) / 2) * width)
+            ys.append(100 * r["value"])
+            lo.append(100 * (r["value"] - r["ci95"][0]))
+            hi.append(100 * (r["ci95"][1] - r["value"]))
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=f"{a['arm']} (n={a['delivered'] or a['assigned']})")
+    ax.set_xticks(range(len(metrics)), [labels.get(m, m) for m in metrics])
+    ax.set_ylabel("% of learners (95% Wilson interval)")
+    ax.set_title(f"campaign {report['campaign']} — stage {report['stage_percent']}%")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,230 @@
+"""HTTP routes of engagement campaigns (campaigns/*): learner attributes, templates, campaigns, launches, events, reports.
+
+Scopes: learner attributes go with devices and preferences (`devices`: the profile service owns
+them); templates, campaigns, launches and reports need `campaigns`; app events need only `events`, a
+scope small enough to give to a mobile backend. A launch answers 202 at once with the job's status:
+the fan-out runs in the worker processes (campaigns/fanout.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from pushgw.campaigns.audiences import UserAttributes, count, parse_audience
+from pushgw.campaigns.events import EventRecorder, summary
+from pushgw.campaigns.fanout import CampaignError, CampaignStore
+from pushgw.campaigns.report import ChartUnavailable, campaign_report, chart_png
+from pushgw.campaigns.templates import RenderError, Templates
+from pushgw.gateway.api import CLIENT, INTAKE, REDIS, ApiError, Authenticator, _body, _invalid, _json, _need
+from pushgw.gateway.schema import FieldError, MessageInvalid
+
+MAX_IMPORT = 1000
+
+
+async def _known(redis: Any, keys: Any, cid: str) -> None:
+    """A report exists for a stored campaign, or for any campaign label the workers or events have figures for."""
+    if await CampaignStore(redis, keys).get(cid) is None and not await redis.exists(keys.kpi(cid), keys.campaign_variants(cid)):
+        raise ApiError(404, "not_found", f"no campaign {cid!r} and no figures for it")
+
+
+def _cerr(e: CampaignError) -> ApiError:
+    return ApiError(e.status, e.code, str(e))
+
+
+class CampaignRoutes:
+    def __init__(self, auth: Authenticator) -> None:
+        self.auth = auth
+
+    def _setup(self, request: web.Request, scope: str) -> tuple[Any, Any]:
+        client = _need(request, scope)
+        self.auth.charge(client, 1)
+        return request.app[REDIS], request.app[INTAKE].keys
+
+    # ------------------------------------------------------------------ learners
+
+    async def put_attributes(self, request: web.Request) -> web.Response:
+        """PUT replaces a learner's attributes, PATCH changes the fields named (null clears one)."""
+        redis, keys = self._setup(request, "devices")
+        body = await _body(request)
+        try:
+            attrs = await UserAttributes(redis, keys).update(request.match_info["user"], body,
+                                                             merge=request.method == "PATCH")
+        except MessageInvalid as e:
+            raise _invalid(e) from None
+        return _json(attrs.to_json())
+
+    async def get_attributes(self, request: web.Request) -> web.Response:
+        redis, keys = self._setup(request, "devices")
+        try:
+            attrs = await UserAttributes(redis, keys).get(request.match_info["user"])
+        except MessageInvalid as e:
+            raise _invalid(e) from None
+        return _json(attrs.to_json())
+
+    async def import_attributes(self, request: web.Request) -> web.Response:
+        client = _need(request, "devices")
+        body = await _body(request)
+        users = body.get("users") if isinstance(body, dict) else None
+        if not isinstance(users, list) or not 1 <= len(users) <= MAX_IMPORT or not all(
+                isinstance(u, dict) and set(u) == {"user", "attributes"} for u in users):
+            raise _invalid(MessageInvalid([FieldError("users", f"must be a list of 1-{MAX_IMPORT} "
+                                                               '{"user": ..., "attributes": {...}}')]))
+        self.auth.charge(client, len(users))
+        try:
+            n = await UserAttributes(request.app[REDIS], request.app[INTAKE].keys).import_many(
+                [(u["user"], u["attributes"]) for u in users])
+        except MessageInvalid as e:
+            raise _invalid(MessageInvalid([FieldError(f"users{err.field}", err.message) for err in e.errors])) from None
+        return _json({"imported": n})
+
+    async def audience_count(self, request: web.Request) -> web.Response:
+        redis, keys = self._setup(request, "campaigns")
+        body = await _body(request)
+        try:
+            audience = parse_audience(body.get("audience") if isinstance(body, dict) else None)
+        except MessageInvalid as e:
+            raise _invalid(e) from None
+        return _json({"audience": audience.to_json(), "count": await count(redis, keys, audience)})
+
+    # ------------------------------------------------------------------ templates
+
+    async def put_template(self, request: web.Request) -> web.Response:
+        redis, keys = self._setup(request, "campaigns")
+        body = await _body(request)
+        try:
+            t = await Templates(redis, keys).save(request.match_info["name"], body)
+        except MessageInvalid as e:
+            raise _invalid(e) from None
+        return _json(t.to_json())
+
+    async def get_template(self, request: web.Request) -> web.Response:
+        redis, keys = self._setup(request, "campaigns")
+        t = await Templates(redis, keys).get(request.match_info["name"])
+        if t is None:
+            raise ApiError(404, "not_found", "no such template")
+        return _json(t.to_json())
+
+    async def list_templates(self, request: web.Request) -> web.Response:
+        redis, keys = self._setup(request, "campaigns")
+        return _json({"templates": await Templates(redis, keys).names()})
+
+    async def render_template(self, request: web.Request) -> web.Response:
+        """A preview: what a learner with this locale and these variables would read."""
+        redis, keys = self._setup(request, "campaigns")
+        body = await _body(request)
+        if not isinstance(body, dict) or set(body) - {"vars", "locale"}:
+            raise _invalid(MessageInvalid([FieldError("$", 'send {"vars": {...}, "locale": "fr"}')]))
+        variables, locale = body.get("vars") or {}, body.get("locale")
+        if not isinstance(variables, dict) or not all(isinstance(v, str) for v in variables.values()):
+            raise _invalid(MessageInvalid([FieldError("vars", "must be an object of string values")]))
+        if locale is not None and not isinstance(locale, str):
+            raise _invalid(MessageInvalid([FieldError("locale", "must be a language tag such as fr")]))
+        t = await Templates(redis, keys).get(request.match_info["name"])
+        if t is None:
+            raise ApiError(404, "not_found", "no such template")
+        try:
+            r = t.render(variables, locale)
+        except RenderError as e:
+            raise _invalid(MessageInvalid([FieldError(e.field, e.message)])) from None
+        return _json({"locale": r.locale, "title": r.title, "body": r.body, "data": r.data})
+
+    # ------------------------------------------------------------------ campaigns
+
+    async def create_campaign(self, request: web.Request) -> web.Response:
+        redis, keys = self._setup(request, "campaigns")
+        body = await _body(request)
+        try:
+            c = await CampaignStore(redis, keys).create(body)
+        except MessageInvalid as e:
+            raise _invalid(e) from None
+        except CampaignError as e:
+            raise _cerr(e) from None
+        return _json(c.to_json(), 201)
+
+    async def list_campaigns(self, request: web.Request) -> web.Response:
+        redis, keys = self._setup(request, "campaigns")
+        return _json({"campaigns": await CampaignStore(redis, keys).ids()})
+
+    async def get_campaign(self, request: web.Request) -> web.Response:
+        redis, keys = self._setup(request, "campaigns")
+        try:
+            s = await CampaignStore(redis, keys).require(request.match_info["id"])
+        except CampaignError as e:
+            raise _cerr(e) from None
+        return _json(s.campaign.to_json() | {"stage_percent": s.stage_percent, "stages": [st.to_json() for st in s.stages],
+                                             "created_at": s.created_at})
+
+    async def launch(self, request: web.Request) -> web.Response:
+        redis, keys = self._setup(request, "campaigns")
+        body = await _body(request)
+        if not isinstance(body, dict) or "percent" not in body or set(body) - {"percent", "weights"}:
+            raise _invalid(MessageInvalid([FieldError("percent", 'send {"percent": 10} for a 10% pilot, 100 for all '
+                                                                 '(and "weights": {"b": 1} to roll out only variant b)')]))
+        try:
+            status = await CampaignStore(redis, keys).launch(request.match_info["id"], body["percent"], body.get("weights"))
+        except MessageInvalid as e:
+            raise _invalid(e) from None
+        except CampaignError as e:
+            raise _cerr(e) from None
+        return _json(status, 202)
+
+    async def status(self, request: web.Request) -> web.Response:
+        redis, keys = self._setup(request, "campaigns")
+        try:
+            return _json(await CampaignStore(redis, keys).status(request.match_info["id"]))
+        except CampaignError as e:
+            raise _cerr(e) from None
+
+    async def report(self, request: web.Request) -> web.Response:
+        redis, keys = self._setup(request, "campaigns")
+        cid = request.match_info["id"]
+        await _known(redis, keys, cid)
+        return _json(await campaign_report(redis, keys, cid))
+
+    async def report_png(self, request: web.Request) -> web.Response:
+        redis, keys = self._setup(request, "campaigns")
+        cid = request.match_info["id"]
+        await _known(redis, keys, cid)
+        try:
+            png = chart_png(await campaign_report(redis, keys, cid))
+        except ChartUnavailable as e:
+            raise ApiError(501, "chart_unavailable", str(e)) from None
+        return web.Response(body=png, content_type="image/png")
+
+    # ------------------------------------------------------------------ events
+
+    async def events(self, request: web.Request) -> web.Response:
+        client = _need(request, "events")
+        body = await _body(request)
+        events = body.get("events") if isinstance(body, dict) else None
+        self.auth.charge(client, len(events) if isinstance(events, list) and events else 1)
+        try:
+            results = await EventRecorder(request.app[REDIS], request.app[INTAKE].keys).record(events)
+        except MessageInvalid as e:
+            raise _invalid(e) from None
+        return _json({"results": results, **summary(results)}, 202)
+
+
+def add_routes(app: web.Application, auth: Authenticator) -> None:
+    r = CampaignRoutes(auth)
+    app.router.add_put("/v1/users/{user}/attributes", r.put_attributes)
+    app.router.add_patch("/v1/users/{user}/attributes", r.put_attributes)
+    app.router.add_get("/v1/users/{user}/attributes", r.get_attributes)
+    app.router.add_post("/v1/attributes/batch", r.import_attributes)
+    app.router.add_post("/v1/audiences/count", r.audience_count)
+    app.router.add_get("/v1/templates", r.list_templates)
+    app.router.add_put("/v1/templates/{name}", r.put_template)
+    app.router.add_get("/v1/templates/{name}", r.get_template)
+    app.router.add_post("/v1/templates/{name}/render", r.render_template)
+    app.router.add_post("/v1/campaigns", r.create_campaign)
+    app.router.add_get("/v1/campaigns", r.list_campaigns)
+    app.router.add_get("/v1/campaigns/{id}", r.get_campaign)
+    app.router.add_post("/v1/campaigns/{id}/launch", r.launch)
+    app.router.add_get("/v1/campaigns/{id}/status", r.status)
+    app.router.add_get("/v1/campaigns/{id}/report", r.report)
+    app.router.add_get("/v1/campaigns/{id}/report.png", r.report_png)
+    app.router.add_post("/v1/events", r.events)
+
+
+__all__ = ["CLIENT", "add_routes"]

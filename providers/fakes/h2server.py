@@ -1,0 +1,172 @@
+"""The server side of HTTP/2 for the provider fakes (APNs, FCM): one asyncio protocol per connection, on jh2.
+
+It collects each request's headers and body, answers every request from its own task (a held or
+slow answer never blocks the other streams of the connection), announces MAX_CONCURRENT_STREAMS
+and enforces it (jh2 refuses a stream above it as a protocol error, so a client that ignores the
+limit fails its test), and can end a connection with a graceful GOAWAY after a number of requests:
+streams above the GOAWAY are never processed, as with a real server going away, and the
+connection closes once every stream below it is answered. What a request means is the subclass's
+`respond`; the owner (the fake) holds the knobs and counters every connection shares.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol, cast
+
+from jh2.config import H2Configuration
+from jh2.errors import ErrorCodes
+from jh2.events import ConnectionTerminated, DataReceived, RequestReceived, StreamEnded, StreamReset
+from jh2.exceptions import H2Error
+from jh2.settings import SettingCodes, Settings
+from pushgw.providers.h2client import CountingH2Connection, drainable
+
+Answer = tuple[int, dict[str, str], bytes]
+"""(HTTP status, response headers with lower-case names, body)."""
+
+
+class H2ServerOwner(Protocol):
+    """What a fake shares with its HTTP/2 connections."""
+
+    connections: int  # HTTP/2 connections accepted so far
+    peak_streams: int  # most requests in flight at once on one connection
+    goaway_after: int | None  # GOAWAY after this many requests on a connection
+    _protocols: set[H2ServerProtocol]  # open connections (a test may abort them)
+
+
+class _ServerH2Connection(CountingH2Connection):
+    """Counts the client's open streams the way the client does, to enforce MAX_CONCURRENT_STREAMS fairly.
+
+    A stream is open from its HEADERS until our END_STREAM goes out (the client frees its slot only
+    when it reads that) or until either side resets it. `open_ids` follows jh2's events, which come
+    after a whole read; so at the limit, where a stream the client reset earlier in the same read
+    must not count, the live stream states are consulted (an O(n) scan, only then)."""
+
+    def __init__(self, config: H2Configuration) -> None:
+        super().__init__(config)
+        self.open_ids: set[int] = set()
+
+    def _count(self) -> int:
+        super()._count()  # the periodic purge of closed streams
+        n = len(self.open_ids)
+        if n >= self.local_settings.max_concurrent_streams:
+            streams = self.streams
+            n = sum(1 for sid in self.open_ids if sid in streams and not streams[sid].closed)
+        return n
+
+
+class H2ServerProtocol(asyncio.Protocol):
+    """One server-side HTTP/2 connection; subclasses implement `respond`."""
+
+    def __init__(self, owner: H2ServerOwner, max_streams: int) -> None:
+        self.owner = owner
+        self.max_streams = max_streams  # MAX_CONCURRENT_STREAMS announced in the first SETTINGS
+        self.h2 = _ServerH2Connection(H2Configuration(client_side=False, header_encoding="utf-8"))
+        drainable(self.h2)
+        self.transport: asyncio.Transport | None = None
+        self.requests: dict[int, tuple[dict[str, str], bytearray]] = {}
+        self.tasks: dict[int, asyncio.Task[None]] = {}  # stream id -> the task answering it
+        self.count = 0
+        self.goaway_sent = False
+        self.last_stream_id = 0
+
+    async def respond(self, headers: dict[str, str], body: bytes) -> Answer:
+        """Answer one request (headers include the pseudo-headers :method, :path, ...)."""
+        raise NotImplementedError
+
+    def answered(self, status: int) -> None:
+        """Called after each answer is queued (APNs raises its stream limit after the first 200)."""
+
+    # --- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio subclasses
+        self.transport = transport
+        self.owner.connections += 1
+        self.owner._protocols.add(self)
+        self.h2.local_settings = Settings(client=False, initial_values={SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams})
+        self.h2.initiate_connection()
+        transport.write(self.h2.data_to_send())
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner._protocols.discard(self)
+        for t in self.tasks.values():
+            t.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except H2Error:
+            self.flush()
+            self.abort()
+            return
+        for ev in events:
+            if isinstance(ev, RequestReceived):
+                if self.goaway_sent and ev.stream_id > self.last_stream_id:
+                    continue  # above the GOAWAY: never processed, the client resends it elsewhere
+                self.requests[ev.stream_id] = (dict(ev.headers), bytearray())
+                self.h2.open_ids.add(ev.stream_id)
+                if ev.stream_ended is not None:
+                    self._dispatch(ev.stream_id)
+            elif isinstance(ev, DataReceived):
+                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                req = self.requests.get(ev.stream_id)
+                if req is not None:
+                    req[1].extend(ev.data)
+            elif isinstance(ev, StreamEnded):
+                self._dispatch(ev.stream_id)
+            elif isinstance(ev, StreamReset):  # the client gave up on it: stop answering
+                self.requests.pop(ev.stream_id, None)
+                self.h2.open_ids.discard(ev.stream_id)
+                task = self.tasks.get(ev.stream_id)
+                if task is not None:
+                    task.cancel()
+            elif isinstance(ev, ConnectionTerminated):
+                self.abort()
+        self.flush()
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def _dispatch(self, stream_id: int) -> None:
+        req = self.requests.pop(stream_id, None)
+        if req is None:
+            return
+        self.count += 1
+        task = asyncio.get_running_loop().create_task(self._answer(stream_id, req[0], bytes(req[1])))
+        self.tasks[stream_id] = task
+        if len(self.tasks) > self.owner.peak_streams:
+            self.owner.peak_streams = len(self.tasks)
+        goaway_after = self.owner.goaway_after
+        if goaway_after is not None and self.count >= goaway_after and not self.goaway_sent:
+            self.goaway_sent = True
+            self.last_stream_id = stream_id
+            self.h2.close_connection(ErrorCodes.NO_ERROR, last_stream_id=stream_id)
+
+    async def _answer(self, stream_id: int, headers: dict[str, str], body: bytes) -> None:
+        try:
+            status, out_headers, out_body = await self.respond(headers, body)
+            self.answered(status)
+            response = [(":status", str(status)), *out_headers.items()]
+            if out_body:
+                response.append(("content-length", str(len(out_body))))
+                self.h2.send_headers(stream_id, response)
+                self.h2.send_data(stream_id, out_body, end_stream=True)
+            else:
+                self.h2.send_headers(stream_id, response, end_stream=True)
+        except H2Error:
+            pass  # the client reset the stream meanwhile
+        finally:
+            self.h2.open_ids.discard(stream_id)
+            self.tasks.pop(stream_id, None)
+        self.flush()
+        if self.goaway_sent and not self.tasks and self.transport is not None:
+            self.transport.close()  # every stream below the GOAWAY is answered
