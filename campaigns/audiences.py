@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -21,9 +21,9 @@ from pushgw.gateway.schema import FieldError, MessageInvalid, parse_user
 from pushgw.queue.keys import Keys
 from pushgw.ratelimit.windows import WindowError, zone
 
-VALUE_RE = re.compile(r"^[a-z0-9_-]{1,48}$")
-LOCALE_RE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}$")
-VAR_RE = re.compile(r"^[a-z_][a-z0-9_]{0,31}$")
+VALUE_RE = re.compile(r"^[a-z0-9_-]{1,48}\Z")
+LOCALE_RE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}\Z")
+VAR_RE = re.compile(r"^[a-z_][a-z0-9_]{0,31}\Z")
 MAX_LIST = 64
 MAX_VARS = 16
 MAX_VAR_LEN = 256
@@ -192,7 +192,8 @@ class UserAttributes:
         replies = await self._read(keys=[self.keys.user(u) for u in users])
         return {u: decode_attributes(r[0], r[1]) for u, r in zip(users, replies, strict=True)}
 
-    def _write(self, pipe: Any, user: str, old: Attributes, new: Attributes) -> None:
+    def _write(self, pipe: Any, user: str, old: Attributes, new: Attributes, tz_given: bool) -> None:
+        """`tz` is shared with the preferences (PATCH /preferences sets it too): touched only when `timezone` was given."""
         before, after = old.index_entries(), new.index_entries()
         for index, value in before - after:
             pipe.srem(self.keys.audience_index(index, value), user)
@@ -200,13 +201,16 @@ class UserAttributes:
             pipe.sadd(self.keys.audience_index(index, value), user)
         key = self.keys.user(user)
         pipe.hset(key, "attrs", new.stored())
+        if not tz_given:
+            return
         if new.timezone:
             pipe.hset(key, "tz", new.timezone)
         elif old.timezone:
             pipe.hdel(key, "tz")
 
     async def update(self, user: str, obj: Any, *, merge: bool = True) -> Attributes:
-        """PATCH (merge=True: fields not named are kept) or PUT (replace) one learner's attributes."""
+        """PATCH (merge=True: fields not named are kept) or PUT (replace) one learner's attributes. The time zone is
+        kept unless `timezone` is named (a value, or null to clear it), also by a PUT: it is a preference too."""
         user = parse_user(user)
         key = self.keys.user(user)
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -215,9 +219,9 @@ class UserAttributes:
                     await pipe.watch(key)
                     raw, tz = await pipe.hmget(key, ["attrs", "tz"])
                     old = decode_attributes(raw, tz)
-                    new = parse_attributes(obj, old if merge else NO_ATTRIBUTES)
+                    new = parse_attributes(obj, old if merge else Attributes(timezone=old.timezone))
                     pipe.multi()  # type: ignore[no-untyped-call]
-                    self._write(pipe, user, old, new)
+                    self._write(pipe, user, old, new, isinstance(obj, dict) and "timezone" in obj)
                     await pipe.execute()
                     return new
                 except aioredis.WatchError:
@@ -225,24 +229,34 @@ class UserAttributes:
 
     async def import_many(self, items: Iterable[tuple[str, Any]], chunk: int = 1000) -> int:
         """Replace the attributes of many learners (an import from the learning platform): validated first,
-        then written in pipelined chunks. Not isolated from a concurrent update of the same learner."""
-        parsed: list[tuple[str, Attributes]] = []
+        then written in pipelined chunks. Not isolated from a concurrent update of the same learner. A learner named
+        twice is written once, with the last row; a row without `timezone` keeps the learner's time zone."""
+        parsed: dict[str, tuple[Attributes, bool]] = {}
+        rows = 0
         errors: list[FieldError] = []
         for i, (user, obj) in enumerate(items):
+            rows += 1
             try:
-                parsed.append((parse_user(user), parse_attributes(obj)))
+                u = parse_user(user)
+                attrs = parse_attributes(obj)
             except MessageInvalid as e:
                 errors += [FieldError(f"[{i}].{err.field}", err.message) for err in e.errors]
+                continue
+            parsed.pop(u, None)  # last wins (and is written in its own place)
+            parsed[u] = (attrs, isinstance(obj, dict) and "timezone" in obj)
         if errors:
             raise MessageInvalid(errors[:50])
-        for i in range(0, len(parsed), chunk):
-            part = parsed[i:i + chunk]
+        learners = list(parsed.items())
+        for i in range(0, len(learners), chunk):
+            part = learners[i:i + chunk]
             old = await self.get_many([u for u, _ in part])
             async with self.redis.pipeline(transaction=False) as pipe:
-                for user, attrs in part:
-                    self._write(pipe, user, old[user], attrs)
+                for user, (attrs, tz_given) in part:
+                    if not tz_given:
+                        attrs = replace(attrs, timezone=old[user].timezone)
+                    self._write(pipe, user, old[user], attrs, tz_given)
                 await pipe.execute()
-        return len(parsed)
+        return rows
 
 
 # ---------------------------------------------------------------------------- audiences
@@ -290,8 +304,8 @@ def parse_audience(obj: Any, where: str = "audience") -> Audience:
     return Audience(filter=tuple(out))
 
 
-async def materialize(redis: aioredis.Redis, keys: Keys, audience: Audience, dest: str) -> int:
-    """Compute the audience into the set `dest` inside Redis (one MULTI/EXEC); returns its size."""
+async def materialize(redis: aioredis.Redis, keys: Keys, audience: Audience, dest: str, ttl_s: int | None = None) -> int:
+    """Compute the audience into the set `dest` inside Redis (one MULTI/EXEC; `ttl_s`: with an expiry); returns its size."""
     if audience.topic is not None:
         sources = [keys.audience_index("topic", audience.topic)]
         temps: list[str] = []
@@ -311,6 +325,8 @@ async def materialize(redis: aioredis.Redis, keys: Keys, audience: Audience, des
                 pipe.sunionstore(temps[i], [keys.audience_index(name, v) for v in values])
                 i += 1
         pipe.sinterstore(dest, sources)
+        if ttl_s is not None:
+            pipe.expire(dest, ttl_s)
         if temps:
             pipe.delete(*temps)
         replies = await pipe.execute()

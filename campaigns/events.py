@@ -6,9 +6,12 @@ user. For a campaign created here the variant is recomputed from the assignment 
 cannot misattribute an event, and a conversion of a control-group learner (who got no push) counts
 for the control group; learners outside the audience or the launched stages are ignored.
 
-Each (campaign, event type, user or message) is counted once: `SET NX` marker and `HINCRBY` in one
-Lua call, so an app that retries a report after a timeout does not inflate the figures. `clicked`
-is counted as `opened` (an open is a tap on the notification).
+Each (campaign, event type, learner) is counted once: the learner is added to one set per (campaign,
+arm, type) and the `HINCRBY` happens only when `SADD` added them, in one Lua call, so an app that
+retries a report after a timeout does not inflate the figures. The report intersects these sets with
+the arm's `delivered` set for the rates over delivered learners. `clicked` is counted as `opened` (an
+open is a tap on the notification). Events for a campaign that is not stored here are ignored
+(`unknown_campaign`), so the `events` scope cannot make Redis grow with made-up campaigns or variants.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from pushgw.campaigns.audiences import VALUE_RE
-from pushgw.campaigns.experiments import CONTROL, parse_message_id
+from pushgw.campaigns.experiments import CONTROL, message_id_names, parse_message_id
 from pushgw.campaigns.fanout import CampaignStore, Stored
 from pushgw.gateway import metrics
 from pushgw.gateway.schema import FieldError, MessageInvalid
@@ -30,14 +33,16 @@ TYPES = ("opened", "clicked", "converted", "dismissed", "opt_out")
 COUNTED = {"clicked": "opened"}
 EVENT_TTL_S = 180 * 86400
 MAX_EVENTS = 1000
-_ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+_ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}\Z")
 
-# KEYS: (marker, kpi hash) per event   ARGV: ttl, then the kpi field per event   -> {1|0, ...}
+# KEYS: (event set, kpi hash) per event   ARGV: ttl, then (subject, kpi field) per event   -> {1|0, ...}
 _COUNT = """
 local out = {}
 for i = 1, #KEYS, 2 do
-  local field = ARGV[(i + 1) / 2 + 1]
-  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[1]) then
+  local subject = ARGV[i + 1]
+  local field = ARGV[i + 2]
+  if redis.call('SADD', KEYS[i], subject) == 1 then
+    redis.call('EXPIRE', KEYS[i], ARGV[1])
     redis.call('HINCRBY', KEYS[i + 1], field, 1)
     out[#out + 1] = 1
   else
@@ -83,11 +88,15 @@ def parse_events(objs: Any) -> list[Event]:
             values[name] = v
         mid = values["message_id"]
         parsed = parse_message_id(mid) if mid else None
-        if parsed is not None:
-            if values["campaign"] not in (None, parsed[0]) or values["user"] not in (None, parsed[1]):
+        if parsed is not None and mid is not None:
+            user = values["user"]
+            if values["campaign"] not in (None, parsed[0]) or (user is not None and not message_id_names(mid, user)):
                 errors.append(FieldError(f"{w}.message_id", "names another campaign or user than the event"))
                 continue
-            values["campaign"], values["user"] = parsed
+            values["campaign"] = parsed[0]
+            if parsed[1] is not None:
+                values["user"] = parsed[1]
+            # else: the id holds a digest of a long user id; without "user" the event is ignored (user_unknown)
         if values["campaign"] is None:
             errors.append(FieldError(f"{w}.campaign", "is required (or a campaign message_id such as cmp:<campaign>:<user>)"))
             continue
@@ -128,26 +137,26 @@ class EventRecorder:
             members = {i: bool(r) for (i, _), r in zip(checks, replies, strict=True)}
         results: list[dict[str, Any]] = [{} for _ in events]
         keys: list[str] = []
-        fields: list[str] = []
+        fields: list[str] = []  # (subject, kpi field) per event
         counted: list[int] = []
         for i, e in enumerate(events):
             kind = COUNTED.get(e.type, e.type)
             s = stored[e.campaign]
-            variant: str | None = e.variant or "default"
-            if s is not None:
-                if e.user is None:
-                    results[i] = {"status": "ignored", "campaign": e.campaign, "reason": "user_unknown"}
-                    continue
-                if not members.get(i):
-                    results[i] = {"status": "ignored", "campaign": e.campaign, "reason": "not_in_audience"}
-                    continue
-                variant = s.arm(e.user)
-                if variant is None:
-                    results[i] = {"status": "ignored", "campaign": e.campaign, "reason": "not_in_stage"}
-                    continue
-            subject = e.user or e.message_id or ""
-            keys += [self.keys.event_seen(e.campaign, kind, subject), self.keys.kpi(e.campaign)]
-            fields.append(f"{variant}:{kind}")
+            if s is None:  # not a campaign of ours: counting it would let the events scope grow Redis without limit
+                results[i] = {"status": "ignored", "campaign": e.campaign, "reason": "unknown_campaign"}
+                continue
+            if e.user is None:
+                results[i] = {"status": "ignored", "campaign": e.campaign, "reason": "user_unknown"}
+                continue
+            if not members.get(i):
+                results[i] = {"status": "ignored", "campaign": e.campaign, "reason": "not_in_audience"}
+                continue
+            variant = s.arm(e.user)
+            if variant is None:
+                results[i] = {"status": "ignored", "campaign": e.campaign, "reason": "not_in_stage"}
+                continue
+            keys += [self.keys.event_users(e.campaign, variant, kind), self.keys.kpi(e.campaign)]
+            fields += [e.user, f"{variant}:{kind}"]
             counted.append(i)
             results[i] = {"campaign": e.campaign, "variant": variant, "type": kind}
         if keys:

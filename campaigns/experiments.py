@@ -25,13 +25,13 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from pushgw.campaigns.audiences import VALUE_RE, VAR_RE, Audience, parse_audience
-from pushgw.gateway.schema import MAX_SCHEDULE_S, MAX_TTL_S, FieldError, MessageInvalid
+from pushgw.gateway.schema import MAX_ID_LEN, MAX_SCHEDULE_S, MAX_TTL_S, FieldError, MessageInvalid
 
 CONTROL = "control"
 SCALE = 1 << 64
 MAX_VARIANTS = 8
-_TIME_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
-_CATEGORY_RE = re.compile(r"^[a-z0-9_]{1,32}$")
+_TIME_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)\Z")
+_CATEGORY_RE = re.compile(r"^[a-z0-9_]{1,32}\Z")
 
 
 def unit(campaign: str, user: str, salt: str) -> int:
@@ -191,21 +191,43 @@ def next_local(after: float, hhmm: str, tz: ZoneInfo) -> float:
     return candidate.timestamp()
 
 
+def _user_digest(user: str) -> str:
+    return hashlib.blake2b(user.encode(), digest_size=16).hexdigest()
+
+
 def message_id(campaign: str, user: str, k: int = 0) -> str:
     """`cmp:{campaign}:{user}` (and `cmp:{campaign}/{k}:{user}` for a frequency variant's k-th message): a chunk
-    redone after a crash enqueues the same ids, which the queue's idempotency window accepts once."""
-    return f"cmp:{campaign}:{user}" if k == 0 else f"cmp:{campaign}/{k}:{user}"
+    redone after a crash enqueues the same ids, which the queue's idempotency window accepts once.
+
+    When that would exceed the 128-byte id limit (a long user id), the user part is a 128-bit blake2b digest of
+    the user, marked in the head: `cmp:{campaign}/h:{digest}` (`cmp:{campaign}/{k}/h:{digest}`), deterministic
+    and unique per user like the plain form. An app reporting an event for such an id must also name the user."""
+    head = campaign if k == 0 else f"{campaign}/{k}"
+    mid = f"cmp:{head}:{user}"
+    if len(mid.encode()) <= MAX_ID_LEN:
+        return mid
+    return f"cmp:{head}/h:{_user_digest(user)}"
 
 
-def parse_message_id(mid: str) -> tuple[str, str] | None:
-    """(campaign, user) of a campaign message id, or None."""
+def parse_message_id(mid: str) -> tuple[str, str | None] | None:
+    """(campaign, user) of a campaign message id, or None; the user is None when the id holds only its digest."""
     if not mid.startswith("cmp:"):
         return None
     head, sep, user = mid[4:].partition(":")
     campaign = head.split("/", 1)[0]
     if not sep or not user or not VALUE_RE.match(campaign):
         return None
-    return campaign, user
+    return (campaign, None) if head.endswith("/h") else (campaign, user)
+
+
+def message_id_names(mid: str, user: str) -> bool:
+    """Whether `mid` is one of `user`'s campaign message ids (plain or digest form)."""
+    parsed = parse_message_id(mid)
+    if parsed is None:
+        return False
+    if parsed[1] is not None:
+        return parsed[1] == user
+    return mid.rpartition(":")[2] == _user_digest(user)
 
 
 def _vars(obj: Any, where: str, errors: list[FieldError]) -> dict[str, str]:
@@ -273,7 +295,7 @@ def parse_campaign(obj: Any, now: float) -> Campaign:
         errors.append(FieldError("ttl", f"must be whole seconds from 0 to {MAX_TTL_S}"))
     send_at = _number(obj, "send_at", "", errors, 0, now + MAX_SCHEDULE_S)
     app = obj.get("app")
-    if app is not None and (not isinstance(app, str) or not re.match(r"^[A-Za-z0-9._:@/+=-]{1,64}$", app)):
+    if app is not None and (not isinstance(app, str) or not re.match(r"^[A-Za-z0-9._:@/+=-]{1,64}\Z", app)):
         errors.append(FieldError("app", "must be a short identifier"))
     collapse = obj.get("collapse_key")
     if collapse is not None and (not isinstance(collapse, str) or len(collapse.encode()) > 64):

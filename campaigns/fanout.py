@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from pushgw.campaigns.audiences import UserAttributes, materialize
+from pushgw.campaigns.audiences import VALUE_RE, UserAttributes, materialize
 from pushgw.campaigns.experiments import CONTROL, Campaign, Stage, load_campaign, message_id, parse_campaign, share
 from pushgw.campaigns.templates import RenderError, Template, Templates
 from pushgw.gateway import metrics
@@ -142,7 +142,8 @@ class CampaignStore:
         return c
 
     async def get(self, cid: str) -> Stored | None:
-        raw = await self.redis.hgetall(self.keys.campaign(cid)) if isinstance(cid, str) and len(cid) <= 48 else None
+        # Only a whole campaign id: `foo:members` or `foo:fanout` would name another key of campaign `foo` (WRONGTYPE).
+        raw = await self.redis.hgetall(self.keys.campaign(cid)) if isinstance(cid, str) and VALUE_RE.match(cid) else None
         if not raw or b"def" not in raw:
             return None
         stages = tuple(Stage(float(s["percent"]), s.get("weights")) for s in orjson.loads(raw.get(b"stages", b"[]")))
@@ -170,33 +171,51 @@ class CampaignStore:
         stage_weights = stored.campaign.parse_weights(weights)
         k = self.keys
         job_key = k.fanout(cid)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            try:
-                await pipe.watch(job_key, k.campaign(cid))
-                state = _s(await pipe.hget(job_key, "state") or b"")
-                stages = orjson.loads(await pipe.hget(k.campaign(cid), "stages") or b"[]")
-                stage = max((float(st["percent"]) for st in stages), default=0.0)
-                if state in ("queued", "running"):
-                    raise CampaignError(409, "fanout_running", f"campaign {cid}: a fan-out is running; wait for it")
-                if percent <= stage:
-                    raise CampaignError(409, "stage_launched", f"campaign {cid}: {stage:g}% already launched; "
-                                                               "a launch must reach more learners")
-                pipe.multi()  # type: ignore[no-untyped-call]
-                pipe.delete(job_key)
-                pipe.hset(job_key, mapping={
-                    "campaign": cid, "state": "queued", "from": str(stage), "to": str(percent), "cursor": "0",
-                    "queued_at": str(now), "scanned": "0", "weights": orjson.dumps(stage_weights)})
-                stages.append(Stage(float(percent), stage_weights).to_json())
-                pipe.hset(k.campaign(cid), "stages", orjson.dumps(stages))
-                pipe.sadd(k.fanout_jobs, cid)
-                await pipe.execute()
-            except aioredis.WatchError:
-                raise CampaignError(409, "fanout_running", f"campaign {cid}: launched concurrently") from None
-        if stage == 0:
-            members = await materialize(self.redis, k, stored.campaign.audience, k.campaign_members(cid))
-        else:
-            members = int(await self.redis.scard(k.campaign_members(cid)))
-        await self.redis.hset(job_key, "members", str(members))
+        # The audience is computed before anything is committed, into a temporary key that the launch's transaction
+        # renames to the member set: a crash in between leaves no job without members (which no runner would take
+        # and which would refuse every later launch), only a temporary key that expires.
+        tmp: str | None = None
+        members = 0
+        if not orjson.loads(await self.redis.hget(k.campaign(cid), "stages") or b"[]"):
+            tmp = f"{k.campaign_members(cid)}:tmp:{uuid.uuid4().hex}"
+            members = await materialize(self.redis, k, stored.campaign.audience, tmp, ttl_s=3600)
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(job_key, k.campaign(cid), k.campaign_members(cid))
+                    state = _s(await pipe.hget(job_key, "state") or b"")
+                    stages = orjson.loads(await pipe.hget(k.campaign(cid), "stages") or b"[]")
+                    stage = max((float(st["percent"]) for st in stages), default=0.0)
+                    if state in ("queued", "running"):
+                        raise CampaignError(409, "fanout_running", f"campaign {cid}: a fan-out is running; wait for it")
+                    if percent <= stage:
+                        raise CampaignError(409, "stage_launched", f"campaign {cid}: {stage:g}% already launched; "
+                                                                   "a launch must reach more learners")
+                    if stage == 0 and tmp is None:
+                        raise CampaignError(409, "fanout_running", f"campaign {cid}: launched concurrently")
+                    if stage > 0:
+                        members = int(await pipe.scard(k.campaign_members(cid)))
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    if stage == 0 and tmp is not None:
+                        if members:
+                            pipe.rename(tmp, k.campaign_members(cid))
+                            pipe.persist(k.campaign_members(cid))
+                        else:
+                            pipe.delete(k.campaign_members(cid))
+                    pipe.delete(job_key)
+                    pipe.hset(job_key, mapping={
+                        "campaign": cid, "state": "queued", "from": str(stage), "to": str(percent), "cursor": "0",
+                        "queued_at": str(now), "scanned": "0", "weights": orjson.dumps(stage_weights),
+                        "members": str(members)})
+                    stages.append(Stage(float(percent), stage_weights).to_json())
+                    pipe.hset(k.campaign(cid), "stages", orjson.dumps(stages))
+                    pipe.sadd(k.fanout_jobs, cid)
+                    await pipe.execute()
+                except aioredis.WatchError:
+                    raise CampaignError(409, "fanout_running", f"campaign {cid}: launched concurrently") from None
+        finally:
+            if tmp is not None:
+                await self.redis.delete(tmp)  # renamed away on success
         return await self.status(cid)
 
     async def status(self, cid: str) -> dict[str, Any]:

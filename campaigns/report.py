@@ -9,10 +9,14 @@ learner and type. Figures:
 - `delivered`: learners with at least one delivery accepted by a provider; `failed`: learners with a
   failed delivery (dead letter, invalid token, no device) and none delivered; `dropped`: learners
   whose message the policy dropped (opt-out, cap, expiry) and nothing delivered or failed;
-- `opened`, `converted`, `dismissed`, `opt_out`: from app events;
-- rates over `delivered`: CTR (opened), CR (converted), opt-out rate;
+- `opened`, `converted`, `dismissed`, `opt_out`: learners of the arm who reported the event (app events,
+  whether or not a push reached them: a learner with no device may still convert);
+- `opened_delivered`, `converted_delivered`, `dismissed_delivered`, `opt_out_delivered`: those of them
+  in the arm's `delivered` set (a Redis SINTERCARD), the numerators of the rates over `delivered`:
+  CTR (opened), CR (converted), opt-out rate — so a rate can never exceed 1;
 - `conversion_itt`: converted / assigned, for every arm including control ("intent to treat": the
-  fair comparison with a group that got no push, since nobody in it could be "delivered").
+  fair comparison with a group that got no push, since nobody in it could be "delivered"). While a
+  fan-out is still counting its learners, events may outnumber `assigned`: the rate is then null.
 
 Tests: every pair of variants on CTR, CR and opt-out rate; every variant against the control group
 on conversion_itt. A two-sided two-proportion z-test with the pooled variance; p = erfc(|z|/√2).
@@ -38,10 +42,17 @@ EVENT_FIGURES = ("opened", "converted", "dismissed", "opt_out")
 RATES = (("ctr", "opened"), ("cr", "converted"), ("opt_out_rate", "opt_out"))
 
 
+def _check(x: int, n: int) -> None:
+    if x < 0 or x > n:
+        raise ValueError(f"a proportion needs 0 <= successes <= n, got {x} of {n}")
+
+
 def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None:
-    """Wilson score interval: honest near 0 and 1 and with small n, where the normal interval is not."""
+    """Wilson score interval: honest near 0 and 1 and with small n, where the normal interval is not.
+    None when n == 0; ValueError when successes is outside [0, n]."""
     if n <= 0:
         return None
+    _check(successes, n)
     p = successes / n
     z2 = z * z
     denom = 1 + z2 / n
@@ -51,9 +62,11 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None
 
 
 def two_proportion(x1: int, n1: int, x2: int, n2: int) -> tuple[float, float] | None:
-    """(z, two-sided p) for H0: p1 == p2, pooled variance; None when a group is empty."""
+    """(z, two-sided p) for H0: p1 == p2, pooled variance; None when a group is empty; ValueError when x > n."""
     if n1 <= 0 or n2 <= 0:
         return None
+    _check(x1, n1)
+    _check(x2, n2)
     p1, p2 = x1 / n1, x2 / n2
     pooled = (x1 + x2) / (n1 + n2)
     se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
@@ -64,12 +77,21 @@ def two_proportion(x1: int, n1: int, x2: int, n2: int) -> tuple[float, float] | 
 
 
 def _rate(x: int, n: int) -> dict[str, Any]:
+    if not 0 <= x <= n:  # figures still being counted (events before the fan-out committed): no rate yet
+        return {"value": None, "ci95": None, "count": x, "of": n}
     ci = wilson(x, n)
     return {"value": (x / n) if n else None, "ci95": list(ci) if ci else None, "count": x, "of": n}
 
 
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+async def report_exists(redis: aioredis.Redis, keys: Keys, campaign: str) -> bool:
+    """A report exists for a stored campaign, or for any campaign label the workers have figures for."""
+    if await CampaignStore(redis, keys).get(campaign) is not None:
+        return True
+    return bool(await redis.exists(keys.kpi(campaign), keys.campaign_variants(campaign)))
 
 
 async def campaign_report(redis: aioredis.Redis, keys: Keys, campaign: str) -> dict[str, Any]:
@@ -95,10 +117,14 @@ async def campaign_report(redis: aioredis.Redis, keys: Keys, campaign: str) -> d
             pipe.sunionstore(tmp, [d, f])
             pipe.sintercard(2, [x, tmp])
             pipe.delete(tmp)
+            for fig in EVENT_FIGURES:
+                pipe.sintercard(2, [keys.event_users(campaign, arm, fig), d])
         replies = await pipe.execute()
+    per = 8 + len(EVENT_FIGURES)
     out_arms: list[dict[str, Any]] = []
     for i, arm in enumerate(arms):
-        delivered, failed_all, failed_and_delivered, dropped_all, _, _, dropped_and_settled, _ = replies[8 * i:8 * i + 8]
+        row = replies[per * i:per * i + per]
+        delivered, failed_all, failed_and_delivered, dropped_all, _, _, dropped_and_settled, _ = row[:8]
         a: dict[str, Any] = {"arm": arm, "control": arm == CONTROL}
         a["assigned"] = kpi.get(f"{arm}:assigned", 0)
         a["sent"] = kpi.get(f"{arm}:sent", 0)
@@ -107,10 +133,11 @@ async def campaign_report(redis: aioredis.Redis, keys: Keys, campaign: str) -> d
         a["delivered"] = int(delivered)
         a["failed"] = int(failed_all) - int(failed_and_delivered)
         a["dropped"] = int(dropped_all) - int(dropped_and_settled)
-        for fig in EVENT_FIGURES:
+        for j, fig in enumerate(EVENT_FIGURES):
             a[fig] = kpi.get(f"{arm}:{fig}", 0)
+            a[f"{fig}_delivered"] = int(row[8 + j])
         for name, fig in RATES:
-            a[name] = _rate(a[fig], a["delivered"])
+            a[name] = _rate(a[f"{fig}_delivered"], a["delivered"])
         a["conversion_itt"] = _rate(a["converted"], a["assigned"])
         out_arms.append(a)
     comparisons: list[dict[str, Any]] = []
@@ -130,8 +157,8 @@ async def campaign_report(redis: aioredis.Redis, keys: Keys, campaign: str) -> d
 
 def _compare(a: dict[str, Any], b: dict[str, Any], metric: str) -> dict[str, Any]:
     ra, rb = a[metric], b[metric]
-    test = two_proportion(ra["count"], ra["of"], rb["count"], rb["of"])
     out: dict[str, Any] = {"metric": metric, "a": a["arm"], "b": b["arm"]}
+    test = None if ra["value"] is None or rb["value"] is None else two_proportion(ra["count"], ra["of"], rb["count"], rb["of"])
     if test is None:
         return out | {"difference": None, "z": None, "p_value": None, "significant": False}
     z, p = test

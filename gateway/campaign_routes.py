@@ -14,7 +14,7 @@ from aiohttp import web
 from pushgw.campaigns.audiences import UserAttributes, count, parse_audience
 from pushgw.campaigns.events import EventRecorder, summary
 from pushgw.campaigns.fanout import CampaignError, CampaignStore
-from pushgw.campaigns.report import ChartUnavailable, campaign_report, chart_png
+from pushgw.campaigns.report import ChartUnavailable, campaign_report, chart_png, report_exists
 from pushgw.campaigns.templates import RenderError, Templates
 from pushgw.gateway.api import CLIENT, INTAKE, REDIS, ApiError, Authenticator, _body, _invalid, _json, _need
 from pushgw.gateway.schema import FieldError, MessageInvalid
@@ -23,9 +23,9 @@ MAX_IMPORT = 1000
 
 
 async def _known(redis: Any, keys: Any, cid: str) -> None:
-    """A report exists for a stored campaign, or for any campaign label the workers or events have figures for."""
-    if await CampaignStore(redis, keys).get(cid) is None and not await redis.exists(keys.kpi(cid), keys.campaign_variants(cid)):
-        raise ApiError(404, "not_found", f"no campaign {cid!r} and no figures for it")
+    """A report exists for a stored campaign, or for any campaign label the workers have figures for."""
+    if not await report_exists(redis, keys, cid):
+        raise ApiError(404, "not_found", f"no such campaign {cid!r} (no definition and no figures)")
 
 
 def _cerr(e: CampaignError) -> ApiError:

@@ -370,9 +370,12 @@ def cmd_campaigns(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
     async def go(client: Any, redis: Any) -> Any:
         from pushgw.campaigns.events import summary
+        from pushgw.gateway.schema import FieldError, MessageInvalid
 
         if args.action == "import":
             events = _read_json(args.file)
+            if not isinstance(events, list):
+                raise MessageInvalid([FieldError(args.file, "must hold a JSON list of events, or JSON lines (one event a line)")])
             results: list[dict[str, Any]] = []
             for i in range(0, len(events), 1000):
                 results += await client.report_events(events[i:i + 1000])

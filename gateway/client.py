@@ -18,8 +18,8 @@ import redis.asyncio as aioredis
 from pushgw.campaigns.audiences import Attributes, UserAttributes, count, parse_audience
 from pushgw.campaigns.events import EventRecorder
 from pushgw.campaigns.experiments import Campaign
-from pushgw.campaigns.fanout import CampaignStore
-from pushgw.campaigns.report import campaign_report, chart_png
+from pushgw.campaigns.fanout import CampaignError, CampaignStore
+from pushgw.campaigns.report import campaign_report, chart_png, report_exists
 from pushgw.campaigns.templates import Rendered, Template, Templates
 from pushgw.gateway.config import Settings
 from pushgw.gateway.intake import Intake
@@ -146,6 +146,9 @@ class PushClient:
             await asyncio.sleep(poll_s)
 
     async def campaign_report(self, campaign: str) -> dict[str, Any]:
+        """The report; `CampaignError` (404) for a campaign neither stored nor with figures, as the API answers."""
+        if not await report_exists(self.redis, self._intake.keys, campaign):
+            raise CampaignError(404, "not_found", f"no such campaign {campaign!r} (no definition and no figures)")
         return await campaign_report(self.redis, self._intake.keys, campaign)
 
     async def campaign_chart(self, campaign: str) -> bytes:

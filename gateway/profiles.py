@@ -19,7 +19,7 @@ from pushgw.gateway.schema import FieldError, MessageInvalid, parse_user
 from pushgw.queue.keys import Keys
 from pushgw.ratelimit.windows import WindowError, zone
 
-_CATEGORY_RE = re.compile(r"^[a-z0-9_]{1,32}$")
+_CATEGORY_RE = re.compile(r"^[a-z0-9_]{1,32}\Z")
 MAX_OPT_OUT_CATEGORIES = 64
 
 

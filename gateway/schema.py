@@ -26,10 +26,10 @@ MAX_SCHEDULE_S = 366 * 24 * 3600  # send_at at most a year ahead: a later date i
 MAX_ID_LEN = 128
 MAX_LABEL_LEN = 64
 MAX_DEVICES = 100
-_ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
-_CATEGORY_RE = re.compile(r"^[a-z0-9_]{1,32}$")
-_APNS_TOKEN_RE = re.compile(r"^[0-9a-fA-F]{64,200}$")
-_B64URL_RE = re.compile(r"^[A-Za-z0-9_-]+={0,2}$")
+_ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}\Z")
+_CATEGORY_RE = re.compile(r"^[a-z0-9_]{1,32}\Z")
+_APNS_TOKEN_RE = re.compile(r"^[0-9a-fA-F]{64,200}\Z")
+_B64URL_RE = re.compile(r"^[A-Za-z0-9_-]+={0,2}\Z")
 
 ProviderName = Literal["apns", "fcm", "webpush"]
 Priority = Literal["normal", "high"]

@@ -128,9 +128,10 @@ class Keys:
         written in the worker's commit, so a retry, a second device or a redelivery is counted once."""
         return f"{self.prefix}:cmp:{campaign}:{outcome}:{variant}"
 
-    def event_seen(self, campaign: str, kind: str, subject: str) -> str:
-        """SET NX marker: an event of this kind for this user (or message) was counted for this campaign."""
-        return f"{self.prefix}:evt:{campaign}:{kind}:{subject}"
+    def event_users(self, campaign: str, arm: str, kind: str) -> str:
+        """Set of learners of a campaign's arm (variant or control) who reported an event of this kind: SADD's reply
+        counts each (learner, kind) once; intersected with the `delivered` set for the per-delivered rates."""
+        return f"{self.prefix}:cmp:{campaign}:evt:{kind}:{arm}"
 
     def campaign_variants(self, campaign: str) -> str:
         """Set of variant names the workers saw for a campaign (also for campaigns labelled by upstream messages)."""
