@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
-from pushgw.gateway.schema import Device, MessageInvalid, loads_message, parse_message
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pushgw.gateway.schema import Device, Message, MessageInvalid, loads_message, parse_message
 from pushgw.providers.base import PayloadTooLarge
 from pushgw.providers.payloads import (
     APNS_MAX_PAYLOAD,
@@ -99,3 +102,23 @@ def test_payload_builders_carry_content_and_limits_are_enforced() -> None:
         check_payload_limits(big)
     assert e.value.provider == "apns" and e.value.limit == APNS_MAX_PAYLOAD
     check_payload_limits(parse_message({"user": "u", "body": "x" * 3000}))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    title=st.one_of(st.none(), st.text(max_size=1500)),
+    body=st.one_of(st.none(), st.text(max_size=2500)),
+    data=st.dictionaries(st.text(alphabet="abcdefghij_", min_size=1, max_size=20), st.text(max_size=400), max_size=6),
+    collapse=st.one_of(st.none(), st.text(max_size=64)),
+)
+def test_the_fast_payload_bound_never_passes_a_message_a_provider_would_refuse(
+    title: str | None, body: str | None, data: dict[str, str], collapse: str | None
+) -> None:
+    from pushgw.providers.payloads import _SMALLEST_LIMIT, _content_bound, apns_payload, fcm_message, webpush_plaintext
+
+    msg = Message(id="m-" + "x" * 120, title=title, body=body or ("b" if title is None else None), data=data,
+                  category="c" * 32, collapse_key=collapse, campaign="k" * 64, variant="v" * 64, ttl=2419200)
+    sizes = [len(apns_payload(msg)), len(orjson.dumps(fcm_message(msg, ""))), len(webpush_plaintext(msg))]
+    assert _content_bound(msg) >= max(sizes)  # the bound is sound: it can only send a message to the full check
+    if max(sizes) > _SMALLEST_LIMIT:  # a message near a limit always gets the full check
+        assert _content_bound(msg) > _SMALLEST_LIMIT
