@@ -17,7 +17,6 @@ import asyncio
 import multiprocessing as mp
 import sys
 import tempfile
-import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -44,9 +43,10 @@ def _serve(directory: str, http2: bool, conn: Connection) -> None:
 
 
 async def _run(directory: Path, port: int, n: int, concurrency: int) -> dict[str, Any]:
+    from pushgw.bench.apns_throughput import time_sends
     from pushgw.gateway.config import FcmApp, ProviderSettings
     from pushgw.gateway.schema import Device, Message
-    from pushgw.providers.base import Delivered, Delivery
+    from pushgw.providers.base import Delivery
     from pushgw.providers.fcm import FcmProvider
 
     [sa] = (directory / "sa").glob("*.json")
@@ -57,21 +57,7 @@ async def _run(directory: Path, port: int, n: int, concurrency: int) -> dict[str
                   data={"track": "data-science", "module": "4"}, category="new_content", campaign="module-launch")
     deliveries = [Delivery(msg, Device("fcm", f"fcm-{i}-0-{i:010x}")) for i in range(n)]
     await provider.send(deliveries[0])  # access token and a first connection before timing
-    ok = 0
-
-    async def lane(items: list[Delivery]) -> None:
-        nonlocal ok
-        while items:
-            if isinstance(await provider.send(items.pop()), Delivered):
-                ok += 1
-
-    shares = [deliveries[i::concurrency] for i in range(concurrency)]
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    await asyncio.gather(*(lane(s) for s in shares))
-    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    await provider.close()
-    return {"pushes": n, "delivered": ok, "seconds": round(wall, 3), "pushes_per_s": round(n / wall),
-            "client_cpu_us_per_push": round(cpu / n * 1e6, 1)}
+    return await time_sends(provider, deliveries, concurrency)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from pushgw.gateway.profiles import update_hash
 from pushgw.gateway.schema import FieldError, MessageInvalid, parse_user
 from pushgw.queue.keys import Keys
 from pushgw.ratelimit.windows import WindowError, zone
@@ -212,20 +213,14 @@ class UserAttributes:
         """PATCH (merge=True: fields not named are kept) or PUT (replace) one learner's attributes. The time zone is
         kept unless `timezone` is named (a value, or null to clear it), also by a PUT: it is a preference too."""
         user = parse_user(user)
-        key = self.keys.user(user)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(key)
-                    raw, tz = await pipe.hmget(key, ["attrs", "tz"])
-                    old = decode_attributes(raw, tz)
-                    new = parse_attributes(obj, old if merge else Attributes(timezone=old.timezone))
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    self._write(pipe, user, old, new, isinstance(obj, dict) and "timezone" in obj)
-                    await pipe.execute()
-                    return new
-                except aioredis.WatchError:
-                    continue
+
+        def change(stored: list[Any], pipe: Any) -> Attributes:
+            old = decode_attributes(*stored)
+            new = parse_attributes(obj, old if merge else Attributes(timezone=old.timezone))
+            self._write(pipe, user, old, new, isinstance(obj, dict) and "timezone" in obj)
+            return new
+
+        return await update_hash(self.redis, self.keys.user(user), ["attrs", "tz"], change)
 
     async def import_many(self, items: Iterable[tuple[str, Any]], chunk: int = 1000) -> int:
         """Replace the attributes of many learners (an import from the learning platform): validated first,

@@ -113,18 +113,17 @@ async def campaign_report(redis: aioredis.Redis, keys: Keys, campaign: str) -> d
             pipe.scard(f)
             pipe.sintercard(2, [f, d])
             pipe.scard(x)
-            pipe.sintercard(2, [x, d])
             pipe.sunionstore(tmp, [d, f])
             pipe.sintercard(2, [x, tmp])
             pipe.delete(tmp)
             for fig in EVENT_FIGURES:
                 pipe.sintercard(2, [keys.event_users(campaign, arm, fig), d])
         replies = await pipe.execute()
-    per = 8 + len(EVENT_FIGURES)
+    per = 7 + len(EVENT_FIGURES)
     out_arms: list[dict[str, Any]] = []
     for i, arm in enumerate(arms):
         row = replies[per * i:per * i + per]
-        delivered, failed_all, failed_and_delivered, dropped_all, _, _, dropped_and_settled, _ = row[:8]
+        delivered, failed_all, failed_and_delivered, dropped_all, _, dropped_and_settled, _ = row[:7]
         a: dict[str, Any] = {"arm": arm, "control": arm == CONTROL}
         a["assigned"] = kpi.get(f"{arm}:assigned", 0)
         a["sent"] = kpi.get(f"{arm}:sent", 0)
@@ -135,7 +134,7 @@ async def campaign_report(redis: aioredis.Redis, keys: Keys, campaign: str) -> d
         a["dropped"] = int(dropped_all) - int(dropped_and_settled)
         for j, fig in enumerate(EVENT_FIGURES):
             a[fig] = kpi.get(f"{arm}:{fig}", 0)
-            a[f"{fig}_delivered"] = int(row[8 + j])
+            a[f"{fig}_delivered"] = int(row[7 + j])
         for name, fig in RATES:
             a[name] = _rate(a[f"{fig}_delivered"], a["delivered"])
         a["conversion_itt"] = _rate(a["converted"], a["assigned"])

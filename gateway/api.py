@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
+from pushgw.campaigns.fanout import CampaignError
 from pushgw.gateway import metrics
 from pushgw.gateway.config import ApiClient, ConfigError, Settings
 from pushgw.gateway.intake import Intake
@@ -136,6 +137,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await handler(request)
     except ApiError as e:
         response = e.response()
+    except MessageInvalid as e:  # every route: a validation error is a 422 naming the fields
+        response = _invalid(e).response()
+    except CampaignError as e:  # a campaign that does not exist (404) or cannot launch now (409)
+        response = ApiError(e.status, e.code, str(e)).response()
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[SETTINGS].api.max_body_bytes
         response = ApiError(413, "body_too_large", f"request body is larger than {limit} bytes").response()
@@ -201,10 +206,7 @@ class Routes:
         client = _need(request, "enqueue")
         body = await _body(request)
         self.auth.charge(client, 1)
-        try:
-            [(msg_id, queued)] = await request.app[INTAKE].submit([body])
-        except MessageInvalid as e:
-            raise _invalid(e) from None
+        [(msg_id, queued)] = await request.app[INTAKE].submit([body])
         return _json({"id": msg_id, "status": "queued" if queued else "duplicate"}, 202)
 
     async def batch(self, request: web.Request) -> web.Response:
@@ -217,10 +219,7 @@ class Routes:
         if len(messages) > request.app[SETTINGS].api.max_batch:
             raise ApiError(413, "batch_too_large", f"at most {request.app[SETTINGS].api.max_batch} messages per batch")
         self.auth.charge(client, len(messages))
-        try:
-            results = await request.app[INTAKE].submit(messages)
-        except MessageInvalid as e:
-            raise _invalid(e) from None
+        results = await request.app[INTAKE].submit(messages)
         return _json({"results": [{"id": i, "status": "queued" if ok else "duplicate"} for i, ok in results],
                       "queued": sum(ok for _, ok in results)}, 202)
 
@@ -230,8 +229,6 @@ class Routes:
         self.auth.charge(client, 1)
         try:
             device = await request.app[INTAKE].register_device(request.match_info["user"], body)
-        except MessageInvalid as e:
-            raise _invalid(e) from None
         except RegistryFull as e:
             raise ApiError(409, "too_many_devices", str(e)) from None
         return _json({"key": device.key, "device": device.to_json()}, 201)
@@ -254,19 +251,13 @@ class Routes:
         client = _need(request, "devices")
         body = await _body(request)
         self.auth.charge(client, 1)
-        try:
-            prefs = await request.app[PROFILES].update(request.match_info["user"], body, merge=request.method == "PATCH")
-        except MessageInvalid as e:
-            raise _invalid(e) from None
+        prefs = await request.app[PROFILES].update(request.match_info["user"], body, merge=request.method == "PATCH")
         return _json(prefs.to_json())
 
     async def get_preferences(self, request: web.Request) -> web.Response:
         client = _need(request, "devices")
         self.auth.charge(client, 1)
-        try:
-            prefs = await request.app[PROFILES].get(request.match_info["user"])
-        except MessageInvalid as e:
-            raise _invalid(e) from None
+        prefs = await request.app[PROFILES].get(request.match_info["user"])
         return _json(prefs.to_json())
 
     async def dead_letters(self, request: web.Request) -> web.Response:

@@ -13,10 +13,10 @@ from typing import Any
 from aiohttp import web
 from pushgw.campaigns.audiences import UserAttributes, count, parse_audience
 from pushgw.campaigns.events import EventRecorder, summary
-from pushgw.campaigns.fanout import CampaignError, CampaignStore
+from pushgw.campaigns.fanout import CampaignStore
 from pushgw.campaigns.report import ChartUnavailable, campaign_report, chart_png, report_exists
 from pushgw.campaigns.templates import RenderError, Templates
-from pushgw.gateway.api import CLIENT, INTAKE, REDIS, ApiError, Authenticator, _body, _invalid, _json, _need
+from pushgw.gateway.api import CLIENT, INTAKE, REDIS, ApiError, Authenticator, _body, _json, _need
 from pushgw.gateway.schema import FieldError, MessageInvalid
 
 MAX_IMPORT = 1000
@@ -26,10 +26,6 @@ async def _known(redis: Any, keys: Any, cid: str) -> None:
     """A report exists for a stored campaign, or for any campaign label the workers have figures for."""
     if not await report_exists(redis, keys, cid):
         raise ApiError(404, "not_found", f"no such campaign {cid!r} (no definition and no figures)")
-
-
-def _cerr(e: CampaignError) -> ApiError:
-    return ApiError(e.status, e.code, str(e))
 
 
 class CampaignRoutes:
@@ -47,19 +43,13 @@ class CampaignRoutes:
         """PUT replaces a learner's attributes, PATCH changes the fields named (null clears one)."""
         redis, keys = self._setup(request, "devices")
         body = await _body(request)
-        try:
-            attrs = await UserAttributes(redis, keys).update(request.match_info["user"], body,
-                                                             merge=request.method == "PATCH")
-        except MessageInvalid as e:
-            raise _invalid(e) from None
+        attrs = await UserAttributes(redis, keys).update(request.match_info["user"], body,
+                                                         merge=request.method == "PATCH")
         return _json(attrs.to_json())
 
     async def get_attributes(self, request: web.Request) -> web.Response:
         redis, keys = self._setup(request, "devices")
-        try:
-            attrs = await UserAttributes(redis, keys).get(request.match_info["user"])
-        except MessageInvalid as e:
-            raise _invalid(e) from None
+        attrs = await UserAttributes(redis, keys).get(request.match_info["user"])
         return _json(attrs.to_json())
 
     async def import_attributes(self, request: web.Request) -> web.Response:
@@ -68,23 +58,20 @@ class CampaignRoutes:
         users = body.get("users") if isinstance(body, dict) else None
         if not isinstance(users, list) or not 1 <= len(users) <= MAX_IMPORT or not all(
                 isinstance(u, dict) and set(u) == {"user", "attributes"} for u in users):
-            raise _invalid(MessageInvalid([FieldError("users", f"must be a list of 1-{MAX_IMPORT} "
-                                                               '{"user": ..., "attributes": {...}}')]))
+            raise MessageInvalid([FieldError("users", f"must be a list of 1-{MAX_IMPORT} "
+                                                  '{"user": ..., "attributes": {...}}')])
         self.auth.charge(client, len(users))
         try:
             n = await UserAttributes(request.app[REDIS], request.app[INTAKE].keys).import_many(
                 [(u["user"], u["attributes"]) for u in users])
         except MessageInvalid as e:
-            raise _invalid(MessageInvalid([FieldError(f"users{err.field}", err.message) for err in e.errors])) from None
+            raise MessageInvalid([FieldError(f"users{err.field}", err.message) for err in e.errors]) from None
         return _json({"imported": n})
 
     async def audience_count(self, request: web.Request) -> web.Response:
         redis, keys = self._setup(request, "campaigns")
         body = await _body(request)
-        try:
-            audience = parse_audience(body.get("audience") if isinstance(body, dict) else None)
-        except MessageInvalid as e:
-            raise _invalid(e) from None
+        audience = parse_audience(body.get("audience") if isinstance(body, dict) else None)
         return _json({"audience": audience.to_json(), "count": await count(redis, keys, audience)})
 
     # ------------------------------------------------------------------ templates
@@ -92,10 +79,7 @@ class CampaignRoutes:
     async def put_template(self, request: web.Request) -> web.Response:
         redis, keys = self._setup(request, "campaigns")
         body = await _body(request)
-        try:
-            t = await Templates(redis, keys).save(request.match_info["name"], body)
-        except MessageInvalid as e:
-            raise _invalid(e) from None
+        t = await Templates(redis, keys).save(request.match_info["name"], body)
         return _json(t.to_json())
 
     async def get_template(self, request: web.Request) -> web.Response:
@@ -114,19 +98,19 @@ class CampaignRoutes:
         redis, keys = self._setup(request, "campaigns")
         body = await _body(request)
         if not isinstance(body, dict) or set(body) - {"vars", "locale"}:
-            raise _invalid(MessageInvalid([FieldError("$", 'send {"vars": {...}, "locale": "fr"}')]))
+            raise MessageInvalid([FieldError("$", 'send {"vars": {...}, "locale": "fr"}')])
         variables, locale = body.get("vars") or {}, body.get("locale")
         if not isinstance(variables, dict) or not all(isinstance(v, str) for v in variables.values()):
-            raise _invalid(MessageInvalid([FieldError("vars", "must be an object of string values")]))
+            raise MessageInvalid([FieldError("vars", "must be an object of string values")])
         if locale is not None and not isinstance(locale, str):
-            raise _invalid(MessageInvalid([FieldError("locale", "must be a language tag such as fr")]))
+            raise MessageInvalid([FieldError("locale", "must be a language tag such as fr")])
         t = await Templates(redis, keys).get(request.match_info["name"])
         if t is None:
             raise ApiError(404, "not_found", "no such template")
         try:
             r = t.render(variables, locale)
         except RenderError as e:
-            raise _invalid(MessageInvalid([FieldError(e.field, e.message)])) from None
+            raise MessageInvalid([FieldError(e.field, e.message)]) from None
         return _json({"locale": r.locale, "title": r.title, "body": r.body, "data": r.data})
 
     # ------------------------------------------------------------------ campaigns
@@ -134,12 +118,7 @@ class CampaignRoutes:
     async def create_campaign(self, request: web.Request) -> web.Response:
         redis, keys = self._setup(request, "campaigns")
         body = await _body(request)
-        try:
-            c = await CampaignStore(redis, keys).create(body)
-        except MessageInvalid as e:
-            raise _invalid(e) from None
-        except CampaignError as e:
-            raise _cerr(e) from None
+        c = await CampaignStore(redis, keys).create(body)
         return _json(c.to_json(), 201)
 
     async def list_campaigns(self, request: web.Request) -> web.Response:
@@ -148,10 +127,7 @@ class CampaignRoutes:
 
     async def get_campaign(self, request: web.Request) -> web.Response:
         redis, keys = self._setup(request, "campaigns")
-        try:
-            s = await CampaignStore(redis, keys).require(request.match_info["id"])
-        except CampaignError as e:
-            raise _cerr(e) from None
+        s = await CampaignStore(redis, keys).require(request.match_info["id"])
         return _json(s.campaign.to_json() | {"stage_percent": s.stage_percent, "stages": [st.to_json() for st in s.stages],
                                              "created_at": s.created_at})
 
@@ -159,23 +135,14 @@ class CampaignRoutes:
         redis, keys = self._setup(request, "campaigns")
         body = await _body(request)
         if not isinstance(body, dict) or "percent" not in body or set(body) - {"percent", "weights"}:
-            raise _invalid(MessageInvalid([FieldError("percent", 'send {"percent": 10} for a 10% pilot, 100 for all '
-                                                                 '(and "weights": {"b": 1} to roll out only variant b)')]))
-        try:
-            status = await CampaignStore(redis, keys).launch(request.match_info["id"], body["percent"], body.get("weights"))
-        except MessageInvalid as e:
-            raise _invalid(e) from None
-        except CampaignError as e:
-            raise _cerr(e) from None
+            raise MessageInvalid([FieldError("percent", 'send {"percent": 10} for a 10% pilot, 100 for all '
+                                                                 '(and "weights": {"b": 1} to roll out only variant b)')])
+        status = await CampaignStore(redis, keys).launch(request.match_info["id"], body["percent"], body.get("weights"))
         return _json(status, 202)
 
     async def status(self, request: web.Request) -> web.Response:
         redis, keys = self._setup(request, "campaigns")
-        try:
-            return _json(await CampaignStore(redis, keys).status(request.match_info["id"]))
-        except CampaignError as e:
-            raise _cerr(e) from None
-
+        return _json(await CampaignStore(redis, keys).status(request.match_info["id"]))
     async def report(self, request: web.Request) -> web.Response:
         redis, keys = self._setup(request, "campaigns")
         cid = request.match_info["id"]
@@ -199,10 +166,7 @@ class CampaignRoutes:
         body = await _body(request)
         events = body.get("events") if isinstance(body, dict) else None
         self.auth.charge(client, len(events) if isinstance(events, list) and events else 1)
-        try:
-            results = await EventRecorder(request.app[REDIS], request.app[INTAKE].keys).record(events)
-        except MessageInvalid as e:
-            raise _invalid(e) from None
+        results = await EventRecorder(request.app[REDIS], request.app[INTAKE].keys).record(events)
         return _json({"results": results, **summary(results)}, 202)
 
 

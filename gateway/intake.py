@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import suppress
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -75,6 +76,14 @@ class Intake:
 
         templates = Templates(self.queue.redis, self.keys)
         cache: dict[str, Template] = {}
+        # The learners' attributes (locale, first name) for the whole batch in one round trip; an
+        # invalid user id is left out here and refused with its field below.
+        valid: set[str] = set()
+        for o in objs:
+            if isinstance(o, dict) and "template" in o and isinstance(o.get("user"), str):
+                with suppress(MessageInvalid):
+                    valid.add(parse_user(o["user"]))
+        learners = await UserAttributes(self.queue.redis, self.keys).get_many(sorted(valid))
         out: list[Any] = []
         errors: list[FieldError] = []
         batch = len(objs) > 1
@@ -100,7 +109,7 @@ class Intake:
                 if t is None:
                     t = cache[name] = await templates.require(name)
                 user = obj.get("user")
-                attrs = (await UserAttributes(self.queue.redis, self.keys).get(user)) if isinstance(user, str) else NO_ATTRIBUTES
+                attrs = learners.get(parse_user(user), NO_ATTRIBUTES) if isinstance(user, str) else NO_ATTRIBUTES
                 r = t.render({**attrs.template_vars(), **variables}, locale or attrs.locale)
             except MessageInvalid as e:
                 errors += [FieldError(where + err.field, err.message) for err in e.errors]

@@ -9,9 +9,9 @@ dropped and counted, a message outside the user's local send window is deferred.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
@@ -107,6 +107,23 @@ def _decode(fields: Mapping[Any, Any] | list[Any]) -> Preferences:
     return Preferences(tz or None, all_out, cats)
 
 
+T = TypeVar("T")
+
+
+async def update_hash(redis: aioredis.Redis, key: str, fields: list[str], change: Callable[[list[Any], Any], T]) -> T:
+    """Read `fields` of the user hash `key`, let `change` validate and queue its writes on the pipeline, and
+    commit, all under WATCH: two concurrent partial updates of one learner (a time zone from one app, an
+    opt-out or attributes from another) both land. `change` raising (invalid input) writes nothing."""
+
+    async def attempt(pipe: Any) -> T:
+        stored = await pipe.hmget(key, fields)
+        pipe.multi()
+        return change(stored, pipe)
+
+    result: T = await redis.transaction(attempt, key, value_from_callable=True)  # retries on WatchError
+    return result
+
+
 class Profiles:
     def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
         self.redis = redis
@@ -128,23 +145,15 @@ class Profiles:
 
     async def update(self, user: str, obj: Any, *, merge: bool = True) -> Preferences:
         """Store validated preferences: merged into what is stored (absent fields kept), or replacing it."""
-        user = parse_user(user)
-        key = self.keys.user(user)
-        # WATCH/MULTI: two concurrent partial updates (timezone from one app, opt-out from another) both land.
-        async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(key)
-                    current = _decode(await pipe.hmget(key, ["tz", "opt_out"])) if merge else NO_PREFERENCES
-                    prefs = parse_preferences(obj, current)
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    if prefs.timezone:
-                        pipe.hset(key, "tz", prefs.timezone)
-                    else:
-                        pipe.hdel(key, "tz")
-                    pipe.hset(key, "opt_out", orjson.dumps({"all": prefs.opt_out_all,
-                                                            "categories": sorted(prefs.opt_out_categories)}))
-                    await pipe.execute()
-                    return prefs
-                except aioredis.WatchError:
-                    continue
+        key = self.keys.user(parse_user(user))
+
+        def change(stored: list[Any], pipe: Any) -> Preferences:
+            prefs = parse_preferences(obj, _decode(stored) if merge else NO_PREFERENCES)
+            if prefs.timezone:
+                pipe.hset(key, "tz", prefs.timezone)
+            else:
+                pipe.hdel(key, "tz")
+            pipe.hset(key, "opt_out", orjson.dumps({"all": prefs.opt_out_all, "categories": sorted(prefs.opt_out_categories)}))
+            return prefs
+
+        return await update_hash(self.redis, key, ["tz", "opt_out"], change)

@@ -281,7 +281,7 @@ class Worker:
             admitted: list[tuple[Entry, Message]] = []
             for (entry, msg), decision in zip(decoded, decisions, strict=True):
                 match decision:
-                    case Defer(until=until, reason=reason):
+                    case Defer(until=until):
                         expiry = msg.expiry(entry.enqueued_ms / 1000)
                         if expiry is not None and until >= expiry:
                             self._expired(msg)  # it could only go out too late
@@ -440,8 +440,6 @@ class Worker:
 
     async def _take_rate(self, rate: SharedRate) -> bool:
         """Wait for the shared provider rate; False when Redis cannot say (the delivery is parked)."""
-        if rate.take_now():
-            return True
         try:
             await rate.acquire()
             return True

@@ -82,8 +82,9 @@ return #due
 """
 
 
-def lane_of(message: Message) -> str:
-    return "high" if message.priority == "high" else "normal"
+def lane_code(message: Message) -> str:
+    """The lane a message's entries go to, as the one letter the Lua scripts and delayed members use."""
+    return "h" if message.priority == "high" else "n"
 
 
 def split_ref(ref: str) -> tuple[str, str]:
@@ -196,7 +197,7 @@ class StreamQueue:
         args: list[Any] = [self.idempotency_window_s, now]
         for m in messages:
             due = int(m.send_at * 1000) if m.send_at is not None and m.send_at * 1000 > now else 0
-            args += [m.dumps(), "h" if m.priority == "high" else "n", due]
+            args += [m.dumps(), lane_code(m), due]
         flags = await self._enqueue(keys=keys, args=args)
         return [bool(f) for f in flags]
 
@@ -310,7 +311,7 @@ class StreamQueue:
                 scores: dict[str, float] = {}
                 data: dict[str, bytes] = {}
                 for due, msg, attempt, enq in c.retries:
-                    member = f"{attempt}:{enq}:{'h' if msg.priority == 'high' else 'n'}:{uuid.uuid4().hex}"
+                    member = f"{attempt}:{enq}:{lane_code(msg)}:{uuid.uuid4().hex}"
                     scores[member] = due
                     data[member] = msg.dumps()
                 pipe.hset(k.delayed_data, mapping=data)  # type: ignore[arg-type]

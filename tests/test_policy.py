@@ -98,6 +98,12 @@ async def test_windows_defer_to_the_learners_next_window_with_jitter(redis: aior
     # The same message decided again gets the same time (its jitter is a hash, not a draw).
     again = await policy.decide([msg(1)], night + 60, members=["m-1:1"])
     assert again == [d1]
+    # ...and the answer remembered per (category, zone) is the one a policy computing afresh gives.
+    fresh = DeliveryPolicy(redis, keys, LEARNING)
+    for later in (night + 3600, paris(2026, 11, 26, 7, 29), paris(2026, 11, 26, 9, 30)):
+        assert await policy.decide([msg(7)], later, members=["m-7:1"]) == await fresh.decide([msg(7)], later,
+                                                                                          members=["m-7:1"])
+        fresh = DeliveryPolicy(redis, keys, LEARNING)
     # With bypass off, high priority waits too.
     strict = DeliveryPolicy(redis, keys, PolicySettings(windows=LEARNING.windows, high_bypasses_windows=False))
     [d] = await strict.decide([msg(3, priority="high")], night)
