@@ -94,6 +94,45 @@ def proc_stat(pid: int) -> tuple[float, float, float]:
         return 0.0, 0.0, 0.0
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its child processes (nginx: the master and its workers)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [pid, *(int(c) for c in f.read().split())]
+    except OSError:
+        return [pid]
+
+
+class CpuMeter:
+    """CPU seconds per component between `start()` and `stop()`: where the host's cores went.
+
+    On one host the workers share the cores with Redis, the sinks and the load generator, so a
+    throughput figure alone does not say what bounds it; this does."""
+
+    def __init__(self, components: dict[str, list[int]]) -> None:
+        self.components = components
+        self._t0: dict[str, float] = {}
+        self._wall0 = 0.0
+
+    def _read(self) -> dict[str, float]:
+        out = {name: sum(proc_stat(pid)[0] for pid in pids) for name, pids in self.components.items()}
+        out["load generator"] = time.process_time()  # this process: enqueueing, progress, in-process fakes
+        return out
+
+    def start(self) -> None:
+        self._t0 = self._read()
+        self._wall0 = time.monotonic()
+
+    def stop(self, deliveries: int) -> dict[str, Any]:
+        """{component: µs per delivery}, plus the share of all cores that was busy."""
+        t1 = self._read()
+        wall = time.monotonic() - self._wall0
+        used = {k: t1[k] - self._t0.get(k, 0.0) for k in t1}
+        per = {k: round(v / deliveries * 1e6, 1) for k, v in used.items()} if deliveries else {}
+        busy = sum(used.values()) / (wall * (os.cpu_count() or 1)) if wall > 0 else 0.0
+        return {"us_per_delivery": per, "cores_busy": round(busy, 3)}
+
+
 def _max_rss(sample: Sample) -> float:
     return round(max(sample.rss_mb), 1) if sample.rss_mb else 0.0
 
@@ -240,12 +279,16 @@ class Bench:
             pop = self.population(new_subscription)
             redis = aioredis.from_url(url)
             try:
-                result = await self._gateway_run(settings, url, redis, pop, sinks, fakes)
+                others = {"redis": [redis_server.proc.pid] if redis_server.proc else []}
+                if sinks is not None and sinks.proc is not None:
+                    others["sinks"] = process_tree(sinks.proc.pid)
+                result = await self._gateway_run(settings, url, redis, pop, sinks, fakes, others)
             finally:
                 await redis.aclose()
             result["sink_ceiling_per_s"] = ceiling
             if o.baseline:
-                result.update(await self._baseline(settings, pop, sinks, fakes, result["deliveries_expected"]))
+                result.update(await self._baseline(settings, pop, sinks, fakes, result["deliveries_expected"],
+                                                   others.get("sinks", [])))
                 if result.get("baseline_per_s"):
                     result["ratio"] = round(result["deliveries_per_s"] / result["baseline_per_s"], 3)
             return result
@@ -257,7 +300,7 @@ class Bench:
             redis_server.stop()
 
     async def _gateway_run(self, settings: Settings, url: str, redis: Any, pop: Population, sinks: Any,
-                           fakes: list[Any]) -> dict[str, Any]:
+                           fakes: list[Any], others: dict[str, list[int]]) -> dict[str, Any]:
         from pushgw.gateway.pool import Pool
         from pushgw.queue.keys import Keys
         from pushgw.queue.streams import StreamQueue
@@ -266,13 +309,7 @@ class Bench:
         keys = Keys("bench")
         q = StreamQueue(redis, keys)
         await q.ensure_group()
-        async with redis.pipeline(transaction=False) as pipe:
-            zones = ("Europe/Paris", "America/New_York", "Asia/Kolkata", "Africa/Lagos")
-            for i, (user, devs) in enumerate(pop.devices.items()):
-                pipe.hset(keys.devices(user), mapping={d.key: orjson.dumps(d.to_json()) for d in devs})
-                if o.policy == "full" and i % 5 == 0:  # a fifth of the learners stored a time zone and an opt-out
-                    pipe.hset(keys.user(user), mapping={"tz": zones[i % 4], "opt_out": b'{"all":false,"categories":["x"]}'})
-            await pipe.execute()
+        await store_population(redis, keys, pop, o.policy)
         n = int(o.rate * o.duration_s) if o.rate and o.duration_s else o.messages
         msgs = self.messages(n, "m")
         expected = {(m.id, d.key) for m in msgs for d in pop.devices[m.user or ""]}
@@ -284,6 +321,8 @@ class Bench:
         await asyncio.sleep(1.0)  # workers up and connected before the clock starts
         pids = [p.pid for p in pool.children.values() if p.pid]
         cpu0 = sum(proc_stat(pid)[0] for pid in pids)
+        meter = CpuMeter({"workers": pids, **others})
+        meter.start()
         enqueued_at: dict[str, float] = {}
         samples: list[Sample] = []
         started = time.time()
@@ -329,6 +368,7 @@ class Bench:
             _progress("gave up waiting (timeout)", final=True)
         await enqueue_task
         cpu = sum(proc_stat(pid)[0] for pid in pids) - cpu0
+        cpu_split = meter.stop(len(expected))
         peak = [proc_stat(pid)[2] for pid in pids]
         await asyncio.to_thread(pool.stop)
         elapsed = done_at - started
@@ -401,6 +441,8 @@ class Bench:
             "latency_ms": {"p50": round(_percentile(latencies, 50), 2), "p95": round(_percentile(latencies, 95), 2),
                            "p99": round(_percentile(latencies, 99), 2), "samples": len(latencies)},
             "cpu_s_per_1k": round(cpu / n * 1000, 3),
+            "cpu_us_per_delivery": cpu_split["us_per_delivery"],
+            "cores_busy": cpu_split["cores_busy"],
             "peak_rss_mb": round(max(peak), 1) if peak else 0.0,
             "rss_mb_start_end": [_max_rss(samples[0]), _max_rss(samples[-1])] if samples else [],
             "timeline": [[round(s.t, 2), s.delivered, [round(r, 1) for r in s.rss_mb]] for s in samples],
@@ -442,7 +484,7 @@ class Bench:
         return out
 
     async def _baseline(self, settings: Settings, pop: Population, sinks: Any, fakes: list[Any],
-                        expected: int) -> dict[str, Any]:
+                        expected: int, sink_pids: list[int]) -> dict[str, Any]:
         """The same deliveries through the same provider clients, no queue, same number of processes."""
         msgs = self.messages(self.o.messages if not (self.o.rate and self.o.duration_s) else
                              int(self.o.rate * self.o.duration_s), "b")
@@ -457,15 +499,17 @@ class Bench:
         queue: Any = ctx.Queue()
         children = [ctx.Process(target=_baseline_child, args=(settings, str(path), i, self.o.processes, queue))
                     for i in range(self.o.processes)]
+        sink_cpu0 = sum(proc_stat(pid)[0] for pid in sink_pids)
         for c in children:
             c.start()
-        results: list[tuple[float, float, int]] = []
+        results: list[tuple[float, float, int, float]] = []
         while len(results) < len(children):
             try:
                 results.append(await asyncio.to_thread(queue.get, True, 1.0))
             except Exception:  # queue.Empty: keep the loop (and the fakes) running
                 if not any(c.is_alive() for c in children) and len(results) < len(children):
                     break
+        sink_cpu = sum(proc_stat(pid)[0] for pid in sink_pids) - sink_cpu0
         for c in children:
             c.join(10)
         if len(results) < len(children):
@@ -473,7 +517,22 @@ class Bench:
         t0 = min(r[0] for r in results)
         t1 = max(r[1] for r in results)
         ok = sum(r[2] for r in results)
-        return {"baseline_per_s": round(len(work) / (t1 - t0)), "baseline_delivered": ok, "baseline_deliveries": len(work)}
+        split = {"clients": round(sum(r[3] for r in results) / len(work) * 1e6, 1)}
+        if sink_pids:
+            split["sinks"] = round(sink_cpu / len(work) * 1e6, 1)  # includes the children's start-up wait
+        return {"baseline_per_s": round(len(work) / (t1 - t0)), "baseline_delivered": ok, "baseline_deliveries": len(work),
+                "baseline_cpu_us_per_delivery": split}
+
+
+async def store_population(redis: Any, keys: Any, pop: Population, policy: str) -> None:
+    """Register every user's devices (and, for policy "full", some preferences) in one pipeline."""
+    async with redis.pipeline(transaction=False) as pipe:
+        zones = ("Europe/Paris", "America/New_York", "Asia/Kolkata", "Africa/Lagos")
+        for i, (user, devs) in enumerate(pop.devices.items()):
+            pipe.hset(keys.devices(user), mapping={d.key: orjson.dumps(d.to_json()) for d in devs})
+            if policy == "full" and i % 5 == 0:  # a fifth of the learners stored a time zone and an opt-out
+                pipe.hset(keys.user(user), mapping={"tz": zones[i % 4], "opt_out": b'{"all":false,"categories":["x"]}'})
+        await pipe.execute()
 
 
 _P256DH = "BCVxsr7N_eNgVRqvHtD0zTZsEc6-VV-JvLexhqUzORcxaOzi6-AYWXvTBHm4bjyPjs7Vd8pZGH6SRpkNtoIAiw4"
@@ -506,7 +565,8 @@ def _load_share(path: str, index: int, count: int) -> list[Any]:
     return deliveries
 
 
-async def _baseline_send(settings: Settings, deliveries: list[Any]) -> tuple[float, float, int]:
+async def _baseline_send(settings: Settings, deliveries: list[Any]) -> tuple[float, float, int, float]:
+    """(start, end, delivered, CPU seconds of this process while sending)."""
     from pushgw.providers import build_providers
     from pushgw.providers.base import Delivered, Delivery
 
@@ -528,13 +588,13 @@ async def _baseline_send(settings: Settings, deliveries: list[Any]) -> tuple[flo
     for name, items in by_provider.items():
         if items:
             await providers[name].send(items[0])
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     await asyncio.gather(*(lane(name, items) for name, items in by_provider.items()
                            for _ in range(min(len(items), settings.providers.concurrency))))
-    t1 = time.time()
+    t1, cpu1 = time.time(), time.process_time()
     for p in providers.values():
         await p.close()
-    return t0, t1, ok
+    return t0, t1, ok, cpu1 - cpu0
 
 
 def plots(result: dict[str, Any], latencies: list[float], directory: Path) -> list[str]:
@@ -593,6 +653,10 @@ def summary(result: dict[str, Any]) -> str:
         ("gateway / baseline", result.get("ratio", "-")),
         ("latency p50/p95/p99", f"{lat['p50']} / {lat['p95']} / {lat['p99']} ms ({lat['samples']} samples)"),
         ("worker CPU", f"{result['cpu_s_per_1k']} s per 1000 messages"),
+        ("CPU per delivery", ", ".join(f"{k} {v} µs" for k, v in result.get("cpu_us_per_delivery", {}).items())
+         + f" ({result.get('cores_busy', 0):.0%} of all cores busy)"),
+        ("baseline CPU per delivery", ", ".join(f"{k} {v} µs" for k, v in
+                                                 result.get("baseline_cpu_us_per_delivery", {}).items()) or "-"),
         ("peak RSS per worker", f"{result['peak_rss_mb']} MB"),
         ("worker RSS start -> end", " -> ".join(f"{v} MB" for v in result.get("rss_mb_start_end", [])) or "-"),
         ("sink ceiling (h2load)", ", ".join(f"{k} {v:,.0f}/s" for k, v in result.get("sink_ceiling_per_s", {}).items())

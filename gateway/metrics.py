@@ -9,6 +9,8 @@ the hot path: `.labels()` costs a dict lookup and a lock each time.
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -146,6 +148,53 @@ def campaign_message(campaign: str, variant: str | None, outcome: str) -> Counte
 
 API_REQUESTS = Counter("pushgw_api_requests_total", "HTTP API requests by route and status", ["route", "status"])
 RECLAIMED = Counter("pushgw_reclaimed_entries_total", "Pending entries taken over from a dead consumer")
+
+
+class Deferred:
+    """Counter increments and histogram observations held until `apply` (the worker's flush, every few ms).
+
+    In multiprocess mode every `inc` takes a lock, checks the pid and writes an mmap (an observation
+    does it twice): per delivery that was several percent of a worker's CPU. Held here, each series
+    costs one write per flush instead. Pass label children (`.labels(...)`), not parent metrics."""
+
+    __slots__ = ("_counts", "_hists")
+
+    def __init__(self) -> None:
+        self._counts: dict[Any, float] = {}
+        # histogram child -> (its upper bounds, a count per bucket then the sum as the last item)
+        self._hists: dict[Any, tuple[list[float], list[float]]] = {}
+
+    def inc(self, counter: Any, amount: float = 1.0) -> None:
+        self._counts[counter] = self._counts.get(counter, 0.0) + amount
+
+    def observe(self, histogram: Any, value: float) -> None:
+        held = self._hists.get(histogram)
+        if held is None:
+            bounds = getattr(histogram, "_upper_bounds", None)
+            if bounds is None or not hasattr(histogram, "_buckets") or not hasattr(histogram, "_sum"):
+                histogram.observe(value)  # a prometheus_client whose internals differ: not deferred
+                return
+            held = self._hists[histogram] = (bounds, [0.0] * (len(bounds) + 1))
+        bounds, acc = held
+        i = bisect_left(bounds, value)  # the first bucket with value <= bound, as `Histogram.observe` picks it
+        if i < len(bounds):
+            acc[i] += 1
+        acc[-1] += value
+
+    def apply(self) -> None:
+        """Write what was held to the metrics; a no-op when nothing was."""
+        if self._counts:
+            counts, self._counts = self._counts, {}
+            for counter, amount in counts.items():
+                counter.inc(amount)
+        if self._hists:
+            hists, self._hists = self._hists, {}
+            for histogram, (_, acc) in hists.items():
+                histogram._sum.inc(acc[-1])
+                buckets = histogram._buckets
+                for i in range(len(acc) - 1):
+                    if acc[i]:
+                        buckets[i].inc(acc[i])
 
 
 def render() -> tuple[bytes, str]:

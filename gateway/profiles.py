@@ -1,8 +1,8 @@
 """What a user told the gateway about themselves: time zone and opt-outs (global or per category).
 
 One Redis hash per user, kept apart from the device registry so a preference survives every
-device being replaced. The worker reads the preferences of a whole batch's users in one pipelined
-round trip (`get_many`), and the policy (ratelimit/policy.py) applies them: an opted-out message is
+device being replaced. The worker reads the preferences of a whole batch's users in one round
+trip (`get_many`, one Lua call), and the policy (ratelimit/policy.py) applies them: an opted-out message is
 dropped and counted, a message outside the user's local send window is deferred.
 """
 
@@ -20,6 +20,8 @@ from pushgw.queue.keys import Keys
 from pushgw.ratelimit.windows import WindowError, zone
 
 _CATEGORY_RE = re.compile(r"^[a-z0-9_]{1,32}\Z")
+# KEYS: user hashes -> [tz, opt_out] per key: one command per batch, not one per user (as in registry.py).
+_PREFS_MANY = "local out = {} for i = 1, #KEYS do out[i] = redis.call('HMGET', KEYS[i], 'tz', 'opt_out') end return out"
 MAX_OPT_OUT_CATEGORIES = 64
 
 
@@ -128,6 +130,7 @@ class Profiles:
     def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
+        self._prefs_many = redis.register_script(_PREFS_MANY)
 
     async def get(self, user: str) -> Preferences:
         return (await self.get_many([parse_user(user)])).get(user, NO_PREFERENCES)
@@ -137,10 +140,7 @@ class Profiles:
         users = list(users)
         if not users:
             return {}
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for u in users:
-                pipe.hmget(self.keys.user(u), ["tz", "opt_out"])
-            replies = await pipe.execute()
+        replies = await self._prefs_many(keys=[self.keys.user(u) for u in users])
         return {u: _decode(r) for u, r in zip(users, replies, strict=True) if r and any(v is not None for v in r)}
 
     async def update(self, user: str, obj: Any, *, merge: bool = True) -> Preferences:

@@ -2,7 +2,7 @@
 
 One Redis hash per user (device key -> device JSON): registering the same device twice is a
 no-op, removal by key is O(1), and the worker resolves the users of a whole batch in one
-pipelined round trip (`devices_many`). Invalid tokens reported by a provider are removed by the
+round trip (`devices_many`, one Lua call). Invalid tokens reported by a provider are removed by the
 worker's commit (see `queue.streams.StreamQueue.commit`), in the same transaction as the ack.
 """
 
@@ -17,10 +17,20 @@ from pushgw.gateway.schema import Device, FieldError, parse_device
 from pushgw.queue.keys import Keys
 
 MAX_DEVICES_PER_USER = 100
+PARSED_CACHE_SIZE = 8192  # parsed devices kept per process by their stored JSON (about 600 bytes each)
+
+
+# KEYS: the users' device hashes -> one HVALS reply per key. One command for a batch instead of one
+# per user: redis-py spends about 9 µs of the worker's CPU packing and parsing each pipelined command
+# (about 2 µs per user this way), Redis about 1.4 µs more per user.
+_HVALS_MANY = "local out = {} for i = 1, #KEYS do out[i] = redis.call('HVALS', KEYS[i]) end return out"
 
 
 class RegistryFull(ValueError):
     """A user already has the maximum number of devices."""
+
+
+_UNPARSED: Any = object()
 
 
 def _device(raw: bytes | str) -> Device | None:
@@ -36,6 +46,10 @@ class DeviceRegistry:
     def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
+        self._hvals_many = redis.register_script(_HVALS_MANY)
+        # Stored JSON -> parsed device. Keyed by content, so never stale: an active learner's devices are
+        # parsed (about 4 µs each) once, not on every message. Emptied when full.
+        self._parsed: dict[bytes | str, Device | None] = {}
 
     async def register(self, user: str, device: Device) -> None:
         """Add (or refresh) a device for `user`."""
@@ -59,13 +73,20 @@ class DeviceRegistry:
         users = list(users)
         if not users:
             return {}
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for u in users:
-                pipe.hvals(self.keys.devices(u))
-            replies = await pipe.execute()
+        replies = await self._hvals_many(keys=[self.keys.devices(u) for u in users])
         out: dict[str, list[Device]] = {}
+        parsed = self._parsed
         for u, vals in zip(users, replies, strict=True):
-            devs = [d for d in (_device(v) for v in vals) if d is not None]
+            devs: list[Device] = []
+            for v in vals:
+                d = parsed.get(v, _UNPARSED)
+                if d is _UNPARSED:
+                    d = _device(v)
+                    if len(parsed) >= PARSED_CACHE_SIZE:
+                        parsed.clear()
+                    parsed[v] = d
+                if d is not None:
+                    devs.append(d)
             if devs:
                 out[u] = devs
         return out

@@ -30,6 +30,7 @@ _ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}\Z")
 _CATEGORY_RE = re.compile(r"^[a-z0-9_]{1,32}\Z")
 _APNS_TOKEN_RE = re.compile(r"^[0-9a-fA-F]{64,200}\Z")
 _B64URL_RE = re.compile(r"^[A-Za-z0-9_-]+={0,2}\Z")
+_SPACE_RE = re.compile(r"\s")  # the characters for which str.isspace() is true (tests/test_schema.py checks all)
 
 ProviderName = Literal["apns", "fcm", "webpush"]
 Priority = Literal["normal", "high"]
@@ -163,7 +164,7 @@ def _str(
     if not isinstance(value, str):
         errors.append(FieldError(name, "must be a string"))
         return None
-    if len(value.encode()) > max_len:
+    if (len(value) if value.isascii() else len(value.encode())) > max_len:  # ASCII: bytes == characters
         errors.append(FieldError(name, f"must be at most {max_len} bytes"))
         return None
     if pattern is not None and not pattern.match(value):
@@ -187,7 +188,7 @@ def parse_device(obj: Any, where: str, errors: list[FieldError], endpoint_check:
         errors.append(FieldError(where, "must be an object such as {\"fcm\": \"<token>\"}"))
         return None
     kinds = [p for p in PROVIDERS if p in obj]
-    unknown = set(obj) - set(PROVIDERS) - {"app"}
+    unknown = obj.keys() - _DEVICE_FIELDS
     if unknown:
         errors.append(FieldError(where, f"unknown field(s) {sorted(unknown)}; use one of {list(PROVIDERS)}"))
         return None
@@ -206,7 +207,7 @@ def parse_device(obj: Any, where: str, errors: list[FieldError], endpoint_check:
             return None
         return Device("apns", value.lower(), app)
     if kind == "fcm":
-        if not isinstance(value, str) or not (1 <= len(value) <= 4096) or any(c.isspace() for c in value):
+        if not isinstance(value, str) or not (1 <= len(value) <= 4096) or _SPACE_RE.search(value):
             errors.append(FieldError(f"{where}.fcm", "must be an FCM registration token"))
             return None
         return Device("fcm", value, app)
@@ -237,10 +238,12 @@ def parse_device(obj: Any, where: str, errors: list[FieldError], endpoint_check:
     return Device("webpush", endpoint, app, p256dh.rstrip("="), auth.rstrip("="))
 
 
-_KNOWN = {
+_KNOWN = frozenset({
     "v", "id", "user", "devices", "app", "title", "body", "data", "category", "priority",
     "ttl", "expires_at", "send_at", "collapse_key", "campaign", "variant",
-}
+})
+_KNOWN_INTERNAL = _KNOWN | {"resolved"}
+_DEVICE_FIELDS = frozenset({*PROVIDERS, "app"})
 
 
 def parse_message(
@@ -259,7 +262,7 @@ def parse_message(
     errors: list[FieldError] = []
     if not isinstance(obj, dict):
         raise MessageInvalid([FieldError("$", "a message must be a JSON object")])
-    unknown = set(obj) - _KNOWN - ({"resolved"} if internal else set())
+    unknown = obj.keys() - (_KNOWN_INTERNAL if internal else _KNOWN)
     if unknown:
         errors.append(FieldError("$", f"unknown field(s) {sorted(unknown)}"))
     version = obj.get("v", SCHEMA_VERSION)

@@ -8,7 +8,7 @@ Where a message goes, in order:
    the high lane into a reserve, so a campaign backlog never keeps a reminder out.
 2. `_dispatch` decodes each entry (poison → dead letter), drops expired ones, asks the policy
    about first reads (opt-out, send window, caps: ratelimit/policy.py; one batch, one answer),
-   resolves the user's devices from the registry (one pipelined round trip per batch) and skips
+   resolves the user's devices from the registry (one round trip per batch) and skips
    devices a redelivered entry already completed (done marks).
 3. Each delivery goes to its provider's lane: the shared provider rate, if configured, is taken
    first; then `PrioritySlots` bound requests in flight per provider and serve high-priority
@@ -17,7 +17,8 @@ Where a message goes, in order:
    stalls the others.
 4. `_settle` turns the typed outcome into writes: done mark, retry with backoff and full jitter
    (never before the provider's Retry-After), invalid-token removal and event, or dead letter.
-5. The flusher writes those and the acks of finished entries in one MULTI/EXEC every few ms.
+5. The flusher writes those and the acks of finished entries in one MULTI/EXEC every few ms, and
+   publishes the per-delivery metrics held since the last flush (one mmap write per series).
 
 Retries are per delivery: a retry entry names only the device that failed, so devices that
 succeeded are never sent to again.
@@ -43,7 +44,7 @@ from pushgw.gateway.slots import PrioritySlots
 from pushgw.providers.base import Delivered, Delivery, Outcome, Provider, Rejected, Retry, TokenInvalid
 from pushgw.queue.keys import Keys
 from pushgw.queue.streams import LANES, Commit, DeadLetter, Entry, StreamQueue
-from pushgw.ratelimit.base import Defer, Drop, Limiter, Unlimited
+from pushgw.ratelimit.base import ADMIT, Defer, Drop, Limiter, Unlimited
 from pushgw.ratelimit.circuit import Circuit
 from pushgw.ratelimit.circuit import State as CircuitState
 from pushgw.ratelimit.provider_rate import SharedRate
@@ -70,6 +71,8 @@ class _Job:
     message: Message
     pending: int
     registry_keys: frozenset[str] = frozenset()  # device keys that came from the user's registry
+    expiry: float | None = None  # message.expiry(...) of this entry, computed once
+    high: bool = False  # priority "high"
 
 
 @dataclass(slots=True)
@@ -80,7 +83,9 @@ class _Lane:
     slots: PrioritySlots
     queued: int = 0
     queued_high: int = 0
+    sending: int = 0  # inside provider.send now: the in-flight gauge, set at each flush
     circuits: dict[str, Circuit] = field(default_factory=dict)  # app -> circuit
+    routes: dict[str, tuple[Circuit, SharedRate | None]] = field(default_factory=dict)  # app -> circuit, rate
 
 
 class Worker:
@@ -119,6 +124,7 @@ class Worker:
         self._commit_items = 0
         self._flush_wake = asyncio.Event()
         self._in_flight = 0  # deliveries, across lanes
+        self._limit = self.ws.max_inflight + self.ws.high_reserve  # in flight at most (with the high reserve)
         self._capacity = asyncio.Event()
         self._capacity.set()
         self._idle = asyncio.Event()
@@ -134,6 +140,9 @@ class Worker:
         self._m_rejected = {p: metrics.DELIVERIES.labels(p, "rejected") for p in (*providers, "none")}
         self._m_e2e = {p: metrics.END_TO_END.labels(p) for p in providers}
         self._m_inflight = {p: metrics.IN_FLIGHT.labels(p) for p in providers}
+        self._m_inflight_shown = dict.fromkeys(providers, -1)  # -1: set at the first flush whatever it shows
+        # Per-delivery counters and histograms are held here and written at each flush (see `_flush`).
+        self._m_held = metrics.Deferred()
         self._m_retries = {p: metrics.RETRIES.labels(p) for p in (*providers, "none")}
         self._m_tokens = {p: metrics.INVALID_TOKENS.labels(p) for p in (*providers, "none")}
         self._m_circuit: dict[tuple[str, str], Gauge] = {}
@@ -256,7 +265,7 @@ class Worker:
     async def _dispatch(self, entries: Sequence[Entry]) -> None:
         """Turn a batch into deliveries (one registry round trip, one done-mark round trip)."""
         now = self.clock()
-        decoded: list[tuple[Entry, Message]] = []
+        decoded: list[tuple[Entry, Message, float | None]] = []  # with each entry's expiry
         for entry in entries:
             try:
                 msg = loads_message(entry.raw)
@@ -268,21 +277,24 @@ class Worker:
                 self._expired(msg)
                 self._ack(entry)
                 continue
-            decoded.append((entry, msg))
+            decoded.append((entry, msg, expiry))
         # The policy sees every message with a user. Caps and windows decide a message once, on its
         # first read: an entry read again after a crash or taken over from a dead worker was decided
         # then, and may be partly delivered. Opt-outs are checked on every read (retries and replays
         # too): a learner who opted out meanwhile gets nothing more.
         if decoded:
             decisions = await self.limiter.decide(
-                [m for _, m in decoded], now, members=[f"{m.id}:{e.enqueued_ms}" for e, m in decoded],
-                first_read=[not e.redelivered for e, _ in decoded],
+                [m for _, m, _ in decoded], now, members=[f"{m.id}:{e.enqueued_ms}" for e, m, _ in decoded],
+                first_read=[not e.redelivered for e, _, _ in decoded],
             )
-            admitted: list[tuple[Entry, Message]] = []
-            for (entry, msg), decision in zip(decoded, decisions, strict=True):
+            admitted: list[tuple[Entry, Message, float | None]] = []
+            for item, decision in zip(decoded, decisions, strict=True):
+                if decision is ADMIT:
+                    admitted.append(item)
+                    continue
+                entry, msg, expiry = item
                 match decision:
                     case Defer(until=until):
-                        expiry = msg.expiry(entry.enqueued_ms / 1000)
                         if expiry is not None and until >= expiry:
                             self._expired(msg)  # it could only go out too late
                         else:
@@ -295,37 +307,43 @@ class Worker:
                         log.info("dropped by policy", extra={"msg_id": msg.id, "reason": reason})
                         self._ack(entry)
                     case _:
-                        admitted.append((entry, msg))
+                        admitted.append(item)
             decoded = admitted
-        users = sorted({m.user for _, m in decoded if m.user and not m.resolved})
+        users = sorted({m.user for _, m, _ in decoded if m.user and not m.resolved})
         registry = await self.registry.devices_many(users) if users else {}
-        redelivered = [e.ref for e, _ in decoded if e.redelivered]
+        redelivered = [e.ref for e, _, _ in decoded if e.redelivered]
         done = await self.queue.done_marks(redelivered) if redelivered else {}
 
-        for entry, msg in decoded:
+        for entry, msg, expiry in decoded:
             devices: dict[str, Device] = {d.key: d for d in msg.devices}
             from_registry: frozenset[str] = frozenset()
             if msg.user and not msg.resolved:
-                reg = registry.get(msg.user, [])
-                from_registry = frozenset(d.key for d in reg if d.key not in devices)
-                for d in reg:
-                    devices.setdefault(d.key, d)
+                reg = registry.get(msg.user)
+                if reg:
+                    added: list[str] = []
+                    for d in reg:
+                        k = d.key
+                        if k not in devices:
+                            devices[k] = d
+                            added.append(k)
+                    from_registry = frozenset(added)
+            ref = entry.ref
             if entry.redelivered:
-                finished = done.get(entry.ref, set())
+                finished = done.get(ref, set())
                 if finished:
                     metrics.SKIPPED.labels("already_done").inc(len(finished & devices.keys()))
                 for k in finished:
                     devices.pop(k, None)
             if not devices:
                 metrics.SKIPPED.labels("no_device").inc()
-                if not done.get(entry.ref):
+                if not done.get(ref):
                     self._kpi(msg, "failed")  # a learner with no device: not reached
                 self._ack(entry)
                 continue
-            if entry.ref in self._jobs:
+            if ref in self._jobs:
                 continue  # already in flight here (claimed back while a provider was slow)
-            job = _Job(entry, msg, len(devices), from_registry)
-            self._jobs[entry.ref] = job
+            job = _Job(entry, msg, len(devices), from_registry, expiry, msg.priority == "high")
+            self._jobs[ref] = job
             for device in devices.values():
                 self._start(job, device)
 
@@ -334,9 +352,12 @@ class Worker:
         if lane is None:
             self._settle(job, device, Rejected(f"no {device.provider} provider is configured"), "none")
             return
-        high = job.message.priority == "high"
+        high = job.high
         app = device.app or job.message.app
-        rate = self.rates.get(f"{lane.provider.name}:{app}") or self.rates.get(lane.provider.name)
+        route = lane.routes.get(app)
+        if route is None:
+            route = self._new_route(lane, app)
+        rate = route[1]
         backlog = lane.queued_high if high else lane.queued
         # A lane held back by its configured rate is not hung: its deliveries wait (backpressure on
         # reading, through max_inflight) instead of cycling through the delayed set.
@@ -346,25 +367,30 @@ class Worker:
             # deliveries count only against each other: a bulk backlog never parks a reminder.)
             self._park(job, device, self.clock() + PARK_DELAY_S, "parked")
             return
-        circuit = lane.circuits.get(app)
-        if circuit is None:
-            circuit = lane.circuits[app] = self._new_circuit(lane.provider.name, app)
         lane.queued += 1
         lane.queued_high += high
         self._in_flight += 1
-        if self._in_flight >= self.ws.max_inflight + self.ws.high_reserve:
+        if self._in_flight == 1:
+            self._idle.clear()  # set again when the count is back at 0
+        if self._in_flight >= self._limit:
             self._capacity.clear()
-        self._idle.clear()
-        task = asyncio.create_task(self._deliver(lane, job, device, circuit, app, rate))
+        task = asyncio.create_task(self._deliver(lane, job, device, route[0], app, rate))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _new_route(self, lane: _Lane, app: str) -> tuple[Circuit, SharedRate | None]:
+        """The circuit and the shared rate of a provider/app, looked up once, not per delivery."""
+        name = lane.provider.name
+        circuit = lane.circuits.get(app)
+        if circuit is None:
+            circuit = lane.circuits[app] = self._new_circuit(name, app)
+        route = lane.routes[app] = (circuit, self.rates.get(f"{name}:{app}") or self.rates.get(name))
+        return route
 
     def _park(self, job: _Job, device: Device, until: float, reason: str) -> None:
         metrics.SKIPPED.labels(reason).inc()
         self._schedule_retry(job, device, until, job.entry.attempt, device.provider)
-        if job.pending > 1:
-            self._commit.done.append((job.entry.ref, device.key))
-        self._finish_one(job)
+        self._settled(job, device)
 
     def _new_circuit(self, provider: str, app: str) -> Circuit:
         ps = self.settings.providers
@@ -392,8 +418,8 @@ class Worker:
         name = lane.provider.name
         outcome: Outcome | None = None
         park: tuple[float, str] | None = None
-        high = job.message.priority == "high"
-        expiry = job.message.expiry(job.entry.enqueued_ms / 1000)
+        high = job.high
+        expiry = job.expiry
         try:
             # Slot first (priority order), then the circuit, then the shared rate: so high priority
             # holds when the rate is the bottleneck, and a parked delivery spends no rate.
@@ -408,32 +434,33 @@ class Worker:
                 elif expiry is not None and expiry <= self.clock():
                     outcome = _EXPIRED  # it waited past its expiry: never sent late
                 else:
-                    gauge = self._m_inflight[name]
-                    gauge.inc()
+                    lane.sending += 1
                     try:
                         outcome = await lane.provider.send(Delivery(job.message, device, job.entry.attempt, expiry))
                     except Exception as e:  # a provider bug must not lose the message: retry it
                         log.exception("provider raised", extra={"provider": name, "msg_id": job.message.id})
                         outcome = Retry(f"provider error: {type(e).__name__}")
                     finally:
-                        gauge.dec()
+                        lane.sending -= 1
             finally:
                 lane.slots.release()
             if park is not None:  # no request went out: come back later, spending no attempt
                 self._park(job, device, park[0], park[1])
             elif outcome is _EXPIRED:
                 self._expired(job.message)
-                if job.pending > 1:
-                    self._commit.done.append((job.entry.ref, device.key))
-                self._finish_one(job)
+                self._settled(job, device)
             elif outcome is not None:
-                self._circuit_report(name, app, circuit, outcome)
+                # A closed circuit with no failures stays as it is on anything but a Retry: skip the report.
+                if circuit.failures or circuit.state is not CircuitState.CLOSED or isinstance(outcome, Retry):
+                    self._circuit_report(name, app, circuit, outcome)
                 self._settle(job, device, outcome, name)
         finally:
             lane.queued -= 1
             lane.queued_high -= high
             self._in_flight -= 1
-            if self._in_flight < self.ws.max_inflight + self.ws.high_reserve:
+            # `_start` clears capacity only at or above the limit, so it needs setting only on the way
+            # down through the limit (the run loop waits for it only while at or above it).
+            if self._in_flight == self._limit - 1:
                 self._capacity.set()
             if self._in_flight == 0:
                 self._idle.set()
@@ -451,15 +478,13 @@ class Worker:
 
     def _settle(self, job: _Job, device: Device, outcome: Outcome, provider: str) -> None:
         msg, entry = job.message, job.entry
-        c = self._commit
         match outcome:
             case Delivered():
-                self._m_delivered[provider].inc()
+                self._m_held.inc(self._m_delivered[provider])
                 self._kpi(msg, "delivered")
-                if provider in self._m_e2e:
-                    self._m_e2e[provider].observe(max(0.0, self.clock() - entry.enqueued_ms / 1000))
-                if job.pending > 1:
-                    c.done.append((entry.ref, device.key))
+                e2e = self._m_e2e.get(provider)
+                if e2e is not None:
+                    self._m_held.observe(e2e, max(0.0, self.clock() - entry.enqueued_ms / 1000))
                 log.debug("delivered", extra={"msg_id": msg.id, "provider": provider, "outcome": "delivered"})
             case Retry(reason=reason, after=after):
                 self._m_retry[provider].inc()
@@ -470,30 +495,23 @@ class Worker:
                     if after is not None:
                         delay = max(delay, after)
                     due = self.clock() + delay
-                    expiry = msg.expiry(entry.enqueued_ms / 1000)
-                    if expiry is not None and due >= expiry:
+                    if job.expiry is not None and due >= job.expiry:
                         self._expired(msg)
                         log.info("expired before retry", extra={"msg_id": msg.id, "provider": provider})
                     else:
                         self._m_retries[provider].inc()
                         self._schedule_retry(job, device, due, entry.attempt + 1, provider)
-                if job.pending > 1:
-                    c.done.append((entry.ref, device.key))
             case TokenInvalid(reason=reason):
                 self._m_invalid[provider].inc()
                 self._m_tokens[provider].inc()
                 user = msg.user if (device.key in job.registry_keys or msg.resolved) else None
-                c.invalid_tokens.append((user, device, reason))
+                self._commit.invalid_tokens.append((user, device, reason))
                 self._kpi(msg, "failed")
-                if job.pending > 1:
-                    c.done.append((entry.ref, device.key))
                 log.info("token invalid", extra={"msg_id": msg.id, "provider": provider, "outcome": "token_invalid"})
             case Rejected(reason=reason):
                 self._m_rejected[provider].inc()
                 self._dead_letter(msg, device, f"rejected: {reason}", entry, provider)
-                if job.pending > 1:
-                    c.done.append((entry.ref, device.key))
-        self._finish_one(job)
+        self._settled(job, device)
 
     def _schedule_retry(self, job: _Job, device: Device, due: float, attempt: int, provider: str) -> None:
         self._commit.retries.append((due, job.message.with_devices((device,)), attempt, job.entry.enqueued_ms))
@@ -508,7 +526,7 @@ class Worker:
         """Campaign figures per learner, written with the acks (campaigns/report.py reads them)."""
         if msg.campaign:
             self._commit.kpi.append((msg.campaign, msg.variant or "default", outcome, msg.user or msg.id))
-            metrics.campaign_message(msg.campaign, msg.variant, outcome).inc()
+            self._m_held.inc(metrics.campaign_message(msg.campaign, msg.variant, outcome))
 
     def _dead_letter(self, msg: Message, device: Device, reason: str, entry: Entry, provider: str) -> None:
         metrics.DEAD_LETTERS.labels(reason.split(":", 1)[0]).inc()
@@ -526,9 +544,13 @@ class Worker:
         self._commit.dead.append(DeadLetter(_POISON, reason, entry.attempt, None, entry.enqueued_ms, raw=raw))
         self._ack(entry)
 
-    def _finish_one(self, job: _Job) -> None:
+    def _settled(self, job: _Job, device: Device) -> None:
+        """One delivery of `job` is accounted for: the entry is acked with its last one; before that,
+        a done mark keeps a redelivery of the entry from sending to this device again."""
         job.pending -= 1
-        if job.pending == 0:
+        if job.pending:
+            self._commit.done.append((job.entry.ref, device.key))
+        else:
             self._jobs.pop(job.entry.ref, None)
             self._ack(job.entry)
 
@@ -556,11 +578,20 @@ class Worker:
             await self._flush()
 
     async def _flush(self) -> None:
-        """Write everything settled since the last flush in one transaction; keep it on failure."""
-        if self._commit_items == 0:
+        """Write everything settled since the last flush in one transaction; keep it on failure.
+
+        Metrics held since the last flush are published first, whether Redis answers or not (this
+        runs every FLUSH_INTERVAL_S and once more after the drain)."""
+        self._publish_metrics()
+        commit = self._commit
+        if not (commit.acks or commit.done or commit.retries or commit.dead or commit.invalid_tokens or commit.kpi):
             return
-        commit, self._commit = self._commit, Commit([], [], [], [], [])
+        self._commit = Commit([], [], [], [], [])
         self._commit_items = 0
+        if commit.done and commit.acks:
+            # An entry acked in this transaction is never read again: its done marks would go unread.
+            acked = set(commit.acks)
+            commit.done = [d for d in commit.done if d[0] not in acked]
         delay = 0.05
         while True:
             try:
@@ -571,6 +602,15 @@ class Worker:
                 log.warning("commit failed, retrying", extra={"error": type(e).__name__})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+                self._publish_metrics()  # deliveries settling meanwhile are still counted
+
+    def _publish_metrics(self) -> None:
+        """Held counters and histograms, and the in-flight gauge from the lanes' own counts."""
+        self._m_held.apply()
+        for name, lane in self.lanes.items():
+            if lane.sending != self._m_inflight_shown[name]:
+                self._m_inflight[name].set(lane.sending)
+                self._m_inflight_shown[name] = lane.sending
 
 
 _POISON = Message(id="poison", body="(entry could not be decoded)")

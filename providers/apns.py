@@ -1,7 +1,7 @@
 """APNs provider: HTTP/2 POST /3/device/<token>, token (ES256 JWT) or certificate auth.
 
 Each configured app keeps up to `connections` long-lived HTTP/2 connections (`H2Pool`; see
-`providers.h2client` for why this is our own client on jh2 and not aioapns) and spreads requests
+`providers.h2client` for why this is our own HTTP/2 client and not aioapns) and spreads requests
 over the one with the fewest streams in flight. Apple asks providers to keep connections open and not to reconnect
 rapidly, so a lost connection is reopened on the next send, and after a failed attempt the next
 one waits `RECONNECT_GAP_S`.
@@ -17,7 +17,6 @@ and DeviceTokenNotForTopic -> token gone; 403 ExpiredProviderToken -> re-sign an
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
 import time
@@ -189,9 +188,9 @@ class ApnsProvider:
         headers = self._headers(app, delivery, jwt)
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self._timeout_s):
-                # A stream refused by GOAWAY was never processed: the pool resends it on another connection.
-                resp = await app.pool.request(headers, body)
+            # The pool bounds the time (timeout_s); a stream refused by GOAWAY was never processed:
+            # the pool resends it on another connection.
+            resp = await app.pool.request(headers, body)
         except TimeoutError:
             return Retry("apns timeout")
         except StreamRefused as e:

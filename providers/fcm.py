@@ -5,8 +5,8 @@ shut down in 2024), so throughput comes from many concurrent requests. Over aioh
 request in flight needs a TLS connection of its own (256 per process at our concurrency, each a
 handshake) and pays aiohttp's per-request machinery: a py-spy profile of the workers put a large
 part of their CPU there (issue 4). FCM supports HTTP/2, so each app (Firebase project) now keeps a
-small `H2Pool` of long-lived HTTP/2 connections on `providers.h2client` (the client APNs uses: jh2
-with compiled HPACK, flow control, MAX_CONCURRENT_STREAMS, graceful GOAWAY): at most `connections`
+small `H2Pool` of long-lived HTTP/2 connections on `providers.h2client` (the client APNs uses: our own
+HTTP/2 framing with jh2's compiled HPACK decoder, flow control, MAX_CONCURRENT_STREAMS, graceful GOAWAY): at most `connections`
 per app and process, opened only while every open one has as many streams in flight as the server
 allows (its MAX_CONCURRENT_STREAMS, commonly 100), so 256 requests in flight take a few connections
 instead of 256. The hot path does no repeated work: the request headers (with the bearer token,
@@ -218,21 +218,21 @@ class FcmProvider:
         retry_after: bytes | str | None
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self._timeout_s):
-                h2 = not app.http1  # decided once per request: a request answered over HTTP/2 is never sent again
-                if h2:
-                    try:
-                        resp = await app.pool.request(app.h2_headers(token), body)
-                    except NoHttp2 as e:
-                        app.use_http1(str(e))
-                        h2 = False
-                    else:
-                        status, raw, retry_after = resp.status, resp.body, resp.headers.get(b"retry-after")
-                if not h2:
-                    async with app.session().post(app.url, data=body, headers=app.http1_headers(token)) as r:
-                        status = r.status
-                        raw = await r.read()
-                        retry_after = r.headers.get("Retry-After")
+            h2 = not app.http1  # decided once per request: a request answered over HTTP/2 is never sent again
+            if h2:
+                try:
+                    resp = await app.pool.request(app.h2_headers(token), body)  # the pool bounds the time
+                except NoHttp2 as e:
+                    app.use_http1(str(e))
+                    h2 = False
+                else:
+                    status, raw, retry_after = resp.status, resp.body, resp.headers.get(b"retry-after")
+            if not h2:
+                async with asyncio.timeout(self._timeout_s), \
+                        app.session().post(app.url, data=body, headers=app.http1_headers(token)) as r:
+                    status = r.status
+                    raw = await r.read()
+                    retry_after = r.headers.get("Retry-After")
         except TimeoutError:
             return Retry("fcm timeout")
         except StreamRefused as e:

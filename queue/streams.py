@@ -103,11 +103,12 @@ class Entry:
     enqueued_ms: int  # when the message was first accepted, or became due (for end-to-end latency and ttl)
     redelivered: bool = False  # read again after a crash: some deliveries may have settled already
     lane: str = "normal"
+    # Unique across lanes (ids of two streams may be equal): the id, prefixed `high/` in the high lane.
+    # Set once here: the worker reads it several times per delivery.
+    ref: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def ref(self) -> str:
-        """Unique across lanes (ids of two streams may be equal): the id, prefixed `high/` in the high lane."""
-        return self.entry_id if self.lane == "normal" else f"{self.lane}/{self.entry_id}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ref", self.entry_id if self.lane == "normal" else f"{self.lane}/{self.entry_id}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,11 +302,11 @@ class StreamQueue:
         now_ms = int((time.time() if now is None else now) * 1000)
         async with self.redis.pipeline(transaction=True) as pipe:
             if c.done:
-                touched: set[str] = set()
+                marks: dict[str, list[str]] = {}  # one SADD per entry, not per device
                 for ref, device_key in c.done:
-                    pipe.sadd(k.done(ref), device_key)
-                    touched.add(ref)
-                for ref in touched:
+                    marks.setdefault(ref, []).append(device_key)
+                for ref, device_keys in marks.items():
+                    pipe.sadd(k.done(ref), *device_keys)
                     pipe.expire(k.done(ref), self.done_ttl_s)
             if c.retries:
                 scores: dict[str, float] = {}

@@ -30,6 +30,10 @@ def _bench(tmp_path: Path, *args: str) -> dict[str, object]:
     assert result["delivered"] == result["deliveries_expected"]
     assert (tmp_path / "plots" / "throughput.png").stat().st_size > 0
     assert (tmp_path / "plots" / "latency_cdf.png").stat().st_size > 0
+    split = result["cpu_us_per_delivery"]
+    assert isinstance(split, dict) and {"workers", "redis", "load generator"} <= set(split) and split["workers"] > 0
+    baseline_split = result["baseline_cpu_us_per_delivery"]
+    assert isinstance(baseline_split, dict) and baseline_split["clients"] > 0
     return result
 
 
@@ -43,4 +47,5 @@ def test_bench_strict_mode(tmp_path: Path) -> None:
 def test_bench_fast_mode_with_nginx_sinks(tmp_path: Path) -> None:
     result = _bench(tmp_path, "--mode", "fast")
     assert result["mode"] == "fast"
+    assert "sinks" in result["cpu_us_per_delivery"]  # type: ignore[operator]
     assert isinstance(result["latency_ms"], dict) and result["latency_ms"]["samples"] > 0

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
+import pytest
 import redis.asyncio as aioredis
+from pushgw.gateway import registry as registry_module
 from pushgw.gateway.registry import MAX_DEVICES_PER_USER, DeviceRegistry, RegistryFull
 from pushgw.gateway.schema import Device, Message
 from pushgw.queue.deadletter import DeadLetters
 from pushgw.queue.keys import Keys
-from pushgw.queue.streams import Commit, DeadLetter, StreamQueue
+from pushgw.queue.streams import Commit, DeadLetter, Entry, StreamQueue
 
 K = Keys("t")
 
@@ -168,3 +171,29 @@ async def test_registry_register_list_unregister_and_cap(redis: aioredis.Redis) 
     else:
         raise AssertionError("registry should be full")
     await reg.register("big", Device("fcm", "t0"))  # re-registering a known device is still fine
+
+
+async def test_registry_parses_a_stored_device_once_and_follows_changes(
+    redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg = DeviceRegistry(redis, K)
+    await reg.register("u1", Device("fcm", "t1"))
+    [first] = await reg.devices("u1")
+    [again] = await reg.devices("u1")
+    assert again is first  # the same stored JSON is parsed once
+    await reg.register("u1", Device("fcm", "t1", app="campus"))  # same device key, new content
+    assert [d.app for d in await reg.devices("u1")] == ["campus"]
+    await redis.hset(K.devices("u2"), "junk", b"{not json")
+    assert await reg.devices("u2") == [] and await reg.devices("u2") == []
+    monkeypatch.setattr(registry_module, "PARSED_CACHE_SIZE", 2)
+    for i in range(5):
+        await reg.register(f"v{i}", Device("fcm", f"tok{i}"))
+    many = await reg.devices_many([f"v{i}" for i in range(5)])
+    assert [d.token for i in range(5) for d in many[f"v{i}"]] == [f"tok{i}" for i in range(5)]
+    assert len(reg._parsed) <= 2
+
+
+def test_entry_ref_follows_the_lane() -> None:
+    e = Entry("5-1", b"{}", 1, 0)
+    assert e.ref == "5-1" and replace(e, lane="high").ref == "high/5-1"
+    assert replace(e, lane="high") == Entry("5-1", b"{}", 1, 0, lane="high")

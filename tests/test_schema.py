@@ -122,3 +122,15 @@ def test_the_fast_payload_bound_never_passes_a_message_a_provider_would_refuse(
     assert _content_bound(msg) >= max(sizes)  # the bound is sound: it can only send a message to the full check
     if max(sizes) > _SMALLEST_LIMIT:  # a message near a limit always gets the full check
         assert _content_bound(msg) > _SMALLEST_LIMIT
+
+
+def test_fcm_token_whitespace_check_is_str_isspace() -> None:
+    from pushgw.gateway.schema import _SPACE_RE
+
+    for i in range(0x110000):
+        c = chr(i)
+        assert bool(_SPACE_RE.search(c)) == c.isspace(), hex(i)
+    for token in ("tok en", "tok\u2003en", "token\n", "\x1ctoken"):
+        with pytest.raises(MessageInvalid, match="FCM registration token"):
+            parse_message({"body": "b", "devices": [{"fcm": token}]})
+    assert parse_message({"body": "b", "devices": [{"fcm": "tok\u200ben"}]}).devices[0].token == "tok\u200ben"

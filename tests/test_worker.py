@@ -16,6 +16,7 @@ from dataclasses import replace
 import orjson
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
+from pushgw.gateway import metrics
 from pushgw.gateway.config import ProviderSettings, Settings, WorkerSettings
 from pushgw.gateway.registry import DeviceRegistry
 from pushgw.gateway.schema import Device, Message, parse_message
@@ -323,3 +324,55 @@ async def test_drain_deadline_leaves_unfinished_entries_pending_for_others(redis
     assert (await StreamQueue(redis, Keys()).stats()).pending == 3  # not lost: another worker reclaims them
     for t in list(worker._tasks):
         t.cancel()
+
+
+def sample(name: str, labels: dict[str, str]) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_metrics_held_between_flushes_are_all_counted_after_a_drain(redis: aioredis.Redis) -> None:
+    delivered = ("pushgw_deliveries_total", {"provider": "fcm", "outcome": "delivered"})
+    e2e = ("pushgw_enqueue_to_delivered_seconds_count", {"provider": "fcm"})
+    # Campaign labels are bounded per process (earlier tests may have used them up: then "other").
+    campaign, variant = metrics.campaign_labels("drain-check", "a")
+    kpi = ("pushgw_campaign_messages_total", {"campaign": campaign, "variant": variant, "outcome": "delivered"})
+    in_flight = ("pushgw_deliveries_in_flight", {"provider": "fcm"})
+    before = [sample(*m) for m in (delivered, e2e, kpi)]
+    fcm = ScriptedProvider("fcm")
+    fcm.gate = asyncio.Event()
+    await enqueue(redis, *[msg(devices=[{"fcm": f"d{i}"}], campaign="drain-check", variant="a") for i in range(20)])
+    worker = Worker(make_settings(), redis, {"fcm": fcm}, consumer="w1")
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    await until(lambda: worker._in_flight == 20)
+    await until(lambda: sample(*in_flight) == 20)  # the gauge follows the lanes at each flush
+    stop.set()  # SIGTERM, then every delivery settles during the drain: the last flush must count them
+    fcm.gate.set()
+    await asyncio.wait_for(task, 5)
+    assert [sample(*m) - b for m, b in zip((delivered, e2e, kpi), before, strict=True)] == [20, 20, 20]
+    assert sample(*in_flight) == 0
+
+
+async def test_done_mark_is_written_while_another_device_of_the_entry_is_in_flight(redis: aioredis.Redis) -> None:
+    apns, fcm = ScriptedProvider("apns"), ScriptedProvider("fcm")
+    apns.gate = asyncio.Event()
+    await enqueue(redis, msg(devices=[{"fcm": "quick"}, {"apns": APNS_TOKEN}]))
+    worker = Worker(make_settings(), redis, {"apns": apns, "fcm": fcm}, consumer="w1")
+    async with running(worker):
+        await until(lambda: len(fcm.sent) == 1)
+        [ref] = list(worker._jobs)
+        # Nothing else to write: the mark still goes out within a flush, so a crash now cannot resend it.
+        await until(lambda: redis.sismember(Keys().done(ref), Device("fcm", "quick").key))
+        apns.gate.set()
+        await until(lambda: settled(redis))
+    assert len(apns.sent) == len(fcm.sent) == 1
+
+
+async def test_done_marks_of_an_entry_acked_in_the_same_flush_are_not_written(redis: aioredis.Redis) -> None:
+    worker = Worker(make_settings(), redis, {"fcm": ScriptedProvider("fcm")}, consumer="w1")
+    await worker.queue.ensure_group()
+    worker._commit.acks.append("1-1")
+    worker._commit.done += [("1-1", "fcm:a"), ("high/2-1", "fcm:b")]
+    await worker._flush()
+    assert await redis.exists(Keys().done("1-1")) == 0  # acked: never read again
+    assert await redis.smembers(Keys().done("high/2-1")) == {b"fcm:b"}  # still pending: kept

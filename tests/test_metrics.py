@@ -1,0 +1,41 @@
+"""Metrics the worker holds between flushes (`metrics.Deferred`) add up to what direct updates give."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from pushgw.gateway.metrics import Deferred
+
+BUCKETS = (0.005, 0.01, 0.1, 1, 10)
+# Below, on and just above bounds, past the last finite one, and zero.
+VALUES = [0.0, 0.004, 0.005, 0.0051, 0.01, 0.099, 0.5, 1.0, 9.99, 10.0, 10.5, 3600.0]
+
+
+def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for metric in registry.collect() for s in metric.samples if not s.name.endswith("_created")}
+
+
+def test_held_counts_and_observations_equal_direct_updates_once_applied() -> None:
+    direct, held = CollectorRegistry(), CollectorRegistry()
+    c1 = Counter("deliveries", "d", ["provider"], registry=direct)
+    h1 = Histogram("e2e", "e", ["provider"], buckets=BUCKETS, registry=direct)
+    c2 = Counter("deliveries", "d", ["provider"], registry=held)
+    h2 = Histogram("e2e", "e", ["provider"], buckets=BUCKETS, registry=held)
+    d = Deferred()
+    for v in VALUES:
+        c1.labels("fcm").inc()
+        h1.labels("fcm").observe(v)
+        d.inc(c2.labels("fcm"))
+        d.observe(h2.labels("fcm"), v)
+    c1.labels("apns").inc(3)
+    d.inc(c2.labels("apns"), 3)
+    h1.labels("apns").observe(0.02)
+    d.observe(h2.labels("apns"), 0.02)
+
+    assert all(value == 0 for value in samples(held).values())  # nothing written before `apply`
+    d.apply()
+    want = samples(direct)
+    assert samples(held) == pytest.approx(want)
+    d.apply()  # nothing held any more: applying again changes nothing
+    assert samples(held) == pytest.approx(want)
