@@ -3,7 +3,8 @@
 Fast mode: one nginx (C, from Debian's packages) serving the three providers' wire formats over
 TLS: APNs on HTTP/2 with ALPN h2 echoing apns-id, FCM v1 (its token endpoint and messages:send)
 on HTTP/2 and HTTP/1.1 by ALPN as Google serves it (the provider sends over HTTP/2, the OAuth2
-token request comes over HTTP/1.1), and Web Push on HTTPS. nginx is never the bottleneck (its
+token request comes over HTTP/1.1), and Web Push on HTTP/2 and HTTP/1.1 by ALPN (the provider
+sends over HTTP/2 and falls back per origin to HTTP/1.1). nginx is never the bottleneck (its
 own ceiling is measured with h2load and printed beside the result). Its access logs are the
 receipt records: the APNs log keeps apns-id (one per message and device), the FCM log keeps the
 request body (message id and token), the Web Push log keeps the subscription path, each with the
@@ -104,7 +105,7 @@ http {{
     }}
   }}
   server {{
-    listen 127.0.0.1:{self.webpush_port} ssl; {tls}
+    listen 127.0.0.1:{self.webpush_port} ssl http2; {tls}
     location /push/ {{
       access_log {d}/webpush.log webpush buffer=256k flush=200ms;
       add_header Location /m always;

@@ -17,6 +17,7 @@ and DeviceTokenNotForTopic -> token gone; 403 ExpiredProviderToken -> re-sign an
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import ssl
 import time
@@ -28,7 +29,15 @@ from pushgw.gateway.config import ApnsApp, ConfigError, ProviderSettings
 from pushgw.gateway.metrics import PROVIDER_LATENCY
 from pushgw.gateway.schema import Message
 from pushgw.providers.base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
-from pushgw.providers.h2client import ConnectionLost, H2ClientConnection, H2Error, H2Pool, StreamRefused
+from pushgw.providers.h2client import (
+    ConnectionLost,
+    H2ClientConnection,
+    H2Error,
+    H2Pool,
+    StreamRefused,
+    encode_field,
+    encode_headers,
+)
 from pushgw.providers.jose import load_p256_key, sign_es256
 from pushgw.providers.payloads import apns_payload, check_payload_limits
 
@@ -41,13 +50,23 @@ RECONNECT_GAP_S = 1.0
 RESENDS = 3
 log = logging.getLogger("pushgw.apns")
 _APNS_ID_NS = uuid.UUID("9d3f2a57-8f64-4c1e-9a0e-3f4f1f2b7c11")
+_APNS_ID_NS_BYTES = _APNS_ID_NS.bytes
+_PRIORITY_10 = encode_field(b"apns-priority", b"10")
+_PRIORITY_5 = encode_field(b"apns-priority", b"5")
 _TOKEN_GONE = {"BadDeviceToken", "DeviceTokenNotForTopic", "Unregistered", "ExpiredToken"}
 _REASON_MAX = 200
 
 
 def apns_id(message_id: str, token: str) -> str:
-    """The apns-id of a push: the same for every attempt of one message to one device (APNs echoes it)."""
-    return str(uuid.uuid5(_APNS_ID_NS, f"{message_id}/{token}"))
+    """The apns-id of a push: the same for every attempt of one message to one device (APNs echoes it).
+
+    It is `uuid.uuid5(_APNS_ID_NS, "<message id>/<token>")`, computed without building UUID objects
+    (a third of the cost, per delivery; a test checks both agree)."""
+    h = bytearray(hashlib.sha1(_APNS_ID_NS_BYTES + f"{message_id}/{token}".encode()).digest()[:16])  # noqa: S324
+    h[6] = (h[6] & 0x0F) | 0x50  # version 5
+    h[8] = (h[8] & 0x3F) | 0x80  # RFC 4122 variant
+    x = h.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
 class ProviderJwt:
@@ -111,6 +130,14 @@ class _App:
         self.timeout_s = settings.timeout_s
         self.authority = self.host.encode() if self.port == 443 else f"{self.host}:{self.port}".encode()
         self.path_prefix = b"/3/device/"
+        # The HPACK bytes of the header fields that never change for this app, and of each variant
+        # of those that do per kind of push, encoded once (`_headers` adds the per-device fields).
+        # Pseudo-header fields must all come first (RFC 9113 section 8.3), so :path splits the fixed part.
+        self.pseudo_block = encode_headers([(b":method", b"POST"), (b":scheme", b"https"), (b":authority", self.authority)])
+        self.fixed_block = encode_headers([(b"apns-topic", self.topic_header), (b"content-type", b"application/json")])
+        self.push_type_block = {False: encode_field(b"apns-push-type", self.push_type_header),
+                                True: encode_field(b"apns-push-type", b"background")}
+        self.auth_block: tuple[str | None, bytes] = (None, b"")  # (JWT, its authorization field), per JWT
         self.pool = H2Pool(self.host, self.port, ctx, size=app.connections, max_streams=settings.concurrency,
                            timeout_s=settings.timeout_s, reconnect_gap_s=RECONNECT_GAP_S, resends=RESENDS)
 
@@ -155,28 +182,29 @@ class ApnsProvider:
         """One app's state (connections, JWT): for tests and diagnostics."""
         return self._apps[name]
 
-    def _headers(self, app: _App, d: Delivery, jwt: str | None) -> list[tuple[bytes, bytes]]:
+    def _headers(self, app: _App, d: Delivery, jwt: str | None) -> bytes:
+        """The request's HPACK header block: the app's fixed fields, then this push's."""
         msg = d.message
         silent = msg.is_silent
-        headers = [
-            (b":method", b"POST"),
-            (b":scheme", b"https"),
-            (b":authority", app.authority),
-            (b":path", app.path_prefix + d.device.token.encode()),
-            (b"apns-topic", app.topic_header),
-            (b"apns-push-type", b"background" if silent else app.push_type_header),
+        token = d.device.token
+        parts = [
+            app.pseudo_block,
+            encode_field(b":path", app.path_prefix + token.encode()),
+            app.fixed_block,
+            app.push_type_block[silent],
             # Background pushes must be 5; alerts go at once only when the message asks for it.
-            (b"apns-priority", b"10" if msg.priority == "high" and not silent else b"5"),
-            (b"apns-id", apns_id(msg.id, d.device.token).encode()),
-            (b"content-type", b"application/json"),
+            _PRIORITY_10 if msg.priority == "high" and not silent else _PRIORITY_5,
+            encode_field(b"apns-id", apns_id(msg.id, token).encode()),
         ]
         if jwt is not None:
-            headers.append((b"authorization", b"bearer " + jwt.encode()))
+            if app.auth_block[0] is not jwt:
+                app.auth_block = (jwt, encode_field(b"authorization", b"bearer " + jwt.encode()))
+            parts.append(app.auth_block[1])
         if d.expires_at is not None:
-            headers.append((b"apns-expiration", str(max(1, int(d.expires_at))).encode()))
+            parts.append(encode_field(b"apns-expiration", str(max(1, int(d.expires_at))).encode()))
         if msg.collapse_key:
-            headers.append((b"apns-collapse-id", msg.collapse_key.encode()))
-        return headers
+            parts.append(encode_field(b"apns-collapse-id", msg.collapse_key.encode()))
+        return b"".join(parts)
 
     async def send(self, delivery: Delivery) -> Outcome:
         app_name = delivery.device.app or delivery.message.app

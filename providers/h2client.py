@@ -1,4 +1,4 @@
-"""A small HTTP/2 client over asyncio TLS, for APNs and FCM: one connection, and a pool of them per origin.
+"""A small HTTP/2 client over asyncio TLS, for APNs, FCM and Web Push: one connection, and a pool of them per origin.
 
 Why our own framing: aioapns 4.0 keeps one dict entry per successful push on a connection (it grows
 without bound on a long-lived connection) and needs ALPN "h2" set on a caller's own SSL context;
@@ -29,6 +29,7 @@ import ssl
 import struct
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -42,6 +43,9 @@ except ImportError:  # pragma: no cover - a jh2 build without the extension
     from jh2.hpack.hpack import Decoder as _HpackDecoder
 
 Header = tuple[bytes, bytes]
+Resolve = Callable[[str, int], Awaitable[list[str]]]
+"""(host, port) -> the addresses a connection may go to, in order. Web Push passes one that refuses
+private addresses, so the address it vetted is the one connected to (no second lookup to rebind)."""
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -226,6 +230,7 @@ class H2ClientConnection(asyncio.Protocol):
         self._next_id = 1
         # What the server allows us: settings (RFC 9113 section 6.5.2 defaults until its SETTINGS).
         self._remote_max_streams = MAX_STREAM_ID  # "unlimited" until it says
+        self._capacity = max(1, max_streams)  # min(ours, the server's): read on every request, so kept
         self._remote_initial_window = DEFAULT_WINDOW
         self._remote_max_frame = OUR_MAX_FRAME
         self._conn_send_window = DEFAULT_WINDOW
@@ -245,14 +250,31 @@ class H2ClientConnection(asyncio.Protocol):
 
     @classmethod
     async def connect(
-        cls, host: str, port: int, ssl_context: ssl.SSLContext, *, timeout_s: float, max_streams: int = 1000
+        cls, host: str, port: int, ssl_context: ssl.SSLContext, *, timeout_s: float, max_streams: int = 1000,
+        resolve: Resolve | None = None,
     ) -> H2ClientConnection:
-        """Open TCP + TLS with ALPN h2; raise `H2Error` if the server does not speak HTTP/2."""
+        """Open TCP + TLS with ALPN h2; raise `H2Error` if the server does not speak HTTP/2.
+
+        With `resolve`, the connection goes to the first of its addresses that accepts, while SNI and
+        the certificate check still use `host`; whatever `resolve` raises propagates."""
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout_s):
-            transport, proto = await loop.create_connection(
-                lambda: cls(max_streams), host, port, ssl=ssl_context, server_hostname=host
-            )
+            if resolve is None:
+                transport, proto = await loop.create_connection(
+                    lambda: cls(max_streams), host, port, ssl=ssl_context, server_hostname=host
+                )
+            else:
+                error: OSError = OSError(f"{host}: no address to connect to")
+                for address in await resolve(host, port):
+                    try:
+                        transport, proto = await loop.create_connection(
+                            lambda: cls(max_streams), address, port, ssl=ssl_context, server_hostname=host
+                        )
+                        break
+                    except OSError as e:  # ssl.SSLError included; the next address may be another server
+                        error = e
+                else:
+                    raise error
         if not proto._alpn_h2:
             proto._preface.cancel()  # nobody will wait for it
             transport.close()
@@ -275,14 +297,14 @@ class H2ClientConnection(asyncio.Protocol):
     @property
     def load(self) -> float:
         """Streams in flight plus requests waiting for one, per stream the server allows."""
-        return (len(self._streams) + len(self._slot_waiters)) / self.capacity
+        return (len(self._streams) + len(self._slot_waiters)) / self._capacity
 
     @property
     def capacity(self) -> int:
         """How many streams may be open at once right now (the server's limit, capped by ours)."""
-        return max(1, min(self._own_max_streams, self._remote_max_streams))
+        return self._capacity
 
-    async def request(self, headers: list[Header], body: bytes, deadline: float | None = None) -> H2Response:
+    async def request(self, headers: list[Header] | bytes, body: bytes, deadline: float | None = None) -> H2Response:
         """Send one request and wait for the whole response; `TimeoutError` at `deadline` (loop time).
 
         Why not `asyncio.timeout` around each request: under uvloop every timer is a libuv timer
@@ -292,7 +314,7 @@ class H2ClientConnection(asyncio.Protocol):
         streams = self._streams
         if deadline is None:
             deadline = self._loop.time() + DEFAULT_TIMEOUT_S
-        while len(streams) >= self.capacity and not self.closed:
+        while len(streams) >= self._capacity and not self.closed:
             waiter = self._loop.create_future()
             self._slot_waiters.append(waiter)
             try:
@@ -317,7 +339,8 @@ class H2ClientConnection(asyncio.Protocol):
             self._arm_sweep(deadline + SWEEP_S)
         self.requests += 1
         try:
-            block = encode_headers(headers)
+            # bytes: a header block the caller encoded itself (`encode_field`), e.g. from parts it keeps
+            block = headers if isinstance(headers, bytes) else encode_headers(headers)
             if self._first_block:
                 # We never use the server's dynamic table; saying so once means a later lower
                 # SETTINGS_HEADER_TABLE_SIZE can never require a table size update from us.
@@ -662,6 +685,7 @@ class H2ClientConnection(asyncio.Protocol):
             if key == MAX_CONCURRENT_STREAMS:
                 grew = value > self._remote_max_streams
                 self._remote_max_streams = value
+                self._capacity = max(1, min(self._own_max_streams, value))
                 if grew:
                     for _ in range(min(self.capacity, len(self._slot_waiters))):
                         self._wake_slot()
@@ -760,8 +784,9 @@ class H2Pool:
     """
 
     def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext, *, size: int, max_streams: int,
-                 timeout_s: float, reconnect_gap_s: float = 1.0, resends: int = 3) -> None:
+                 timeout_s: float, reconnect_gap_s: float = 1.0, resends: int = 3, resolve: Resolve | None = None) -> None:
         self.host = host
+        self.resolve = resolve  # see `H2ClientConnection.connect`
         self.port = port
         self.ssl = ssl_context
         self.size = max(1, size)
@@ -775,14 +800,14 @@ class H2Pool:
         self._connecting: asyncio.Task[H2ClientConnection] | None = None
         self._last_failure = -reconnect_gap_s
 
-    async def request(self, headers: list[Header], body: bytes) -> H2Response:
+    async def request(self, headers: list[Header] | bytes, body: bytes) -> H2Response:
         """Send one request and wait for its response, `timeout_s` at most in all (connecting,
         waiting for a stream, resends included).
 
         Raises `TimeoutError` when that time is up, `StreamRefused` when `resends` connections in a
         row refused it unprocessed, `ConnectionLost` when a connection closed with it in flight, and
         from connecting: `NoHttp2`, `H2Error`, `OSError`, `ssl.SSLError` (certificate verification
-        included)."""
+        included), and whatever `resolve` raises."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         for _ in range(self.resends):
@@ -835,7 +860,8 @@ class H2Pool:
             if wait > 0:
                 await asyncio.sleep(wait)
             conn = await H2ClientConnection.connect(
-                self.host, self.port, self.ssl, timeout_s=self.timeout_s, max_streams=self.max_streams
+                self.host, self.port, self.ssl, timeout_s=self.timeout_s, max_streams=self.max_streams,
+                resolve=self.resolve,
             )
         except BaseException:
             self._last_failure = time.monotonic()

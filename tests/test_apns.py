@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pushgw.gateway.config import ApnsApp, ConfigError, ProviderSettings
 from pushgw.gateway.schema import Device, Message
-from pushgw.providers.apns import ApnsProvider
+from pushgw.providers.apns import _APNS_ID_NS, ApnsProvider, apns_id
 from pushgw.providers.base import Delivered, Delivery, Provider, Rejected, Retry, TokenInvalid
 from pushgw.providers.fakes.apns import ApnsKey, FakeApns, make_apns_key
 from pushgw.providers.fakes.fcm import FakeFcm
@@ -295,3 +297,8 @@ async def test_several_apps_with_their_own_topics_and_keys(fake: FakeApns, local
     assert [(r.token, r.topic) for r in fake.received] == [
         (token(1), TOPIC), (token(2), "org.example.teacher"), (token(3), "org.example.teacher")]
     assert len(fake.jwts_seen) == 2
+
+
+@given(st.text(max_size=80), st.text(alphabet="0123456789abcdef", min_size=1, max_size=200))
+def test_apns_id_is_the_uuid5_of_message_and_token(message_id: str, token: str) -> None:
+    assert apns_id(message_id, token) == str(uuid.uuid5(_APNS_ID_NS, f"{message_id}/{token}"))

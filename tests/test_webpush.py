@@ -1,10 +1,15 @@
-"""WebPushProvider against FakePushService over TLS: aes128gcm checked by http_ece, VAPID, headers, outcomes, SSRF guard."""
+"""WebPushProvider against FakePushService over TLS: aes128gcm checked by http_ece, VAPID, headers, outcomes, SSRF guard.
+
+The shared `svc` fixture runs each test against a fake that speaks HTTP/2 (the provider's normal path) and one
+that speaks HTTP/1.1 only (the provider's fallback), so every behaviour holds on both."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -12,7 +17,9 @@ from typing import Any
 
 import http_ece
 import orjson
+import pushgw.providers.webpush as webpush_module
 import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pushgw.gateway.config import ConfigError, ProviderSettings, WebPushSettings
@@ -20,8 +27,10 @@ from pushgw.gateway.schema import Device, Message
 from pushgw.providers.base import Delivered, Delivery, Provider, Rejected, Retry, TokenInvalid
 from pushgw.providers.fakes.tls import LocalCA
 from pushgw.providers.fakes.webpush import FakePushService
+from pushgw.providers.h2client import H2ClientConnection
 from pushgw.providers.vapid import VapidSigner, application_server_key, load_vapid_key, make_vapid_key
 from pushgw.providers.webpush import (
+    MAX_ORIGINS,
     SUBSCRIPTION_KEY_CACHE,
     EncryptionError,
     WebPushProvider,
@@ -47,9 +56,29 @@ def sub_id(sub: dict[str, Any]) -> str:
     return str(sub["endpoint"]).rsplit("/", 1)[-1]
 
 
+async def wait_for(cond: Callable[[], bool], limit_s: float = 5.0) -> None:
+    """Poll until `cond()` holds, failing the test after `limit_s` rather than hanging."""
+    deadline = time.monotonic() + limit_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture(params=[True, False], ids=["h2", "http1-only"])
+async def svc(request: pytest.FixtureRequest, local_ca: LocalCA) -> AsyncIterator[FakePushService]:
+    async with FakePushService(local_ca, http2=request.param) as s:
+        yield s
+
+
 @pytest.fixture
-async def svc(local_ca: LocalCA) -> AsyncIterator[FakePushService]:
+async def h2_svc(local_ca: LocalCA) -> AsyncIterator[FakePushService]:
     async with FakePushService(local_ca) as s:
+        yield s
+
+
+@pytest.fixture
+async def http1_svc(local_ca: LocalCA) -> AsyncIterator[FakePushService]:
+    async with FakePushService(local_ca, http2=False) as s:  # a push service behind an HTTP/1.1-only proxy
         yield s
 
 
@@ -58,11 +87,13 @@ async def make_provider(local_ca: LocalCA, tmp_path: Path) -> AsyncIterator[Fact
     made: list[WebPushProvider] = []
     key = make_vapid_key(tmp_path / "vapid")
 
-    def factory(*, timeout_s: float = 5.0, clock: Callable[[], float] = time.time, **kw: Any) -> WebPushProvider:
+    def factory(*, timeout_s: float = 5.0, clock: Callable[[], float] = time.time, max_origins: int = MAX_ORIGINS,
+                **kw: Any) -> WebPushProvider:
         fields: dict[str, Any] = {"vapid_private_key_file": str(key), "vapid_subject": "mailto:ops@campus.example",
                                   "allowed_hosts": ("127.0.0.1",), "allow_private": True, "ca_file": str(local_ca.ca_file)}
         fields.update(kw)
-        p = WebPushProvider(WebPushSettings(**fields), ProviderSettings(timeout_s=timeout_s), clock=clock)
+        p = WebPushProvider(WebPushSettings(**fields), ProviderSettings(timeout_s=timeout_s), clock=clock,
+                            max_origins=max_origins)
         made.append(p)
         return p
 
@@ -264,3 +295,168 @@ def test_subscription_key_is_parsed_once_per_subscription_and_the_cache_is_bound
         with pytest.raises(EncryptionError):
             encrypt(b"hello", "not-a-key", auth)
     assert subscription_key.cache_info().currsize == 2
+
+
+# --- HTTP/2: one pool per push-service origin -----------------------------------------------------
+
+
+async def test_sends_go_over_http2_and_requests_in_flight_share_one_connection(h2_svc: FakePushService,
+                                                                               make_provider: Factory) -> None:
+    svc = h2_svc
+    provider = make_provider()
+    subs = [svc.new_subscription() for _ in range(51)]
+    first = await provider.send(delivery(subs[0], collapse_key="session-7"))
+    assert isinstance(first, Delivered) and first.provider_id.startswith(f"{svc.origin}/message/")
+    svc.hang = True  # hold every answer: all 50 requests are in flight at once
+    sends = asyncio.gather(*(provider.send(delivery(s, id=f"w-{i}")) for i, s in enumerate(subs[1:])))
+    await wait_for(lambda: svc.hanging == 50)
+    assert svc.connections == 1 and svc.peak_streams == 50
+    svc.resume()
+    outs = await sends
+    assert all(isinstance(o, Delivered) for o in outs), outs
+    assert svc.connections == 1 and svc.http1_connections == 0
+    assert svc.requests_by_protocol == {"h2": 51, "http/1.1": 0}
+    assert {r.protocol for r in svc.received} == {"h2"}
+    assert sorted(r.subscription_id for r in svc.received) == sorted(sub_id(s) for s in subs)
+    [(origin, pool)] = provider.pools.items()
+    assert origin == svc.origin and pool.connects == 1 and provider.http1_origins == []
+    r = svc.received[0]
+    assert r.headers[":authority"] == f"127.0.0.1:{svc.port}" and r.headers[":path"] == f"/push/{sub_id(subs[0])}"
+    assert r.headers["content-type"] == "application/octet-stream" and r.headers["content-encoding"] == "aes128gcm"
+    assert r.topic == "session-7" and int(r.headers["content-length"]) > 86  # header + ciphertext + tag
+    assert r.vapid_key == provider.application_server_key and provider.signer.signed == 1
+
+
+async def test_fake_applies_its_checks_over_http2(h2_svc: FakePushService, local_ca: LocalCA,
+                                                  make_provider: Factory) -> None:
+    """The HTTP/2 side of the fake refuses what its HTTP/1.1 side refuses, so the provider's tests mean something."""
+    svc = h2_svc
+    sub = svc.new_subscription()
+    body = encrypt(b"hello", sub["keys"]["p256dh"], sub["keys"]["auth"])
+    base = [(b":method", b"POST"), (b":scheme", b"https"), (b":authority", f"127.0.0.1:{svc.port}".encode()),
+            (b":path", f"/push/{sub_id(sub)}".encode())]
+    signer = make_provider().signer
+    auth = (b"authorization", signer.authorization(svc.origin).encode())
+    good = [*base, auth, (b"content-encoding", b"aes128gcm"), (b"ttl", b"60")]
+    cases = [
+        ([*base, (b"authorization", b"vapid t=a.b.c, k=BAAA"), *good[5:]], body, 401),
+        ([*base, (b"authorization", signer.authorization("https://other.example").encode()), *good[5:]], body, 403),
+        (good[:-1], body, 400),  # no TTL
+        ([*good[:5], (b"content-encoding", b"aesgcm"), good[6]], body, 415),
+        ([*good, (b"urgency", b"urgent")], body, 400),
+        ([*good, (b"topic", b"not a topic!")], body, 400),
+        (good, body[:-1] + bytes([body[-1] ^ 1]), 400),  # a flipped tag bit: http_ece cannot decrypt it
+        (good, os.urandom(4097), 413),
+        ([*base[:3], (b":path", b"/push/nobody"), *good[4:]], body, 404),
+        (good, body, 201),
+    ]
+    conn = await H2ClientConnection.connect("127.0.0.1", svc.port, local_ca.client_context(alpn=["h2"]), timeout_s=5.0)
+    try:
+        for headers, payload, status in cases:
+            resp = await conn.request(headers, payload)
+            assert resp.status == status, (headers, resp.body)
+    finally:
+        conn.close()
+    assert [r.plaintext for r in svc.received] == [b"hello"] and svc.requests_by_protocol["h2"] == len(cases)
+
+
+async def test_http1_only_service_is_served_through_the_fallback(http1_svc: FakePushService, make_provider: Factory,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    svc = http1_svc
+    caplog.set_level(logging.INFO, logger="pushgw.webpush")
+    provider = make_provider()
+    subs = [svc.new_subscription() for _ in range(10)]
+    outs = await asyncio.gather(*(provider.send(delivery(s, id=f"w-{i}")) for i, s in enumerate(subs)))
+    assert all(isinstance(o, Delivered) and o.provider_id.startswith(svc.origin) for o in outs), outs
+    assert {r.protocol for r in svc.received} == {"http/1.1"} and len(svc.received) == 10
+    assert orjson.loads(svc.received[0].plaintext)["title"] == "Badge earned"  # decrypted by http_ece
+    assert svc.requests_by_protocol["h2"] == 0 and svc.connections == 0
+    assert provider.http1_origins == [svc.origin] and provider.pools == {}
+    sub = subs[0]
+    svc.program(sub_id(sub), [(404, None), (410, None), (429, 9), (503, None), (400, None)])
+    assert await provider.send(delivery(sub)) == TokenInvalid("webpush HTTP 404: programmed failure", 404)
+    assert await provider.send(delivery(sub)) == TokenInvalid("webpush HTTP 410: programmed failure", 410)
+    assert await provider.send(delivery(sub)) == Retry("webpush HTTP 429: programmed failure", after=9.0, status=429)
+    assert await provider.send(delivery(sub)) == Retry("webpush HTTP 503: programmed failure", after=None, status=503)
+    assert await provider.send(delivery(sub)) == Rejected("webpush HTTP 400: programmed failure", 400)
+    assert isinstance(await provider.send(delivery(sub)), Delivered)
+    warnings = [r for r in caplog.records if "HTTP/1.1" in r.getMessage()]
+    assert len(warnings) == 1 and "did not negotiate HTTP/2" in warnings[0].reason  # type: ignore[attr-defined]
+    assert warnings[0].address == svc.origin  # type: ignore[attr-defined]
+    assert provider.pools == {} and svc.connections == 0  # remembered: no second HTTP/2 attempt
+
+
+async def test_same_outcome_texts_over_http2(h2_svc: FakePushService, make_provider: Factory) -> None:
+    """The reasons are those of the HTTP/1.1 path, word for word (dead letters and metrics are keyed on them)."""
+    provider = make_provider()
+    sub = h2_svc.new_subscription()
+    h2_svc.program(sub_id(sub), [(404, None), (429, 9), (500, None), (400, None)])
+    assert await provider.send(delivery(sub)) == TokenInvalid("webpush HTTP 404: programmed failure", 404)
+    assert await provider.send(delivery(sub)) == Retry("webpush HTTP 429: programmed failure", after=9.0, status=429)
+    assert await provider.send(delivery(sub)) == Retry("webpush HTTP 500: programmed failure", after=None, status=500)
+    assert await provider.send(delivery(sub)) == Rejected("webpush HTTP 400: programmed failure", 400)
+    assert h2_svc.requests_by_protocol == {"h2": 4, "http/1.1": 0}
+
+
+class StaticResolver(AbstractResolver):
+    """A DNS stand-in: names resolve to the addresses a test gives them."""
+
+    def __init__(self, table: dict[str, list[str]]) -> None:
+        self.table = table
+        self.calls: list[tuple[str, int]] = []
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        self.calls.append((host, port))
+        return [ResolveResult(hostname=host, host=a, port=port, family=socket.AF_INET6 if ":" in a else socket.AF_INET,
+                              proto=0, flags=0) for a in self.table[host]]
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_http2_path_connects_only_to_addresses_the_resolver_vetted(
+    h2_svc: FakePushService, make_provider: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS rebinding on the HTTP/2 path: `push.example` resolves to loopback. Refused without allow_private; with
+    it, the connection goes to that address while TLS still checks the name (the fake's certificate is for
+    localhost, so the check fails: the connection was made to the vetted address, under the host's name)."""
+    resolver = StaticResolver({"push.example": ["127.0.0.1"]})
+    monkeypatch.setattr(webpush_module, "DefaultResolver", lambda: resolver)
+    sub = h2_svc.new_subscription()
+    sub["endpoint"] = sub["endpoint"].replace("127.0.0.1", "push.example")
+    provider = make_provider(allowed_hosts=("push.example",), allow_private=False)
+    out = await provider.send(delivery(sub))
+    assert out == Rejected("webpush endpoint refused: push.example: every address is private, loopback or link-local")
+    assert resolver.calls == [("push.example", h2_svc.port)]
+    assert h2_svc.connections == 0 and h2_svc.http1_connections == 0 and h2_svc.requests == 0
+    assert provider.pools == {} and provider.http1_origins == []  # refused, not mistaken for an HTTP/1.1 server
+    out = await provider.send(delivery(sub))  # refused again at once: no reconnect gap for a refusal
+    assert isinstance(out, Rejected) and len(resolver.calls) == 2
+
+    out = await make_provider(allowed_hosts=("push.example",), allow_private=True).send(delivery(sub))
+    assert isinstance(out, Retry) and out.reason == "webpush connection error: SSLCertVerificationError", out
+    assert len(resolver.calls) == 3 and h2_svc.requests == 0
+
+
+async def test_origin_bound_evicts_and_closes_the_least_recently_used_idle_pool(local_ca: LocalCA,
+                                                                               make_provider: Factory) -> None:
+    provider = make_provider(max_origins=2)
+    async with FakePushService(local_ca) as a, FakePushService(local_ca) as b, FakePushService(local_ca) as c:
+        a.hang = True
+        held = asyncio.create_task(provider.send(delivery(a.new_subscription())))
+        await wait_for(lambda: a.hanging == 1)
+        assert isinstance(await provider.send(delivery(b.new_subscription())), Delivered)
+        pool_a, pool_b = provider.pools[a.origin], provider.pools[b.origin]
+        assert list(provider.pools) == [a.origin, b.origin]
+        # a is the least recently used but has a request in flight: b, idle, makes room for c
+        assert isinstance(await provider.send(delivery(c.new_subscription())), Delivered)
+        assert list(provider.pools) == [a.origin, c.origin]
+        assert pool_b.conns == [] and pool_a.conns
+        await wait_for(lambda: not b._protocols)  # b's connection was closed, not left open
+        a.resume()
+        assert isinstance(await held, Delivered)
+        assert isinstance(await provider.send(delivery(b.new_subscription())), Delivered)  # a new pool; a is idle now
+        assert list(provider.pools) == [c.origin, b.origin] and pool_a.conns == []
+        await wait_for(lambda: not a._protocols)
+        assert (a.connections, b.connections, c.connections) == (1, 2, 1)
+        assert (len(a.received), len(b.received), len(c.received)) == (1, 2, 1)

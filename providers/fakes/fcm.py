@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
@@ -34,7 +34,7 @@ from aiohttp import web
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from pushgw.providers.fakes.h2server import Answer, H2ServerProtocol
+from pushgw.providers.fakes.h2server import Answer, H2ServerProtocol, HandlerH2Protocol, Negotiated, aiohttp_protocol, hold
 from pushgw.providers.fakes.tls import LocalCA
 from pushgw.providers.jose import b64url_decode
 
@@ -216,7 +216,8 @@ class FakeFcm:
         await self._runner.setup()
         ctx = self._ca.server_context(alpn=["h2", "http/1.1"] if self.http2 else ["http/1.1"])
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Negotiated(self), self._host, self._port, ssl=ctx)
+        self._server = await loop.create_server(lambda: Negotiated(lambda: HandlerH2Protocol(self), self._http1_handler),
+                                                self._host, self._port, ssl=ctx)
         self._port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -249,8 +250,9 @@ class FakeFcm:
         await self.stop()
 
     def _http1_handler(self) -> asyncio.Protocol:
-        assert self._runner is not None and self._runner.server is not None
-        return cast(asyncio.Protocol, self._runner.server())
+        assert self._runner is not None
+        self.http1_connections += 1
+        return aiohttp_protocol(self._runner)
 
     # --- routing: the same handlers for HTTP/1.1 and HTTP/2 -------------------------------------
 
@@ -366,16 +368,8 @@ class FakeFcm:
             return _error(400, None, "Invalid JSON payload received.")
         except _Invalid as e:
             return _error(400, None, str(e))
-        if self.hang:
-            self.hanging += 1
-            try:
-                await self._release.wait()
-            finally:
-                self.hanging -= 1
-            if self._stopping:
-                return _error(503, "UNAVAILABLE", "The service is shutting down.")
-        if self.delay_s > 0:
-            await asyncio.sleep(self.delay_s)
+        if not await hold(self):
+            return _error(503, "UNAVAILABLE", "The service is shutting down.")
         target = message.get("token")
         queue = self._programmed.get(target) if isinstance(target, str) else None
         if queue:
@@ -469,30 +463,3 @@ def _error(status: int, code: str | None, message: str | None, retry_after: floa
     if retry_after is not None:
         headers = {"retry-after": retry_after if isinstance(retry_after, str) else str(int(retry_after))}
     return _json({"error": error}, status, headers)
-
-
-class _FcmH2Protocol(H2ServerProtocol):
-    def __init__(self, fake: FakeFcm) -> None:
-        super().__init__(fake, max_streams=fake.max_streams)
-        self.fake = fake
-
-    async def respond(self, headers: dict[str, str], body: bytes) -> Answer:
-        return await self.fake.handle_h2(headers, body)
-
-
-class _Negotiated(asyncio.Protocol):
-    """Accepts a TLS connection and hands it to the HTTP/2 or the HTTP/1.1 server, by the ALPN protocol chosen."""
-
-    def __init__(self, fake: FakeFcm) -> None:
-        self.fake = fake
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        ssl_object = transport.get_extra_info("ssl_object")
-        proto: asyncio.Protocol
-        if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
-            proto = _FcmH2Protocol(self.fake)
-        else:
-            self.fake.http1_connections += 1
-            proto = self.fake._http1_handler()
-        transport.set_protocol(proto)
-        proto.connection_made(transport)

@@ -7,13 +7,18 @@ limit fails its test), and can end a connection with a graceful GOAWAY after a n
 streams above the GOAWAY are never processed, as with a real server going away, and the
 connection closes once every stream below it is answered. What a request means is the subclass's
 `respond`; the owner (the fake) holds the knobs and counters every connection shares.
+
+`Negotiated` lets a fake serve HTTP/2 and HTTP/1.1 on one TLS port, as real front ends do: the
+ALPN protocol chosen in the handshake picks the protocol object (FakeFcm, FakePushService).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol, cast
 
+from aiohttp import web
 from jh2.config import H2Configuration
 from jh2.connection import ConnectionInputs, ConnectionState, H2Connection, H2ConnectionStateMachine
 from jh2.errors import ErrorCodes
@@ -228,3 +233,70 @@ class H2ServerProtocol(asyncio.Protocol):
         self.flush()
         if self.goaway_sent and not self.tasks and self.transport is not None:
             self.transport.close()  # every stream below the GOAWAY is answered
+
+
+class Negotiated(asyncio.Protocol):
+    """Accepts a TLS connection and hands it to the protocol made by `h2` when ALPN chose "h2", else by
+    `http1` (e.g. aiohttp's request handler: `aiohttp_protocol`). Why one port for both: a client
+    that falls back to HTTP/1.1 must reach the very same service, as it would in production."""
+
+    def __init__(self, h2: Callable[[], asyncio.Protocol], http1: Callable[[], asyncio.Protocol]) -> None:
+        self._h2 = h2
+        self._http1 = http1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        h2 = ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2"
+        proto = self._h2() if h2 else self._http1()
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+
+
+def aiohttp_protocol(runner: web.AppRunner) -> asyncio.Protocol:
+    """A new connection handler of `runner`'s aiohttp server (set up, with no site of its own)."""
+    assert runner.server is not None
+    return cast(asyncio.Protocol, runner.server())
+
+
+class H2Handler(H2ServerOwner, Protocol):
+    """A fake that answers each HTTP/2 request itself."""
+
+    max_streams: int
+
+    async def handle_h2(self, headers: Mapping[str, str], body: bytes) -> Answer: ...
+
+
+class HandlerH2Protocol(H2ServerProtocol):
+    """One connection of a fake whose `handle_h2` answers every request (FakeFcm, FakePushService)."""
+
+    def __init__(self, fake: H2Handler) -> None:
+        super().__init__(fake, max_streams=fake.max_streams)
+        self.fake = fake
+
+    async def respond(self, headers: dict[str, str], body: bytes) -> Answer:
+        return await self.fake.handle_h2(headers, body)
+
+
+class Holding(Protocol):
+    """The knobs FakeFcm and FakePushService share for slow or hung services."""
+
+    hang: bool  # hold every answer until `resume()`
+    hanging: int  # answers held now
+    delay_s: float  # delay every answer
+    _release: asyncio.Event
+    _stopping: bool
+
+
+async def hold(fake: Holding) -> bool:
+    """Wait as `hang` and `delay_s` say; False when the fake began stopping meanwhile (answer 503)."""
+    if fake.hang:
+        fake.hanging += 1
+        try:
+            await fake._release.wait()
+        finally:
+            fake.hanging -= 1
+        if fake._stopping:
+            return False
+    if fake.delay_s > 0:
+        await asyncio.sleep(fake.delay_s)
+    return True

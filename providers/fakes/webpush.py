@@ -7,6 +7,11 @@ aud = this origin, exp in the future and at most 24 h away, sub mailto:/https:),
 `Content-Encoding: aes128gcm`, a TTL, a valid Urgency and Topic. The body is decrypted with
 `http_ece`, an implementation independent of the gateway's, so a received message proves that
 the browser could read it. Failures are programmed per subscription id.
+
+Like the real services (FCM's web push endpoint, Mozilla autopush, Apple) it serves HTTP/2 and
+HTTP/1.1 on one TLS port, chosen by ALPN (`providers.fakes.h2server`); every check above applies to
+both, from one handler. `FakePushService(ca, http2=False)` serves HTTP/1.1 only, so tests cover the
+provider's fallback.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -25,11 +30,15 @@ import http_ece
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from multidict import CIMultiDict
+from pushgw.providers.fakes.h2server import Answer, H2ServerProtocol, HandlerH2Protocol, Negotiated, aiohttp_protocol, hold
 from pushgw.providers.fakes.tls import LocalCA
 from pushgw.providers.jose import b64url, b64url_decode, decode_jwt, es256_valid
 
 MAX_BODY = 4096
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+_PUSH_PATH = re.compile(r"^/push/([^/?]+)$")
+DEFAULT_MAX_STREAMS = 100  # MAX_CONCURRENT_STREAMS of its HTTP/2 connections (a common server default)
 Programmed = tuple[int, float | None]
 """(HTTP status, Retry-After seconds or None)."""
 
@@ -52,8 +61,9 @@ class WebPushReceived:
     urgency: str
     topic: str | None
     vapid_key: str
-    headers: dict[str, str]
+    headers: Mapping[str, str]  # case-insensitive: HTTP/2 names are lower case, HTTP/1.1 ones as sent
     received_at: float = field(default_factory=time.time)
+    protocol: str = "h2"  # "h2" or "http/1.1": how the request came
 
 
 class _Refused(Exception):
@@ -66,23 +76,35 @@ class _Refused(Exception):
 class FakePushService:
     """`async with FakePushService(ca) as svc: sub = svc.new_subscription()` (a browser subscription dict)."""
 
-    def __init__(self, ca: LocalCA, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, ca: LocalCA, *, host: str = "127.0.0.1", port: int = 0, http2: bool = True,
+                 max_streams: int = DEFAULT_MAX_STREAMS) -> None:
         self._ca = ca
         self._host = host
         self._port = port
+        self.http2 = http2  # offer HTTP/2 by ALPN (else HTTP/1.1 only)
+        self.max_streams = max_streams  # MAX_CONCURRENT_STREAMS of each new HTTP/2 connection
+        self.goaway_after: int | None = None  # HTTP/2: GOAWAY after this many requests on one connection
         self.received: list[WebPushReceived] = []
         self.failed_then_ok: list[WebPushReceived] = []
         self.answers: list[tuple[str, float, int]] = []
         self.rejections: list[tuple[int, str]] = []
         self.requests = 0
-        self.hang = False
+        self.requests_by_protocol: dict[str, int] = {"h2": 0, "http/1.1": 0}
+        self.connections = 0  # HTTP/2 connections accepted
+        self.http1_connections = 0
+        self.peak_streams = 0  # most requests in flight at once on one HTTP/2 connection
+        self.hang = False  # when set, accepted pushes are held until `resume()` (or 503 when the fake stops)
+        self.hanging = 0  # requests held by hang mode right now
         self.delay_s = 0.0
         self.vapid_tokens: set[str] = set()
         self._subs: dict[str, _Subscription] = {}
         self._programmed: dict[str, deque[Programmed]] = {}
         self._failed: set[str] = set()
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+        self._protocols: set[H2ServerProtocol] = set()
         self._release = asyncio.Event()
+        self._stopping = False
 
     @property
     def port(self) -> int:
@@ -110,21 +132,37 @@ class FakePushService:
     def program(self, sub_id: str, responses: Iterable[Programmed]) -> None:
         self._programmed.setdefault(sub_id, deque()).extend(responses)
 
+    def resume(self) -> None:
+        """End hang mode: the requests held so far are answered as usual."""
+        self.hang = False
+        self._release.set()
+        self._release = asyncio.Event()
+
     async def start(self) -> FakePushService:
         app = web.Application(client_max_size=64 * 1024)
-        app.router.add_post("/push/{id}", self._push)
+        app.router.add_post("/push/{id}", self._push_http1)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._ca.server_context())
-        await site.start()
-        self._port = self._runner.addresses[0][1]
+        ctx = self._ca.server_context(alpn=["h2", "http/1.1"] if self.http2 else ["http/1.1"])
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: Negotiated(lambda: HandlerH2Protocol(self), self._http1_handler),
+                                                self._host, self._port, ssl=ctx)
+        self._port = self._server.sockets[0].getsockname()[1]
         return self
 
     async def stop(self) -> None:
+        self._stopping = True
         self._release.set()
+        for p in list(self._protocols):
+            p.abort()
+        if self._server is not None:
+            self._server.close()
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._runner.cleanup()  # closes the HTTP/1.1 connections
             self._runner = None
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
 
     async def __aenter__(self) -> FakePushService:
         return await self.start()
@@ -132,6 +170,11 @@ class FakePushService:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.stop()
+
+    def _http1_handler(self) -> asyncio.Protocol:
+        assert self._runner is not None
+        self.http1_connections += 1
+        return aiohttp_protocol(self._runner)
 
     # --- checks -------------------------------------------------------------------------------
 
@@ -166,56 +209,79 @@ class FakePushService:
         self.vapid_tokens.add(token)
         return k
 
-    async def _push(self, request: web.Request) -> web.Response:
+    async def _push_http1(self, request: web.Request) -> web.Response:
         self.requests += 1
-        sub_id = request.match_info["id"]
-        try:
-            status, headers, text = await self._handle(request, sub_id)
-        except _Refused as e:
-            self.rejections.append((e.status, e.text))
-            return web.Response(status=e.status, text=e.text)
-        return web.Response(status=status, text=text, headers=headers)
+        self.requests_by_protocol["http/1.1"] += 1
+        status, headers, body = await self.handle(request.match_info["id"], CIMultiDict(request.headers),
+                                                  await request.read(), "http/1.1")
+        return web.Response(status=status, body=body, headers=headers)
 
-    async def _handle(self, request: web.Request, sub_id: str) -> tuple[int, dict[str, str], str]:
+    async def handle_h2(self, headers: Mapping[str, str], body: bytes) -> Answer:
+        """One HTTP/2 request: the route of the HTTP/1.1 server, from the pseudo-headers, plus the
+        checks HTTP/2 adds (scheme, authority of this service; jh2 already refuses a content-length
+        that does not match the body, as a protocol error)."""
+        self.requests_by_protocol["h2"] += 1  # every request, any path
+        m = _PUSH_PATH.match(headers.get(":path", "").partition("?")[0])
+        if m is None:
+            return 404, {}, b"Not Found"
+        if headers.get(":method") != "POST":
+            return 405, {"allow": "POST"}, b"Method Not Allowed"
+        self.requests += 1
+        authority = headers.get(":authority", "")
+        if headers.get(":scheme") != "https" or not authority.endswith(f":{self.port}"):
+            return self._refuse(_Refused(400, ":scheme must be https and :authority this service"))
+        return await self.handle(m.group(1), CIMultiDict(headers), body, "h2")
+
+    def _refuse(self, e: _Refused) -> Answer:
+        self.rejections.append((e.status, e.text))
+        return e.status, {"content-type": "text/plain; charset=utf-8"}, e.text.encode()
+
+    async def handle(self, sub_id: str, headers: CIMultiDict[str], body: bytes, protocol: str) -> Answer:
+        """`POST /push/<sub_id>` over either protocol: every check, then the programmed or the normal answer."""
+        try:
+            status, out, text = await self._handle(sub_id, headers, body, protocol)
+        except _Refused as e:
+            return self._refuse(e)
+        return status, out, text.encode()
+
+    async def _handle(self, sub_id: str, headers: CIMultiDict[str], body: bytes,
+                      protocol: str) -> tuple[int, dict[str, str], str]:
         sub = self._subs.get(sub_id)
         if sub is None:
             raise _Refused(404, "no such subscription")
         if sub.gone:
             raise _Refused(410, "subscription expired or unsubscribed")
-        vapid_key = self._verify_vapid(request.headers.get("Authorization", ""))
-        if request.headers.get("Content-Encoding") != "aes128gcm":
+        vapid_key = self._verify_vapid(headers.get("Authorization", ""))
+        if headers.get("Content-Encoding") != "aes128gcm":
             raise _Refused(415, "Content-Encoding must be aes128gcm")
-        ttl_text = request.headers.get("TTL")
+        ttl_text = headers.get("TTL")
         if ttl_text is None or not ttl_text.isdigit():
             raise _Refused(400, "TTL header is required")
-        urgency = request.headers.get("Urgency", "normal")
+        urgency = headers.get("Urgency", "normal")
         if urgency not in ("very-low", "low", "normal", "high"):
             raise _Refused(400, "Urgency must be very-low, low, normal or high")
-        topic = request.headers.get("Topic")
+        topic = headers.get("Topic")
         if topic is not None and not _TOPIC_RE.match(topic):
             raise _Refused(400, "Topic must be at most 32 base64url characters")
-        body = await request.read()
         if len(body) > MAX_BODY:
             raise _Refused(413, "payload too large")
         try:
             plaintext = http_ece.decrypt(body, private_key=sub.private_key, auth_secret=sub.auth, version="aes128gcm")
         except Exception as e:  # http_ece raises its own ECEException and cryptography errors
             raise _Refused(400, f"cannot decrypt: {type(e).__name__}") from None
-        if self.hang:
-            await self._release.wait()
+        if not await hold(self):
             raise _Refused(503, "shutting down")
-        if self.delay_s > 0:
-            await asyncio.sleep(self.delay_s)
         queue = self._programmed.get(sub_id)
         if queue:
             status, retry_after = queue.popleft()
             self._failed.add(sub_id)
             self.answers.append((sub_id, time.monotonic(), status))
             self.rejections.append((status, "programmed"))
-            return status, ({"Retry-After": str(int(retry_after))} if retry_after is not None else {}), "programmed failure"
-        received = WebPushReceived(sub_id, plaintext, int(ttl_text), urgency, topic, vapid_key, dict(request.headers))
+            return status, ({"retry-after": str(int(retry_after))} if retry_after is not None else {}), "programmed failure"
+        received = WebPushReceived(sub_id, plaintext, int(ttl_text), urgency, topic, vapid_key, headers,
+                                   protocol=protocol)
         self.received.append(received)
         self.answers.append((sub_id, time.monotonic(), 201))
         if sub_id in self._failed:
             self.failed_then_ok.append(received)
-        return 201, {"Location": f"{self.origin}/message/{secrets.token_urlsafe(8)}"}, ""
+        return 201, {"location": f"{self.origin}/message/{secrets.token_urlsafe(8)}"}, ""
