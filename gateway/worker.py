@@ -54,6 +54,9 @@ log = logging.getLogger("pushgw.worker")
 PARK_DELAY_S = 1.0  # how long a delivery for a saturated provider waits before it is tried again
 PARK_WAIT_S = 2.0  # a lane over its backlog parks only if its backlog takes longer than this to drain
 DRAIN_WINDOW_S = 0.25  # each lane's drain rate is measured over this much busy time
+# A lane over its backlog whose last request finished longer ago than this parks whatever its last
+# measured rate: a provider that just hung must not fill the worker before its next rate window.
+STALL_S = 0.25
 HIGH_POLL_MS = 10  # with normal capacity full, the high lane alone is read with this short block
 FLUSH_INTERVAL_S = 0.005
 FLUSH_MAX_ITEMS = 512
@@ -86,8 +89,9 @@ class _Lane:
     queued: int = 0
     queued_high: int = 0
     sending: int = 0  # inside provider.send now: the in-flight gauge, set at each flush
-    finished: int = 0  # deliveries that left the lane (answered or not) since the last rate
+    finished: int = 0  # provider requests finished (answered or failed) since the last rate
     busy_s: float = 0.0  # time with deliveries queued since the last rate
+    last_finish: float = 0.0  # monotonic time of the last finished request
     drain_per_s: float = 0.0  # deliveries leaving the lane per second of busy time (0 until measured)
     circuits: dict[str, Circuit] = field(default_factory=dict)  # app -> circuit
     routes: dict[str, tuple[Circuit, SharedRate | None]] = field(default_factory=dict)  # app -> circuit, rate
@@ -130,6 +134,9 @@ class Worker:
         self._flush_wake = asyncio.Event()
         self._in_flight = 0  # deliveries, across lanes
         self._limit = self.ws.max_inflight + self.ws.high_reserve  # in flight at most (with the high reserve)
+        # Whatever its measured rate, one lane never holds more than this: a provider that hangs right
+        # after answering is seen only after STALL_S, and the others must keep room meanwhile.
+        self._backlog_cap = max(self.ws.provider_backlog, self.ws.max_inflight * 3 // 4)
         self._capacity = asyncio.Event()
         self._capacity.set()
         self._idle = asyncio.Event()
@@ -371,7 +378,8 @@ class Worker:
         # would only send deliveries around the delayed set (measured: up to 12k parked during a
         # 120k-message `pushgw bench`, each read, decoded and planned twice).
         if (backlog >= self.ws.provider_backlog and not (rate is not None and rate.waiting)
-                and backlog > lane.drain_per_s * PARK_WAIT_S):
+                and (backlog > lane.drain_per_s * PARK_WAIT_S or backlog >= self._backlog_cap
+                     or time.monotonic() - lane.last_finish > STALL_S)):
             # The provider is not keeping up (slow or hung): park this delivery without spending
             # an attempt, so the worker keeps its capacity for the providers that answer. (High
             # deliveries count only against each other: a bulk backlog never parks a reminder.)
@@ -452,6 +460,8 @@ class Worker:
                         outcome = Retry(f"provider error: {type(e).__name__}")
                     finally:
                         lane.sending -= 1
+                        lane.finished += 1  # only requests count towards the lane's drain rate
+                        lane.last_finish = time.monotonic()
             finally:
                 lane.slots.release()
             if park is not None:  # no request went out: come back later, spending no attempt
@@ -467,7 +477,6 @@ class Worker:
         finally:
             lane.queued -= 1
             lane.queued_high -= high
-            lane.finished += 1
             self._in_flight -= 1
             # `_start` clears capacity only at or above the limit, so it needs setting only on the way
             # down through the limit (the run loop waits for it only while at or above it).

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import ssl
 import time
 import uuid
@@ -51,6 +52,9 @@ RESENDS = 3
 log = logging.getLogger("pushgw.apns")
 _APNS_ID_NS = uuid.UUID("9d3f2a57-8f64-4c1e-9a0e-3f4f1f2b7c11")
 _APNS_ID_NS_BYTES = _APNS_ID_NS.bytes
+# What an HTTP/2 field value may not hold (RFC 9113 8.2.1): APNs would reset the stream, which reads
+# as a provider failure (and counts against the circuit) while no retry can ever succeed.
+_BAD_FIELD_VALUE = re.compile(r"[\x00\r\n]|\A[ \t]|[ \t]\Z")
 _PRIORITY_10 = encode_field(b"apns-priority", b"10")
 _PRIORITY_5 = encode_field(b"apns-priority", b"5")
 _TOKEN_GONE = {"BadDeviceToken", "DeviceTokenNotForTopic", "Unregistered", "ExpiredToken"}
@@ -211,6 +215,9 @@ class ApnsProvider:
         app = self._apps.get(app_name)
         if app is None:
             return Rejected(f"apns app {app_name!r} is not configured")
+        collapse = delivery.message.collapse_key
+        if collapse and _BAD_FIELD_VALUE.search(collapse):
+            return Rejected("apns collapse_key is not a valid header value (control characters or edge spaces)")
         jwt = app.jwt.token() if app.jwt is not None else None
         body = apns_payload(delivery.message)
         headers = self._headers(app, delivery, jwt)

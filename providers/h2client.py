@@ -25,6 +25,7 @@ streams the server allows in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import struct
 import time
@@ -144,6 +145,10 @@ def encode_field(name: bytes, value: bytes) -> bytes:
 
 _FIELD_CACHE: dict[Header, bytes] = {}
 _FIELD_CACHE_MAX = 4096
+# Fields whose value changes per request or per device: encoded each time, never cached (they would
+# only push the repeating fields out of the cache).
+_VOLATILE = frozenset({b":path", b"content-length", b"ttl", b"topic", b"apns-id", b"apns-expiration",
+                       b"apns-collapse-id"})
 
 
 def encode_headers(headers: list[Header]) -> bytes:
@@ -156,9 +161,10 @@ def encode_headers(headers: list[Header]) -> bytes:
         b = cache.get(h)
         if b is None:
             b = encode_field(h[0], h[1])
-            if len(cache) >= _FIELD_CACHE_MAX:
-                cache.clear()
-            cache[h] = b
+            if h[0] not in _VOLATILE:
+                if len(cache) >= _FIELD_CACHE_MAX:
+                    cache.clear()
+                cache[h] = b
         parts.append(b)
     return b"".join(parts)
 
@@ -198,13 +204,14 @@ class H2Response:
 
 
 class _Stream:
-    __slots__ = ("body", "deadline", "future", "got_final", "headers", "send_window", "status", "unacked")
+    __slots__ = ("body", "deadline", "future", "got_final", "headers", "send_window", "sent_all", "status", "unacked")
 
     def __init__(self, future: asyncio.Future[H2Response], send_window: int, deadline: float) -> None:
         self.future = future
         self.deadline = deadline  # loop time after which the request fails with TimeoutError
         self.status = 0
         self.got_final = False  # final (non-1xx) response headers received
+        self.sent_all = False  # our END_STREAM is out (or queued)
         self.headers: dict[bytes, bytes] = {}
         self.body = b""
         self.send_window = send_window  # what we may still send on this stream
@@ -325,13 +332,20 @@ class H2ClientConnection(asyncio.Protocol):
                     self._wake_slot()  # we were handed a free slot but leave: pass it on
                 else:
                     waiter.cancel()
+                    with contextlib.suppress(ValueError):
+                        self._slot_waiters.remove(waiter)  # else `load` would still count it
                 raise
         if self.closed:
             raise StreamRefused(f"connection closed: {self.close_reason}")
         stream_id = self._next_id
         if stream_id > MAX_STREAM_ID:
             self._close_for_new("stream ids used up")
+            if not streams:
+                self.close()  # nothing left to finish on it
             raise StreamRefused("connection used up its stream ids")
+        # bytes: a header block the caller encoded itself (`encode_field`), e.g. from parts it keeps.
+        # Encoded before the stream exists: a bad header list fails here, leaving nothing behind.
+        block = headers if isinstance(headers, bytes) else encode_headers(headers)
         self._next_id = stream_id + 2
         stream = _Stream(self._loop.create_future(), self._remote_initial_window, deadline)
         streams[stream_id] = stream
@@ -339,8 +353,6 @@ class H2ClientConnection(asyncio.Protocol):
             self._arm_sweep(deadline + SWEEP_S)
         self.requests += 1
         try:
-            # bytes: a header block the caller encoded itself (`encode_field`), e.g. from parts it keeps
-            block = headers if isinstance(headers, bytes) else encode_headers(headers)
             if self._first_block:
                 # We never use the server's dynamic table; saying so once means a later lower
                 # SETTINGS_HEADER_TABLE_SIZE can never require a table size update from us.
@@ -355,6 +367,7 @@ class H2ClientConnection(asyncio.Protocol):
                     self._out += frame(DATA, END_STREAM, stream_id, body)
                 else:
                     await self._send_body(stream_id, stream, body)
+            stream.sent_all = True
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 self._loop.call_soon(self._flush)
@@ -564,7 +577,8 @@ class H2ClientConnection(asyncio.Protocol):
             code = _U32.unpack(payload)[0]
             stream = self._end(stream_id)
             if stream is not None and not stream.future.done():
-                exc_type = StreamRefused if code == REFUSED_STREAM else H2Error
+                # REFUSED_STREAM means "not processed" only before any answer (then it is safe to resend).
+                exc_type = StreamRefused if code == REFUSED_STREAM and not stream.got_final else H2Error
                 stream.future.set_exception(exc_type(f"stream reset by server: {_error_name(code)}"))
         elif ftype == PING:
             if stream_id != 0 or len(payload) != 8:
@@ -664,6 +678,9 @@ class H2ClientConnection(asyncio.Protocol):
 
     def _complete(self, stream_id: int) -> None:
         stream = self._end(stream_id)  # an early answer (413 before the body) ends the send too
+        if stream is not None and not stream.sent_all:
+            # Our half is still open (the body was waiting for window): close it (RFC 9113 8.1).
+            self._out += frame(RST_STREAM, 0, stream_id, _U32.pack(CANCEL))
         if stream is not None and not stream.future.done():
             if not stream.got_final:
                 stream.future.set_exception(H2Error("stream ended without a response"))
@@ -799,6 +816,7 @@ class H2Pool:
         self.connects = 0  # connections opened so far (tests, diagnostics)
         self._connecting: asyncio.Task[H2ClientConnection] | None = None
         self._last_failure = -reconnect_gap_s
+        self.closed = False  # after close(): no new connections
 
     async def request(self, headers: list[Header] | bytes, body: bytes) -> H2Response:
         """Send one request and wait for its response, `timeout_s` at most in all (connecting,
@@ -827,6 +845,8 @@ class H2Pool:
     async def connection(self) -> H2ClientConnection:
         """The open connection with a free stream, else a new one while below `size`, else the least loaded."""
         while True:
+            if self.closed:
+                raise H2Error("connection pool closed")
             if any(c.closed for c in self.conns):
                 for c in self.conns:
                     if c.closed:
@@ -873,6 +893,7 @@ class H2Pool:
         return conn
 
     def close(self) -> None:
+        self.closed = True
         for c in [*self.conns, *self.draining]:
             c.close()
         self.conns = []

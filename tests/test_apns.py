@@ -302,3 +302,12 @@ async def test_several_apps_with_their_own_topics_and_keys(fake: FakeApns, local
 @given(st.text(max_size=80), st.text(alphabet="0123456789abcdef", min_size=1, max_size=200))
 def test_apns_id_is_the_uuid5_of_message_and_token(message_id: str, token: str) -> None:
     assert apns_id(message_id, token) == str(uuid.uuid5(_APNS_ID_NS, f"{message_id}/{token}"))
+
+
+@pytest.mark.parametrize("collapse", ["with\nnewline", " leading", "trailing\t", "nul\x00"])
+async def test_collapse_key_that_is_no_valid_header_value_is_rejected_before_sending(
+    fake: FakeApns, make_provider: Factory, collapse: str
+) -> None:
+    out = await make_provider().send(delivery(collapse_key=collapse))
+    assert isinstance(out, Rejected) and "collapse_key" in out.reason
+    assert fake.requests == 0  # nothing reached APNs, so nothing counts against the circuit

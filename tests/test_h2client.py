@@ -367,3 +367,51 @@ async def test_an_earlier_deadline_than_the_armed_sweep_is_still_kept(serve) -> 
     assert loop.time() - started < 1.0
     assert not slow.done()
     slow.cancel()
+
+
+async def test_an_answer_before_the_whole_body_closes_our_half_with_a_reset(serve) -> None:  # type: ignore[no-untyped-def]
+    resets: list[tuple[int, int]] = []
+
+    async def script(peer: Peer) -> None:
+        f = await peer.until(HEADERS)
+        await peer.until(DATA)  # the first 100 bytes; the rest waits for a window we never give
+        peer.send(pack(HEADERS, END_HEADERS | END_STREAM, f.stream, peer.block([(":status", "413")])))
+        r = await peer.until(RST_STREAM)
+        resets.append((r.stream, int.from_bytes(r.payload, "big")))
+        await peer.until(GOAWAY)
+
+    conn = await serve(script, settings=_setting(0x4, 100))  # INITIAL_WINDOW_SIZE
+    resp = await asyncio.wait_for(conn.request(REQUEST, b"x" * 1000), 5)
+    assert resp.status == 413
+    await asyncio.sleep(0.1)
+    conn.close()
+    await asyncio.sleep(0.1)
+    assert resets == [(1, 0x8)]
+
+
+async def test_refused_stream_after_the_answer_began_is_not_a_safe_resend(serve) -> None:  # type: ignore[no-untyped-def]
+    async def script(peer: Peer) -> None:
+        sid, _, _ = await peer.request()
+        peer.send(pack(HEADERS, END_HEADERS, sid, peer.block([(":status", "200")])),
+                  pack(RST_STREAM, 0, sid, struct.pack(">I", 0x7)))
+        await peer.until(GOAWAY)
+
+    conn = await serve(script)
+    with pytest.raises(H2Error) as info:
+        await asyncio.wait_for(conn.request(REQUEST, b"x"), 5)
+    assert not isinstance(info.value, StreamRefused)  # it was processed: resending could duplicate it
+
+
+async def test_slot_waiters_that_gave_up_no_longer_count_as_load(serve) -> None:  # type: ignore[no-untyped-def]
+    async def script(peer: Peer) -> None:
+        await peer.until(GOAWAY)
+
+    conn = await serve(script, settings=_setting(0x3, 1))
+    loop = asyncio.get_running_loop()
+    holder = asyncio.ensure_future(conn.request(REQUEST, b"x", loop.time() + 5))
+    await asyncio.sleep(0.05)
+    for _ in range(5):
+        with pytest.raises(TimeoutError):
+            await conn.request(REQUEST, b"y", loop.time() + 0.05)
+    assert conn.load == 1.0  # the one stream in flight, not the five that left
+    holder.cancel()

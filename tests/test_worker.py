@@ -305,22 +305,42 @@ class SlowProvider(ScriptedProvider):
 
 
 async def test_a_busy_but_healthy_provider_is_not_parked_once_its_drain_rate_is_known(redis: aioredis.Redis) -> None:
-    fcm = SlowProvider("fcm")
+    fcm, apns = SlowProvider("fcm"), SlowProvider("apns")
     n = 3000
-    await enqueue(redis, *[msg(devices=[{"fcm": f"f{i}"}]) for i in range(n)])
-    # 64 in flight at 50 ms each drain ≈ 1,280/s: a backlog of 64 is 0.05 s of work, far below
-    # PARK_WAIT_S, although it is far above provider_backlog.
+    await enqueue(redis, *[msg(devices=[{"fcm": f"f{i}"} if i % 2 else {"apns": f"{i:064x}"}]) for i in range(n)])
+    # Two lanes share 64 in flight at 50 ms each: a backlog of about 32 per lane drains in ≈ 0.05 s,
+    # far below PARK_WAIT_S and the cap (48), although it is far above provider_backlog.
     settings = make_settings(provider_backlog=8, max_inflight=64)
     parked_before = REGISTRY.get_sample_value("pushgw_deliveries_skipped_total", {"reason": "parked"}) or 0
-    async with running(Worker(settings, redis, {"fcm": fcm}, consumer="w1")):
-        await until(lambda: len({t for t, _, _ in fcm.sent}) == n, timeout=30)
+    async with running(Worker(settings, redis, {"fcm": fcm, "apns": apns}, consumer="w1")):
+        await until(lambda: len({t for t, _, _ in fcm.sent}) + len({t for t, _, _ in apns.sent}) == n, timeout=30)
         await until(lambda: settled(redis))
     parked = (REGISTRY.get_sample_value("pushgw_deliveries_skipped_total", {"reason": "parked"}) or 0) - parked_before
-    assert len(fcm.sent) == n  # each exactly once
+    assert len(fcm.sent) + len(apns.sent) == n  # each exactly once
     # Until the lane's first drain rate is known (0.25 s of busy time) it parks as before: the first
     # reads park most of the burst, once each. After that, never. Parking on the backlog alone kept
     # cycling the entries through the delayed set: the run did not finish within 30 s.
     assert parked < 2 * n
+
+
+async def test_a_fast_provider_that_hangs_is_parked_at_once_despite_its_last_rate(redis: aioredis.Redis) -> None:
+    fcm = SlowProvider("fcm")
+    fcm.latency_s = 0.002
+    settings = make_settings(provider_backlog=8, max_inflight=64)
+    worker = Worker(settings, redis, {"fcm": fcm}, consumer="w1")
+    async with running(worker):
+        await enqueue(redis, *[msg(devices=[{"fcm": f"a{i}"}]) for i in range(1500)])
+        await until(lambda: len(fcm.sent) == 1500, timeout=20)
+        assert worker.lanes["fcm"].drain_per_s * 2.0 > 64  # the lane has shown it drains fast
+        fcm.gate = asyncio.Event()  # now it hangs
+        await enqueue(redis, *[msg(devices=[{"fcm": f"b{i}"}]) for i in range(200)])
+        await asyncio.sleep(1.0)
+        # Its old rate would admit the whole in-flight limit; the cap (3/4 of it) holds, and once no
+        # request has finished for STALL_S the lane parks everything new.
+        assert worker.lanes["fcm"].queued <= 64 * 3 // 4
+        fcm.gate.set()
+        await until(lambda: len({t for t, _, _ in fcm.sent}) == 1700, timeout=20)
+        await until(lambda: settled(redis))
 
 
 async def test_drain_finishes_in_flight_and_acks_before_returning(redis: aioredis.Redis) -> None:
