@@ -55,7 +55,7 @@ from pushgw.gateway.config import ConfigError, FcmApp, ProviderSettings
 from pushgw.gateway.metrics import PROVIDER_LATENCY
 from pushgw.gateway.schema import Message
 from pushgw.providers.base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
-from pushgw.providers.h2client import ConnectionLost, H2Error, H2Pool, NoHttp2, StreamRefused
+from pushgw.providers.h2client import ConnectionLost, H2Error, H2Pool, NoHttp2, StreamRefused, encode_headers
 from pushgw.providers.oauth2 import AccessTokenSource, TokenUnavailable, load_service_account
 from pushgw.providers.payloads import check_payload_limits, fcm_message
 
@@ -114,21 +114,21 @@ class _App:
         self.http1 = parts.scheme == "http"
         self._session: aiohttp.ClientSession | None = None
         self._headers_token: str | None = None
-        self._h2_headers: list[tuple[bytes, bytes]] = []
+        self._h2_headers = b""
         self._http1_token: str | None = None
         self._http1_headers: CIMultiDict[str] = CIMultiDict()
 
-    def h2_headers(self, token: str) -> list[tuple[bytes, bytes]]:
-        """HTTP/2 request headers for `token`, rebuilt only when the token changes (about hourly)."""
+    def h2_headers(self, token: str) -> bytes:
+        """The HTTP/2 header block (HPACK bytes) for `token`, encoded only when the token changes (about hourly)."""
         if token is not self._headers_token:
-            self._h2_headers = [
+            self._h2_headers = encode_headers([
                 (b":method", b"POST"),
                 (b":scheme", b"https"),
                 (b":authority", self._authority),
                 (b":path", self._path),
                 (b"authorization", b"Bearer " + token.encode()),
                 (b"content-type", _CONTENT_TYPE.encode()),
-            ]
+            ])
             self._headers_token = token
         return self._h2_headers
 

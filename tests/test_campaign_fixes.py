@@ -23,7 +23,7 @@ from pushgw.gateway.profiles import parse_preferences
 from pushgw.gateway.registry import DeviceRegistry
 from pushgw.gateway.schema import Device, MessageInvalid, parse_message
 from pushgw.gateway.worker import Worker
-from pushgw.providers.base import Delivered, Delivery, Outcome
+from pushgw.providers.fakes.accept import AcceptAll
 from pushgw.queue.keys import Keys
 
 PREFIX = "cmpfix"
@@ -38,16 +38,6 @@ TEMPLATE = {"default_locale": "en", "locales": {"en": {"title": "New module", "b
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-class _AcceptAll:
-    name = "fcm"
-
-    async def send(self, delivery: Delivery) -> Outcome:
-        return Delivered()
-
-    async def close(self) -> None:
-        return None
-
-
 async def _campaign(client: PushClient, cid: str, *, control: float = 0, variants: int = 1) -> None:
     await client.save_template("fix-module", TEMPLATE)
     await client.create_campaign({
@@ -57,7 +47,7 @@ async def _campaign(client: PushClient, cid: str, *, control: float = 0, variant
 
 async def _deliver(redis: aioredis.Redis, client: PushClient, cid: str) -> dict[str, Any]:
     assert await FanoutRunner(redis, SETTINGS).run_pending() == 1
-    worker = Worker(SETTINGS, redis, {"fcm": _AcceptAll()}, consumer="fix-w1")
+    worker = Worker(SETTINGS, redis, {"fcm": AcceptAll()}, consumer="fix-w1")
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     try:

@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from pushgw.campaigns.fanout import FanoutRunner
 from pushgw.gateway.config import RedisSettings, Settings, WorkerSettings
 from pushgw.gateway.worker import Worker
-from pushgw.providers.base import Delivered, Delivery, Outcome
+from pushgw.providers.fakes.accept import AcceptAll
 from pushgw.queue.keys import Keys
 from pushgw.ratelimit.policy import DeliveryPolicy
 
@@ -37,16 +37,6 @@ def block(text: str, name: str) -> str:
     m = re.search(rf"<!-- readme-example: {re.escape(name)} -->\n```\w*\n(.*?)```", text, re.S)
     assert m, f"README has no example block {name!r}"
     return m.group(1)
-
-
-class _AcceptAll:
-    name = "fcm"
-
-    async def send(self, delivery: Delivery) -> Outcome:
-        return Delivered()
-
-    async def close(self) -> None:
-        return None
 
 
 class Gateway:
@@ -63,7 +53,7 @@ class Gateway:
         self.loop, self.stop = asyncio.get_running_loop(), asyncio.Event()
         redis = aioredis.from_url(self.redis_url)
         settings = Settings(redis=RedisSettings(prefix=PREFIX), worker=WorkerSettings(block_ms=50, drain_deadline_s=5))
-        worker = Worker(settings, redis, {"fcm": _AcceptAll()}, consumer="readme-worker",
+        worker = Worker(settings, redis, {"fcm": AcceptAll()}, consumer="readme-worker",
                         limiter=DeliveryPolicy(redis, Keys(PREFIX), settings.policy))
         tasks = [asyncio.create_task(worker.run(self.stop)),
                  asyncio.create_task(FanoutRunner(redis, settings).run(self.stop, poll_s=0.1))]
