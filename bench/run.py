@@ -213,10 +213,10 @@ class Bench:
     # --- the run ----------------------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
-        import redis.asyncio as aioredis
         from pushgw.gateway.embedded import EmbeddedRedis
         from pushgw.providers.fakes.tls import make_local_ca
         from pushgw.providers.vapid import make_vapid_key
+        from pushgw.queue.connection import redis_from_url
 
         o = self.o
         ca = make_local_ca(self.tmp / "tls")
@@ -277,7 +277,7 @@ class Bench:
                 policy=_bench_policy(o.policy),
             )
             pop = self.population(new_subscription)
-            redis = aioredis.from_url(url)
+            redis = redis_from_url(url)
             try:
                 others = {"redis": [redis_server.proc.pid] if redis_server.proc else []}
                 if sinks is not None and sinks.proc is not None:

@@ -25,6 +25,7 @@ from pushgw.gateway.config import Settings
 from pushgw.gateway.intake import Intake
 from pushgw.gateway.profiles import Preferences, Profiles
 from pushgw.gateway.schema import Device
+from pushgw.queue.connection import redis_from_url
 
 
 class Unset:
@@ -44,7 +45,7 @@ class PushClient:
 
     @classmethod
     def from_url(cls, url: str, settings: Settings) -> PushClient:
-        return cls(aioredis.from_url(url), settings, owns_redis=True)
+        return cls(redis_from_url(url), settings, owns_redis=True)
 
     async def send(self, message: dict[str, Any]) -> tuple[str, bool]:
         """Queue one message; (id, False) if that id was already accepted in the idempotency window."""

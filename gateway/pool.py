@@ -41,11 +41,13 @@ def make_redis(redis_url: str, max_connections: int = 64, timeout_s: float | Non
     """A Redis client on a blocking pool: redis-py's default pool raises when every connection is
     busy instead of waiting. `timeout_s` bounds connect and each command (the API's 503 path)."""
     import redis.asyncio as aioredis
+    from pushgw.queue.connection import use_hiredis_packing
 
     pool = aioredis.BlockingConnectionPool.from_url(
         redis_url, max_connections=max_connections, timeout=timeout_s, health_check_interval=30,
         socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
     )
+    use_hiredis_packing(pool)
     return aioredis.Redis(connection_pool=pool)
 
 

@@ -92,7 +92,10 @@ class _Lane:
     finished: int = 0  # provider requests finished (answered or failed) since the last rate
     busy_s: float = 0.0  # time with deliveries queued since the last rate
     last_finish: float = 0.0  # monotonic time of the last finished request
-    drain_per_s: float = 0.0  # deliveries leaving the lane per second of busy time (0 until measured)
+    busy_since: float = 0.0  # monotonic time the lane last went from idle to queued work
+    # Deliveries leaving the lane per second of busy time. Unmeasured (inf) until its first window:
+    # a burst on a lane that has not answered yet is parked only by the stall check and the cap.
+    drain_per_s: float = float("inf")
     circuits: dict[str, Circuit] = field(default_factory=dict)  # app -> circuit
     routes: dict[str, tuple[Circuit, SharedRate | None]] = field(default_factory=dict)  # app -> circuit, rate
 
@@ -171,7 +174,9 @@ class Worker:
         try:
             await self._recover_own_pending(stop)
             while not stop.is_set():
-                room = self.ws.max_inflight - self._in_flight
+                # A read also leaves room in every healthy lane below its cap: a burst on one provider
+                # then waits in the stream (it drains at that provider's pace) instead of being parked.
+                room = min(self.ws.max_inflight - self._in_flight, self._lane_room())
                 reserve = self.ws.max_inflight + self.ws.high_reserve - self._in_flight
                 try:
                     if room > 0:  # both lanes, blocking until either has entries
@@ -216,6 +221,17 @@ class Worker:
         except TimeoutError:
             log.warning("drain deadline reached", extra={"in_flight": self._in_flight})
             return False
+
+    def _lane_room(self) -> int:
+        """Deliveries the fullest healthy lane may take before its cap. A stalled lane (nothing
+        finished for STALL_S while busy) is left out: its new deliveries are parked by `_start`, so
+        it holds no read back from the providers that answer."""
+        now = time.monotonic()
+        fullest = 0
+        for lane in self.lanes.values():
+            if lane.queued > fullest and now - max(lane.last_finish, lane.busy_since) <= STALL_S:
+                fullest = lane.queued
+        return self._backlog_cap - fullest
 
     async def _recover_own_pending(self, stop: asyncio.Event) -> None:
         """Entries this consumer read before a crash or restart come first (at-least-once)."""
@@ -379,12 +395,16 @@ class Worker:
         # 120k-message `pushgw bench`, each read, decoded and planned twice).
         if (backlog >= self.ws.provider_backlog and not (rate is not None and rate.waiting)
                 and (backlog > lane.drain_per_s * PARK_WAIT_S or backlog >= self._backlog_cap
-                     or time.monotonic() - lane.last_finish > STALL_S)):
+                     # stalled: nothing finished for STALL_S since the lane became busy (a lane
+                     # idle for a while is not hung just because its last answer is old)
+                     or time.monotonic() - max(lane.last_finish, lane.busy_since) > STALL_S)):
             # The provider is not keeping up (slow or hung): park this delivery without spending
             # an attempt, so the worker keeps its capacity for the providers that answer. (High
             # deliveries count only against each other: a bulk backlog never parks a reminder.)
             self._park(job, device, self.clock() + PARK_DELAY_S, "parked")
             return
+        if not lane.queued:
+            lane.busy_since = time.monotonic()
         lane.queued += 1
         lane.queued_high += high
         self._in_flight += 1

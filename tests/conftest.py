@@ -13,6 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 from pushgw.gateway.embedded import EmbeddedRedis
 from pushgw.providers.fakes.tls import LocalCA, make_local_ca
+from pushgw.queue.connection import redis_from_url
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +31,7 @@ def redis_url(redis_server: EmbeddedRedis) -> str:
 
 @pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(redis_url)
+    client = redis_from_url(redis_url)  # as the gateway connects: commands packed by hiredis
     await client.flushall()  # our own private server: every test starts empty
     yield client
     await client.aclose()

@@ -285,8 +285,9 @@ async def test_a_hung_provider_does_not_stall_the_others(redis: aioredis.Redis) 
     async with running(worker):
         await until(lambda: len(fcm.sent) == 40)
         assert apns.sent == []
-        # APNs holds no more than its backlog; the rest were parked (delayed), not holding capacity.
-        assert worker.lanes["apns"].queued == 8
+        # APNs, never having answered, holds no more than its cap (3/4 of max_inflight); once it has
+        # stalled for STALL_S the rest are parked (delayed), not holding capacity.
+        assert worker.lanes["apns"].queued == 24
         assert (REGISTRY.get_sample_value("pushgw_deliveries_skipped_total", {"reason": "parked"}) or 0) > parked_before
         apns.gate.set()
         await until(lambda: len({t for t, _, _ in apns.sent}) == 40, timeout=10)
@@ -317,10 +318,11 @@ async def test_a_busy_but_healthy_provider_is_not_parked_once_its_drain_rate_is_
         await until(lambda: settled(redis))
     parked = (REGISTRY.get_sample_value("pushgw_deliveries_skipped_total", {"reason": "parked"}) or 0) - parked_before
     assert len(fcm.sent) + len(apns.sent) == n  # each exactly once
-    # Until the lane's first drain rate is known (0.25 s of busy time) it parks as before: the first
-    # reads park most of the burst, once each. After that, never. Parking on the backlog alone kept
-    # cycling the entries through the delayed set: the run did not finish within 30 s.
-    assert parked < 2 * n
+    # Reads leave room below each healthy lane's cap, and an unmeasured lane is not parked on its
+    # rate, so the burst waits in the stream instead. Parking on the backlog alone kept cycling the
+    # entries through the delayed set: the run did not finish within 30 s. (0 here; the bound leaves
+    # room for a loaded CI machine stalling the loop past STALL_S.)
+    assert parked < n // 20
 
 
 async def test_a_fast_provider_that_hangs_is_parked_at_once_despite_its_last_rate(redis: aioredis.Redis) -> None:
