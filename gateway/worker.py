@@ -176,7 +176,8 @@ class Worker:
             while not stop.is_set():
                 # A read also leaves room in every healthy lane below its cap: a burst on one provider
                 # then waits in the stream (it drains at that provider's pace) instead of being parked.
-                room = min(self.ws.max_inflight - self._in_flight, self._lane_room())
+                # (Halved: XREADGROUP's COUNT applies to each of the two lanes' streams.)
+                room = min(self.ws.max_inflight - self._in_flight, self._lane_room() // len(LANES))
                 reserve = self.ws.max_inflight + self.ws.high_reserve - self._in_flight
                 try:
                     if room > 0:  # both lanes, blocking until either has entries

