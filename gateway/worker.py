@@ -10,10 +10,11 @@ Where a message goes, in order:
    about first reads (opt-out, send window, caps: ratelimit/policy.py; one batch, one answer),
    resolves the user's devices from the registry (one round trip per batch) and skips
    devices a redelivered entry already completed (done marks).
-3. Each delivery goes to its provider's lane: the shared provider rate, if configured, is taken
-   first; then `PrioritySlots` bound requests in flight per provider and serve high-priority
-   deliveries first (gateway/slots.py); a lane too far behind (a hung provider) parks new
-   deliveries in the delay set instead of letting them fill the worker, so one provider never
+3. Each delivery goes to its provider's lane: a queue (`PriorityDeque`, gateway/slots.py) that
+   serves high-priority deliveries first, drained by `providers.concurrency` long-lived sender
+   coroutines, which bound requests in flight per provider. A sender asks the circuit, then the
+   shared provider rate if configured, then sends. A lane too far behind (a hung provider) parks
+   new deliveries in the delay set instead of letting them fill the worker, so one provider never
    stalls the others.
 4. `_settle` turns the typed outcome into writes: done mark, retry with backoff and full jitter
    (never before the provider's Retry-After), invalid-token removal and event, or dead letter.
@@ -40,7 +41,7 @@ from pushgw.gateway import metrics
 from pushgw.gateway.config import Settings
 from pushgw.gateway.registry import DeviceRegistry
 from pushgw.gateway.schema import Device, Message, MessageInvalid, loads_message
-from pushgw.gateway.slots import PrioritySlots
+from pushgw.gateway.slots import PriorityDeque
 from pushgw.providers.base import Delivered, Delivery, Outcome, Provider, Rejected, Retry, TokenInvalid
 from pushgw.queue.keys import Keys
 from pushgw.queue.streams import LANES, Commit, DeadLetter, Entry, StreamQueue
@@ -80,12 +81,20 @@ class _Job:
     high: bool = False  # priority "high"
 
 
+# A delivery waiting in its lane: the job, the device, and the provider/app's circuit and rate.
+_Work = tuple[_Job, Device, Circuit, str, SharedRate | None]
+
+
 @dataclass(slots=True)
 class _Lane:
-    """Per-provider concurrency: `slots` bound requests in flight, `queued` counts waiting deliveries."""
+    """Per provider: deliveries wait in `waiting` until one of at most `concurrency` senders takes
+    them; `queued` counts them from `_start` until settled (waiting or sending)."""
 
     provider: Provider
-    slots: PrioritySlots
+    waiting: PriorityDeque[_Work]
+    concurrency: int
+    senders: int = 0  # sender coroutines started (they live until the worker stops)
+    idle: list[asyncio.Future[None]] = field(default_factory=list)  # senders waiting for work
     queued: int = 0
     queued_high: int = 0
     sending: int = 0  # inside provider.send now: the in-flight gauge, set at each flush
@@ -129,7 +138,7 @@ class Worker:
         self.clock = clock
         self.rng = rng
         self.lanes = {
-            name: _Lane(p, PrioritySlots(settings.providers.concurrency, self.ws.high_weight))
+            name: _Lane(p, PriorityDeque(self.ws.high_weight), settings.providers.concurrency)
             for name, p in providers.items()
         }
         self._commit = Commit([], [], [], [], [])
@@ -144,7 +153,7 @@ class Worker:
         self._capacity.set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # the lanes' senders
         self._jobs: dict[str, _Job] = {}  # entry id -> job, while any of its deliveries is unsettled
         self.stopping = False
         self._flusher_stop = False
@@ -209,6 +218,11 @@ class Worker:
                     await t
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._flush(), max(1.0, self.ws.drain_deadline_s))
+            # The senders: idle after a drain; past its deadline, requests still in flight are
+            # given up (their entries stay pending, so they are redelivered).
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def drain(self, deadline_s: float) -> bool:
         """Wait for in-flight deliveries, at most `deadline_s`; True when all finished.
@@ -413,9 +427,35 @@ class Worker:
             self._idle.clear()  # set again when the count is back at 0
         if self._in_flight >= self._limit:
             self._capacity.clear()
-        task = asyncio.create_task(self._deliver(lane, job, device, route[0], app, rate))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        lane.waiting.put((job, device, route[0], app, rate), high)
+        while lane.idle:  # wake an idle sender (skipping any cancelled while idle)
+            wake = lane.idle.pop()
+            if not wake.done():
+                wake.set_result(None)
+                return
+        if lane.senders < lane.concurrency:
+            lane.senders += 1
+            task = asyncio.create_task(self._sender(lane), name=f"sender-{lane.provider.name}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _sender(self, lane: _Lane) -> None:
+        """One of a lane's long-lived senders: takes waiting deliveries in priority order."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                work = lane.waiting.take()
+                if work is None:
+                    wake = loop.create_future()
+                    lane.idle.append(wake)
+                    await wake
+                    continue
+                try:
+                    await self._deliver(lane, *work)
+                except Exception:  # a bug here must not cost the lane a sender
+                    log.exception("delivery failed", extra={"provider": lane.provider.name})
+        finally:
+            lane.senders -= 1
 
     def _new_route(self, lane: _Lane, app: str) -> tuple[Circuit, SharedRate | None]:
         """The circuit and the shared rate of a provider/app, looked up once, not per delivery."""
@@ -460,31 +500,27 @@ class Worker:
         high = job.high
         expiry = job.expiry
         try:
-            # Slot first (priority order), then the circuit, then the shared rate: so high priority
-            # holds when the rate is the bottleneck, and a parked delivery spends no rate.
-            await lane.slots.acquire(high)
-            try:
-                # The circuit is asked when a request could go out (not when the delivery was
-                # queued), so deliveries queued behind a failing run are parked, not sent.
-                if not circuit.allow(self.clock()):
-                    park = (circuit.retry_at(self.clock()) + self.rng() * PARK_DELAY_S, "circuit_open")
-                elif rate is not None and not await self._take_rate(rate):
-                    park = (self.clock() + PARK_DELAY_S * (1 + self.rng()), "rate_unavailable")
-                elif expiry is not None and expiry <= self.clock():
-                    outcome = _EXPIRED  # it waited past its expiry: never sent late
-                else:
-                    lane.sending += 1
-                    try:
-                        outcome = await lane.provider.send(Delivery(job.message, device, job.entry.attempt, expiry))
-                    except Exception as e:  # a provider bug must not lose the message: retry it
-                        log.exception("provider raised", extra={"provider": name, "msg_id": job.message.id})
-                        outcome = Retry(f"provider error: {type(e).__name__}")
-                    finally:
-                        lane.sending -= 1
-                        lane.finished += 1  # only requests count towards the lane's drain rate
-                        lane.last_finish = time.monotonic()
-            finally:
-                lane.slots.release()
+            # The circuit is asked when a request could go out (not when the delivery was queued),
+            # so deliveries queued behind a failing run are parked, not sent; then the shared rate,
+            # so high priority (taken first from the lane) holds when the rate is the bottleneck,
+            # and a parked delivery spends no rate.
+            if not circuit.allow(self.clock()):
+                park = (circuit.retry_at(self.clock()) + self.rng() * PARK_DELAY_S, "circuit_open")
+            elif rate is not None and not await self._take_rate(rate):
+                park = (self.clock() + PARK_DELAY_S * (1 + self.rng()), "rate_unavailable")
+            elif expiry is not None and expiry <= self.clock():
+                outcome = _EXPIRED  # it waited past its expiry: never sent late
+            else:
+                lane.sending += 1
+                try:
+                    outcome = await lane.provider.send(Delivery(job.message, device, job.entry.attempt, expiry))
+                except Exception as e:  # a provider bug must not lose the message: retry it
+                    log.exception("provider raised", extra={"provider": name, "msg_id": job.message.id})
+                    outcome = Retry(f"provider error: {type(e).__name__}")
+                finally:
+                    lane.sending -= 1
+                    lane.finished += 1  # only requests count towards the lane's drain rate
+                    lane.last_finish = time.monotonic()
             if park is not None:  # no request went out: come back later, spending no attempt
                 self._park(job, device, park[0], park[1])
             elif outcome is _EXPIRED:

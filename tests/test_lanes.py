@@ -7,52 +7,35 @@ import asyncio
 import redis.asyncio as aioredis
 from pushgw.gateway.config import ProviderSettings, RedisSettings, Settings, WorkerSettings
 from pushgw.gateway.schema import Device, Message
-from pushgw.gateway.slots import PrioritySlots
+from pushgw.gateway.slots import PriorityDeque
 from pushgw.gateway.worker import Worker
 from pushgw.providers.base import Delivered, Delivery, Outcome
 from pushgw.queue.keys import Keys
 from pushgw.queue.streams import StreamQueue
 
 
-async def test_slots_serve_high_first_and_give_normal_one_in_weight_plus_one() -> None:
-    slots = PrioritySlots(1, weight=3)
-    await slots.acquire(False)  # the one slot is taken
-    order: list[str] = []
-
-    async def waiter(name: str, high: bool) -> None:
-        await slots.acquire(high)
-        order.append(name)
-
-    tasks = [asyncio.create_task(waiter(f"n{i}", False)) for i in range(3)]
-    tasks += [asyncio.create_task(waiter(f"h{i}", True)) for i in range(9)]
-    await asyncio.sleep(0)
-    assert slots.waiting == (9, 3)
-    for _ in range(12):
-        slots.release()
-        await asyncio.sleep(0)
+def test_the_lane_queue_serves_high_first_and_gives_normal_one_in_weight_plus_one() -> None:
+    q: PriorityDeque[str] = PriorityDeque(weight=3)
+    for i in range(3):
+        q.put(f"n{i}", high=False)
+    for i in range(9):
+        q.put(f"h{i}", high=True)
+    assert q.waiting == (9, 3) and len(q) == 12
+    order = [q.take() for _ in range(12)]
     assert order == ["h0", "h1", "h2", "n0", "h3", "h4", "h5", "n1", "h6", "h7", "h8", "n2"]
-    await asyncio.gather(*tasks)
-    slots.release()
-    assert slots.free == 1
+    assert q.take() is None and q.waiting == (0, 0)
 
 
-async def test_a_cancelled_waiter_does_not_lose_a_slot() -> None:
-    slots = PrioritySlots(1)
-    await slots.acquire(True)
-    t1 = asyncio.create_task(slots.acquire(True))
-    t2 = asyncio.create_task(slots.acquire(False))
-    await asyncio.sleep(0)
-    t1.cancel()
-    await asyncio.sleep(0)
-    slots.release()  # goes to t2, skipping the cancelled waiter
-    await asyncio.wait_for(t2, 1)
-    # Cancelled just after the slot was handed over: the slot is passed on, not lost.
-    t3 = asyncio.create_task(slots.acquire(True))
-    await asyncio.sleep(0)
-    slots.release()
-    t3.cancel()
-    await asyncio.gather(t3, return_exceptions=True)
-    assert slots.free == 1 and slots.waiting == (0, 0)
+def test_high_alone_does_not_build_a_streak_that_delays_normal_later() -> None:
+    q: PriorityDeque[str] = PriorityDeque(weight=2)
+    for i in range(5):  # no normal item waiting: these do not count towards the streak
+        q.put(f"h{i}", high=True)
+    assert [q.take() for _ in range(5)] == ["h0", "h1", "h2", "h3", "h4"]
+    q.put("n0", high=False)
+    q.put("h5", high=True)
+    q.put("h6", high=True)
+    q.put("h7", high=True)
+    assert [q.take() for _ in range(4)] == ["h5", "h6", "n0", "h7"]
 
 
 class _SlowSink:
