@@ -8,6 +8,7 @@ the hot path: `.labels()` costs a dict lookup and a lock each time.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from bisect import bisect_left
 from typing import Any
@@ -195,6 +196,40 @@ class Deferred:
                 for i in range(len(acc) - 1):
                     if acc[i]:
                         buckets[i].inc(acc[i])
+
+
+HOLD_S = 0.005  # how long `HELD` keeps what it holds
+
+
+class AutoDeferred(Deferred):
+    """A `Deferred` that writes itself HOLD_S after the first value it holds, on the running event
+    loop: for code with no flush of its own (the providers' request latency, 1.7 µs per direct
+    observation in multiprocess mode against 0.2 µs held). Outside an event loop it writes at once."""
+
+    __slots__ = ("_loop",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop a write is scheduled on
+
+    def observe(self, histogram: Any, value: float) -> None:
+        super().observe(histogram, value)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.apply()
+            return
+        if self._loop is not loop:  # none scheduled, or on a loop that has ended since (tests)
+            self._loop = loop
+            loop.call_later(HOLD_S, self._write, loop)
+
+    def _write(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is loop:
+            self._loop = None
+        self.apply()
+
+
+HELD = AutoDeferred()  # the providers' request latency; `run_worker` writes what is left at exit
 
 
 def render() -> tuple[bytes, str]:

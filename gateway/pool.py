@@ -81,6 +81,9 @@ async def run_worker(settings: Settings, redis_url: str, consumer: str, stop: as
             await asyncio.wait_for(fanout, settings.worker.drain_deadline_s)
         for p in providers.values():
             await p.close()
+        from pushgw.gateway.metrics import HELD
+
+        HELD.apply()  # the last few milliseconds of provider latencies
         await client.aclose()
 
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 import orjson
 from pushgw.gateway.config import ApnsApp, ConfigError, ProviderSettings
-from pushgw.gateway.metrics import PROVIDER_LATENCY
+from pushgw.gateway.metrics import HELD, PROVIDER_LATENCY
 from pushgw.gateway.schema import Message
 from pushgw.providers.base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
 from pushgw.providers.h2client import (
@@ -236,7 +236,7 @@ class ApnsProvider:
             text = str(e)
             return Retry(f"apns connection error: {type(e).__name__}{': ' + text if text else ''}"[:_REASON_MAX])
         finally:
-            self._latency.observe(time.perf_counter() - started)
+            HELD.observe(self._latency, time.perf_counter() - started)
         if resp.status == 200:
             return Delivered(resp.headers.get(b"apns-id", b"").decode("ascii", "replace"))
         return self._failure(app, jwt, resp.status, resp.body, resp.headers.get(b"retry-after"))

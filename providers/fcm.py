@@ -52,7 +52,7 @@ import aiohttp
 import orjson
 from multidict import CIMultiDict
 from pushgw.gateway.config import ConfigError, FcmApp, ProviderSettings
-from pushgw.gateway.metrics import PROVIDER_LATENCY
+from pushgw.gateway.metrics import HELD, PROVIDER_LATENCY
 from pushgw.gateway.schema import Message
 from pushgw.providers.base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
 from pushgw.providers.h2client import ConnectionLost, H2Error, H2Pool, NoHttp2, StreamRefused, encode_headers
@@ -243,7 +243,7 @@ class FcmProvider:
             text = str(e)
             return Retry(f"fcm connection error: {type(e).__name__}{': ' + text if text else ''}"[:_REASON_MAX])
         finally:
-            self._latency.observe(time.perf_counter() - started)
+            HELD.observe(self._latency, time.perf_counter() - started)
         if status == 200:
             return Delivered(_message_name(raw))
         return self._failure(app, token, status, raw, retry_after)

@@ -58,7 +58,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from multidict import CIMultiDict
 from pushgw.gateway.config import ConfigError, ProviderSettings, WebPushSettings
-from pushgw.gateway.metrics import PROVIDER_LATENCY
+from pushgw.gateway.metrics import HELD, PROVIDER_LATENCY
 from pushgw.gateway.schema import Message
 from pushgw.providers.base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
 from pushgw.providers.endpoints import EndpointPolicy
@@ -397,7 +397,7 @@ class WebPushProvider:
         except (H2Error, aiohttp.ClientError, OSError) as e:  # ssl.SSLError (certificate checks) is an OSError
             return Retry(f"webpush connection error: {type(e).__name__}"[:_REASON_MAX])
         finally:
-            self._latency.observe(time.perf_counter() - started)
+            HELD.observe(self._latency, time.perf_counter() - started)
         if 200 <= status < 300:
             return Delivered(location)
         text = raw.decode("utf-8", "replace").strip()

@@ -16,6 +16,7 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 from pushgw.gateway.config import ConfigError, FcmApp, ProviderSettings
+from pushgw.gateway.metrics import HELD
 from pushgw.gateway.schema import Device, Message
 from pushgw.providers.base import Delivered, Delivery, Outcome, Provider, Rejected, Retry, TokenInvalid
 from pushgw.providers.fakes.fcm import FCM_ERROR_TYPE, FakeFcm, Programmed, make_service_account
@@ -120,10 +121,15 @@ async def test_latency_is_recorded(make_provider: Factory) -> None:
     def count() -> float:
         return REGISTRY.get_sample_value("pushgw_provider_request_seconds_count", {"provider": "fcm"}) or 0.0
 
+    HELD.apply()  # what earlier tests' providers still hold
     before = count()
     provider = make_provider()
     for i in range(3):
         assert isinstance(await provider.send(delivery(f"t{i}")), Delivered)
+    for _ in range(200):  # held, then written by the event loop a few milliseconds later
+        if count() == before + 3:
+            break
+        await asyncio.sleep(0.005)
     assert count() == before + 3
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from pushgw.gateway.metrics import Deferred
+from pushgw.gateway.metrics import AutoDeferred, Deferred
 
 BUCKETS = (0.005, 0.01, 0.1, 1, 10)
 # Below, on and just above bounds, past the last finite one, and zero.
@@ -39,3 +41,39 @@ def test_held_counts_and_observations_equal_direct_updates_once_applied() -> Non
     assert samples(held) == pytest.approx(want)
     d.apply()  # nothing held any more: applying again changes nothing
     assert samples(held) == pytest.approx(want)
+
+
+def count(registry: CollectorRegistry) -> float:
+    return registry.get_sample_value("req_seconds_count") or 0.0
+
+
+def test_auto_deferred_writes_at_once_outside_an_event_loop() -> None:
+    registry = CollectorRegistry()
+    h = Histogram("req_seconds", "r", buckets=BUCKETS, registry=registry)
+    held = AutoDeferred()
+    held.observe(h, 0.02)
+    assert count(registry) == 1
+
+
+def test_auto_deferred_writes_itself_on_each_loop_even_after_a_loop_ended_with_a_write_pending() -> None:
+    registry = CollectorRegistry()
+    h = Histogram("req_seconds", "r", buckets=BUCKETS, registry=registry)
+    held = AutoDeferred()
+
+    async def observe_then_end_at_once() -> None:
+        held.observe(h, 0.02)  # its write is scheduled on this loop, which ends before it runs
+
+    async def observe_then_wait(n: int) -> None:
+        for _ in range(n):
+            held.observe(h, 0.02)
+        assert count(registry) == 0  # held, not yet written
+        for _ in range(200):
+            if count(registry) == n + 1:
+                return
+            await asyncio.sleep(0.005)
+
+    asyncio.run(observe_then_end_at_once())
+    assert count(registry) == 0
+    asyncio.run(observe_then_wait(3))  # a new loop gets its own write, which also writes the leftover
+    assert count(registry) == 4
+    assert registry.get_sample_value("req_seconds_bucket", {"le": "0.1"}) == 4
