@@ -228,7 +228,8 @@ class FcmProvider:
                 else:
                     status, raw, retry_after = resp.status, resp.body, resp.headers.get(b"retry-after")
             if not h2:
-                async with asyncio.timeout(self._timeout_s), \
+                # One time bound for the whole send: a fallback after NoHttp2 gets what is left of it.
+                async with asyncio.timeout(max(0.0, self._timeout_s - (time.perf_counter() - started))), \
                         app.session().post(app.url, data=body, headers=app.http1_headers(token)) as r:
                     status = r.status
                     raw = await r.read()

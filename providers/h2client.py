@@ -304,6 +304,8 @@ class H2ClientConnection(asyncio.Protocol):
     @property
     def load(self) -> float:
         """Streams in flight plus requests waiting for one, per stream the server allows."""
+        if not self._capacity:  # the server allows no streams now (SETTINGS_MAX_CONCURRENT_STREAMS 0)
+            return float("inf")
         return (len(self._streams) + len(self._slot_waiters)) / self._capacity
 
     @property
@@ -702,7 +704,9 @@ class H2ClientConnection(asyncio.Protocol):
             if key == MAX_CONCURRENT_STREAMS:
                 grew = value > self._remote_max_streams
                 self._remote_max_streams = value
-                self._capacity = max(1, min(self._own_max_streams, value))
+                # 0 is allowed (RFC 9113 6.5.2): no new streams until the server raises it again,
+                # so requests wait for a slot (until their deadline) instead of opening one.
+                self._capacity = min(self._own_max_streams, value)
                 if grew:
                     for _ in range(min(self.capacity, len(self._slot_waiters))):
                         self._wake_slot()
@@ -713,6 +717,8 @@ class H2ClientConnection(asyncio.Protocol):
                 self._remote_initial_window = value
                 for s in self._streams.values():  # applies to open streams too (section 6.9.2)
                     s.send_window += delta
+                    if s.send_window > MAX_WINDOW:
+                        raise _ProtocolError(FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE change takes a stream window above 2^31-1")
                 if delta > 0:
                     self._wake_windows()
             elif key == MAX_FRAME_SIZE:
@@ -744,7 +750,12 @@ class H2ClientConnection(asyncio.Protocol):
             return
         stream.send_window += inc
         if stream.send_window > MAX_WINDOW:
-            raise _ProtocolError(FLOW_CONTROL_ERROR, "stream window above 2^31-1")
+            # A stream error, not a connection error (RFC 9113 6.9.1): reset this stream only.
+            self._end(stream_id)
+            self._out += frame(RST_STREAM, 0, stream_id, _U32.pack(FLOW_CONTROL_ERROR))
+            if not stream.future.done():
+                stream.future.set_exception(H2Error("server's WINDOW_UPDATE took the stream window above 2^31-1"))
+            return
         waiter = self._window_waiters.pop(stream_id, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

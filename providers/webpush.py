@@ -379,7 +379,8 @@ class WebPushProvider:
                     raw = resp.body[:512]
             if not h2:
                 headers = self._headers(delivery, vapid_origin)
-                async with asyncio.timeout(self._timeout_s):
+                # One time bound for the whole send: a fallback after NoHttp2 gets what is left of it.
+                async with asyncio.timeout(max(0.0, self._timeout_s - (time.perf_counter() - started))):
                     async with self._http().post(endpoint, data=body, headers=headers, allow_redirects=False) as r:
                         status = r.status
                         retry_after = r.headers.get("Retry-After")

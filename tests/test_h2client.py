@@ -415,3 +415,67 @@ async def test_slot_waiters_that_gave_up_no_longer_count_as_load(serve) -> None:
             await conn.request(REQUEST, b"y", loop.time() + 0.05)
     assert conn.load == 1.0  # the one stream in flight, not the five that left
     holder.cancel()
+
+
+async def test_max_concurrent_streams_zero_holds_requests_until_the_server_raises_it(serve) -> None:  # type: ignore[no-untyped-def]
+    opened_while_zero: list[int] = []
+
+    async def script(peer: Peer) -> None:
+        # Any HEADERS before our SETTINGS raise the limit would break RFC 9113 6.5.2.
+        try:
+            f = await asyncio.wait_for(peer.until(HEADERS), 0.3)
+            opened_while_zero.append(f.stream)
+        except TimeoutError:
+            pass
+        peer.send(pack(SETTINGS, 0, 0, _setting(0x3, 10)))
+        sid, _, _ = await peer.request()
+        peer.send(pack(HEADERS, END_HEADERS | END_STREAM, sid, peer.block([(":status", "200")])))
+        await peer.until(GOAWAY)
+
+    conn = await serve(script, settings=_setting(0x3, 0))
+    await asyncio.sleep(0.05)  # the server's SETTINGS are in
+    assert conn.capacity == 0 and conn.load == float("inf")
+    answer = await asyncio.wait_for(conn.request(REQUEST, b"x"), 5)
+    assert answer.status == 200 and opened_while_zero == []
+    assert conn.capacity == 10
+
+
+async def test_initial_window_change_past_the_maximum_is_a_connection_error(serve) -> None:  # type: ignore[no-untyped-def]
+    codes: list[int] = []
+
+    async def script(peer: Peer) -> None:
+        f = await peer.until(HEADERS)  # the body waits: the stream window is 0
+        # +2^31-1 on the stream, then a new initial window of 2^31-1 adds 2^31-1 more: too much.
+        peer.send(pack(WINDOW_UPDATE, 0, f.stream, struct.pack(">I", 0x7FFFFFFF)),
+                  pack(SETTINGS, 0, 0, _setting(0x4, 0x7FFFFFFF)))
+        g = await peer.until(GOAWAY)
+        codes.append(int.from_bytes(g.payload[4:8], "big"))
+
+    conn = await serve(script, settings=_setting(0x4, 0))  # INITIAL_WINDOW_SIZE 0
+    with pytest.raises(H2Error):
+        await asyncio.wait_for(conn.request(REQUEST, b"body"), 5)
+    await asyncio.sleep(0.05)
+    assert codes == [0x3]  # FLOW_CONTROL_ERROR
+    assert conn.closed
+
+
+async def test_stream_window_overflow_resets_that_stream_and_keeps_the_connection(serve) -> None:  # type: ignore[no-untyped-def]
+    resets: list[tuple[int, int]] = []
+
+    async def script(peer: Peer) -> None:
+        f = await peer.until(HEADERS)  # the body waits: the stream window is 0
+        peer.send(pack(WINDOW_UPDATE, 0, f.stream, struct.pack(">I", 0x7FFFFFFF)),
+                  pack(WINDOW_UPDATE, 0, f.stream, struct.pack(">I", 1)))
+        r = await peer.until(RST_STREAM)
+        resets.append((r.stream, int.from_bytes(r.payload, "big")))
+        peer.send(pack(SETTINGS, 0, 0, _setting(0x4, 65535)))
+        sid, _, _ = await peer.request()
+        peer.send(pack(HEADERS, END_HEADERS | END_STREAM, sid, peer.block([(":status", "200")])))
+        await peer.until(GOAWAY)
+
+    conn = await serve(script, settings=_setting(0x4, 0))
+    with pytest.raises(H2Error) as bad:
+        await asyncio.wait_for(conn.request(REQUEST, b"body"), 5)
+    assert not isinstance(bad.value, StreamRefused | ConnectionLost)  # maybe processed: not a safe resend
+    assert (await asyncio.wait_for(conn.request(REQUEST, b"again"), 5)).status == 200
+    assert resets == [(1, 0x3)] and not conn.closed
