@@ -62,7 +62,8 @@ class WorkerSettings:
     max_inflight: int = 4096  # deliveries in flight per process
     provider_backlog: int = 2048  # queued deliveries per provider before new ones are parked, unless the
     # provider drains its queue within 2 s at its measured rate (a burst on a healthy provider is not
-    # parked); never more than 3/4 of max_inflight per provider (gateway/worker.py)
+    # parked); never more than 3/4 of max_inflight per provider: reads pause while a healthy provider
+    # is at that cap (gateway/worker.py)
     claim_idle_s: float = 60.0  # a pending entry idle this long belongs to a dead consumer
     janitor_interval_s: float = 5.0
     drain_deadline_s: float = 25.0
@@ -71,14 +72,14 @@ class WorkerSettings:
     backoff_cap_s: float = 300.0
     idempotency_window_s: int = 86400
     done_ttl_s: int = 86400
-    high_weight: int = 4  # provider slots: high-lane grants in a row before a waiting normal delivery gets one
+    high_weight: int = 4  # provider lanes: high sends in a row before a waiting normal delivery gets a sender
     high_reserve: int = 256  # deliveries in flight beyond max_inflight kept for the high lane
 
 
 @dataclass(frozen=True, slots=True)
 class ProviderSettings:
     timeout_s: float = 10.0
-    concurrency: int = 256  # requests in flight per provider per process
+    concurrency: int = 256  # requests in flight per provider per process (the lane's sender coroutines)
     circuit_failures: int = 20  # consecutive 5xx/timeouts that open a provider/app circuit
     circuit_open_s: float = 2.0  # first open period; doubles on each failed probe
     circuit_max_open_s: float = 60.0

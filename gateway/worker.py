@@ -4,8 +4,9 @@ Where a message goes, in order:
 
 1. `read_new` takes a batch from the consumer group, from both lanes' streams in one call, the
    high lane first (after the worker first re-read its own pending entries, and while a janitor
-   claims the entries of dead consumers). With its normal capacity full, the worker still polls
-   the high lane into a reserve, so a campaign backlog never keeps a reminder out.
+   claims the entries of dead consumers). With its normal capacity full, or a fast provider lane
+   at its cap (its burst then waits in the stream, see `_lane_room`), the worker still polls the
+   high lane into a reserve, so a campaign backlog never keeps a reminder out.
 2. `_dispatch` decodes each entry (poison → dead letter), drops expired ones, asks the policy
    about first reads (opt-out, send window, caps: ratelimit/policy.py; one batch, one answer),
    resolves the user's devices from the registry (one round trip per batch) and skips
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -209,6 +211,14 @@ class Worker:
             mover.cancel()
             janitor.cancel()
             await self.drain(self.ws.drain_deadline_s)
+            # The senders stop before the last flush, so nothing settles after it: idle after a
+            # drain; past its deadline, requests still in flight are given up and nothing new
+            # goes out (their entries stay pending, so they are redelivered).
+            senders = list(self._tasks)
+            for t in senders:
+                t.cancel()
+            if senders:
+                await asyncio.wait(senders, timeout=1.0)
             self._flusher_stop = True
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -218,11 +228,6 @@ class Worker:
                     await t
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._flush(), max(1.0, self.ws.drain_deadline_s))
-            # The senders: idle after a drain; past its deadline, requests still in flight are
-            # given up (their entries stay pending, so they are redelivered).
-            for t in list(self._tasks):
-                t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def drain(self, deadline_s: float) -> bool:
         """Wait for in-flight deliveries, at most `deadline_s`; True when all finished.
@@ -238,14 +243,17 @@ class Worker:
             return False
 
     def _lane_room(self) -> int:
-        """Deliveries the fullest healthy lane may take before its cap. A stalled lane (nothing
-        finished for STALL_S while busy) is left out: its new deliveries are parked by `_start`, so
-        it holds no read back from the providers that answer."""
+        """Deliveries the fullest fast lane may take before its cap. Only a lane that drains its
+        backlog within PARK_WAIT_S (or has no rate yet) and is not stalled counts: reading waits
+        for it at most that long. A slow or stalled lane is left out: `_start` parks its new
+        deliveries, so it holds no read back from the providers that answer."""
         now = time.monotonic()
         fullest = 0
         for lane in self.lanes.values():
-            if lane.queued > fullest and now - max(lane.last_finish, lane.busy_since) <= STALL_S:
-                fullest = lane.queued
+            queued = lane.queued
+            if (queued > fullest and queued <= lane.drain_per_s * PARK_WAIT_S
+                    and now - max(lane.last_finish, lane.busy_since) <= STALL_S):
+                fullest = queued
         return self._backlog_cap - fullest
 
     async def _recover_own_pending(self, stop: asyncio.Event) -> None:
@@ -434,28 +442,29 @@ class Worker:
                 wake.set_result(None)
                 return
         if lane.senders < lane.concurrency:
-            lane.senders += 1
+            lane.senders += 1  # given back by the done callback, even if cancelled before it ran
             task = asyncio.create_task(self._sender(lane), name=f"sender-{lane.provider.name}")
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(functools.partial(self._sender_done, lane))
+
+    def _sender_done(self, lane: _Lane, task: asyncio.Task[None]) -> None:
+        lane.senders -= 1
+        self._tasks.discard(task)
 
     async def _sender(self, lane: _Lane) -> None:
         """One of a lane's long-lived senders: takes waiting deliveries in priority order."""
         loop = asyncio.get_running_loop()
-        try:
-            while True:
-                work = lane.waiting.take()
-                if work is None:
-                    wake = loop.create_future()
-                    lane.idle.append(wake)
-                    await wake
-                    continue
-                try:
-                    await self._deliver(lane, *work)
-                except Exception:  # a bug here must not cost the lane a sender
-                    log.exception("delivery failed", extra={"provider": lane.provider.name})
-        finally:
-            lane.senders -= 1
+        while True:
+            work = lane.waiting.take()
+            if work is None:
+                wake = loop.create_future()
+                lane.idle.append(wake)
+                await wake
+                continue
+            try:
+                await self._deliver(lane, *work)
+            except Exception:  # a bug here must not cost the lane a sender
+                log.exception("delivery failed", extra={"provider": lane.provider.name})
 
     def _new_route(self, lane: _Lane, app: str) -> tuple[Circuit, SharedRate | None]:
         """The circuit and the shared rate of a provider/app, looked up once, not per delivery."""
@@ -514,6 +523,14 @@ class Worker:
                 lane.sending += 1
                 try:
                     outcome = await lane.provider.send(Delivery(job.message, device, job.entry.attempt, expiry))
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is None or task.cancelling():
+                        raise  # the worker is stopping this sender
+                    # A cancellation from inside the provider (a shared connect it waited on was
+                    # cancelled): the request's fate is unknown, so it is retried like a timeout.
+                    log.warning("provider request cancelled", extra={"provider": name, "msg_id": job.message.id})
+                    outcome = Retry("provider request cancelled")
                 except Exception as e:  # a provider bug must not lose the message: retry it
                     log.exception("provider raised", extra={"provider": name, "msg_id": job.message.id})
                     outcome = Retry(f"provider error: {type(e).__name__}")

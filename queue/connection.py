@@ -6,9 +6,9 @@ are long (an enqueue passes three arguments per message, a commit one per ack), 
 16% of the API's CPU under `python -m pushgw.bench.api_ingest` (docs/benchmarks.md).
 
 Encoding is the same: str as UTF-8, int and float as their `repr` (hiredis formats floats with
-repr's shortest round-trip digits), bytes as they are. Anything hiredis refuses (bool, None,
-memoryview, ...) goes through redis-py's own packer, so its `DataError` and its handling of
-memoryviews are unchanged.
+repr's shortest round-trip digits), bytes, bytearray and memoryview as they are (tests compare the
+bytes with redis-py's). Anything hiredis refuses (bool, None, ...) goes through redis-py's own
+packer, so its `DataError` is unchanged.
 """
 
 from __future__ import annotations
@@ -29,11 +29,10 @@ class _HiredisPacking:
     """Mixin for redis-py's asyncio connection classes (must come first in the bases)."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        # Like redis-py: a first argument with spaces ("CONFIG GET") is split into words.
+        # As redis-py does: a str command name is split into words ("CONFIG GET"), bytes on spaces.
         first = args[0]
         if isinstance(first, str):
-            if " " in first:
-                args = (*first.encode().split(), *args[1:])
+            args = (*first.encode().split(), *args[1:])
         elif isinstance(first, bytes) and b" " in first:
             args = (*first.split(), *args[1:])
         try:

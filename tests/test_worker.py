@@ -374,8 +374,51 @@ async def test_drain_deadline_leaves_unfinished_entries_pending_for_others(redis
     stop.set()
     await asyncio.wait_for(task, 5)
     assert (await StreamQueue(redis, Keys()).stats()).pending == 3  # not lost: another worker reclaims them
-    for t in list(worker._tasks):
-        t.cancel()
+    assert not worker._tasks  # its senders were stopped with it: nothing goes out after the drain
+    assert len(fcm.sent) == 0
+
+
+class CancelledOnce(ScriptedProvider):
+    """Its first request ends in a CancelledError from inside the provider (as when a shared
+    connection attempt it waited on is cancelled), not aimed at the worker's sender."""
+
+    async def send(self, delivery: Delivery) -> Outcome:
+        if not self.sent:
+            self.sent.append((delivery.device.token, delivery.attempt, delivery.message.id))
+            raise asyncio.CancelledError
+        return await super().send(delivery)
+
+
+async def test_a_cancellation_inside_a_provider_is_retried_and_the_lane_keeps_its_sender(redis: aioredis.Redis) -> None:
+    fcm = CancelledOnce("fcm")
+    settings = make_settings()
+    settings = replace(settings, providers=replace(settings.providers, concurrency=1))  # one sender
+    await enqueue(redis, *[msg(devices=[{"fcm": f"c{i}"}]) for i in range(3)])
+    worker = Worker(settings, redis, {"fcm": fcm}, consumer="w1")
+    async with running(worker):
+        await until(lambda: len({t for t, _, _ in fcm.sent}) == 3)
+        await until(lambda: settled(redis))
+        assert worker.lanes["fcm"].senders == 1
+    tokens = Counter(t for t, _, _ in fcm.sent)
+    first = fcm.sent[0][0]
+    assert tokens[first] == 2 and sum(tokens.values()) == 4  # the cancelled one retried, the rest once
+
+
+async def test_a_slow_healthy_provider_at_its_cap_does_not_hold_back_reads_for_the_others(redis: aioredis.Redis) -> None:
+    fcm, apns = SlowProvider("fcm"), ScriptedProvider("apns")
+    fcm.latency_s = 0.2  # 4 senders: 20 deliveries/s, so a backlog of 48 (the cap) takes 2.4 s > PARK_WAIT_S
+    settings = make_settings(provider_backlog=8, max_inflight=64)
+    settings = replace(settings, providers=replace(settings.providers, concurrency=4))
+    await enqueue(redis, *[msg(devices=[{"fcm": f"s{i}"}]) for i in range(100)])
+    await enqueue(redis, *[msg(devices=[{"apns": f"{i:064x}"}]) for i in range(50)])  # behind them in the stream
+    worker = Worker(settings, redis, {"fcm": fcm, "apns": apns}, consumer="w1")
+    async with running(worker):
+        await until(lambda: len(apns.sent) == 50)
+        # Reads went on once FCM's rate showed it slow (its new deliveries parked instead): had they
+        # waited for FCM to drain below its cap, APNs would have come after about 60 FCM sends.
+        assert len(fcm.sent) < 40
+        await until(lambda: len({t for t, _, _ in fcm.sent}) == 100, timeout=30)
+        await until(lambda: settled(redis))
 
 
 def sample(name: str, labels: dict[str, str]) -> float:
