@@ -62,8 +62,8 @@ class WorkerSettings:
     max_inflight: int = 4096  # deliveries in flight per process
     provider_backlog: int = 2048  # queued deliveries per provider before new ones are parked, unless the
     # provider drains its queue within 2 s at its measured rate (a burst on a healthy provider is not
-    # parked); never more than 3/4 of max_inflight per provider: reads pause while a healthy provider
-    # is at that cap (gateway/worker.py)
+    # parked); never more than 3/4 of max_inflight per provider: while a fast provider (draining
+    # within 2 s) is at that cap only the high lane is read, a slow one is parked (gateway/worker.py)
     claim_idle_s: float = 60.0  # a pending entry idle this long belongs to a dead consumer
     janitor_interval_s: float = 5.0
     drain_deadline_s: float = 25.0

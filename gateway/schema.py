@@ -95,7 +95,7 @@ EndpointCheck = Callable[[str], str | None]
 # against 0.5 µs, which was about 13% of the API's CPU per message and is paid again by every worker
 # decode (docs/benchmarks.md). Nothing hashes a Message (its data is a dict).
 if TYPE_CHECKING:
-    from typing_extensions import dataclass_transform
+    from typing import dataclass_transform
 
     @dataclass_transform(frozen_default=True, field_specifiers=(field,))
     def _message_class(cls: type[_T]) -> type[_T]: ...

@@ -218,7 +218,9 @@ class Worker:
             for t in senders:
                 t.cancel()
             if senders:
-                await asyncio.wait(senders, timeout=1.0)
+                _, left = await asyncio.wait(senders, timeout=1.0)
+                if left:  # what they settle now is not written: their entries are redelivered
+                    log.warning("senders still running after the drain", extra={"senders": len(left)})
             self._flusher_stop = True
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -442,14 +444,21 @@ class Worker:
                 wake.set_result(None)
                 return
         if lane.senders < lane.concurrency:
-            lane.senders += 1  # given back by the done callback, even if cancelled before it ran
-            task = asyncio.create_task(self._sender(lane), name=f"sender-{lane.provider.name}")
-            self._tasks.add(task)
-            task.add_done_callback(functools.partial(self._sender_done, lane))
+            self._add_sender(lane)
+
+    def _add_sender(self, lane: _Lane) -> None:
+        lane.senders += 1  # given back by the done callback, even if cancelled before it ran
+        task = asyncio.get_running_loop().create_task(self._sender(lane), name=f"sender-{lane.provider.name}")
+        self._tasks.add(task)
+        task.add_done_callback(functools.partial(self._sender_done, lane))
 
     def _sender_done(self, lane: _Lane, task: asyncio.Task[None]) -> None:
         lane.senders -= 1
         self._tasks.discard(task)
+        if not self.stopping and lane.waiting and lane.senders < lane.concurrency:
+            # A sender ended while the worker runs (a cancellation not aimed at it escaped): start
+            # another, or deliveries waiting in the lane would wait for the next `_start`.
+            self._add_sender(lane)
 
     async def _sender(self, lane: _Lane) -> None:
         """One of a lane's long-lived senders: takes waiting deliveries in priority order."""
@@ -564,6 +573,12 @@ class Worker:
         try:
             await rate.acquire()
             return True
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # the worker is stopping this sender
+            log.warning("provider rate wait cancelled", extra={"provider": rate.scope})
+            return False
         except (ConnectionError, OSError, aioredis.RedisError) as e:
             log.warning("provider rate unavailable", extra={"error": type(e).__name__, "provider": rate.scope})
             return False

@@ -404,6 +404,34 @@ async def test_a_cancellation_inside_a_provider_is_retried_and_the_lane_keeps_it
     assert tokens[first] == 2 and sum(tokens.values()) == 4  # the cancelled one retried, the rest once
 
 
+class CancelledRate:
+    """A shared provider rate whose first wait ends in a CancelledError not aimed at the sender."""
+
+    scope = "fcm"
+    waiting = 0
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def acquire(self) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise asyncio.CancelledError
+
+
+async def test_a_cancelled_rate_wait_parks_the_delivery_and_the_lane_keeps_its_sender(redis: aioredis.Redis) -> None:
+    fcm = ScriptedProvider("fcm")
+    settings = make_settings()
+    settings = replace(settings, providers=replace(settings.providers, concurrency=1))  # one sender
+    await enqueue(redis, *[msg(devices=[{"fcm": f"r{i}"}]) for i in range(3)])
+    worker = Worker(settings, redis, {"fcm": fcm}, consumer="w1", rates={"fcm": CancelledRate()})  # type: ignore[dict-item]
+    async with running(worker):
+        await until(lambda: len(fcm.sent) == 3, timeout=10)  # the parked one comes back after 1-2 s
+        await until(lambda: settled(redis))
+        assert worker.lanes["fcm"].senders == 1
+    assert sorted(t for t, _, _ in fcm.sent) == ["r0", "r1", "r2"]  # each once
+
+
 async def test_a_slow_healthy_provider_at_its_cap_does_not_hold_back_reads_for_the_others(redis: aioredis.Redis) -> None:
     fcm, apns = SlowProvider("fcm"), ScriptedProvider("apns")
     fcm.latency_s = 0.2  # 4 senders: 20 deliveries/s, so a backlog of 48 (the cap) takes 2.4 s > PARK_WAIT_S
