@@ -110,6 +110,11 @@ class _Lane:
     circuits: dict[str, Circuit] = field(default_factory=dict)  # app -> circuit
     routes: dict[str, tuple[Circuit, SharedRate | None]] = field(default_factory=dict)  # app -> circuit, rate
 
+    def stalled(self, now: float) -> bool:
+        """Nothing finished for STALL_S since the lane became busy (a lane idle for a while is not
+        hung just because its last answer is old)."""
+        return now - max(self.last_finish, self.busy_since) > STALL_S
+
 
 class Worker:
     """One consumer in the group. Run several per host (processes) and on any number of hosts."""
@@ -253,8 +258,7 @@ class Worker:
         fullest = 0
         for lane in self.lanes.values():
             queued = lane.queued
-            if (queued > fullest and queued <= lane.drain_per_s * PARK_WAIT_S
-                    and now - max(lane.last_finish, lane.busy_since) <= STALL_S):
+            if queued > fullest and queued <= lane.drain_per_s * PARK_WAIT_S and not lane.stalled(now):
                 fullest = queued
         return self._backlog_cap - fullest
 
@@ -420,9 +424,7 @@ class Worker:
         # 120k-message `pushgw bench`, each read, decoded and planned twice).
         if (backlog >= self.ws.provider_backlog and not (rate is not None and rate.waiting)
                 and (backlog > lane.drain_per_s * PARK_WAIT_S or backlog >= self._backlog_cap
-                     # stalled: nothing finished for STALL_S since the lane became busy (a lane
-                     # idle for a while is not hung just because its last answer is old)
-                     or time.monotonic() - max(lane.last_finish, lane.busy_since) > STALL_S)):
+                     or lane.stalled(time.monotonic()))):
             # The provider is not keeping up (slow or hung): park this delivery without spending
             # an attempt, so the worker keeps its capacity for the providers that answer. (High
             # deliveries count only against each other: a bulk backlog never parks a reminder.)
@@ -533,8 +535,7 @@ class Worker:
                 try:
                     outcome = await lane.provider.send(Delivery(job.message, device, job.entry.attempt, expiry))
                 except asyncio.CancelledError:
-                    task = asyncio.current_task()
-                    if task is None or task.cancelling():
+                    if _cancelling_me():
                         raise  # the worker is stopping this sender
                     # A cancellation from inside the provider (a shared connect it waited on was
                     # cancelled): the request's fate is unknown, so it is retried like a timeout.
@@ -574,8 +575,7 @@ class Worker:
             await rate.acquire()
             return True
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is None or task.cancelling():
+            if _cancelling_me():
                 raise  # the worker is stopping this sender
             log.warning("provider rate wait cancelled", extra={"provider": rate.scope})
             return False
@@ -736,6 +736,13 @@ class Worker:
 
 _POISON = Message(id="poison", body="(entry could not be decoded)")
 _EXPIRED = Rejected("expired while waiting")  # sentinel outcome: settled as expired, never sent
+
+
+def _cancelling_me() -> bool:
+    """Whether the CancelledError being handled is aimed at the current task (the worker stopping
+    a sender), not one that escaped from an awaited operation someone else cancelled."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 async def _sleep_or(stop: asyncio.Event, seconds: float) -> None:
