@@ -26,9 +26,10 @@ TOKEN = "bench-api-token-0123456789"  # noqa: S105 - a throwaway token of this l
 
 def _serve(redis_url: str, port: int) -> None:
     from aiohttp import web
-    from pushgw.gateway.api import create_app
-    from pushgw.gateway.config import ApiClient, ApiSettings, RedisSettings, Settings
-    from pushgw.gateway.pool import install_loop, make_redis
+
+    from ..core.config import ApiClient, ApiSettings, RedisSettings, Settings
+    from ..gateway.api import create_app
+    from ..gateway.pool import install_loop, make_redis
 
     install_loop()
     settings = Settings(redis=RedisSettings(url=redis_url, prefix="ingest"),
@@ -80,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--api-processes", type=int, default=1)
     args = ap.parse_args(argv)
-    from pushgw.bench.run import proc_stat
-    from pushgw.bench.sinks import free_port
-    from pushgw.gateway.embedded import EmbeddedRedis
+    from ..gateway.embedded import EmbeddedRedis
+    from .run import proc_stat
+    from .sinks import free_port
 
     def _cpu_s(pid: int) -> float:
         return proc_stat(pid)[0]

@@ -25,9 +25,9 @@ TOPIC = "org.example.bench"
 
 
 def _serve(directory: str, conn: Connection) -> None:
-    from pushgw.gateway.pool import install_loop
-    from pushgw.providers.fakes.apns import ApnsKey, FakeApns
-    from pushgw.providers.fakes.tls import make_local_ca
+    from ..gateway.pool import install_loop
+    from ..providers.fakes.apns import ApnsKey, FakeApns
+    from ..providers.fakes.tls import make_local_ca
 
     install_loop()
 
@@ -43,10 +43,10 @@ def _serve(directory: str, conn: Connection) -> None:
 
 
 async def _run(directory: Path, port: int, n: int, concurrency: int, connections: int) -> dict[str, Any]:
-    from pushgw.gateway.config import ApnsApp, ProviderSettings
-    from pushgw.gateway.schema import Device, Message
-    from pushgw.providers.apns import ApnsProvider
-    from pushgw.providers.base import Delivery
+    from ..core.config import ApnsApp, ProviderSettings
+    from ..core.schema import Device, Message
+    from ..providers.apns import ApnsProvider
+    from ..providers.base import Delivery
 
     app = ApnsApp("default", TOPIC, team_id="TEAMBENCH1", key_id="BENCH00001",
                   key_file=str(directory / "AuthKey_BENCH00001.p8"), host="127.0.0.1", port=port,
@@ -62,7 +62,7 @@ async def _run(directory: Path, port: int, n: int, concurrency: int, connections
 async def time_sends(provider: Any, deliveries: list[Any], concurrency: int) -> dict[str, Any]:
     """Send every delivery with `concurrency` senders in flight; wall time, rate and client CPU per push.
     Shared by the APNs and FCM client benchmarks; closes the provider."""
-    from pushgw.providers.base import Delivered
+    from ..providers.base import Delivered
 
     n, ok = len(deliveries), 0
     items = list(deliveries)
@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=500)
     ap.add_argument("--connections", type=int, default=2)
     args = ap.parse_args(argv)
-    from pushgw.gateway.pool import install_loop
-    from pushgw.providers.fakes.apns import make_apns_key
-    from pushgw.providers.fakes.tls import make_local_ca
+    from ..gateway.pool import install_loop
+    from ..providers.fakes.apns import make_apns_key
+    from ..providers.fakes.tls import make_local_ca
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from pushgw.gateway.config import (
+
+from ..core.config import (
     ApnsApp,
     CategoryCap,
     FcmApp,
@@ -37,7 +38,7 @@ from pushgw.gateway.config import (
     WebPushSettings,
     WorkerSettings,
 )
-from pushgw.gateway.schema import Device, Message
+from ..core.schema import Device, Message
 
 TOPIC = "org.example.bench"
 ENQUEUE_CHUNK = 1000
@@ -213,10 +214,10 @@ class Bench:
     # --- the run ----------------------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
-        from pushgw.gateway.embedded import EmbeddedRedis
-        from pushgw.providers.fakes.tls import make_local_ca
-        from pushgw.providers.vapid import make_vapid_key
-        from pushgw.queue.connection import redis_from_url
+        from ..gateway.embedded import EmbeddedRedis
+        from ..providers.fakes.tls import make_local_ca
+        from ..providers.vapid import make_vapid_key
+        from ..queue.connection import redis_from_url
 
         o = self.o
         ca = make_local_ca(self.tmp / "tls")
@@ -228,9 +229,9 @@ class Bench:
         ceiling: dict[str, float] = {}
         try:
             if o.mode == "fast":
-                from pushgw.bench.sinks import NginxSinks, sink_ceiling
-                from pushgw.providers.fakes.apns import make_apns_key
-                from pushgw.providers.fakes.fcm import make_service_account
+                from ..providers.fakes.apns import make_apns_key
+                from ..providers.fakes.fcm import make_service_account
+                from .sinks import NginxSinks, sink_ceiling
 
                 sinks = NginxSinks(self.tmp / "nginx", ca).start()
                 _progress("measuring the sinks' own ceiling with h2load ...", final=True)
@@ -246,9 +247,9 @@ class Bench:
                     return {"endpoint": f"https://127.0.0.1:{sinks.webpush_port}/push/s{counter}",
                             "keys": {"p256dh": _P256DH, "auth": _AUTH}}
             else:
-                from pushgw.providers.fakes.apns import FakeApns, make_apns_key
-                from pushgw.providers.fakes.fcm import FakeFcm
-                from pushgw.providers.fakes.webpush import FakePushService
+                from ..providers.fakes.apns import FakeApns, make_apns_key
+                from ..providers.fakes.fcm import FakeFcm
+                from ..providers.fakes.webpush import FakePushService
 
                 apns_key = make_apns_key(self.tmp / "apns")
                 apns_fake = await FakeApns(ca, keys=[apns_key], topics=[TOPIC]).start()
@@ -303,9 +304,9 @@ class Bench:
 
     async def _gateway_run(self, settings: Settings, url: str, redis: Any, pop: Population, sinks: Any,
                            fakes: list[Any], others: dict[str, list[int]]) -> dict[str, Any]:
-        from pushgw.gateway.pool import Pool
-        from pushgw.queue.keys import Keys
-        from pushgw.queue.streams import StreamQueue
+        from ..gateway.pool import Pool
+        from ..queue.keys import Keys
+        from ..queue.streams import StreamQueue
 
         o = self.o
         keys = Keys("bench")
@@ -382,7 +383,7 @@ class Bench:
             receipts = [(r.at, r.key) for r in sinks.receipts() if "ceiling" not in r.key and "00000000-0000" not in r.key]
         else:
             receipts = self._fake_receipts(fakes)
-        from pushgw.providers.apns import apns_id
+        from ..providers.apns import apns_id
 
         apns_ids = {apns_id(mid, key[5:]): (mid, key) for mid, key in expected
                     if key.startswith("apns:")}
@@ -454,7 +455,7 @@ class Bench:
 
     async def _dead_pairs(self, redis: Any, keys: Any) -> set[tuple[str, str]]:
         """(message id, device key) of every dead letter: what is accounted for without a receipt."""
-        from pushgw.gateway.schema import loads_message
+        from ..core.schema import loads_message
 
         out: set[tuple[str, str]] = set()
         for _, fields in await redis.xrange(keys.dead):
@@ -542,7 +543,7 @@ _AUTH = "BTBZMqHH6r4Tts7J_aSIgg"  # RFC 8291's example subscription keys: nginx 
 
 
 def _baseline_child(settings: Settings, path: str, index: int, count: int, queue: Any) -> None:
-    from pushgw.gateway.pool import install_loop
+    from ..gateway.pool import install_loop
 
     install_loop()
     queue.put(asyncio.run(_baseline_send(settings, _load_share(path, index, count))))
@@ -550,8 +551,8 @@ def _baseline_child(settings: Settings, path: str, index: int, count: int, queue
 
 def _load_share(path: str, index: int, count: int) -> list[Any]:
     """Every count-th delivery of the file, starting at index: this process's share of the baseline."""
-    from pushgw.gateway.schema import parse_device, parse_message
-    from pushgw.providers.base import Delivery
+    from ..core.schema import parse_device, parse_message
+    from ..providers.base import Delivery
 
     deliveries: list[Delivery] = []
     with open(path, "rb") as f:
@@ -569,8 +570,8 @@ def _load_share(path: str, index: int, count: int) -> list[Any]:
 
 async def _baseline_send(settings: Settings, deliveries: list[Any]) -> tuple[float, float, int, float]:
     """(start, end, delivered, CPU seconds of this process while sending)."""
-    from pushgw.providers import build_providers
-    from pushgw.providers.base import Delivered, Delivery
+    from ..providers import build_providers
+    from ..providers.base import Delivered, Delivery
 
     providers = build_providers(settings)
     by_provider: dict[str, list[Delivery]] = {name: [] for name in providers}
@@ -671,7 +672,7 @@ def summary(result: dict[str, Any]) -> str:
 def run(opts: Options) -> int:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="pushgw-bench-metrics-")
-    from pushgw.gateway.pool import install_loop
+    from ..gateway.pool import install_loop
 
     install_loop()
     with tempfile.TemporaryDirectory(prefix="pushgw-bench-") as tmp:

@@ -21,11 +21,11 @@ import orjson
 
 
 async def _run(items: int, movers: int) -> dict[str, float | int]:
-    from pushgw.gateway.embedded import EmbeddedRedis
-    from pushgw.gateway.pool import make_redis
-    from pushgw.gateway.schema import Message
-    from pushgw.queue.keys import Keys
-    from pushgw.queue.streams import StreamQueue
+    from ..core.schema import Message
+    from ..gateway.embedded import EmbeddedRedis
+    from ..gateway.pool import make_redis
+    from ..queue.keys import Keys
+    from ..queue.streams import StreamQueue
 
     with tempfile.TemporaryDirectory() as tmp:
         server = EmbeddedRedis(tmp, aof=False)

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
-from pushgw.providers.fakes.tls import LocalCA
+
+from ..providers.fakes.tls import LocalCA
 
 # The sink's fixed OAuth2 answer: a benchmark value, not a credential of anything.
 FCM_TOKEN_BODY = '{"access_token":"bench-access-token","expires_in":3600,"token_type":"Bearer"}'  # noqa: S105

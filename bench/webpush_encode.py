@@ -45,10 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=2000, help="messages per run (5 runs)")
     args = ap.parse_args(argv)
 
-    from pushgw.providers.vapid import VapidSigner, load_vapid_key, make_vapid_key
-    from pushgw.providers.webpush import encrypt, subscription_key
     from py_vapid import Vapid
     from pywebpush import WebPusher
+
+    from ..providers.vapid import VapidSigner, load_vapid_key, make_vapid_key
+    from ..providers.webpush import encrypt, subscription_key
 
     browser = ec.generate_private_key(ec.SECP256R1())
     public = browser.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)

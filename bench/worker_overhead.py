@@ -45,7 +45,7 @@ class InstantProvider:
     """A `Provider` that accepts every push at once: no network, no payload, so only the gateway costs CPU."""
 
     def __init__(self, name: str, tally: Tally) -> None:
-        from pushgw.providers.base import Delivered
+        from ..providers.base import Delivered
 
         self.name = name
         self._tally = tally
@@ -65,15 +65,15 @@ class InstantProvider:
 
 
 async def run_once(messages: int, users: int, policy: str, seed: int, profile: str | None = None) -> dict[str, Any]:
-    from pushgw.bench.run import _AUTH, _P256DH, ENQUEUE_CHUNK, Bench, Options, _bench_policy, store_population
-    from pushgw.gateway.config import ProviderSettings, RedisSettings, Settings, WorkerSettings
-    from pushgw.gateway.embedded import EmbeddedRedis
-    from pushgw.gateway.pool import make_redis
-    from pushgw.gateway.worker import Worker
-    from pushgw.queue.keys import Keys
-    from pushgw.queue.streams import StreamQueue
-    from pushgw.ratelimit.policy import DeliveryPolicy
-    from pushgw.ratelimit.provider_rate import rates_for
+    from ..core.config import ProviderSettings, RedisSettings, Settings, WorkerSettings
+    from ..gateway.embedded import EmbeddedRedis
+    from ..gateway.pool import make_redis
+    from ..gateway.worker import Worker
+    from ..queue.keys import Keys
+    from ..queue.streams import StreamQueue
+    from ..ratelimit.policy import DeliveryPolicy
+    from ..ratelimit.provider_rate import rates_for
+    from .run import _AUTH, _P256DH, ENQUEUE_CHUNK, Bench, Options, _bench_policy, store_population
 
     with tempfile.TemporaryDirectory(prefix="pushgw-overhead-") as tmp:
         server = EmbeddedRedis(Path(tmp) / "redis", aof=False)
@@ -188,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     # As in production (and before prometheus_client is imported): every sample goes to an mmapped file.
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="pushgw-overhead-metrics-")
-    from pushgw.gateway.logs import setup_logging
-    from pushgw.gateway.pool import install_loop
+    from ..core.logs import setup_logging
+    from ..gateway.pool import install_loop
 
     setup_logging("WARNING")
     install_loop()

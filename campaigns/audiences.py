@@ -17,10 +17,11 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from pushgw.gateway.profiles import update_hash
-from pushgw.gateway.schema import FieldError, MessageInvalid, parse_user
-from pushgw.queue.keys import Keys
-from pushgw.ratelimit.windows import WindowError, zone
+
+from ..core.schema import FieldError, MessageInvalid, parse_user
+from ..core.windows import WindowError, zone
+from ..queue.keys import Keys
+from ..users.profiles import update_hash
 
 VALUE_RE = re.compile(r"^[a-z0-9_-]{1,48}\Z")
 LOCALE_RE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}\Z")

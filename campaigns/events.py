@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from pushgw.campaigns.audiences import VALUE_RE
-from pushgw.campaigns.experiments import CONTROL, message_id_names, parse_message_id
-from pushgw.campaigns.fanout import CampaignStore, Stored
-from pushgw.gateway import metrics
-from pushgw.gateway.schema import FieldError, MessageInvalid
-from pushgw.queue.keys import Keys
+
+from ..core import metrics
+from ..core.schema import FieldError, MessageInvalid
+from ..queue.keys import Keys
+from .audiences import VALUE_RE
+from .experiments import CONTROL, message_id_names, parse_message_id
+from .fanout import CampaignStore, Stored
 
 TYPES = ("opened", "clicked", "converted", "dismissed", "opt_out")
 COUNTED = {"clicked": "opened"}

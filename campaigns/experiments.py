@@ -24,8 +24,8 @@ from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from pushgw.campaigns.audiences import VALUE_RE, VAR_RE, Audience, parse_audience
-from pushgw.gateway.schema import MAX_ID_LEN, MAX_SCHEDULE_S, MAX_TTL_S, FieldError, MessageInvalid
+from ..core.schema import MAX_ID_LEN, MAX_SCHEDULE_S, MAX_TTL_S, FieldError, MessageInvalid
+from .audiences import VALUE_RE, VAR_RE, Audience, parse_audience
 
 CONTROL = "control"
 SCALE = 1 << 64

@@ -28,17 +28,18 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from pushgw.campaigns.audiences import VALUE_RE, UserAttributes, materialize
-from pushgw.campaigns.experiments import CONTROL, Campaign, Stage, load_campaign, message_id, parse_campaign, share
-from pushgw.campaigns.templates import RenderError, Template, Templates
-from pushgw.gateway import metrics
-from pushgw.gateway.config import Settings
-from pushgw.gateway.schema import FieldError, Message, MessageInvalid, parse_message
-from pushgw.providers.base import PayloadTooLarge
-from pushgw.providers.payloads import check_payload_limits
-from pushgw.queue.keys import Keys
-from pushgw.queue.streams import StreamQueue
-from pushgw.ratelimit.windows import zone
+
+from ..core import metrics
+from ..core.config import Settings
+from ..core.schema import FieldError, Message, MessageInvalid, parse_message
+from ..core.windows import zone
+from ..providers.base import PayloadTooLarge
+from ..providers.payloads import check_payload_limits
+from ..queue.keys import Keys
+from ..queue.streams import StreamQueue
+from .audiences import VALUE_RE, UserAttributes, materialize
+from .experiments import CONTROL, Campaign, Stage, load_campaign, message_id, parse_campaign, share
+from .templates import RenderError, Template, Templates
 
 log = logging.getLogger("pushgw.campaigns")
 

@@ -32,9 +32,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from pushgw.campaigns.experiments import CONTROL
-from pushgw.campaigns.fanout import CampaignStore
-from pushgw.queue.keys import Keys
+
+from ..queue.keys import Keys
+from .experiments import CONTROL
+from .fanout import CampaignStore
 
 Z95 = 1.959963984540054
 ALPHA = 0.05

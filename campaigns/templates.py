@@ -18,9 +18,10 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from pushgw.campaigns.audiences import LOCALE_RE, VALUE_RE, VAR_RE
-from pushgw.gateway.schema import FieldError, MessageInvalid
-from pushgw.queue.keys import Keys
+
+from ..core.schema import FieldError, MessageInvalid
+from ..queue.keys import Keys
+from .audiences import LOCALE_RE, VALUE_RE, VAR_RE
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 TEXT_FIELDS = ("title", "body")

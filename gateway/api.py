@@ -25,16 +25,17 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
-from pushgw.campaigns.fanout import CampaignError
-from pushgw.gateway import metrics
-from pushgw.gateway.config import ApiClient, ConfigError, Settings
-from pushgw.gateway.intake import Intake
-from pushgw.gateway.profiles import Profiles
-from pushgw.gateway.registry import RegistryFull
-from pushgw.gateway.schema import MessageInvalid
-from pushgw.queue.deadletter import DeadLetters
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..campaigns.fanout import CampaignError
+from ..core import metrics
+from ..core.config import ApiClient, ConfigError, Settings
+from ..core.schema import MessageInvalid
+from ..queue.deadletter import DeadLetters
+from ..users.profiles import Profiles
+from ..users.registry import RegistryFull
+from .intake import Intake
 
 log = logging.getLogger("pushgw.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -345,7 +346,7 @@ def create_app(settings: Settings, redis: aioredis.Redis) -> web.Application:
     app.router.add_get("/v1/deadletters", r.dead_letters)
     app.router.add_post("/v1/deadletters/replay", r.replay)
     app.router.add_get("/v1/events/invalid-tokens", r.invalid_tokens)
-    from pushgw.gateway.campaign_routes import add_routes
+    from .campaign_routes import add_routes
 
     add_routes(app, auth)
     app.router.add_get("/healthz", _healthz)
@@ -357,8 +358,8 @@ def create_app(settings: Settings, redis: aioredis.Redis) -> web.Application:
 
 async def serve_api(settings: Settings, redis_url: str, supervise: Callable[[], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT; `supervise` (the worker pool's) is called every second meanwhile."""
-    from pushgw.gateway.logs import setup_logging
-    from pushgw.gateway.pool import make_redis
+    from ..core.logs import setup_logging
+    from .pool import make_redis
 
     setup_logging(settings.log_level)
     redis = make_redis(redis_url, max_connections=128, timeout_s=5.0)

@@ -11,13 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-from pushgw.campaigns.audiences import UserAttributes, count, parse_audience
-from pushgw.campaigns.events import EventRecorder, summary
-from pushgw.campaigns.fanout import CampaignStore
-from pushgw.campaigns.report import ChartUnavailable, campaign_report, chart_png, report_exists
-from pushgw.campaigns.templates import RenderError, Templates
-from pushgw.gateway.api import CLIENT, INTAKE, REDIS, ApiError, Authenticator, _body, _json, _need
-from pushgw.gateway.schema import FieldError, MessageInvalid
+
+from ..campaigns.audiences import UserAttributes, count, parse_audience
+from ..campaigns.events import EventRecorder, summary
+from ..campaigns.fanout import CampaignStore
+from ..campaigns.report import ChartUnavailable, campaign_report, chart_png, report_exists
+from ..campaigns.templates import RenderError, Templates
+from ..core.schema import FieldError, MessageInvalid
+from .api import CLIENT, INTAKE, REDIS, ApiError, Authenticator, _body, _json, _need
 
 MAX_IMPORT = 1000
 

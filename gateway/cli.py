@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pushgw.gateway.config import ConfigError, Settings, load_settings
-from pushgw.gateway.embedded import EmbeddedRedis, EmbeddedRedisError
+from ..core.config import ConfigError, Settings, load_settings
+from .embedded import EmbeddedRedis, EmbeddedRedisError
 
 
 def _multiproc_dir() -> None:
@@ -51,13 +51,13 @@ def _print(obj: Any) -> None:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from pushgw.gateway.demo import run_demo
+    from .demo import run_demo
 
     return run_demo(learners=args.learners, messages=args.messages, processes=args.processes, seed=args.seed)
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from pushgw.bench.run import options_from, run
+    from ..bench.run import options_from, run
 
     if args.messages < 1 or args.users < 1 or args.processes < 1 or args.rate < 0 or args.duration < 0:
         sys.stderr.write("error: --messages, --users and --processes must be at least 1; --rate and --duration >= 0\n")
@@ -76,8 +76,8 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """API and worker processes on one host, sharing one metrics folder."""
     _multiproc_dir()
-    from pushgw.gateway.api import serve_api
-    from pushgw.gateway.pool import Pool, install_loop
+    from .api import serve_api
+    from .pool import Pool, install_loop
 
     url, embedded = redis_target(settings)
     processes = args.processes or settings.worker.processes
@@ -98,7 +98,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     import signal
     import time
 
-    from pushgw.gateway.pool import Pool
+    from .pool import Pool
 
     url, embedded = redis_target(settings)
     pool = Pool(settings, url, args.processes or settings.worker.processes, args.consumer_prefix)
@@ -123,8 +123,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
-    from pushgw.gateway.api import serve_api
-    from pushgw.gateway.pool import install_loop
+    from .api import serve_api
+    from .pool import install_loop
 
     url, embedded = redis_target(settings)
     install_loop()
@@ -150,8 +150,8 @@ async def _with_client(settings: Settings, fn: Any) -> Any:
 
 
 def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
-    from pushgw.gateway.client import PushClient
-    from pushgw.gateway.schema import MessageInvalid
+    from ..core.schema import MessageInvalid
+    from .client import PushClient
 
     if args.json:
         raw = sys.stdin.read() if args.json == "-" else Path(args.json).read_text()
@@ -182,8 +182,8 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
-    from pushgw.queue.deadletter import DeadLetters
-    from pushgw.queue.keys import Keys
+    from ..queue.deadletter import DeadLetters
+    from ..queue.keys import Keys
 
     keys = Keys(settings.redis.prefix)
     if args.action in ("replay", "purge") and not args.ids and not args.all:
@@ -206,7 +206,7 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_devices(args: argparse.Namespace, settings: Settings) -> int:
-    from pushgw.gateway.client import PushClient
+    from .client import PushClient
 
     async def go(redis: Any) -> Any:
         client = PushClient(redis, settings)
@@ -216,8 +216,8 @@ def cmd_devices(args: argparse.Namespace, settings: Settings) -> int:
             return {"registered": args.user}
         if args.action == "rm":
             return {"removed": await client.unregister_device(args.user, args.key)}
-        from pushgw.gateway.registry import DeviceRegistry
-        from pushgw.queue.keys import Keys
+        from ..queue.keys import Keys
+        from ..users.registry import DeviceRegistry
 
         return [d.to_json() | {"key": d.key} for d in await DeviceRegistry(redis, Keys(settings.redis.prefix)).devices(args.user)]
 
@@ -226,8 +226,8 @@ def cmd_devices(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_prefs(args: argparse.Namespace, settings: Settings) -> int:
-    from pushgw.gateway.client import UNSET, PushClient
-    from pushgw.gateway.schema import MessageInvalid
+    from ..core.schema import MessageInvalid
+    from .client import UNSET, PushClient
 
     async def go(redis: Any) -> Any:
         client = PushClient(redis, settings)
@@ -259,11 +259,11 @@ def _read_json(path: str) -> Any:
 
 def _campaign_command(settings: Settings, fn: Any) -> int:
     """Run `fn(client, redis)`; validation errors and refusals print to stderr with exit status 2."""
-    from pushgw.campaigns.fanout import CampaignError
-    from pushgw.campaigns.report import ChartUnavailable
-    from pushgw.campaigns.templates import RenderError
-    from pushgw.gateway.client import PushClient
-    from pushgw.gateway.schema import MessageInvalid
+    from ..campaigns.fanout import CampaignError
+    from ..campaigns.report import ChartUnavailable
+    from ..campaigns.templates import RenderError
+    from ..core.schema import MessageInvalid
+    from .client import PushClient
 
     async def go(redis: Any) -> Any:
         return await fn(PushClient(redis, settings), redis)
@@ -302,8 +302,8 @@ def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_templates(args: argparse.Namespace, settings: Settings) -> int:
     async def go(client: Any, redis: Any) -> Any:
-        from pushgw.campaigns.templates import Templates
-        from pushgw.queue.keys import Keys
+        from ..campaigns.templates import Templates
+        from ..queue.keys import Keys
 
         templates = Templates(redis, Keys(settings.redis.prefix))
         if args.action == "list":
@@ -327,9 +327,9 @@ def cmd_templates(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_campaigns(args: argparse.Namespace, settings: Settings) -> int:
     async def go(client: Any, redis: Any) -> Any:
-        from pushgw.campaigns.fanout import CampaignStore, FanoutRunner
-        from pushgw.campaigns.report import format_report
-        from pushgw.queue.keys import Keys
+        from ..campaigns.fanout import CampaignStore, FanoutRunner
+        from ..campaigns.report import format_report
+        from ..queue.keys import Keys
 
         store = CampaignStore(redis, Keys(settings.redis.prefix))
         if args.action == "list":
@@ -350,7 +350,7 @@ def cmd_campaigns(args: argparse.Namespace, settings: Settings) -> int:
         if args.action == "report":
             report = await client.campaign_report(args.target)
             if args.chart:
-                from pushgw.campaigns.report import chart_png
+                from ..campaigns.report import chart_png
 
                 png = chart_png(report)
                 await asyncio.to_thread(Path(args.chart).write_bytes, png)
@@ -369,8 +369,8 @@ def cmd_campaigns(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
     async def go(client: Any, redis: Any) -> Any:
-        from pushgw.campaigns.events import summary
-        from pushgw.gateway.schema import FieldError, MessageInvalid
+        from ..campaigns.events import summary
+        from ..core.schema import FieldError, MessageInvalid
 
         if args.action == "import":
             events = _read_json(args.file)
@@ -391,7 +391,7 @@ def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_vapid_keygen(args: argparse.Namespace, settings: Settings) -> int:
-    from pushgw.providers.vapid import application_server_key, load_vapid_key, make_vapid_key
+    from ..providers.vapid import application_server_key, load_vapid_key, make_vapid_key
 
     path = make_vapid_key(args.directory)
     # The public half is what web pages pass to pushManager.subscribe({applicationServerKey}).
@@ -528,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         sys.stderr.write(f"configuration error: {e}\n")
         return 2
-    from pushgw.gateway.logs import setup_logging
+    from ..core.logs import setup_logging
 
     setup_logging(settings.log_level)
     try:

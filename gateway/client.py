@@ -15,17 +15,18 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from pushgw.campaigns.audiences import Attributes, UserAttributes, count, parse_audience
-from pushgw.campaigns.events import EventRecorder
-from pushgw.campaigns.experiments import Campaign
-from pushgw.campaigns.fanout import CampaignError, CampaignStore
-from pushgw.campaigns.report import campaign_report, chart_png, report_exists
-from pushgw.campaigns.templates import Rendered, Template, Templates
-from pushgw.gateway.config import Settings
-from pushgw.gateway.intake import Intake
-from pushgw.gateway.profiles import Preferences, Profiles
-from pushgw.gateway.schema import Device
-from pushgw.queue.connection import redis_from_url
+
+from ..campaigns.audiences import Attributes, UserAttributes, count, parse_audience
+from ..campaigns.events import EventRecorder
+from ..campaigns.experiments import Campaign
+from ..campaigns.fanout import CampaignError, CampaignStore
+from ..campaigns.report import campaign_report, chart_png, report_exists
+from ..campaigns.templates import Rendered, Template, Templates
+from ..core.config import Settings
+from ..core.schema import Device
+from ..queue.connection import redis_from_url
+from ..users.profiles import Preferences, Profiles
+from .intake import Intake
 
 
 class Unset:

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from pushgw.gateway.config import (
+
+from ..core.config import (
     ApnsApp,
     FcmApp,
     ProviderSettings,
@@ -64,7 +65,7 @@ def _progress(done: int, total: int, started: float, extra: str = "", *, force: 
 def run_demo(*, learners: int = 400, messages: int = 3000, processes: int = 2, seed: int = 7) -> int:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="pushgw-demo-metrics-")
-    from pushgw.gateway.pool import install_loop
+    from .pool import install_loop
 
     install_loop()
     with tempfile.TemporaryDirectory(prefix="pushgw-demo-") as tmp:
@@ -73,16 +74,17 @@ def run_demo(*, learners: int = 400, messages: int = 3000, processes: int = 2, s
 
 async def _demo(tmp: Path, n_learners: int, n_messages: int, processes: int, seed: int) -> int:
     import redis.asyncio as aioredis
-    from pushgw.gateway.client import PushClient
-    from pushgw.gateway.embedded import EmbeddedRedis
-    from pushgw.gateway.pool import Pool
-    from pushgw.providers.fakes.apns import FakeApns, make_apns_key
-    from pushgw.providers.fakes.fcm import FakeFcm, make_service_account
-    from pushgw.providers.fakes.tls import make_local_ca
-    from pushgw.providers.fakes.webpush import FakePushService
-    from pushgw.providers.vapid import make_vapid_key
-    from pushgw.queue.keys import Keys
-    from pushgw.queue.streams import StreamQueue
+
+    from ..providers.fakes.apns import FakeApns, make_apns_key
+    from ..providers.fakes.fcm import FakeFcm, make_service_account
+    from ..providers.fakes.tls import make_local_ca
+    from ..providers.fakes.webpush import FakePushService
+    from ..providers.vapid import make_vapid_key
+    from ..queue.keys import Keys
+    from ..queue.streams import StreamQueue
+    from .client import PushClient
+    from .embedded import EmbeddedRedis
+    from .pool import Pool
 
     rng = random.Random(seed)
     out = sys.stdout
@@ -243,9 +245,9 @@ def _notifications(learners: list[Learner], n: int, rng: random.Random) -> list[
 
 async def _report(redis: Any, settings: Settings, batch: list[dict[str, Any]], by_user: dict[str, Learner],
                   apns: Any, fcm: Any, webpush: Any, elapsed: float, programmed: Counter[str]) -> bool:
-    from pushgw.gateway.registry import DeviceRegistry
-    from pushgw.queue.deadletter import DeadLetters
-    from pushgw.queue.keys import Keys
+    from ..queue.deadletter import DeadLetters
+    from ..queue.keys import Keys
+    from ..users.registry import DeviceRegistry
 
     out = sys.stdout
     key_by_sub = {_sub_id(d): _dev_key(d) for lr in by_user.values() for d in lr.devices if "webpush" in d}
@@ -295,7 +297,7 @@ def _retried(*fakes: Any) -> list[Any]:
 
 def _dev_key(d: dict[str, Any]) -> str:
     """The registry's key of a device given as API JSON (what events and dead letters carry)."""
-    from pushgw.gateway.schema import FieldError, parse_device
+    from ..core.schema import FieldError, parse_device
 
     errors: list[FieldError] = []
     device = parse_device(d, "device", errors, None)

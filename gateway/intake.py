@@ -13,15 +13,16 @@ from contextlib import suppress
 from typing import Any
 
 import redis.asyncio as aioredis
-from pushgw.gateway import metrics
-from pushgw.gateway.config import Settings
-from pushgw.gateway.registry import DeviceRegistry
-from pushgw.gateway.schema import PROVIDERS, Device, FieldError, Message, MessageInvalid, parse_device, parse_message, parse_user
-from pushgw.providers.base import PayloadTooLarge
-from pushgw.providers.endpoints import EndpointPolicy
-from pushgw.providers.payloads import check_payload_limits
-from pushgw.queue.keys import Keys
-from pushgw.queue.streams import StreamQueue
+
+from ..core import metrics
+from ..core.config import Settings
+from ..core.schema import PROVIDERS, Device, FieldError, Message, MessageInvalid, parse_device, parse_message, parse_user
+from ..providers.base import PayloadTooLarge
+from ..providers.endpoints import EndpointPolicy
+from ..providers.payloads import check_payload_limits
+from ..queue.keys import Keys
+from ..queue.streams import StreamQueue
+from ..users.registry import DeviceRegistry
 
 ENQUEUE_CHUNK = 500  # messages per Lua call: keeps one script run short for other Redis clients
 
@@ -71,8 +72,8 @@ class Intake:
         message that cannot be rendered completely is refused, never sent with a gap."""
         if not any(isinstance(o, dict) and "template" in o for o in objs):
             return list(objs)
-        from pushgw.campaigns.audiences import NO_ATTRIBUTES, UserAttributes
-        from pushgw.campaigns.templates import RenderError, Template, Templates
+        from ..campaigns.audiences import NO_ATTRIBUTES, UserAttributes
+        from ..campaigns.templates import RenderError, Template, Templates
 
         templates = Templates(self.queue.redis, self.keys)
         cache: dict[str, Template] = {}

@@ -39,18 +39,19 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from prometheus_client import Gauge
-from pushgw.gateway import metrics
-from pushgw.gateway.config import Settings
-from pushgw.gateway.registry import DeviceRegistry
-from pushgw.gateway.schema import Device, Message, MessageInvalid, loads_message
-from pushgw.gateway.slots import PriorityDeque
-from pushgw.providers.base import Delivered, Delivery, Outcome, Provider, Rejected, Retry, TokenInvalid
-from pushgw.queue.keys import Keys
-from pushgw.queue.streams import LANES, Commit, DeadLetter, Entry, StreamQueue
-from pushgw.ratelimit.base import ADMIT, Defer, Drop, Limiter, Unlimited
-from pushgw.ratelimit.circuit import Circuit
-from pushgw.ratelimit.circuit import State as CircuitState
-from pushgw.ratelimit.provider_rate import SharedRate
+
+from ..core import metrics
+from ..core.config import Settings
+from ..core.schema import Device, Message, MessageInvalid, loads_message
+from ..providers.base import Delivered, Delivery, Outcome, Provider, Rejected, Retry, TokenInvalid
+from ..queue.keys import Keys
+from ..queue.streams import LANES, Commit, DeadLetter, Entry, StreamQueue
+from ..ratelimit.base import ADMIT, Defer, Drop, Limiter, Unlimited
+from ..ratelimit.circuit import Circuit
+from ..ratelimit.circuit import State as CircuitState
+from ..ratelimit.provider_rate import SharedRate
+from ..users.registry import DeviceRegistry
+from .slots import PriorityDeque
 
 log = logging.getLogger("pushgw.worker")
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pushgw.gateway.config import Settings
-from pushgw.providers.base import Provider
+from ..core.config import Settings
+from .base import Provider
 
 
 def build_providers(settings: Settings) -> dict[str, Provider]:
@@ -14,15 +14,15 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
     """
     out: dict[str, Provider] = {}
     if settings.apns:
-        from pushgw.providers.apns import ApnsProvider
+        from .apns import ApnsProvider
 
         out["apns"] = ApnsProvider(settings.apns, settings.providers)
     if settings.fcm:
-        from pushgw.providers.fcm import FcmProvider
+        from .fcm import FcmProvider
 
         out["fcm"] = FcmProvider(settings.fcm, settings.providers)
     if settings.webpush.vapid_private_key_file:
-        from pushgw.providers.webpush import WebPushProvider
+        from .webpush import WebPushProvider
 
         out["webpush"] = WebPushProvider(settings.webpush, settings.providers)
     return out

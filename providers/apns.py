@@ -26,11 +26,12 @@ import uuid
 from collections.abc import Callable, Sequence
 
 import orjson
-from pushgw.gateway.config import ApnsApp, ConfigError, ProviderSettings
-from pushgw.gateway.metrics import HELD, PROVIDER_LATENCY
-from pushgw.gateway.schema import Message
-from pushgw.providers.base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
-from pushgw.providers.h2client import (
+
+from ..core.config import ApnsApp, ConfigError, ProviderSettings
+from ..core.metrics import HELD, PROVIDER_LATENCY
+from ..core.schema import Message
+from .base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
+from .h2client import (
     ConnectionLost,
     H2ClientConnection,
     H2Error,
@@ -39,8 +40,8 @@ from pushgw.providers.h2client import (
     encode_field,
     encode_headers,
 )
-from pushgw.providers.jose import load_p256_key, sign_es256
-from pushgw.providers.payloads import apns_payload, check_payload_limits
+from .jose import load_p256_key, sign_es256
+from .payloads import apns_payload, check_payload_limits
 
 PRODUCTION_HOST = "api.push.apple.com"
 SANDBOX_HOST = "api.sandbox.push.apple.com"

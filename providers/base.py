@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from pushgw.gateway.schema import Device, Message
+from ..core.schema import Device, Message
 
 
 @dataclass(frozen=True, slots=True)

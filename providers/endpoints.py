@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import urlsplit
 
-from pushgw.gateway.config import WebPushSettings
+from ..core.config import WebPushSettings
 
 MAX_ENDPOINT_LEN = 2048
 

@@ -51,13 +51,14 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 from multidict import CIMultiDict
-from pushgw.gateway.config import ConfigError, FcmApp, ProviderSettings
-from pushgw.gateway.metrics import HELD, PROVIDER_LATENCY
-from pushgw.gateway.schema import Message
-from pushgw.providers.base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
-from pushgw.providers.h2client import ConnectionLost, H2Error, H2Pool, NoHttp2, StreamRefused, encode_headers
-from pushgw.providers.oauth2 import AccessTokenSource, TokenUnavailable, load_service_account
-from pushgw.providers.payloads import check_payload_limits, fcm_message
+
+from ..core.config import ConfigError, FcmApp, ProviderSettings
+from ..core.metrics import HELD, PROVIDER_LATENCY
+from ..core.schema import Message
+from .base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
+from .h2client import ConnectionLost, H2Error, H2Pool, NoHttp2, StreamRefused, encode_headers
+from .oauth2 import AccessTokenSource, TokenUnavailable, load_service_account
+from .payloads import check_payload_limits, fcm_message
 
 QUOTA_DEFAULT_RETRY_S = 60.0  # Google: back off at least a minute after QUOTA_EXCEEDED
 CONNECTIONS = 4  # HTTP/2 connections per app and process, at most (opened as the streams in flight need them)

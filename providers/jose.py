@@ -16,7 +16,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
-from pushgw.gateway.config import ConfigError
+
+from ..core.config import ConfigError
 
 _ES256 = ec.ECDSA(hashes.SHA256())
 

@@ -30,8 +30,9 @@ import aiohttp
 import orjson
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from pushgw.gateway.config import ConfigError
-from pushgw.providers.jose import b64url
+
+from ..core.config import ConfigError
+from .jose import b64url
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from pushgw.gateway.schema import Message
-from pushgw.providers.base import PayloadTooLarge
+
+from ..core.schema import Message
+from .base import PayloadTooLarge
 
 APNS_MAX_PAYLOAD = 4096
 FCM_MAX_PAYLOAD = 4096

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from pushgw.gateway.config import ConfigError
-from pushgw.providers.jose import b64url, load_p256_key, sign_es256
+
+from ..core.config import ConfigError
+from .jose import b64url, load_p256_key, sign_es256
 
 TOKEN_LIFETIME_S = 12 * 3600
 REFRESH_BEFORE_S = 3600

@@ -57,15 +57,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from multidict import CIMultiDict
-from pushgw.gateway.config import ConfigError, ProviderSettings, WebPushSettings
-from pushgw.gateway.metrics import HELD, PROVIDER_LATENCY
-from pushgw.gateway.schema import Message
-from pushgw.providers.base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
-from pushgw.providers.endpoints import EndpointPolicy
-from pushgw.providers.h2client import H2Error, H2Pool, H2Response, NoHttp2
-from pushgw.providers.jose import b64url, b64url_decode
-from pushgw.providers.payloads import check_payload_limits, webpush_plaintext
-from pushgw.providers.vapid import VapidSigner, load_vapid_key
+
+from ..core.config import ConfigError, ProviderSettings, WebPushSettings
+from ..core.metrics import HELD, PROVIDER_LATENCY
+from ..core.schema import Message
+from .base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
+from .endpoints import EndpointPolicy
+from .h2client import H2Error, H2Pool, H2Response, NoHttp2
+from .jose import b64url, b64url_decode
+from .payloads import check_payload_limits, webpush_plaintext
+from .vapid import VapidSigner, load_vapid_key
 
 RECORD_SIZE = 4096
 DEFAULT_TTL_S = 28 * 24 * 3600  # no expiry given: keep it as long as the services allow

@@ -16,7 +16,8 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from pushgw.queue.keys import Keys
+
+from .keys import Keys
 
 
 def _s(v: Any) -> str:

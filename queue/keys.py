@@ -58,7 +58,7 @@ class Keys:
         return f"{self.prefix}:done:{ref}"
 
     def user(self, user: str) -> str:
-        """Hash of a user's stored preferences: time zone, opt-outs (gateway/profiles.py)."""
+        """Hash of a user's stored preferences: time zone, opt-outs (users/profiles.py)."""
         return f"{self.prefix}:user:{user}"
 
     def provider_rate(self, scope: str) -> str:

@@ -30,9 +30,10 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from pushgw.gateway.schema import Device, Message
-from pushgw.queue.keys import Keys
 from redis.exceptions import ResponseError
+
+from ..core.schema import Device, Message
+from .keys import Keys
 
 INVALID_TOKEN_EVENTS_MAXLEN = 1_000_000  # events are a feed for upstream services, not a record
 KPI_TTL_S = 180 * 86400  # campaign delivery sets outlive any experiment's reading period

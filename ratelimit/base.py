@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from pushgw.gateway.schema import Message
+from ..core.schema import Message
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,11 +25,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from pushgw.gateway import metrics
-from pushgw.gateway.config import PolicySettings
-from pushgw.gateway.schema import Message
-from pushgw.queue.keys import Keys
-from pushgw.ratelimit.base import ADMIT, Decision, Defer, Drop
+
+from ..core import metrics
+from ..core.config import PolicySettings
+from ..core.schema import Message
+from ..queue.keys import Keys
+from .base import ADMIT, Decision, Defer, Drop
 
 # KEYS: per message, its cap key and its burst key ("" when the rule does not apply).
 # ARGV: now_ms, burst_limit, burst_period_ms, then per message: member id, cap limit, cap period ms.

@@ -9,7 +9,7 @@
 3. **frequency caps** and the burst limit (ratelimit/caps.py): one Lua call for what is left.
 
 The window comes before the caps, so a message held for the morning does not use up a slot in
-the evening. Preferences come from one pipelined read for the batch's users (gateway/profiles.py).
+the evening. Preferences come from one pipelined read for the batch's users (users/profiles.py).
 Device-targeted messages (no user) pass untouched. Retries of an admitted message, dead-letter
 replays and entries read again after a crash meet the opt-out check only (they were decided once).
 """
@@ -20,14 +20,15 @@ from collections.abc import Sequence
 from zoneinfo import ZoneInfo
 
 import redis.asyncio as aioredis
-from pushgw.gateway import metrics
-from pushgw.gateway.config import PolicySettings
-from pushgw.gateway.profiles import NO_PREFERENCES, Profiles
-from pushgw.gateway.schema import Message
-from pushgw.queue.keys import Keys
-from pushgw.ratelimit.base import ADMIT, Decision, Defer, Drop
-from pushgw.ratelimit.caps import FrequencyCaps
-from pushgw.ratelimit.windows import SendWindows, WindowError, jitter_for, zone
+
+from ..core import metrics
+from ..core.config import PolicySettings
+from ..core.schema import Message
+from ..core.windows import SendWindows, WindowError, jitter_for, zone
+from ..queue.keys import Keys
+from ..users.profiles import NO_PREFERENCES, Profiles
+from .base import ADMIT, Decision, Defer, Drop
+from .caps import FrequencyCaps
 
 
 class DeliveryPolicy:

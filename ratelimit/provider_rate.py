@@ -18,8 +18,9 @@ import time
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
-from pushgw.gateway import metrics
-from pushgw.queue.keys import Keys
+
+from ..core import metrics
+from ..queue.keys import Keys
 
 # KEYS: tat key   ARGV: now_ms ('' = Redis's own clock), interval_ms (float), wanted, burst_ms
 # -> {granted, wait_ms}. Redis's clock by default: every worker on every host then shares one time, so

@@ -6,10 +6,15 @@ bash scripts/setup.sh
 echo "==> ruff"
 .venv/bin/ruff check .
 echo "==> mypy"
-# mypy cannot follow setuptools' editable import hook, so it reads the same folders through links
-# that give them their installed names (pushgw.gateway -> gateway/, ...).
-rm -rf build/typecheck && mkdir -p build/typecheck/pushgw
-for d in gateway providers queue ratelimit bench campaigns; do ln -s "$PWD/$d" "build/typecheck/pushgw/$d"; done
-MYPYPATH=build/typecheck .venv/bin/mypy -p pushgw.gateway -p pushgw.providers -p pushgw.queue -p pushgw.ratelimit -p pushgw.bench -p pushgw.campaigns
+# The repository root is the pushgw package and every import inside it is relative, so mypy reads the
+# folders as they are (files and excludes in pyproject.toml). mypy names the package after the folder
+# that holds it, so in a clone whose folder name is no Python identifier it reads a copy instead.
+if [[ "$(basename "$PWD")" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]]; then
+  .venv/bin/mypy
+else
+  rm -rf build/typecheck && mkdir -p build/typecheck/pushgw
+  git ls-files -z -- '*.py' py.typed pyproject.toml | xargs -0 cp --parents -t build/typecheck/pushgw
+  (cd build/typecheck/pushgw && ../../../.venv/bin/mypy)
+fi
 echo "==> pytest"
 .venv/bin/pytest "$@"

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pushgw.gateway.config import ApnsApp, ConfigError, ProviderSettings
-from pushgw.gateway.schema import Device, Message
+from pushgw.core.config import ApnsApp, ConfigError, ProviderSettings
+from pushgw.core.schema import Device, Message
 from pushgw.providers.apns import _APNS_ID_NS, ApnsProvider, apns_id
 from pushgw.providers.base import Delivered, Delivery, Provider, Rejected, Retry, TokenInvalid
 from pushgw.providers.fakes.apns import ApnsKey, FakeApns, make_apns_key

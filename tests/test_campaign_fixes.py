@@ -15,16 +15,16 @@ from pushgw.campaigns.events import parse_events
 from pushgw.campaigns.experiments import message_id, parse_campaign, parse_message_id
 from pushgw.campaigns.fanout import CampaignStore, FanoutRunner
 from pushgw.campaigns.report import format_report, two_proportion, wilson
+from pushgw.core.config import ApiClient, ApiSettings, RedisSettings, Settings, WorkerSettings
+from pushgw.core.schema import Device, MessageInvalid, parse_message
 from pushgw.gateway.api import create_app
 from pushgw.gateway.cli import main
 from pushgw.gateway.client import PushClient
-from pushgw.gateway.config import ApiClient, ApiSettings, RedisSettings, Settings, WorkerSettings
-from pushgw.gateway.profiles import parse_preferences
-from pushgw.gateway.registry import DeviceRegistry
-from pushgw.gateway.schema import Device, MessageInvalid, parse_message
 from pushgw.gateway.worker import Worker
 from pushgw.providers.fakes.accept import AcceptAll
 from pushgw.queue.keys import Keys
+from pushgw.users.profiles import parse_preferences
+from pushgw.users.registry import DeviceRegistry
 
 PREFIX = "cmpfix"
 TOKEN = "campaign-fix-token-0123456789"

@@ -33,19 +33,19 @@ from pushgw.campaigns.experiments import CONTROL, Stage, message_id, parse_campa
 from pushgw.campaigns.fanout import CampaignError, FanoutRunner
 from pushgw.campaigns.report import two_proportion, wilson
 from pushgw.campaigns.templates import RenderError, parse_template
+from pushgw.core.config import ApiClient, ApiSettings, RedisSettings, Settings, WorkerSettings
+from pushgw.core.schema import Device, MessageInvalid
 from pushgw.gateway.api import create_app
 from pushgw.gateway.cli import main
 from pushgw.gateway.client import PushClient
-from pushgw.gateway.config import ApiClient, ApiSettings, RedisSettings, Settings, WorkerSettings
-from pushgw.gateway.profiles import Profiles
-from pushgw.gateway.registry import DeviceRegistry
-from pushgw.gateway.schema import Device, MessageInvalid
 from pushgw.gateway.worker import Worker
 from pushgw.providers.base import Delivered, Delivery, Outcome, Retry, TokenInvalid
 from pushgw.providers.fakes.fcm import FakeFcm
 from pushgw.providers.fakes.tls import LocalCA
 from pushgw.queue.keys import Keys
 from pushgw.ratelimit.policy import DeliveryPolicy
+from pushgw.users.profiles import Profiles
+from pushgw.users.registry import DeviceRegistry
 
 PREFIX = "cmptest"
 TOKEN = "campaign-test-token-0123456789"
@@ -478,7 +478,7 @@ def test_statistics_against_published_values() -> None:
 
 
 def test_campaign_metric_labels_are_bounded() -> None:
-    from pushgw.gateway import metrics
+    from pushgw.core import metrics
 
     labels = {metrics.campaign_labels(f"one-off-{i}", f"v{i}") for i in range(200)}
     assert len({c for c, _ in labels}) <= metrics.MAX_CAMPAIGN_LABELS + 1
@@ -610,7 +610,7 @@ def test_campaign_through_the_cli(redis_url: str, tmp_path: Path, capsys: pytest
 
 
 def test_campaign_scopes_in_the_configuration(tmp_path: Path) -> None:
-    from pushgw.gateway.config import ConfigError, load_settings
+    from pushgw.core.config import ConfigError, load_settings
 
     cfg = tmp_path / "gw.toml"
     cfg.write_text('[[api.clients]]\nname = "app"\ntoken = "app-token-0123456789"\nscopes = ["events"]\n'

@@ -10,8 +10,8 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pushgw.gateway.config import CategoryCap, ConfigError, PolicySettings, load_settings
-from pushgw.gateway.schema import Device, Message
+from pushgw.core.config import CategoryCap, ConfigError, PolicySettings, load_settings
+from pushgw.core.schema import Device, Message
 from pushgw.queue.keys import Keys
 from pushgw.ratelimit.base import Admit, Defer, Drop
 from pushgw.ratelimit.caps import FrequencyCaps
@@ -189,10 +189,10 @@ class _Sink:
 
 async def test_worker_applies_caps_defers_and_drops_with_metrics(redis: aioredis.Redis) -> None:
     from prometheus_client import REGISTRY
-    from pushgw.gateway.config import Settings, WorkerSettings
-    from pushgw.gateway.registry import DeviceRegistry
+    from pushgw.core.config import Settings, WorkerSettings
     from pushgw.gateway.worker import Worker
     from pushgw.queue.streams import StreamQueue
+    from pushgw.users.registry import DeviceRegistry
 
     def count(action: str, category: str) -> float:
         labels = {"category": category, "rule": "cap", "action": action}

@@ -7,8 +7,8 @@ import time
 from collections import Counter
 
 import redis.asyncio as aioredis
-from pushgw.gateway.config import ProviderSettings, Settings, WorkerSettings
-from pushgw.gateway.schema import Device, Message
+from pushgw.core.config import ProviderSettings, Settings, WorkerSettings
+from pushgw.core.schema import Device, Message
 from pushgw.gateway.worker import Worker
 from pushgw.providers.base import Delivered, Delivery, Outcome, Retry
 from pushgw.queue.keys import Keys

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from pushgw.core.schema import Device, Message
 from pushgw.gateway.cli import main
-from pushgw.gateway.schema import Device, Message
 from pushgw.queue.keys import Keys
 from pushgw.queue.streams import Commit, DeadLetter, StreamQueue
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import redis.asyncio as aioredis
+from pushgw.core.config import RedisSettings, Settings
+from pushgw.core.schema import MessageInvalid, loads_message
 from pushgw.gateway.client import PushClient
-from pushgw.gateway.config import RedisSettings, Settings
-from pushgw.gateway.registry import RegistryFull
-from pushgw.gateway.schema import MessageInvalid, loads_message
 from pushgw.queue.keys import Keys
+from pushgw.users.registry import RegistryFull
 
 SETTINGS = Settings(redis=RedisSettings(prefix="clienttest"))
 

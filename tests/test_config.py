@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pushgw.gateway.config import ConfigError, load_settings
+from pushgw.core.config import ConfigError, load_settings
 
 
 def write(tmp: Path, text: str) -> Path:

@@ -16,8 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import redis.asyncio as aioredis
-from pushgw.gateway.config import FcmApp, ProviderSettings, Settings, WorkerSettings
-from pushgw.gateway.schema import Device, Message
+from pushgw.core.config import FcmApp, ProviderSettings, Settings, WorkerSettings
+from pushgw.core.schema import Device, Message
 from pushgw.gateway.worker import Worker
 from pushgw.providers.fakes.fcm import FakeFcm
 from pushgw.providers.fakes.tls import LocalCA
@@ -118,7 +118,7 @@ def test_workers_of_a_killed_supervisor_drain_and_exit(redis_url: str, tmp: Path
     script = tmp / "supervisor.py"
     script.write_text(
         "import sys, time\n"
-        "from pushgw.gateway.config import RedisSettings, Settings, WorkerSettings\n"
+        "from pushgw.core.config import RedisSettings, Settings, WorkerSettings\n"
         "from pushgw.gateway.pool import Pool\n"
         "if __name__ == '__main__':\n"
         f"    s = Settings(redis=RedisSettings(prefix='orphan'), worker=WorkerSettings(block_ms=50, drain_deadline_s=2))\n"

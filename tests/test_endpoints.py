@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from pushgw.gateway.config import WebPushSettings
+from pushgw.core.config import WebPushSettings
 from pushgw.providers.endpoints import EndpointPolicy
 
 DEFAULT = EndpointPolicy(WebPushSettings())

@@ -16,11 +16,11 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import REGISTRY
+from pushgw.core.config import ApiClient, ApiSettings, FcmApp, ProviderSettings, RedisSettings, Settings, WorkerSettings
+from pushgw.core.schema import Device, Message
 from pushgw.gateway.api import create_app
-from pushgw.gateway.config import ApiClient, ApiSettings, FcmApp, ProviderSettings, RedisSettings, Settings, WorkerSettings
 from pushgw.gateway.embedded import EmbeddedRedis
 from pushgw.gateway.pool import Pool
-from pushgw.gateway.schema import Device, Message
 from pushgw.gateway.worker import Worker
 from pushgw.providers.fakes.fcm import FakeFcm
 from pushgw.providers.fakes.tls import LocalCA

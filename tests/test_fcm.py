@@ -15,9 +15,9 @@ import aiohttp
 import orjson
 import pytest
 from prometheus_client import REGISTRY
-from pushgw.gateway.config import ConfigError, FcmApp, ProviderSettings
-from pushgw.gateway.metrics import HELD
-from pushgw.gateway.schema import Device, Message
+from pushgw.core.config import ConfigError, FcmApp, ProviderSettings
+from pushgw.core.metrics import HELD
+from pushgw.core.schema import Device, Message
 from pushgw.providers.base import Delivered, Delivery, Outcome, Provider, Rejected, Retry, TokenInvalid
 from pushgw.providers.fakes.fcm import FCM_ERROR_TYPE, FakeFcm, Programmed, make_service_account
 from pushgw.providers.fakes.tls import LocalCA, make_local_ca

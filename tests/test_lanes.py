@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import redis.asyncio as aioredis
-from pushgw.gateway.config import ProviderSettings, RedisSettings, Settings, WorkerSettings
-from pushgw.gateway.schema import Device, Message
+from pushgw.core.config import ProviderSettings, RedisSettings, Settings, WorkerSettings
+from pushgw.core.schema import Device, Message
 from pushgw.gateway.slots import PriorityDeque
 from pushgw.gateway.worker import Worker
 from pushgw.providers.base import Delivered, Delivery, Outcome

@@ -8,9 +8,9 @@ import logging
 
 import orjson
 import redis.asyncio as aioredis
-from pushgw.gateway.config import ApiClient, ApiSettings, Settings, WorkerSettings
-from pushgw.gateway.logs import JsonFormatter, setup_logging
-from pushgw.gateway.schema import Device, Message
+from pushgw.core.config import ApiClient, ApiSettings, Settings, WorkerSettings
+from pushgw.core.logs import JsonFormatter, setup_logging
+from pushgw.core.schema import Device, Message
 from pushgw.gateway.worker import Worker
 from pushgw.providers.base import Delivery, Outcome, Rejected, TokenInvalid
 from pushgw.queue.keys import Keys

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from pushgw.gateway.metrics import AutoDeferred, Deferred
+from pushgw.core.metrics import AutoDeferred, Deferred
 
 BUCKETS = (0.005, 0.01, 0.1, 1, 10)
 # Below, on and just above bounds, past the last finite one, and zero.

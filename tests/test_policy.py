@@ -13,10 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import REGISTRY
-from pushgw.gateway.api import create_app
-from pushgw.gateway.cli import main
-from pushgw.gateway.client import PushClient
-from pushgw.gateway.config import (
+from pushgw.core.config import (
     ApiClient,
     ApiSettings,
     CategoryCap,
@@ -27,16 +24,19 @@ from pushgw.gateway.config import (
     WorkerSettings,
     load_settings,
 )
-from pushgw.gateway.profiles import Preferences, Profiles
-from pushgw.gateway.registry import DeviceRegistry
-from pushgw.gateway.schema import Device, Message, MessageInvalid, parse_message
+from pushgw.core.schema import Device, Message, MessageInvalid, parse_message
+from pushgw.core.windows import zone
+from pushgw.gateway.api import create_app
+from pushgw.gateway.cli import main
+from pushgw.gateway.client import PushClient
 from pushgw.gateway.worker import Worker
 from pushgw.providers.base import Delivered, Delivery, Outcome
 from pushgw.queue.keys import Keys
 from pushgw.queue.streams import StreamQueue
 from pushgw.ratelimit.base import Admit, Defer, Drop
 from pushgw.ratelimit.policy import DeliveryPolicy
-from pushgw.ratelimit.windows import zone
+from pushgw.users.profiles import Preferences, Profiles
+from pushgw.users.registry import DeviceRegistry
 
 PREFIX = "policytest"
 TOKEN = "policy-test-token-0123456789"

@@ -69,8 +69,8 @@ def test_scopes_from_settings(redis: aioredis.Redis) -> None:
 
 
 async def test_the_worker_takes_the_shared_rate_before_each_request(redis: aioredis.Redis) -> None:
-    from pushgw.gateway.config import RedisSettings, Settings, WorkerSettings
-    from pushgw.gateway.schema import Device, Message
+    from pushgw.core.config import RedisSettings, Settings, WorkerSettings
+    from pushgw.core.schema import Device, Message
     from pushgw.gateway.worker import Worker
     from pushgw.providers.base import Delivered, Delivery, Outcome
     from pushgw.queue.streams import StreamQueue
@@ -109,8 +109,8 @@ async def test_the_worker_takes_the_shared_rate_before_each_request(redis: aiore
 
 async def test_when_redis_cannot_answer_for_the_rate_the_delivery_is_parked_not_stuck(redis: aioredis.Redis,
                                                                                       tmp_path: object) -> None:
-    from pushgw.gateway.config import RedisSettings, Settings, WorkerSettings
-    from pushgw.gateway.schema import Device, Message
+    from pushgw.core.config import RedisSettings, Settings, WorkerSettings
+    from pushgw.core.schema import Device, Message
     from pushgw.gateway.worker import Worker
     from pushgw.providers.base import Delivery, Outcome
     from pushgw.queue.streams import StreamQueue

@@ -7,12 +7,12 @@ from dataclasses import replace
 
 import pytest
 import redis.asyncio as aioredis
-from pushgw.gateway import registry as registry_module
-from pushgw.gateway.registry import MAX_DEVICES_PER_USER, DeviceRegistry, RegistryFull
-from pushgw.gateway.schema import Device, Message
+from pushgw.core.schema import Device, Message
 from pushgw.queue.deadletter import DeadLetters
 from pushgw.queue.keys import Keys
 from pushgw.queue.streams import Commit, DeadLetter, Entry, StreamQueue
+from pushgw.users import registry as registry_module
+from pushgw.users.registry import MAX_DEVICES_PER_USER, DeviceRegistry, RegistryFull
 
 K = Keys("t")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 from pushgw.campaigns.fanout import FanoutRunner
-from pushgw.gateway.config import RedisSettings, Settings, WorkerSettings
+from pushgw.core.config import RedisSettings, Settings, WorkerSettings
 from pushgw.gateway.worker import Worker
 from pushgw.providers.fakes.accept import AcceptAll
 from pushgw.queue.keys import Keys

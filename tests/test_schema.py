@@ -6,7 +6,7 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pushgw.gateway.schema import Device, Message, MessageInvalid, loads_message, parse_message
+from pushgw.core.schema import Device, Message, MessageInvalid, loads_message, parse_message
 from pushgw.providers.base import PayloadTooLarge
 from pushgw.providers.payloads import (
     APNS_MAX_PAYLOAD,
@@ -125,7 +125,7 @@ def test_the_fast_payload_bound_never_passes_a_message_a_provider_would_refuse(
 
 
 def test_fcm_token_whitespace_check_is_str_isspace() -> None:
-    from pushgw.gateway.schema import _SPACE_RE
+    from pushgw.core.schema import _SPACE_RE
 
     for i in range(0x110000):
         c = chr(i)

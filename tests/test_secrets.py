@@ -15,8 +15,7 @@ from pathlib import Path
 import orjson
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
-from pushgw.gateway.api import create_app
-from pushgw.gateway.config import (
+from pushgw.core.config import (
     ApiClient,
     ApiSettings,
     ApnsApp,
@@ -27,7 +26,8 @@ from pushgw.gateway.config import (
     WebPushSettings,
     WorkerSettings,
 )
-from pushgw.gateway.logs import setup_logging
+from pushgw.core.logs import setup_logging
+from pushgw.gateway.api import create_app
 from pushgw.gateway.worker import Worker
 from pushgw.providers import build_providers
 from pushgw.providers.fakes.apns import FakeApns, make_apns_key

@@ -22,8 +22,8 @@ import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from pushgw.gateway.config import ConfigError, ProviderSettings, WebPushSettings
-from pushgw.gateway.schema import Device, Message
+from pushgw.core.config import ConfigError, ProviderSettings, WebPushSettings
+from pushgw.core.schema import Device, Message
 from pushgw.providers.base import Delivered, Delivery, Provider, Rejected, Retry, TokenInvalid
 from pushgw.providers.fakes.tls import LocalCA
 from pushgw.providers.fakes.webpush import FakePushService

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pushgw.ratelimit.windows import SendWindows, Window, WindowError, jitter_for, zone
+from pushgw.core.windows import SendWindows, Window, WindowError, jitter_for, zone
 
 LEARNING_DAY = SendWindows.parse(["07:30-09:00", "12:00-13:30", "17:30-21:00"])
 PARIS, NEW_YORK, KOLKATA, LORD_HOWE = (zone(z) for z in ("Europe/Paris", "America/New_York", "Asia/Kolkata",

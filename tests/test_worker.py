@@ -16,15 +16,15 @@ from dataclasses import replace
 import orjson
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
-from pushgw.gateway import metrics
-from pushgw.gateway.config import ProviderSettings, Settings, WorkerSettings
-from pushgw.gateway.registry import DeviceRegistry
-from pushgw.gateway.schema import Device, Message, parse_message
+from pushgw.core import metrics
+from pushgw.core.config import ProviderSettings, Settings, WorkerSettings
+from pushgw.core.schema import Device, Message, parse_message
 from pushgw.gateway.worker import Worker, backoff_delay
 from pushgw.providers.base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid
 from pushgw.queue.deadletter import DeadLetters
 from pushgw.queue.keys import Keys
 from pushgw.queue.streams import StreamQueue
+from pushgw.users.registry import DeviceRegistry
 
 APNS_TOKEN = "a" * 64
 APNS_TOKEN_2 = "b" * 64

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pushgw.providers.base import Delivered, Delivery, Outcome
+from ..base import Delivered, Delivery, Outcome
 
 
 class AcceptAll:

@@ -28,9 +28,10 @@ import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jh2.settings import SettingCodes
-from pushgw.providers.fakes.h2server import Answer, H2ServerProtocol
-from pushgw.providers.fakes.tls import LocalCA
-from pushgw.providers.jose import decode_jwt, es256_valid
+
+from ..jose import decode_jwt, es256_valid
+from .h2server import Answer, H2ServerProtocol
+from .tls import LocalCA
 
 PUSH_TYPES = {"alert", "background", "voip", "complication", "fileprovider", "mdm", "liveactivity", "location", "pushtotalk"}
 MAX_PAYLOAD = 4096

@@ -31,9 +31,10 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from multidict import CIMultiDict
-from pushgw.providers.fakes.h2server import Answer, H2ServerProtocol, HandlerH2Protocol, Negotiated, aiohttp_protocol, hold
-from pushgw.providers.fakes.tls import LocalCA
-from pushgw.providers.jose import b64url, b64url_decode, decode_jwt, es256_valid
+
+from ..jose import b64url, b64url_decode, decode_jwt, es256_valid
+from .h2server import Answer, H2ServerProtocol, HandlerH2Protocol, Negotiated, aiohttp_protocol, hold
+from .tls import LocalCA
 
 MAX_BODY = 4096
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")

@@ -13,8 +13,9 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from pushgw.gateway.schema import Device, FieldError, parse_device
-from pushgw.queue.keys import Keys
+
+from ..core.schema import Device, FieldError, parse_device
+from ..queue.keys import Keys
 
 MAX_DEVICES_PER_USER = 100
 PARSED_CACHE_SIZE = 8192  # parsed devices kept per process by their stored JSON (about 600 bytes each)

@@ -15,9 +15,10 @@ from typing import Any, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
-from pushgw.gateway.schema import FieldError, MessageInvalid, parse_user
-from pushgw.queue.keys import Keys
-from pushgw.ratelimit.windows import WindowError, zone
+
+from ..core.schema import FieldError, MessageInvalid, parse_user
+from ..core.windows import WindowError, zone
+from ..queue.keys import Keys
 
 _CATEGORY_RE = re.compile(r"^[a-z0-9_]{1,32}\Z")
 # KEYS: user hashes -> [tz, opt_out] per key: one command per batch, not one per user (as in registry.py).

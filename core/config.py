@@ -218,7 +218,7 @@ def _coerce(section: str, name: str, value: Any, default: Any) -> Any:
 def _check_policy(policy: PolicySettings) -> None:
     import re
 
-    from pushgw.ratelimit.windows import SendWindows, WindowError, zone
+    from .windows import SendWindows, WindowError, zone
 
     try:
         SendWindows.parse(policy.windows)
@@ -306,7 +306,7 @@ def _caps(data: Any) -> tuple[CategoryCap, ...]:
 
 
 def _category_windows(data: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    from pushgw.ratelimit.windows import SendWindows, WindowError
+    from .windows import SendWindows, WindowError
 
     if not isinstance(data, dict):
         raise ConfigError("[policy.category_windows] must be a table: category = [\"07:30-09:00\", ...]")

@@ -1,0 +1,1 @@
+"""Learners' stored state: registered devices, preferences and attributes (Redis hashes per user)."""
