@@ -19,17 +19,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
+from aiohttp import web
+
+from ..core.config import ApiClient, ApiSettings, RedisSettings, Settings
+from ..gateway.api import create_app
+from ..gateway.embedded import EmbeddedRedis
+from ..gateway.pool import install_loop, make_redis
+from .run import proc_stat
+from .sinks import free_port
 
 TOKEN = "bench-api-token-0123456789"  # noqa: S105 - a throwaway token of this local benchmark
 
 
 def _serve(redis_url: str, port: int) -> None:
-    from aiohttp import web
-
-    from ..core.config import ApiClient, ApiSettings, RedisSettings, Settings
-    from ..gateway.api import create_app
-    from ..gateway.pool import install_loop, make_redis
 
     install_loop()
     settings = Settings(redis=RedisSettings(url=redis_url, prefix="ingest"),
@@ -46,7 +50,6 @@ def _serve(redis_url: str, port: int) -> None:
 
 
 async def _post(port: int, batches: int, size: int, clients: int) -> tuple[int, float]:
-    import aiohttp
 
     body_template = [{"user": f"u{i % 5000}", "title": "Live session in 15 minutes", "body": "Statistics 101 at 14:00",
                       "category": "reminder", "priority": "high", "ttl": 900, "data": {"link": "/live/1"}}
@@ -81,9 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--api-processes", type=int, default=1)
     args = ap.parse_args(argv)
-    from ..gateway.embedded import EmbeddedRedis
-    from .run import proc_stat
-    from .sinks import free_port
 
     def _cpu_s(pid: int) -> float:
         return proc_stat(pid)[0]

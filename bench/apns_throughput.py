@@ -21,13 +21,18 @@ from typing import Any
 
 import orjson
 
+from ..core.config import ApnsApp, ProviderSettings
+from ..core.schema import Device, Message
+from ..gateway.pool import install_loop
+from ..providers.apns import ApnsProvider
+from ..providers.base import Delivered, Delivery
+from ..providers.fakes.apns import ApnsKey, FakeApns, make_apns_key
+from ..providers.fakes.tls import make_local_ca
+
 TOPIC = "org.example.bench"
 
 
 def _serve(directory: str, conn: Connection) -> None:
-    from ..gateway.pool import install_loop
-    from ..providers.fakes.apns import ApnsKey, FakeApns
-    from ..providers.fakes.tls import make_local_ca
 
     install_loop()
 
@@ -43,10 +48,6 @@ def _serve(directory: str, conn: Connection) -> None:
 
 
 async def _run(directory: Path, port: int, n: int, concurrency: int, connections: int) -> dict[str, Any]:
-    from ..core.config import ApnsApp, ProviderSettings
-    from ..core.schema import Device, Message
-    from ..providers.apns import ApnsProvider
-    from ..providers.base import Delivery
 
     app = ApnsApp("default", TOPIC, team_id="TEAMBENCH1", key_id="BENCH00001",
                   key_file=str(directory / "AuthKey_BENCH00001.p8"), host="127.0.0.1", port=port,
@@ -62,7 +63,6 @@ async def _run(directory: Path, port: int, n: int, concurrency: int, connections
 async def time_sends(provider: Any, deliveries: list[Any], concurrency: int) -> dict[str, Any]:
     """Send every delivery with `concurrency` senders in flight; wall time, rate and client CPU per push.
     Shared by the APNs and FCM client benchmarks; closes the provider."""
-    from ..providers.base import Delivered
 
     n, ok = len(deliveries), 0
     items = list(deliveries)
@@ -87,9 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=500)
     ap.add_argument("--connections", type=int, default=2)
     args = ap.parse_args(argv)
-    from ..gateway.pool import install_loop
-    from ..providers.fakes.apns import make_apns_key
-    from ..providers.fakes.tls import make_local_ca
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)

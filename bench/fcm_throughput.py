@@ -23,11 +23,17 @@ from typing import Any
 
 import orjson
 
+from ..core.config import FcmApp, ProviderSettings
+from ..core.schema import Device, Message
+from ..gateway.pool import install_loop
+from ..providers.base import Delivery
+from ..providers.fakes.fcm import FakeFcm
+from ..providers.fakes.tls import make_local_ca
+from ..providers.fcm import FcmProvider
+from .apns_throughput import time_sends
+
 
 def _serve(directory: str, http2: bool, conn: Connection) -> None:
-    from ..gateway.pool import install_loop
-    from ..providers.fakes.fcm import FakeFcm
-    from ..providers.fakes.tls import make_local_ca
 
     install_loop()
 
@@ -43,11 +49,6 @@ def _serve(directory: str, http2: bool, conn: Connection) -> None:
 
 
 async def _run(directory: Path, port: int, n: int, concurrency: int) -> dict[str, Any]:
-    from ..core.config import FcmApp, ProviderSettings
-    from ..core.schema import Device, Message
-    from ..providers.base import Delivery
-    from ..providers.fcm import FcmProvider
-    from .apns_throughput import time_sends
 
     [sa] = (directory / "sa").glob("*.json")
     app = FcmApp("default", service_account_file=str(sa), base_url=f"https://127.0.0.1:{port}",
@@ -66,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=256, help="sends in flight (providers.concurrency)")
     ap.add_argument("--http1", action="store_true", help="the fake serves HTTP/1.1 only")
     args = ap.parse_args(argv)
-    from ..gateway.pool import install_loop
-    from ..providers.fakes.tls import make_local_ca
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)

@@ -7,6 +7,10 @@ skewed distribution (pipelined, 1000 per round trip), either all at once (throug
 every (message, device) against the sinks' receipts: delivered, dead-lettered, lost, duplicated.
 A baseline run sends the same deliveries with the same provider clients and no queue, in the same
 number of processes, so `ratio` is what everything the gateway adds costs.
+
+The gateway's processes, sinks and fakes are imported inside the functions that run them, after
+`main` sets PROMETHEUS_MULTIPROC_DIR (prometheus-client picks its mode when it is first imported);
+matplotlib (optional, the `test` extra) only when the plots are drawn.
 """
 
 from __future__ import annotations
@@ -245,7 +249,7 @@ class Bench:
                     nonlocal counter
                     counter += 1
                     return {"endpoint": f"https://127.0.0.1:{sinks.webpush_port}/push/s{counter}",
-                            "keys": {"p256dh": _P256DH, "auth": _AUTH}}
+                            "keys": {"p256dh": BENCH_P256DH, "auth": BENCH_AUTH}}
             else:
                 from ..providers.fakes.apns import FakeApns, make_apns_key
                 from ..providers.fakes.fcm import FakeFcm
@@ -277,7 +281,7 @@ class Bench:
                 log_level="WARNING",
                 # Every rule is evaluated and recorded, but the limits are out of reach (the skewed
                 # users get thousands of messages), so the run measures the policy's cost alone.
-                policy=_bench_policy(o.policy),
+                policy=bench_policy(o.policy),
             )
             pop = self.population(new_subscription)
             redis = redis_from_url(url)
@@ -538,8 +542,8 @@ async def store_population(redis: Any, keys: Any, pop: Population, policy: str) 
         await pipe.execute()
 
 
-_P256DH = "BCVxsr7N_eNgVRqvHtD0zTZsEc6-VV-JvLexhqUzORcxaOzi6-AYWXvTBHm4bjyPjs7Vd8pZGH6SRpkNtoIAiw4"
-_AUTH = "BTBZMqHH6r4Tts7J_aSIgg"  # RFC 8291's example subscription keys: nginx does not decrypt
+BENCH_P256DH = "BCVxsr7N_eNgVRqvHtD0zTZsEc6-VV-JvLexhqUzORcxaOzi6-AYWXvTBHm4bjyPjs7Vd8pZGH6SRpkNtoIAiw4"
+BENCH_AUTH = "BTBZMqHH6r4Tts7J_aSIgg"  # RFC 8291's example subscription keys: nginx does not decrypt
 
 
 def _baseline_child(settings: Settings, path: str, index: int, count: int, queue: Any) -> None:
@@ -690,7 +694,7 @@ def run(opts: Options) -> int:
     return 0 if ok else 1
 
 
-def _bench_policy(level: str) -> PolicySettings:
+def bench_policy(level: str) -> PolicySettings:
     if level == "off":
         return PolicySettings(enabled=False)
     if level == "default":

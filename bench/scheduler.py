@@ -19,13 +19,14 @@ from dataclasses import replace
 
 import orjson
 
+from ..core.schema import Message
+from ..gateway.embedded import EmbeddedRedis
+from ..gateway.pool import make_redis
+from ..queue.keys import Keys
+from ..queue.streams import StreamQueue
+
 
 async def _run(items: int, movers: int) -> dict[str, float | int]:
-    from ..core.schema import Message
-    from ..gateway.embedded import EmbeddedRedis
-    from ..gateway.pool import make_redis
-    from ..queue.keys import Keys
-    from ..queue.streams import StreamQueue
 
     with tempfile.TemporaryDirectory() as tmp:
         server = EmbeddedRedis(tmp, aof=False)

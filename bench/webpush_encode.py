@@ -24,6 +24,11 @@ from collections.abc import Callable
 import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from py_vapid import Vapid
+from pywebpush import WebPusher
+
+from ..providers.vapid import VapidSigner, load_vapid_key, make_vapid_key
+from ..providers.webpush import encrypt, subscription_key
 
 
 def _b64(data: bytes) -> str:
@@ -44,12 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=2000, help="messages per run (5 runs)")
     args = ap.parse_args(argv)
-
-    from py_vapid import Vapid
-    from pywebpush import WebPusher
-
-    from ..providers.vapid import VapidSigner, load_vapid_key, make_vapid_key
-    from ..providers.webpush import encrypt, subscription_key
 
     browser = ec.generate_private_key(ec.SECP256R1())
     public = browser.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)

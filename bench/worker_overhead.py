@@ -10,7 +10,9 @@ process with in-process providers until every delivery was made, drained and flu
 run: worker CPU µs per delivery (`time.process_time`: this process only, the headline on a shared
 machine), Redis's CPU µs per delivery (its INFO counters, apart), deliveries/s (wall time), lost and
 duplicate deliveries, and what was left pending, delayed or dead-lettered. Prometheus runs in
-multiprocess mode, as in production; the harness's own objects are frozen out of the collector.
+multiprocess mode, as in production; the harness's own objects are frozen out of the collector, and
+the gateway's modules are imported inside the functions, after `main` sets PROMETHEUS_MULTIPROC_DIR
+(prometheus-client picks its mode when it is first imported).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ async def run_once(messages: int, users: int, policy: str, seed: int, profile: s
     from ..queue.streams import StreamQueue
     from ..ratelimit.policy import DeliveryPolicy
     from ..ratelimit.provider_rate import rates_for
-    from .run import _AUTH, _P256DH, ENQUEUE_CHUNK, Bench, Options, _bench_policy, store_population
+    from .run import BENCH_AUTH, BENCH_P256DH, ENQUEUE_CHUNK, Bench, Options, bench_policy, store_population
 
     with tempfile.TemporaryDirectory(prefix="pushgw-overhead-") as tmp:
         server = EmbeddedRedis(Path(tmp) / "redis", aof=False)
@@ -87,7 +89,8 @@ async def run_once(messages: int, users: int, policy: str, seed: int, profile: s
             def new_subscription() -> dict[str, Any]:
                 nonlocal subs
                 subs += 1
-                return {"endpoint": f"https://push.example.net/push/s{subs}", "keys": {"p256dh": _P256DH, "auth": _AUTH}}
+                keys = {"p256dh": BENCH_P256DH, "auth": BENCH_AUTH}
+                return {"endpoint": f"https://push.example.net/push/s{subs}", "keys": keys}
 
             pop = bench.population(new_subscription)
             keys = Keys("overhead")
@@ -96,7 +99,7 @@ async def run_once(messages: int, users: int, policy: str, seed: int, profile: s
                 worker=WorkerSettings(batch_size=512, block_ms=200, max_inflight=4096, max_attempts=5,
                                       backoff_base_s=0.2, backoff_cap_s=2.0, drain_deadline_s=10),
                 providers=ProviderSettings(timeout_s=10.0, concurrency=256),
-                policy=_bench_policy(policy),
+                policy=bench_policy(policy),
                 log_level="WARNING",
             )
             q = StreamQueue(redis, keys)

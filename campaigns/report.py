@@ -20,7 +20,8 @@ learner and type. Figures:
 
 Tests: every pair of variants on CTR, CR and opt-out rate; every variant against the control group
 on conversion_itt. A two-sided two-proportion z-test with the pooled variance; p = erfc(|z|/√2).
-No scipy: `math.erfc` is exact enough and keeps the dependency list short.
+No scipy: `math.erfc` is exact enough and keeps the dependency list short. matplotlib is optional
+(the `test` extra) and imported only when a chart is drawn.
 """
 
 from __future__ import annotations

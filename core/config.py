@@ -9,11 +9,14 @@ never included in `repr()` output, so a logged settings object leaks nothing.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from .windows import SendWindows, WindowError, zone
 
 ENV_PREFIX = "PUSHGW_"
 
@@ -216,9 +219,6 @@ def _coerce(section: str, name: str, value: Any, default: Any) -> Any:
 
 
 def _check_policy(policy: PolicySettings) -> None:
-    import re
-
-    from .windows import SendWindows, WindowError, zone
 
     try:
         SendWindows.parse(policy.windows)
@@ -306,7 +306,6 @@ def _caps(data: Any) -> tuple[CategoryCap, ...]:
 
 
 def _category_windows(data: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    from .windows import SendWindows, WindowError
 
     if not isinstance(data, dict):
         raise ConfigError("[policy.category_windows] must be a table: category = [\"07:30-09:00\", ...]")

@@ -203,8 +203,8 @@ HOLD_S = 0.005  # how long `HELD` keeps what it holds
 
 class AutoDeferred(Deferred):
     """A `Deferred` that writes itself HOLD_S after the first value it holds, on the running event
-    loop: for code with no flush of its own (the providers' request latency, 1.7 µs per direct
-    observation in multiprocess mode against 0.2 µs held). Outside an event loop it writes at once."""
+    loop: for code with no flush of its own (the providers' request latency), so that many observations
+    share one multiprocess file write (docs/decisions.md). Outside an event loop it writes at once."""
 
     __slots__ = ("_loop",)
 

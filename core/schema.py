@@ -91,9 +91,8 @@ EndpointCheck = Callable[[str], str | None]
 
 
 # Frozen for the type checker (mypy refuses any assignment to a field), a plain slots class at run
-# time: a frozen dataclass sets each of its 17 fields through object.__setattr__, 2.1 µs per message
-# against 0.5 µs, which was about 13% of the API's CPU per message and is paid again by every worker
-# decode (docs/benchmarks.md). Nothing hashes a Message (its data is a dict).
+# time: a frozen dataclass sets each field through object.__setattr__, a cost the API pays per message
+# and every worker decode pays again (docs/decisions.md). Nothing hashes a Message (its data is a dict).
 if TYPE_CHECKING:
     from typing import dataclass_transform
 

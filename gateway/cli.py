@@ -3,6 +3,10 @@ campaigns, events, vapid-keygen.
 
 With no Redis configured (`redis.url` / PUSHGW_REDIS_URL empty) every command uses the embedded
 Redis in `redis.embedded_dir`: it joins the one a running `pushgw serve` started, or starts it.
+
+Each command imports what it needs inside its function: prometheus-client picks its multiprocess
+mode when it is first imported, so `main` sets PROMETHEUS_MULTIPROC_DIR before anything that
+imports it (core/metrics.py) is loaded.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ priority, short TTL), new-module alerts for a track, and quiz badges. Some fakes
 fail the way the real services do (503 then success, 429 with Retry-After, dead tokens, a sender
 mismatch), so the run shows retries, token removal and dead letters. At the end every delivery is
 reconciled against what the fakes received: lost and duplicated must both be 0.
+
+The parts of the gateway are imported inside `run_demo`, after it sets PROMETHEUS_MULTIPROC_DIR:
+prometheus-client picks its multiprocess mode when it is first imported.
 """
 
 from __future__ import annotations

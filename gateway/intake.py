@@ -14,6 +14,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from ..campaigns.audiences import NO_ATTRIBUTES, UserAttributes
+from ..campaigns.templates import RenderError, Template, Templates
 from ..core import metrics
 from ..core.config import Settings
 from ..core.schema import PROVIDERS, Device, FieldError, Message, MessageInvalid, parse_device, parse_message, parse_user
@@ -72,8 +74,6 @@ class Intake:
         message that cannot be rendered completely is refused, never sent with a gap."""
         if not any(isinstance(o, dict) and "template" in o for o in objs):
             return list(objs)
-        from ..campaigns.audiences import NO_ATTRIBUTES, UserAttributes
-        from ..campaigns.templates import RenderError, Template, Templates
 
         templates = Templates(self.queue.redis, self.keys)
         cache: dict[str, Template] = {}

@@ -18,7 +18,23 @@ import time
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+import redis.asyncio as aioredis
+
+from ..campaigns.fanout import FanoutRunner
 from ..core.config import Settings
+from ..core.logs import setup_logging
+from ..core.metrics import HELD, mark_process_dead
+from ..providers import build_providers
+from ..queue.connection import use_hiredis_packing
+from ..queue.keys import Keys
+from ..ratelimit.policy import DeliveryPolicy
+from ..ratelimit.provider_rate import rates_for
+from .worker import Worker
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - a dependency everywhere but Windows (pyproject.toml)
+    uvloop = None  # type: ignore[assignment]
 
 log = logging.getLogger("pushgw.pool")
 
@@ -29,20 +45,13 @@ def consumer_name(index: int, prefix: str | None = None) -> str:
 
 def install_loop() -> None:
     """uvloop where available: measurably cheaper per callback than the default loop."""
-    try:
-        import uvloop
-
+    if uvloop is not None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
-        pass
 
 
 def make_redis(redis_url: str, max_connections: int = 64, timeout_s: float | None = None) -> Any:
     """A Redis client on a blocking pool: redis-py's default pool raises when every connection is
     busy instead of waiting. `timeout_s` bounds connect and each command (the API's 503 path)."""
-    import redis.asyncio as aioredis
-
-    from ..queue.connection import use_hiredis_packing
 
     pool = aioredis.BlockingConnectionPool.from_url(
         redis_url, max_connections=max_connections, timeout=timeout_s, health_check_interval=30,
@@ -54,8 +63,6 @@ def make_redis(redis_url: str, max_connections: int = 64, timeout_s: float | Non
 
 async def run_worker(settings: Settings, redis_url: str, consumer: str, stop: asyncio.Event | None = None) -> None:
     """One worker in this process until SIGTERM/SIGINT (or `stop`), then drain and close."""
-    from ..providers import build_providers
-    from .worker import Worker
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -63,15 +70,11 @@ async def run_worker(settings: Settings, redis_url: str, consumer: str, stop: as
         loop.add_signal_handler(sig, stop.set)
     client = make_redis(redis_url)
     providers = build_providers(settings)
-    from ..queue.keys import Keys
-    from ..ratelimit.policy import DeliveryPolicy
-    from ..ratelimit.provider_rate import rates_for
 
     keys = Keys(settings.redis.prefix)
     limiter = DeliveryPolicy(client, keys, settings.policy) if settings.policy.enabled else None
     rates = rates_for(client, keys, settings.policy.provider_rates)
     # Every worker process also runs campaign fan-outs (one lease per job), so a launch never blocks the API.
-    from ..campaigns.fanout import FanoutRunner
 
     fanout = asyncio.create_task(FanoutRunner(client, settings).run(stop), name="fanout")
     try:
@@ -82,7 +85,6 @@ async def run_worker(settings: Settings, redis_url: str, consumer: str, stop: as
             await asyncio.wait_for(fanout, settings.worker.drain_deadline_s)
         for p in providers.values():
             await p.close()
-        from ..core.metrics import HELD
 
         HELD.apply()  # the last few milliseconds of provider latencies
         await client.aclose()
@@ -100,7 +102,6 @@ async def _orphan_watch(parent: int, stop: asyncio.Event) -> None:
 
 
 def _child(settings: Settings, redis_url: str, consumer: str, parent: int | None = None) -> None:
-    from ..core.logs import setup_logging
 
     setup_logging(settings.log_level)
     install_loop()
@@ -144,7 +145,6 @@ class Pool:
 
     def supervise_once(self) -> None:
         """Restart any child that died while the pool is not stopping."""
-        from ..core.metrics import mark_process_dead
 
         for index, p in list(self.children.items()):
             if not p.is_alive() and not self.stopping:
@@ -156,7 +156,6 @@ class Pool:
 
     def stop(self, deadline_s: float | None = None) -> None:
         """SIGTERM every child, wait for their drain, SIGKILL what is left after the deadline."""
-        from ..core.metrics import mark_process_dead
 
         self.stopping = True
         deadline = time.monotonic() + (deadline_s or self.settings.worker.drain_deadline_s + 5)

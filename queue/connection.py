@@ -2,8 +2,8 @@
 
 redis-py's asyncio client packs every command in Python, one `Encoder.encode` call and a few byte
 joins per argument; only its synchronous client uses `hiredis.pack_command`. The gateway's commands
-are long (an enqueue passes three arguments per message, a commit one per ack), so packing was
-16% of the API's CPU under `python -m pushgw.bench.api_ingest` (docs/benchmarks.md).
+are long (an enqueue passes three arguments per message, a commit one per ack), so packing in C
+matters to the API's and the workers' CPU (docs/decisions.md).
 
 Encoding is the same: str as UTF-8, int and float as their `repr` (hiredis formats floats with
 repr's shortest round-trip digits), bytes, bytearray and memoryview as they are (tests compare the
@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 
 _pack: Callable[[tuple[Any, ...]], bytes] | None
@@ -68,7 +69,6 @@ def use_hiredis_packing(pool: Any) -> None:
 
 def redis_from_url(url: str, **kwargs: Any) -> Any:
     """`redis.asyncio.from_url` with the C packer (the gateway's clients and the tests use this)."""
-    import redis.asyncio as aioredis
 
     client = aioredis.from_url(url, **kwargs)
     use_hiredis_packing(client.connection_pool)

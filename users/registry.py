@@ -21,9 +21,8 @@ MAX_DEVICES_PER_USER = 100
 PARSED_CACHE_SIZE = 8192  # parsed devices kept per process by their stored JSON (about 600 bytes each)
 
 
-# KEYS: the users' device hashes -> one HVALS reply per key. One command for a batch instead of one
-# per user: redis-py spends about 9 µs of the worker's CPU packing and parsing each pipelined command
-# (about 2 µs per user this way), Redis about 1.4 µs more per user.
+# KEYS: the users' device hashes -> one HVALS reply per key. One command for a whole batch: the client
+# packs and parses one command, not one per user (docs/decisions.md).
 _HVALS_MANY = "local out = {} for i = 1, #KEYS do out[i] = redis.call('HVALS', KEYS[i]) end return out"
 
 
@@ -49,7 +48,7 @@ class DeviceRegistry:
         self.keys = keys
         self._hvals_many = redis.register_script(_HVALS_MANY)
         # Stored JSON -> parsed device. Keyed by content, so never stale: an active learner's devices are
-        # parsed (about 4 µs each) once, not on every message. Emptied when full.
+        # parsed once, not on every message. Emptied when full.
         self._parsed: dict[bytes | str, Device | None] = {}
 
     async def register(self, user: str, device: Device) -> None:

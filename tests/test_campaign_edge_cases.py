@@ -1,4 +1,4 @@
-"""Regression tests for the review of engagement campaigns: each one failed before its fix (real Redis, no patching)."""
+"""Campaign edge cases pinned on a real Redis: reports within bounds, unknown and hostile ids, attribute imports, atomic launches, strict validation."""
 
 from __future__ import annotations
 
