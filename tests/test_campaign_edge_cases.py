@@ -1,4 +1,5 @@
-"""Campaign edge cases pinned on a real Redis: reports within bounds, unknown and hostile ids, attribute imports, atomic launches, strict validation."""
+"""Campaign edge cases on a real Redis: reports within bounds, unknown and hostile ids,
+attribute imports, atomic launches, strict validation."""
 
 from __future__ import annotations
 
