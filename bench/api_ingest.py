@@ -24,7 +24,7 @@ import orjson
 from aiohttp import web
 
 from ..core.config import ApiClient, ApiSettings, RedisSettings, Settings
-from ..gateway.api import create_app
+from ..gateway.api.app import create_app
 from ..gateway.embedded import EmbeddedRedis
 from ..gateway.pool import install_loop, make_redis
 from .run import proc_stat

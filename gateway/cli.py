@@ -80,7 +80,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """API and worker processes on one host, sharing one metrics folder."""
     _multiproc_dir()
-    from .api import serve_api
+    from .api.app import serve_api
     from .pool import Pool, install_loop
 
     url, embedded = redis_target(settings)
@@ -127,7 +127,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
-    from .api import serve_api
+    from .api.app import serve_api
     from .pool import install_loop
 
     url, embedded = redis_target(settings)

@@ -13,7 +13,8 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 from pushgw.core.config import ApiClient, ApiSettings, ConfigError, RedisSettings, Settings
 from pushgw.core.schema import Device, Message, loads_message
-from pushgw.gateway.api import TokenBucket, create_app
+from pushgw.gateway.api.app import create_app
+from pushgw.gateway.api.auth import TokenBucket
 from pushgw.queue.keys import Keys
 from pushgw.queue.streams import Commit, DeadLetter, StreamQueue
 

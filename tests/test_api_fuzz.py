@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import HealthCheck, settings
 from pushgw.core.config import ApiClient, ApiSettings, RedisSettings, Settings
-from pushgw.gateway.api import create_app
+from pushgw.gateway.api.app import create_app
 from schemathesis.checks import not_a_server_error, response_schema_conformance, status_code_conformance
 
 TOKEN = "fuzz-token-0123456789abcdef"

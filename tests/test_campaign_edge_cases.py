@@ -18,7 +18,7 @@ from pushgw.campaigns.fanout import CampaignStore, FanoutRunner
 from pushgw.campaigns.report import format_report, two_proportion, wilson
 from pushgw.core.config import ApiClient, ApiSettings, RedisSettings, Settings, WorkerSettings
 from pushgw.core.schema import Device, MessageInvalid, parse_message
-from pushgw.gateway.api import create_app
+from pushgw.gateway.api.app import create_app
 from pushgw.gateway.cli import main
 from pushgw.gateway.client import PushClient
 from pushgw.gateway.worker import Worker

@@ -35,7 +35,7 @@ from pushgw.campaigns.report import two_proportion, wilson
 from pushgw.campaigns.templates import RenderError, parse_template
 from pushgw.core.config import ApiClient, ApiSettings, RedisSettings, Settings, WorkerSettings
 from pushgw.core.schema import Device, MessageInvalid
-from pushgw.gateway.api import create_app
+from pushgw.gateway.api.app import create_app
 from pushgw.gateway.cli import main
 from pushgw.gateway.client import PushClient
 from pushgw.gateway.worker import Worker

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import REGISTRY
 from pushgw.core.config import ApiClient, ApiSettings, FcmApp, ProviderSettings, RedisSettings, Settings, WorkerSettings
 from pushgw.core.schema import Device, Message
-from pushgw.gateway.api import create_app
+from pushgw.gateway.api.app import create_app
 from pushgw.gateway.embedded import EmbeddedRedis
 from pushgw.gateway.pool import Pool
 from pushgw.gateway.worker import Worker

@@ -26,7 +26,7 @@ from pushgw.core.config import (
 )
 from pushgw.core.schema import Device, Message, MessageInvalid, parse_message
 from pushgw.core.windows import zone
-from pushgw.gateway.api import create_app
+from pushgw.gateway.api.app import create_app
 from pushgw.gateway.cli import main
 from pushgw.gateway.client import PushClient
 from pushgw.gateway.worker import Worker

@@ -27,7 +27,7 @@ from pushgw.core.config import (
     WorkerSettings,
 )
 from pushgw.core.logs import setup_logging
-from pushgw.gateway.api import create_app
+from pushgw.gateway.api.app import create_app
 from pushgw.gateway.worker import Worker
 from pushgw.providers import build_providers
 from pushgw.providers.fakes.apns import FakeApns, make_apns_key

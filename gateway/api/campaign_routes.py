@@ -12,13 +12,15 @@ from typing import Any
 
 from aiohttp import web
 
-from ..campaigns.audiences import UserAttributes, count, parse_audience
-from ..campaigns.events import EventRecorder, summary
-from ..campaigns.fanout import CampaignStore
-from ..campaigns.report import ChartUnavailable, campaign_report, chart_png, report_exists
-from ..campaigns.templates import RenderError, Templates
-from ..core.schema import FieldError, MessageInvalid
-from .api import CLIENT, INTAKE, REDIS, ApiError, Authenticator, _body, _json, _need
+from ...campaigns.audiences import UserAttributes, count, parse_audience
+from ...campaigns.events import EventRecorder, summary
+from ...campaigns.fanout import CampaignStore
+from ...campaigns.report import ChartUnavailable, campaign_report, chart_png, report_exists
+from ...campaigns.templates import RenderError, Templates
+from ...core.schema import FieldError, MessageInvalid
+from .auth import Authenticator, require_scope
+from .context import INTAKE, REDIS
+from .errors import ApiError, json_response, read_json
 
 MAX_IMPORT = 1000
 
@@ -34,7 +36,7 @@ class CampaignRoutes:
         self.auth = auth
 
     def _setup(self, request: web.Request, scope: str) -> tuple[Any, Any]:
-        client = _need(request, scope)
+        client = require_scope(request, scope)
         self.auth.charge(client, 1)
         return request.app[REDIS], request.app[INTAKE].keys
 
@@ -43,19 +45,19 @@ class CampaignRoutes:
     async def put_attributes(self, request: web.Request) -> web.Response:
         """PUT replaces a learner's attributes, PATCH changes the fields named (null clears one)."""
         redis, keys = self._setup(request, "devices")
-        body = await _body(request)
+        body = await read_json(request)
         attrs = await UserAttributes(redis, keys).update(request.match_info["user"], body,
                                                          merge=request.method == "PATCH")
-        return _json(attrs.to_json())
+        return json_response(attrs.to_json())
 
     async def get_attributes(self, request: web.Request) -> web.Response:
         redis, keys = self._setup(request, "devices")
         attrs = await UserAttributes(redis, keys).get(request.match_info["user"])
-        return _json(attrs.to_json())
+        return json_response(attrs.to_json())
 
     async def import_attributes(self, request: web.Request) -> web.Response:
-        client = _need(request, "devices")
-        body = await _body(request)
+        client = require_scope(request, "devices")
+        body = await read_json(request)
         users = body.get("users") if isinstance(body, dict) else None
         if not isinstance(users, list) or not 1 <= len(users) <= MAX_IMPORT or not all(
                 isinstance(u, dict) and set(u) == {"user", "attributes"} for u in users):
@@ -67,37 +69,37 @@ class CampaignRoutes:
                 [(u["user"], u["attributes"]) for u in users])
         except MessageInvalid as e:
             raise MessageInvalid([FieldError(f"users{err.field}", err.message) for err in e.errors]) from None
-        return _json({"imported": n})
+        return json_response({"imported": n})
 
     async def audience_count(self, request: web.Request) -> web.Response:
         redis, keys = self._setup(request, "campaigns")
-        body = await _body(request)
+        body = await read_json(request)
         audience = parse_audience(body.get("audience") if isinstance(body, dict) else None)
-        return _json({"audience": audience.to_json(), "count": await count(redis, keys, audience)})
+        return json_response({"audience": audience.to_json(), "count": await count(redis, keys, audience)})
 
     # ------------------------------------------------------------------ templates
 
     async def put_template(self, request: web.Request) -> web.Response:
         redis, keys = self._setup(request, "campaigns")
-        body = await _body(request)
+        body = await read_json(request)
         t = await Templates(redis, keys).save(request.match_info["name"], body)
-        return _json(t.to_json())
+        return json_response(t.to_json())
 
     async def get_template(self, request: web.Request) -> web.Response:
         redis, keys = self._setup(request, "campaigns")
         t = await Templates(redis, keys).get(request.match_info["name"])
         if t is None:
             raise ApiError(404, "not_found", "no such template")
-        return _json(t.to_json())
+        return json_response(t.to_json())
 
     async def list_templates(self, request: web.Request) -> web.Response:
         redis, keys = self._setup(request, "campaigns")
-        return _json({"templates": await Templates(redis, keys).names()})
+        return json_response({"templates": await Templates(redis, keys).names()})
 
     async def render_template(self, request: web.Request) -> web.Response:
         """A preview: what a learner with this locale and these variables would read."""
         redis, keys = self._setup(request, "campaigns")
-        body = await _body(request)
+        body = await read_json(request)
         if not isinstance(body, dict) or set(body) - {"vars", "locale"}:
             raise MessageInvalid([FieldError("$", 'send {"vars": {...}, "locale": "fr"}')])
         variables, locale = body.get("vars") or {}, body.get("locale")
@@ -112,43 +114,44 @@ class CampaignRoutes:
             r = t.render(variables, locale)
         except RenderError as e:
             raise MessageInvalid([FieldError(e.field, e.message)]) from None
-        return _json({"locale": r.locale, "title": r.title, "body": r.body, "data": r.data})
+        return json_response({"locale": r.locale, "title": r.title, "body": r.body, "data": r.data})
 
     # ------------------------------------------------------------------ campaigns
 
     async def create_campaign(self, request: web.Request) -> web.Response:
         redis, keys = self._setup(request, "campaigns")
-        body = await _body(request)
+        body = await read_json(request)
         c = await CampaignStore(redis, keys).create(body)
-        return _json(c.to_json(), 201)
+        return json_response(c.to_json(), 201)
 
     async def list_campaigns(self, request: web.Request) -> web.Response:
         redis, keys = self._setup(request, "campaigns")
-        return _json({"campaigns": await CampaignStore(redis, keys).ids()})
+        return json_response({"campaigns": await CampaignStore(redis, keys).ids()})
 
     async def get_campaign(self, request: web.Request) -> web.Response:
         redis, keys = self._setup(request, "campaigns")
         s = await CampaignStore(redis, keys).require(request.match_info["id"])
-        return _json(s.campaign.to_json() | {"stage_percent": s.stage_percent, "stages": [st.to_json() for st in s.stages],
-                                             "created_at": s.created_at})
+        return json_response(s.campaign.to_json() | {"stage_percent": s.stage_percent,
+                                                     "stages": [st.to_json() for st in s.stages], "created_at": s.created_at})
 
     async def launch(self, request: web.Request) -> web.Response:
         redis, keys = self._setup(request, "campaigns")
-        body = await _body(request)
+        body = await read_json(request)
         if not isinstance(body, dict) or "percent" not in body or set(body) - {"percent", "weights"}:
             raise MessageInvalid([FieldError("percent", 'send {"percent": 10} for a 10% pilot, 100 for all '
                                                                  '(and "weights": {"b": 1} to roll out only variant b)')])
         status = await CampaignStore(redis, keys).launch(request.match_info["id"], body["percent"], body.get("weights"))
-        return _json(status, 202)
+        return json_response(status, 202)
 
     async def status(self, request: web.Request) -> web.Response:
         redis, keys = self._setup(request, "campaigns")
-        return _json(await CampaignStore(redis, keys).status(request.match_info["id"]))
+        return json_response(await CampaignStore(redis, keys).status(request.match_info["id"]))
+
     async def report(self, request: web.Request) -> web.Response:
         redis, keys = self._setup(request, "campaigns")
         cid = request.match_info["id"]
         await _known(redis, keys, cid)
-        return _json(await campaign_report(redis, keys, cid))
+        return json_response(await campaign_report(redis, keys, cid))
 
     async def report_png(self, request: web.Request) -> web.Response:
         redis, keys = self._setup(request, "campaigns")
@@ -163,12 +166,12 @@ class CampaignRoutes:
     # ------------------------------------------------------------------ events
 
     async def events(self, request: web.Request) -> web.Response:
-        client = _need(request, "events")
-        body = await _body(request)
+        client = require_scope(request, "events")
+        body = await read_json(request)
         events = body.get("events") if isinstance(body, dict) else None
         self.auth.charge(client, len(events) if isinstance(events, list) and events else 1)
         results = await EventRecorder(request.app[REDIS], request.app[INTAKE].keys).record(events)
-        return _json({"results": results, **summary(results)}, 202)
+        return json_response({"results": results, **summary(results)}, 202)
 
 
 def add_routes(app: web.Application, auth: Authenticator) -> None:
@@ -191,5 +194,3 @@ def add_routes(app: web.Application, auth: Authenticator) -> None:
     app.router.add_get("/v1/campaigns/{id}/report.png", r.report_png)
     app.router.add_post("/v1/events", r.events)
 
-
-__all__ = ["CLIENT", "add_routes"]

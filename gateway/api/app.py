@@ -1,0 +1,112 @@
+"""The application (middlewares and every route) and the API process (serve until a signal)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable
+from contextlib import suppress
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ...campaigns.fanout import CampaignError
+from ...core import metrics
+from ...core.config import ConfigError, Settings
+from ...core.logs import setup_logging
+from ...core.schema import MessageInvalid
+from ...users.profiles import Profiles
+from ..intake import Intake
+from ..pool import make_redis
+from . import campaign_routes, probes, routes
+from .auth import Authenticator, Handler, auth_middleware
+from .context import CLIENT, INTAKE, PROFILES, REDIS, SETTINGS
+from .errors import ApiError, invalid_message
+
+log = logging.getLogger("pushgw.api")
+
+
+def _route_name(request: web.Request) -> str:
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "unmatched"
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except ApiError as e:
+        response = e.response()
+    except MessageInvalid as e:  # every route: a validation error is a 422 naming the fields
+        response = invalid_message(e).response()
+    except CampaignError as e:  # a campaign that does not exist (404) or cannot launch now (409)
+        response = ApiError(e.status, e.code, str(e)).response()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[SETTINGS].api.max_body_bytes
+        response = ApiError(413, "body_too_large", f"request body is larger than {limit} bytes").response()
+    except web.HTTPException as e:  # 404/405 from routing
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status, "http_error")
+        allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
+        response = ApiError(e.status, code, e.reason, headers=allow).response()
+    except (RedisConnectionError, RedisTimeoutError, OSError):
+        log.warning("redis unavailable", extra={"path": _route_name(request)})
+        response = ApiError(503, "unavailable", "the queue is unavailable; retry later",
+                            headers={"Retry-After": "1"}).response()
+    except Exception:
+        log.exception("unexpected error", extra={"path": _route_name(request)})
+        response = ApiError(500, "internal", "internal error").response()
+    metrics.API_REQUESTS.labels(_route_name(request), str(response.status)).inc()
+    if response.status >= 500 or log.isEnabledFor(logging.DEBUG):
+        client = request.get(CLIENT)
+        log.log(logging.WARNING if response.status >= 500 else logging.DEBUG, "request",
+                extra={"path": _route_name(request), "status": response.status,
+                       "client": client.name if client else None, "count": round((time.perf_counter() - started) * 1000, 2)})
+    return response
+
+
+def create_app(settings: Settings, redis: aioredis.Redis) -> web.Application:
+    """The aiohttp application; the caller owns `redis`. Refuses to build without API clients."""
+    if not settings.api.clients:
+        raise ConfigError("the HTTP API needs at least one client: set PUSHGW_API_TOKEN or add [[api.clients]]")
+    auth = Authenticator(settings.api.clients)
+    app = web.Application(middlewares=[_errors, auth_middleware(auth)], client_max_size=settings.api.max_body_bytes)
+    app[SETTINGS] = settings
+    app[REDIS] = redis
+    app[INTAKE] = Intake(redis, settings, source="api")
+    app[PROFILES] = Profiles(redis, app[INTAKE].keys)
+    routes.add_routes(app, auth)
+    campaign_routes.add_routes(app, auth)
+    probes.add_routes(app)
+    return app
+
+
+async def serve_api(settings: Settings, redis_url: str, supervise: Callable[[], None] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; `supervise` (the worker pool's) is called every second meanwhile."""
+    setup_logging(settings.log_level)
+    redis = make_redis(redis_url, max_connections=128, timeout_s=5.0)
+    app = create_app(settings, redis)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.api.host, settings.api.port, backlog=1024)
+    await site.start()
+    log.info("api listening", extra={"address": f"{settings.api.host}:{settings.api.port}",
+                                     "count": len(settings.api.clients)})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        while not stop.is_set():
+            if supervise is not None:
+                await asyncio.to_thread(supervise)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+    finally:
+        log.info("api stopping")
+        await runner.cleanup()
+        await redis.aclose()
