@@ -65,6 +65,10 @@ class Keys:
         """GCRA state (theoretical arrival time) of a provider-wide rate limit (ratelimit/provider_rate.py)."""
         return f"{self.prefix}:rate:{scope}"
 
+    def client_rate(self, client: str) -> str:
+        """GCRA state of an API client's `rate_per_s`, shared by every API process (gateway/api/auth.py)."""
+        return f"{self.prefix}:rate:client:{client}"
+
     def devices(self, user: str) -> str:
         """Hash device key -> device JSON: the user's registered devices."""
         return f"{self.prefix}:devices:{user}"

@@ -51,6 +51,30 @@ LAPSE_S = 1.0  # unspent requests of a reservation are given up after this long
 MAX_SLEEP_S = 0.5  # a single wait is never longer: the answer is asked again (state may have been reset)
 
 
+class Gcra:
+    """One rate kept in Redis as GCRA state, shared by every process that names the same key.
+
+    `reserve(n)` takes n units at once, all or nothing: (True, 0.0), or (False, seconds until n are free).
+    Up to `burst` units can be taken at once after a quiet spell; more than `burst` never fit.
+    """
+
+    def __init__(self, redis: aioredis.Redis, key: str, rate_per_s: float, burst: float,
+                 clock: Callable[[], float] | None = None) -> None:
+        """`clock` (tests only) replaces Redis's clock in the script."""
+        self.key = key
+        self.rate = rate_per_s
+        self.burst = burst
+        self._script = redis.register_script(_RESERVE)
+        self._interval_ms = 1000.0 / rate_per_s
+        self._burst_ms = burst * self._interval_ms
+        self._clock = clock
+
+    async def reserve(self, n: int) -> tuple[bool, float]:
+        now_arg = int(self._clock() * 1000) if self._clock else ""
+        granted, wait_ms = await self._script(keys=[self.key], args=[now_arg, self._interval_ms, n, self._burst_ms])
+        return int(granted) > 0, int(wait_ms) / 1000
+
+
 class SharedRate:
     """`await acquire()` before each request; waits as long as the shared rate requires."""
 
@@ -61,12 +85,8 @@ class SharedRate:
         """`clock` (tests only) replaces Redis's clock in the script; the lapse of a reservation uses it too."""
         self.scope = scope
         self.rate = rate_per_s
-        self._key = keys.provider_rate(scope)
-        self._script = redis.register_script(_RESERVE)
-        self._interval_ms = 1000.0 / rate_per_s
         self._block = max(1, min(256, int(rate_per_s * BLOCK_S)))
-        self._burst_ms = self._block * self._interval_ms
-        self._script_clock = clock
+        self._gcra = Gcra(redis, keys.provider_rate(scope), rate_per_s, self._block, clock)
         self._clock = clock or time.monotonic
         self._sleep = sleep
         self.waiting = 0  # deliveries of this process waiting for the rate now
@@ -90,15 +110,12 @@ class SharedRate:
         try:
             async with self._lock:  # one reservation in flight per process; the others wait for it
                 while not self.take_now():
-                    now_arg = int(self._script_clock() * 1000) if self._script_clock else ""
-                    granted, wait_ms = await self._script(
-                        keys=[self._key], args=[now_arg, self._interval_ms, self._block, self._burst_ms]
-                    )
-                    if int(granted) > 0:
-                        self._tokens, self._valid_until = int(granted), self._clock() + LAPSE_S
+                    granted, wait_s = await self._gcra.reserve(self._block)
+                    if granted:
+                        self._tokens, self._valid_until = self._block, self._clock() + LAPSE_S
                         continue
                     waited = True
-                    await self._sleep(min(MAX_SLEEP_S, max(0.001, int(wait_ms) / 1000)))
+                    await self._sleep(min(MAX_SLEEP_S, max(0.001, wait_s)))
         finally:
             self.waiting -= 1
         if waited:

@@ -14,7 +14,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from pushgw.core.config import ApiClient, ApiSettings, ConfigError, RedisSettings, Settings
 from pushgw.core.schema import Device, Message, loads_message
 from pushgw.gateway.api.app import create_app
-from pushgw.gateway.api.auth import TokenBucket
+from pushgw.gateway.api.auth import Authenticator
+from pushgw.gateway.api.errors import ApiError
 from pushgw.queue.keys import Keys
 from pushgw.queue.streams import Commit, DeadLetter, StreamQueue
 
@@ -203,14 +204,37 @@ async def test_token_that_is_not_utf8_is_401(make_client: Any) -> None:
     await error(resp, 401, "unauthenticated")
 
 
-def test_token_bucket_refills() -> None:
-    now = [0.0]
-    b = TokenBucket(5.0, 10.0, clock=lambda: now[0])
-    assert b.take(11) == float("inf")  # more than the bucket holds can never be granted
-    assert b.take(10) == 0.0
-    assert b.take(1) == pytest.approx(0.2)
+async def test_client_rate_refills_at_its_rate(redis: aioredis.Redis) -> None:
+    now = [1000.0]
+    limited = settings().api.clients[3]  # quiz-service: 5/s, burst 10
+    a = Authenticator(settings().api.clients, redis, Keys("apitest"), clock=lambda: now[0])
+
+    async def wait_for(n: int) -> float:
+        try:
+            await a.charge(limited, n)
+        except ApiError as e:
+            assert e.status == 429, e.code
+            return float(e.headers["Retry-After"]) if e.headers else -1.0
+        return 0.0
+
+    with pytest.raises(ApiError) as too_big:  # more than the bucket holds can never be granted
+        await a.charge(limited, 11)
+    assert too_big.value.status == 413
+    assert await wait_for(10) == 0.0
+    assert await wait_for(1) == 1.0  # 0.2 s away, said in whole seconds
     now[0] += 1.0
-    assert b.take(5) == 0.0 and b.take(1) > 0
+    assert await wait_for(5) == 0.0 and await wait_for(1) > 0
+
+
+async def test_client_rate_is_one_limit_shared_by_every_api_process(make_client: Any, redis: aioredis.Redis) -> None:
+    first, second = await make_client(), await make_client()  # two API processes on one Redis
+    batch = {"messages": [dict(MSG, id=f"p-{i}") for i in range(8)]}
+    assert (await first.post("/v1/messages/batch", json=batch, headers=auth(LIMITED))).status == 202
+    batch = {"messages": [dict(MSG, id=f"q-{i}") for i in range(8)]}  # quiz-service's burst is 10, not 10 per process
+    resp = await second.post("/v1/messages/batch", json=batch, headers=auth(LIMITED))
+    await error(resp, 429, "rate_limited")
+    assert int(resp.headers["Retry-After"]) >= 1
+    assert len(await queued(redis)) == 8
 
 
 async def test_devices_register_list_delete(make_client: Any) -> None:

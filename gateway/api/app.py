@@ -73,11 +73,12 @@ def create_app(settings: Settings, redis: aioredis.Redis) -> web.Application:
     """The aiohttp application; the caller owns `redis`. Refuses to build without API clients."""
     if not settings.api.clients:
         raise ConfigError("the HTTP API needs at least one client: set PUSHGW_API_TOKEN or add [[api.clients]]")
-    auth = Authenticator(settings.api.clients)
+    intake = Intake(redis, settings, source="api")
+    auth = Authenticator(settings.api.clients, redis, intake.keys)
     app = web.Application(middlewares=[_errors, auth_middleware(auth)], client_max_size=settings.api.max_body_bytes)
     app[SETTINGS] = settings
     app[REDIS] = redis
-    app[INTAKE] = Intake(redis, settings, source="api")
+    app[INTAKE] = intake
     app[PROFILES] = Profiles(redis, app[INTAKE].keys)
     routes.add_routes(app, auth)
     campaign_routes.add_routes(app, auth)

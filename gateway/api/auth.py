@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hmac
 import math
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from ...core.config import ApiClient
+from ...queue.keys import Keys
+from ...ratelimit.provider_rate import Gcra
 from .context import CLIENT
 from .errors import ApiError
 
@@ -18,34 +20,20 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.yaml"})
 
 
-class TokenBucket:
-    """`rate` units per second, up to `burst` banked; `take(n)` says how long to wait if n are not there."""
-
-    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate = rate
-        self.burst = max(burst, 1.0)
-        self.tokens = self.burst
-        self.clock = clock
-        self.at = clock()
-
-    def take(self, n: float) -> float:
-        """0 when taken; else seconds until n are there; infinity when n exceeds the bucket."""
-        if n > self.burst:
-            return math.inf
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if n <= self.tokens:
-            self.tokens -= n
-            return 0.0
-        return (n - self.tokens) / self.rate
-
-
 class Authenticator:
-    def __init__(self, clients: tuple[ApiClient, ...]) -> None:
+    """Tokens and scopes; and each client's `rate_per_s`, one limit per client shared by every API process.
+
+    The rate lives in Redis as GCRA state (ratelimit/provider_rate.py), so running more API processes does
+    not multiply what a client may send: a batch of n costs n, up to the client's burst at once.
+    """
+
+    def __init__(self, clients: tuple[ApiClient, ...], redis: aioredis.Redis, keys: Keys,
+                 clock: Callable[[], float] | None = None) -> None:
+        """`clock` (tests only) replaces Redis's clock for the rates."""
         self._clients = [(c, c.token.encode()) for c in clients]
-        self._buckets = {
-            c.name: TokenBucket(c.rate_per_s, c.burst or c.rate_per_s) for c in clients if c.rate_per_s > 0
+        self._rates = {
+            c.name: Gcra(redis, keys.client_rate(c.name), c.rate_per_s, max(float(c.burst or c.rate_per_s), 1.0), clock)
+            for c in clients if c.rate_per_s > 0
         }
 
     def client(self, header: str | None) -> ApiClient:
@@ -62,17 +50,18 @@ class Authenticator:
                            headers={"WWW-Authenticate": 'Bearer realm="pushgw", error="invalid_token"'})
         return found
 
-    def charge(self, client: ApiClient, units: int) -> None:
-        bucket = self._buckets.get(client.name)
-        if bucket is None:
+    async def charge(self, client: ApiClient, units: int) -> None:
+        """Take `units` of the client's rate, or answer 429 (wait) or 413 (more than its burst ever allows)."""
+        rate = self._rates.get(client.name)
+        if rate is None:
             return
-        wait = bucket.take(units)
-        if wait == math.inf:
+        if units > rate.burst:
             raise ApiError(413, "batch_too_large",
-                           f"{units} messages exceed client {client.name}'s burst of {bucket.burst:g}; send smaller batches")
-        if wait > 0:
+                           f"{units} messages exceed client {client.name}'s burst of {rate.burst:g}; send smaller batches")
+        granted, wait_s = await rate.reserve(units)
+        if not granted:
             raise ApiError(429, "rate_limited", f"client {client.name} is over its {client.rate_per_s:g}/s limit",
-                           headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+                           headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
 
 
 def auth_middleware(auth: Authenticator) -> Any:

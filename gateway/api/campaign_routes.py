@@ -35,23 +35,23 @@ class CampaignRoutes:
     def __init__(self, auth: Authenticator) -> None:
         self.auth = auth
 
-    def _setup(self, request: web.Request, scope: str) -> tuple[Any, Any]:
+    async def _setup(self, request: web.Request, scope: str) -> tuple[Any, Any]:
         client = require_scope(request, scope)
-        self.auth.charge(client, 1)
+        await self.auth.charge(client, 1)
         return request.app[REDIS], request.app[INTAKE].keys
 
     # ------------------------------------------------------------------ learners
 
     async def put_attributes(self, request: web.Request) -> web.Response:
         """PUT replaces a learner's attributes, PATCH changes the fields named (null clears one)."""
-        redis, keys = self._setup(request, "devices")
+        redis, keys = await self._setup(request, "devices")
         body = await read_json(request)
         attrs = await UserAttributes(redis, keys).update(request.match_info["user"], body,
                                                          merge=request.method == "PATCH")
         return json_response(attrs.to_json())
 
     async def get_attributes(self, request: web.Request) -> web.Response:
-        redis, keys = self._setup(request, "devices")
+        redis, keys = await self._setup(request, "devices")
         attrs = await UserAttributes(redis, keys).get(request.match_info["user"])
         return json_response(attrs.to_json())
 
@@ -63,7 +63,7 @@ class CampaignRoutes:
                 isinstance(u, dict) and set(u) == {"user", "attributes"} for u in users):
             raise MessageInvalid([FieldError("users", f"must be a list of 1-{MAX_IMPORT} "
                                                   '{"user": ..., "attributes": {...}}')])
-        self.auth.charge(client, len(users))
+        await self.auth.charge(client, len(users))
         try:
             n = await UserAttributes(request.app[REDIS], request.app[INTAKE].keys).import_many(
                 [(u["user"], u["attributes"]) for u in users])
@@ -72,7 +72,7 @@ class CampaignRoutes:
         return json_response({"imported": n})
 
     async def audience_count(self, request: web.Request) -> web.Response:
-        redis, keys = self._setup(request, "campaigns")
+        redis, keys = await self._setup(request, "campaigns")
         body = await read_json(request)
         audience = parse_audience(body.get("audience") if isinstance(body, dict) else None)
         return json_response({"audience": audience.to_json(), "count": await count(redis, keys, audience)})
@@ -80,25 +80,25 @@ class CampaignRoutes:
     # ------------------------------------------------------------------ templates
 
     async def put_template(self, request: web.Request) -> web.Response:
-        redis, keys = self._setup(request, "campaigns")
+        redis, keys = await self._setup(request, "campaigns")
         body = await read_json(request)
         t = await Templates(redis, keys).save(request.match_info["name"], body)
         return json_response(t.to_json())
 
     async def get_template(self, request: web.Request) -> web.Response:
-        redis, keys = self._setup(request, "campaigns")
+        redis, keys = await self._setup(request, "campaigns")
         t = await Templates(redis, keys).get(request.match_info["name"])
         if t is None:
             raise ApiError(404, "not_found", "no such template")
         return json_response(t.to_json())
 
     async def list_templates(self, request: web.Request) -> web.Response:
-        redis, keys = self._setup(request, "campaigns")
+        redis, keys = await self._setup(request, "campaigns")
         return json_response({"templates": await Templates(redis, keys).names()})
 
     async def render_template(self, request: web.Request) -> web.Response:
         """A preview: what a learner with this locale and these variables would read."""
-        redis, keys = self._setup(request, "campaigns")
+        redis, keys = await self._setup(request, "campaigns")
         body = await read_json(request)
         if not isinstance(body, dict) or set(body) - {"vars", "locale"}:
             raise MessageInvalid([FieldError("$", 'send {"vars": {...}, "locale": "fr"}')])
@@ -119,23 +119,23 @@ class CampaignRoutes:
     # ------------------------------------------------------------------ campaigns
 
     async def create_campaign(self, request: web.Request) -> web.Response:
-        redis, keys = self._setup(request, "campaigns")
+        redis, keys = await self._setup(request, "campaigns")
         body = await read_json(request)
         c = await CampaignStore(redis, keys).create(body)
         return json_response(c.to_json(), 201)
 
     async def list_campaigns(self, request: web.Request) -> web.Response:
-        redis, keys = self._setup(request, "campaigns")
+        redis, keys = await self._setup(request, "campaigns")
         return json_response({"campaigns": await CampaignStore(redis, keys).ids()})
 
     async def get_campaign(self, request: web.Request) -> web.Response:
-        redis, keys = self._setup(request, "campaigns")
+        redis, keys = await self._setup(request, "campaigns")
         s = await CampaignStore(redis, keys).require(request.match_info["id"])
         return json_response(s.campaign.to_json() | {"stage_percent": s.stage_percent,
                                                      "stages": [st.to_json() for st in s.stages], "created_at": s.created_at})
 
     async def launch(self, request: web.Request) -> web.Response:
-        redis, keys = self._setup(request, "campaigns")
+        redis, keys = await self._setup(request, "campaigns")
         body = await read_json(request)
         if not isinstance(body, dict) or "percent" not in body or set(body) - {"percent", "weights"}:
             raise MessageInvalid([FieldError("percent", 'send {"percent": 10} for a 10% pilot, 100 for all '
@@ -144,17 +144,17 @@ class CampaignRoutes:
         return json_response(status, 202)
 
     async def status(self, request: web.Request) -> web.Response:
-        redis, keys = self._setup(request, "campaigns")
+        redis, keys = await self._setup(request, "campaigns")
         return json_response(await CampaignStore(redis, keys).status(request.match_info["id"]))
 
     async def report(self, request: web.Request) -> web.Response:
-        redis, keys = self._setup(request, "campaigns")
+        redis, keys = await self._setup(request, "campaigns")
         cid = request.match_info["id"]
         await _known(redis, keys, cid)
         return json_response(await campaign_report(redis, keys, cid))
 
     async def report_png(self, request: web.Request) -> web.Response:
-        redis, keys = self._setup(request, "campaigns")
+        redis, keys = await self._setup(request, "campaigns")
         cid = request.match_info["id"]
         await _known(redis, keys, cid)
         try:
@@ -169,7 +169,7 @@ class CampaignRoutes:
         client = require_scope(request, "events")
         body = await read_json(request)
         events = body.get("events") if isinstance(body, dict) else None
-        self.auth.charge(client, len(events) if isinstance(events, list) and events else 1)
+        await self.auth.charge(client, len(events) if isinstance(events, list) and events else 1)
         results = await EventRecorder(request.app[REDIS], request.app[INTAKE].keys).record(events)
         return json_response({"results": results, **summary(results)}, 202)
 

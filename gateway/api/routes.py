@@ -19,7 +19,7 @@ class Routes:
     async def message(self, request: web.Request) -> web.Response:
         client = require_scope(request, "enqueue")
         body = await read_json(request)
-        self.auth.charge(client, 1)
+        await self.auth.charge(client, 1)
         [(msg_id, queued)] = await request.app[INTAKE].submit([body])
         return json_response({"id": msg_id, "status": "queued" if queued else "duplicate"}, 202)
 
@@ -32,7 +32,7 @@ class Routes:
                            fields=[{"field": "messages", "message": "must be a non-empty list"}])
         if len(messages) > request.app[SETTINGS].api.max_batch:
             raise ApiError(413, "batch_too_large", f"at most {request.app[SETTINGS].api.max_batch} messages per batch")
-        self.auth.charge(client, len(messages))
+        await self.auth.charge(client, len(messages))
         results = await request.app[INTAKE].submit(messages)
         return json_response({"results": [{"id": i, "status": "queued" if ok else "duplicate"} for i, ok in results],
                       "queued": sum(ok for _, ok in results)}, 202)
@@ -40,7 +40,7 @@ class Routes:
     async def put_device(self, request: web.Request) -> web.Response:
         client = require_scope(request, "devices")
         body = await read_json(request)
-        self.auth.charge(client, 1)
+        await self.auth.charge(client, 1)
         try:
             device = await request.app[INTAKE].register_device(request.match_info["user"], body)
         except RegistryFull as e:
@@ -49,13 +49,13 @@ class Routes:
 
     async def list_devices(self, request: web.Request) -> web.Response:
         client = require_scope(request, "devices")
-        self.auth.charge(client, 1)
+        await self.auth.charge(client, 1)
         devices = await request.app[INTAKE].registry.devices(request.match_info["user"])
         return json_response({"devices": [d.to_json() | {"key": d.key} for d in devices]})
 
     async def delete_device(self, request: web.Request) -> web.Response:
         client = require_scope(request, "devices")
-        self.auth.charge(client, 1)
+        await self.auth.charge(client, 1)
         if not await request.app[INTAKE].registry.unregister(request.match_info["user"], request.match_info["key"]):
             raise ApiError(404, "not_found", "no such device for this user")
         return web.Response(status=204)
@@ -64,13 +64,13 @@ class Routes:
         """PUT replaces the user's preferences, PATCH changes only the fields it names."""
         client = require_scope(request, "devices")
         body = await read_json(request)
-        self.auth.charge(client, 1)
+        await self.auth.charge(client, 1)
         prefs = await request.app[PROFILES].update(request.match_info["user"], body, merge=request.method == "PATCH")
         return json_response(prefs.to_json())
 
     async def get_preferences(self, request: web.Request) -> web.Response:
         client = require_scope(request, "devices")
-        self.auth.charge(client, 1)
+        await self.auth.charge(client, 1)
         prefs = await request.app[PROFILES].get(request.match_info["user"])
         return json_response(prefs.to_json())
 
