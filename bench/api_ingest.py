@@ -21,10 +21,10 @@ from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp import web
 
 from ..core.config import ApiClient, ApiSettings, RedisSettings, Settings
 from ..gateway.api.app import create_app
+from ..gateway.api.server import start_api
 from ..gateway.embedded import EmbeddedRedis
 from ..gateway.pool import install_loop, make_redis
 from .run import proc_stat
@@ -34,16 +34,13 @@ TOKEN = "bench-api-token-0123456789"  # noqa: S105 - a throwaway token of this l
 
 
 def _serve(redis_url: str, port: int) -> None:
-
     install_loop()
     settings = Settings(redis=RedisSettings(url=redis_url, prefix="ingest"),
                         api=ApiSettings(clients=(ApiClient("bench", TOKEN, ("enqueue",)),), max_body_bytes=8 << 20))
 
     async def main() -> None:
         redis = make_redis(redis_url)
-        runner = web.AppRunner(create_app(settings, redis), access_log=None, handle_signals=True)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, reuse_port=True).start()
+        await start_api(create_app(settings, redis), settings.api, "127.0.0.1", port, reuse_port=True)  # as `pushgw api` serves
         await asyncio.Event().wait()
 
     asyncio.run(main())

@@ -54,6 +54,14 @@ class ApiSettings:
     port: int = 8080
     max_body_bytes: int = 1 << 20
     max_batch: int = 1000
+    # Slow or silent clients cannot hold connections: a request's headers must all arrive within
+    # header_timeout_s of its first byte, its body within body_timeout_s once the handler reads it; a
+    # connection with no request under way is closed after idle_timeout_s; past max_connections open
+    # connections per API process a new one is answered 503 and closed.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    idle_timeout_s: float = 60.0
+    max_connections: int = 1024
     clients: tuple[ApiClient, ...] = field(default=(), repr=False)
 
 
@@ -389,6 +397,9 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         webpush=_section(WebPushSettings, "webpush", data.get("webpush", {}), env),
         log_level=level,
     )
+    if min(api.header_timeout_s, api.body_timeout_s, api.idle_timeout_s) <= 0 or api.max_connections < 1:
+        raise ConfigError("api.header_timeout_s, api.body_timeout_s and api.idle_timeout_s must be > 0, "
+                          "api.max_connections at least 1")
     if settings.worker.processes < 1 or settings.worker.batch_size < 1 or settings.worker.max_attempts < 1:
         raise ConfigError("worker.processes, worker.batch_size and worker.max_attempts must be at least 1")
     if settings.worker.high_weight < 1 or settings.providers.concurrency < 1:

@@ -148,6 +148,11 @@ def campaign_message(campaign: str, variant: str | None, outcome: str) -> Counte
 
 
 API_REQUESTS = Counter("pushgw_api_requests_total", "HTTP API requests by route and status", ["route", "status"])
+API_REJECTED = Counter(
+    "pushgw_api_rejected_total",
+    "HTTP requests and connections refused before any route: malformed HTTP, read timeouts, connection cap",
+    ["reason"],  # one of gateway/api/server.py's REASONS
+)
 RECLAIMED = Counter("pushgw_reclaimed_entries_total", "Pending entries taken over from a dead consumer")
 
 

@@ -25,7 +25,8 @@ from ..pool import make_redis
 from . import campaign_routes, probes, routes
 from .auth import Authenticator, Handler, auth_middleware
 from .context import CLIENT, INTAKE, PROFILES, REDIS, SETTINGS
-from .errors import ApiError, invalid_message
+from .errors import SERVER_NAME, ApiError, invalid_message
+from .server import start_api
 
 log = logging.getLogger("pushgw.api")
 
@@ -69,6 +70,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER_NAME
+
+
 def create_app(settings: Settings, redis: aioredis.Redis) -> web.Application:
     """The aiohttp application; the caller owns `redis`. Refuses to build without API clients."""
     if not settings.api.clients:
@@ -80,6 +85,7 @@ def create_app(settings: Settings, redis: aioredis.Redis) -> web.Application:
     app[REDIS] = redis
     app[INTAKE] = intake
     app[PROFILES] = Profiles(redis, app[INTAKE].keys)
+    app.on_response_prepare.append(_server_header)
     routes.add_routes(app, auth)
     campaign_routes.add_routes(app, auth)
     probes.add_routes(app)
@@ -90,11 +96,7 @@ async def serve_api(settings: Settings, redis_url: str, supervise: Callable[[], 
     """Serve until SIGTERM/SIGINT; `supervise` (the worker pool's) is called every second meanwhile."""
     setup_logging(settings.log_level)
     redis = make_redis(redis_url, max_connections=128, timeout_s=5.0)
-    app = create_app(settings, redis)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.api.host, settings.api.port, backlog=1024)
-    await site.start()
+    server = await start_api(create_app(settings, redis), settings.api)
     log.info("api listening", extra={"address": f"{settings.api.host}:{settings.api.port}",
                                      "count": len(settings.api.clients)})
     stop = asyncio.Event()
@@ -109,5 +111,5 @@ async def serve_api(settings: Settings, redis_url: str, supervise: Callable[[], 
                 await asyncio.wait_for(stop.wait(), 1.0)
     finally:
         log.info("api stopping")
-        await runner.cleanup()
+        await server.close()
         await redis.aclose()
