@@ -169,6 +169,21 @@ async def test_headers_that_never_end_are_cut_off_after_the_header_timeout(serve
     assert rejected("header_timeout") == before + 1
 
 
+async def test_the_header_timeout_spares_a_served_keep_alive_connection(serve: Any) -> None:
+    server = await serve(header_timeout_s=0.3, idle_timeout_s=30.0)
+    reader, writer = await connect(server)
+    try:
+        for piece in (b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r", b"\n"):  # the header block ends across two reads
+            writer.write(piece)
+            await asyncio.sleep(0.05)
+        assert (await one_response(reader))[0] == 200
+        await asyncio.sleep(0.6)  # twice the header timeout, idle: well within the idle timeout
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert (await one_response(reader))[0] == 200
+    finally:
+        writer.close()
+
+
 async def test_a_body_shorter_than_its_content_length_is_answered_408_and_closed(serve: Any) -> None:
     server = await serve(body_timeout_s=0.3)
     request = (b"POST /v1/messages HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer " + TOKEN.encode()

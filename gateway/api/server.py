@@ -135,13 +135,13 @@ class ApiProtocol(RequestHandler):
         if not self.refused and not self.in_request and data:
             if self.header_deadline is None:
                 self.header_deadline = self.event_loop.call_later(self.limits.header_timeout_s, self._headers_too_slow)
-            seen = self.seen + data
-            if b"\n\r\n" in seen or b"\n\n" in seen:  # an empty line: the header block is complete
-                self.in_request = True
+            joint = self.seen + data[:2]  # an end split across two reads
+            if b"\n\r\n" in data or b"\n\n" in data or b"\n\r\n" in joint or b"\n\n" in joint:
+                self.in_request = True  # an empty line: the header block is complete
                 self.seen = b""
                 self._stop_header_deadline()
             else:
-                self.seen = seen[-2:]
+                self.seen = (self.seen + data[-2:])[-2:]
         super().data_received(data)
 
     async def finish_response(self, request: BaseRequest, resp: StreamResponse,
