@@ -186,11 +186,13 @@ async def test_the_header_timeout_spares_a_served_keep_alive_connection(serve: A
 
 async def test_a_body_shorter_than_its_content_length_is_answered_408_and_closed(serve: Any) -> None:
     server = await serve(body_timeout_s=0.3)
+    before = rejected("body_timeout")
     request = (b"POST /v1/messages HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer " + TOKEN.encode()
                + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"user\": ")
     status, headers, body = parse(await exchange(server, request))  # returns only once the server closed
     assert status == 408 and headers["connection"] == "close"
     assert orjson.loads(body)["error"]["code"] == "body_timeout"
+    assert rejected("body_timeout") == before + 1
 
 
 async def test_a_connection_that_sends_nothing_is_closed_after_the_idle_timeout(serve: Any) -> None:
