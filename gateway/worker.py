@@ -11,7 +11,7 @@ Where a message goes, in order:
    about first reads (opt-out, send window, caps: ratelimit/policy.py; one batch, one answer),
    resolves the user's devices from the registry (one round trip per batch) and skips
    devices a redelivered entry already completed (done marks).
-3. Each delivery goes to its provider's lane: a queue (`PriorityDeque`, gateway/slots.py) that
+3. Each delivery goes to its provider's lane: a queue (`LaneQueue`, gateway/lanequeue.py) that
    serves high-priority deliveries first, drained by `providers.concurrency` long-lived sender
    coroutines, which bound requests in flight per provider. A sender asks the circuit, then the
    shared provider rate if configured, then sends. A lane too far behind (a hung provider) parks
@@ -51,7 +51,7 @@ from ..ratelimit.circuit import Circuit
 from ..ratelimit.circuit import State as CircuitState
 from ..ratelimit.provider_rate import SharedRate
 from ..users.registry import DeviceRegistry
-from .slots import PriorityDeque
+from .lanequeue import LaneQueue
 
 log = logging.getLogger("pushgw.worker")
 
@@ -94,7 +94,7 @@ class _Lane:
     them; `queued` counts them from `_start` until settled (waiting or sending)."""
 
     provider: Provider
-    waiting: PriorityDeque[_Work]
+    waiting: LaneQueue[_Work]
     concurrency: int
     senders: int = 0  # sender coroutines started (they live until the worker stops)
     idle: list[asyncio.Future[None]] = field(default_factory=list)  # senders waiting for work
@@ -146,7 +146,7 @@ class Worker:
         self.clock = clock
         self.rng = rng
         self.lanes = {
-            name: _Lane(p, PriorityDeque(self.ws.high_weight), settings.providers.concurrency)
+            name: _Lane(p, LaneQueue(self.ws.high_weight), settings.providers.concurrency)
             for name, p in providers.items()
         }
         self._commit = Commit([], [], [], [], [])
