@@ -1,7 +1,7 @@
 """A lane's waiting deliveries with two priorities: high first, normal never starved.
 
 A worker bounds requests in flight per provider with a fixed number of sender coroutines per lane
-(gateway/worker.py), and each free sender takes its next delivery from here. With a plain FIFO, a
+(gateway/lanes.py), and each free sender takes its next delivery from here. With a plain FIFO, a
 reminder queued behind a million-message campaign would wait for every campaign delivery queued
 before it. Here a free sender takes a waiting high-priority delivery first, except that after
 `weight` high takes in a row while normal deliveries were waiting, it takes a normal one: so high
