@@ -19,7 +19,6 @@ from prometheus_client import REGISTRY
 from pushgw.core import metrics
 from pushgw.core.config import ProviderSettings, Settings, WorkerSettings
 from pushgw.core.schema import Device, Message, parse_message
-from pushgw.gateway.settle import backoff_delay
 from pushgw.gateway.worker import Worker
 from pushgw.providers.base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid
 from pushgw.queue.deadletter import DeadLetters
@@ -109,13 +108,6 @@ async def enqueue(redis: aioredis.Redis, *messages: Message) -> None:
     q = StreamQueue(redis, Keys())
     await q.ensure_group()
     assert all(await q.enqueue(list(messages)))
-
-
-def test_backoff_is_full_jitter_capped() -> None:
-    assert backoff_delay(1, 1.0, 300, rng=lambda: 1.0) == 1.0
-    assert backoff_delay(4, 1.0, 300, rng=lambda: 1.0) == 8.0
-    assert backoff_delay(20, 1.0, 300, rng=lambda: 1.0) == 300
-    assert backoff_delay(5, 1.0, 300, rng=lambda: 0.0) == 0.0
 
 
 async def test_fans_out_to_every_device_of_the_user(redis: aioredis.Redis) -> None:
@@ -490,13 +482,3 @@ async def test_done_mark_is_written_while_another_device_of_the_entry_is_in_flig
         apns.gate.set()
         await until(lambda: settled(redis))
     assert len(apns.sent) == len(fcm.sent) == 1
-
-
-async def test_done_marks_of_an_entry_acked_in_the_same_flush_are_not_written(redis: aioredis.Redis) -> None:
-    worker = Worker(make_settings(), redis, {"fcm": ScriptedProvider("fcm")}, consumer="w1")
-    await worker.queue.ensure_group()
-    worker.settler.commit.acks.append("1-1")
-    worker.settler.commit.done += [("1-1", "fcm:a"), ("high/2-1", "fcm:b")]
-    await worker.settler.flush()
-    assert await redis.exists(Keys().done("1-1")) == 0  # acked: never read again
-    assert await redis.smembers(Keys().done("high/2-1")) == {b"fcm:b"}  # still pending: kept
