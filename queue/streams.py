@@ -9,7 +9,7 @@ atomic Redis operation:
 - settle: acks, per-delivery done marks, retries, dead letters and invalid-token events of many
   entries go in one MULTI/EXEC (`commit`), so an entry is never acked without its retry;
 - two lanes, two streams: priority "high" entries go to their own stream, which workers read
-  first (the worker's weighted slots keep the normal lane from starving);
+  first (the worker's lane queues, gateway/lanequeue.py, keep normal deliveries from starving);
 - scheduled (`send_at`), deferred (policy) and retried messages wait in one sorted set by due
   time; `move_due` (Lua) moves due ones to their lane's stream in batches, atomically, so two
   workers never move the same item;

@@ -7,7 +7,7 @@ import asyncio
 import redis.asyncio as aioredis
 from pushgw.core.config import ProviderSettings, RedisSettings, Settings, WorkerSettings
 from pushgw.core.schema import Device, Message
-from pushgw.gateway.slots import PriorityDeque
+from pushgw.gateway.lanequeue import LaneQueue
 from pushgw.gateway.worker import Worker
 from pushgw.providers.base import Delivered, Delivery, Outcome
 from pushgw.queue.keys import Keys
@@ -15,7 +15,7 @@ from pushgw.queue.streams import StreamQueue
 
 
 def test_the_lane_queue_serves_high_first_and_gives_normal_one_in_weight_plus_one() -> None:
-    q: PriorityDeque[str] = PriorityDeque(weight=3)
+    q: LaneQueue[str] = LaneQueue(weight=3)
     for i in range(3):
         q.put(f"n{i}", high=False)
     for i in range(9):
@@ -27,7 +27,7 @@ def test_the_lane_queue_serves_high_first_and_gives_normal_one_in_weight_plus_on
 
 
 def test_high_alone_does_not_build_a_streak_that_delays_normal_later() -> None:
-    q: PriorityDeque[str] = PriorityDeque(weight=2)
+    q: LaneQueue[str] = LaneQueue(weight=2)
     for i in range(5):  # no normal item waiting: these do not count towards the streak
         q.put(f"h{i}", high=True)
     assert [q.take() for _ in range(5)] == ["h0", "h1", "h2", "h3", "h4"]

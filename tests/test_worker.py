@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 from pushgw.core import metrics
 from pushgw.core.config import ProviderSettings, Settings, WorkerSettings
 from pushgw.core.schema import Device, Message, parse_message
-from pushgw.gateway.worker import Worker, backoff_delay
+from pushgw.gateway.worker import Worker
 from pushgw.providers.base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid
 from pushgw.queue.deadletter import DeadLetters
 from pushgw.queue.keys import Keys
@@ -108,13 +108,6 @@ async def enqueue(redis: aioredis.Redis, *messages: Message) -> None:
     q = StreamQueue(redis, Keys())
     await q.ensure_group()
     assert all(await q.enqueue(list(messages)))
-
-
-def test_backoff_is_full_jitter_capped() -> None:
-    assert backoff_delay(1, 1.0, 300, rng=lambda: 1.0) == 1.0
-    assert backoff_delay(4, 1.0, 300, rng=lambda: 1.0) == 8.0
-    assert backoff_delay(20, 1.0, 300, rng=lambda: 1.0) == 300
-    assert backoff_delay(5, 1.0, 300, rng=lambda: 0.0) == 0.0
 
 
 async def test_fans_out_to_every_device_of_the_user(redis: aioredis.Redis) -> None:
@@ -353,7 +346,7 @@ async def test_drain_finishes_in_flight_and_acks_before_returning(redis: aioredi
     worker = Worker(make_settings(), redis, {"fcm": fcm}, consumer="w1")
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
-    await until(lambda: worker._in_flight == 10)
+    await until(lambda: worker.lanes.in_flight == 10)
     stop.set()  # what SIGTERM does
     await asyncio.sleep(0.05)
     assert not task.done()  # still draining: in-flight deliveries are finished, not abandoned
@@ -370,11 +363,11 @@ async def test_drain_deadline_leaves_unfinished_entries_pending_for_others(redis
     worker = Worker(make_settings(drain_deadline_s=0.2), redis, {"fcm": fcm}, consumer="w1")
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
-    await until(lambda: worker._in_flight == 3)
+    await until(lambda: worker.lanes.in_flight == 3)
     stop.set()
     await asyncio.wait_for(task, 5)
     assert (await StreamQueue(redis, Keys()).stats()).pending == 3  # not lost: another worker reclaims them
-    assert not worker._tasks  # its senders were stopped with it: nothing goes out after the drain
+    assert not worker.lanes.tasks  # its senders were stopped with it: nothing goes out after the drain
     assert worker.lanes["fcm"].sending == 0  # the hung requests were given up, not left running
 
 
@@ -467,7 +460,7 @@ async def test_metrics_held_between_flushes_are_all_counted_after_a_drain(redis:
     worker = Worker(make_settings(), redis, {"fcm": fcm}, consumer="w1")
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
-    await until(lambda: worker._in_flight == 20)
+    await until(lambda: worker.lanes.in_flight == 20)
     await until(lambda: sample(*in_flight) == 20)  # the gauge follows the lanes at each flush
     stop.set()  # SIGTERM, then every delivery settles during the drain: the last flush must count them
     fcm.gate.set()
@@ -483,19 +476,9 @@ async def test_done_mark_is_written_while_another_device_of_the_entry_is_in_flig
     worker = Worker(make_settings(), redis, {"apns": apns, "fcm": fcm}, consumer="w1")
     async with running(worker):
         await until(lambda: len(fcm.sent) == 1)
-        [ref] = list(worker._jobs)
+        [ref] = list(worker.jobs)
         # Nothing else to write: the mark still goes out within a flush, so a crash now cannot resend it.
         await until(lambda: redis.sismember(Keys().done(ref), Device("fcm", "quick").key))
         apns.gate.set()
         await until(lambda: settled(redis))
     assert len(apns.sent) == len(fcm.sent) == 1
-
-
-async def test_done_marks_of_an_entry_acked_in_the_same_flush_are_not_written(redis: aioredis.Redis) -> None:
-    worker = Worker(make_settings(), redis, {"fcm": ScriptedProvider("fcm")}, consumer="w1")
-    await worker.queue.ensure_group()
-    worker._commit.acks.append("1-1")
-    worker._commit.done += [("1-1", "fcm:a"), ("high/2-1", "fcm:b")]
-    await worker._flush()
-    assert await redis.exists(Keys().done("1-1")) == 0  # acked: never read again
-    assert await redis.smembers(Keys().done("high/2-1")) == {b"fcm:b"}  # still pending: kept

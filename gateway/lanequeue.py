@@ -1,15 +1,12 @@
-"""Waiting deliveries per provider with two priorities: high first, normal never starved.
+"""A lane's waiting deliveries with two priorities: high first, normal never starved.
 
 A worker bounds requests in flight per provider with a fixed number of sender coroutines per lane
-(gateway/worker.py), and each free sender takes its next delivery from here. With a plain FIFO, a
+(gateway/lanes.py), and each free sender takes its next delivery from here. With a plain FIFO, a
 reminder queued behind a million-message campaign would wait for every campaign delivery queued
 before it. Here a free sender takes a waiting high-priority delivery first, except that after
 `weight` high takes in a row while normal deliveries were waiting, it takes a normal one: so high
 waits at most for the requests in flight, and normal still gets at least 1 sender turn in
 `weight + 1` under any high load.
-
-(A queue and long-lived senders instead of a semaphore and a task per delivery: `create_task` and
-the slot's future were about 8% of a worker's CPU under `pushgw bench`, see docs/benchmarks.md.)
 """
 
 from __future__ import annotations
@@ -20,7 +17,7 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
-class PriorityDeque(Generic[T]):
+class LaneQueue(Generic[T]):
     def __init__(self, weight: int = 4) -> None:
         if weight < 1:
             raise ValueError("weight must be at least 1")
