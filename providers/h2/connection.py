@@ -368,9 +368,8 @@ class H2ClientConnection(asyncio.Protocol):
             self._transport.close()
         return stream
 
-    def _complete(self, stream_id: int) -> None:
-        """The server's END_STREAM: the answer is whole."""
-        stream = self._streams.get(stream_id)
+    def _complete(self, stream_id: int, stream: Stream | None) -> None:
+        """The server's END_STREAM on `stream_id` (`stream`: the open stream with that id, or None)."""
         ours_open = stream is not None and stream.state is OPEN
         self._end(stream_id)
         if stream is None:
@@ -515,7 +514,7 @@ class H2ClientConnection(asyncio.Protocol):
         if stream is not None and not stream.status:  # after the final response, a block is trailers
             stream.receive_headers(fields)
         if end_stream:
-            self._complete(stream_id)
+            self._complete(stream_id, stream)
 
     def _on_data(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id == 0:
@@ -537,7 +536,7 @@ class H2ClientConnection(asyncio.Protocol):
                 return
             stream.body += payload
         if flags & END_STREAM:
-            self._complete(stream_id)
+            self._complete(stream_id, stream)
         elif n:
             stream.unacked += n
             if stream.unacked >= OUR_STREAM_WINDOW // 2:
