@@ -1,4 +1,4 @@
-"""Throughput of `ApnsProvider` (our HTTP/2 client, providers/h2client.py) against FakeApns in another process, over TLS.
+"""Throughput of `ApnsProvider` (our HTTP/2 client, providers/h2/) against FakeApns in another process, over TLS.
 
     python -m pushgw.bench.apns_throughput [--n 20000] [--concurrency 500] [--connections 2]
 

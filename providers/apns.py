@@ -31,7 +31,7 @@ from ..core.config import ApnsApp, ConfigError, ProviderSettings
 from ..core.metrics import HELD, PROVIDER_LATENCY
 from ..core.schema import Message
 from .base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
-from .h2client import (
+from .h2 import (
     ConnectionLost,
     H2ClientConnection,
     H2Error,

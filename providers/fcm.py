@@ -56,7 +56,7 @@ from ..core.config import ConfigError, FcmApp, ProviderSettings
 from ..core.metrics import HELD, PROVIDER_LATENCY
 from ..core.schema import Message
 from .base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
-from .h2client import ConnectionLost, H2Error, H2Pool, NoHttp2, StreamRefused, encode_headers
+from .h2 import ConnectionLost, H2Error, H2Pool, NoHttp2, StreamRefused, encode_headers
 from .oauth2 import AccessTokenSource, TokenUnavailable, load_service_account
 from .payloads import check_payload_limits, fcm_message
 

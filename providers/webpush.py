@@ -63,7 +63,7 @@ from ..core.metrics import HELD, PROVIDER_LATENCY
 from ..core.schema import Message
 from .base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
 from .endpoints import EndpointPolicy
-from .h2client import H2Error, H2Pool, H2Response, NoHttp2
+from .h2 import H2Error, H2Pool, H2Response, NoHttp2
 from .jose import b64url, b64url_decode
 from .payloads import check_payload_limits, webpush_plaintext
 from .vapid import VapidSigner, load_vapid_key

@@ -22,7 +22,7 @@ from pushgw.providers.base import Delivered, Delivery, Outcome, Provider, Reject
 from pushgw.providers.fakes.fcm import FCM_ERROR_TYPE, FakeFcm, Programmed, make_service_account
 from pushgw.providers.fakes.tls import LocalCA, make_local_ca
 from pushgw.providers.fcm import FcmProvider
-from pushgw.providers.h2client import H2ClientConnection
+from pushgw.providers.h2 import H2ClientConnection
 from pushgw.providers.payloads import fcm_message
 
 Factory = Callable[..., FcmProvider]

@@ -27,7 +27,7 @@ from pushgw.core.schema import Device, Message
 from pushgw.providers.base import Delivered, Delivery, Provider, Rejected, Retry, TokenInvalid
 from pushgw.providers.fakes.tls import LocalCA
 from pushgw.providers.fakes.webpush import FakePushService
-from pushgw.providers.h2client import H2ClientConnection
+from pushgw.providers.h2 import H2ClientConnection
 from pushgw.providers.vapid import VapidSigner, application_server_key, load_vapid_key, make_vapid_key
 from pushgw.providers.webpush import (
     MAX_ORIGINS,

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from jh2.hpack import Decoder as RefDecoder
 from jh2.hpack import Encoder as RefEncoder
 from pushgw.providers.fakes.tls import LocalCA
-from pushgw.providers.h2client import ConnectionLost, H2ClientConnection, H2Error, StreamRefused, encode_headers
+from pushgw.providers.h2 import ConnectionLost, H2ClientConnection, H2Error, StreamRefused, encode_headers
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0, 1, 3, 4, 6, 7, 8, 9
