@@ -133,6 +133,7 @@ class WebPushSettings:
         "*.notify.windows.com",
     )
     allow_private: bool = False  # loopback/private/link-local endpoints only when set (tests, labs)
+    allowed_ports: tuple[str, ...] = ()  # ports besides 443 an endpoint may name; allow_private admits any port
     ca_file: str = ""
 
 
@@ -224,6 +225,13 @@ def _coerce(section: str, name: str, value: Any, default: Any) -> Any:
     if not isinstance(value, str):
         raise ConfigError(f"{where} must be a string")
     return value
+
+
+def _check_webpush(webpush: WebPushSettings) -> WebPushSettings:
+    for port in webpush.allowed_ports:
+        if not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ConfigError(f"webpush.allowed_ports: {port!r} is not a TCP port (1-65535)")
+    return webpush
 
 
 def _check_policy(policy: PolicySettings) -> None:
@@ -394,7 +402,7 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         providers=_section(ProviderSettings, "providers", data.get("providers", {}), env),
         apns=apns,
         fcm=fcm,
-        webpush=_section(WebPushSettings, "webpush", data.get("webpush", {}), env),
+        webpush=_check_webpush(_section(WebPushSettings, "webpush", data.get("webpush", {}), env)),
         log_level=level,
     )
     if min(api.header_timeout_s, api.body_timeout_s, api.idle_timeout_s) <= 0 or api.max_connections < 1:

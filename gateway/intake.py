@@ -39,6 +39,8 @@ class Intake:
                                  done_ttl_s=settings.worker.done_ttl_s)
         self.registry = DeviceRegistry(redis, self.keys)
         self.policy = EndpointPolicy(settings.webpush)
+        # `app` names an [apns.<name>] or [fcm.<name>] section; "default" (the field's default) always passes.
+        self.apps = frozenset({"default", *(a.name for a in settings.apns), *(a.name for a in settings.fcm)})
         self._enqueued = metrics.ENQUEUED.labels(source)
         self._scheduled = metrics.SCHEDULED.labels(source)
         self._group_ready = False
@@ -54,6 +56,7 @@ class Intake:
             where = f"messages[{i}]." if batch else ""
             try:
                 msg = parse_message(obj, endpoint_check=self.policy.check)
+                self._check_apps(msg)
                 # A message to a user may reach any provider; explicit devices only their own.
                 providers = PROVIDERS if msg.user is not None else tuple({d.provider for d in msg.devices})
                 check_payload_limits(msg, providers)
@@ -150,11 +153,26 @@ class Intake:
             metrics.DUPLICATES.inc(len(flags) - queued)
         return [(m.id, f) for m, f in zip(messages, flags, strict=True)]
 
+    def _unknown_app(self, where: str, app: str | None) -> FieldError | None:
+        if app is None or app in self.apps:
+            return None
+        return FieldError(where, f"no app {app!r} is configured (an [apns.<name>] or [fcm.<name>] section)")
+
+    def _check_apps(self, msg: Message) -> None:
+        found = [self._unknown_app("app", msg.app)]
+        found += [self._unknown_app(f"devices[{i}].app", d.app) for i, d in enumerate(msg.devices)]
+        errors = [e for e in found if e is not None]
+        if errors:
+            raise MessageInvalid(errors)
+
     def parse_device(self, obj: Any) -> Device:
         errors: list[FieldError] = []
         device = parse_device(obj, "device", errors, self.policy.check)
         if device is None:
             raise MessageInvalid(errors or [FieldError("device", "invalid device")])
+        unknown = self._unknown_app("device.app", device.app)
+        if unknown is not None:
+            raise MessageInvalid([unknown])
         return device
 
     async def register_device(self, user: str, obj: Any) -> Device:

@@ -1,0 +1,215 @@
+"""Security hardening (issue 13): every bad input is refused at the door naming its field, what cannot be
+delivered is never accepted, stored data is not readable through another scope, and figures cannot be forged."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient, TestServer
+from pushgw.core import schema
+from pushgw.core.config import (
+    ApiClient,
+    ApiSettings,
+    ConfigError,
+    FcmApp,
+    ProviderSettings,
+    RedisSettings,
+    Settings,
+    WebPushSettings,
+    load_settings,
+)
+from pushgw.core.schema import MAX_TTL_S, Device, Message, MessageInvalid, parse_message
+from pushgw.gateway.api import create_app
+from pushgw.providers.base import Delivery, TokenInvalid
+from pushgw.providers.endpoints import EndpointPolicy
+from pushgw.providers.vapid import make_vapid_key
+from pushgw.providers.webpush import WebPushProvider
+
+ENQUEUER = "sec-enqueue-token-0123456789"
+DEVICES = "sec-devices-token-0123456789"
+FCM_TOKEN = "fcm-token-abc"
+P256DH = "B" + "A" * 86
+AUTH = "Q" * 22
+NOW = 1_800_000_000.0
+DEFAULT_POLICY = EndpointPolicy(WebPushSettings())
+
+
+def settings() -> Settings:
+    clients = (ApiClient("course-service", ENQUEUER, ("enqueue",)),
+               ApiClient("profile-service", DEVICES, ("enqueue", "devices", "campaigns")))
+    return Settings(redis=RedisSettings(prefix="sectest"), api=ApiSettings(clients=clients), fcm=(FcmApp("campus"),))
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+async def api(redis: aioredis.Redis) -> AsyncIterator[TestClient[Any, Any]]:
+    client: TestClient[Any, Any] = TestClient(TestServer(create_app(settings(), redis)))
+    await client.start_server()
+    yield client
+    await client.close()
+
+
+def refused_fields(obj: dict[str, Any]) -> set[str]:
+    with pytest.raises(MessageInvalid) as e:
+        parse_message(obj, now=NOW)
+    return {err.field for err in e.value.errors}
+
+
+def subscription(endpoint: str) -> dict[str, Any]:
+    return {"webpush": {"endpoint": endpoint, "keys": {"p256dh": P256DH, "auth": AUTH}}}
+
+
+# ---------------------------------------------------------------- 9: SSRF through IPv4 embedded in IPv6
+
+
+@pytest.mark.parametrize("address", [
+    "64:ff9b::7f00:1",  # NAT64 well-known prefix (RFC 6052) + 127.0.0.1
+    "64:ff9b::a00:5",  # NAT64 + 10.0.0.5
+    "2002:7f00:1::1",  # 6to4 (RFC 3056) of 127.0.0.1
+    "2002:c0a8:101::1",  # 6to4 of 192.168.1.1
+    "::7f00:1",  # IPv4-compatible (RFC 4291 2.5.5.1) 127.0.0.1
+    "::a9fe:a9fe",  # IPv4-compatible 169.254.169.254 (cloud metadata)
+    "::ffff:10.1.2.3",  # IPv4-mapped (RFC 4291 2.5.5.2)
+])
+def test_private_ipv4_embedded_in_ipv6_is_refused_by_the_embedded_class(address: str) -> None:
+    refusal = DEFAULT_POLICY.check_address(address)
+    assert refusal is not None and "private" in refusal
+
+
+def test_public_ipv4_embedded_in_ipv6_passes() -> None:
+    assert DEFAULT_POLICY.check_address("64:ff9b::808:808") is None  # NAT64 of 8.8.8.8
+    assert DEFAULT_POLICY.check_address("2002:808:808::1") is None
+
+
+def test_an_allowlisted_literal_nat64_loopback_endpoint_is_refused() -> None:
+    policy = EndpointPolicy(WebPushSettings(allowed_hosts=("64:ff9b::7f00:1",)))
+    assert "private" in (policy.check("https://[64:ff9b::7f00:1]/push/1") or "")
+
+
+# ---------------------------------------------------------------- 13: the allowlist checks the port
+
+
+def test_webpush_endpoint_port_is_443_unless_configured() -> None:
+    assert "port 6379" in (DEFAULT_POLICY.check("https://fcm.googleapis.com:6379/x") or "")
+    assert DEFAULT_POLICY.check("https://fcm.googleapis.com:443/x") is None
+    lab = EndpointPolicy(WebPushSettings(allowed_ports=("8443",)))
+    assert lab.check("https://fcm.googleapis.com:8443/x") is None
+    assert lab.check("https://fcm.googleapis.com:6379/x") is not None
+
+
+def test_allowed_ports_must_be_tcp_ports(tmp_path: Path) -> None:
+    cfg = tmp_path / "pushgw.toml"
+    cfg.write_text('[webpush]\nallowed_ports = ["8443"]\n')
+    assert load_settings(cfg, env={}).webpush.allowed_ports == ("8443",)
+    cfg.write_text('[webpush]\nallowed_ports = ["http"]\n')
+    with pytest.raises(ConfigError, match="allowed_ports"):
+        load_settings(cfg, env={})
+
+
+async def test_a_webpush_endpoint_on_another_port_is_refused_at_the_door(api: TestClient[Any, Any]) -> None:
+    resp = await api.post("/v1/messages", json={"devices": [subscription("https://fcm.googleapis.com:6379/x")],
+                                                "body": "b"}, headers=auth(ENQUEUER))
+    assert resp.status == 422
+    assert [f["field"] for f in (await resp.json())["error"]["fields"]] == ["devices[0].webpush.endpoint"]
+
+
+# ---------------------------------------------------------------- 10: refused at the door, not dead-lettered
+
+ZWSP_ENDPOINT = "https://updates\u200b.push.services.mozilla.com/wpush/v2/x"
+
+
+@pytest.mark.parametrize("key", ["a\r\nb", "a\nx-evil: 1", "nul\x00", " leading", "trailing ", "\t", "del\x7f"])
+def test_a_collapse_key_that_is_no_header_value_is_refused(key: str) -> None:
+    assert refused_fields({"user": "u", "body": "b", "collapse_key": key}) == {"collapse_key"}
+
+
+def test_a_collapse_key_with_inner_spaces_is_a_header_value() -> None:
+    assert parse_message({"user": "u", "body": "b", "collapse_key": "quiz 42"}, now=NOW).collapse_key == "quiz 42"
+
+
+async def test_an_app_that_is_not_configured_is_refused_at_the_door(api: TestClient[Any, Any]) -> None:
+    resp = await api.post("/v1/messages", json={"user": "u1", "body": "b", "app": "nope"}, headers=auth(ENQUEUER))
+    assert resp.status == 422 and [f["field"] for f in (await resp.json())["error"]["fields"]] == ["app"]
+    resp = await api.post("/v1/messages", json={"devices": [{"fcm": FCM_TOKEN, "app": "nope"}], "body": "b"},
+                          headers=auth(ENQUEUER))
+    assert resp.status == 422 and [f["field"] for f in (await resp.json())["error"]["fields"]] == ["devices[0].app"]
+    resp = await api.put("/v1/users/u1/devices", json={"fcm": FCM_TOKEN, "app": "nope"}, headers=auth(DEVICES))
+    assert resp.status == 422 and [f["field"] for f in (await resp.json())["error"]["fields"]] == ["device.app"]
+    for app in ("campus", "default"):  # a configured app, and the default
+        resp = await api.post("/v1/messages", json={"user": "u1", "body": "b", "app": app}, headers=auth(ENQUEUER))
+        assert resp.status == 202
+
+
+async def test_a_webpush_host_that_fails_idna_is_refused_at_the_door(api: TestClient[Any, Any]) -> None:
+    resp = await api.post("/v1/messages", json={"devices": [subscription(ZWSP_ENDPOINT)], "body": "b"},
+                          headers=auth(ENQUEUER))
+    assert resp.status == 422
+    [field] = (await resp.json())["error"]["fields"]
+    assert field["field"] == "devices[0].webpush.endpoint" and "IDNA" in field["message"]
+    resp = await api.put("/v1/users/u1/devices", json=subscription(ZWSP_ENDPOINT), headers=auth(DEVICES))
+    assert resp.status == 422
+
+
+async def test_a_stored_webpush_device_that_can_never_work_is_an_invalid_token(tmp_path: Path) -> None:
+    """Registered before the door checked IDNA: the provider answers TokenInvalid (the worker removes the device)."""
+    webpush = WebPushSettings(vapid_private_key_file=str(make_vapid_key(tmp_path / "vapid")))
+    provider = WebPushProvider(webpush, ProviderSettings(timeout_s=2.0))
+    try:
+        out = await provider.send(Delivery(Message(id="m", body="b"), Device("webpush", ZWSP_ENDPOINT, None, P256DH, AUTH)))
+    finally:
+        await provider.close()
+    assert isinstance(out, TokenInvalid) and "IDNA" in out.reason
+
+
+# ---------------------------------------------------------------- 12: expires_at and send_at are bounded like ttl
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("expires_at", 1e308), ("expires_at", NOW + MAX_TTL_S + 10), ("expires_at", float("inf")),
+    ("send_at", -9.2e18), ("send_at", 1e308), ("send_at", NOW - MAX_TTL_S - 10),
+])
+def test_expires_at_and_send_at_are_bounded(field: str, value: float) -> None:
+    assert refused_fields({"user": "u", "body": "b", field: value}) == {field}
+
+
+def test_expires_at_is_bounded_from_send_at() -> None:
+    m = parse_message({"user": "u", "body": "b", "send_at": NOW + 86400, "expires_at": NOW + 86400 + MAX_TTL_S},
+                      now=NOW)
+    assert m.expires_at == NOW + 86400 + MAX_TTL_S
+    assert refused_fields({"user": "u", "body": "b", "send_at": NOW + 86400,
+                           "expires_at": NOW + 86400 + MAX_TTL_S + 1}) == {"expires_at"}
+
+
+def test_a_slightly_past_send_at_is_due_now() -> None:
+    assert parse_message({"user": "u", "body": "b", "send_at": NOW - 3600}, now=NOW).send_at == NOW - 3600
+
+
+# ---------------------------------------------------------------- 14: version, empty title, bounded error body
+
+
+@pytest.mark.parametrize("version", [True, 1.0, "1"])
+def test_only_the_integer_1_is_schema_version_1(version: Any) -> None:
+    assert refused_fields({"user": "u", "body": "b", "v": version}) == {"v"}
+
+
+def test_an_empty_title_is_refused() -> None:
+    assert refused_fields({"user": "u", "title": "", "body": "b"}) == {"title"}
+
+
+async def test_a_batch_of_invalid_messages_answers_a_bounded_error(api: TestClient[Any, Any]) -> None:
+    bad = {"user": "u", "title": 3, "ttl": -1, "priority": "urgent"}
+    resp = await api.post("/v1/messages/batch", json={"messages": [bad] * 1000}, headers=auth(ENQUEUER))
+    assert resp.status == 422
+    raw = await resp.read()
+    error = orjson.loads(raw)["error"]
+    assert error["message"] == "4000 errors"
+    assert len(error["fields"]) == getattr(schema, "MAX_LISTED_ERRORS", 0) + 1 and len(raw) < 20_000
+    assert error["fields"][-1] == {"field": "$", "message": "3900 more errors not listed (fix the ones above and send again)"}
