@@ -60,7 +60,11 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None
     denom = 1 + z2 / n
     center = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    # At 0 of n the lower bound is exactly 0 and at n of n the upper bound exactly 1; center -/+ half
+    # rounds a few ulps away from them (n = 3: 5.6e-17), which would put the rate outside its interval.
+    lower = 0.0 if successes == 0 else max(0.0, center - half)
+    upper = 1.0 if successes == n else min(1.0, center + half)
+    return min(lower, p), max(upper, p)
 
 
 def two_proportion(x1: int, n1: int, x2: int, n2: int) -> tuple[float, float] | None:
@@ -223,8 +227,8 @@ def chart_png(report: dict[str, Any], metrics: Sequence[str] = ("ctr", "cr", "op
                 continue
             xs.append(i + (j - (len(arms) - 1) / 2) * width)
             ys.append(100 * r["value"])
-            lo.append(100 * (r["value"] - r["ci95"][0]))
-            hi.append(100 * (r["ci95"][1] - r["value"]))
+            lo.append(max(0.0, 100 * (r["value"] - r["ci95"][0])))  # matplotlib refuses a negative error bar
+            hi.append(max(0.0, 100 * (r["ci95"][1] - r["value"])))
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=f"{a['arm']} (n={a['delivered'] or a['assigned']})")
     ax.set_xticks(range(len(metrics)), [labels.get(m, m) for m in metrics])
     ax.set_ylabel("% of learners (95% Wilson interval)")

@@ -11,6 +11,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
+from pushgw.campaigns.report import chart_png, wilson
 from pushgw.core import schema
 from pushgw.core.config import (
     ApiClient,
@@ -213,3 +214,20 @@ async def test_a_batch_of_invalid_messages_answers_a_bounded_error(api: TestClie
     assert error["message"] == "4000 errors"
     assert len(error["fields"]) == getattr(schema, "MAX_LISTED_ERRORS", 0) + 1 and len(raw) < 20_000
     assert error["fields"][-1] == {"field": "$", "message": "3900 more errors not listed (fix the ones above and send again)"}
+
+
+# ---------------------------------------------------------------- 7: the chart of an arm with 0 of n
+
+
+@pytest.mark.parametrize("n", [3, 6, 7])
+def test_the_chart_draws_an_arm_with_0_of_n_conversions(n: int) -> None:
+    """At 0 of 3 the Wilson lower bound computes to 5.6e-17: the interval must still hold the rate, and the
+    error bars must not be negative (matplotlib refuses them)."""
+    lo, hi = wilson(0, n)  # type: ignore[misc]
+    assert lo == 0.0 and 0.0 < hi < 1.0
+    assert wilson(n, n)[1] == 1.0  # type: ignore[index]
+    rate = {"value": 0.0, "ci95": [lo, hi], "count": 0, "of": n}
+    arm = {"arm": "a", "delivered": n, "assigned": n, "ctr": rate, "cr": rate, "opt_out_rate": rate,
+           "conversion_itt": rate}
+    png = chart_png({"campaign": "c", "stage_percent": 100, "arms": [arm]})
+    assert png[:4] == b"\x89PNG"
