@@ -260,6 +260,11 @@ def parse_device(obj: Any, where: str, errors: list[FieldError], endpoint_check:
     return Device("webpush", endpoint, app, p256dh.rstrip("="), auth.rstrip("="))
 
 
+def reserved_data_key(key: str) -> bool:
+    """A data key APNs (`aps`) or FCM (`from`, `notification`, `message_type`, `google*`, `gcm*`) refuses."""
+    return key in ("aps", "from", "notification", "message_type") or key.startswith(("google", "gcm"))
+
+
 _KNOWN = frozenset({
     "v", "id", "user", "devices", "app", "title", "body", "data", "category", "priority",
     "ttl", "expires_at", "send_at", "collapse_key", "campaign", "variant",
@@ -322,7 +327,7 @@ def parse_message(
         for k, v in data_in.items():
             if not isinstance(v, str):
                 errors.append(FieldError(f"data.{k}", "must be a string (FCM carries data values as strings)"))
-            elif k in ("aps", "from", "notification", "message_type") or k.startswith(("google", "gcm")):
+            elif reserved_data_key(k):
                 errors.append(FieldError(f"data.{k}", "is a key reserved by APNs or FCM"))
             else:
                 data[k] = v

@@ -3,6 +3,7 @@ delivered is never accepted, stored data is not readable through another scope, 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,9 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
+from pushgw.campaigns.fanout import CampaignStore
 from pushgw.campaigns.report import chart_png, wilson
+from pushgw.campaigns.templates import Templates
 from pushgw.core import schema
 from pushgw.core.config import (
     ApiClient,
@@ -30,6 +33,9 @@ from pushgw.providers.base import Delivery, TokenInvalid
 from pushgw.providers.endpoints import EndpointPolicy
 from pushgw.providers.vapid import make_vapid_key
 from pushgw.providers.webpush import WebPushProvider
+from pushgw.queue.connection import redis_from_url
+from pushgw.queue.keys import Keys
+from pushgw.users.registry import MAX_DEVICES_PER_USER, DeviceRegistry, RegistryFull
 
 ENQUEUER = "sec-enqueue-token-0123456789"
 DEVICES = "sec-devices-token-0123456789"
@@ -231,3 +237,59 @@ def test_the_chart_draws_an_arm_with_0_of_n_conversions(n: int) -> None:
            "conversion_itt": rate}
     png = chart_png({"campaign": "c", "stage_percent": 100, "arms": [arm]})
     assert png[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------- 5: the device cap holds under concurrency
+
+
+async def test_the_device_cap_holds_for_300_concurrent_registrations(redis: aioredis.Redis, redis_url: str) -> None:
+    crowd = redis_from_url(redis_url, max_connections=300)  # each registration on its own connection
+    registry = DeviceRegistry(crowd, Keys("sectest"))
+    try:
+        outcomes = await asyncio.gather(*(registry.register("crowded", Device("fcm", f"tok-{i}")) for i in range(300)),
+                                        return_exceptions=True)
+    finally:
+        await crowd.aclose()
+    assert sum(o is None for o in outcomes) == MAX_DEVICES_PER_USER
+    assert {type(o) for o in outcomes if o is not None} == {RegistryFull}
+    assert await redis.hlen(Keys("sectest").devices("crowded")) == MAX_DEVICES_PER_USER
+    stored = next(i for i, o in enumerate(outcomes) if o is None)
+    await DeviceRegistry(redis, Keys("sectest")).register("crowded", Device("fcm", f"tok-{stored}"))  # no room needed
+
+
+# ---------------------------------------------------------------- 11: templates and campaigns that can never be sent
+
+
+def long_title_template() -> dict[str, Any]:
+    """Each text is within its 1024 bytes, but the fallbacks make the title 1,800 bytes."""
+    return {"default_locale": "en", "variables": {"a": "x" * 200, "b": "y" * 200, "c": "z" * 200, "d": "w" * 200},
+            "locales": {"en": {"title": "{a}{b}{c}{d}" + "t" * 1000, "body": "b"}}}
+
+
+async def test_a_template_whose_fallbacks_render_a_title_over_1024_bytes_is_refused(redis: aioredis.Redis) -> None:
+    with pytest.raises(MessageInvalid) as e:
+        await Templates(redis, Keys("sectest")).save("too-long", long_title_template())
+    assert [err.field for err in e.value.errors] == ["locales.en.title"]
+    assert await Templates(redis, Keys("sectest")).get("too-long") is None
+
+
+async def test_a_template_with_a_reserved_data_key_is_refused(redis: aioredis.Redis) -> None:
+    t = {"default_locale": "en", "locales": {"en": {"title": "t", "data": {"aps": "x", "google.c": "y", "link": "/"}}}}
+    with pytest.raises(MessageInvalid) as e:
+        await Templates(redis, Keys("sectest")).save("reserved", t)
+    assert {err.field for err in e.value.errors} == {"locales.en.data.aps", "locales.en.data.google.c"}
+
+
+async def test_a_campaign_whose_rendered_message_can_never_be_sent_is_refused(redis: aioredis.Redis) -> None:
+    """The template is fine; the campaign's vars make its title 1,250 bytes."""
+    keys = Keys("sectest")
+    names = [f"t{i}" for i in range(5)]
+    await Templates(redis, keys).save("greeting", {
+        "default_locale": "en", "variables": dict.fromkeys(names), "locales": {"en": {
+            "title": "".join(f"{{{n}}}" for n in names), "body": "b"}}})
+    store = CampaignStore(redis, keys)
+    with pytest.raises(MessageInvalid) as e:
+        await store.create({"id": "huge", "template": "greeting", "audience": {"filter": {"cohort": "a"}},
+                            "vars": {n: "x" * 250 for n in names}})
+    assert [err.field for err in e.value.errors] == ["template"] and "title" in e.value.errors[0].message
+    assert await store.get("huge") is None
