@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -403,7 +403,7 @@ class FanoutRunner:
                     obj = _message_json(c, vname, u, r) | {"id": message_id(c.id, u, i)}
                     if when is not None:
                         obj["send_at"] = when
-                    m = parse_message(obj, now=now)
+                    m = replace(parse_message(obj, now=now), fanout=True)
                     check_payload_limits(m, PROVIDERS)
                     out.append(m)
             except (RenderError, MessageInvalid, PayloadTooLarge) as e:

@@ -97,14 +97,18 @@ async def report_exists(redis: aioredis.Redis, keys: Keys, campaign: str) -> boo
     """A report exists for a stored campaign, or for any campaign label the workers have figures for."""
     if await CampaignStore(redis, keys).get(campaign) is not None:
         return True
-    return bool(await redis.exists(keys.kpi(campaign), keys.campaign_variants(campaign)))
+    return bool(await redis.exists(keys.campaign_variants(keys.upstream_campaign(campaign))))
 
 
 async def campaign_report(redis: aioredis.Redis, keys: Keys, campaign: str) -> dict[str, Any]:
-    """The report as JSON (the API's, the CLI's and the chart's source)."""
+    """The report as JSON (the API's, the CLI's and the chart's source).
+
+    A stored campaign's figures are its own fan-out's only; a label that names no stored campaign reports the
+    figures of the upstream messages labelled with it, kept apart (`Keys.upstream_campaign`)."""
     stored = await CampaignStore(redis, keys).get(campaign)
-    kpi = {_s(k): int(v) for k, v in (await redis.hgetall(keys.kpi(campaign))).items()}
-    seen = {_s(v) for v in await redis.smembers(keys.campaign_variants(campaign))}
+    figures = campaign if stored is not None else keys.upstream_campaign(campaign)
+    kpi = {_s(k): int(v) for k, v in (await redis.hgetall(keys.kpi(campaign))).items()} if stored else {}
+    seen = {_s(v) for v in await redis.smembers(keys.campaign_variants(figures))}
     if stored is not None:
         arms = [v.name for v in stored.campaign.variants]
         if stored.campaign.control_percent > 0:
@@ -114,7 +118,7 @@ async def campaign_report(redis: aioredis.Redis, keys: Keys, campaign: str) -> d
     tmp = f"{keys.prefix}:report:{uuid.uuid4().hex}"
     async with redis.pipeline(transaction=False) as pipe:
         for arm in arms:
-            d, f, x = (keys.kpi_users(campaign, arm, o) for o in ("delivered", "failed", "dropped"))
+            d, f, x = (keys.kpi_users(figures, arm, o) for o in ("delivered", "failed", "dropped"))
             pipe.scard(d)
             pipe.scard(f)
             pipe.sintercard(2, [f, d])

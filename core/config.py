@@ -165,6 +165,12 @@ class PolicySettings:
     high_bypasses_windows: bool = True  # priority "high" (a session starting now) goes out at any hour
     opt_out_exempt: tuple[str, ...] = ()  # categories sent despite a global opt-out (e.g. account security)
     provider_rates: tuple[tuple[str, float], ...] = ()  # ("fcm", 10000.0) or ("apns:app", 500.0): requests/s, all workers
+    categories: tuple[str, ...] = ()  # more categories with a metric label of their own; the rest count as "other"
+
+    def labelled_categories(self) -> frozenset[str]:
+        """The categories this configuration names (and "general", the default): the metric label values."""
+        return frozenset({"general", *self.categories, *self.opt_out_exempt, *(c for c, _ in self.category_windows),
+                          *(c.category for c in self.caps)})
 
     def windows_for(self, category: str) -> tuple[str, ...]:
         for name, windows in self.category_windows:
@@ -243,6 +249,7 @@ def _check_policy(policy: PolicySettings) -> None:
         raise ConfigError(f"policy: {e}") from None
     # A category name that can never match a message (e.g. "Reward") would silently do nothing.
     named = [("policy.opt_out_exempt", c) for c in policy.opt_out_exempt]
+    named += [("policy.categories", c) for c in policy.categories]
     named += [("policy.category_windows", c) for c, _ in policy.category_windows]
     named += [("policy.caps", c.category) for c in policy.caps]
     for where, category in named:

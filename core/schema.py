@@ -131,6 +131,9 @@ class Message:
     # Internal: the devices are already resolved from the registry (a retry or a dead letter aims at
     # exactly `devices`; `user` stays only so a token found dead can be removed from the registry).
     resolved: bool = False
+    # Internal: written by a stored campaign's fan-out (campaigns/fanout.py); only such messages count in the
+    # campaign's report and metric labels, so an upstream message labelled with its id cannot change them.
+    fanout: bool = False
     v: int = SCHEMA_VERSION
 
     @property
@@ -171,6 +174,8 @@ class Message:
         out["priority"] = self.priority
         if self.resolved:
             out["resolved"] = True
+        if self.fanout:
+            out["fanout"] = True
         return out
 
     def dumps(self) -> bytes:
@@ -269,7 +274,7 @@ _KNOWN = frozenset({
     "v", "id", "user", "devices", "app", "title", "body", "data", "category", "priority",
     "ttl", "expires_at", "send_at", "collapse_key", "campaign", "variant",
 })
-_KNOWN_INTERNAL = _KNOWN | {"resolved"}
+_KNOWN_INTERNAL = _KNOWN | {"resolved", "fanout"}
 _DEVICE_FIELDS = frozenset({*PROVIDERS, "app"})
 
 
@@ -283,7 +288,7 @@ def parse_message(
 ) -> Message:
     """Validate a decoded JSON object and build a `Message`; raise `MessageInvalid` listing every error.
 
-    `internal` admits the fields only the gateway itself writes (`resolved`), for entries read back
+    `internal` admits the fields only the gateway itself writes (`resolved`, `fanout`), for entries read back
     from the queue; upstream input never sets them.
     """
     errors: list[FieldError] = []
@@ -406,6 +411,7 @@ def parse_message(
         campaign=campaign,
         variant=variant,
         resolved=internal and obj.get("resolved") is True,
+        fanout=internal and obj.get("fanout") is True,
     )
 
 

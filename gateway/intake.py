@@ -71,10 +71,16 @@ class Intake:
             raise MessageInvalid(errors)
         return out
 
-    async def expand_templates(self, objs: Sequence[Any]) -> list[Any]:
+    async def expand_templates(self, objs: Sequence[Any], *, reads_users: bool = True) -> list[Any]:
         """Messages naming a `template` (+ `vars`, optional `locale`) get their title, body and data rendered here,
         for the `user`'s locale and first name; errors name the field (`vars.score`, `locale`, `template`), and a
-        message that cannot be rendered completely is refused, never sent with a gap."""
+        message that cannot be rendered completely is refused, never sent with a gap.
+
+        `reads_users` is false for a caller that may not read learners' data (an API client without the `devices`
+        scope). Its templated message to a user goes only to that user's registered devices (explicit `devices`
+        are refused), and whether it is accepted does not depend on what is stored: it must render with its own
+        `vars`, `locale` and the template's fallbacks alone, and when the learner's stored locale has no variant it
+        gets the default one rather than an error."""
         if not any(isinstance(o, dict) and "template" in o for o in objs):
             return list(objs)
 
@@ -108,13 +114,24 @@ class Intake:
             if locale is not None and not isinstance(locale, str):
                 errors.append(FieldError(where + "locale", "must be a language tag such as fr"))
                 continue
+            if not reads_users and "user" in obj and obj.get("devices"):
+                errors.append(FieldError(where + "devices", "a template rendered for a user is sent to that user's "
+                                                            "registered devices; explicit devices need the devices scope"))
+                continue
             try:
                 t = cache.get(name) if isinstance(name, str) else None
                 if t is None:
                     t = cache[name] = await templates.require(name)
                 user = obj.get("user")
                 attrs = learners.get(parse_user(user), NO_ATTRIBUTES) if isinstance(user, str) else NO_ATTRIBUTES
-                r = t.render({**attrs.template_vars(), **variables}, locale or attrs.locale)
+                if reads_users:
+                    r = t.render({**attrs.template_vars(), **variables}, locale or attrs.locale)
+                else:
+                    t.render(variables, locale)  # refused or not without looking at the stored attributes
+                    try:
+                        r = t.render({**attrs.template_vars(), **variables}, locale or attrs.locale)
+                    except RenderError:  # only the stored locale can fail once the check passed
+                        r = t.render({**attrs.template_vars(), **variables}, locale)
             except MessageInvalid as e:
                 errors += [FieldError(where + err.field, err.message) for err in e.errors]
                 continue
@@ -133,9 +150,10 @@ class Intake:
             raise MessageInvalid(errors)
         return out
 
-    async def submit(self, objs: Sequence[Any]) -> list[tuple[str, bool]]:
-        """Validate all, then enqueue; returns (message id, True if queued / False if a duplicate id)."""
-        messages = self.validate(await self.expand_templates(objs))
+    async def submit(self, objs: Sequence[Any], *, reads_users: bool = True) -> list[tuple[str, bool]]:
+        """Validate all, then enqueue; returns (message id, True if queued / False if a duplicate id).
+        `reads_users`: see `expand_templates`."""
+        messages = self.validate(await self.expand_templates(objs, reads_users=reads_users))
         if not self._group_ready:
             await self.queue.ensure_group()  # so a message queued before any worker started is delivered
             self._group_ready = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,29 +13,36 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import REGISTRY
+from pushgw.campaigns.audiences import UserAttributes
 from pushgw.campaigns.fanout import CampaignStore
-from pushgw.campaigns.report import chart_png, wilson
+from pushgw.campaigns.report import campaign_report, chart_png, wilson
 from pushgw.campaigns.templates import Templates
-from pushgw.core import schema
+from pushgw.core import metrics, schema
 from pushgw.core.config import (
     ApiClient,
     ApiSettings,
+    CategoryCap,
     ConfigError,
     FcmApp,
+    PolicySettings,
     ProviderSettings,
     RedisSettings,
     Settings,
     WebPushSettings,
+    WorkerSettings,
     load_settings,
 )
 from pushgw.core.schema import MAX_TTL_S, Device, Message, MessageInvalid, parse_message
 from pushgw.gateway.api import create_app
-from pushgw.providers.base import Delivery, TokenInvalid
+from pushgw.gateway.worker import Worker
+from pushgw.providers.base import Delivered, Delivery, TokenInvalid
 from pushgw.providers.endpoints import EndpointPolicy
 from pushgw.providers.vapid import make_vapid_key
 from pushgw.providers.webpush import WebPushProvider
 from pushgw.queue.connection import redis_from_url
 from pushgw.queue.keys import Keys
+from pushgw.queue.streams import StreamQueue
 from pushgw.users.registry import MAX_DEVICES_PER_USER, DeviceRegistry, RegistryFull
 
 ENQUEUER = "sec-enqueue-token-0123456789"
@@ -293,3 +301,129 @@ async def test_a_campaign_whose_rendered_message_can_never_be_sent_is_refused(re
                             "vars": {n: "x" * 250 for n in names}})
     assert [err.field for err in e.value.errors] == ["template"] and "title" in e.value.errors[0].message
     assert await store.get("huge") is None
+
+
+# ---------------------------------------------------------------- 6 and 8: campaign figures and metric labels
+
+
+class AlwaysDelivered:
+    name = "fcm"
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    async def send(self, delivery: Delivery) -> Delivered:
+        self.sent.append(delivery.message.id)
+        return Delivered("ok")
+
+    async def close(self) -> None:
+        return None
+
+
+def sample(name: str, labels: dict[str, str]) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def deliver_everything(redis: aioredis.Redis, provider: AlwaysDelivered, expected: int) -> None:
+    """Run a worker until `expected` deliveries were made and the queue is settled (a bounded poll)."""
+    worker_settings = replace(settings(), worker=WorkerSettings(batch_size=50, block_ms=20, janitor_interval_s=0.05))
+    worker = Worker(worker_settings, redis, {"fcm": provider}, consumer="w1")
+    queue = StreamQueue(redis, Keys("sectest"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        for _ in range(1000):
+            stats = await queue.stats()
+            if len(provider.sent) >= expected and stats.pending == 0 and stats.lag == 0:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert len(provider.sent) == expected
+
+
+async def test_an_upstream_message_labelled_with_a_stored_campaign_does_not_change_its_report(
+    redis: aioredis.Redis, api: TestClient[Any, Any]
+) -> None:
+    keys = Keys("sectest")
+    await Templates(redis, keys).save("hello", {"default_locale": "en", "locales": {"en": {"title": "Hi", "body": "b"}}})
+    await CampaignStore(redis, keys).create({"id": "forge-me", "template": "hello",
+                                             "audience": {"filter": {"cohort": "a"}}})
+    forged = {"campaign": "forge-me", "variant": "main", "outcome": "delivered"}
+    other = {"campaign": "other", "variant": "other", "outcome": "delivered"}
+    before = sample("pushgw_campaign_messages_total", forged), sample("pushgw_campaign_messages_total", other)
+    for i in range(5):
+        resp = await api.post("/v1/messages", json={"user": f"learner-{i}", "devices": [{"fcm": f"{FCM_TOKEN}-{i}"}],
+                                                    "body": "b", "campaign": "forge-me", "variant": "main"},
+                              headers=auth(ENQUEUER))
+        assert resp.status == 202
+    await deliver_everything(redis, AlwaysDelivered(), 5)
+    report = await campaign_report(redis, keys, "forge-me")
+    assert [(a["arm"], a["assigned"], a["delivered"]) for a in report["arms"]] == [("main", 0, 0)]
+    # The metric: the stored campaign's label values are its fan-out's; the upstream messages count as "other".
+    assert sample("pushgw_campaign_messages_total", forged) == before[0]
+    assert sample("pushgw_campaign_messages_total", other) == before[1] + 5
+
+
+def test_metric_labels_come_from_configured_categories() -> None:
+    policy = PolicySettings(caps=(CategoryCap("reminder", 3, 86400.0),), opt_out_exempt=("security",),
+                            categories=("new_content",))
+    configured = policy.labelled_categories()
+    assert configured == {"general", "reminder", "security", "new_content"}
+    junk = [metrics.category_label(f"junk_{i}", configured) for i in range(100)]
+    assert set(junk) == {"other"}
+    assert [metrics.category_label(c, configured) for c in ("reminder", "security", "general", "new_content")] == [
+        "reminder", "security", "general", "new_content"]  # never crowded out by the junk before them
+
+
+def test_campaign_metric_labels_come_from_stored_campaigns_only() -> None:
+    assert metrics.campaign_labels("stats-2", "social", stored=True) == ("stats-2", "social")
+    assert {metrics.campaign_labels(f"one-off-{i}", "v", stored=False) for i in range(100)} == {("other", "other")}
+
+
+# ---------------------------------------------------------------- 3: learner attributes need the devices scope
+
+
+async def queued(redis: aioredis.Redis) -> list[dict[str, Any]]:
+    keys = Keys("sectest")
+    return [orjson.loads(f[b"m"]) for stream in (keys.stream, keys.stream_high) for _, f in await redis.xrange(stream)]
+
+
+async def learner_with_a_grade(redis: aioredis.Redis) -> None:
+    keys = Keys("sectest")
+    await UserAttributes(redis, keys).update("learner-1", {"first_name": "Ada", "locale": "fr", "vars": {"grade": "B+"}})
+    await Templates(redis, keys).save("grade", {"default_locale": "en", "variables": {"grade": None},
+                                                "locales": {"en": {"title": "Your grade", "body": "{grade}"}}})
+    await Templates(redis, keys).save("hello", {
+        "default_locale": "en", "missing_locale": "error", "variables": {"first_name": "there"},
+        "locales": {"en": {"title": "Hi {first_name}", "body": "b"}}})
+
+
+async def test_an_enqueue_client_cannot_send_a_learners_attributes_to_a_device_it_chose(
+    redis: aioredis.Redis, api: TestClient[Any, Any]
+) -> None:
+    await learner_with_a_grade(redis)
+    msg = {"user": "learner-1", "template": "grade", "devices": [{"fcm": "attackers-phone"}]}
+    resp = await api.post("/v1/messages", json=msg, headers=auth(ENQUEUER))
+    assert resp.status == 422 and [f["field"] for f in (await resp.json())["error"]["fields"]] == ["devices"]
+    assert await queued(redis) == []
+    resp = await api.post("/v1/messages", json=msg, headers=auth(DEVICES))  # the scope that reads learners' data
+    assert resp.status == 202
+    [m] = await queued(redis)
+    assert m["body"] == "B+" and m["devices"] == [{"fcm": "attackers-phone"}]
+
+
+async def test_error_answers_do_not_reveal_stored_attributes_without_the_devices_scope(
+    redis: aioredis.Redis, api: TestClient[Any, Any]
+) -> None:
+    await learner_with_a_grade(redis)
+    answers = []
+    for user in ("learner-1", "nobody"):  # one has the attribute and a French locale, the other nothing stored
+        for template in ("grade", "hello"):
+            resp = await api.post("/v1/messages", json={"user": user, "template": template}, headers=auth(ENQUEUER))
+            answers.append((template, resp.status, (await resp.json()).get("error")))
+    assert answers[:2] == answers[2:]
+    assert [(t, s) for t, s, _ in answers[:2]] == [("grade", 422), ("hello", 202)]
+    # Accepted messages still go to the learner's own devices, personalised (in the default locale: fr has no variant).
+    assert sorted(m["title"] for m in await queued(redis)) == ["Hi Ada", "Hi there"]
