@@ -4,6 +4,7 @@ delivered is never accepted, stored data is not readable through another scope, 
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +14,8 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from prometheus_client import REGISTRY
 from pushgw.campaigns.audiences import UserAttributes
 from pushgw.campaigns.fanout import CampaignStore
@@ -182,6 +185,37 @@ async def test_a_stored_webpush_device_that_can_never_work_is_an_invalid_token(t
     finally:
         await provider.close()
     assert isinstance(out, TokenInvalid) and "IDNA" in out.reason
+
+
+async def test_a_worker_removes_a_stored_device_that_can_never_work(redis: aioredis.Redis, tmp_path: Path) -> None:
+    """Stored before the door checked IDNA (with valid keys): the first message removes it, no dead letter, no retry."""
+    keys = Keys("sectest")
+    point = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    stored = Device("webpush", ZWSP_ENDPOINT, None, base64.urlsafe_b64encode(point).rstrip(b"=").decode(), AUTH)
+    await redis.hset(keys.devices("learner-1"), stored.key, orjson.dumps(stored.to_json()))
+    queue = StreamQueue(redis, keys)
+    await queue.ensure_group()
+    assert await queue.enqueue([parse_message({"id": "m-1", "user": "learner-1", "body": "b"})]) == [True]
+    webpush = WebPushSettings(vapid_private_key_file=str(make_vapid_key(tmp_path / "vapid")))
+    worker_settings = replace(settings(), webpush=webpush,
+                              worker=WorkerSettings(batch_size=50, block_ms=20, janitor_interval_s=0.05))
+    provider = WebPushProvider(webpush, ProviderSettings(timeout_s=2.0))
+    worker = Worker(worker_settings, redis, {"webpush": provider}, consumer="w1")
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        for _ in range(1000):  # bounded: until the commit removed the device
+            if not await redis.exists(keys.devices("learner-1")) and (await queue.stats()).pending == 0:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert not await redis.exists(keys.devices("learner-1"))
+    stats = await queue.stats()
+    assert (stats.pending, stats.delayed, await redis.xlen(keys.dead)) == (0, 0, 0)
+    [event] = await DeviceRegistry(redis, keys).invalid_token_events()
+    assert (event["user"], event["key"]) == ("learner-1", stored.key) and "IDNA" in event["reason"]
 
 
 # ---------------------------------------------------------------- 12: expires_at and send_at are bounded like ttl
@@ -361,6 +395,7 @@ async def test_an_upstream_message_labelled_with_a_stored_campaign_does_not_chan
     await deliver_everything(redis, AlwaysDelivered(), 5)
     report = await campaign_report(redis, keys, "forge-me")
     assert [(a["arm"], a["assigned"], a["delivered"]) for a in report["arms"]] == [("main", 0, 0)]
+    assert refused_fields({"user": "u", "body": "b", "fanout": True}) == {"$"}  # the mark is the fan-out's alone
     # The metric: the stored campaign's label values are its fan-out's; the upstream messages count as "other".
     assert sample("pushgw_campaign_messages_total", forged) == before[0]
     assert sample("pushgw_campaign_messages_total", other) == before[1] + 5
