@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from contextlib import suppress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 
@@ -26,7 +26,23 @@ from ..queue.keys import Keys
 from ..queue.streams import StreamQueue
 from ..users.registry import DeviceRegistry
 
+if TYPE_CHECKING:
+    from ..campaigns.templates import Rendered
+
 ENQUEUE_CHUNK = 500  # messages per Lua call: keeps one script run short for other Redis clients
+
+
+def _with_rendered(obj: dict[str, Any], r: Rendered) -> dict[str, Any]:
+    """The message with the rendered title, body and data (its own data keys win)."""
+    out = dict(obj)
+    if r.title is not None:
+        out["title"] = r.title
+    if r.body is not None:
+        out["body"] = r.body
+    if r.data:
+        data = obj.get("data")
+        out["data"] = r.data | (data if isinstance(data, dict) else {})
+    return out
 
 
 class Intake:
@@ -127,28 +143,31 @@ class Intake:
                 if reads_users:
                     r = t.render({**attrs.template_vars(), **variables}, locale or attrs.locale)
                 else:
-                    t.render(variables, locale)  # refused or not without looking at the stored attributes
+                    plain = t.render(variables, locale)  # refused or not without looking at the stored attributes
                     try:
                         r = t.render({**attrs.template_vars(), **variables}, locale or attrs.locale)
                     except RenderError:  # only the stored locale can fail once the check passed
                         r = t.render({**attrs.template_vars(), **variables}, locale)
+                    if not self._fits(_with_rendered(obj, r)):
+                        r = plain  # a stored attribute too long for the limits: the fallback text, not a telling error
             except MessageInvalid as e:
                 errors += [FieldError(where + err.field, err.message) for err in e.errors]
                 continue
             except RenderError as e:
                 errors.append(FieldError(where + e.field, e.message))
                 continue
-            if r.title is not None:
-                obj["title"] = r.title
-            if r.body is not None:
-                obj["body"] = r.body
-            if r.data:
-                data = obj.get("data")
-                obj["data"] = r.data | (data if isinstance(data, dict) else {})
-            out.append(obj)
+            out.append(_with_rendered(obj, r))
         if errors:
             raise MessageInvalid(errors)
         return out
+
+    def _fits(self, obj: Any) -> bool:
+        """Whether `validate` would accept this one message."""
+        try:
+            self.validate([obj])
+        except MessageInvalid:
+            return False
+        return True
 
     async def submit(self, objs: Sequence[Any], *, reads_users: bool = True) -> list[tuple[str, bool]]:
         """Validate all, then enqueue; returns (message id, True if queued / False if a duplicate id).

@@ -462,3 +462,21 @@ async def test_error_answers_do_not_reveal_stored_attributes_without_the_devices
     assert [(t, s) for t, s, _ in answers[:2]] == [("grade", 422), ("hello", 202)]
     # Accepted messages still go to the learner's own devices, personalised (in the default locale: fr has no variant).
     assert sorted(m["title"] for m in await queued(redis)) == ["Hi Ada", "Hi there"]
+
+
+async def test_a_stored_attribute_too_long_for_the_title_is_not_revealed_without_the_devices_scope(
+    redis: aioredis.Redis, api: TestClient[Any, Any]
+) -> None:
+    """With the learner's long first name the title would pass 1024 bytes: an enqueue-only client gets the same
+    202 as for a learner with nothing stored, and the learner gets the fallback text."""
+    keys = Keys("sectest")
+    await UserAttributes(redis, keys).update("learner-1", {"first_name": "A" * 64})
+    await Templates(redis, keys).save("long", {"default_locale": "en", "variables": {"first_name": "there"},
+                                               "locales": {"en": {"title": "Hi {first_name} " + "x" * 1000}}})
+    for user in ("learner-1", "nobody"):
+        resp = await api.post("/v1/messages", json={"user": user, "template": "long"}, headers=auth(ENQUEUER))
+        assert resp.status == 202
+    assert {m["title"][:9] for m in await queued(redis)} == {"Hi there "}
+    resp = await api.post("/v1/messages", json={"user": "learner-1", "template": "long"}, headers=auth(DEVICES))
+    assert resp.status == 422  # a client that may read the learner's data is told what is wrong
+    assert (await resp.json())["error"]["fields"][0] == {"field": "title", "message": "must be at most 1024 bytes"}
