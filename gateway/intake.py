@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from ..campaigns.audiences import NO_ATTRIBUTES, UserAttributes
-from ..campaigns.templates import RenderError, Template, Templates
+from ..campaigns.templates import Rendered, RenderError, Template, Templates
 from ..core import metrics
 from ..core.config import Settings
 from ..core.schema import PROVIDERS, Device, FieldError, Message, MessageInvalid, parse_device, parse_message, parse_user
@@ -25,9 +25,6 @@ from ..providers.payloads import check_payload_limits
 from ..queue.keys import Keys
 from ..queue.streams import StreamQueue
 from ..users.registry import DeviceRegistry
-
-if TYPE_CHECKING:
-    from ..campaigns.templates import Rendered
 
 ENQUEUE_CHUNK = 500  # messages per Lua call: keeps one script run short for other Redis clients
 
