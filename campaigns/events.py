@@ -166,7 +166,8 @@ class EventRecorder:
                 results[i]["status"] = "counted" if flag else "duplicate"
                 if flag:
                     r = results[i]
-                    metrics.CAMPAIGN_EVENTS.labels(*metrics.campaign_labels(r["campaign"], r["variant"]), r["type"]).inc()
+                    labels = metrics.campaign_labels(r["campaign"], r["variant"], stored=True)  # checked above
+                    metrics.CAMPAIGN_EVENTS.labels(*labels, r["type"]).inc()
         return results
 
 

@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -39,7 +39,7 @@ from ..queue.keys import Keys
 from ..queue.streams import StreamQueue
 from .audiences import VALUE_RE, UserAttributes, materialize
 from .experiments import CONTROL, Campaign, Stage, load_campaign, message_id, parse_campaign, share
-from .templates import RenderError, Template, Templates
+from .templates import Rendered, RenderError, Template, Templates
 
 log = logging.getLogger("pushgw.campaigns")
 
@@ -74,6 +74,19 @@ else
 end
 return 1
 """
+
+
+def _message_json(c: Campaign, variant: str, user: str, r: Rendered) -> dict[str, Any]:
+    """The message a learner of `variant` is sent (without its id and send_at)."""
+    obj: dict[str, Any] = {"user": user, "category": c.category, "priority": c.priority, "campaign": c.id,
+                           "variant": variant}
+    for name, value in (("title", r.title), ("body", r.body), ("ttl", c.ttl), ("app", c.app),
+                        ("collapse_key", c.collapse_key)):
+        if value is not None:
+            obj[name] = value
+    if r.data:
+        obj["data"] = r.data
+    return obj
 
 
 class CampaignError(Exception):
@@ -126,9 +139,14 @@ class CampaignStore:
             # their own vars) needs a fallback in the template, so no learner can get a text with a gap.
             for loc in t.locales:
                 try:
-                    t.render({**c.vars, **v.vars}, loc)
+                    r = t.render({**c.vars, **v.vars}, loc)
+                    check_payload_limits(parse_message(_message_json(c, v.name, "probe", r), now=now), PROVIDERS)
                 except RenderError as e:
                     errors.append(FieldError(where, str(e)))
+                except MessageInvalid as e:  # the rendered message itself: no learner could ever be sent it
+                    errors += [FieldError(where, f"{loc}: {err}") for err in e.errors]
+                except PayloadTooLarge as e:
+                    errors.append(FieldError(where, f"{loc}: {e}"))
         if errors:
             raise MessageInvalid(errors)
         definition = orjson.dumps(c.to_json())
@@ -382,15 +400,10 @@ class FanoutRunner:
                         tz = zone(a.timezone)
                 out: list[Message] = []
                 for i, when in enumerate(c.send_times(v, now, tz)):
-                    obj: dict[str, Any] = {"id": message_id(c.id, u, i), "user": u, "category": c.category,
-                                           "priority": c.priority, "campaign": c.id, "variant": vname}
-                    for name, value in (("title", r.title), ("body", r.body), ("ttl", c.ttl), ("send_at", when),
-                                        ("app", c.app), ("collapse_key", c.collapse_key)):
-                        if value is not None:
-                            obj[name] = value
-                    if r.data:
-                        obj["data"] = r.data
-                    m = parse_message(obj, now=now)
+                    obj = _message_json(c, vname, u, r) | {"id": message_id(c.id, u, i)}
+                    if when is not None:
+                        obj["send_at"] = when
+                    m = replace(parse_message(obj, now=now), fanout=True)
                     check_payload_limits(m, PROVIDERS)
                     out.append(m)
             except (RenderError, MessageInvalid, PayloadTooLarge) as e:

@@ -60,7 +60,11 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None
     denom = 1 + z2 / n
     center = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    # At 0 of n the lower bound is exactly 0 and at n of n the upper bound exactly 1; center -/+ half
+    # rounds a few ulps away from them (n = 3: 5.6e-17), which would put the rate outside its interval.
+    lower = 0.0 if successes == 0 else max(0.0, center - half)
+    upper = 1.0 if successes == n else min(1.0, center + half)
+    return min(lower, p), max(upper, p)
 
 
 def two_proportion(x1: int, n1: int, x2: int, n2: int) -> tuple[float, float] | None:
@@ -93,14 +97,18 @@ async def report_exists(redis: aioredis.Redis, keys: Keys, campaign: str) -> boo
     """A report exists for a stored campaign, or for any campaign label the workers have figures for."""
     if await CampaignStore(redis, keys).get(campaign) is not None:
         return True
-    return bool(await redis.exists(keys.kpi(campaign), keys.campaign_variants(campaign)))
+    return bool(await redis.exists(keys.campaign_variants(keys.upstream_campaign(campaign))))
 
 
 async def campaign_report(redis: aioredis.Redis, keys: Keys, campaign: str) -> dict[str, Any]:
-    """The report as JSON (the API's, the CLI's and the chart's source)."""
+    """The report as JSON (the API's, the CLI's and the chart's source).
+
+    A stored campaign's figures are its own fan-out's only; a label that names no stored campaign reports the
+    figures of the upstream messages labelled with it, kept apart (`Keys.upstream_campaign`)."""
     stored = await CampaignStore(redis, keys).get(campaign)
-    kpi = {_s(k): int(v) for k, v in (await redis.hgetall(keys.kpi(campaign))).items()}
-    seen = {_s(v) for v in await redis.smembers(keys.campaign_variants(campaign))}
+    figures = campaign if stored is not None else keys.upstream_campaign(campaign)
+    kpi = {_s(k): int(v) for k, v in (await redis.hgetall(keys.kpi(campaign))).items()} if stored else {}
+    seen = {_s(v) for v in await redis.smembers(keys.campaign_variants(figures))}
     if stored is not None:
         arms = [v.name for v in stored.campaign.variants]
         if stored.campaign.control_percent > 0:
@@ -110,7 +118,7 @@ async def campaign_report(redis: aioredis.Redis, keys: Keys, campaign: str) -> d
     tmp = f"{keys.prefix}:report:{uuid.uuid4().hex}"
     async with redis.pipeline(transaction=False) as pipe:
         for arm in arms:
-            d, f, x = (keys.kpi_users(campaign, arm, o) for o in ("delivered", "failed", "dropped"))
+            d, f, x = (keys.kpi_users(figures, arm, o) for o in ("delivered", "failed", "dropped"))
             pipe.scard(d)
             pipe.scard(f)
             pipe.sintercard(2, [f, d])
@@ -223,8 +231,8 @@ def chart_png(report: dict[str, Any], metrics: Sequence[str] = ("ctr", "cr", "op
                 continue
             xs.append(i + (j - (len(arms) - 1) / 2) * width)
             ys.append(100 * r["value"])
-            lo.append(100 * (r["value"] - r["ci95"][0]))
-            hi.append(100 * (r["ci95"][1] - r["value"]))
+            lo.append(max(0.0, 100 * (r["value"] - r["ci95"][0])))  # matplotlib refuses a negative error bar
+            hi.append(max(0.0, 100 * (r["ci95"][1] - r["value"])))
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=f"{a['arm']} (n={a['delivered'] or a['assigned']})")
     ax.set_xticks(range(len(metrics)), [labels.get(m, m) for m in metrics])
     ax.set_ylabel("% of learners (95% Wilson interval)")

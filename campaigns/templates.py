@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from ..core.schema import FieldError, MessageInvalid
+from ..core.schema import FieldError, MessageInvalid, reserved_data_key
 from ..queue.keys import Keys
 from .audiences import LOCALE_RE, VALUE_RE, VAR_RE
 
@@ -133,6 +133,25 @@ class Template:
         return Rendered(chosen, out.get("title"), out.get("body"), out.get("data") or {})
 
 
+def _overlong_renders(locales: Mapping[str, Mapping[str, Any]], variables: Mapping[str, str | None]) -> list[FieldError]:
+    """Texts that exceed their limit once the fallbacks are filled in (a required variable counted as empty):
+    no learner could ever be sent them."""
+    values = {k: v or "" for k, v in variables.items()}
+    errors: list[FieldError] = []
+    for loc, variant in locales.items():
+        texts = [(f, variant.get(f)) for f in TEXT_FIELDS]
+        texts += [(f"data.{k}", v) for k, v in (variant.get("data") or {}).items()]
+        for path, text in texts:
+            if not isinstance(text, str):
+                continue
+            size = len(_fill(text, values).encode())
+            limit = LIMITS.get(path, 1024)
+            if size > limit:
+                errors.append(FieldError(f"locales.{loc}.{path}", f"renders to {size} bytes with the fallbacks; "
+                                                                  f"at most {limit}"))
+    return errors
+
+
 def parse_template(name: str, obj: Any) -> Template:
     """Validate a template; `MessageInvalid` names every field at fault (e.g. `locales.fr.body`)."""
     errors: list[FieldError] = []
@@ -175,6 +194,7 @@ def parse_template(name: str, obj: Any) -> Template:
         if not isinstance(data, dict) or len(data) > 16:
             errors.append(FieldError(f"{where}.data", "must be an object of at most 16 text values"))
             data = {}
+        errors += [FieldError(f"{where}.data.{k}", "is a key reserved by APNs or FCM") for k in data if reserved_data_key(k)]
         texts += [(f"{where}.data.{k}", v) for k, v in data.items()]
         for path, text in texts:
             if not isinstance(text, str):
@@ -190,6 +210,8 @@ def parse_template(name: str, obj: Any) -> Template:
                 errors.append(FieldError(path, f"uses undeclared variable(s) {undeclared}; declare them in variables "
                                                "with a fallback or null (required)"))
         locales[loc] = {k: v for k, v in variant.items()}
+    if not errors:
+        errors += _overlong_renders(locales, variables)
     default = obj.get("default_locale")
     if not isinstance(default, str) or default not in locales_in:
         errors.append(FieldError("default_locale", f"must be one of the template's locales {sorted(locales_in)}"))

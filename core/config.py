@@ -133,6 +133,7 @@ class WebPushSettings:
         "*.notify.windows.com",
     )
     allow_private: bool = False  # loopback/private/link-local endpoints only when set (tests, labs)
+    allowed_ports: tuple[str, ...] = ()  # ports besides 443 an endpoint may name; allow_private admits any port
     ca_file: str = ""
 
 
@@ -164,6 +165,12 @@ class PolicySettings:
     high_bypasses_windows: bool = True  # priority "high" (a session starting now) goes out at any hour
     opt_out_exempt: tuple[str, ...] = ()  # categories sent despite a global opt-out (e.g. account security)
     provider_rates: tuple[tuple[str, float], ...] = ()  # ("fcm", 10000.0) or ("apns:app", 500.0): requests/s, all workers
+    categories: tuple[str, ...] = ()  # more categories with a metric label of their own; the rest count as "other"
+
+    def labelled_categories(self) -> frozenset[str]:
+        """The categories this configuration names (and "general", the default): the metric label values."""
+        return frozenset({"general", *self.categories, *self.opt_out_exempt, *(c for c, _ in self.category_windows),
+                          *(c.category for c in self.caps)})
 
     def windows_for(self, category: str) -> tuple[str, ...]:
         for name, windows in self.category_windows:
@@ -226,6 +233,13 @@ def _coerce(section: str, name: str, value: Any, default: Any) -> Any:
     return value
 
 
+def _check_webpush(webpush: WebPushSettings) -> WebPushSettings:
+    for port in webpush.allowed_ports:
+        if not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ConfigError(f"webpush.allowed_ports: {port!r} is not a TCP port (1-65535)")
+    return webpush
+
+
 def _check_policy(policy: PolicySettings) -> None:
 
     try:
@@ -235,6 +249,7 @@ def _check_policy(policy: PolicySettings) -> None:
         raise ConfigError(f"policy: {e}") from None
     # A category name that can never match a message (e.g. "Reward") would silently do nothing.
     named = [("policy.opt_out_exempt", c) for c in policy.opt_out_exempt]
+    named += [("policy.categories", c) for c in policy.categories]
     named += [("policy.category_windows", c) for c, _ in policy.category_windows]
     named += [("policy.caps", c.category) for c in policy.caps]
     for where, category in named:
@@ -394,7 +409,7 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         providers=_section(ProviderSettings, "providers", data.get("providers", {}), env),
         apns=apns,
         fcm=fcm,
-        webpush=_section(WebPushSettings, "webpush", data.get("webpush", {}), env),
+        webpush=_check_webpush(_section(WebPushSettings, "webpush", data.get("webpush", {}), env)),
         log_level=level,
     )
     if min(api.header_timeout_s, api.body_timeout_s, api.idle_timeout_s) <= 0 or api.max_connections < 1:

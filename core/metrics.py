@@ -88,23 +88,15 @@ PROVIDER_RATE_WAITS = Counter(
 )
 SCHEDULED = Counter("pushgw_scheduled_total", "Messages accepted with a send_at in the future", ["source"])
 
-MAX_CATEGORY_LABELS = 64
-_categories: set[str] = set()
-
-
-def category_label(category: str) -> str:
-    """Categories come from upstream input: at most MAX_CATEGORY_LABELS distinct label values per
-    process, later ones are counted as "other", so a caller cannot blow up the series count."""
-    if category in _categories:
-        return category
-    if len(_categories) < MAX_CATEGORY_LABELS:
-        _categories.add(category)
-        return category
-    return "other"
+def category_label(category: str, configured: frozenset[str]) -> str:
+    """Categories come from upstream input: a label value only for a category the configuration names
+    (`PolicySettings.labelled_categories`), every other as "other", so callers can neither blow up the series count
+    nor take the label values of the configured categories."""
+    return category if category in configured else "other"
 CAMPAIGN_MESSAGES = Counter(
     "pushgw_campaign_messages_total",
     "Campaign messages settled by the workers, by campaign, variant and outcome (delivered, failed, dropped); "
-    "at most 32 campaigns and 16 variants per process, later ones as \"other\"",
+    "stored campaigns' fan-out messages by campaign and variant, upstream-labelled ones as \"other\"",
     ["campaign", "variant", "outcome"],
 )
 CAMPAIGN_EVENTS = Counter(
@@ -112,35 +104,21 @@ CAMPAIGN_EVENTS = Counter(
     "App events counted for campaigns (opened, converted, dismissed, opt_out), same label bounds",
     ["campaign", "variant", "type"],
 )
-MAX_CAMPAIGN_LABELS = 32
-MAX_VARIANT_LABELS = 16
-_campaigns: set[str] = set()
-_variants: set[str] = set()
-
-
-def campaign_labels(campaign: str, variant: str | None) -> tuple[str, str]:
-    """Campaign and variant names come from upstream input: bounded like `category_label`, so a stream of
-    one-off campaign names cannot blow up the series count (the exact figures are in Redis, per campaign)."""
-    variant = variant or "default"
-    if campaign not in _campaigns:
-        if len(_campaigns) >= MAX_CAMPAIGN_LABELS:
-            campaign = "other"
-        else:
-            _campaigns.add(campaign)
-    if variant not in _variants:
-        if len(_variants) >= MAX_VARIANT_LABELS:
-            variant = "other"
-        else:
-            _variants.add(variant)
-    return campaign, variant
+def campaign_labels(campaign: str, variant: str | None, *, stored: bool) -> tuple[str, str]:
+    """Label values only for a stored campaign and its variants (a fan-out message, or an event checked against
+    the stored campaign); a label from upstream input is ("other", "other"), so a stream of one-off names can
+    neither blow up the series count nor take a stored campaign's values (the exact figures are in Redis)."""
+    if not stored:
+        return "other", "other"
+    return campaign, variant or "default"
 
 
 _campaign_children: dict[tuple[str, str, str], Counter] = {}
 
 
-def campaign_message(campaign: str, variant: str | None, outcome: str) -> Counter:
+def campaign_message(campaign: str, variant: str | None, outcome: str, *, stored: bool) -> Counter:
     """The cached `CAMPAIGN_MESSAGES` child (the worker counts every campaign delivery: no `.labels()` each time)."""
-    key = (*campaign_labels(campaign, variant), outcome)
+    key = (*campaign_labels(campaign, variant, stored=stored), outcome)
     child = _campaign_children.get(key)
     if child is None:
         child = _campaign_children[key] = CAMPAIGN_MESSAGES.labels(*key)

@@ -26,10 +26,13 @@ MAX_SCHEDULE_S = 366 * 24 * 3600  # send_at at most a year ahead: a later date i
 MAX_ID_LEN = 128
 MAX_LABEL_LEN = 64
 MAX_DEVICES = 100
+MAX_LISTED_ERRORS = 100  # field errors listed in one answer; the rest are counted, so a bad batch gets a bounded reply
+MAX_PAST_S = MAX_TTL_S  # send_at at most this far in the past (a clock behind, not a date from another era)
 _ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}\Z")
 _CATEGORY_RE = re.compile(r"^[a-z0-9_]{1,32}\Z")
 _APNS_TOKEN_RE = re.compile(r"^[0-9a-fA-F]{64,200}\Z")
 _B64URL_RE = re.compile(r"^[A-Za-z0-9_-]+={0,2}\Z")
+_HEADER_VALUE_RE = re.compile(r"^[^\x00-\x20\x7f](?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x20\x7f])?\Z")
 _SPACE_RE = re.compile(r"\s")  # the characters for which str.isspace() is true (tests/test_schema.py checks all)
 
 ProviderName = Literal["apns", "fcm", "webpush"]
@@ -53,7 +56,12 @@ class MessageInvalid(ValueError):
         self.errors = errors
 
     def as_json(self) -> list[dict[str, str]]:
-        return [{"field": e.field, "message": e.message} for e in self.errors]
+        """The field errors, at most MAX_LISTED_ERRORS of them; a last entry says how many more were left out."""
+        out = [{"field": e.field, "message": e.message} for e in self.errors[:MAX_LISTED_ERRORS]]
+        left = len(self.errors) - MAX_LISTED_ERRORS
+        if left > 0:
+            out.append({"field": "$", "message": f"{left} more errors not listed (fix the ones above and send again)"})
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +131,9 @@ class Message:
     # Internal: the devices are already resolved from the registry (a retry or a dead letter aims at
     # exactly `devices`; `user` stays only so a token found dead can be removed from the registry).
     resolved: bool = False
+    # Internal: written by a stored campaign's fan-out (campaigns/fanout.py); only such messages count in the
+    # campaign's report and metric labels, so an upstream message labelled with its id cannot change them.
+    fanout: bool = False
     v: int = SCHEMA_VERSION
 
     @property
@@ -163,6 +174,8 @@ class Message:
         out["priority"] = self.priority
         if self.resolved:
             out["resolved"] = True
+        if self.fanout:
+            out["fanout"] = True
         return out
 
     def dumps(self) -> bytes:
@@ -252,11 +265,16 @@ def parse_device(obj: Any, where: str, errors: list[FieldError], endpoint_check:
     return Device("webpush", endpoint, app, p256dh.rstrip("="), auth.rstrip("="))
 
 
+def reserved_data_key(key: str) -> bool:
+    """A data key APNs (`aps`) or FCM (`from`, `notification`, `message_type`, `google*`, `gcm*`) refuses."""
+    return key in ("aps", "from", "notification", "message_type") or key.startswith(("google", "gcm"))
+
+
 _KNOWN = frozenset({
     "v", "id", "user", "devices", "app", "title", "body", "data", "category", "priority",
     "ttl", "expires_at", "send_at", "collapse_key", "campaign", "variant",
 })
-_KNOWN_INTERNAL = _KNOWN | {"resolved"}
+_KNOWN_INTERNAL = _KNOWN | {"resolved", "fanout"}
 _DEVICE_FIELDS = frozenset({*PROVIDERS, "app"})
 
 
@@ -270,7 +288,7 @@ def parse_message(
 ) -> Message:
     """Validate a decoded JSON object and build a `Message`; raise `MessageInvalid` listing every error.
 
-    `internal` admits the fields only the gateway itself writes (`resolved`), for entries read back
+    `internal` admits the fields only the gateway itself writes (`resolved`, `fanout`), for entries read back
     from the queue; upstream input never sets them.
     """
     errors: list[FieldError] = []
@@ -280,7 +298,7 @@ def parse_message(
     if unknown:
         errors.append(FieldError("$", f"unknown field(s) {sorted(unknown)}"))
     version = obj.get("v", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:  # true and 1.0 equal 1 in Python, not in the schema
         errors.append(FieldError("v", f"unsupported schema version {version!r}; this gateway speaks {SCHEMA_VERSION}"))
     msg_id = _str(obj, "id", errors, max_len=MAX_ID_LEN, pattern=_ID_RE)
     user = _str(obj, "user", errors, max_len=MAX_ID_LEN, pattern=_ID_RE)
@@ -289,6 +307,15 @@ def parse_message(
     body = _str(obj, "body", errors, max_len=4096)
     category = _str(obj, "category", errors, max_len=32, pattern=_CATEGORY_RE) or "general"
     collapse_key = _str(obj, "collapse_key", errors, max_len=64)
+    if collapse_key is not None and not _HEADER_VALUE_RE.match(collapse_key):
+        # It travels as an HTTP header (apns-collapse-id, Web Push Topic): RFC 9110 section 5.5 field-value,
+        # no control characters and no leading or trailing whitespace.
+        errors.append(FieldError("collapse_key", "must be a valid header value: no control characters (CR, LF, NUL) "
+                                                 "and no leading or trailing whitespace"))
+        collapse_key = None
+    if title == "":
+        errors.append(FieldError("title", "must not be empty; leave it out for a push without a title"))
+        title = None
     campaign = _str(obj, "campaign", errors, max_len=MAX_LABEL_LEN, pattern=_ID_RE)
     variant = _str(obj, "variant", errors, max_len=MAX_LABEL_LEN, pattern=_ID_RE)
 
@@ -305,7 +332,7 @@ def parse_message(
         for k, v in data_in.items():
             if not isinstance(v, str):
                 errors.append(FieldError(f"data.{k}", "must be a string (FCM carries data values as strings)"))
-            elif k in ("aps", "from", "notification", "message_type") or k.startswith(("google", "gcm")):
+            elif reserved_data_key(k):
                 errors.append(FieldError(f"data.{k}", "is a key reserved by APNs or FCM"))
             else:
                 data[k] = v
@@ -314,31 +341,38 @@ def parse_message(
     if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 <= ttl <= MAX_TTL_S):
         errors.append(FieldError("ttl", f"must be whole seconds from 0 to {MAX_TTL_S}"))
         ttl = None
+    clock = now if now is not None else time.time()
     expires_at = obj.get("expires_at")
     if expires_at is not None:
-        if isinstance(expires_at, bool) or not isinstance(expires_at, int | float):
+        if isinstance(expires_at, bool) or not isinstance(expires_at, int | float) or expires_at != expires_at:
             errors.append(FieldError("expires_at", "must be a unix time in seconds"))
             expires_at = None
         elif ttl is not None:
             errors.append(FieldError("expires_at", "give either ttl or expires_at, not both"))
-        elif expires_at <= (now if now is not None else time.time()):
+        elif expires_at <= clock:
             errors.append(FieldError("expires_at", "is already in the past"))
+            expires_at = None
         else:
             expires_at = float(expires_at)
 
     send_at = obj.get("send_at")
     if send_at is not None:
-        clock = now if now is not None else time.time()
         if isinstance(send_at, bool) or not isinstance(send_at, int | float) or send_at != send_at:
             errors.append(FieldError("send_at", "must be a unix time in seconds"))
             send_at = None
         elif not internal and send_at > clock + MAX_SCHEDULE_S:
             errors.append(FieldError("send_at", f"must be at most {MAX_SCHEDULE_S // 86400} days ahead"))
             send_at = None
+        elif not internal and send_at < clock - MAX_PAST_S:
+            errors.append(FieldError("send_at", f"must be at most {MAX_PAST_S // 86400} days in the past"))
+            send_at = None
         else:
             send_at = float(send_at)  # in the past: due now (the sender's clock may be a little behind)
             if isinstance(expires_at, float) and send_at >= expires_at:
                 errors.append(FieldError("send_at", "is at or after expires_at: the message could never be delivered"))
+    if not internal and isinstance(expires_at, float) and expires_at > max(clock, send_at or 0.0) + MAX_TTL_S:
+        # Bounded like ttl: APNs and FCM keep a push at most four weeks after it is sent.
+        errors.append(FieldError("expires_at", f"must be at most {MAX_TTL_S} seconds (like ttl) after send_at or now"))
 
     devices: list[Device] = []
     devices_in = obj.get("devices", [])
@@ -377,6 +411,7 @@ def parse_message(
         campaign=campaign,
         variant=variant,
         resolved=internal and obj.get("resolved") is True,
+        fanout=internal and obj.get("fanout") is True,
     )
 
 

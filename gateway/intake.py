@@ -15,7 +15,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from ..campaigns.audiences import NO_ATTRIBUTES, UserAttributes
-from ..campaigns.templates import RenderError, Template, Templates
+from ..campaigns.templates import Rendered, RenderError, Template, Templates
 from ..core import metrics
 from ..core.config import Settings
 from ..core.schema import PROVIDERS, Device, FieldError, Message, MessageInvalid, parse_device, parse_message, parse_user
@@ -29,6 +29,19 @@ from ..users.registry import DeviceRegistry
 ENQUEUE_CHUNK = 500  # messages per Lua call: keeps one script run short for other Redis clients
 
 
+def _with_rendered(obj: dict[str, Any], r: Rendered) -> dict[str, Any]:
+    """The message with the rendered title, body and data (its own data keys win)."""
+    out = dict(obj)
+    if r.title is not None:
+        out["title"] = r.title
+    if r.body is not None:
+        out["body"] = r.body
+    if r.data:
+        data = obj.get("data")
+        out["data"] = r.data | (data if isinstance(data, dict) else {})
+    return out
+
+
 class Intake:
     """Validates and enqueues messages, registers devices; `source` labels pushgw_enqueued_total."""
 
@@ -39,6 +52,8 @@ class Intake:
                                  done_ttl_s=settings.worker.done_ttl_s)
         self.registry = DeviceRegistry(redis, self.keys)
         self.policy = EndpointPolicy(settings.webpush)
+        # `app` names an [apns.<name>] or [fcm.<name>] section; "default" (the field's default) always passes.
+        self.apps = frozenset({"default", *(a.name for a in settings.apns), *(a.name for a in settings.fcm)})
         self._enqueued = metrics.ENQUEUED.labels(source)
         self._scheduled = metrics.SCHEDULED.labels(source)
         self._group_ready = False
@@ -54,6 +69,7 @@ class Intake:
             where = f"messages[{i}]." if batch else ""
             try:
                 msg = parse_message(obj, endpoint_check=self.policy.check)
+                self._check_apps(msg)
                 # A message to a user may reach any provider; explicit devices only their own.
                 providers = PROVIDERS if msg.user is not None else tuple({d.provider for d in msg.devices})
                 check_payload_limits(msg, providers)
@@ -68,10 +84,16 @@ class Intake:
             raise MessageInvalid(errors)
         return out
 
-    async def expand_templates(self, objs: Sequence[Any]) -> list[Any]:
+    async def expand_templates(self, objs: Sequence[Any], *, reads_users: bool = True) -> list[Any]:
         """Messages naming a `template` (+ `vars`, optional `locale`) get their title, body and data rendered here,
         for the `user`'s locale and first name; errors name the field (`vars.score`, `locale`, `template`), and a
-        message that cannot be rendered completely is refused, never sent with a gap."""
+        message that cannot be rendered completely is refused, never sent with a gap.
+
+        `reads_users` is false for a caller that may not read learners' data (an API client without the `devices`
+        scope). Its templated message to a user goes only to that user's registered devices (explicit `devices`
+        are refused), and whether it is accepted does not depend on what is stored: it must render with its own
+        `vars`, `locale` and the template's fallbacks alone, and when the learner's stored locale has no variant it
+        gets the default one rather than an error."""
         if not any(isinstance(o, dict) and "template" in o for o in objs):
             return list(objs)
 
@@ -105,34 +127,49 @@ class Intake:
             if locale is not None and not isinstance(locale, str):
                 errors.append(FieldError(where + "locale", "must be a language tag such as fr"))
                 continue
+            if not reads_users and "user" in obj and obj.get("devices"):
+                errors.append(FieldError(where + "devices", "a template rendered for a user is sent to that user's "
+                                                            "registered devices; explicit devices need the devices scope"))
+                continue
             try:
                 t = cache.get(name) if isinstance(name, str) else None
                 if t is None:
                     t = cache[name] = await templates.require(name)
                 user = obj.get("user")
                 attrs = learners.get(parse_user(user), NO_ATTRIBUTES) if isinstance(user, str) else NO_ATTRIBUTES
-                r = t.render({**attrs.template_vars(), **variables}, locale or attrs.locale)
+                if reads_users:
+                    r = t.render({**attrs.template_vars(), **variables}, locale or attrs.locale)
+                else:
+                    plain = t.render(variables, locale)  # refused or not without looking at the stored attributes
+                    try:
+                        r = t.render({**attrs.template_vars(), **variables}, locale or attrs.locale)
+                    except RenderError:  # only the stored locale can fail once the check passed
+                        r = t.render({**attrs.template_vars(), **variables}, locale)
+                    if not self._fits(_with_rendered(obj, r)):
+                        r = plain  # a stored attribute too long for the limits: the fallback text, not a telling error
             except MessageInvalid as e:
                 errors += [FieldError(where + err.field, err.message) for err in e.errors]
                 continue
             except RenderError as e:
                 errors.append(FieldError(where + e.field, e.message))
                 continue
-            if r.title is not None:
-                obj["title"] = r.title
-            if r.body is not None:
-                obj["body"] = r.body
-            if r.data:
-                data = obj.get("data")
-                obj["data"] = r.data | (data if isinstance(data, dict) else {})
-            out.append(obj)
+            out.append(_with_rendered(obj, r))
         if errors:
             raise MessageInvalid(errors)
         return out
 
-    async def submit(self, objs: Sequence[Any]) -> list[tuple[str, bool]]:
-        """Validate all, then enqueue; returns (message id, True if queued / False if a duplicate id)."""
-        messages = self.validate(await self.expand_templates(objs))
+    def _fits(self, obj: Any) -> bool:
+        """Whether `validate` would accept this one message."""
+        try:
+            self.validate([obj])
+        except MessageInvalid:
+            return False
+        return True
+
+    async def submit(self, objs: Sequence[Any], *, reads_users: bool = True) -> list[tuple[str, bool]]:
+        """Validate all, then enqueue; returns (message id, True if queued / False if a duplicate id).
+        `reads_users`: see `expand_templates`."""
+        messages = self.validate(await self.expand_templates(objs, reads_users=reads_users))
         if not self._group_ready:
             await self.queue.ensure_group()  # so a message queued before any worker started is delivered
             self._group_ready = True
@@ -150,11 +187,26 @@ class Intake:
             metrics.DUPLICATES.inc(len(flags) - queued)
         return [(m.id, f) for m, f in zip(messages, flags, strict=True)]
 
+    def _unknown_app(self, where: str, app: str | None) -> FieldError | None:
+        if app is None or app in self.apps:
+            return None
+        return FieldError(where, f"no app {app!r} is configured (an [apns.<name>] or [fcm.<name>] section)")
+
+    def _check_apps(self, msg: Message) -> None:
+        found = [self._unknown_app("app", msg.app)]
+        found += [self._unknown_app(f"devices[{i}].app", d.app) for i, d in enumerate(msg.devices)]
+        errors = [e for e in found if e is not None]
+        if errors:
+            raise MessageInvalid(errors)
+
     def parse_device(self, obj: Any) -> Device:
         errors: list[FieldError] = []
         device = parse_device(obj, "device", errors, self.policy.check)
         if device is None:
             raise MessageInvalid(errors or [FieldError("device", "invalid device")])
+        unknown = self._unknown_app("device.app", device.app)
+        if unknown is not None:
+            raise MessageInvalid([unknown])
         return device
 
     async def register_device(self, user: str, obj: Any) -> Device:

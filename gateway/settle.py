@@ -22,6 +22,7 @@ from ..core import metrics
 from ..core.config import WorkerSettings
 from ..core.schema import Device, Message
 from ..providers.base import Delivered, Outcome, Rejected, Retry, TokenInvalid
+from ..queue.keys import Keys
 from ..queue.streams import Commit, DeadLetter, Entry, StreamQueue
 from .worker_metrics import WorkerMetrics
 
@@ -61,8 +62,10 @@ class Settler:
         publish: Callable[[], None],
         clock: Callable[[], float],
         rng: Callable[[], float],
+        categories: frozenset[str] = frozenset({"general"}),
     ) -> None:
         self.queue = queue
+        self._categories = categories  # the metric label values of categories (PolicySettings.labelled_categories)
         self.commit = Commit()
         self.jobs: dict[str, Job] = {}  # entry ref -> job, while any of its deliveries is unsettled
         self._items = 0  # writes in `commit`, towards FLUSH_MAX_ITEMS
@@ -132,14 +135,15 @@ class Settler:
 
     def expired(self, msg: Message) -> None:
         metrics.SKIPPED.labels("expired").inc()
-        metrics.POLICY.labels(metrics.category_label(msg.category), "expired", "dropped").inc()
+        metrics.POLICY.labels(metrics.category_label(msg.category, self._categories), "expired", "dropped").inc()
         self.kpi(msg, "dropped")
 
     def kpi(self, msg: Message, outcome: str) -> None:
         """Campaign figures per learner, written with the acks (campaigns/report.py reads them)."""
         if msg.campaign:
-            self.commit.kpi.append((msg.campaign, msg.variant or "default", outcome, msg.user or msg.id))
-            self._held.inc(metrics.campaign_message(msg.campaign, msg.variant, outcome))
+            figures = msg.campaign if msg.fanout else Keys.upstream_campaign(msg.campaign)
+            self.commit.kpi.append((figures, msg.variant or "default", outcome, msg.user or msg.id))
+            self._held.inc(metrics.campaign_message(msg.campaign, msg.variant, outcome, stored=msg.fanout))
 
     def dead_letter_raw(self, entry: Entry, reason: str) -> None:
         """An entry that could not be decoded: dead-lettered with the start of its bytes, and acked."""

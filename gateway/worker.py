@@ -79,7 +79,8 @@ class Worker:
         self.limiter: Limiter = limiter or Unlimited()
         self.clock = clock
         self.metrics = WorkerMetrics(providers)
-        self.settler = Settler(self.queue, self.ws, self.metrics, publish=self._publish, clock=clock, rng=rng)
+        self.settler = Settler(self.queue, self.ws, self.metrics, publish=self._publish, clock=clock, rng=rng,
+                               categories=settings.policy.labelled_categories())
         self.jobs: dict[str, Job] = self.settler.jobs  # entry ref -> job, while any of its deliveries is unsettled
         self.lanes = Lanes(settings, providers, self.settler, self.metrics, rates=dict(rates or {}), clock=clock, rng=rng)
 

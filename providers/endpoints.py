@@ -7,6 +7,14 @@ and it must not point at a private, loopback or link-local address, checked twic
 URL when the device is registered or the message enqueued (`check`), and on every address the
 host name resolves to when the connection is made (`check_address`), so a DNS name that later
 resolves to 127.0.0.1 (rebinding) is still refused.
+
+An IPv6 address that embeds an IPv4 address is judged by the embedded address's class: IPv4-mapped
+`::ffff:a.b.c.d` (RFC 4291 section 2.5.5.2), IPv4-compatible `::a.b.c.d` (RFC 4291 section 2.5.5.1),
+6to4 `2002:AABB:CCDD::/16` (RFC 3056 section 2) and the NAT64 well-known prefix `64:ff9b::/96`
+(RFC 6052 section 2.1), so `64:ff9b::7f00:1` is loopback. The port must be 443 (the default of
+https) unless `webpush.allowed_ports` names it (`webpush.allow_private`, for labs and tests, admits
+any port). A host that is no valid IDNA name (RFC 5891), such as one holding a zero-width space, is
+malformed: `malformed` says so, and such an endpoint can never be sent to.
 """
 
 from __future__ import annotations
@@ -14,9 +22,47 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import urlsplit
 
+import idna
+
 from ..core.config import WebPushSettings
 
 MAX_ENDPOINT_LEN = 2048
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries (mapped, compatible, 6to4, NAT64), else None."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in _NAT64 or (ip in _IPV4_COMPATIBLE and int(ip) > 1):  # :: and ::1 are IPv6's own
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def malformed(url: str) -> str | None:
+    """None when `url` is a well-formed https URL with a host; else why it can never be sent to."""
+    if len(url) > MAX_ENDPOINT_LEN:
+        return f"endpoint is longer than {MAX_ENDPOINT_LEN} characters"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        _ = parts.port  # raises ValueError on a malformed port
+    except ValueError:
+        return "endpoint is not a valid URL"
+    if parts.scheme != "https":
+        return "endpoint must be an https URL"
+    if not host:
+        return "endpoint has no host"
+    if not host.isascii():
+        try:
+            idna.encode(host)  # IDNA2008 (RFC 5891): refuses code points such as U+200B that the 2003 rules drop
+            host.encode("idna")  # what the HTTP/2 path sends as :authority
+        except (idna.IDNAError, UnicodeError):
+            return "endpoint host is not a valid internationalised domain name (IDNA, RFC 5891)"
+    return None
 
 
 class EndpointPolicy:
@@ -24,6 +70,7 @@ class EndpointPolicy:
 
     def __init__(self, settings: WebPushSettings) -> None:
         self.allow_private = settings.allow_private
+        self.allowed_ports = frozenset({443, *(int(p) for p in settings.allowed_ports)})
         exact: set[str] = set()
         suffixes: list[str] = []
         for pattern in settings.allowed_hosts:
@@ -41,18 +88,11 @@ class EndpointPolicy:
 
     def check(self, url: str) -> str | None:
         """None when `url` may be used as a Web Push endpoint, else the reason it is refused."""
-        if len(url) > MAX_ENDPOINT_LEN:
-            return f"endpoint is longer than {MAX_ENDPOINT_LEN} characters"
-        try:
-            parts = urlsplit(url)
-            host = parts.hostname
-            _ = parts.port  # raises ValueError on a malformed port
-        except ValueError:
-            return "endpoint is not a valid URL"
-        if parts.scheme != "https":
-            return "endpoint must be an https URL"
-        if not host:
-            return "endpoint has no host"
+        problem = malformed(url)
+        if problem is not None:
+            return problem
+        parts = urlsplit(url)
+        host = parts.hostname or ""
         if parts.username is not None or parts.password is not None:
             return "endpoint must not carry credentials"
         if not self.host_allowed(host):
@@ -60,8 +100,11 @@ class EndpointPolicy:
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
-            return None  # a name: its addresses are checked when the connection is made
-        return self.check_address(str(ip))
+            ip = None  # a name: its addresses are checked when the connection is made
+        refusal = None if ip is None else self.check_address(str(ip))
+        if refusal is None and not self.allow_private and (parts.port or 443) not in self.allowed_ports:
+            return f"endpoint port {parts.port} is not allowed (443, or one of webpush.allowed_ports)"
+        return refusal
 
     def check_address(self, address: str) -> str | None:
         """None when a resolved address may be connected to, else the reason it is refused."""
@@ -71,8 +114,10 @@ class EndpointPolicy:
             ip = ipaddress.ip_address(address.split("%", 1)[0])
         except ValueError:
             return f"{address!r} is not an IP address"
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
+        if isinstance(ip, ipaddress.IPv6Address):
+            embedded = embedded_ipv4(ip)
+            if embedded is not None:
+                ip = embedded
         if not ip.is_global or ip.is_multicast:
             return "endpoint resolves to a private, loopback or link-local address (webpush.allow_private is off)"
         return None

@@ -62,7 +62,7 @@ from ..core.config import ConfigError, ProviderSettings, WebPushSettings
 from ..core.metrics import HELD, PROVIDER_LATENCY
 from ..core.schema import Message
 from .base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
-from .endpoints import EndpointPolicy
+from .endpoints import EndpointPolicy, malformed
 from .h2 import H2Error, H2Pool, H2Response, NoHttp2
 from .jose import b64url, b64url_decode
 from .payloads import check_payload_limits, webpush_plaintext
@@ -350,6 +350,9 @@ class WebPushProvider:
     async def send(self, delivery: Delivery) -> Outcome:
         device = delivery.device
         endpoint = device.token
+        problem = malformed(endpoint)
+        if problem is not None:  # a stored subscription no request can ever reach: remove it
+            return TokenInvalid(f"webpush {problem}")
         refusal = self._policy.check(endpoint)
         if refusal is not None:
             return Rejected(f"webpush endpoint refused: {refusal}")

@@ -137,6 +137,12 @@ class Keys:
         counts each (learner, kind) once; intersected with the `delivered` set for the per-delivered rates."""
         return f"{self.prefix}:cmp:{campaign}:evt:{kind}:{arm}"
 
+    @staticmethod
+    def upstream_campaign(label: str) -> str:
+        """Where the figures of upstream messages labelled `label` are kept: apart from a stored campaign's own
+        (`~` is in no campaign id or label), so a label cannot add to a stored campaign's report."""
+        return f"~{label}"
+
     def campaign_variants(self, campaign: str) -> str:
         """Set of variant names the workers saw for a campaign (also for campaigns labelled by upstream messages)."""
         return f"{self.prefix}:cmp:{campaign}:variants"

@@ -100,6 +100,7 @@ class FrequencyCaps:
     def __init__(self, redis: aioredis.Redis, keys: Keys, policy: PolicySettings) -> None:
         self._keys = keys
         self._policy = policy
+        self._categories = policy.labelled_categories()
         self._caps = {c.category: c for c in policy.caps}
         self._script = redis.register_script(_DECIDE)
         self._burst_ms = int(policy.user_period_s * 1000)
@@ -135,13 +136,13 @@ class FrequencyCaps:
             m = messages[i]
             if until_ms < 0:
                 out[i] = Defer(-until_ms / 1000, "burst")
-                metrics.POLICY.labels(metrics.category_label(m.category), "burst", "deferred").inc()
+                metrics.POLICY.labels(metrics.category_label(m.category, self._categories), "burst", "deferred").inc()
                 continue
             cap = self._caps[m.category]
             if cap.over == "drop":
                 out[i] = Drop(f"cap_{m.category}")
-                metrics.POLICY.labels(metrics.category_label(m.category), "cap", "dropped").inc()
+                metrics.POLICY.labels(metrics.category_label(m.category, self._categories), "cap", "dropped").inc()
             else:
                 out[i] = Defer(until_ms / 1000, f"cap_{m.category}")
-                metrics.POLICY.labels(metrics.category_label(m.category), "cap", "deferred").inc()
+                metrics.POLICY.labels(metrics.category_label(m.category, self._categories), "cap", "deferred").inc()
         return out

@@ -36,6 +36,7 @@ class DeliveryPolicy:
 
     def __init__(self, redis: aioredis.Redis, keys: Keys, policy: PolicySettings) -> None:
         self._policy = policy
+        self._categories = policy.labelled_categories()
         self._profiles = Profiles(redis, keys)
         self._default_windows = SendWindows.parse(policy.windows)
         self._category_windows = {c: SendWindows.parse(w) for c, w in policy.category_windows}
@@ -85,7 +86,7 @@ class DeliveryPolicy:
             p = prefs.get(m.user, NO_PREFERENCES)
             if p.opted_out(m.category, self._exempt):  # on every read, retries and replays included
                 out[i] = Drop("opted_out")
-                metrics.POLICY.labels(metrics.category_label(m.category), "opt_out", "dropped").inc()
+                metrics.POLICY.labels(metrics.category_label(m.category, self._categories), "opt_out", "dropped").inc()
                 continue
             if m.resolved or (first_read is not None and not first_read[i]):
                 continue  # windows and caps decided this message on its first read
@@ -96,7 +97,7 @@ class DeliveryPolicy:
                     start, end = self._next_open(m.category, windows, tz, now)
                     member = members[i] if members is not None else m.id
                     out[i] = Defer(jitter_for(member, start, end, self._policy.window_jitter_s), "window")
-                    metrics.POLICY.labels(metrics.category_label(m.category), "window", "deferred").inc()
+                    metrics.POLICY.labels(metrics.category_label(m.category, self._categories), "window", "deferred").inc()
                     continue
             to_cap.append(i)
         if self._caps is not None and to_cap:

@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
-from pushgw.core.config import ApiClient, ApiSettings, ConfigError, RedisSettings, Settings
+from pushgw.core.config import ApiClient, ApiSettings, ConfigError, FcmApp, RedisSettings, Settings
 from pushgw.core.schema import Device, Message, loads_message
 from pushgw.gateway.api.app import create_app
 from pushgw.gateway.api.auth import Authenticator
@@ -33,7 +33,8 @@ def settings(**api: Any) -> Settings:
         ApiClient("ops", ADMIN, ("enqueue", "devices", "admin")),
         ApiClient("quiz-service", LIMITED, ("enqueue",), rate_per_s=5.0, burst=10),
     )
-    return Settings(redis=RedisSettings(prefix="apitest"), api=ApiSettings(clients=clients, **api))
+    return Settings(redis=RedisSettings(prefix="apitest"), api=ApiSettings(clients=clients, **api),
+                    fcm=(FcmApp("campus"),))
 
 
 Client = TestClient[Any, Any]

@@ -27,7 +27,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import HealthCheck, settings
-from pushgw.core.config import ApiClient, ApiSettings, RedisSettings, Settings
+from pushgw.core.config import ApiClient, ApiSettings, FcmApp, RedisSettings, Settings
 from pushgw.gateway.api.app import create_app
 from schemathesis.checks import not_a_server_error, response_schema_conformance, status_code_conformance
 
@@ -38,7 +38,7 @@ CHECKS = [not_a_server_error, response_schema_conformance, status_code_conforman
 
 def fuzz_settings() -> Settings:
     client = ApiClient("fuzzer", TOKEN, ("enqueue", "devices", "admin", "campaigns", "events"))
-    return Settings(redis=RedisSettings(prefix="fuzztest"), api=ApiSettings(clients=(client,)))
+    return Settings(redis=RedisSettings(prefix="fuzztest"), api=ApiSettings(clients=(client,)), fcm=(FcmApp("main"),))
 
 
 @dataclass

@@ -43,7 +43,7 @@ TOKEN = "policy-test-token-0123456789"
 LEARNING = PolicySettings(
     windows=("07:30-09:00", "12:00-13:30", "17:30-21:00"), timezone="Europe/Paris", window_jitter_s=900,
     category_windows=(("account", ()), ("reward", ("07:00-22:00",))), opt_out_exempt=("account",),
-    caps=(CategoryCap("reminder", 2, 7 * 86400.0),),
+    caps=(CategoryCap("reminder", 2, 7 * 86400.0),), categories=("new_content",),
 )
 
 

@@ -244,10 +244,11 @@ async def test_host_name_resolving_to_loopback_is_rejected_at_connect(svc: FakeP
     assert svc.requests == 0
 
 
-async def test_plain_http_endpoint_is_rejected(make_provider: Factory) -> None:
+async def test_a_plain_http_endpoint_is_an_invalid_subscription(make_provider: Factory) -> None:
+    """A stored endpoint no request can ever reach is removed from the registry (TokenInvalid), not dead-lettered."""
     d = Delivery(Message(id="x", body="b"), Device("webpush", "http://127.0.0.1:9/push/x", None, "A" * 87, "A" * 22))
     out = await make_provider().send(d)
-    assert isinstance(out, Rejected) and "https" in out.reason
+    assert isinstance(out, TokenInvalid) and "https" in out.reason
 
 
 async def test_timeout_and_refused_connection_are_retries(svc: FakePushService, make_provider: Factory) -> None:
@@ -424,7 +425,7 @@ async def test_http2_path_connects_only_to_addresses_the_resolver_vetted(
     monkeypatch.setattr(webpush_module, "DefaultResolver", lambda: resolver)
     sub = h2_svc.new_subscription()
     sub["endpoint"] = sub["endpoint"].replace("127.0.0.1", "push.example")
-    provider = make_provider(allowed_hosts=("push.example",), allow_private=False)
+    provider = make_provider(allowed_hosts=("push.example",), allow_private=False, allowed_ports=(str(h2_svc.port),))
     out = await provider.send(delivery(sub))
     assert out == Rejected("webpush endpoint refused: push.example: every address is private, loopback or link-local")
     assert resolver.calls == [("push.example", h2_svc.port)]

@@ -26,6 +26,17 @@ PARSED_CACHE_SIZE = 8192  # parsed devices kept per process by their stored JSON
 _HVALS_MANY = "local out = {} for i = 1, #KEYS do out[i] = redis.call('HVALS', KEYS[i]) end return out"
 
 
+# KEYS[1]: the user's device hash; ARGV: device key, device JSON, the cap. The check and the write in one
+# script, so concurrent registrations cannot all see room and together pass the cap. 1: stored, 0: full.
+_REGISTER = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+
 class RegistryFull(ValueError):
     """A user already has the maximum number of devices."""
 
@@ -47,20 +58,17 @@ class DeviceRegistry:
         self.redis = redis
         self.keys = keys
         self._hvals_many = redis.register_script(_HVALS_MANY)
+        self._register = redis.register_script(_REGISTER)
         # Stored JSON -> parsed device. Keyed by content, so never stale: an active learner's devices are
         # parsed once, not on every message. Emptied when full.
         self._parsed: dict[bytes | str, Device | None] = {}
 
     async def register(self, user: str, device: Device) -> None:
-        """Add (or refresh) a device for `user`."""
-        key = self.keys.devices(user)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hexists(key, device.key)
-            pipe.hlen(key)
-            exists, count = await pipe.execute()
-        if not exists and int(count) >= MAX_DEVICES_PER_USER:
+        """Add (or refresh) a device for `user`; `RegistryFull` when the user has MAX_DEVICES_PER_USER others."""
+        stored = await self._register(keys=[self.keys.devices(user)],
+                                      args=[device.key, orjson.dumps(device.to_json()), MAX_DEVICES_PER_USER])
+        if not stored:
             raise RegistryFull(f"user already has {MAX_DEVICES_PER_USER} devices; remove one first")
-        await self.redis.hset(key, device.key, orjson.dumps(device.to_json()))
 
     async def unregister(self, user: str, key: str) -> bool:
         return bool(await self.redis.hdel(self.keys.devices(user), key))
