@@ -41,7 +41,7 @@ from .h2client import (
     encode_headers,
 )
 from .jose import load_p256_key, sign_es256
-from .payloads import apns_payload, check_payload_limits
+from .payloads import apns_collapse_id, apns_payload, check_payload_limits
 
 PRODUCTION_HOST = "api.push.apple.com"
 SANDBOX_HOST = "api.sandbox.push.apple.com"
@@ -207,8 +207,9 @@ class ApnsProvider:
             parts.append(app.auth_block[1])
         if d.expires_at is not None:
             parts.append(encode_field(b"apns-expiration", str(max(1, int(d.expires_at))).encode()))
-        if msg.collapse_key:
-            parts.append(encode_field(b"apns-collapse-id", msg.collapse_key.encode()))
+        # Always a collapse id (the sender's collapse_key, else from the message id): a delivery
+        # repeated after a crash then replaces the notification it duplicates instead of adding one.
+        parts.append(encode_field(b"apns-collapse-id", apns_collapse_id(msg).encode()))
         return b"".join(parts)
 
     async def send(self, delivery: Delivery) -> Outcome:
