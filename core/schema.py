@@ -266,7 +266,7 @@ INTERRUPTION_LEVELS = ("passive", "active", "time-sensitive", "critical")
 TEXT_DIRECTIONS = ("auto", "ltr", "rtl")
 SOUND_DEFAULT = "default"
 SOUND_NONE = "none"
-MAX_ACTIONS = 4  # iOS shows at most four buttons in a banner's expanded view; browsers fewer
+MAX_ACTIONS = 4  # Apple: up to four actions in a notification's default context; browsers show fewer
 MAX_LOC_ARGS = 10
 MAX_BADGE = 2**31 - 1  # FCM's notification_count is an int32
 MAX_URL_LEN = 2048
@@ -275,6 +275,7 @@ RICH_FIELDS = (
     "actions", "actions_category", "link", "title_loc_key", "title_loc_args", "body_loc_key", "body_loc_args",
     "silent", "lang", "dir", "require_interaction", "renotify",
 )
+_RICH_KEYS = frozenset(RICH_FIELDS)
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")  # sound files, action ids, category identifiers
 _LOC_KEY_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
 _ICON_NAME_RE = re.compile(r"^[A-Za-z0-9_.]{1,128}\Z")  # an Android drawable resource name
@@ -577,7 +578,7 @@ def parse_rich(obj: Mapping[str, Any], errors: list[FieldError], *, title: str |
 _KNOWN = frozenset({
     "v", "id", "user", "devices", "app", "title", "body", "data", "category", "priority",
     "ttl", "expires_at", "send_at", "collapse_key", "campaign", "variant",
-}) | frozenset(RICH_FIELDS)
+})
 _KNOWN_INTERNAL = _KNOWN | {"resolved"}
 _DEVICE_FIELDS = frozenset({*PROVIDERS, "app"})
 
@@ -599,6 +600,10 @@ def parse_message(
     if not isinstance(obj, dict):
         raise MessageInvalid([FieldError("$", "a message must be a JSON object")])
     unknown = obj.keys() - (_KNOWN_INTERNAL if internal else _KNOWN)
+    rich_given = False
+    if unknown:  # rich fields, or fields nobody knows (a message without rich fields skips this)
+        rich_given = not unknown.isdisjoint(_RICH_KEYS)
+        unknown -= _RICH_KEYS
     if unknown:
         errors.append(FieldError("$", f"unknown field(s) {sorted(unknown)}"))
     version = obj.get("v", SCHEMA_VERSION)
@@ -677,7 +682,7 @@ def parse_message(
                 devices.append(dev)
     if require_target and user is None and not devices_in:
         errors.append(FieldError("user", "a message needs a user, devices, or both"))
-    rich = parse_rich(obj, errors, title=title, body=body) if not obj.keys().isdisjoint(RICH_FIELDS) else None
+    rich = parse_rich(obj, errors, title=title, body=body) if rich_given else None
     if title is None and body is None and not data and (rich is None or not rich.has_content):
         errors.append(FieldError("body", "a message needs a title, a body or data"))
 

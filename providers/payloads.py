@@ -104,18 +104,19 @@ def _rich_aps(msg: Message, rich: Rich) -> dict[str, Any]:
     return aps
 
 
-def _shows_alert(msg: Message, rich: Rich | None) -> bool:
+def _shows_alert(msg: Message, rich: Rich) -> bool:
     """The push has text to show (a badge- or sound-only push has none)."""
     if msg.title is not None or msg.body is not None:
         return True
-    return rich is not None and (rich.title_loc_key is not None or rich.body_loc_key is not None)
+    return rich.title_loc_key is not None or rich.body_loc_key is not None
 
 
 def fcm_message(msg: Message, token: str) -> dict[str, Any]:
     """The `message` object of an FCM HTTP v1 `messages:send` request."""
     rich = msg.rich
     out: dict[str, Any] = {"token": token}
-    shown = not msg.is_silent and _shows_alert(msg, rich)
+    shown = (msg.title is not None or msg.body is not None) if rich is None else (
+        not rich.silent and _shows_alert(msg, rich))
     if shown:
         notification: dict[str, str] = {}
         if msg.title is not None:
