@@ -58,6 +58,10 @@ _APNS_ID_NS_BYTES = _APNS_ID_NS.bytes
 _BAD_FIELD_VALUE = re.compile(r"[\x00\r\n]|\A[ \t]|[ \t]\Z")
 _PRIORITY_10 = encode_field(b"apns-priority", b"10")
 _PRIORITY_5 = encode_field(b"apns-priority", b"5")
+# The apns-collapse-id field's HPACK bytes up to its value's length (a literal without indexing, RFC 7541
+# section 6.2.2): a value under 127 bytes has a one-byte length (section 5.2), so `_headers` appends
+# that byte and the value instead of encoding the whole field per delivery.
+_COLLAPSE_ID_NAME = encode_field(b"apns-collapse-id", b"")[:-1]
 _TOKEN_GONE = {"BadDeviceToken", "DeviceTokenNotForTopic", "Unregistered", "ExpiredToken"}
 _REASON_MAX = 200
 
@@ -209,7 +213,11 @@ class ApnsProvider:
             parts.append(encode_field(b"apns-expiration", str(max(1, int(d.expires_at))).encode()))
         # Always a collapse id (the sender's collapse_key, else from the message id): a delivery
         # repeated after a crash then replaces the notification it duplicates instead of adding one.
-        parts.append(encode_field(b"apns-collapse-id", apns_collapse_id(msg).encode()))
+        collapse_id = apns_collapse_id(msg).encode()
+        if len(collapse_id) < 127:
+            parts += (_COLLAPSE_ID_NAME, bytes((len(collapse_id),)), collapse_id)
+        else:
+            parts.append(encode_field(b"apns-collapse-id", collapse_id))
         return b"".join(parts)
 
     async def send(self, delivery: Delivery) -> Outcome:

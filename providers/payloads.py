@@ -32,10 +32,11 @@ def apns_collapse_id(msg: Message) -> str:
     """The apns-collapse-id header (APNs "Sending notification requests to APNs": at most 64 bytes).
 
     A collapse_key is at most 64 bytes (core/schema.py); a message id longer than that is hashed."""
-    key = msg.collapse_key or msg.id
-    if len(key) <= APNS_MAX_COLLAPSE_ID:  # ids are ASCII: characters == bytes
-        return key
-    return "id-" + hashlib.sha256(key.encode()).hexdigest()[:40]
+    if msg.collapse_key:
+        return msg.collapse_key
+    if len(msg.id) <= APNS_MAX_COLLAPSE_ID:  # ids are ASCII (core/schema.py): characters == bytes
+        return msg.id
+    return "id-" + hashlib.sha256(msg.id.encode()).hexdigest()[:40]
 
 
 def apns_payload(msg: Message) -> bytes:
