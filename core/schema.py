@@ -407,10 +407,9 @@ def _url(value: Any, name: str, errors: list[FieldError], *, paths: bool = False
     """An https URL (or, where allowed, a path on the site, or an Android resource name)."""
     if value is None:
         return None
-    ok = isinstance(value, str) and len(value) <= MAX_URL_LEN and (
-        bool(_HTTPS_URL_RE.match(value)) or (paths and bool(_PATH_URL_RE.match(value)))
-        or (names and bool(_ICON_NAME_RE.match(value))))
-    if ok:
+    if isinstance(value, str) and len(value) <= MAX_URL_LEN and (
+            _HTTPS_URL_RE.match(value) or (paths and _PATH_URL_RE.match(value))
+            or (names and _ICON_NAME_RE.match(value))):
         return value
     allowed = "an https URL" + (", a path such as /icons/quiz.png" if paths else "") + (
         " or a resource name such as ic_quiz" if names else "")

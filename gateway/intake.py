@@ -18,7 +18,17 @@ from ..campaigns.audiences import NO_ATTRIBUTES, UserAttributes
 from ..campaigns.templates import RenderError, Template, Templates
 from ..core import metrics
 from ..core.config import Settings
-from ..core.schema import PROVIDERS, Device, FieldError, Message, MessageInvalid, parse_device, parse_message, parse_user
+from ..core.schema import (
+    PROVIDERS,
+    Device,
+    FieldError,
+    Message,
+    MessageInvalid,
+    Rich,
+    parse_device,
+    parse_message,
+    parse_user,
+)
 from ..providers.base import PayloadTooLarge
 from ..providers.endpoints import EndpointPolicy
 from ..providers.payloads import check_payload_limits
@@ -58,7 +68,7 @@ class Intake:
                 providers = PROVIDERS if msg.user is not None else tuple({d.provider for d in msg.devices})
                 check_payload_limits(msg, providers)
                 if msg.rich is not None and msg.rich.critical:
-                    self._check_critical(msg)
+                    self._check_critical(msg, msg.rich)
             except MessageInvalid as e:
                 errors += [FieldError(where + err.field, err.message) for err in e.errors]
                 continue
@@ -71,10 +81,8 @@ class Intake:
             raise MessageInvalid(errors)
         return out
 
-    def _check_critical(self, msg: Message) -> None:
+    def _check_critical(self, msg: Message, rich: Rich) -> None:
         """A critical sound or interruption level needs the app's critical-alerts entitlement, said in the config."""
-        rich = msg.rich
-        assert rich is not None
         apps = {msg.app} if msg.user is not None else set()  # a user's devices may be on APNs
         apps |= {d.app or msg.app for d in msg.devices if d.provider == "apns"}
         missing = sorted(a for a in apps if not ((cfg := self.settings.apns_app(a)) and cfg.critical_alerts))
