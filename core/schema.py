@@ -296,6 +296,13 @@ _VISIBLE_FIELDS = (
 )
 
 
+# What only makes sense on a notification with text: without one it would be sent nowhere (a silent
+# push) or shown as an empty banner.
+_ALERT_DECORATIONS = (
+    "image", "actions", "actions_category", "interruption_level", "relevance_score", "require_interaction", "renotify",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Sound:
     """A notification sound: a file name in the app, "default", or "none"; `critical` plays through
@@ -559,6 +566,10 @@ def parse_rich(obj: Mapping[str, Any], errors: list[FieldError], *, title: str |
     elif silent_in is False and not shows:
         errors.append(FieldError("silent", "is false but the message shows nothing: give a title, body, "
                                            "loc key, badge or sound"))
+    elif not alert_text:
+        for name in _ALERT_DECORATIONS:
+            if obj.get(name) is not None:
+                errors.append(FieldError(name, "decorates an alert: give a title, body or loc key too"))
     if subtitle is not None and title is None and title_loc_key is None:
         errors.append(FieldError("subtitle", "needs a title or title_loc_key (APNs shows it under the title)"))
     if len(errors) > before:

@@ -82,6 +82,14 @@ def test_silent_false_needs_something_to_show_and_subtitle_needs_a_title() -> No
     assert [err.field for err in e.value.errors] == ["subtitle"]
 
 
+def test_alert_decorations_need_alert_text() -> None:
+    with pytest.raises(MessageInvalid) as e:
+        parse_message({"user": "u", "data": {"k": "v"}, "image": "https://cdn.example/q.png", "badge": 1,
+                       "interruption_level": "passive", "renotify": True})
+    assert [err.field for err in e.value.errors] == ["image", "interruption_level", "renotify"]
+    assert parse_message({"user": "u", "body_loc_key": "K", "image": "https://cdn.example/q.png"}).rich is not None
+
+
 def test_silent_is_explicit_or_inferred() -> None:
     assert parse_message({"user": "u", "silent": True}).is_silent  # a wake-up push with no data is valid
     assert parse_message({"user": "u", "data": {"k": "v"}}).is_silent  # as before: no title or body
