@@ -110,6 +110,9 @@ class ApnsApp:
     ca_file: str = ""
     connections: int = 2
     push_type: str = "alert"
+    # Apple granted this app the critical-alerts entitlement (com.apple.developer.usernotifications.critical-alerts):
+    # only then are critical sounds and the critical interruption level accepted at the door.
+    critical_alerts: bool = False
 
 
 @dataclass(frozen=True, slots=True)

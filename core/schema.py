@@ -128,6 +128,7 @@ class Message:
     collapse_key: str | None = None
     campaign: str | None = None
     variant: str | None = None
+    rich: Rich | None = None  # the rich presentation fields (subtitle, image, badge, ...); None: none given
     # Internal: the devices are already resolved from the registry (a retry or a dead letter aims at
     # exactly `devices`; `user` stays only so a token found dead can be removed from the registry).
     resolved: bool = False
@@ -138,7 +139,9 @@ class Message:
 
     @property
     def is_silent(self) -> bool:
-        """No visible alert: a background/data-only push."""
+        """No visible alert: a background/data-only push (`silent`, given or inferred; see `Rich.silent`)."""
+        if self.rich is not None:
+            return self.rich.silent
         return self.title is None and self.body is None
 
     def expiry(self, accepted: float) -> float | None:
@@ -170,6 +173,8 @@ class Message:
                 out[name] = value
         if self.data:
             out["data"] = dict(self.data)
+        if self.rich is not None:
+            out.update(self.rich.to_json())
         out["category"] = self.category
         out["priority"] = self.priority
         if self.resolved:
@@ -270,6 +275,334 @@ def reserved_data_key(key: str) -> bool:
     return key in ("aps", "from", "notification", "message_type") or key.startswith(("google", "gcm"))
 
 
+# --- Rich presentation fields ------------------------------------------------------------------
+# Neutral fields that each provider module maps to its own keys (providers/payloads.py; the mapping
+# table is in the README). They sit at the top level of a message; the parsed values live in one
+# `Rich` object, so a message that uses none of them costs one test on the delivery path.
+
+INTERRUPTION_LEVELS = ("passive", "active", "time-sensitive", "critical")
+TEXT_DIRECTIONS = ("auto", "ltr", "rtl")
+SOUND_DEFAULT = "default"
+SOUND_NONE = "none"
+MAX_ACTIONS = 4  # Apple: up to four actions in a notification's default context; browsers show fewer
+MAX_LOC_ARGS = 10
+MAX_BADGE = 2**31 - 1  # FCM's notification_count is an int32
+MAX_URL_LEN = 2048
+RICH_FIELDS = (
+    "subtitle", "image", "icon", "badge", "sound", "interruption_level", "relevance_score", "thread",
+    "actions", "actions_category", "link", "title_loc_key", "title_loc_args", "body_loc_key", "body_loc_args",
+    "silent", "lang", "dir", "require_interaction", "renotify",
+)
+_RICH_KEYS = frozenset(RICH_FIELDS)
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")  # sound files, action ids, category identifiers
+_LOC_KEY_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
+_ICON_NAME_RE = re.compile(r"^[A-Za-z0-9_.]{1,128}\Z")  # an Android drawable resource name
+_HTTPS_URL_RE = re.compile(r"^https://[^/?#\s@]+[^\s\x00-\x1f\x7f]*\Z")
+_PATH_URL_RE = re.compile(r"^/[^\s\x00-\x1f\x7f]*\Z")
+_LINK_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]{0,31}:[^\s\x00-\x1f\x7f]+\Z")
+_LINK_REFUSED_SCHEMES = ("http", "javascript", "data", "file", "vbscript", "blob")
+_LANG_RE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8}){0,4}\Z")
+_NO_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_ACTION_FIELDS = frozenset({"id", "title", "icon", "destructive", "foreground"})
+_SOUND_FIELDS = frozenset({"name", "critical", "volume"})
+# What a silent (data-only, background) push may not carry: APNs refuses a background push with an
+# alert, sound or badge ("Pushing background updates to your App"), and nothing is shown to act on.
+_VISIBLE_FIELDS = (
+    "title", "body", "subtitle", "image", "badge", "sound", "interruption_level", "relevance_score", "actions",
+    "actions_category", "title_loc_key", "title_loc_args", "body_loc_key", "body_loc_args", "require_interaction",
+    "renotify",
+)
+
+
+# What only makes sense on a notification with text: without one it would be sent nowhere (a silent
+# push) or shown as an empty banner.
+_ALERT_DECORATIONS = (
+    "image", "actions", "actions_category", "interruption_level", "relevance_score", "require_interaction", "renotify",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Sound:
+    """A notification sound: a file name in the app, "default", or "none"; `critical` plays through
+    the mute switch and Focus (APNs critical alerts, which need Apple's entitlement)."""
+
+    name: str
+    critical: bool = False
+    volume: float | None = None  # 0..1, critical sounds only
+
+    def to_json(self) -> str | dict[str, Any]:
+        if not self.critical:
+            return self.name
+        out: dict[str, Any] = {"name": self.name, "critical": True}
+        if self.volume is not None:
+            out["volume"] = self.volume
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """A notification button: `id` comes back to the app (or service worker) when it is tapped."""
+
+    id: str
+    title: str
+    icon: str | None = None
+    destructive: bool = False
+    foreground: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "title": self.title}
+        if self.icon is not None:
+            out["icon"] = self.icon
+        if self.destructive:
+            out["destructive"] = True
+        if self.foreground:
+            out["foreground"] = True
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Rich:
+    """The rich presentation fields of a message; only the ones given are set."""
+
+    silent: bool  # a background/data-only push: `silent` as given, else no alert text, badge or sound
+    silent_given: bool = False
+    subtitle: str | None = None
+    image: str | None = None
+    icon: str | None = None
+    badge: int | None = None
+    sound: Sound | None = None
+    interruption_level: str | None = None
+    relevance_score: float | None = None
+    thread: str | None = None
+    actions: tuple[Action, ...] = ()
+    actions_category: str | None = None
+    link: str | None = None
+    title_loc_key: str | None = None
+    title_loc_args: tuple[str, ...] = ()
+    body_loc_key: str | None = None
+    body_loc_args: tuple[str, ...] = ()
+    lang: str | None = None
+    dir: str | None = None
+    require_interaction: bool = False
+    renotify: bool = False
+
+    @property
+    def critical(self) -> bool:
+        """Uses Apple's critical-alert entitlement (a critical sound or interruption level)."""
+        return (self.sound is not None and self.sound.critical) or self.interruption_level == "critical"
+
+    @property
+    def has_content(self) -> bool:
+        """Something a device can show or do without a title, body or data."""
+        return self.silent_given or not self.silent
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in ("subtitle", "image", "icon", "badge", "interruption_level", "relevance_score", "thread",
+                     "actions_category", "link", "title_loc_key", "body_loc_key", "lang", "dir"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        if self.sound is not None:
+            out["sound"] = self.sound.to_json()
+        if self.actions:
+            out["actions"] = [a.to_json() for a in self.actions]
+        if self.title_loc_args:
+            out["title_loc_args"] = list(self.title_loc_args)
+        if self.body_loc_args:
+            out["body_loc_args"] = list(self.body_loc_args)
+        if self.silent_given:
+            out["silent"] = self.silent
+        if self.require_interaction:
+            out["require_interaction"] = True
+        if self.renotify:
+            out["renotify"] = True
+        return out
+
+
+def _bool(obj: Mapping[str, Any], name: str, errors: list[FieldError], where: str = "") -> bool | None:
+    value = obj.get(name)
+    if value is None or isinstance(value, bool):
+        return value
+    errors.append(FieldError(where + name, "must be true or false"))
+    return None
+
+
+def _url(value: Any, name: str, errors: list[FieldError], *, paths: bool = False, names: bool = False) -> str | None:
+    """An https URL (or, where allowed, a path on the site, or an Android resource name)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and len(value) <= MAX_URL_LEN and (
+            _HTTPS_URL_RE.match(value) or (paths and _PATH_URL_RE.match(value))
+            or (names and _ICON_NAME_RE.match(value))):
+        return value
+    allowed = "an https URL" + (", a path such as /icons/quiz.png" if paths else "") + (
+        " or a resource name such as ic_quiz" if names else "")
+    errors.append(FieldError(name, f"must be {allowed} of at most {MAX_URL_LEN} characters (http is refused: "
+                                   "devices and browsers fetch it)"))
+    return None
+
+
+def _loc_args(obj: Mapping[str, Any], name: str, key: str | None, errors: list[FieldError]) -> tuple[str, ...]:
+    value = obj.get(name)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_LOC_ARGS or not all(
+            isinstance(v, str) and len(v.encode()) <= 256 for v in value):
+        errors.append(FieldError(name, f"must be a list of at most {MAX_LOC_ARGS} strings of at most 256 bytes"))
+        return ()
+    if key is None:
+        errors.append(FieldError(name, f"needs {name.removesuffix('_args')}_key (the arguments fill its format)"))
+        return ()
+    return tuple(value)
+
+
+def _sound(value: Any, errors: list[FieldError]) -> Sound | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not _NAME_RE.match(value):
+            errors.append(FieldError("sound", 'must be "default", "none", a sound file name such as chime.caf, '
+                                              "or {name, critical, volume}"))
+            return None
+        return Sound(value)
+    if not isinstance(value, dict):
+        errors.append(FieldError("sound", 'must be a name, "default", "none" or {name, critical, volume}'))
+        return None
+    unknown = value.keys() - _SOUND_FIELDS
+    if unknown:
+        errors.append(FieldError("sound", f"unknown field(s) {sorted(unknown)}; use name, critical, volume"))
+        return None
+    name = value.get("name", SOUND_DEFAULT)
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name == SOUND_NONE:
+        errors.append(FieldError("sound.name", 'must be "default" or a sound file name such as alarm.caf'))
+        return None
+    critical = _bool(value, "critical", errors, "sound.")
+    volume = value.get("volume")
+    if volume is not None:
+        if isinstance(volume, bool) or not isinstance(volume, int | float) or not 0 <= volume <= 1:
+            errors.append(FieldError("sound.volume", "must be a number from 0 to 1"))
+            return None
+        if not critical:
+            errors.append(FieldError("sound.volume", "applies to critical sounds only (APNs sound.volume)"))
+            return None
+    return Sound(name, bool(critical), None if volume is None else float(volume))
+
+
+def _actions(value: Any, errors: list[FieldError]) -> tuple[Action, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_ACTIONS:
+        errors.append(FieldError("actions", f"must be a list of 1 to {MAX_ACTIONS} buttons {{id, title}}"))
+        return ()
+    out: list[Action] = []
+    for i, a in enumerate(value):
+        where = f"actions[{i}]"
+        if not isinstance(a, dict):
+            errors.append(FieldError(where, "must be an object {id, title, icon?, destructive?, foreground?}"))
+            continue
+        unknown = a.keys() - _ACTION_FIELDS
+        if unknown:
+            errors.append(FieldError(where, f"unknown field(s) {sorted(unknown)}"))
+            continue
+        action_id, title = a.get("id"), a.get("title")
+        if not isinstance(action_id, str) or not _NAME_RE.match(action_id):
+            errors.append(FieldError(f"{where}.id", "must be 1-64 letters, digits, '.', '_' or '-'"))
+            continue
+        if any(x.id == action_id for x in out):
+            errors.append(FieldError(f"{where}.id", "is used by another button of this message"))
+            continue
+        if not isinstance(title, str) or not title.strip() or len(title.encode()) > 128 or _NO_CONTROL_RE.search(title):
+            errors.append(FieldError(f"{where}.title", "must be a non-empty string of at most 128 bytes"))
+            continue
+        icon = _url(a.get("icon"), f"{where}.icon", errors, paths=True)
+        destructive = _bool(a, "destructive", errors, f"{where}.")
+        foreground = _bool(a, "foreground", errors, f"{where}.")
+        out.append(Action(action_id, title, icon, bool(destructive), bool(foreground)))
+    return tuple(out)
+
+
+def parse_rich(obj: Mapping[str, Any], errors: list[FieldError], *, title: str | None, body: str | None) -> Rich | None:
+    """The rich fields of a message (at least one is present in `obj`); appends an error per field at fault."""
+    before = len(errors)
+    subtitle = _str(obj, "subtitle", errors, max_len=1024)
+    image = _url(obj.get("image"), "image", errors)
+    icon = _url(obj.get("icon"), "icon", errors, paths=True, names=True)
+    badge = obj.get("badge")
+    if badge is not None and (isinstance(badge, bool) or not isinstance(badge, int) or not 0 <= badge <= MAX_BADGE):
+        errors.append(FieldError("badge", f"must be a whole number from 0 (clears the badge) to {MAX_BADGE}"))
+        badge = None
+    sound = _sound(obj.get("sound"), errors)
+    level = obj.get("interruption_level")
+    if level is not None and level not in INTERRUPTION_LEVELS:
+        errors.append(FieldError("interruption_level", f"must be one of {list(INTERRUPTION_LEVELS)}"))
+        level = None
+    score = obj.get("relevance_score")
+    if score is not None:
+        if isinstance(score, bool) or not isinstance(score, int | float) or not 0 <= score <= 1:
+            errors.append(FieldError("relevance_score", "must be a number from 0 to 1"))
+            score = None
+        else:
+            score = float(score)
+    thread = _str(obj, "thread", errors, max_len=64)
+    if thread is not None and (not thread.strip() or _NO_CONTROL_RE.search(thread)):
+        errors.append(FieldError("thread", "must be a non-empty string without control characters"))
+    actions = _actions(obj.get("actions"), errors)
+    actions_category = _str(obj, "actions_category", errors, max_len=64, pattern=_NAME_RE)
+    if obj.get("actions") is not None and actions_category is None and "actions_category" not in obj:
+        errors.append(FieldError("actions_category", "is required with actions: iOS and Android show the buttons "
+                                                     "the app registered under this category identifier"))
+    link = obj.get("link")
+    if link is not None and (not isinstance(link, str) or len(link) > MAX_URL_LEN or not _LINK_RE.match(link)
+                             or link.partition(":")[0].lower() in _LINK_REFUSED_SCHEMES):
+        errors.append(FieldError("link", f"must be an https URL or an app link such as campus://quiz/42, at most "
+                                         f"{MAX_URL_LEN} characters (http, javascript: and data: are refused)"))
+        link = None
+    title_loc_key = _str(obj, "title_loc_key", errors, max_len=128, pattern=_LOC_KEY_RE)
+    body_loc_key = _str(obj, "body_loc_key", errors, max_len=128, pattern=_LOC_KEY_RE)
+    title_loc_args = _loc_args(obj, "title_loc_args", title_loc_key, errors)
+    body_loc_args = _loc_args(obj, "body_loc_args", body_loc_key, errors)
+    lang = obj.get("lang")
+    if lang is not None and (not isinstance(lang, str) or not _LANG_RE.match(lang)):
+        errors.append(FieldError("lang", "must be a language tag such as fr or pt-BR"))
+        lang = None
+    direction = obj.get("dir")
+    if direction is not None and direction not in TEXT_DIRECTIONS:
+        errors.append(FieldError("dir", f"must be one of {list(TEXT_DIRECTIONS)}"))
+        direction = None
+    require_interaction = _bool(obj, "require_interaction", errors)
+    renotify = _bool(obj, "renotify", errors)
+    silent_in = _bool(obj, "silent", errors)
+
+    alert_text = title is not None or body is not None or subtitle is not None or title_loc_key is not None \
+        or body_loc_key is not None
+    shows = alert_text or badge is not None or (sound is not None and sound.name != SOUND_NONE)
+    if silent_in:
+        for name in _VISIBLE_FIELDS:
+            if obj.get(name) is not None:
+                errors.append(FieldError(name, "a silent (data-only) message shows nothing: remove it or silent"))
+    elif silent_in is False and not shows:
+        errors.append(FieldError("silent", "is false but the message shows nothing: give a title, body, "
+                                           "loc key, badge or sound"))
+    elif not alert_text:
+        for name in _ALERT_DECORATIONS:
+            if obj.get(name) is not None:
+                errors.append(FieldError(name, "decorates an alert: give a title, body or loc key too"))
+    if subtitle is not None and title is None and title_loc_key is None:
+        errors.append(FieldError("subtitle", "needs a title or title_loc_key (APNs shows it under the title)"))
+    if len(errors) > before:
+        return None
+    return Rich(
+        silent=silent_in if silent_in is not None else not shows,
+        silent_given=silent_in is not None,
+        subtitle=subtitle, image=image, icon=icon, badge=badge, sound=sound, interruption_level=level,
+        relevance_score=score, thread=thread, actions=actions, actions_category=actions_category, link=link,
+        title_loc_key=title_loc_key, title_loc_args=title_loc_args, body_loc_key=body_loc_key,
+        body_loc_args=body_loc_args, lang=lang, dir=direction, require_interaction=bool(require_interaction),
+        renotify=bool(renotify),
+    )
+
+
 _KNOWN = frozenset({
     "v", "id", "user", "devices", "app", "title", "body", "data", "category", "priority",
     "ttl", "expires_at", "send_at", "collapse_key", "campaign", "variant",
@@ -295,6 +628,10 @@ def parse_message(
     if not isinstance(obj, dict):
         raise MessageInvalid([FieldError("$", "a message must be a JSON object")])
     unknown = obj.keys() - (_KNOWN_INTERNAL if internal else _KNOWN)
+    rich_given = False
+    if unknown:  # rich fields, or fields nobody knows (a message without rich fields skips this)
+        rich_given = not unknown.isdisjoint(_RICH_KEYS)
+        unknown -= _RICH_KEYS
     if unknown:
         errors.append(FieldError("$", f"unknown field(s) {sorted(unknown)}"))
     version = obj.get("v", SCHEMA_VERSION)
@@ -389,7 +726,8 @@ def parse_message(
                 devices.append(dev)
     if require_target and user is None and not devices_in:
         errors.append(FieldError("user", "a message needs a user, devices, or both"))
-    if title is None and body is None and not data:
+    rich = parse_rich(obj, errors, title=title, body=body) if rich_given else None
+    if title is None and body is None and not data and (rich is None or not rich.has_content):
         errors.append(FieldError("body", "a message needs a title, a body or data"))
 
     if errors:
@@ -410,6 +748,7 @@ def parse_message(
         collapse_key=collapse_key,
         campaign=campaign,
         variant=variant,
+        rich=rich,
         resolved=internal and obj.get("resolved") is True,
         fanout=internal and obj.get("fanout") is True,
     )

@@ -18,7 +18,17 @@ from ..campaigns.audiences import NO_ATTRIBUTES, UserAttributes
 from ..campaigns.templates import Rendered, RenderError, Template, Templates
 from ..core import metrics
 from ..core.config import Settings
-from ..core.schema import PROVIDERS, Device, FieldError, Message, MessageInvalid, parse_device, parse_message, parse_user
+from ..core.schema import (
+    PROVIDERS,
+    Device,
+    FieldError,
+    Message,
+    MessageInvalid,
+    Rich,
+    parse_device,
+    parse_message,
+    parse_user,
+)
 from ..providers.base import PayloadTooLarge
 from ..providers.endpoints import EndpointPolicy
 from ..providers.payloads import check_payload_limits
@@ -73,16 +83,30 @@ class Intake:
                 # A message to a user may reach any provider; explicit devices only their own.
                 providers = PROVIDERS if msg.user is not None else tuple({d.provider for d in msg.devices})
                 check_payload_limits(msg, providers)
+                if msg.rich is not None and msg.rich.critical:
+                    self._check_critical(msg, msg.rich)
             except MessageInvalid as e:
                 errors += [FieldError(where + err.field, err.message) for err in e.errors]
                 continue
             except PayloadTooLarge as e:
-                errors.append(FieldError(where + "$", f"{e} (title, body and data together)"))
+                errors.append(FieldError(where + "$", f"{e} (the final {e.provider} payload: title, body, data "
+                                                      "and the rich fields together)"))
                 continue
             out.append(msg)
         if errors:
             raise MessageInvalid(errors)
         return out
+
+    def _check_critical(self, msg: Message, rich: Rich) -> None:
+        """A critical sound or interruption level needs the app's critical-alerts entitlement, said in the config."""
+        apps = {msg.app} if msg.user is not None else set()  # a user's devices may be on APNs
+        apps |= {d.app or msg.app for d in msg.devices if d.provider == "apns"}
+        missing = sorted(a for a in apps if not ((cfg := self.settings.apns_app(a)) and cfg.critical_alerts))
+        if not missing:
+            return
+        field = "sound.critical" if rich.sound is not None and rich.sound.critical else "interruption_level"
+        raise MessageInvalid([FieldError(field, f"critical alerts need Apple's entitlement: set apns.{missing[0]}."
+                                                "critical_alerts = true once Apple granted it")])
 
     async def expand_templates(self, objs: Sequence[Any], *, reads_users: bool = True) -> list[Any]:
         """Messages naming a `template` (+ `vars`, optional `locale`) get their title, body and data rendered here,

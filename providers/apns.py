@@ -41,7 +41,7 @@ from .h2 import (
     encode_headers,
 )
 from .jose import load_p256_key, sign_es256
-from .payloads import apns_payload, check_payload_limits
+from .payloads import apns_collapse_id, apns_payload, check_payload_limits
 
 PRODUCTION_HOST = "api.push.apple.com"
 SANDBOX_HOST = "api.sandbox.push.apple.com"
@@ -58,6 +58,10 @@ _APNS_ID_NS_BYTES = _APNS_ID_NS.bytes
 _BAD_FIELD_VALUE = re.compile(r"[\x00\r\n]|\A[ \t]|[ \t]\Z")
 _PRIORITY_10 = encode_field(b"apns-priority", b"10")
 _PRIORITY_5 = encode_field(b"apns-priority", b"5")
+# The apns-collapse-id field's HPACK bytes up to its value's length (a literal without indexing, RFC 7541
+# section 6.2.2): a value under 127 bytes has a one-byte length (section 5.2), so `_headers` appends
+# that byte and the value instead of encoding the whole field per delivery.
+_COLLAPSE_ID_NAME = encode_field(b"apns-collapse-id", b"")[:-1]
 _TOKEN_GONE = {"BadDeviceToken", "DeviceTokenNotForTopic", "Unregistered", "ExpiredToken"}
 _REASON_MAX = 200
 
@@ -207,8 +211,13 @@ class ApnsProvider:
             parts.append(app.auth_block[1])
         if d.expires_at is not None:
             parts.append(encode_field(b"apns-expiration", str(max(1, int(d.expires_at))).encode()))
-        if msg.collapse_key:
-            parts.append(encode_field(b"apns-collapse-id", msg.collapse_key.encode()))
+        # Always a collapse id (the sender's collapse_key, else from the message id): a delivery
+        # repeated after a crash then replaces the notification it duplicates instead of adding one.
+        collapse_id = apns_collapse_id(msg).encode()
+        if len(collapse_id) < 127:
+            parts += (_COLLAPSE_ID_NAME, bytes((len(collapse_id),)), collapse_id)
+        else:
+            parts.append(encode_field(b"apns-collapse-id", collapse_id))
         return b"".join(parts)
 
     async def send(self, delivery: Delivery) -> Outcome:

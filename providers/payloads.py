@@ -6,48 +6,128 @@ message that passed validation can never be refused later as too large.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import orjson
 
-from ..core.schema import Message
+from ..core.schema import SOUND_DEFAULT, SOUND_NONE, Action, Message, Rich
 from .base import PayloadTooLarge
 
 APNS_MAX_PAYLOAD = 4096
 FCM_MAX_PAYLOAD = 4096
+APNS_MAX_COLLAPSE_ID = 64
+_ICON_URL_PREFIXES = ("https://", "/")
 # RFC 8291 with one 4096-byte record: 86-byte header, 16-byte tag, 1 padding delimiter.
 WEBPUSH_MAX_PLAINTEXT = 4096 - 86 - 16 - 1
 
 
+def replacement_key(msg: Message) -> str:
+    """What makes a newer notification replace an older one on the device: the sender's `collapse_key`,
+    else the message id, so a delivery repeated after a crash replaces its first copy instead of adding one."""
+    return msg.collapse_key or msg.id
+
+
+def apns_collapse_id(msg: Message) -> str:
+    """The apns-collapse-id header (APNs "Sending notification requests to APNs": at most 64 bytes).
+
+    A collapse_key is at most 64 bytes (core/schema.py); a message id longer than that is hashed."""
+    if msg.collapse_key:
+        return msg.collapse_key
+    if len(msg.id) <= APNS_MAX_COLLAPSE_ID:  # ids are ASCII (core/schema.py): characters == bytes
+        return msg.id
+    return "id-" + hashlib.sha256(msg.id.encode()).hexdigest()[:40]
+
+
 def apns_payload(msg: Message) -> bytes:
     """The JSON body APNs expects: an `aps` dictionary plus the custom data keys."""
+    rich = msg.rich
     aps: dict[str, Any]
     if msg.is_silent:
         aps = {"content-available": 1}
-    else:
+    elif rich is None:
         alert: dict[str, str] = {}
         if msg.title is not None:
             alert["title"] = msg.title
         if msg.body is not None:
             alert["body"] = msg.body
-        aps = {"alert": alert, "sound": "default", "category": msg.category}
-    if msg.collapse_key:
-        aps["thread-id"] = msg.collapse_key
+        aps = {"alert": alert, "sound": "default"}
+    else:
+        aps = _rich_aps(msg, rich)
     body: dict[str, Any] = {"aps": aps, **msg.data}
-    body["pushgw"] = _tracking(msg)
+    body["pushgw"] = _tracking(msg) if rich is None else _rich_tracking(msg, rich)
     return orjson.dumps(body)
+
+
+def _rich_aps(msg: Message, rich: Rich) -> dict[str, Any]:
+    """`aps` of a visible push with rich fields (APNs "Generating a remote notification", payload key reference)."""
+    alert: dict[str, Any] = {}
+    if msg.title is not None:
+        alert["title"] = msg.title
+    if rich.subtitle is not None:
+        alert["subtitle"] = rich.subtitle
+    if msg.body is not None:
+        alert["body"] = msg.body
+    if rich.title_loc_key is not None:
+        alert["title-loc-key"] = rich.title_loc_key
+        if rich.title_loc_args:
+            alert["title-loc-args"] = list(rich.title_loc_args)
+    if rich.body_loc_key is not None:
+        alert["loc-key"] = rich.body_loc_key
+        if rich.body_loc_args:
+            alert["loc-args"] = list(rich.body_loc_args)
+    aps: dict[str, Any] = {}
+    if alert:
+        aps["alert"] = alert
+    if rich.badge is not None:
+        aps["badge"] = rich.badge
+    sound = rich.sound
+    if sound is None:
+        if alert:
+            aps["sound"] = SOUND_DEFAULT
+    elif sound.critical:
+        critical: dict[str, Any] = {"critical": 1, "name": sound.name}
+        if sound.volume is not None:
+            critical["volume"] = sound.volume
+        aps["sound"] = critical
+    elif sound.name != SOUND_NONE:
+        aps["sound"] = sound.name
+    if rich.thread is not None:
+        aps["thread-id"] = rich.thread
+    if rich.actions_category is not None:
+        aps["category"] = rich.actions_category
+    if rich.image is not None:
+        aps["mutable-content"] = 1  # the app's notification service extension downloads pushgw.image
+    if rich.interruption_level is not None:
+        aps["interruption-level"] = rich.interruption_level
+    if rich.relevance_score is not None:
+        aps["relevance-score"] = rich.relevance_score
+    return aps
+
+
+def _shows_alert(msg: Message, rich: Rich) -> bool:
+    """The push has text to show (a badge- or sound-only push has none)."""
+    if msg.title is not None or msg.body is not None:
+        return True
+    return rich.title_loc_key is not None or rich.body_loc_key is not None
 
 
 def fcm_message(msg: Message, token: str) -> dict[str, Any]:
     """The `message` object of an FCM HTTP v1 `messages:send` request."""
+    rich = msg.rich
     out: dict[str, Any] = {"token": token}
-    if not msg.is_silent:
+    shown = (msg.title is not None or msg.body is not None) if rich is None else (
+        not rich.silent and _shows_alert(msg, rich))
+    if shown:
         notification: dict[str, str] = {}
         if msg.title is not None:
             notification["title"] = msg.title
         if msg.body is not None:
             notification["body"] = msg.body
-        out["notification"] = notification
+        if rich is not None and rich.image is not None:
+            notification["image"] = rich.image
+        if notification:
+            out["notification"] = notification
     data = dict(msg.data)
     data["pushgw_id"] = msg.id
     data["pushgw_category"] = msg.category
@@ -61,12 +141,58 @@ def fcm_message(msg: Message, token: str) -> dict[str, Any]:
         android["ttl"] = f"{msg.ttl}s"
     if msg.collapse_key:
         android["collapse_key"] = msg.collapse_key
+    if shown:
+        # AndroidNotification.tag: a notification with the same tag replaces the one shown.
+        android_notification: dict[str, Any] = {"tag": msg.collapse_key or msg.id}
+        if rich is not None:
+            _rich_android(rich, android_notification)
+        android["notification"] = android_notification
     out["android"] = android
+    if rich is not None:
+        _rich_fcm(msg, rich, out, data, shown)
     return out
 
 
+def _rich_android(rich: Rich, notification: dict[str, Any]) -> None:
+    """AndroidNotification fields (FCM v1 reference, projects.messages#AndroidNotification)."""
+    if rich.icon is not None and not rich.icon.startswith(_ICON_URL_PREFIXES):
+        notification["icon"] = rich.icon  # a drawable resource name; a URL is the web's form
+    if rich.sound is not None and rich.sound.name != SOUND_NONE:
+        notification["sound"] = rich.sound.name
+    if rich.actions_category is not None:
+        notification["click_action"] = rich.actions_category
+    if rich.title_loc_key is not None:
+        notification["title_loc_key"] = rich.title_loc_key
+        if rich.title_loc_args:
+            notification["title_loc_args"] = list(rich.title_loc_args)
+    if rich.body_loc_key is not None:
+        notification["body_loc_key"] = rich.body_loc_key
+        if rich.body_loc_args:
+            notification["body_loc_args"] = list(rich.body_loc_args)
+    if rich.badge is not None:
+        notification["notification_count"] = rich.badge
+
+
+def _rich_fcm(msg: Message, rich: Rich, out: dict[str, Any], data: dict[str, str], shown: bool) -> None:
+    """What the app reads from `data` (FCM data values are strings), and the web client's click link."""
+    if rich.link is not None:
+        data["pushgw_link"] = rich.link
+        if rich.link.startswith("https://"):
+            out["webpush"] = {"fcm_options": {"link": rich.link}}  # WebpushFcmOptions.link: https only
+    if rich.thread is not None:
+        data["pushgw_thread"] = rich.thread  # Android groups in the app (v1 has no group field)
+    if rich.actions:
+        data["pushgw_actions"] = orjson.dumps([a.to_json() for a in rich.actions]).decode()
+    if rich.badge is not None and not shown:
+        data["pushgw_badge"] = str(rich.badge)
+
+
 def webpush_plaintext(msg: Message) -> bytes:
-    """The JSON a service worker receives in its `push` event, before aes128gcm encryption."""
+    """The JSON a service worker receives in its `push` event, before aes128gcm encryption.
+
+    Its keys beside id, category, campaign and variant are the Notification API's
+    (`showNotification(title, options)`); `tag` replaces a shown notification with the same tag."""
+    rich = msg.rich
     body: dict[str, Any] = {"id": msg.id, "category": msg.category}
     if msg.title is not None:
         body["title"] = msg.title
@@ -78,7 +204,44 @@ def webpush_plaintext(msg: Message) -> bytes:
         body["campaign"] = msg.campaign
     if msg.variant:
         body["variant"] = msg.variant
+    if not msg.is_silent:
+        body["tag"] = msg.collapse_key or msg.id
+    if rich is not None:
+        _rich_web(rich, body)
     return orjson.dumps(body)
+
+
+def _rich_web(rich: Rich, body: dict[str, Any]) -> None:
+    """Notification API options (WHATWG Notifications, NotificationOptions) and the declarative names."""
+    if rich.image is not None:
+        body["image"] = rich.image
+    if rich.icon is not None and rich.icon.startswith(_ICON_URL_PREFIXES):
+        body["icon"] = rich.icon  # a URL or a path on the site; a resource name is Android's form
+    if rich.badge is not None:
+        body["app_badge"] = rich.badge  # the Badging API count (declarative push message "app_badge")
+    if rich.actions:
+        body["actions"] = [_web_action(a) for a in rich.actions]
+    if rich.link is not None and rich.link.startswith("https://"):
+        body["navigate"] = rich.link
+    if rich.thread is not None:
+        body["thread"] = rich.thread
+    if rich.lang is not None:
+        body["lang"] = rich.lang
+    if rich.dir is not None:
+        body["dir"] = rich.dir
+    if rich.require_interaction:
+        body["requireInteraction"] = True
+    if rich.renotify:
+        body["renotify"] = True
+    if rich.sound is not None and rich.sound.name == SOUND_NONE:
+        body["silent"] = True  # NotificationOptions.silent: no sound or vibration
+
+
+def _web_action(action: Action) -> dict[str, str]:
+    out = {"action": action.id, "title": action.title}
+    if action.icon is not None:
+        out["icon"] = action.icon
+    return out
 
 
 def _tracking(msg: Message) -> dict[str, str]:
@@ -90,34 +253,55 @@ def _tracking(msg: Message) -> dict[str, str]:
     return out
 
 
-# Every byte of each payload is either a content string of the message (escaped exactly as orjson
-# escapes it, each string at most once, plus the category a second time in APNs) or fixed JSON: keys,
-# punctuation, "default", the ttl digits. That fixed part is under 300 bytes for every provider.
+def _rich_tracking(msg: Message, rich: Rich) -> dict[str, Any]:
+    """APNs custom key `pushgw`: what the app (or its notification service extension) reads beside `aps`."""
+    out: dict[str, Any] = _tracking(msg)
+    if rich.image is not None:
+        out["image"] = rich.image
+    if rich.link is not None:
+        out["link"] = rich.link
+    if rich.actions:
+        out["actions"] = [a.to_json() for a in rich.actions]
+    return out
+
+
+# Every byte of a payload without rich fields is either a content string of the message (escaped
+# exactly as orjson escapes it, each string at most as often as it is listed here: the id and the
+# collapse key twice, as FCM's tag repeats one of them) or fixed JSON: keys, punctuation, "default",
+# the ttl digits. That fixed part is under 300 bytes for every provider. A message with rich fields
+# is measured by building its payloads.
 _FIXED_OVERHEAD_BOUND = 512
 _SMALLEST_LIMIT = min(APNS_MAX_PAYLOAD, FCM_MAX_PAYLOAD, WEBPUSH_MAX_PLAINTEXT)
 
 
 def _content_bound(msg: Message) -> int:
     """An upper bound on every provider payload's size, from one serialization of the content."""
-    content = orjson.dumps([msg.title, msg.body, msg.data, msg.id, msg.category, msg.category, msg.collapse_key,
-                            msg.campaign, msg.variant])
+    content = orjson.dumps([msg.title, msg.body, msg.data, msg.id, msg.id, msg.category, msg.collapse_key,
+                            msg.collapse_key, msg.campaign, msg.variant])
     return len(content) + _FIXED_OVERHEAD_BOUND
 
 
+def fcm_payload_size(msg: Message) -> int:
+    """Bytes of the FCM message as sent, without the registration token (the target, not payload)."""
+    m = fcm_message(msg, "")
+    del m["token"]
+    return len(orjson.dumps(m))
+
+
 def check_payload_limits(msg: Message, providers: tuple[str, ...] = ("apns", "fcm", "webpush")) -> None:
-    """Raise `PayloadTooLarge` if the message would exceed any of these providers' limits.
+    """Raise `PayloadTooLarge` (provider, bytes, limit) if a final payload would exceed that provider's limit.
 
     Most messages are far below 4 KB: one serialization of the content proves it for all three
-    providers at once, and the payloads are built only for a message near a limit (the API's hot path)."""
-    if _content_bound(msg) <= _SMALLEST_LIMIT:
+    providers at once, and the payloads are built only for a message near a limit or with rich
+    fields (the API's hot path)."""
+    if msg.rich is None and _content_bound(msg) <= _SMALLEST_LIMIT:
         return
     if "apns" in providers:
         size = len(apns_payload(msg))
         if size > APNS_MAX_PAYLOAD:
             raise PayloadTooLarge("apns", size, APNS_MAX_PAYLOAD)
     if "fcm" in providers:
-        m = fcm_message(msg, "")
-        size = len(orjson.dumps({"notification": m.get("notification"), "data": m["data"]}))
+        size = fcm_payload_size(msg)
         if size > FCM_MAX_PAYLOAD:
             raise PayloadTooLarge("fcm", size, FCM_MAX_PAYLOAD)
     if "webpush" in providers:

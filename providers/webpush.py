@@ -65,7 +65,7 @@ from .base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, r
 from .endpoints import EndpointPolicy, malformed
 from .h2 import H2Error, H2Pool, H2Response, NoHttp2
 from .jose import b64url, b64url_decode
-from .payloads import check_payload_limits, webpush_plaintext
+from .payloads import check_payload_limits, replacement_key, webpush_plaintext
 from .vapid import VapidSigner, load_vapid_key
 
 RECORD_SIZE = 4096
@@ -281,8 +281,9 @@ class WebPushProvider:
             "TTL": str(ttl),
             "Urgency": "high" if msg.priority == "high" else "normal",
         })
-        if msg.collapse_key:
-            headers["Topic"] = topic_for(msg.collapse_key)
+        # Always a Topic (the sender's collapse_key, else from the message id), so a delivery repeated
+        # after a crash replaces the copy still pending at the push service (RFC 8030 section 5.4).
+        headers["Topic"] = topic_for(replacement_key(msg))
         return headers
 
     def _h2_headers(self, d: Delivery, origin: _Origin, parts: SplitResult, vapid_origin: str,
@@ -300,8 +301,7 @@ class WebPushProvider:
             (b"ttl", str(ttl).encode()),
             _URGENCY["high" if msg.priority == "high" else "normal"],
         ]
-        if msg.collapse_key:
-            headers.append((b"topic", topic_for(msg.collapse_key).encode()))
+        headers.append((b"topic", topic_for(replacement_key(msg)).encode()))  # as in `_headers`
         headers.append((b"content-length", str(len(body)).encode()))
         return headers
 

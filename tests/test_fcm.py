@@ -106,7 +106,7 @@ async def test_delivered_with_expected_message_json(fake: FakeFcm, make_provider
         "token": "tok-abc",
         "notification": {"title": "Quiz", "body": "You passed"},
         "data": {"score": "97", "pushgw_id": "m-42", "pushgw_category": "grades", "pushgw_campaign": "spring"},
-        "android": {"priority": "high", "ttl": "3600s", "collapse_key": "quiz"},
+        "android": {"priority": "high", "ttl": "3600s", "collapse_key": "quiz", "notification": {"tag": "quiz"}},
     }
 
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from pushgw.core.schema import Device, Message, MessageInvalid, loads_message, parse_message
+from pushgw.core.schema import Action, Device, Message, MessageInvalid, Rich, Sound, loads_message, parse_message
 from pushgw.providers.base import PayloadTooLarge
 from pushgw.providers.payloads import (
     APNS_MAX_PAYLOAD,
+    FCM_MAX_PAYLOAD,
+    WEBPUSH_MAX_PLAINTEXT,
     apns_payload,
     check_payload_limits,
     fcm_message,
+    fcm_payload_size,
     webpush_plaintext,
 )
 
@@ -91,7 +94,8 @@ def test_payload_builders_carry_content_and_limits_are_enforced() -> None:
     apns = orjson.loads(apns_payload(m))
     assert apns["aps"]["alert"] == {"title": "T", "body": "B"} and apns["k"] == "v"
     fcm = fcm_message(m, "tok")
-    assert fcm["token"] == "tok" and fcm["android"] == {"priority": "high", "ttl": "60s", "collapse_key": "c"}
+    assert fcm["token"] == "tok" and fcm["android"] == {"priority": "high", "ttl": "60s", "collapse_key": "c",
+                                                       "notification": {"tag": "c"}}
     assert all(isinstance(v, str) for v in fcm["data"].values())
     assert orjson.loads(webpush_plaintext(m))["body"] == "B"
     silent = parse_message({"user": "u", "data": {"sync": "1"}})
@@ -122,6 +126,55 @@ def test_the_fast_payload_bound_never_passes_a_message_a_provider_would_refuse(
     assert _content_bound(msg) >= max(sizes)  # the bound is sound: it can only send a message to the full check
     if max(sizes) > _SMALLEST_LIMIT:  # a message near a limit always gets the full check
         assert _content_bound(msg) > _SMALLEST_LIMIT
+
+
+_text = st.text(max_size=300)
+_name = st.from_regex(r"[A-Za-z0-9._-]{1,64}", fullmatch=True)
+_https = st.builds(lambda path: "https://cdn.example/" + path, st.text(alphabet="abc/%?=&\"<>\u00e9", max_size=900))
+_action = st.builds(Action, id=_name, title=st.text(min_size=1, max_size=40), icon=st.one_of(st.none(), _https),
+                    destructive=st.booleans(), foreground=st.booleans())
+_rich = st.builds(
+    Rich, silent=st.just(False), subtitle=st.one_of(st.none(), _text), image=st.one_of(st.none(), _https),
+    icon=st.one_of(st.none(), _https, _name), badge=st.one_of(st.none(), st.integers(0, 2**31 - 1)),
+    sound=st.one_of(st.none(), st.builds(Sound, name=_name), st.builds(Sound, name=_name, critical=st.just(True),
+                                                                         volume=st.floats(0, 1))),
+    interruption_level=st.one_of(st.none(), st.sampled_from(["passive", "critical"])),
+    relevance_score=st.one_of(st.none(), st.floats(0, 1)), thread=st.one_of(st.none(), st.text(max_size=64)),
+    actions=st.lists(_action, max_size=4, unique_by=lambda a: a.id).map(tuple),
+    actions_category=st.one_of(st.none(), _name), link=st.one_of(st.none(), _https, st.just("campus://q/42")),
+    title_loc_key=st.one_of(st.none(), _name), title_loc_args=st.lists(_text, max_size=3).map(tuple),
+    body_loc_key=st.one_of(st.none(), _name), body_loc_args=st.lists(_text, max_size=3).map(tuple),
+    lang=st.one_of(st.none(), st.just("pt-BR")), dir=st.one_of(st.none(), st.just("rtl")),
+    require_interaction=st.booleans(), renotify=st.booleans(),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    title=st.one_of(st.none(), st.text(max_size=1000)),
+    body=st.one_of(st.none(), st.text(max_size=1500)),
+    data=st.dictionaries(st.text(alphabet="abcdefghij_", min_size=1, max_size=20), st.text(max_size=300), max_size=4),
+    collapse=st.one_of(st.none(), st.text(max_size=64)),
+    rich=_rich,
+    pad=st.integers(0, 3800),
+)
+def test_payload_limits_with_rich_fields_measure_each_final_payload(
+    title: str | None, body: str | None, data: dict[str, str], collapse: str | None, rich: Rich, pad: int
+) -> None:
+    body = "é" * (pad // 2) + (body or "")  # reaches every side of each limit
+    msg = Message(id="m-" + "x" * 120, title=title, body=body or ("b" if title is None else None), data=data,
+                  category="c" * 32, collapse_key=collapse, campaign="k" * 64, variant="v" * 64, ttl=2419200, rich=rich)
+    final = {"apns": (len(apns_payload(msg)), APNS_MAX_PAYLOAD), "fcm": (fcm_payload_size(msg), FCM_MAX_PAYLOAD),
+             "webpush": (len(webpush_plaintext(msg)), WEBPUSH_MAX_PLAINTEXT)}
+    assert fcm_payload_size(msg) == len(orjson.dumps(fcm_message(msg, ""))) - len(b'"token":"",')
+    for provider, (size, limit) in final.items():
+        event(f"{provider} {'over' if size > limit else 'within'} its limit")
+        if size > limit:  # refused, naming the provider and the final payload's bytes
+            with pytest.raises(PayloadTooLarge) as e:
+                check_payload_limits(msg, (provider,))
+            assert (e.value.provider, e.value.size, e.value.limit) == (provider, size, limit)
+        else:
+            check_payload_limits(msg, (provider,))
 
 
 def test_fcm_token_whitespace_check_is_str_isspace() -> None:

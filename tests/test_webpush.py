@@ -140,7 +140,7 @@ async def test_push_is_delivered_encrypted_with_vapid(svc: FakePushService, make
     [r] = svc.received
     doc = orjson.loads(r.plaintext)
     assert doc == {"id": "w-1", "category": "general", "title": "Badge earned", "body": "You scored 92% on the quiz",
-                   "data": {"link": "/live/7"}, "campaign": "launch"}
+                   "data": {"link": "/live/7"}, "campaign": "launch", "tag": "session-7"}
     assert r.urgency == "high" and r.topic == "session-7"
     assert 895 <= r.ttl <= 900
     assert r.vapid_key == provider.application_server_key

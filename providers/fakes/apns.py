@@ -3,7 +3,8 @@
 It checks what Apple checks on `POST /3/device/<token>`: the provider JWT (alg ES256, a known
 key id, the team as issuer, signature, an iat within the last hour), or a client certificate
 whose subject UID is the topic; the topic, push type, priority, expiration, collapse id, payload
-size and JSON, and the device token's form. Like Apple, a new connection allows one stream until
+size and JSON, each `aps` key's type by Apple's payload key reference (`aps_fault`), and the device
+token's form. Like Apple, a new connection allows one stream until
 its first authenticated request and then raises MAX_CONCURRENT_STREAMS. Answers are Apple's:
 `{"reason": ...}` JSON bodies, apns-id echoed, a timestamp on 410.
 
@@ -37,6 +38,66 @@ PUSH_TYPES = {"alert", "background", "voip", "complication", "fileprovider", "md
 MAX_PAYLOAD = 4096
 Programmed = tuple[int, str, float | None]
 """(HTTP status, APNs reason, Retry-After seconds or None)."""
+
+
+# The `aps` keys Apple documents ("Generating a remote notification", payload key reference) and
+# the type of each; Live Activities add their own. Apple drops what it cannot read, so the device
+# shows less than was meant: this fake refuses instead (400 "BadPayload: <key>"), so a test sees it.
+_APS_KEYS = {
+    "alert", "badge", "sound", "thread-id", "category", "content-available", "mutable-content", "target-content-id",
+    "interruption-level", "relevance-score", "filter-criteria", "timestamp", "event", "content-state", "stale-date",
+    "dismissal-date", "attributes-type", "attributes",
+}
+_ALERT_STRINGS = {"title", "subtitle", "body", "launch-image", "title-loc-key", "subtitle-loc-key", "loc-key",
+                  "summary-arg"}
+_ALERT_LISTS = {"title-loc-args": "title-loc-key", "subtitle-loc-args": "subtitle-loc-key", "loc-args": "loc-key"}
+_INTERRUPTION_LEVELS = {"passive", "active", "time-sensitive", "critical"}
+
+
+def aps_fault(aps: dict[str, Any], push_type: str) -> str | None:
+    """What is wrong with an `aps` dictionary by Apple's payload key reference, or None."""
+    unknown = set(aps) - _APS_KEYS
+    if unknown:
+        return f"unknown aps key {sorted(unknown)[0]}"
+    alert = aps.get("alert")
+    if alert is not None and not isinstance(alert, str):
+        if not isinstance(alert, dict) or set(alert) - _ALERT_STRINGS - _ALERT_LISTS.keys():
+            return "aps.alert"
+        for k, v in alert.items():
+            if k in _ALERT_STRINGS and not isinstance(v, str):
+                return f"aps.alert.{k}"
+            if k in _ALERT_LISTS and (not isinstance(v, list) or not all(isinstance(x, str) for x in v)
+                                      or _ALERT_LISTS[k] not in alert):  # arguments fill their key's format
+                return f"aps.alert.{k}"
+    badge = aps.get("badge")
+    if badge is not None and (isinstance(badge, bool) or not isinstance(badge, int) or badge < 0):
+        return "aps.badge"
+    sound = aps.get("sound")
+    if sound is not None and not isinstance(sound, str):
+        if not isinstance(sound, dict) or set(sound) - {"critical", "name", "volume"} or sound.get("critical") not in (0, 1) \
+                or not isinstance(sound.get("name"), str):
+            return "aps.sound"
+        volume = sound.get("volume", 1)
+        if isinstance(volume, bool) or not isinstance(volume, int | float) or not 0 <= volume <= 1:
+            return "aps.sound.volume"
+    for key in ("thread-id", "category", "target-content-id"):
+        if key in aps and not isinstance(aps[key], str):
+            return f"aps.{key}"
+    for key in ("content-available", "mutable-content"):
+        if key in aps and (aps[key] != 1 or isinstance(aps[key], bool)):  # the number 1 (JSON true is not)
+            return f"aps.{key}"
+    if "interruption-level" in aps and aps["interruption-level"] not in _INTERRUPTION_LEVELS:
+        return "aps.interruption-level"
+    score = aps.get("relevance-score")
+    if score is not None and (isinstance(score, bool) or not isinstance(score, int | float) or not 0 <= score <= 1):
+        return "aps.relevance-score"
+    if push_type == "background":
+        if aps.get("content-available") != 1:
+            return "a background push needs aps.content-available = 1"
+        shown = sorted({"alert", "sound", "badge"} & set(aps))
+        if shown:
+            return f"a background push has no aps.{shown[0]}"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +291,9 @@ class FakeApns:
             raise _Refused(400, "PayloadEmpty") from None
         if not isinstance(payload, dict) or not isinstance(payload.get("aps"), dict):
             raise _Refused(400, "PayloadEmpty")
+        fault = aps_fault(payload["aps"], push_type)
+        if fault is not None:
+            raise _Refused(400, f"BadPayload: {fault}")
         if not token or len(token) < 64 or any(c not in "0123456789abcdefABCDEF" for c in token):
             raise _Refused(400, "BadDeviceToken")
         return token.lower(), payload, kind

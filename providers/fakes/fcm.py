@@ -3,9 +3,11 @@
 It lets tests, the demo and the benchmark run `FcmProvider` unchanged against real TLS: the token
 endpoint checks the RS256 JWT-bearer assertion against the service account's public key the way
 Google does, `messages:send` checks the Bearer token it issued, the project in the path and the
-message the way the v1 API validates it, and errors come back in Google's JSON error format with
-the FcmError `errorCode` detail. Failures are programmed per device token, so a test can make one
-device dead, throttled or flaky without touching the client code.
+message the way the v1 API validates it (every field of `notification`, `android.notification`,
+`webpush` and `apns` by its documented name and type, an unknown one is a 400 INVALID_ARGUMENT),
+and errors come back in Google's JSON error format with the FcmError `errorCode` detail. Failures
+are programmed per device token, so a test can make one device dead, throttled or flaky without
+touching the client code.
 
 Like Google's front ends it serves HTTP/2 and HTTP/1.1 on one TLS port, chosen by ALPN: a client
 offering "h2" gets HTTP/2 (`providers.fakes.h2server`, the machinery FakeApns uses, with
@@ -49,6 +51,24 @@ _ANDROID_FIELDS = {
     "collapse_key", "priority", "ttl", "restricted_package_name", "data", "notification", "fcm_options",
     "direct_boot_ok",
 }
+# AndroidNotification (FCM v1 reference, projects.messages#AndroidNotification): each field's JSON type.
+_ANDROID_NOTIFICATION_STRINGS = {
+    "title", "body", "icon", "color", "sound", "tag", "click_action", "title_loc_key", "body_loc_key", "channel_id",
+    "ticker", "event_time", "image", "notification_priority", "visibility", "proxy",
+}
+_ANDROID_NOTIFICATION_LISTS = {"title_loc_args": "title_loc_key", "body_loc_args": "body_loc_key",
+                               "vibrate_timings": ""}
+_ANDROID_NOTIFICATION_BOOLS = {"sticky", "local_only", "default_sound", "default_vibrate_timings",
+                               "default_light_settings", "bypass_proxy_notification"}
+_ANDROID_NOTIFICATION_FIELDS = (_ANDROID_NOTIFICATION_STRINGS | _ANDROID_NOTIFICATION_LISTS.keys()
+                                | _ANDROID_NOTIFICATION_BOOLS | {"notification_count", "light_settings"})
+_NOTIFICATION_PRIORITIES = {"PRIORITY_UNSPECIFIED", "PRIORITY_MIN", "PRIORITY_LOW", "PRIORITY_DEFAULT", "PRIORITY_HIGH",
+                            "PRIORITY_MAX"}
+_VISIBILITIES = {"VISIBILITY_UNSPECIFIED", "PRIVATE", "PUBLIC", "SECRET"}
+_WEBPUSH_FIELDS = {"headers", "data", "notification", "fcm_options"}  # WebpushConfig
+_WEBPUSH_FCM_OPTIONS = {"link", "analytics_label"}  # WebpushFcmOptions
+_APNS_FIELDS = {"headers", "payload", "fcm_options", "live_activity_token"}  # ApnsConfig
+_APNS_FCM_OPTIONS = {"analytics_label", "image"}  # ApnsFcmOptions
 
 # errorCode -> (HTTP status, google.rpc status, message) as FCM answers them.
 _ERRORS: dict[str, tuple[int, str, str]] = {
@@ -423,7 +443,79 @@ def _validate(body: Any) -> dict[str, Any]:
         if not isinstance(android.get("collapse_key", ""), str):
             raise _Invalid("Invalid value at 'message.android.collapse_key' (TYPE_STRING).")
         _string_map(android.get("data"), "message.android.data")
+        _android_notification(android.get("notification"))
+    _webpush(message.get("webpush"))
+    _apns(message.get("apns"))
+    image = (notification or {}).get("image")
+    if image is not None and not image.startswith("https://"):
+        raise _Invalid("Invalid value at 'message.notification.image': the image URL must be https.")
     return message
+
+
+def _android_notification(value: Any) -> None:
+    """AndroidNotification: known fields, each of its type; loc args only with their key."""
+    if value is None:
+        return
+    where = "message.android.notification"
+    if not isinstance(value, dict):
+        raise _Invalid(f"Invalid value at '{where}': must be an object.")
+    unknown = set(value) - _ANDROID_NOTIFICATION_FIELDS
+    if unknown:
+        raise _Invalid(f"Invalid JSON payload received. Unknown name {sorted(unknown)[0]!r} at '{where}'.")
+    for k, v in value.items():
+        if k in _ANDROID_NOTIFICATION_STRINGS and not isinstance(v, str):
+            raise _Invalid(f"Invalid value at '{where}.{k}' (TYPE_STRING).")
+        if k in _ANDROID_NOTIFICATION_BOOLS and not isinstance(v, bool):
+            raise _Invalid(f"Invalid value at '{where}.{k}' (TYPE_BOOL).")
+        if k in _ANDROID_NOTIFICATION_LISTS:
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise _Invalid(f"Invalid value at '{where}.{k}' (TYPE_STRING).")
+            key = _ANDROID_NOTIFICATION_LISTS[k]
+            if key and key not in value:
+                raise _Invalid(f"Invalid value at '{where}.{k}': needs {key}.")
+    count = value.get("notification_count")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or not 0 <= count < 2**31):
+        raise _Invalid(f"Invalid value at '{where}.notification_count' (TYPE_INT32).")
+    if value.get("notification_priority", "PRIORITY_UNSPECIFIED") not in _NOTIFICATION_PRIORITIES:
+        raise _Invalid(f"Invalid value at '{where}.notification_priority' (TYPE_ENUM).")
+    if value.get("visibility", "VISIBILITY_UNSPECIFIED") not in _VISIBILITIES:
+        raise _Invalid(f"Invalid value at '{where}.visibility' (TYPE_ENUM).")
+
+
+def _webpush(value: Any) -> None:
+    """WebpushConfig: headers and data are string maps, notification an object, fcm_options.link https."""
+    if value is None:
+        return
+    where = "message.webpush"
+    if not isinstance(value, dict) or set(value) - _WEBPUSH_FIELDS:
+        raise _Invalid(f"Invalid JSON payload received. Unknown name at '{where}'.")
+    _string_map(value.get("headers"), f"{where}.headers")
+    _string_map(value.get("data"), f"{where}.data")
+    if not isinstance(value.get("notification", {}), dict):
+        raise _Invalid(f"Invalid value at '{where}.notification': must be an object.")
+    options = value.get("fcm_options")
+    if options is not None:
+        if not isinstance(options, dict) or set(options) - _WEBPUSH_FCM_OPTIONS:
+            raise _Invalid(f"Invalid JSON payload received. Unknown name at '{where}.fcm_options'.")
+        link = options.get("link")
+        if link is not None and (not isinstance(link, str) or not link.startswith("https://")):
+            raise _Invalid(f"Invalid value at '{where}.fcm_options.link': HTTPS is required.")
+
+
+def _apns(value: Any) -> None:
+    """ApnsConfig: headers a string map, payload an object with an `aps` dictionary when given."""
+    if value is None:
+        return
+    where = "message.apns"
+    if not isinstance(value, dict) or set(value) - _APNS_FIELDS:
+        raise _Invalid(f"Invalid JSON payload received. Unknown name at '{where}'.")
+    _string_map(value.get("headers"), f"{where}.headers")
+    payload = value.get("payload")
+    if payload is not None and (not isinstance(payload, dict) or not isinstance(payload.get("aps", {}), dict)):
+        raise _Invalid(f"Invalid value at '{where}.payload': must be an object with an aps dictionary.")
+    options = value.get("fcm_options")
+    if options is not None and (not isinstance(options, dict) or set(options) - _APNS_FCM_OPTIONS):
+        raise _Invalid(f"Invalid JSON payload received. Unknown name at '{where}.fcm_options'.")
 
 
 def _string_map(value: Any, where: str) -> None:

@@ -6,7 +6,8 @@ accepts `POST /push/<id>` only with a valid `vapid t=..., k=...` header (ES256 s
 aud = this origin, exp in the future and at most 24 h away, sub mailto:/https:), the
 `Content-Encoding: aes128gcm`, a TTL, a valid Urgency and Topic. The body is decrypted with
 `http_ece`, an implementation independent of the gateway's, so a received message proves that
-the browser could read it. Failures are programmed per subscription id.
+the browser could read it; its JSON is then checked as the browser's `showNotification` would use it
+(`notification_fault`). Failures are programmed per subscription id.
 
 Like the real services (FCM's web push endpoint, Mozilla autopush, Apple) it serves HTTP/2 and
 HTTP/1.1 on one TLS port, chosen by ALPN (`providers.fakes.h2server`); every check above applies to
@@ -27,6 +28,7 @@ from types import TracebackType
 from typing import Any
 
 import http_ece
+import orjson
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -42,6 +44,56 @@ _PUSH_PATH = re.compile(r"^/push/([^/?]+)$")
 DEFAULT_MAX_STREAMS = 100  # MAX_CONCURRENT_STREAMS of its HTTP/2 connections (a common server default)
 Programmed = tuple[int, float | None]
 """(HTTP status, Retry-After seconds or None)."""
+
+
+# The options of `showNotification(title, options)` (WHATWG Notifications API, NotificationOptions)
+# that the gateway's payload carries, and the declarative push message's names (W3C Push API):
+# `navigate` (a URL) and `app_badge` (a count).
+_WEB_STRINGS = ("title", "body", "tag", "icon", "image", "badge", "lang", "id", "category", "campaign", "variant",
+                "thread")
+_WEB_BOOLS = ("renotify", "requireInteraction", "silent")
+
+
+def notification_fault(plaintext: bytes) -> str | None:
+    """Why a service worker passing this payload to `showNotification` would fail, or None.
+
+    The browser's side of the fake: a push service never reads the encrypted body, but a browser
+    throws a TypeError for options it cannot use (renotify without a tag, silent with vibrate)."""
+    try:
+        doc = orjson.loads(plaintext)
+    except orjson.JSONDecodeError:
+        return None  # not the gateway's JSON: the service worker reads it its own way
+    if not isinstance(doc, dict):
+        return None
+    for key in _WEB_STRINGS:
+        if key in doc and not isinstance(doc[key], str):
+            return f"{key} must be a string"
+    for key in _WEB_BOOLS:
+        if key in doc and not isinstance(doc[key], bool):
+            return f"{key} must be a boolean"
+    if doc.get("renotify") and not doc.get("tag"):
+        return "renotify needs a tag"
+    if doc.get("silent") and doc.get("vibrate"):
+        return "silent with vibrate"
+    if doc.get("dir", "auto") not in ("auto", "ltr", "rtl"):
+        return "dir must be auto, ltr or rtl"
+    actions = doc.get("actions")
+    if actions is not None:
+        if not isinstance(actions, list):
+            return "actions must be a list"
+        for a in actions:
+            if not isinstance(a, dict) or not isinstance(a.get("action"), str) or not isinstance(a.get("title"), str) \
+                    or set(a) - {"action", "title", "icon", "navigate"}:
+                return "each action is {action, title, icon?}"
+    navigate = doc.get("navigate")
+    if navigate is not None and (not isinstance(navigate, str) or not navigate.startswith("https://")):
+        return "navigate must be an https URL"
+    badge = doc.get("app_badge")
+    if badge is not None and (isinstance(badge, bool) or not isinstance(badge, int) or badge < 0):
+        return "app_badge must be a whole number >= 0"
+    if "data" in doc and not isinstance(doc["data"], dict):
+        return "data must be an object"
+    return None
 
 
 @dataclass(slots=True)
@@ -270,6 +322,9 @@ class FakePushService:
             plaintext = http_ece.decrypt(body, private_key=sub.private_key, auth_secret=sub.auth, version="aes128gcm")
         except Exception as e:  # http_ece raises its own ECEException and cryptography errors
             raise _Refused(400, f"cannot decrypt: {type(e).__name__}") from None
+        fault = notification_fault(plaintext)
+        if fault is not None:
+            raise _Refused(400, f"the browser cannot show this notification: {fault}")
         if not await hold(self):
             raise _Refused(503, "shutting down")
         queue = self._programmed.get(sub_id)
