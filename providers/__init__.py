@@ -11,6 +11,10 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
 
     A device whose provider is not configured is dead-lettered with that reason rather than
     retried forever. Construct inside a running event loop; connections open on first use.
+
+    The provider modules are imported here, for the providers configured, rather than at the top:
+    importing one loads its HTTP client, cryptography and HPACK libraries, and the API and campaign
+    processes import this package (for `providers.base`) without ever sending a push.
     """
     out: dict[str, Provider] = {}
     if settings.apns:
