@@ -356,7 +356,7 @@ class WebPushProvider:
             finally:
                 origin.inflight -= 1
                 if origin.inflight == 0 and self._origins.get(key) is not origin:
-                    origin.pool.close()  # dropped (fallback, refusal, eviction) while this request was on it
+                    origin.pool.close()  # dropped (fallback, refusal) while this request was on it
         if not isinstance(resp, H2Response):
             if isinstance(resp, Rejected):
                 self._drop(key)  # a refused address: the next push resolves afresh, with no reconnect gap
