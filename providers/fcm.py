@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -49,7 +48,7 @@ from .base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, r
 from .h2client import H2Response, encode_headers
 from .oauth2 import AccessTokenSource, TokenUnavailable, load_service_account
 from .payloads import check_payload_limits, fcm_message
-from .transport import CONNECTIONS, REASON_MAX, Http1Client, Http1Request, Transport, h2_pool
+from .transport import CONNECTIONS, REASON_MAX, Http1Client, Http1Request, Transport, h2_pool, tls_contexts
 
 QUOTA_DEFAULT_RETRY_S = 60.0  # Google: back off at least a minute after QUOTA_EXCEEDED
 _FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
@@ -76,31 +75,23 @@ class _App:
             raise ConfigError(f"fcm.{app.name}.base_url {app.base_url!r} is not a valid URL") from None
         if parts.scheme not in ("https", "http") or not parts.hostname:
             raise ConfigError(f"fcm.{app.name}.base_url {app.base_url!r} must be an https:// (or http://) URL")
-        self._ssl: ssl.SSLContext | None = None  # the token endpoint and HTTP/1.1: no ALPN
-        try:
-            if app.ca_file:
-                self._ssl = ssl.create_default_context(cafile=app.ca_file)
-            h2_ssl = ssl.create_default_context(cafile=app.ca_file or None)
-        except (OSError, ssl.SSLError):
-            raise ConfigError(f"fcm.{app.name}.ca_file {app.ca_file} is not a readable PEM CA file") from None
-        # "http/1.1" too: a server without HTTP/2 then says so by choosing it, instead of failing the handshake.
-        h2_ssl.set_alpn_protocols(["h2", "http/1.1"])
+        tls = tls_contexts(app.ca_file, f"fcm.{app.name}")
         self._concurrency = max(1, settings.concurrency)
         self.auth = AccessTokenSource(
             account,
             token_uri=app.token_uri or None,
-            ssl_context=self._ssl,
+            ssl_context=tls.http1,
             timeout_s=settings.timeout_s,
             refresh_margin_s=refresh_margin_s,
             backoff_s=auth_backoff_s,
         )
-        self.pool = h2_pool(parts.hostname, port or 443, h2_ssl, size=connections, max_streams=self._concurrency,
+        self.pool = h2_pool(parts.hostname, port or 443, tls.h2, size=connections, max_streams=self._concurrency,
                             timeout_s=settings.timeout_s)
         self._authority = parts.netloc.rpartition("@")[2].encode()
         self._path = (parts.path + (f"?{parts.query}" if parts.query else "")).encode()
         # HTTP/1.1 only when the endpoint cannot do HTTP/2 (see the module docstring).
         self.http1 = parts.scheme == "http"
-        self.http1_client = Http1Client(limit=self._concurrency, ssl_context=self._ssl if self._ssl is not None else True)
+        self.http1_client = Http1Client(limit=self._concurrency, ssl_context=tls.http1)
         self._headers_token: str | None = None
         self._h2_headers = b""
         self._http1_token: str | None = None

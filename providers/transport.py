@@ -33,6 +33,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver
 from multidict import CIMultiDict
 
+from ..core.config import ConfigError
 from ..core.metrics import HELD, PROVIDER_LATENCY
 from .base import Delivery, Outcome, Rejected, Retry
 from .h2client import ConnectionLost, H2Error, H2Pool, H2Response, Header, NoHttp2, Resolve, StreamRefused
@@ -59,13 +60,36 @@ def h2_pool(host: str, port: int, ssl_context: ssl.SSLContext, *, max_streams: i
                   reconnect_gap_s=RECONNECT_GAP_S, resends=RESENDS, resolve=resolve)
 
 
+@dataclass(frozen=True, slots=True)
+class TlsContexts:
+    """The TLS settings of a provider with an HTTP/1.1 fallback."""
+
+    h2: ssl.SSLContext  # offers ALPN "h2" and "http/1.1" (RFC 7301)
+    http1: ssl.SSLContext | None  # aiohttp's (no ALPN); None: the default verification
+
+
+def tls_contexts(ca_file: str, where: str) -> TlsContexts:
+    """TLS contexts that trust `ca_file` (empty: the system's CAs); `where` names the setting in errors.
+
+    The HTTP/2 context offers "http/1.1" too, so a server without HTTP/2 says so by choosing it (and
+    the send falls back) instead of failing the handshake."""
+    try:
+        http1 = ssl.create_default_context(cafile=ca_file) if ca_file else None
+        h2 = ssl.create_default_context(cafile=ca_file or None)
+    except (OSError, ssl.SSLError):
+        raise ConfigError(f"{where}.ca_file {ca_file} is not a readable PEM CA file") from None
+    h2.set_alpn_protocols(["h2", "http/1.1"])
+    return TlsContexts(h2, http1)
+
+
 class Http1Client:
     """HTTP/1.1 over one aiohttp keep-alive session (`TCPConnector(limit=concurrency)`), made on first use.
 
-    `body_limit`: read at most this many bytes of an answer (None: all of it); `resolver`: makes the
-    connector's resolver (called inside the event loop); `redirects`: follow redirects."""
+    `ssl_context`: None for aiohttp's default verification; `body_limit`: read at most this many bytes
+    of an answer (None: all of it); `resolver`: makes the connector's resolver (called inside the event
+    loop); `redirects`: follow redirects."""
 
-    def __init__(self, *, limit: int, ssl_context: ssl.SSLContext | bool, body_limit: int | None = None,
+    def __init__(self, *, limit: int, ssl_context: ssl.SSLContext | None, body_limit: int | None = None,
                  resolver: Callable[[], AbstractResolver] | None = None, redirects: bool = True) -> None:
         self._limit = limit
         self._ssl = ssl_context
@@ -76,7 +100,8 @@ class Http1Client:
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._limit, ssl=self._ssl, keepalive_timeout=60.0,
+            connector = aiohttp.TCPConnector(limit=self._limit, ssl=self._ssl if self._ssl is not None else True,
+                                             keepalive_timeout=60.0,
                                              resolver=self._resolver() if self._resolver is not None else None)
             # The transport bounds each send (asyncio.timeout), not the session.
             self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))

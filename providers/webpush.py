@@ -39,7 +39,6 @@ import logging
 import os
 import re
 import socket
-import ssl
 import struct
 import time
 from collections import OrderedDict
@@ -60,7 +59,16 @@ from .endpoints import EndpointPolicy
 from .h2client import H2Pool, H2Response
 from .jose import b64url, b64url_decode
 from .payloads import check_payload_limits, webpush_plaintext
-from .transport import CONNECTIONS, REASON_MAX, AddressRefused, Http1Client, Http1Request, Transport, h2_pool
+from .transport import (
+    CONNECTIONS,
+    REASON_MAX,
+    AddressRefused,
+    Http1Client,
+    Http1Request,
+    Transport,
+    h2_pool,
+    tls_contexts,
+)
 from .vapid import VapidSigner, load_vapid_key
 
 RECORD_SIZE = 4096
@@ -213,18 +221,10 @@ class WebPushProvider:
             raise ConfigError("webpush.vapid_private_key_file is required for Web Push")
         self._signer = VapidSigner(load_vapid_key(settings.vapid_private_key_file), settings.vapid_subject, clock=clock)
         self._policy = EndpointPolicy(settings)
-        self._ssl: ssl.SSLContext | bool = True  # HTTP/1.1 (aiohttp): no ALPN
-        try:
-            if settings.ca_file:
-                self._ssl = ssl.create_default_context(cafile=settings.ca_file)
-            self._h2_ssl = ssl.create_default_context(cafile=settings.ca_file or None)
-        except (OSError, ssl.SSLError):
-            raise ConfigError(f"webpush.ca_file {settings.ca_file} is not a readable PEM CA file") from None
-        # "http/1.1" too: a server without HTTP/2 then says so by choosing it, instead of failing the handshake.
-        self._h2_ssl.set_alpn_protocols(["h2", "http/1.1"])
+        self._tls = tls_contexts(settings.ca_file, "webpush")
         self._timeout_s = provider_settings.timeout_s
         self._concurrency = max(1, provider_settings.concurrency)
-        self._http1 = Http1Client(limit=self._concurrency, ssl_context=self._ssl, body_limit=_BODY_READ,
+        self._http1 = Http1Client(limit=self._concurrency, ssl_context=self._tls.http1, body_limit=_BODY_READ,
                                   resolver=functools.partial(_CheckedResolver, self._policy), redirects=False)
         self._resolver: _CheckedResolver | None = None  # the HTTP/2 path's (made in the loop); aiohttp has its own
         self._max_origins = max(1, max_origins)
@@ -303,7 +303,7 @@ class WebPushProvider:
                 self._drop(idle)
         if self._resolver is None:
             self._resolver = _CheckedResolver(self._policy)
-        pool = h2_pool(parts.hostname or "", parts.port or 443, self._h2_ssl, size=CONNECTIONS,
+        pool = h2_pool(parts.hostname or "", parts.port or 443, self._tls.h2, size=CONNECTIONS,
                        max_streams=self._concurrency, timeout_s=self._timeout_s, resolve=self._resolver.addresses)
         origin = self._origins[key] = _Origin(pool, _authority(parts))
         return origin

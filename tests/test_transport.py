@@ -86,7 +86,7 @@ async def http1_server() -> AsyncIterator[str]:
 
 async def test_http1_answers_come_back_in_the_http2_shape(http1_server: str) -> None:
     """Header names lowercased bytes, the first of a repeated field, the body cut at `body_limit`."""
-    client = Http1Client(limit=4, ssl_context=True, body_limit=6)
+    client = Http1Client(limit=4, ssl_context=None, body_limit=6)
     try:
         resp = await client.post(http1_server, CIMultiDict({"Authorization": "vapid t=1"}), b"abcd")
     finally:
