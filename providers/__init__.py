@@ -1,4 +1,9 @@
-"""Provider clients behind one interface (`providers.base.Provider`): one module per provider."""
+"""Provider clients behind one interface (`providers.base.Provider`): one module per provider.
+
+`build_providers` imports the provider modules inside the function, only those configured: the API
+and campaign processes import this package (for `providers.base`) and never send a push, and a
+provider module loads `cryptography`, jh2's HPACK and the HTTP/2 client with it.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +16,6 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
 
     A device whose provider is not configured is dead-lettered with that reason rather than
     retried forever. Construct inside a running event loop; connections open on first use.
-
-    The provider modules are imported here, for the providers configured, rather than at the top:
-    importing one loads its HTTP client, cryptography and HPACK libraries, and the API and campaign
-    processes import this package (for `providers.base`) without ever sending a push.
     """
     out: dict[str, Provider] = {}
     if settings.apns:
