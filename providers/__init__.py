@@ -1,4 +1,9 @@
-"""Provider clients behind one interface (`providers.base.Provider`): one module per provider."""
+"""Provider clients behind one interface (`providers.base.Provider`): one module per provider.
+
+`build_providers` imports the provider modules inside the function, only those configured: the API
+and campaign processes import this package (for `providers.base`) and never send a push, and a
+provider module loads `cryptography`, jh2's HPACK and the HTTP/2 client with it.
+"""
 
 from __future__ import annotations
 

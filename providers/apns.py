@@ -1,10 +1,11 @@
 """APNs provider: HTTP/2 POST /3/device/<token>, token (ES256 JWT) or certificate auth.
 
 Each configured app keeps up to `connections` long-lived HTTP/2 connections (`H2Pool`; see
-`providers.h2client` for why this is our own HTTP/2 client and not aioapns) and spreads requests
+`providers.h2` for why this is our own HTTP/2 client and not aioapns) and spreads requests
 over the one with the fewest streams in flight. Apple asks providers to keep connections open and not to reconnect
 rapidly, so a lost connection is reopened on the next send, and after a failed attempt the next
-one waits `RECONNECT_GAP_S`.
+one waits `transport.RECONNECT_GAP_S`. Sending, its time bound and the mapping of network errors to
+outcomes are `providers.transport`'s; APNs speaks only HTTP/2, so it has no HTTP/1.1 fallback.
 
 The provider JWT is signed once and shared by every connection of every app that uses the same
 key; it is re-signed after `JWT_REFRESH_S` (Apple: not more often than every 20 minutes, at
@@ -28,28 +29,18 @@ from collections.abc import Callable, Sequence
 import orjson
 
 from ..core.config import ApnsApp, ConfigError, ProviderSettings
-from ..core.metrics import HELD, PROVIDER_LATENCY
 from ..core.schema import Message
 from .base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
-from .h2 import (
-    ConnectionLost,
-    H2ClientConnection,
-    H2Error,
-    H2Pool,
-    StreamRefused,
-    encode_field,
-    encode_headers,
-)
+from .h2 import H2ClientConnection, H2Response, encode_field, encode_headers
 from .jose import load_p256_key, sign_es256
 from .payloads import apns_collapse_id, apns_payload, check_payload_limits
+from .transport import REASON_MAX, Transport, h2_pool
 
 PRODUCTION_HOST = "api.push.apple.com"
 SANDBOX_HOST = "api.sandbox.push.apple.com"
 JWT_REFRESH_S = 50 * 60
 JWT_MIN_AGE_S = 20 * 60  # Apple: at most one new provider token per 20 minutes
 CLOCK_SKEW_RETRY_S = 60.0
-RECONNECT_GAP_S = 1.0
-RESENDS = 3
 log = logging.getLogger("pushgw.apns")
 _APNS_ID_NS = uuid.UUID("9d3f2a57-8f64-4c1e-9a0e-3f4f1f2b7c11")
 _APNS_ID_NS_BYTES = _APNS_ID_NS.bytes
@@ -63,14 +54,13 @@ _PRIORITY_5 = encode_field(b"apns-priority", b"5")
 # that byte and the value instead of encoding the whole field per delivery.
 _COLLAPSE_ID_NAME = encode_field(b"apns-collapse-id", b"")[:-1]
 _TOKEN_GONE = {"BadDeviceToken", "DeviceTokenNotForTopic", "Unregistered", "ExpiredToken"}
-_REASON_MAX = 200
 
 
 def apns_id(message_id: str, token: str) -> str:
     """The apns-id of a push: the same for every attempt of one message to one device (APNs echoes it).
 
     It is `uuid.uuid5(_APNS_ID_NS, "<message id>/<token>")`, computed without building UUID objects
-    (a third of the cost, per delivery; a test checks both agree)."""
+    because it runs for every delivery (a test checks both agree)."""
     h = bytearray(hashlib.sha1(_APNS_ID_NS_BYTES + f"{message_id}/{token}".encode()).digest()[:16])  # noqa: S324
     h[6] = (h[6] & 0x0F) | 0x50  # version 5
     h[8] = (h[8] & 0x3F) | 0x80  # RFC 4122 variant
@@ -147,8 +137,8 @@ class _App:
         self.push_type_block = {False: encode_field(b"apns-push-type", self.push_type_header),
                                 True: encode_field(b"apns-push-type", b"background")}
         self.auth_block: tuple[str | None, bytes] = (None, b"")  # (JWT, its authorization field), per JWT
-        self.pool = H2Pool(self.host, self.port, ctx, size=app.connections, max_streams=settings.concurrency,
-                           timeout_s=settings.timeout_s, reconnect_gap_s=RECONNECT_GAP_S, resends=RESENDS)
+        self.pool = h2_pool(self.host, self.port, ctx, size=app.connections, max_streams=settings.concurrency,
+                            timeout_s=settings.timeout_s)
 
     @property
     def conns(self) -> list[H2ClientConnection]:
@@ -178,8 +168,7 @@ class ApnsProvider:
                 ident = (a.key_file, a.key_id, a.team_id)
                 jwt = jwts.get(ident) or jwts.setdefault(ident, ProviderJwt(a.key_file, a.key_id, a.team_id, clock=clock))
             self._apps[a.name] = _App(a, settings, jwt)
-        self._timeout_s = settings.timeout_s
-        self._latency = PROVIDER_LATENCY.labels("apns")
+        self._transport: Transport[_App] = Transport("apns", settings.timeout_s)
 
     def __repr__(self) -> str:
         return f"ApnsProvider(apps=[{', '.join(f'{a.name}:{a.topic}@{a.host}' for a in self._apps.values())}])"
@@ -231,22 +220,9 @@ class ApnsProvider:
         jwt = app.jwt.token() if app.jwt is not None else None
         body = apns_payload(delivery.message)
         headers = self._headers(app, delivery, jwt)
-        started = time.perf_counter()
-        try:
-            # The pool bounds the time (timeout_s); a stream refused by GOAWAY was never processed:
-            # the pool resends it on another connection.
-            resp = await app.pool.request(headers, body)
-        except TimeoutError:
-            return Retry("apns timeout")
-        except StreamRefused as e:
-            return Retry(f"apns: {e}"[:_REASON_MAX])
-        except ConnectionLost as e:
-            return Retry(f"apns {e}"[:_REASON_MAX])
-        except (H2Error, OSError, ssl.SSLError) as e:
-            text = str(e)
-            return Retry(f"apns connection error: {type(e).__name__}{': ' + text if text else ''}"[:_REASON_MAX])
-        finally:
-            HELD.observe(self._latency, time.perf_counter() - started)
+        resp = await self._transport.send(app.pool, app, headers, body, delivery, "")
+        if not isinstance(resp, H2Response):
+            return resp
         if resp.status == 200:
             return Delivered(resp.headers.get(b"apns-id", b"").decode("ascii", "replace"))
         return self._failure(app, jwt, resp.status, resp.body, resp.headers.get(b"retry-after"))
@@ -258,7 +234,7 @@ class ApnsProvider:
             doc = {}
         reason = doc.get("reason") if isinstance(doc, dict) else None
         reason = reason if isinstance(reason, str) else f"HTTP {status}"
-        text = f"apns {reason}"[:_REASON_MAX]
+        text = f"apns {reason}"[:REASON_MAX]
         if reason in _TOKEN_GONE or status == 410:
             return TokenInvalid(text, status)
         if reason == "ExpiredProviderToken" and app.jwt is not None and jwt is not None:

@@ -1,71 +1,57 @@
-"""FCM HTTP v1 provider: one `messages:send` POST per delivery over HTTP/2, OAuth2 service-account auth.
+"""FCM HTTP v1 provider: one `messages:send` POST per delivery, OAuth2 service-account auth.
 
-Why HTTP/2 on our own client: v1 has no batch endpoint (the legacy XMPP/HTTP APIs aiofcm speaks were
-shut down in 2024), so throughput comes from many concurrent requests. Over aiohttp's HTTP/1.1 each
-request in flight needs a TLS connection of its own (256 per process at our concurrency, each a
-handshake) and pays aiohttp's per-request machinery: a py-spy profile of the workers put a large
-part of their CPU there (issue 4). FCM supports HTTP/2, so each app (Firebase project) now keeps a
-small `H2Pool` of long-lived HTTP/2 connections on `providers.h2client` (the client APNs uses: our own
-HTTP/2 framing with jh2's compiled HPACK decoder, flow control, MAX_CONCURRENT_STREAMS, graceful GOAWAY): at most `connections`
-per app and process, opened only while every open one has as many streams in flight as the server
-allows (its MAX_CONCURRENT_STREAMS, commonly 100), so 256 requests in flight take a few connections
-instead of 256. The hot path does no repeated work: the request headers (with the bearer token,
-HPACK-indexed after the first request of a connection) are built once per access token (no
-content-length: HTTP/2 frames the body), the body once per delivery (a stream refused by GOAWAY is
-resent as is on another connection), the access token comes from a cache (`providers.oauth2`), the
-latency histogram child is resolved once. The OAuth2 token endpoint stays on aiohttp: it is called
-about once an hour.
+FCM HTTP v1 has no batch endpoint (the legacy XMPP and HTTP APIs aiofcm speaks are shut down), so
+throughput comes from many concurrent requests, which HTTP/2 carries on a few connections: each app
+(Firebase project) keeps a small HTTP/2 pool (`providers.transport.h2_pool` on `providers.h2`) of
+at most `connections` connections per process, another opened only while every open one has as many
+streams in flight as the server allows (its MAX_CONCURRENT_STREAMS, RFC 9113 section 6.5.2). The
+request header block (with the bearer token) is encoded once per access token (no content-length:
+HTTP/2 frames the body), the body once per delivery (a stream refused by GOAWAY is resent as is on
+another connection), and the access token comes from a cache (`providers.oauth2`). The OAuth2 token
+endpoint is called about once an hour and stays on aiohttp.
 
-When the FCM endpoint does not speak HTTP/2 (`base_url` on plain http://, or a TLS server that
-does not choose ALPN "h2", e.g. an HTTP/1.1-only egress proxy): the app falls back to the
-HTTP/1.1 path (aiohttp, one keep-alive `ClientSession` per app with `TCPConnector(limit=
-concurrency)`), logs one warning, and stays on it for the life of the process. Why fall back
-rather than fail: `base_url` exists for proxies and sandboxes, and one that worked before this
-client spoke HTTP/2 must keep delivering after an upgrade; failing would turn a slower path into an
-outage (every FCM delivery retried until dead-lettered). The fallback keeps every behaviour below,
-and `tests/test_fcm.py` runs both paths against the fake.
+When the FCM endpoint does not speak HTTP/2 (`base_url` on plain http://, or a TLS server that does not
+choose ALPN "h2", e.g. an HTTP/1.1-only egress proxy), the app sends over HTTP/1.1
+(`providers.transport`), logs one warning, and stays on it for the life of the process. It falls back
+rather than fails because `base_url` exists for proxies and sandboxes, and one that speaks only
+HTTP/1.1 must keep delivering: failing would turn a slower path into an outage (every FCM delivery
+retried until dead-lettered). Outcomes are the same on both paths, and `tests/test_fcm.py` runs both
+against the fake.
 
 Each configured app has its own service account, access token and connections; the app is
 chosen per delivery by `device.app or message.app`.
 
 Outcome mapping (FcmError `errorCode` first, then `error.status`, then the HTTP status) follows
-Google's guidance: UNREGISTERED/404 -> token gone; INVALID_ARGUMENT -> token gone only when the
+Google's guidance (FCM HTTP v1 "Error codes" and "Best practices for handling errors"):
+UNREGISTERED/404 -> token gone; INVALID_ARGUMENT -> token gone only when the
 message is about the registration token (payloads were validated before queueing), else rejected;
 SENDER_ID_MISMATCH, THIRD_PARTY_AUTH_ERROR -> rejected; UNAUTHENTICATED -> our access token was
 refused: drop it (once: concurrent refusals of one token cause one refresh) and retry at once;
 QUOTA_EXCEEDED/429 -> retry after Retry-After or 60 s; UNAVAILABLE/INTERNAL/5xx -> retry, after
-Retry-After if given. Network failures, timeouts and streams refused on `RESENDS` connections are
-retries; a stream cut by a lost connection may have been processed, as with any network error.
+Retry-After if given. Network failures and timeouts are retries (`providers.transport`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
-import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 from multidict import CIMultiDict
 
 from ..core.config import ConfigError, FcmApp, ProviderSettings
-from ..core.metrics import HELD, PROVIDER_LATENCY
 from ..core.schema import Message
 from .base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
-from .h2 import ConnectionLost, H2Error, H2Pool, NoHttp2, StreamRefused, encode_headers
+from .h2 import H2Response, encode_headers
 from .oauth2 import AccessTokenSource, TokenUnavailable, load_service_account
 from .payloads import check_payload_limits, fcm_message
+from .transport import CONNECTIONS, REASON_MAX, Http1Client, Http1Request, Transport, h2_pool, tls_contexts
 
 QUOTA_DEFAULT_RETRY_S = 60.0  # Google: back off at least a minute after QUOTA_EXCEEDED
-CONNECTIONS = 4  # HTTP/2 connections per app and process, at most (opened as the streams in flight need them)
-RESENDS = 3  # tries for a request refused unprocessed (GOAWAY above its stream), each on another connection
-RECONNECT_GAP_S = 1.0  # after a failed connection attempt, wait this long before the next
 _FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
-_REASON_MAX = 200
 _CONTENT_TYPE = "application/json; charset=UTF-8"
 log = logging.getLogger("pushgw.fcm")
 
@@ -89,31 +75,23 @@ class _App:
             raise ConfigError(f"fcm.{app.name}.base_url {app.base_url!r} is not a valid URL") from None
         if parts.scheme not in ("https", "http") or not parts.hostname:
             raise ConfigError(f"fcm.{app.name}.base_url {app.base_url!r} must be an https:// (or http://) URL")
-        self._ssl: ssl.SSLContext | None = None  # the token endpoint and HTTP/1.1: no ALPN
-        try:
-            if app.ca_file:
-                self._ssl = ssl.create_default_context(cafile=app.ca_file)
-            h2_ssl = ssl.create_default_context(cafile=app.ca_file or None)
-        except (OSError, ssl.SSLError):
-            raise ConfigError(f"fcm.{app.name}.ca_file {app.ca_file} is not a readable PEM CA file") from None
-        # "http/1.1" too: a server without HTTP/2 then says so by choosing it, instead of failing the handshake.
-        h2_ssl.set_alpn_protocols(["h2", "http/1.1"])
+        tls = tls_contexts(app.ca_file, f"fcm.{app.name}")
         self._concurrency = max(1, settings.concurrency)
         self.auth = AccessTokenSource(
             account,
             token_uri=app.token_uri or None,
-            ssl_context=self._ssl,
+            ssl_context=tls.http1,
             timeout_s=settings.timeout_s,
             refresh_margin_s=refresh_margin_s,
             backoff_s=auth_backoff_s,
         )
-        self.pool = H2Pool(parts.hostname, port or 443, h2_ssl, size=connections, max_streams=self._concurrency,
-                           timeout_s=settings.timeout_s, reconnect_gap_s=RECONNECT_GAP_S, resends=RESENDS)
+        self.pool = h2_pool(parts.hostname, port or 443, tls.h2, size=connections, max_streams=self._concurrency,
+                            timeout_s=settings.timeout_s)
         self._authority = parts.netloc.rpartition("@")[2].encode()
         self._path = (parts.path + (f"?{parts.query}" if parts.query else "")).encode()
         # HTTP/1.1 only when the endpoint cannot do HTTP/2 (see the module docstring).
         self.http1 = parts.scheme == "http"
-        self._session: aiohttp.ClientSession | None = None
+        self.http1_client = Http1Client(limit=self._concurrency, ssl_context=tls.http1)
         self._headers_token: str | None = None
         self._h2_headers = b""
         self._http1_token: str | None = None
@@ -138,16 +116,7 @@ class _App:
             self.http1 = True
             self.pool.close()
             log.warning("FCM endpoint does not speak HTTP/2, sending over HTTP/1.1 from now on",
-                        extra={"app": self.name, "provider": "fcm", "reason": reason[:_REASON_MAX]})
-
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self._concurrency, ssl=self._ssl if self._ssl is not None else True, keepalive_timeout=60.0
-            )
-            # Timeouts are enforced per request by the provider (asyncio.timeout), not here.
-            self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
-        return self._session
+                        extra={"app": self.name, "provider": "fcm", "reason": reason[:REASON_MAX]})
 
     def http1_headers(self, token: str) -> CIMultiDict[str]:
         """HTTP/1.1 request headers for `token`, rebuilt only when the token changes.
@@ -162,9 +131,7 @@ class _App:
     async def close(self) -> None:
         self.pool.close()
         await self.auth.close()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.http1_client.close()
 
     def __repr__(self) -> str:
         return f"_App(name={self.name!r}, project_id={self.project_id!r})"
@@ -187,8 +154,7 @@ class FcmProvider:
         """`refresh_margin_s`: refresh the access token when less than this remains (tests shorten it);
         `connections`: HTTP/2 connections per app, at most."""
         self._apps = {a.name: _App(a, settings, refresh_margin_s, auth_backoff_s, connections) for a in apps}
-        self._timeout_s = settings.timeout_s
-        self._latency = PROVIDER_LATENCY.labels("fcm")
+        self._transport: Transport[_App] = Transport("fcm", settings.timeout_s, fallback=self)
 
     def __repr__(self) -> str:
         apps = ", ".join(f"{a.name}:{a.project_id}" for a in self._apps.values())
@@ -216,41 +182,23 @@ class FcmProvider:
         except TokenUnavailable as e:
             return Retry(e.reason, after=e.retry_after)
         body = orjson.dumps({"message": fcm_message(delivery.message, delivery.device.token)})
-        retry_after: bytes | str | None
-        started = time.perf_counter()
-        try:
-            h2 = not app.http1  # decided once per request: a request answered over HTTP/2 is never sent again
-            if h2:
-                try:
-                    resp = await app.pool.request(app.h2_headers(token), body)  # the pool bounds the time
-                except NoHttp2 as e:
-                    app.use_http1(str(e))
-                    h2 = False
-                else:
-                    status, raw, retry_after = resp.status, resp.body, resp.headers.get(b"retry-after")
-            if not h2:
-                # One time bound for the whole send: a fallback after NoHttp2 gets what is left of it.
-                async with asyncio.timeout(max(0.0, self._timeout_s - (time.perf_counter() - started))), \
-                        app.session().post(app.url, data=body, headers=app.http1_headers(token)) as r:
-                    status = r.status
-                    raw = await r.read()
-                    retry_after = r.headers.get("Retry-After")
-        except TimeoutError:
-            return Retry("fcm timeout")
-        except StreamRefused as e:
-            return Retry(f"fcm: {e}"[:_REASON_MAX])
-        except ConnectionLost as e:
-            return Retry(f"fcm {e}"[:_REASON_MAX])
-        except (H2Error, aiohttp.ClientError, OSError) as e:  # ssl.SSLError (certificate checks) is an OSError
-            text = str(e)
-            return Retry(f"fcm connection error: {type(e).__name__}{': ' + text if text else ''}"[:_REASON_MAX])
-        finally:
-            HELD.observe(self._latency, time.perf_counter() - started)
-        if status == 200:
-            return Delivered(_message_name(raw))
-        return self._failure(app, token, status, raw, retry_after)
+        resp = await self._transport.send(None if app.http1 else app.pool, app, app.h2_headers(token), body,
+                                          delivery, token)
+        if not isinstance(resp, H2Response):
+            return resp
+        if resp.status == 200:
+            return Delivered(_message_name(resp.body))
+        return self._failure(app, token, resp.status, resp.body, resp.headers.get(b"retry-after"))
 
-    def _failure(self, app: _App, token: str, status: int, raw: bytes, retry_after: bytes | str | None) -> Outcome:
+    def no_http2(self, app: _App, reason: str) -> None:
+        """`Fallback`: the app's endpoint did not negotiate HTTP/2."""
+        app.use_http1(reason)
+
+    def http1_request(self, app: _App, delivery: Delivery, token: str) -> Http1Request:
+        """`Fallback`: the same request over HTTP/1.1."""
+        return Http1Request(app.http1_client, app.url, app.http1_headers(token))
+
+    def _failure(self, app: _App, token: str, status: int, raw: bytes, retry_after: bytes | None) -> Outcome:
         code, message = _error_code(raw)
         code = code or _STATUS_NAMES.get(status, f"HTTP {status}")
         reason = f"fcm {code}"
@@ -258,8 +206,8 @@ class FcmProvider:
             return TokenInvalid(reason, status)
         if code == "INVALID_ARGUMENT" or status == 400:
             if "registration token" in message.lower():
-                return TokenInvalid(f"{reason}: {message}"[:_REASON_MAX], status)
-            return Rejected(f"{reason}: {message}"[:_REASON_MAX] if message else reason, status)
+                return TokenInvalid(f"{reason}: {message}"[:REASON_MAX], status)
+            return Rejected(f"{reason}: {message}"[:REASON_MAX] if message else reason, status)
         if code in ("SENDER_ID_MISMATCH", "THIRD_PARTY_AUTH_ERROR", "PERMISSION_DENIED"):
             return Rejected(reason, status)
         if code == "UNAUTHENTICATED" or status == 401:
@@ -270,7 +218,7 @@ class FcmProvider:
             return Retry(reason, after=QUOTA_DEFAULT_RETRY_S if after is None else after, status=status)
         if status >= 500 or code in ("UNAVAILABLE", "INTERNAL"):
             return Retry(reason, after=retry_after_seconds(retry_after), status=status)
-        return Rejected(f"{reason}: {message}"[:_REASON_MAX] if message else reason, status)
+        return Rejected(f"{reason}: {message}"[:REASON_MAX] if message else reason, status)
 
     async def close(self) -> None:
         await asyncio.gather(*(a.close() for a in self._apps.values()))

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from ..core.config import ConfigError
 from .jose import b64url
+from .transport import REASON_MAX
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 DEFAULT_TOKEN_URI = "https://oauth2.googleapis.com/token"  # noqa: S105 (a URL, not a secret)
 ASSERTION_LIFETIME_S = 3600  # Google's maximum for exp - iat
-_REASON_MAX = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +249,7 @@ class AccessTokenSource:
             detail = ""
             if isinstance(body, dict):
                 detail = " ".join(str(body.get(k, "")) for k in ("error", "error_description")).strip()
-            raise TokenUnavailable(f"fcm auth: token endpoint answered {status} {detail}"[:_REASON_MAX].rstrip(), None)
+            raise TokenUnavailable(f"fcm auth: token endpoint answered {status} {detail}"[:REASON_MAX].rstrip(), None)
         if not isinstance(body, dict) or not isinstance(body.get("access_token"), str) or not body["access_token"]:
             raise TokenUnavailable("fcm auth: token endpoint answer has no access_token", None)
         expires_in = body.get("expires_in", 3600)
@@ -263,4 +263,4 @@ def _describe(e: BaseException) -> str:
     if isinstance(e, TimeoutError):
         return "token endpoint timed out"
     text = str(e)
-    return f"{type(e).__name__}: {text}"[:_REASON_MAX] if text else type(e).__name__
+    return f"{type(e).__name__}: {text}"[:REASON_MAX] if text else type(e).__name__

@@ -1,41 +1,37 @@
 """Web Push provider: RFC 8030 delivery, RFC 8291 (aes128gcm) encryption, RFC 8292 (VAPID) auth.
 
-Why not pywebpush for sending: it builds a new `py_vapid` token and goes through `http_ece` for
-every message; measured here (`python -m pushgw.bench.webpush_encode`, 2026-11-25) encrypt + VAPID
-header cost 199 us per message with pywebpush + py_vapid and 99 us with `encrypt` and a cached
-header (most of what is left is the ephemeral ECDH key RFC 8291 requires per message); each
-subscription's parsed public key is cached too (`subscription_key`). The
-format is small and fixed (one record, one key derivation), so it is implemented here on
-`cryptography`, and the fake push service decrypts with `http_ece`, an independent implementation,
-so the two are checked against each other on every test.
+Encryption and the VAPID header are implemented here on `cryptography` rather than sent through
+pywebpush, which builds a new `py_vapid` token and goes through `http_ece` for every message; the
+format is small and fixed (one record, one key derivation), the VAPID header is cached per origin
+(`providers.vapid`) and each subscription's parsed public key too (`subscription_key`). Most of what
+is left per message is the ephemeral ECDH key RFC 8291 section 3.1 requires. The fake push service
+decrypts with `http_ece`, an independent implementation, so the two are checked against each other
+on every test (`python -m pushgw.bench.webpush_encode` compares the costs; docs/benchmarks.md).
 
-Why HTTP/2: a py-spy profile of a gateway worker put Web Push (10% of deliveries) at 13% of the
-worker's CPU, about half of it aiohttp's HTTP/1.1 client machinery, which also needs one TLS
-connection per request in flight; APNs and FCM had moved to our HTTP/2 client
-(`providers.h2client`) and cost far less per push. The real push services (FCM's web push
-endpoint, Mozilla autopush, Apple) accept HTTP/2, so each push-service origin (scheme://host:port)
-now gets a small `H2Pool`, created on its first push. Origins come from browsers, so the pools are
-bounded (`MAX_ORIGINS`): a new origin closes the least recently used pool with nothing in flight
-(when every pool is busy the map grows past the bound until one is idle). An origin whose TLS
-handshake does not choose ALPN "h2" is remembered and served by the aiohttp HTTP/1.1 path from
-then on, with one warning per origin, as FCM does: a push service behind an HTTP/1.1-only proxy
-keeps working. Outcomes are the same on both paths.
+The push services (FCM's web push endpoint, Mozilla autopush, Apple) accept HTTP/2, so each
+push-service origin (scheme://host:port) gets a small HTTP/2 pool (`providers.transport.h2_pool`),
+created on its first push. Origins come from browsers, so the pools are bounded (`MAX_ORIGINS`): a
+new origin closes the least recently used pool with nothing in flight (when every pool is busy the
+map grows past the bound until one is idle). An origin whose TLS handshake does not choose ALPN "h2"
+is remembered and served over HTTP/1.1 from then on (`providers.transport`), with one warning per
+origin, as FCM does: a push service behind an HTTP/1.1-only proxy keeps working. Outcomes are the
+same on both paths.
 
 The endpoint URL comes from a browser, so it is untrusted: `EndpointPolicy` checks the URL before
 each send (https, allowed host, no private literal address), and a resolver checks every address
 a host name resolves to at connect time, so DNS rebinding to 127.0.0.1 is refused too: aiohttp
-calls it, and on the HTTP/2 path `H2Pool` connects only to the addresses it returns (SNI and the
-certificate check still use the host name). Redirects are never followed. A refused endpoint is
-`Rejected`: retrying cannot make it acceptable.
+calls it, and on the HTTP/2 path the pool connects only to the addresses it returns (SNI and the
+certificate check still use the host name). Redirects are never followed (RFC 8030 section 5: a
+push service answers 201 Created). A refused endpoint is `Rejected`: retrying cannot make it
+acceptable. A connection error's reason names its type only, not its text.
 
-Outcomes: 2xx -> delivered; 404/410 -> subscription gone; 429 -> retry after Retry-After;
-5xx -> retry; 413 and other 4xx (bad VAPID, bad request) -> rejected; timeouts and connection
-errors (a stream refused on `RESENDS` connections, a lost connection) -> retry.
+Outcomes (RFC 8030 section 5, RFC 8292 section 4): 2xx -> delivered; 404/410 -> subscription gone;
+429 -> retry after Retry-After; 5xx -> retry; 413 and other 4xx (bad VAPID, bad request) -> rejected;
+timeouts and connection errors -> retry (`providers.transport`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import hashlib
 import hmac
@@ -43,14 +39,12 @@ import logging
 import os
 import re
 import socket
-import ssl
 import struct
 import time
 from collections import OrderedDict
 from typing import Any
 from urllib.parse import SplitResult, quote, urlsplit
 
-import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from cryptography.hazmat.primitives import serialization
@@ -59,13 +53,22 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from multidict import CIMultiDict
 
 from ..core.config import ConfigError, ProviderSettings, WebPushSettings
-from ..core.metrics import HELD, PROVIDER_LATENCY
 from ..core.schema import Message
 from .base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
 from .endpoints import EndpointPolicy, malformed
-from .h2 import H2Error, H2Pool, H2Response, NoHttp2
+from .h2 import H2Pool, H2Response
 from .jose import b64url, b64url_decode
 from .payloads import check_payload_limits, replacement_key, webpush_plaintext
+from .transport import (
+    CONNECTIONS,
+    REASON_MAX,
+    AddressRefused,
+    Http1Client,
+    Http1Request,
+    Transport,
+    h2_pool,
+    tls_contexts,
+)
 from .vapid import VapidSigner, load_vapid_key
 
 RECORD_SIZE = 4096
@@ -74,15 +77,12 @@ _TOPIC_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _KEY_INFO = b"WebPush: info\x00"
 _CEK_INFO = b"Content-Encoding: aes128gcm\x00\x01"
 _NONCE_INFO = b"Content-Encoding: nonce\x00\x01"
-_REASON_MAX = 200
 MAX_ORIGINS = 256  # HTTP/2 pools per process; the push services in use are a handful
 HTTP1_ORIGINS_MAX = 4096  # origins remembered as HTTP/1.1-only; a forgotten one is probed again
-CONNECTIONS = 4  # HTTP/2 connections per origin and process, at most (opened as the streams in flight need them)
-RESENDS = 3  # tries for a request refused unprocessed (GOAWAY above its stream), each on another connection
-RECONNECT_GAP_S = 1.0  # after a failed connection attempt to an origin, wait this long before the next
 _CONTENT_ENCODING = (b"content-encoding", b"aes128gcm")
 _CONTENT_TYPE = (b"content-type", b"application/octet-stream")
 _URGENCY = {"high": (b"urgency", b"high"), "normal": (b"urgency", b"normal")}
+_BODY_READ = 512  # bytes of an error answer read for the reason (and logs)
 _PATH_SAFE = "/?=&%:@!$'()*+,;~-._"  # left as they are in a request target (RFC 3986 pchar, query)
 log = logging.getLogger("pushgw.webpush")
 
@@ -98,7 +98,7 @@ SUBSCRIPTION_KEY_CACHE = 4096  # parsed p256dh keys kept per process (about 1 KB
 def subscription_key(p256dh: str) -> tuple[bytes, ec.EllipticCurvePublicKey]:
     """A subscription's p256dh as (65 raw bytes, parsed P-256 point), parsed once per subscription.
 
-    Parsing checks the point is on the curve, a fixed cost paid on every message before; a
+    Parsing checks the point is on the curve, a fixed cost per parse; a
     subscription usually gets many messages, so the latest `SUBSCRIPTION_KEY_CACHE` are kept (LRU,
     bounded). A key that fails to parse raises `EncryptionError` and is not cached."""
     try:
@@ -142,7 +142,7 @@ def topic_for(collapse_key: str) -> str:
     return b64url(hashlib.sha256(collapse_key.encode()).digest())[:32]
 
 
-class EndpointRefused(OSError):
+class EndpointRefused(AddressRefused):
     """Every address of an endpoint's host is private/loopback while that is not allowed."""
 
 
@@ -221,24 +221,17 @@ class WebPushProvider:
             raise ConfigError("webpush.vapid_private_key_file is required for Web Push")
         self._signer = VapidSigner(load_vapid_key(settings.vapid_private_key_file), settings.vapid_subject, clock=clock)
         self._policy = EndpointPolicy(settings)
-        self._ssl: ssl.SSLContext | bool = True  # HTTP/1.1 (aiohttp): no ALPN
-        try:
-            if settings.ca_file:
-                self._ssl = ssl.create_default_context(cafile=settings.ca_file)
-            self._h2_ssl = ssl.create_default_context(cafile=settings.ca_file or None)
-        except (OSError, ssl.SSLError):
-            raise ConfigError(f"webpush.ca_file {settings.ca_file} is not a readable PEM CA file") from None
-        # "http/1.1" too: a server without HTTP/2 then says so by choosing it, instead of failing the handshake.
-        self._h2_ssl.set_alpn_protocols(["h2", "http/1.1"])
+        self._tls = tls_contexts(settings.ca_file, "webpush")
         self._timeout_s = provider_settings.timeout_s
         self._concurrency = max(1, provider_settings.concurrency)
-        self._session: aiohttp.ClientSession | None = None
+        self._http1 = Http1Client(limit=self._concurrency, ssl_context=self._tls.http1, body_limit=_BODY_READ,
+                                  resolver=functools.partial(_CheckedResolver, self._policy), redirects=False)
         self._resolver: _CheckedResolver | None = None  # the HTTP/2 path's (made in the loop); aiohttp has its own
         self._max_origins = max(1, max_origins)
         self._origins: OrderedDict[str, _Origin] = OrderedDict()  # least recently used first
         self._http1_origins: OrderedDict[str, None] = OrderedDict()  # origins without HTTP/2, oldest first
         self._clock = clock
-        self._latency = PROVIDER_LATENCY.labels("webpush")
+        self._transport: Transport[str] = Transport("webpush", self._timeout_s, fallback=self, error_text=False)
 
     @property
     def application_server_key(self) -> str:
@@ -264,18 +257,11 @@ class WebPushProvider:
     def check_payload(self, message: Message) -> None:
         check_payload_limits(message, ("webpush",))
 
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._concurrency, ssl=self._ssl, resolver=_CheckedResolver(self._policy),
-                                             keepalive_timeout=60.0)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
-        return self._session
-
-    def _headers(self, d: Delivery, origin: str) -> CIMultiDict[str]:
+    def _headers(self, d: Delivery, authorization: str) -> CIMultiDict[str]:
         msg = d.message
         ttl = max(0, int(d.expires_at - self._clock())) if d.expires_at is not None else DEFAULT_TTL_S
         headers = CIMultiDict({
-            "Authorization": self._signer.authorization(origin),
+            "Authorization": authorization,
             "Content-Encoding": "aes128gcm",
             "Content-Type": "application/octet-stream",
             "TTL": str(ttl),
@@ -286,7 +272,7 @@ class WebPushProvider:
         headers["Topic"] = topic_for(replacement_key(msg))
         return headers
 
-    def _h2_headers(self, d: Delivery, origin: _Origin, parts: SplitResult, vapid_origin: str,
+    def _h2_headers(self, d: Delivery, origin: _Origin, parts: SplitResult, authorization: str,
                     body: bytes) -> list[tuple[bytes, bytes]]:
         msg = d.message
         ttl = max(0, int(d.expires_at - self._clock())) if d.expires_at is not None else DEFAULT_TTL_S
@@ -295,7 +281,7 @@ class WebPushProvider:
             (b":scheme", b"https"),
             (b":authority", origin.authority),
             (b":path", _request_target(parts)),
-            (b"authorization", origin.authorization(self._signer.authorization(vapid_origin))),
+            (b"authorization", origin.authorization(authorization)),
             _CONTENT_ENCODING,
             _CONTENT_TYPE,
             (b"ttl", str(ttl).encode()),
@@ -317,35 +303,30 @@ class WebPushProvider:
                 self._drop(idle)
         if self._resolver is None:
             self._resolver = _CheckedResolver(self._policy)
-        pool = H2Pool(parts.hostname or "", parts.port or 443, self._h2_ssl, size=CONNECTIONS,
-                      max_streams=self._concurrency, timeout_s=self._timeout_s, reconnect_gap_s=RECONNECT_GAP_S,
-                      resends=RESENDS, resolve=self._resolver.addresses)
+        pool = h2_pool(parts.hostname or "", parts.port or 443, self._tls.h2, size=CONNECTIONS,
+                       max_streams=self._concurrency, timeout_s=self._timeout_s, resolve=self._resolver.addresses)
         origin = self._origins[key] = _Origin(pool, _authority(parts))
         return origin
 
     def _drop(self, key: str) -> None:
-        """Forget an origin's pool; it is closed now, or by its last request in flight (`_post_h2`)."""
+        """Forget an origin's pool; it is closed now, or by its last request in flight (`send`)."""
         origin = self._origins.pop(key, None)
         if origin is not None and origin.inflight == 0:
             origin.pool.close()
 
-    async def _post_h2(self, key: str, origin: _Origin, headers: list[tuple[bytes, bytes]], body: bytes) -> H2Response:
-        origin.inflight += 1
-        try:
-            return await origin.pool.request(headers, body)  # the pool bounds the time (timeout_s)
-        finally:
-            origin.inflight -= 1
-            if origin.inflight == 0 and self._origins.get(key) is not origin:
-                origin.pool.close()  # dropped (fallback, refusal) while this request was on it
-
-    def _use_http1(self, key: str, reason: str) -> None:
+    def no_http2(self, key: str, reason: str) -> None:
+        """`Fallback`: the origin did not negotiate HTTP/2; remember it (bounded) and drop its pool."""
         self._drop(key)
         if key not in self._http1_origins:
             if len(self._http1_origins) >= HTTP1_ORIGINS_MAX:
                 self._http1_origins.popitem(last=False)
             self._http1_origins[key] = None
             log.warning("Web Push endpoint does not speak HTTP/2, sending over HTTP/1.1 from now on",
-                        extra={"provider": "webpush", "address": key, "reason": reason[:_REASON_MAX]})
+                        extra={"provider": "webpush", "address": key, "reason": reason[:REASON_MAX]})
+
+    def http1_request(self, key: str, delivery: Delivery, authorization: str) -> Http1Request:
+        """`Fallback`: the push over HTTP/1.1, to the endpoint URL as the browser gave it."""
+        return Http1Request(self._http1, delivery.device.token, self._headers(delivery, authorization))
 
     async def send(self, delivery: Delivery) -> Outcome:
         device = delivery.device
@@ -363,60 +344,39 @@ class WebPushProvider:
         except EncryptionError as e:
             return TokenInvalid(f"webpush {e}")  # a subscription with broken keys can never be delivered
         parts = urlsplit(endpoint)
-        vapid_origin = f"{parts.scheme}://{parts.netloc}"  # the VAPID audience, as the push service spells it
+        # The VAPID audience, as the push service spells its origin (RFC 8292 section 2).
+        authorization = self._signer.authorization(f"{parts.scheme}://{parts.netloc}")
         key = _origin_key(parts)
-        retry_after: bytes | str | None
-        started = time.perf_counter()
-        try:
-            h2 = key not in self._http1_origins  # decided once per request: one answered over HTTP/2 is never resent
-            if h2:
-                origin = self._origin(key, parts)
-                try:
-                    resp = await self._post_h2(key, origin, self._h2_headers(delivery, origin, parts, vapid_origin, body),
-                                               body)
-                except NoHttp2 as e:
-                    self._use_http1(key, str(e))
-                    h2 = False
-                else:
-                    status, retry_after = resp.status, resp.headers.get(b"retry-after")
-                    location = resp.headers.get(b"location", b"").decode("latin-1")
-                    raw = resp.body[:512]
-            if not h2:
-                headers = self._headers(delivery, vapid_origin)
-                # One time bound for the whole send: a fallback after NoHttp2 gets what is left of it.
-                async with asyncio.timeout(max(0.0, self._timeout_s - (time.perf_counter() - started))):
-                    async with self._http().post(endpoint, data=body, headers=headers, allow_redirects=False) as r:
-                        status = r.status
-                        retry_after = r.headers.get("Retry-After")
-                        location = r.headers.get("Location", "")
-                        raw = await r.content.read(512)
-        except TimeoutError:
-            return Retry("webpush timeout")
-        except EndpointRefused as e:  # the HTTP/2 path's resolver; aiohttp wraps it (below)
-            self._drop(key)  # the next push resolves afresh, with no reconnect gap
-            return Rejected(f"webpush endpoint refused: {e}"[:_REASON_MAX])
-        except aiohttp.ClientConnectorError as e:
-            if isinstance(e.os_error, EndpointRefused):
-                return Rejected(f"webpush endpoint refused: {e.os_error}"[:_REASON_MAX])
-            return Retry(f"webpush connection error: {type(e).__name__}"[:_REASON_MAX])
-        except (H2Error, aiohttp.ClientError, OSError) as e:  # ssl.SSLError (certificate checks) is an OSError
-            return Retry(f"webpush connection error: {type(e).__name__}"[:_REASON_MAX])
-        finally:
-            HELD.observe(self._latency, time.perf_counter() - started)
+        if key in self._http1_origins:
+            resp = await self._transport.send(None, key, b"", body, delivery, authorization)
+        else:
+            origin = self._origin(key, parts)
+            origin.inflight += 1
+            try:
+                resp = await self._transport.send(origin.pool, key,
+                                                  self._h2_headers(delivery, origin, parts, authorization, body),
+                                                  body, delivery, authorization)
+            finally:
+                origin.inflight -= 1
+                if origin.inflight == 0 and self._origins.get(key) is not origin:
+                    origin.pool.close()  # dropped (fallback, refusal) while this request was on it
+        if not isinstance(resp, H2Response):
+            if isinstance(resp, Rejected):
+                self._drop(key)  # a refused address: the next push resolves afresh, with no reconnect gap
+            return resp
+        status = resp.status
         if 200 <= status < 300:
-            return Delivered(location)
-        text = raw.decode("utf-8", "replace").strip()
+            return Delivered(resp.headers.get(b"location", b"").decode("latin-1"))
+        text = resp.body[:_BODY_READ].decode("utf-8", "replace").strip()
         reason = f"webpush HTTP {status}" + (f": {text[:100]}" if text else "")
         if status in (404, 410):
             return TokenInvalid(reason, status)
         if status == 429 or status >= 500:
-            return Retry(reason, after=retry_after_seconds(retry_after), status=status)
+            return Retry(reason, after=retry_after_seconds(resp.headers.get(b"retry-after")), status=status)
         return Rejected(reason, status)
 
     async def close(self) -> None:
         for origin in self._origins.values():
             origin.pool.close()
         self._origins.clear()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._http1.close()

@@ -31,13 +31,15 @@ ALSO_ALLOWED = {"pushgw.gateway.cli": frozenset({"bench"})}
 
 # Modules that import inside functions, each for the reason written at the top of the module.
 # Each says why in its docstring: an entry point that sets PROMETHEUS_MULTIPROC_DIR before anything
-# imports prometheus_client, or a module that loads an optional library (matplotlib) only when asked.
+# imports prometheus_client, a module that loads an optional library (matplotlib) only when asked, or
+# the providers package, which loads a provider module (and its libraries) only when it is configured.
 LAZY_IMPORTS_ALLOWED = {
     "pushgw.gateway.cli",
     "pushgw.gateway.demo",
     "pushgw.bench.run",
     "pushgw.bench.worker_overhead",
     "pushgw.campaigns.report",
+    "pushgw.providers",
 }
 
 
