@@ -67,6 +67,7 @@ class Settler:
         self.queue = queue
         self._categories = categories  # the metric label values of categories (PolicySettings.labelled_categories)
         self.commit = Commit()
+        self.writing: Commit | None = None  # the commit `flush` is writing, until Redis has it
         self.jobs: dict[str, Job] = {}  # entry ref -> job, while any of its deliveries is unsettled
         self._items = 0  # writes in `commit`, towards FLUSH_MAX_ITEMS
         self._wake = asyncio.Event()
@@ -163,6 +164,14 @@ class Settler:
             self.jobs.pop(job.entry.ref, None)
             self.ack(job.entry)
 
+    def unwritten_acks(self) -> set[str]:
+        """Entries finished here whose acks Redis does not have yet: still pending in the group, and
+        idle there, but not abandoned (the janitor must not claim them back)."""
+        acks = set(self.commit.acks)
+        if self.writing is not None:
+            acks.update(self.writing.acks)
+        return acks
+
     def ack(self, entry: Entry) -> None:
         self.commit.acks.append(entry.ref)
         self._items += 1  # `_bump`, written out: once per entry
@@ -222,16 +231,20 @@ class Settler:
             acked = set(commit.acks)
             commit.done = [d for d in commit.done if d[0] not in acked]
         delay = 0.05
-        while True:
-            try:
-                await self.queue.commit(commit)
-                return
-            except (ConnectionError, OSError, aioredis.RedisError) as e:
-                # Acks and retries must not be dropped: keep trying (the entries stay pending meanwhile).
-                log.warning("commit failed, retrying", extra={"error": type(e).__name__})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                self._publish()  # deliveries settling meanwhile are still counted
+        self.writing = commit
+        try:
+            while True:
+                try:
+                    await self.queue.commit(commit)
+                    return
+                except (ConnectionError, OSError, aioredis.RedisError) as e:
+                    # Acks and retries must not be dropped: keep trying (the entries stay pending meanwhile).
+                    log.warning("commit failed, retrying", extra={"error": type(e).__name__})
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    self._publish()  # deliveries settling meanwhile are still counted
+        finally:
+            self.writing = None
 
 
 _POISON = Message(id="poison", body="(entry could not be decoded)")

@@ -185,7 +185,9 @@ class Worker:
                 for lane in LANES:
                     while self.lanes.in_flight < self.ws.max_inflight // 2:
                         claimed = await self.queue.claim_stale(self.consumer, idle_ms, self.ws.batch_size, lane)
-                        claimed = [e for e in claimed if e.ref not in self.jobs]
+                        if claimed:  # neither in flight here nor finished here with its ack unwritten
+                            finished = self.settler.unwritten_acks()
+                            claimed = [e for e in claimed if e.ref not in self.jobs and e.ref not in finished]
                         if not claimed:
                             break
                         metrics.RECLAIMED.inc(len(claimed))

@@ -14,11 +14,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 import orjson
+import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 from pushgw.core import metrics
 from pushgw.core.config import ProviderSettings, Settings, WorkerSettings
 from pushgw.core.schema import Device, Message, parse_message
+from pushgw.gateway import settle as settle_module
 from pushgw.gateway.worker import Worker
 from pushgw.providers.base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid
 from pushgw.queue.deadletter import DeadLetters
@@ -482,3 +484,20 @@ async def test_done_mark_is_written_while_another_device_of_the_entry_is_in_flig
         apns.gate.set()
         await until(lambda: settled(redis))
     assert len(apns.sent) == len(fcm.sent) == 1
+
+
+async def test_an_entry_acked_but_not_yet_flushed_is_not_reclaimed_and_sent_again(
+    redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The flush comes late (a loaded machine, a slow Redis): the entry's ack waits in the settler while
+    # the janitor finds the entry idle past claim_idle_s. It is finished, not abandoned.
+    monkeypatch.setattr(settle_module, "FLUSH_INTERVAL_S", 1.0)
+    fcm = ScriptedProvider("fcm")
+    await enqueue(redis, msg(devices=[{"fcm": "late-flush"}]))
+    settings = make_settings(claim_idle_s=0.1, janitor_interval_s=0.02)
+    async with running(Worker(settings, redis, {"fcm": fcm}, consumer="w1")):
+        await until(lambda: len(fcm.sent) >= 1)
+        await asyncio.sleep(0.6)  # many janitor rounds, each past claim_idle_s, before the flush
+        assert len(fcm.sent) == 1
+        await until(lambda: settled(redis))
+    assert len(fcm.sent) == 1
