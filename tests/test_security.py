@@ -1,4 +1,4 @@
-"""Security hardening (issue 13): every bad input is refused at the door naming its field, what cannot be
+"""Security hardening: every bad input is refused at the door naming its field, what cannot be
 delivered is never accepted, stored data is not readable through another scope, and figures cannot be forged."""
 
 from __future__ import annotations
