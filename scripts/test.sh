@@ -12,9 +12,12 @@ echo "==> mypy"
 if [[ "$(basename "$PWD")" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]]; then
   .venv/bin/mypy
 else
-  rm -rf build/typecheck && mkdir -p build/typecheck/pushgw
-  git ls-files -z -- '*.py' py.typed pyproject.toml | xargs -0 cp --parents -t build/typecheck/pushgw
-  (cd build/typecheck/pushgw && ../../../.venv/bin/mypy)
+  # The copy lives outside the clone: inside it, mypy still names the clone's folder.
+  copy=$(mktemp -d)
+  trap 'rm -rf "$copy"' EXIT
+  mkdir "$copy/pushgw"
+  git ls-files -z -- '*.py' py.typed pyproject.toml | xargs -0 cp --parents -t "$copy/pushgw"
+  (cd "$copy/pushgw" && "$OLDPWD/.venv/bin/mypy")
 fi
 echo "==> pytest"
 .venv/bin/pytest "$@"
