@@ -164,13 +164,16 @@ class Intake:
                 if reads_users:
                     r = t.render({**attrs.template_vars(), **variables}, locale or attrs.locale)
                 else:
-                    plain = t.render(variables, locale)  # refused or not without looking at the stored attributes
-                    try:
-                        r = t.render({**attrs.template_vars(), **variables}, locale or attrs.locale)
-                    except RenderError:  # only the stored locale can fail once the check passed
-                        r = t.render({**attrs.template_vars(), **variables}, locale)
-                    if not self._fits(_with_rendered(obj, r)):
-                        r = plain  # a stored attribute too long for the limits: the fallback text, not a telling error
+                    # Accepted or refused on the caller's own text alone (its vars and the template's fallbacks),
+                    # so neither the answer nor its errors depend on what is stored about the learner.
+                    r = plain = t.render(variables, locale)
+                    if self._fits(_with_rendered(obj, plain)):
+                        try:
+                            r = t.render({**attrs.template_vars(), **variables}, locale or attrs.locale)
+                        except RenderError:  # only the stored locale can fail once the plain render passed
+                            r = t.render({**attrs.template_vars(), **variables}, locale)
+                        if not self._fits(_with_rendered(obj, r)):
+                            r = plain  # a stored attribute too long for the limits: the fallback text
             except MessageInvalid as e:
                 errors += [FieldError(where + err.field, err.message) for err in e.errors]
                 continue

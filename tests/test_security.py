@@ -480,3 +480,22 @@ async def test_a_stored_attribute_too_long_for_the_title_is_not_revealed_without
     resp = await api.post("/v1/messages", json={"user": "learner-1", "template": "long"}, headers=auth(DEVICES))
     assert resp.status == 422  # a client that may read the learner's data is told what is wrong
     assert (await resp.json())["error"]["fields"][0] == {"field": "title", "message": "must be at most 1024 bytes"}
+
+
+async def test_acceptance_does_not_depend_on_the_length_of_a_stored_attribute_without_the_devices_scope(
+    redis: aioredis.Redis, api: TestClient[Any, Any]
+) -> None:
+    """A client pads the title with its own vars until the fallback first name ("there") just passes the
+    limit: a short stored name would fit where the fallback does not. Both learners get the same answer."""
+    keys = Keys("sectest")
+    await UserAttributes(redis, keys).update("learner-1", {"first_name": "Al"})
+    await Templates(redis, keys).save("pad", {"default_locale": "en", "variables": {"first_name": "there", "pad": None},
+                                              "locales": {"en": {"title": "Hi {first_name} {pad}"}}})
+    pad = "x" * (1024 - len("Hi there ") + 1)  # the fallback renders 1025 bytes, "Al" 1022
+    answers = {}
+    for user in ("learner-1", "nobody"):
+        resp = await api.post("/v1/messages", json={"user": user, "template": "pad", "vars": {"pad": pad}},
+                              headers=auth(ENQUEUER))
+        answers[user] = (resp.status, await resp.json())
+    assert answers["learner-1"] == answers["nobody"]
+    assert answers["nobody"][0] == 422
