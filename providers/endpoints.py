@@ -27,17 +27,22 @@ import idna
 from ..core.config import WebPushSettings
 
 MAX_ENDPOINT_LEN = 2048
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 well-known prefix: the IPv4 in the low 32 bits
+# RFC 8215 local-use NAT64: each network chooses its prefix length within it, so where the IPv4 sits is
+# unknowable here; a push service has no reason to be there, so the whole prefix is refused.
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+_IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")  # SIIT (RFC 2765 section 2.1), low 32 bits
 _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
 
 
 def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 address carries (mapped, compatible, 6to4, NAT64), else None."""
+    """The IPv4 address an IPv6 address carries (mapped, translated, compatible, 6to4, NAT64), else None.
+    Teredo (2001::/32) is left to its own class: not global, so refused."""
     if ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     if ip.sixtofour is not None:
         return ip.sixtofour
-    if ip in _NAT64 or (ip in _IPV4_COMPATIBLE and int(ip) > 1):  # :: and ::1 are IPv6's own
+    if ip in _NAT64 or ip in _IPV4_TRANSLATED or (ip in _IPV4_COMPATIBLE and int(ip) > 1):  # :: and ::1 are IPv6's own
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return None
 
@@ -115,6 +120,8 @@ class EndpointPolicy:
         except ValueError:
             return f"{address!r} is not an IP address"
         if isinstance(ip, ipaddress.IPv6Address):
+            if ip in _NAT64_LOCAL:
+                return "endpoint resolves to a local-use NAT64 address (RFC 8215; webpush.allow_private is off)"
             embedded = embedded_ipv4(ip)
             if embedded is not None:
                 ip = embedded

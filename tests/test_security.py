@@ -96,10 +96,20 @@ def subscription(endpoint: str) -> dict[str, Any]:
     "::7f00:1",  # IPv4-compatible (RFC 4291 2.5.5.1) 127.0.0.1
     "::a9fe:a9fe",  # IPv4-compatible 169.254.169.254 (cloud metadata)
     "::ffff:10.1.2.3",  # IPv4-mapped (RFC 4291 2.5.5.2)
+    "::ffff:0:7f00:1",  # IPv4-translated (SIIT, RFC 2765 2.1) 127.0.0.1
 ])
 def test_private_ipv4_embedded_in_ipv6_is_refused_by_the_embedded_class(address: str) -> None:
     refusal = DEFAULT_POLICY.check_address(address)
     assert refusal is not None and "private" in refusal
+
+
+@pytest.mark.parametrize("address", [
+    "64:ff9b:1::a9fe:a9fe",  # local-use NAT64 (RFC 8215) carrying 169.254.169.254 in a /96
+    "64:ff9b:1:a9fe:a9:fe00::",  # the same network with a /48 prefix (RFC 6052 2.2 layout)
+    "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo (RFC 4380), client 127.0.0.1
+])
+def test_local_use_nat64_and_teredo_addresses_are_refused(address: str) -> None:
+    assert DEFAULT_POLICY.check_address(address) is not None
 
 
 def test_public_ipv4_embedded_in_ipv6_passes() -> None:
