@@ -184,6 +184,26 @@ async def test_the_header_timeout_spares_a_served_keep_alive_connection(serve: A
         writer.close()
 
 
+async def test_a_pipelined_request_whose_body_comes_slowly_is_not_cut_by_the_header_timeout(serve: Any) -> None:
+    # The second request's header block arrives in the same read as the first request: once the first
+    # is answered, the second's body bytes are a body, not the start of a header block.
+    server = await serve(header_timeout_s=0.3, body_timeout_s=5.0)
+    body = b'{"user": "u1", "title": "Live session in 10 minutes"}'
+    post = (b"POST /v1/messages HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer " + TOKEN.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+    reader, writer = await connect(server)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n" + post + body[:2])
+        assert (await one_response(reader))[0] == 200
+        for i in range(2, len(body), 6):  # the rest over about 0.8 s, well past the header timeout
+            await asyncio.sleep(0.1)
+            writer.write(body[i:i + 6])
+        status, _, _ = await one_response(reader)
+        assert status == 202
+    finally:
+        writer.close()
+
+
 async def test_a_body_shorter_than_its_content_length_is_answered_408_and_closed(serve: Any) -> None:
     server = await serve(body_timeout_s=0.3)
     before = rejected("body_timeout")

@@ -149,7 +149,10 @@ class ApiProtocol(RequestHandler):
         try:
             return await super().finish_response(request, resp, start_time)
         finally:
-            self.in_request = False
+            # A pipelined request parsed in the same read as this one is already under way: its body
+            # bytes must not start a header deadline. `_messages` is aiohttp's queue of parsed requests
+            # (web_protocol.RequestHandler); tests/test_api_server.py pins this.
+            self.in_request = bool(self._messages)
 
     def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> StreamResponse:
