@@ -179,9 +179,11 @@ class Worker:
             if stop.is_set():
                 return
             try:
-                # Heartbeat: entries still in flight here (a slow provider) must not look abandoned.
-                if self.jobs:
-                    await self.queue.touch(self.consumer, list(self.jobs))
+                # Heartbeat: entries still in flight here (a slow provider), or finished here with their
+                # acks not written yet (a failing commit), must not look abandoned to other workers.
+                held = [*self.jobs, *self.settler.unwritten_acks()]
+                if held:
+                    await self.queue.touch(self.consumer, held)
                 for lane in LANES:
                     while self.lanes.in_flight < self.ws.max_inflight // 2:
                         claimed = await self.queue.claim_stale(self.consumer, idle_ms, self.ws.batch_size, lane)

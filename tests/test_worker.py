@@ -25,7 +25,7 @@ from pushgw.gateway.worker import Worker
 from pushgw.providers.base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid
 from pushgw.queue.deadletter import DeadLetters
 from pushgw.queue.keys import Keys
-from pushgw.queue.streams import StreamQueue
+from pushgw.queue.streams import Commit, StreamQueue
 from pushgw.users.registry import DeviceRegistry
 
 APNS_TOKEN = "a" * 64
@@ -498,6 +498,32 @@ async def test_an_entry_acked_but_not_yet_flushed_is_not_reclaimed_and_sent_agai
     async with running(Worker(settings, redis, {"fcm": fcm}, consumer="w1")):
         await until(lambda: len(fcm.sent) >= 1)
         await asyncio.sleep(0.6)  # many janitor rounds, each past claim_idle_s, before the flush
+        assert len(fcm.sent) == 1
+        await until(lambda: settled(redis))
+    assert len(fcm.sent) == 1
+
+
+async def test_an_entry_whose_ack_is_being_retried_is_neither_reclaimed_nor_sent_again(
+    redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Redis refuses the commit for a while (the transaction is retried): the ack is being written, and
+    # the entry stays idle in the group past claim_idle_s.
+    original = StreamQueue.commit
+    refuse_until = [0.0]
+
+    async def failing_commit(self: StreamQueue, commit: Commit) -> None:
+        if asyncio.get_running_loop().time() < refuse_until[0]:
+            raise ConnectionError("refused for the test")
+        await original(self, commit)
+
+    monkeypatch.setattr(StreamQueue, "commit", failing_commit)
+    fcm = ScriptedProvider("fcm")
+    refuse_until[0] = asyncio.get_running_loop().time() + 0.8
+    await enqueue(redis, msg(devices=[{"fcm": "slow-commit"}]))
+    settings = make_settings(claim_idle_s=0.1, janitor_interval_s=0.02)
+    async with running(Worker(settings, redis, {"fcm": fcm}, consumer="w1")):
+        await until(lambda: len(fcm.sent) >= 1)
+        await asyncio.sleep(0.6)
         assert len(fcm.sent) == 1
         await until(lambda: settled(redis))
     assert len(fcm.sent) == 1
