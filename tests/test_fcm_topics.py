@@ -127,3 +127,25 @@ async def test_worker_sends_a_topic_message_once_with_the_app_it_names(
     assert targets == sorted([CONDITION, "module-news"])
     assert all("token" not in r.message for r in fake.received)
     assert (await q.stats()).pending == 0
+
+
+async def test_a_failed_topic_send_is_retried_as_the_same_topic_send(
+        redis: aioredis.Redis, fcm: tuple[FakeFcm, FcmProvider, FcmApp]) -> None:
+    fake, provider, app = fcm
+    fake.program("module-news", [(503, "UNAVAILABLE", 0)])
+    settings = Settings(redis=RedisSettings(prefix="topicretry"), worker=WorkerSettings(block_ms=20, backoff_base_s=0.05),
+                        providers=ProviderSettings(timeout_s=5), fcm=(app,))
+    await StreamQueue(redis, Keys("topicretry")).enqueue(
+        [parse_message({"id": "t3", "fcm_topic": "module-news", "body": "New module"})])
+    stop = asyncio.Event()
+    task = asyncio.create_task(Worker(settings, redis, {"fcm": provider}, consumer="topicretry").run(stop))
+    try:
+        deadline = time.monotonic() + 20
+        while not fake.received and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+    assert [r.message.get("topic") for r in fake.failed_then_ok] == ["module-news"]
+    assert len(fake.received) == 1 and "token" not in fake.received[0].message

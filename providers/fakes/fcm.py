@@ -224,7 +224,8 @@ class FakeFcm:
         return path
 
     def program(self, token: str, responses: Iterable[Programmed]) -> None:
-        """Answer the next sends to `token` with these responses, in order, then accept again."""
+        """Answer the next sends to `token` (or to this topic or condition) with these responses, in order,
+        then accept again."""
         self._programmed.setdefault(token, deque()).extend(responses)
 
     def revoke(self) -> None:
@@ -393,7 +394,7 @@ class FakeFcm:
             return _error(400, None, str(e))
         if not await hold(self):
             return _error(503, "UNAVAILABLE", "The service is shutting down.")
-        target = message.get("token")
+        target = message.get("token", message.get("topic", message.get("condition")))  # what `program` names
         queue = self._programmed.get(target) if isinstance(target, str) else None
         if queue:
             programmed = queue.popleft()
