@@ -953,7 +953,7 @@ MAX_CONDITION_TOPICS = 5  # FCM: "You can include up to five topics in your cond
 MAX_CONDITION_LEN = 2048
 _FCM_TOPIC_RE = re.compile(r"^[a-zA-Z0-9_.~%-]{1,900}\Z")  # FCM's topic name rule
 _CONDITION_TOKEN_RE = re.compile(
-    r"\s*(?:(?P<topic>'(?P<name>[^']*)'\s+in\s+topics)|(?P<op>&&|\|\|)|(?P<open>\()|(?P<close>\)))"
+    r"\s*(?:(?P<topic>'(?P<name>[^']*)'\s+in\s+topics)|(?P<op>&&|\|\|)|(?P<not>!)|(?P<open>\()|(?P<close>\)))"
 )
 FcmTargetKind = Literal["topic", "condition"]
 
@@ -977,7 +977,7 @@ class FcmTarget:
 
 def condition_topics(condition: str) -> list[str] | None:
     """The topic names of an FCM condition, or None if it is not one: `'name' in topics` terms joined by
-    `&&` and `||`, grouped by parentheses (the operators FCM documents for `message.condition`)."""
+    `&&` and `||`, negated by `!`, grouped by parentheses (FCM "Send messages to topics", `message.condition`)."""
     pos, depth, names, expect_term = 0, 0, [], True
     end = len(condition.rstrip())
     while pos < end:
@@ -994,10 +994,10 @@ def condition_topics(condition: str) -> list[str] | None:
             if expect_term:
                 return None
             expect_term = True
-        elif m.group("open") is not None:
+        elif m.group("not") is not None or m.group("open") is not None:
             if not expect_term:
                 return None
-            depth += 1
+            depth += m.group("open") is not None
         else:
             if expect_term or depth == 0:
                 return None
@@ -1027,8 +1027,8 @@ def parse_fcm_target(obj: Mapping[str, Any], errors: list[FieldError]) -> FcmTar
         return None
     names = condition_topics(condition)
     if names is None:
-        errors.append(FieldError("fcm_condition", "must be terms 'topic' in topics joined by && and ||, with "
-                                                  "parentheses, e.g. 'a' in topics && ('b' in topics || 'c' in topics)"))
+        errors.append(FieldError("fcm_condition", "must be terms 'topic' in topics joined by && and ||, with ! "
+                                                  "and parentheses, e.g. 'a' in topics && ('b' in topics || 'c' in topics)"))
         return None
     if len(names) > MAX_CONDITION_TOPICS:
         errors.append(FieldError("fcm_condition", f"names {len(names)} topics; FCM allows at most "

@@ -22,7 +22,7 @@ from pushgw.providers.fcm import FcmProvider
 from pushgw.queue.keys import Keys
 from pushgw.queue.streams import StreamQueue
 
-CONDITION = "'a' in topics && ('b' in topics || 'c' in topics)"
+CONDITION = "'a' in topics && ('b' in topics || !('c' in topics))"
 
 
 def refused(obj: dict[str, Any]) -> list[str]:
@@ -57,6 +57,8 @@ def test_bad_topic_targets_are_refused_by_name(obj: dict[str, Any], field: str) 
 def test_condition_grammar_accepts_nesting_and_counts_topics() -> None:
     assert condition_topics("(('a' in topics))") == ["a"]
     assert condition_topics("'a' in topics || 'b' in topics && 'c' in topics") == ["a", "b", "c"]
+    assert condition_topics("'a' in topics && !('b' in topics)") == ["a", "b"]
+    assert condition_topics("'a' in topics !") is None
     assert condition_topics("'a' in topics 'b' in topics") is None
     assert condition_topics("()") is None
 

@@ -460,8 +460,8 @@ def _validate(body: Any) -> dict[str, Any]:
 
 
 def _condition(condition: str) -> None:
-    """FCM "Send messages to topics": `'name' in topics` terms joined by && and ||, in parentheses at
-    will, at most five topics."""
+    """FCM "Send messages to topics": `'name' in topics` terms joined by && and ||, negated by !, in
+    parentheses at will, at most five topics."""
     terms = _CONDITION_TERM_RE.findall(condition)
     if len(terms) > 5:
         raise _Invalid("Request contains an invalid argument: a condition may name at most 5 topics.")
@@ -471,7 +471,7 @@ def _condition(condition: str) -> None:
     previous = ""
     while reduced != previous:
         previous = reduced
-        reduced = reduced.replace("(T)", "T").replace("T&&T", "T").replace("T||T", "T")
+        reduced = reduced.replace("!T", "T").replace("(T)", "T").replace("T&&T", "T").replace("T||T", "T")
     if reduced != "T":
         raise _Invalid("Request contains an invalid argument: invalid condition expression.")
 
