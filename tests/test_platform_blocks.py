@@ -21,7 +21,7 @@ from pushgw.core.config import ApiClient, ApiSettings, ApnsApp, FcmApp, Provider
 from pushgw.core.schema import Device, Message, MessageInvalid, loads_message, parse_message
 from pushgw.gateway.api import create_app
 from pushgw.providers.apns import ApnsProvider
-from pushgw.providers.base import Delivered, Delivery
+from pushgw.providers.base import Delivered, Delivery, PayloadTooLarge
 from pushgw.providers.fakes.apns import ApnsKey, FakeApns, make_apns_key
 from pushgw.providers.fakes.fcm import FakeFcm
 from pushgw.providers.fakes.tls import LocalCA
@@ -98,7 +98,7 @@ def test_deep_merge_merges_objects_and_replaces_other_values() -> None:
 
 def test_the_final_payload_after_the_merge_is_size_checked() -> None:
     msg = with_blocks(fcm={"android": {"data": {"blob": "x" * 4000}}})
-    with pytest.raises(Exception, match="fcm payload is"):
+    with pytest.raises(PayloadTooLarge, match="fcm payload is"):
         check_payload_limits(msg, ("fcm",))
     check_payload_limits(msg, ("apns", "webpush"))  # the FCM block does not count against the others
 
