@@ -42,7 +42,7 @@ from ..core.config import (
     WebPushSettings,
     WorkerSettings,
 )
-from ..core.schema import Device, Message
+from ..core.schema import Device, Message, parse_message
 
 TOPIC = "org.example.bench"
 ENQUEUE_CHUNK = 1000
@@ -65,6 +65,7 @@ class Options:
     plots_dir: str | None = None
     seed: int = 1
     timeout_s: float = 600.0
+    rich: float = 0.0  # share of messages sent with rich fields (image, badge, sound, actions, thread, link)
 
 
 @dataclass
@@ -213,7 +214,26 @@ class Bench:
             else:
                 out.append(Message(id=f"{prefix}{i}", user=user, title="Badge earned", body="You scored 92% on the quiz",
                                    category="reward", data={"badge": "quiz-master"}))
+        if self.o.rich > 0:
+            self._enrich(out)
         return out
+
+    def _enrich(self, messages: list[Message]) -> None:
+        """Give a share (`rich`) of the messages the rich fields a real app uses, so their cost shows:
+        an image, a badge, a sound, two action buttons, a thread and a link (its own random stream, so
+        the plain messages stay the same as without the option)."""
+        rng = random.Random(self.o.seed + 2)
+        for i, m in enumerate(messages):
+            if rng.random() >= self.o.rich:
+                continue
+            obj = m.to_json()
+            obj.update({
+                "image": f"https://cdn.campus.example/cards/{i % 20}.png", "badge": 1 + i % 9, "sound": "chime.caf",
+                "actions": [{"id": "open", "title": "Open", "foreground": True}, {"id": "later", "title": "Later"}],
+                "actions_category": "LEARN", "thread": f"course-{i % 12}",
+                "link": f"https://campus.example/learn/{i % 50}",
+            })
+            messages[i] = parse_message(obj, now=0.0, internal=True)
 
     # --- the run ----------------------------------------------------------------------------
 
@@ -433,6 +453,7 @@ class Bench:
         out: dict[str, Any] = {
             "mode": o.mode,
             "policy": o.policy,
+            "rich": o.rich,
             "messages": n,
             "users": o.users,
             "workers": o.processes,
@@ -649,7 +670,7 @@ def plots(result: dict[str, Any], latencies: list[float], directory: Path) -> li
 def summary(result: dict[str, Any]) -> str:
     lat = result["latency_ms"]
     rows = [
-        ("mode", f"{result['mode']}, policy {result.get('policy')}"),
+        ("mode", f"{result['mode']}, policy {result.get('policy')}, rich share {result.get('rich', 0.0)}"),
         ("messages / deliveries", f"{result['messages']} / {result['deliveries_expected']}"),
         ("delivered", result["delivered"]),
         ("dead-lettered", result["dead_lettered"]),
@@ -713,4 +734,4 @@ def bench_policy(level: str) -> PolicySettings:
 def options_from(ns: Any) -> Options:
     return replace(Options(), messages=ns.messages, users=ns.users, processes=ns.processes, mode=ns.mode, rate=ns.rate,
                    duration_s=ns.duration, baseline=not ns.no_baseline, json_path=ns.json, plots_dir=ns.plots,
-                   seed=ns.seed, policy=ns.policy)
+                   seed=ns.seed, policy=ns.policy, rich=ns.rich)

@@ -129,6 +129,8 @@ class Message:
     campaign: str | None = None
     variant: str | None = None
     rich: Rich | None = None  # the rich presentation fields (subtitle, image, badge, ...); None: none given
+    overrides: Overrides | None = None  # the per-platform blocks (apns, fcm, webpush); None: none given
+    fcm_target: FcmTarget | None = None  # an FCM topic or condition instead of user and devices
     # Internal: the devices are already resolved from the registry (a retry or a dead letter aims at
     # exactly `devices`; `user` stays only so a token found dead can be removed from the registry).
     resolved: bool = False
@@ -163,7 +165,9 @@ class Message:
         out: dict[str, Any] = {"v": self.v, "id": self.id}
         if self.user is not None:
             out["user"] = self.user
-        if self.devices:
+        if self.fcm_target is not None:
+            out.update(self.fcm_target.to_json())  # its pseudo-device is planned again from it
+        elif self.devices:
             out["devices"] = [d.to_json() for d in self.devices]
         if self.app != "default":
             out["app"] = self.app
@@ -175,6 +179,8 @@ class Message:
             out["data"] = dict(self.data)
         if self.rich is not None:
             out.update(self.rich.to_json())
+        if self.overrides is not None:
+            out.update(self.overrides.to_json())
         out["category"] = self.category
         out["priority"] = self.priority
         if self.resolved:
@@ -603,6 +609,434 @@ def parse_rich(obj: Mapping[str, Any], errors: list[FieldError], *, title: str |
     )
 
 
+# --- Per-platform blocks -----------------------------------------------------------------------
+# `apns`, `fcm` and `webpush` objects of a message carry what the neutral fields do not say, in each
+# provider's own names. providers/payloads.py deep-merges them over the payload the neutral fields
+# produce. Each block is checked against the provider's documented schema: a field it does not know is
+# refused with its path (e.g. `fcm.android.notifcation`), never dropped.
+
+BLOCK_FIELDS = ("apns", "fcm", "webpush")
+_BLOCK_KEYS = frozenset(BLOCK_FIELDS)
+MAX_BLOCK_DEPTH = 8
+APNS_PUSH_TYPES = ("alert", "background", "voip", "location", "complication", "fileprovider", "mdm",
+                   "pushtotalk", "liveactivity", "widgets", "controls")
+WEBPUSH_URGENCIES = ("very-low", "low", "normal", "high")
+_DIGITS_RE = re.compile(r"^[0-9]{1,12}\Z")
+_WEBPUSH_TOPIC_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}\Z")  # RFC 8030 section 5.4: at most 32 base64url characters
+_FCM_TTL_RE = re.compile(r"^[0-9]{1,9}(\.[0-9]{1,9})?s\Z")  # a google.protobuf.Duration in JSON
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """The validated per-platform blocks of a message, as given (header names in lower case)."""
+
+    apns_headers: Mapping[str, str] = field(default_factory=dict)
+    apns_payload: Mapping[str, Any] = field(default_factory=dict)
+    fcm: Mapping[str, Any] = field(default_factory=dict)
+    webpush_headers: Mapping[str, str] = field(default_factory=dict)
+    webpush_notification: Mapping[str, Any] = field(default_factory=dict)
+    given: frozenset[str] = frozenset()
+
+    @property
+    def critical_field(self) -> str | None:
+        """The `apns` block field that asks for a critical alert (Apple's entitlement), or None."""
+        aps = self.apns_payload.get("aps")
+        if not isinstance(aps, Mapping):
+            return None
+        sound = aps.get("sound")
+        if isinstance(sound, Mapping) and sound.get("critical") == 1:
+            return "apns.payload.aps.sound.critical"
+        if aps.get("interruption-level") == "critical":
+            return "apns.payload.aps.interruption-level"
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if "apns" in self.given:
+            apns: dict[str, Any] = {}
+            if self.apns_headers:
+                apns["headers"] = dict(self.apns_headers)
+            if self.apns_payload:
+                apns["payload"] = dict(self.apns_payload)
+            out["apns"] = apns
+        if "fcm" in self.given:
+            out["fcm"] = dict(self.fcm)
+        if "webpush" in self.given:
+            webpush: dict[str, Any] = {}
+            if self.webpush_headers:
+                webpush["headers"] = dict(self.webpush_headers)
+            if self.webpush_notification:
+                webpush["notification"] = dict(self.webpush_notification)
+            out["webpush"] = webpush
+        return out
+
+
+_Check = Callable[[Any, str, list[FieldError]], bool]
+_SchemaSpec = Mapping[str, "_Check | Mapping[str, Any]"]
+
+
+def _is_str(value: Any, where: str, errors: list[FieldError]) -> bool:
+    if isinstance(value, str):
+        return True
+    errors.append(FieldError(where, "must be a string"))
+    return False
+
+
+def _is_bool(value: Any, where: str, errors: list[FieldError]) -> bool:
+    if isinstance(value, bool):
+        return True
+    errors.append(FieldError(where, "must be true or false"))
+    return False
+
+
+def _is_int(value: Any, where: str, errors: list[FieldError]) -> bool:
+    if not isinstance(value, bool) and isinstance(value, int) and 0 <= value < 2**31:
+        return True
+    errors.append(FieldError(where, "must be a whole number from 0 to 2147483647"))
+    return False
+
+
+def _is_flag(value: Any, where: str, errors: list[FieldError]) -> bool:
+    if value in (0, 1) and not isinstance(value, bool):
+        return True
+    errors.append(FieldError(where, "must be 0 or 1"))
+    return False
+
+
+def _is_unit(value: Any, where: str, errors: list[FieldError]) -> bool:
+    if not isinstance(value, bool) and isinstance(value, int | float) and 0 <= value <= 1:
+        return True
+    errors.append(FieldError(where, "must be a number from 0 to 1"))
+    return False
+
+
+def _is_strings(value: Any, where: str, errors: list[FieldError]) -> bool:
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return True
+    errors.append(FieldError(where, "must be a list of strings"))
+    return False
+
+
+def _is_string_map(value: Any, where: str, errors: list[FieldError]) -> bool:
+    if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
+        return True
+    errors.append(FieldError(where, "must be an object of string values"))
+    return False
+
+
+def _is_json(value: Any, where: str, errors: list[FieldError], depth: int = 0) -> bool:
+    """Any JSON value nested at most MAX_BLOCK_DEPTH deep (custom payload keys, content-state, data)."""
+    if depth > MAX_BLOCK_DEPTH:
+        errors.append(FieldError(where, f"nests deeper than {MAX_BLOCK_DEPTH} levels"))
+        return False
+    if isinstance(value, dict):
+        return all(_is_json(v, f"{where}.{k}", errors, depth + 1) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_is_json(v, f"{where}[{i}]", errors, depth + 1) for i, v in enumerate(value))
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def _is_any_json(value: Any, where: str, errors: list[FieldError]) -> bool:
+    return _is_json(value, where, errors)
+
+
+def _is_timestamp(value: Any, where: str, errors: list[FieldError]) -> bool:
+    if not isinstance(value, bool) and isinstance(value, int) and value >= 0:
+        return True
+    errors.append(FieldError(where, "must be a time in milliseconds since the epoch"))
+    return False
+
+
+def _is_vibrate(value: Any, where: str, errors: list[FieldError]) -> bool:
+    """NotificationOptions.vibrate: a duration or a list of durations in milliseconds."""
+    items = value if isinstance(value, list) else [value]
+    if all(not isinstance(v, bool) and isinstance(v, int) and 0 <= v <= 10_000 for v in items):
+        return True
+    errors.append(FieldError(where, "must be milliseconds or a list of them (0 to 10000)"))
+    return False
+
+
+def _web_actions(value: Any, where: str, errors: list[FieldError]) -> bool:
+    """NotificationOptions.actions: a list of {action, title, icon?} (navigate for declarative push)."""
+    if not isinstance(value, list):
+        errors.append(FieldError(where, "must be a list of {action, title, icon?}"))
+        return False
+    ok = True
+    for i, item in enumerate(value):
+        here = f"{where}[{i}]"
+        if _check_spec(item, _WEB_ACTION, here, errors):
+            for required in ("action", "title"):
+                if required not in item:
+                    errors.append(FieldError(f"{here}.{required}", "is required"))
+                    ok = False
+        else:
+            ok = False
+    return ok
+
+
+def _is_object(value: Any, where: str, errors: list[FieldError]) -> bool:
+    if isinstance(value, dict):
+        return _is_json(value, where, errors)
+    errors.append(FieldError(where, "must be an object"))
+    return False
+
+
+def _one_of(*choices: str) -> _Check:
+    def check(value: Any, where: str, errors: list[FieldError]) -> bool:
+        if value in choices:
+            return True
+        errors.append(FieldError(where, f"must be one of {list(choices)}"))
+        return False
+    return check
+
+
+def _matching(pattern: re.Pattern[str], text: str) -> _Check:
+    def check(value: Any, where: str, errors: list[FieldError]) -> bool:
+        if isinstance(value, str) and pattern.match(value):
+            return True
+        errors.append(FieldError(where, f"must be {text}"))
+        return False
+    return check
+
+
+def _is_https(value: Any, where: str, errors: list[FieldError]) -> bool:
+    return _url(value, where, errors) is not None
+
+
+def _check_spec(value: Any, spec: _SchemaSpec, where: str, errors: list[FieldError]) -> bool:
+    """`value` is an object whose keys are all in `spec`, each value passing its check or sub-spec."""
+    if not isinstance(value, dict):
+        errors.append(FieldError(where, "must be an object"))
+        return False
+    ok = True
+    for key, item in value.items():
+        path = f"{where}.{key}"
+        rule = spec.get(key)
+        if rule is None:
+            errors.append(FieldError(path, f"is not a field of {where} in the provider's documented schema; "
+                                           f"known: {sorted(spec)}"))
+            ok = False
+        elif isinstance(rule, Mapping):
+            ok = _check_spec(item, rule, path, errors) and ok
+        else:
+            ok = rule(item, path, errors) and ok
+    return ok
+
+
+def _apns_alert(value: Any, where: str, errors: list[FieldError]) -> bool:
+    """aps.alert: a string, or the alert dictionary (APNs payload key reference)."""
+    if isinstance(value, str):
+        return True
+    return _check_spec(value, _APNS_ALERT, where, errors)
+
+
+def _apns_sound(value: Any, where: str, errors: list[FieldError]) -> bool:
+    """aps.sound: a file name, or {critical, name, volume} for a critical alert."""
+    if isinstance(value, str):
+        return True
+    return _check_spec(value, {"critical": _is_flag, "name": _is_str, "volume": _is_unit}, where, errors)
+
+
+def _apns_payload(value: Any, where: str, errors: list[FieldError]) -> bool:
+    """An APNs payload: `aps` by its documented keys; other top-level keys are the app's custom data."""
+    if not isinstance(value, dict):
+        errors.append(FieldError(where, "must be an object such as {\"aps\": {...}}"))
+        return False
+    ok = True
+    for key, item in value.items():
+        if key == "aps":
+            ok = _check_spec(item, _APS, f"{where}.aps", errors) and ok
+        elif key == "pushgw":
+            errors.append(FieldError(f"{where}.pushgw", "is the gateway's own key (message id and tracking)"))
+            ok = False
+        else:
+            ok = _is_json(item, f"{where}.{key}", errors) and ok
+    return ok
+
+
+_APNS_ALERT: _SchemaSpec = {
+    "title": _is_str, "subtitle": _is_str, "body": _is_str, "launch-image": _is_str,
+    "title-loc-key": _is_str, "title-loc-args": _is_strings, "subtitle-loc-key": _is_str,
+    "subtitle-loc-args": _is_strings, "loc-key": _is_str, "loc-args": _is_strings,
+}
+# APNs "Generating a remote notification", payload key reference; Live Activity keys from
+# "Starting and updating Live Activities with ActivityKit push notifications".
+_APS: _SchemaSpec = {
+    "alert": _apns_alert, "badge": _is_int, "sound": _apns_sound, "thread-id": _is_str, "category": _is_str,
+    "content-available": _is_flag, "mutable-content": _is_flag, "target-content-id": _is_str,
+    "interruption-level": _one_of(*INTERRUPTION_LEVELS), "relevance-score": _is_unit, "filter-criteria": _is_str,
+    "timestamp": _is_int, "event": _one_of("start", "update", "end"), "content-state": _is_object,
+    "stale-date": _is_int, "dismissal-date": _is_int, "attributes-type": _is_str, "attributes": _is_object,
+}
+# APNs "Sending notification requests to APNs", request headers a message may set (apns-topic and
+# authorization come from the app's configuration, apns-id from the delivery).
+_APNS_HEADERS: _SchemaSpec = {
+    "apns-push-type": _one_of(*APNS_PUSH_TYPES),
+    "apns-priority": _one_of("1", "5", "10"),
+    "apns-expiration": _matching(_DIGITS_RE, "unix seconds as a string of digits (0: deliver once or drop)"),
+    "apns-collapse-id": _matching(re.compile(r"^[^\x00-\x1f\x7f]{1,64}\Z"), "1 to 64 characters"),
+}
+# FCM HTTP v1 reference, projects.messages (AndroidConfig, AndroidNotification, ApnsConfig, WebpushConfig).
+_FCM_ANDROID_NOTIFICATION: _SchemaSpec = {
+    **{k: _is_str for k in ("title", "body", "icon", "color", "sound", "tag", "click_action", "title_loc_key",
+                            "body_loc_key", "channel_id", "ticker", "event_time", "image")},
+    "title_loc_args": _is_strings, "body_loc_args": _is_strings, "vibrate_timings": _is_strings,
+    **{k: _is_bool for k in ("sticky", "local_only", "default_sound", "default_vibrate_timings",
+                             "default_light_settings", "bypass_proxy_notification")},
+    "notification_priority": _one_of("PRIORITY_UNSPECIFIED", "PRIORITY_MIN", "PRIORITY_LOW", "PRIORITY_DEFAULT",
+                                     "PRIORITY_HIGH", "PRIORITY_MAX"),
+    "visibility": _one_of("VISIBILITY_UNSPECIFIED", "PRIVATE", "PUBLIC", "SECRET"),
+    "proxy": _one_of("PROXY_UNSPECIFIED", "ALLOW", "DENY", "IF_PRIORITY_LOWERED"),
+    "notification_count": _is_int, "light_settings": _is_object,
+}
+_FCM_ANDROID: _SchemaSpec = {
+    "collapse_key": _is_str, "priority": _one_of("NORMAL", "HIGH"),
+    "ttl": _matching(_FCM_TTL_RE, 'a duration in seconds such as "3600s"'),
+    "restricted_package_name": _is_str, "data": _is_string_map, "notification": _FCM_ANDROID_NOTIFICATION,
+    "fcm_options": {"analytics_label": _is_str}, "direct_boot_ok": _is_bool,
+}
+_FCM_BLOCK: _SchemaSpec = {
+    "android": _FCM_ANDROID,
+    "apns": {"headers": _is_string_map, "payload": _apns_payload,
+             "fcm_options": {"analytics_label": _is_str, "image": _is_https}},
+    "webpush": {"headers": _is_string_map, "data": _is_string_map, "notification": _is_object,
+                "fcm_options": {"link": _is_https, "analytics_label": _is_str}},
+    "fcm_options": {"analytics_label": _is_str},
+}
+# WHATWG Notifications, NotificationOptions (what the service worker passes to showNotification).
+_WEB_NOTIFICATION: _SchemaSpec = {
+    "title": _is_str, "body": _is_str, "icon": _is_str, "image": _is_str, "badge": _is_str, "tag": _is_str,
+    "renotify": _is_bool, "requireInteraction": _is_bool, "silent": _is_bool, "data": _is_any_json,
+    "dir": _one_of(*TEXT_DIRECTIONS), "lang": _is_str, "timestamp": _is_timestamp, "vibrate": _is_vibrate,
+    "actions": _web_actions,
+}
+_WEB_ACTION: _SchemaSpec = {"action": _is_str, "title": _is_str, "icon": _is_str, "navigate": _is_https}
+# RFC 8030 section 5 request headers a message may set (the gateway sets Authorization, Content-*).
+_WEB_HEADERS: _SchemaSpec = {
+    "ttl": _matching(_DIGITS_RE, "whole seconds as a string of digits"),
+    "urgency": _one_of(*WEBPUSH_URGENCIES),
+    "topic": _matching(_WEBPUSH_TOPIC_RE, "1 to 32 base64url characters (RFC 8030 section 5.4)"),
+}
+_APNS_BLOCK: _SchemaSpec = {"headers": _APNS_HEADERS, "payload": _apns_payload}
+_WEBPUSH_BLOCK: _SchemaSpec = {"headers": _WEB_HEADERS, "notification": _WEB_NOTIFICATION}
+
+
+def parse_overrides(obj: Mapping[str, Any], errors: list[FieldError]) -> Overrides | None:
+    """The `apns`, `fcm` and `webpush` blocks of a message (at least one is present in `obj`)."""
+    before = len(errors)
+    given = frozenset(k for k in BLOCK_FIELDS if obj.get(k) is not None)
+    apns, fcm, webpush = ({} if obj.get(k) is None else obj[k] for k in BLOCK_FIELDS)
+    if isinstance(webpush, dict) and isinstance(webpush.get("headers"), dict):
+        webpush = {**webpush, "headers": {str(k).lower(): v for k, v in webpush["headers"].items()}}
+    if isinstance(apns, dict) and isinstance(apns.get("headers"), dict):
+        apns = {**apns, "headers": {str(k).lower(): v for k, v in apns["headers"].items()}}
+    _check_spec(apns, _APNS_BLOCK, "apns", errors)
+    _check_spec(fcm, _FCM_BLOCK, "fcm", errors)
+    _check_spec(webpush, _WEBPUSH_BLOCK, "webpush", errors)
+    if len(errors) > before:
+        return None
+    return Overrides(
+        apns_headers=apns.get("headers", {}), apns_payload=apns.get("payload", {}), fcm=fcm,
+        webpush_headers=webpush.get("headers", {}), webpush_notification=webpush.get("notification", {}),
+        given=given,
+    )
+
+
+# --- FCM topic and condition targets -----------------------------------------------------------
+# `fcm_topic` or `fcm_condition` sends one FCM v1 request with `message.topic` / `message.condition`
+# (FCM "Send messages to topics"): FCM fans it out to the subscribed devices, so the gateway plans it
+# as one delivery to a pseudo-device, once per message.
+
+TARGET_FIELDS = ("fcm_topic", "fcm_condition")
+_TARGET_KEYS = frozenset(TARGET_FIELDS)
+MAX_CONDITION_TOPICS = 5  # FCM: "You can include up to five topics in your conditional expression"
+MAX_CONDITION_LEN = 2048
+_FCM_TOPIC_RE = re.compile(r"^[a-zA-Z0-9_.~%-]{1,900}\Z")  # FCM's topic name rule
+_CONDITION_TOKEN_RE = re.compile(
+    r"\s*(?:(?P<topic>'(?P<name>[^']*)'\s+in\s+topics)|(?P<op>&&|\|\|)|(?P<not>!)|(?P<open>\()|(?P<close>\)))"
+)
+FcmTargetKind = Literal["topic", "condition"]
+
+
+@dataclass(frozen=True, slots=True)
+class FcmTarget:
+    """An FCM topic or condition a message is sent to instead of device tokens."""
+
+    kind: FcmTargetKind
+    value: str
+
+    @property
+    def device(self) -> Device:
+        """The pseudo-device the worker plans the one delivery for (its key cannot be a token's:
+        FCM tokens have no space and `fcm_topic`/`fcm_condition` deliveries have no user)."""
+        return Device("fcm", f"{self.kind} {self.value}")
+
+    def to_json(self) -> dict[str, str]:
+        return {f"fcm_{self.kind}": self.value}
+
+
+def condition_topics(condition: str) -> list[str] | None:
+    """The topic names of an FCM condition, or None if it is not one: `'name' in topics` terms joined by
+    `&&` and `||`, negated by `!`, grouped by parentheses (FCM "Send messages to topics", `message.condition`)."""
+    pos, depth, names, expect_term = 0, 0, [], True
+    end = len(condition.rstrip())
+    while pos < end:
+        m = _CONDITION_TOKEN_RE.match(condition, pos)
+        if m is None:
+            return None
+        pos = m.end()
+        if m.group("topic") is not None:
+            if not expect_term or not _FCM_TOPIC_RE.match(m.group("name")):
+                return None
+            names.append(m.group("name"))
+            expect_term = False
+        elif m.group("op") is not None:
+            if expect_term:
+                return None
+            expect_term = True
+        elif m.group("not") is not None or m.group("open") is not None:
+            if not expect_term:
+                return None
+            depth += m.group("open") is not None
+        else:
+            if expect_term or depth == 0:
+                return None
+            depth -= 1
+    return names if names and depth == 0 and not expect_term else None
+
+
+def parse_fcm_target(obj: Mapping[str, Any], errors: list[FieldError]) -> FcmTarget | None:
+    """`fcm_topic` or `fcm_condition` (at least one is present in `obj`)."""
+    topic, condition = obj.get("fcm_topic"), obj.get("fcm_condition")
+    if topic is not None and condition is not None:
+        errors.append(FieldError("fcm_condition", "give either fcm_topic or fcm_condition, not both"))
+        return None
+    for name in ("user", "devices"):
+        if obj.get(name) is not None:
+            errors.append(FieldError(name, "a message to an FCM topic or condition has no other target "
+                                           "(send a second message to the user or devices)"))
+            return None
+    if topic is not None:
+        if not isinstance(topic, str) or not _FCM_TOPIC_RE.match(topic):
+            errors.append(FieldError("fcm_topic", f"must match {_FCM_TOPIC_RE.pattern} (FCM's topic name rule; "
+                                                  "without the /topics/ prefix)"))
+            return None
+        return FcmTarget("topic", topic)
+    if not isinstance(condition, str) or len(condition) > MAX_CONDITION_LEN:
+        errors.append(FieldError("fcm_condition", f"must be a string of at most {MAX_CONDITION_LEN} characters"))
+        return None
+    names = condition_topics(condition)
+    if names is None:
+        errors.append(FieldError("fcm_condition", "must be terms 'topic' in topics joined by && and ||, with ! "
+                                                  "and parentheses, e.g. 'a' in topics && ('b' in topics || 'c' in topics)"))
+        return None
+    if len(names) > MAX_CONDITION_TOPICS:
+        errors.append(FieldError("fcm_condition", f"names {len(names)} topics; FCM allows at most "
+                                                  f"{MAX_CONDITION_TOPICS}"))
+        return None
+    return FcmTarget("condition", condition.strip())
+
+
 _KNOWN = frozenset({
     "v", "id", "user", "devices", "app", "title", "body", "data", "category", "priority",
     "ttl", "expires_at", "send_at", "collapse_key", "campaign", "variant",
@@ -628,10 +1062,12 @@ def parse_message(
     if not isinstance(obj, dict):
         raise MessageInvalid([FieldError("$", "a message must be a JSON object")])
     unknown = obj.keys() - (_KNOWN_INTERNAL if internal else _KNOWN)
-    rich_given = False
-    if unknown:  # rich fields, or fields nobody knows (a message without rich fields skips this)
+    rich_given = blocks_given = target_given = False
+    if unknown:  # rich fields, blocks, targets, or fields nobody knows (a plain message skips this)
         rich_given = not unknown.isdisjoint(_RICH_KEYS)
-        unknown -= _RICH_KEYS
+        blocks_given = not unknown.isdisjoint(_BLOCK_KEYS)
+        target_given = not unknown.isdisjoint(_TARGET_KEYS)
+        unknown -= _RICH_KEYS | _BLOCK_KEYS | _TARGET_KEYS
     if unknown:
         errors.append(FieldError("$", f"unknown field(s) {sorted(unknown)}"))
     version = obj.get("v", SCHEMA_VERSION)
@@ -724,9 +1160,11 @@ def parse_message(
             if dev is not None and dev.key not in seen:
                 seen.add(dev.key)
                 devices.append(dev)
-    if require_target and user is None and not devices_in:
-        errors.append(FieldError("user", "a message needs a user, devices, or both"))
+    fcm_target = parse_fcm_target(obj, errors) if target_given else None
+    if require_target and user is None and not devices_in and not target_given:
+        errors.append(FieldError("user", "a message needs a user, devices (or both), or an fcm_topic or fcm_condition"))
     rich = parse_rich(obj, errors, title=title, body=body) if rich_given else None
+    overrides = parse_overrides(obj, errors) if blocks_given else None
     if title is None and body is None and not data and (rich is None or not rich.has_content):
         errors.append(FieldError("body", "a message needs a title, a body or data"))
 
@@ -749,6 +1187,8 @@ def parse_message(
         campaign=campaign,
         variant=variant,
         rich=rich,
+        overrides=overrides,
+        fcm_target=fcm_target,
         resolved=internal and obj.get("resolved") is True,
         fanout=internal and obj.get("fanout") is True,
     )

@@ -406,6 +406,14 @@ def cmd_vapid_keygen(args: argparse.Namespace, settings: Settings) -> int:
 # ---------------------------------------------------------------------------- parser
 
 
+def _share(text: str) -> float:
+    """A share from 0 to 1 (`pushgw bench --rich`)."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("must be from 0 to 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pushgw", description="Push delivery gateway: Redis Streams to APNs, FCM, Web Push")
     p.add_argument("--config", "-c", help="TOML settings file (default: $PUSHGW_CONFIG)")
@@ -433,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: as deployed (preferences read per batch); full: every rule on with limits out of "
                         "reach; compare full with off to see the policy's cost")
     b.add_argument("--seed", type=int, default=1)
+    b.add_argument("--rich", type=_share, nargs="?", const=0.5, default=0.0, metavar="SHARE",
+                   help="send this share of the messages (0-1; 0.5 when no value is given) with rich fields: "
+                        "image, badge, sound, actions, thread, link")
     b.set_defaults(fn=cmd_bench)
 
     for name, fn, help_ in (

@@ -82,9 +82,13 @@ class Intake:
                 self._check_apps(msg)
                 # A message to a user may reach any provider; explicit devices only their own.
                 providers = PROVIDERS if msg.user is not None else tuple({d.provider for d in msg.devices})
+                if msg.fcm_target is not None:
+                    providers = ("fcm",)
                 check_payload_limits(msg, providers)
                 if msg.rich is not None and msg.rich.critical:
                     self._check_critical(msg, msg.rich)
+                if msg.overrides is not None and msg.overrides.critical_field is not None:
+                    self._check_critical_block(msg, msg.overrides.critical_field)
             except MessageInvalid as e:
                 errors += [FieldError(where + err.field, err.message) for err in e.errors]
                 continue
@@ -96,6 +100,15 @@ class Intake:
         if errors:
             raise MessageInvalid(errors)
         return out
+
+    def _check_critical_block(self, msg: Message, field: str) -> None:
+        """`_check_critical` for a critical sound or level set in the `apns` block (`field` names it)."""
+        apps = {msg.app} if msg.user is not None else set()
+        apps |= {d.app or msg.app for d in msg.devices if d.provider == "apns"}
+        missing = sorted(a for a in apps if not ((cfg := self.settings.apns_app(a)) and cfg.critical_alerts))
+        if missing:
+            raise MessageInvalid([FieldError(field, f"critical alerts need Apple's entitlement: set apns.{missing[0]}."
+                                                    "critical_alerts = true once Apple granted it")])
 
     def _check_critical(self, msg: Message, rich: Rich) -> None:
         """A critical sound or interruption level needs the app's critical-alerts entitlement, said in the config."""

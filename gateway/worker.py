@@ -266,6 +266,9 @@ class Worker:
         jobs = self.jobs
         for entry, msg, expiry in decoded:
             devices: dict[str, Device] = {d.key: d for d in msg.devices}
+            if msg.fcm_target is not None:  # one request to FCM, which fans it out to the subscribers
+                target = msg.fcm_target.device
+                devices = {target.key: target}
             from_registry: frozenset[str] = frozenset()
             if msg.user and not msg.resolved:
                 reg = registry.get(msg.user)

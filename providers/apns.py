@@ -24,7 +24,7 @@ import re
 import ssl
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import orjson
 
@@ -183,6 +183,8 @@ class ApnsProvider:
     def _headers(self, app: _App, d: Delivery, jwt: str | None) -> bytes:
         """The request's HPACK header block: the app's fixed fields, then this push's."""
         msg = d.message
+        if msg.overrides is not None and msg.overrides.apns_headers:
+            return self._headers_overridden(app, d, jwt, msg.overrides.apns_headers)
         silent = msg.is_silent
         token = d.device.token
         parts = [
@@ -207,6 +209,33 @@ class ApnsProvider:
             parts += (_COLLAPSE_ID_NAME, bytes((len(collapse_id),)), collapse_id)
         else:
             parts.append(encode_field(b"apns-collapse-id", collapse_id))
+        return b"".join(parts)
+
+    def _headers_overridden(self, app: _App, d: Delivery, jwt: str | None, over: Mapping[str, str]) -> bytes:
+        """`_headers` with the message's `apns.headers` block (APNs "Sending notification requests to APNs")
+        in place of the fields the gateway derives: apns-push-type, apns-priority, apns-expiration,
+        apns-collapse-id."""
+        msg = d.message
+        token = d.device.token
+        push_type = over.get("apns-push-type")
+        priority = over.get("apns-priority")
+        parts = [
+            app.pseudo_block,
+            encode_field(b":path", app.path_prefix + token.encode()),
+            app.fixed_block,
+            encode_field(b"apns-push-type", push_type.encode()) if push_type else app.push_type_block[msg.is_silent],
+            encode_field(b"apns-priority", priority.encode()) if priority else (
+                _PRIORITY_10 if msg.priority == "high" and not msg.is_silent else _PRIORITY_5),
+            encode_field(b"apns-id", apns_id(msg.id, token).encode()),
+        ]
+        if jwt is not None:
+            parts.append(encode_field(b"authorization", b"bearer " + jwt.encode()))
+        expiration = over.get("apns-expiration")
+        if expiration is None and d.expires_at is not None:
+            expiration = str(max(1, int(d.expires_at)))
+        if expiration is not None:
+            parts.append(encode_field(b"apns-expiration", expiration.encode()))
+        parts.append(encode_field(b"apns-collapse-id", over.get("apns-collapse-id", apns_collapse_id(msg)).encode()))
         return b"".join(parts)
 
     async def send(self, delivery: Delivery) -> Outcome:

@@ -7,11 +7,12 @@ message that passed validation can never be refused later as too large.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
-from ..core.schema import SOUND_DEFAULT, SOUND_NONE, Action, Message, Rich
+from ..core.schema import SOUND_DEFAULT, SOUND_NONE, Action, FcmTarget, Message, Overrides, Rich
 from .base import PayloadTooLarge
 
 APNS_MAX_PAYLOAD = 4096
@@ -56,6 +57,8 @@ def apns_payload(msg: Message) -> bytes:
         aps = _rich_aps(msg, rich)
     body: dict[str, Any] = {"aps": aps, **msg.data}
     body["pushgw"] = _tracking(msg) if rich is None else _rich_tracking(msg, rich)
+    if msg.overrides is not None and msg.overrides.apns_payload:
+        body = deep_merge(body, msg.overrides.apns_payload)
     return orjson.dumps(body)
 
 
@@ -105,6 +108,29 @@ def _rich_aps(msg: Message, rich: Rich) -> dict[str, Any]:
     return aps
 
 
+def deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `over` merged in, as a new dict: objects merge key by key, any other value replaces.
+
+    How a per-platform block (core/schema.py `Overrides`) applies over what the neutral fields produce."""
+    out = dict(base)
+    for key, value in over.items():
+        below = out.get(key)
+        out[key] = deep_merge(below, value) if isinstance(below, dict) and isinstance(value, Mapping) else value
+    return out
+
+
+def fcm_target(target: FcmTarget) -> dict[str, Any]:
+    """`message.topic` or `message.condition` of a topic send (FCM "Send messages to topics"): the topic
+    name without the /topics/ prefix, or the condition expression as given."""
+    return {target.kind: target.value}
+
+
+def apns_header_overrides(msg: Message) -> Mapping[str, str]:
+    """The APNs request headers the message's `apns.headers` block sets (none when it has no block)."""
+    overrides: Overrides | None = msg.overrides
+    return overrides.apns_headers if overrides is not None else {}
+
+
 def _shows_alert(msg: Message, rich: Rich) -> bool:
     """The push has text to show (a badge- or sound-only push has none)."""
     if msg.title is not None or msg.body is not None:
@@ -115,7 +141,7 @@ def _shows_alert(msg: Message, rich: Rich) -> bool:
 def fcm_message(msg: Message, token: str) -> dict[str, Any]:
     """The `message` object of an FCM HTTP v1 `messages:send` request."""
     rich = msg.rich
-    out: dict[str, Any] = {"token": token}
+    out: dict[str, Any] = {"token": token} if msg.fcm_target is None else fcm_target(msg.fcm_target)
     shown = (msg.title is not None or msg.body is not None) if rich is None else (
         not rich.silent and _shows_alert(msg, rich))
     if shown:
@@ -150,6 +176,8 @@ def fcm_message(msg: Message, token: str) -> dict[str, Any]:
     out["android"] = android
     if rich is not None:
         _rich_fcm(msg, rich, out, data, shown)
+    if msg.overrides is not None and msg.overrides.fcm:
+        return deep_merge(out, msg.overrides.fcm)
     return out
 
 
@@ -208,6 +236,8 @@ def webpush_plaintext(msg: Message) -> bytes:
         body["tag"] = msg.collapse_key or msg.id
     if rich is not None:
         _rich_web(rich, body)
+    if msg.overrides is not None and msg.overrides.webpush_notification:
+        body = deep_merge(body, msg.overrides.webpush_notification)
     return orjson.dumps(body)
 
 
@@ -284,7 +314,7 @@ def _content_bound(msg: Message) -> int:
 def fcm_payload_size(msg: Message) -> int:
     """Bytes of the FCM message as sent, without the registration token (the target, not payload)."""
     m = fcm_message(msg, "")
-    del m["token"]
+    m.pop("token", None)
     return len(orjson.dumps(m))
 
 
@@ -294,7 +324,7 @@ def check_payload_limits(msg: Message, providers: tuple[str, ...] = ("apns", "fc
     Most messages are far below 4 KB: one serialization of the content proves it for all three
     providers at once, and the payloads are built only for a message near a limit or with rich
     fields (the API's hot path)."""
-    if msg.rich is None and _content_bound(msg) <= _SMALLEST_LIMIT:
+    if msg.rich is None and msg.overrides is None and _content_bound(msg) <= _SMALLEST_LIMIT:
         return
     if "apns" in providers:
         size = len(apns_payload(msg))

@@ -270,6 +270,8 @@ class WebPushProvider:
         # Always a Topic (the sender's collapse_key, else from the message id), so a delivery repeated
         # after a crash replaces the copy still pending at the push service (RFC 8030 section 5.4).
         headers["Topic"] = topic_for(replacement_key(msg))
+        if msg.overrides is not None and msg.overrides.webpush_headers:
+            headers.update(msg.overrides.webpush_headers)  # the message's webpush.headers block (RFC 8030)
         return headers
 
     def _h2_headers(self, d: Delivery, origin: _Origin, parts: SplitResult, authorization: str,
@@ -288,6 +290,9 @@ class WebPushProvider:
             _URGENCY["high" if msg.priority == "high" else "normal"],
         ]
         headers.append((b"topic", topic_for(replacement_key(msg)).encode()))  # as in `_headers`
+        if msg.overrides is not None and msg.overrides.webpush_headers:
+            over = msg.overrides.webpush_headers  # the message's webpush.headers block, names in lower case
+            headers = [(k, over[k.decode()].encode()) if k.decode() in over else (k, v) for k, v in headers]
         headers.append((b"content-length", str(len(body)).encode()))
         return headers
 

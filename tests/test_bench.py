@@ -49,3 +49,8 @@ def test_bench_fast_mode_with_nginx_sinks(tmp_path: Path) -> None:
     assert result["mode"] == "fast"
     assert "sinks" in result["cpu_us_per_delivery"]  # type: ignore[operator]
     assert isinstance(result["latency_ms"], dict) and result["latency_ms"]["samples"] > 0
+
+
+def test_bench_rich_sends_a_share_of_rich_messages_through_the_strict_fakes(tmp_path: Path) -> None:
+    result = _bench(tmp_path, "--mode", "strict", "--rich", "0.5")
+    assert result["rich"] == 0.5 and result["baseline_delivered"] == result["baseline_deliveries"]

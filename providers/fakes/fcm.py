@@ -47,6 +47,8 @@ FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 _TTL_RE = re.compile(r"^\d+(\.\d+)?s$")
 _MESSAGE_FIELDS = {"name", "token", "topic", "condition", "notification", "data", "android", "apns", "webpush", "fcm_options"}
 _NOTIFICATION_FIELDS = {"title", "body", "image"}
+_TOPIC_RE = re.compile(r"^[a-zA-Z0-9_.~%-]{1,900}\Z")  # FCM's topic name rule
+_CONDITION_TERM_RE = re.compile(r"'([^']*)'\s+in\s+topics")
 _ANDROID_FIELDS = {
     "collapse_key", "priority", "ttl", "restricted_package_name", "data", "notification", "fcm_options",
     "direct_boot_ok",
@@ -222,7 +224,8 @@ class FakeFcm:
         return path
 
     def program(self, token: str, responses: Iterable[Programmed]) -> None:
-        """Answer the next sends to `token` with these responses, in order, then accept again."""
+        """Answer the next sends to `token` (or to this topic or condition) with these responses, in order,
+        then accept again."""
         self._programmed.setdefault(token, deque()).extend(responses)
 
     def revoke(self) -> None:
@@ -391,7 +394,7 @@ class FakeFcm:
             return _error(400, None, str(e))
         if not await hold(self):
             return _error(503, "UNAVAILABLE", "The service is shutting down.")
-        target = message.get("token")
+        target = message.get("token", message.get("topic", message.get("condition")))  # what `program` names
         queue = self._programmed.get(target) if isinstance(target, str) else None
         if queue:
             programmed = queue.popleft()
@@ -424,6 +427,10 @@ def _validate(body: Any) -> dict[str, Any]:
         raise _Invalid("Exactly one of message.token, message.topic or message.condition must be set.")
     if not isinstance(message[targets[0]], str) or not message[targets[0]]:
         raise _Invalid(f"Invalid value at 'message.{targets[0]}' (TYPE_STRING).")
+    if targets[0] == "topic" and not _TOPIC_RE.match(message["topic"]):
+        raise _Invalid("Request contains an invalid argument: invalid topic name (no /topics/ prefix in v1).")
+    if targets[0] == "condition":
+        _condition(message["condition"])
     _string_map(message.get("data"), "message.data")
     notification = message.get("notification")
     if notification is not None:
@@ -450,6 +457,23 @@ def _validate(body: Any) -> dict[str, Any]:
     if image is not None and not image.startswith("https://"):
         raise _Invalid("Invalid value at 'message.notification.image': the image URL must be https.")
     return message
+
+
+def _condition(condition: str) -> None:
+    """FCM "Send messages to topics": `'name' in topics` terms joined by && and ||, negated by !, in
+    parentheses at will, at most five topics."""
+    terms = _CONDITION_TERM_RE.findall(condition)
+    if len(terms) > 5:
+        raise _Invalid("Request contains an invalid argument: a condition may name at most 5 topics.")
+    if not all(_TOPIC_RE.match(t) for t in terms):
+        raise _Invalid("Request contains an invalid argument: invalid topic name in the condition.")
+    reduced = _CONDITION_TERM_RE.sub("T", condition).replace(" ", "")
+    previous = ""
+    while reduced != previous:
+        previous = reduced
+        reduced = reduced.replace("!T", "T").replace("(T)", "T").replace("T&&T", "T").replace("T||T", "T")
+    if reduced != "T":
+        raise _Invalid("Request contains an invalid argument: invalid condition expression.")
 
 
 def _android_notification(value: Any) -> None:
