@@ -113,6 +113,8 @@ class ApnsApp:
     # Apple granted this app the critical-alerts entitlement (com.apple.developer.usernotifications.critical-alerts):
     # only then are critical sounds and the critical interruption level accepted at the door.
     critical_alerts: bool = False
+    # The topic of the MDM push certificate (com.apple.mgmt.External.<uuid>): apns-push-type mdm goes there.
+    mdm_topic: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,10 +11,11 @@ from typing import Any
 
 import orjson
 
-from ..core.schema import SOUND_DEFAULT, SOUND_NONE, Action, Message, Rich
+from ..core.schema import APNS_SHARED_TOKEN_TYPES, SOUND_DEFAULT, SOUND_NONE, Action, Message, Rich
 from .base import PayloadTooLarge
 
 APNS_MAX_PAYLOAD = 4096
+APNS_VOIP_MAX_PAYLOAD = 5120  # APNs "Sending notification requests to APNs": VoIP payloads up to 5120 bytes
 FCM_MAX_PAYLOAD = 4096
 APNS_MAX_COLLAPSE_ID = 64
 _ICON_URL_PREFIXES = ("https://", "/")
@@ -41,6 +42,8 @@ def apns_collapse_id(msg: Message) -> str:
 
 def apns_payload(msg: Message) -> bytes:
     """The JSON body APNs expects: an `aps` dictionary plus the custom data keys."""
+    if msg.apns_push is not None and msg.apns_push.push_type not in APNS_SHARED_TOKEN_TYPES:
+        return apns_typed_payload(msg)
     rich = msg.rich
     aps: dict[str, Any]
     if msg.is_silent:
@@ -57,6 +60,77 @@ def apns_payload(msg: Message) -> bytes:
     body: dict[str, Any] = {"aps": aps, **msg.data}
     body["pushgw"] = _tracking(msg) if rich is None else _rich_tracking(msg, rich)
     return orjson.dumps(body)
+
+
+# Each push type's topic suffix (APNs "Sending notification requests to APNs", apns-topic); mdm uses
+# the MDM topic from the app's configuration, alert and background the bundle id itself.
+APNS_TOPIC_SUFFIXES = {
+    "voip": ".voip", "complication": ".complication", "fileprovider": ".pushkit.fileprovider",
+    "location": ".location-query", "pushtotalk": ".voip-ptt", "liveactivity": ".push-type.liveactivity",
+}
+
+
+def apns_topic(bundle_id: str, push_type: str) -> str:
+    """The apns-topic of a push type (not mdm, whose topic is configured)."""
+    return bundle_id + APNS_TOPIC_SUFFIXES.get(push_type, "")
+
+
+def apns_priority(msg: Message, push_type: str) -> str:
+    """apns-priority by Apple's table: background 5, voip and pushtotalk 10, else 10 for a high message, 5 otherwise."""
+    if push_type == "background":
+        return "5"
+    if push_type in ("voip", "pushtotalk"):
+        return "10"
+    return "10" if msg.priority == "high" else "5"
+
+
+def apns_max_payload(msg: Message) -> int:
+    if msg.apns_push is not None and msg.apns_push.push_type == "voip":
+        return APNS_VOIP_MAX_PAYLOAD
+    return APNS_MAX_PAYLOAD
+
+
+def apns_typed_payload(msg: Message) -> bytes:
+    """The body of a voip, location, complication, fileprovider, mdm, pushtotalk or liveactivity push.
+
+    mdm is `{"mdm": <PushMagic>}` (Apple's MDM protocol); a Live Activity's `aps` carries event,
+    timestamp, content-state and its dates (ActivityKit push notifications), with the message's title
+    and body as its alert; the other types are read by the app (PushKit, location push service
+    extension): an empty `aps` beside the data and `pushgw` with the title and body."""
+    push = msg.apns_push
+    assert push is not None
+    if push.push_type == "mdm":
+        return orjson.dumps({"mdm": msg.data["mdm"]})
+    tracking: dict[str, Any] = _tracking(msg)
+    la = push.live_activity
+    aps: dict[str, Any] = {}
+    if la is not None:
+        aps = {"timestamp": la.timestamp, "event": la.event}
+        if la.content_state is not None:
+            aps["content-state"] = la.content_state
+        if la.attributes_type is not None:
+            aps["attributes-type"] = la.attributes_type
+            aps["attributes"] = la.attributes
+        if la.stale_date is not None:
+            aps["stale-date"] = la.stale_date
+        if la.dismissal_date is not None:
+            aps["dismissal-date"] = la.dismissal_date
+        if la.relevance_score is not None:
+            aps["relevance-score"] = la.relevance_score
+        if msg.title is not None or msg.body is not None:
+            alert: dict[str, str] = {}
+            if msg.title is not None:
+                alert["title"] = msg.title
+            if msg.body is not None:
+                alert["body"] = msg.body
+            aps["alert"] = alert
+            aps["sound"] = SOUND_DEFAULT
+    else:
+        if msg.title is not None:
+            tracking["title"] = msg.title
+        if msg.body is not None:
+            tracking["body"] = msg.body
+    return orjson.dumps({"aps": aps, **msg.data, "pushgw": tracking})
 
 
 def _rich_aps(msg: Message, rich: Rich) -> dict[str, Any]:
@@ -294,12 +368,12 @@ def check_payload_limits(msg: Message, providers: tuple[str, ...] = ("apns", "fc
     Most messages are far below 4 KB: one serialization of the content proves it for all three
     providers at once, and the payloads are built only for a message near a limit or with rich
     fields (the API's hot path)."""
-    if msg.rich is None and _content_bound(msg) <= _SMALLEST_LIMIT:
+    if msg.rich is None and msg.apns_push is None and _content_bound(msg) <= _SMALLEST_LIMIT:
         return
     if "apns" in providers:
-        size = len(apns_payload(msg))
-        if size > APNS_MAX_PAYLOAD:
-            raise PayloadTooLarge("apns", size, APNS_MAX_PAYLOAD)
+        size, limit = len(apns_payload(msg)), apns_max_payload(msg)
+        if size > limit:
+            raise PayloadTooLarge("apns", size, limit)
     if "fcm" in providers:
         size = fcm_payload_size(msg)
         if size > FCM_MAX_PAYLOAD:
