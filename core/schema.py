@@ -73,6 +73,8 @@ class Device:
     app: str | None = None
     p256dh: str | None = None  # Web Push only: the browser's ECDH public key (base64url)
     auth: str | None = None  # Web Push only: the 16-byte auth secret (base64url)
+    # Web Push only: the site shows declarative push messages (W3C Push API; no service worker needed)
+    declarative: bool = False
 
     @property
     def key(self) -> str:
@@ -85,7 +87,10 @@ class Device:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any]
         if self.provider == "webpush":
-            out = {"webpush": {"endpoint": self.token, "keys": {"p256dh": self.p256dh, "auth": self.auth}}}
+            sub: dict[str, Any] = {"endpoint": self.token, "keys": {"p256dh": self.p256dh, "auth": self.auth}}
+            if self.declarative:
+                sub["declarative"] = True
+            out = {"webpush": sub}
         else:
             out = {self.provider: self.token}
         if self.app:
@@ -270,7 +275,11 @@ def parse_device(obj: Any, where: str, errors: list[FieldError], endpoint_check:
     if not isinstance(auth, str) or not _B64URL_RE.match(auth) or not (22 <= len(auth) <= 24):
         errors.append(FieldError(f"{where}.webpush.keys.auth", "must be a base64url 16-byte secret"))
         return None
-    return Device("webpush", endpoint, app, p256dh.rstrip("="), auth.rstrip("="))
+    declarative = value.get("declarative", False)
+    if not isinstance(declarative, bool):
+        errors.append(FieldError(f"{where}.webpush.declarative", "must be true or false"))
+        return None
+    return Device("webpush", endpoint, app, p256dh.rstrip("="), auth.rstrip("="), declarative)
 
 
 def reserved_data_key(key: str) -> bool:
@@ -888,8 +897,8 @@ def parse_message(
     rich = parse_rich(obj, errors, title=title, body=body) if rich_given else None
     apns_push = parse_apns_push(obj, errors, user=user, devices_in=devices_in, rich=rich, title=title, body=body,
                                 data=data) if apns_given else None
-    if title is None and body is None and not data and (rich is None or not rich.has_content) and (
-            apns_push is None or apns_push.live_activity is None):
+    if title is None and body is None and not data and (rich is None or not rich.has_content) and not (
+            apns_given and obj.get("live_activity") is not None):  # a Live Activity's content is its state
         errors.append(FieldError("body", "a message needs a title, a body or data"))
 
     if errors:

@@ -311,6 +311,63 @@ def _rich_web(rich: Rich, body: dict[str, Any]) -> None:
         body["silent"] = True  # NotificationOptions.silent: no sound or vibration
 
 
+DECLARATIVE_PUSH_SERVICE_SUFFIX = ".push.apple.com"  # Apple's push service shows declarative messages itself
+
+
+def webpush_declarative(msg: Message, default_navigate: str) -> bytes | None:
+    """The declarative push message of a visible message (W3C Push API, "declarative push message"):
+    `{"web_push": 8030, "notification": {title, navigate, ...}, "app_badge"?}`, shown by the browser
+    without a service worker. None for a message it cannot express: silent, without a title, or
+    without an https `navigate` (the message's https link, else `default_navigate`)."""
+    rich = msg.rich
+    link = rich.link if rich is not None and rich.link is not None and rich.link.startswith("https://") else None
+    navigate = link or default_navigate
+    if msg.is_silent or msg.title is None or not navigate:
+        return None
+    notification: dict[str, Any] = {"title": msg.title, "navigate": navigate, "tag": replacement_key(msg)}
+    if msg.body is not None:
+        notification["body"] = msg.body
+    data: dict[str, Any] = {"id": msg.id, "category": msg.category}
+    if msg.data:
+        data["data"] = dict(msg.data)
+    if msg.campaign:
+        data["campaign"] = msg.campaign
+    if msg.variant:
+        data["variant"] = msg.variant
+    notification["data"] = data
+    out: dict[str, Any] = {"web_push": 8030, "notification": notification}
+    if rich is not None:
+        _declarative_rich(rich, notification, out)
+    return orjson.dumps(out)
+
+
+def _declarative_rich(rich: Rich, notification: dict[str, Any], out: dict[str, Any]) -> None:
+    """The rich fields in a declarative push message (its `notification` members, and `app_badge`)."""
+    if rich.image is not None:
+        notification["image"] = rich.image
+    if rich.icon is not None and rich.icon.startswith(_ICON_URL_PREFIXES):
+        notification["icon"] = rich.icon
+    if rich.lang is not None:
+        notification["lang"] = rich.lang
+    if rich.dir is not None:
+        notification["dir"] = rich.dir
+    if rich.require_interaction:
+        notification["require_interaction"] = True
+    if rich.renotify:
+        notification["renotify"] = True
+    if rich.sound is not None and rich.sound.name == SOUND_NONE:
+        notification["silent"] = True
+    if rich.actions:
+        actions = []
+        for a in rich.actions:
+            action = _web_action(a)
+            action["navigate"] = notification["navigate"]  # each action opens a URL; the app reads action ids
+            actions.append(action)
+        notification["actions"] = actions
+    if rich.badge is not None:
+        out["app_badge"] = rich.badge
+
+
 def _web_action(action: Action) -> dict[str, str]:
     out = {"action": action.id, "title": action.title}
     if action.icon is not None:
