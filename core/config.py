@@ -113,6 +113,8 @@ class ApnsApp:
     # Apple granted this app the critical-alerts entitlement (com.apple.developer.usernotifications.critical-alerts):
     # only then are critical sounds and the critical interruption level accepted at the door.
     critical_alerts: bool = False
+    # The topic of the MDM push certificate (com.apple.mgmt.External.<uuid>): apns-push-type mdm goes there.
+    mdm_topic: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +140,11 @@ class WebPushSettings:
     allow_private: bool = False  # loopback/private/link-local endpoints only when set (tests, labs)
     allowed_ports: tuple[str, ...] = ()  # ports besides 443 an endpoint may name; allow_private admits any port
     ca_file: str = ""
+    # Send every visible message as a declarative push message (W3C Push API), not only to subscriptions
+    # flagged `declarative` and to Apple's push service (web.push.apple.com), where it is always used.
+    declarative: bool = False
+    # The https URL a declarative notification opens (its required `navigate`) when the message has no https link.
+    declarative_navigate: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +244,8 @@ def _coerce(section: str, name: str, value: Any, default: Any) -> Any:
 
 
 def _check_webpush(webpush: WebPushSettings) -> WebPushSettings:
+    if webpush.declarative_navigate and not webpush.declarative_navigate.startswith("https://"):
+        raise ConfigError("webpush.declarative_navigate: must be an https URL")
     for port in webpush.allowed_ports:
         if not (port.isdigit() and 1 <= int(port) <= 65535):
             raise ConfigError(f"webpush.allowed_ports: {port!r} is not a TCP port (1-65535)")

@@ -73,6 +73,8 @@ class Device:
     app: str | None = None
     p256dh: str | None = None  # Web Push only: the browser's ECDH public key (base64url)
     auth: str | None = None  # Web Push only: the 16-byte auth secret (base64url)
+    # Web Push only: the site shows declarative push messages (W3C Push API; no service worker needed)
+    declarative: bool = False
 
     @property
     def key(self) -> str:
@@ -85,7 +87,10 @@ class Device:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any]
         if self.provider == "webpush":
-            out = {"webpush": {"endpoint": self.token, "keys": {"p256dh": self.p256dh, "auth": self.auth}}}
+            sub: dict[str, Any] = {"endpoint": self.token, "keys": {"p256dh": self.p256dh, "auth": self.auth}}
+            if self.declarative:
+                sub["declarative"] = True
+            out = {"webpush": sub}
         else:
             out = {self.provider: self.token}
         if self.app:
@@ -131,6 +136,7 @@ class Message:
     rich: Rich | None = None  # the rich presentation fields (subtitle, image, badge, ...); None: none given
     overrides: Overrides | None = None  # the per-platform blocks (apns, fcm, webpush); None: none given
     fcm_target: FcmTarget | None = None  # an FCM topic or condition instead of user and devices
+    apns_push: ApnsPush | None = None  # an APNs push type other than the inferred one, or a Live Activity
     # Internal: the devices are already resolved from the registry (a retry or a dead letter aims at
     # exactly `devices`; `user` stays only so a token found dead can be removed from the registry).
     resolved: bool = False
@@ -181,6 +187,8 @@ class Message:
             out.update(self.rich.to_json())
         if self.overrides is not None:
             out.update(self.overrides.to_json())
+        if self.apns_push is not None:
+            out.update(self.apns_push.to_json())
         out["category"] = self.category
         out["priority"] = self.priority
         if self.resolved:
@@ -273,7 +281,11 @@ def parse_device(obj: Any, where: str, errors: list[FieldError], endpoint_check:
     if not isinstance(auth, str) or not _B64URL_RE.match(auth) or not (22 <= len(auth) <= 24):
         errors.append(FieldError(f"{where}.webpush.keys.auth", "must be a base64url 16-byte secret"))
         return None
-    return Device("webpush", endpoint, app, p256dh.rstrip("="), auth.rstrip("="))
+    declarative = value.get("declarative", False)
+    if not isinstance(declarative, bool):
+        errors.append(FieldError(f"{where}.webpush.declarative", "must be true or false"))
+        return None
+    return Device("webpush", endpoint, app, p256dh.rstrip("="), auth.rstrip("="), declarative)
 
 
 def reserved_data_key(key: str) -> bool:
@@ -618,7 +630,7 @@ def parse_rich(obj: Mapping[str, Any], errors: list[FieldError], *, title: str |
 BLOCK_FIELDS = ("apns", "fcm", "webpush")
 _BLOCK_KEYS = frozenset(BLOCK_FIELDS)
 MAX_BLOCK_DEPTH = 8
-APNS_PUSH_TYPES = ("alert", "background", "voip", "location", "complication", "fileprovider", "mdm",
+APNS_HEADER_PUSH_TYPES = ("alert", "background", "voip", "location", "complication", "fileprovider", "mdm",
                    "pushtotalk", "liveactivity", "widgets", "controls")
 WEBPUSH_URGENCIES = ("very-low", "low", "normal", "high")
 _DIGITS_RE = re.compile(r"^[0-9]{1,12}\Z")
@@ -871,7 +883,7 @@ _APS: _SchemaSpec = {
 # APNs "Sending notification requests to APNs", request headers a message may set (apns-topic and
 # authorization come from the app's configuration, apns-id from the delivery).
 _APNS_HEADERS: _SchemaSpec = {
-    "apns-push-type": _one_of(*APNS_PUSH_TYPES),
+    "apns-push-type": _one_of(*APNS_HEADER_PUSH_TYPES),
     "apns-priority": _one_of("1", "5", "10"),
     "apns-expiration": _matching(_DIGITS_RE, "unix seconds as a string of digits (0: deliver once or drop)"),
     "apns-collapse-id": _matching(re.compile(r"^[^\x00-\x1f\x7f]{1,64}\Z"), "1 to 64 characters"),
@@ -1035,6 +1047,159 @@ def parse_fcm_target(obj: Mapping[str, Any], errors: list[FieldError]) -> FcmTar
                                                   f"{MAX_CONDITION_TOPICS}"))
         return None
     return FcmTarget("condition", condition.strip())
+# --- APNs push types and Live Activities ----------------------------------------------------------
+# Apple's "Sending notification requests to APNs": each apns-push-type has its topic suffix and its
+# priority rules; every type but alert and background uses a token of its own (a PushKit, location,
+# push-to-talk, MDM or Live Activity push token), so such a message names its APNs devices explicitly.
+
+APNS_PUSH_TYPES = ("alert", "background", "voip", "location", "complication", "fileprovider", "mdm", "pushtotalk",
+                   "liveactivity")
+APNS_SHARED_TOKEN_TYPES = ("alert", "background")  # the app's device token; any other type has a token of its own
+LIVE_ACTIVITY_EVENTS = ("start", "update", "end")
+_APNS_PUSH_KEYS = frozenset({"apns_push_type", "live_activity"})
+_LIVE_ACTIVITY_FIELDS = frozenset({"event", "content_state", "timestamp", "attributes_type", "attributes",
+                                   "stale_date", "dismissal_date", "relevance_score"})
+_ATTRIBUTES_TYPE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,127}\Z")  # a Swift ActivityAttributes type name
+
+
+@dataclass(frozen=True, slots=True)
+class LiveActivity:
+    """One Live Activity push (ActivityKit "Starting and updating Live Activities with ActivityKit push
+    notifications"): `aps.event`, `aps.content-state`, `aps.timestamp`, and for `start` the attributes."""
+
+    event: str
+    timestamp: int
+    content_state: Mapping[str, Any] | None = None
+    attributes_type: str | None = None
+    attributes: Mapping[str, Any] | None = None
+    stale_date: int | None = None
+    dismissal_date: int | None = None
+    relevance_score: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"event": self.event, "timestamp": self.timestamp}
+        for name in ("content_state", "attributes_type", "attributes", "stale_date", "dismissal_date",
+                     "relevance_score"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ApnsPush:
+    """The APNs push type of a message (`apns_push_type`) and its Live Activity, if any."""
+
+    push_type: str
+    live_activity: LiveActivity | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"apns_push_type": self.push_type}
+        if self.live_activity is not None:
+            out["live_activity"] = self.live_activity.to_json()
+        return out
+
+
+def _unix_seconds(obj: Mapping[str, Any], name: str, errors: list[FieldError]) -> int | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**32:
+        errors.append(FieldError(f"live_activity.{name}", "must be a unix time in whole seconds"))
+        return None
+    return value
+
+
+def _live_activity(value: Any, errors: list[FieldError]) -> LiveActivity | None:
+    if not isinstance(value, dict):
+        errors.append(FieldError("live_activity", "must be an object {event, content_state, timestamp, ...}"))
+        return None
+    unknown = value.keys() - _LIVE_ACTIVITY_FIELDS
+    if unknown:
+        errors.append(FieldError("live_activity", f"unknown field(s) {sorted(unknown)}"))
+        return None
+    before = len(errors)
+    event = value.get("event")
+    if event not in LIVE_ACTIVITY_EVENTS:
+        errors.append(FieldError("live_activity.event", f"must be one of {list(LIVE_ACTIVITY_EVENTS)}"))
+    timestamp = _unix_seconds(value, "timestamp", errors)
+    if value.get("timestamp") is None:
+        errors.append(FieldError("live_activity.timestamp", "is required: the device drops an update older than "
+                                                            "the one it shows (aps.timestamp)"))
+    state = value.get("content_state")
+    if state is not None and not isinstance(state, dict):
+        errors.append(FieldError("live_activity.content_state", "must be an object (the activity's ContentState)"))
+    elif state is None and event in ("start", "update"):
+        errors.append(FieldError("live_activity.content_state", f"is required for {event}"))
+    attributes_type, attributes = value.get("attributes_type"), value.get("attributes")
+    if event == "start":
+        if not isinstance(attributes_type, str) or not _ATTRIBUTES_TYPE_RE.match(attributes_type):
+            errors.append(FieldError("live_activity.attributes_type", "is required for start: the app's "
+                                                                      "ActivityAttributes type name"))
+        if not isinstance(attributes, dict):
+            errors.append(FieldError("live_activity.attributes", "is required for start: an object"))
+    else:
+        for name in ("attributes_type", "attributes"):
+            if value.get(name) is not None:
+                errors.append(FieldError(f"live_activity.{name}", "applies to start only"))
+    stale_date = _unix_seconds(value, "stale_date", errors)
+    dismissal_date = _unix_seconds(value, "dismissal_date", errors)
+    if dismissal_date is not None and event != "end":
+        errors.append(FieldError("live_activity.dismissal_date", "applies to end only"))
+    score = value.get("relevance_score")
+    if score is not None and (isinstance(score, bool) or not isinstance(score, int | float) or score < 0):
+        errors.append(FieldError("live_activity.relevance_score", "must be a number >= 0"))
+    if len(errors) > before:
+        return None
+    assert isinstance(event, str) and timestamp is not None
+    return LiveActivity(event, timestamp, state, attributes_type if event == "start" else None,
+                        attributes if event == "start" else None, stale_date, dismissal_date,
+                        None if score is None else float(score))
+
+
+def parse_apns_push(obj: Mapping[str, Any], errors: list[FieldError], *, user: str | None, devices_in: Any,
+                    rich: Rich | None, title: str | None, body: str | None, data: Mapping[str, str]) -> ApnsPush | None:
+    """`apns_push_type` and `live_activity` of a message (one of them is in `obj`); an error per field at fault."""
+    before = len(errors)
+    push_type = obj.get("apns_push_type")
+    la_in = obj.get("live_activity")
+    live = _live_activity(la_in, errors) if la_in is not None else None
+    if push_type is None:
+        push_type = "liveactivity" if la_in is not None else None
+    if push_type not in APNS_PUSH_TYPES:
+        errors.append(FieldError("apns_push_type", f"must be one of {list(APNS_PUSH_TYPES)}"))
+        return None
+    field_name = "live_activity" if la_in is not None else "apns_push_type"
+    if la_in is not None and push_type != "liveactivity":
+        errors.append(FieldError("apns_push_type", "is liveactivity for a message with live_activity"))
+    if push_type == "liveactivity" and la_in is None:
+        errors.append(FieldError("live_activity", "is required for apns_push_type liveactivity"))
+    silent = rich.silent if rich is not None else (title is None and body is None)
+    if push_type == "background" and not silent:
+        errors.append(FieldError("apns_push_type", "background pushes carry no alert, sound or badge (APNs: priority "
+                                                   "5, content-available): remove title, body, badge and sound"))
+    if push_type == "alert" and silent:
+        errors.append(FieldError("apns_push_type", "alert needs a title, body, loc key, badge or sound"))
+    if push_type not in APNS_SHARED_TOKEN_TYPES:
+        if rich is not None:
+            errors.append(FieldError(field_name, f"{push_type} pushes carry no rich presentation fields "
+                                                 f"({sorted(rich.to_json())[0]} is one)"))
+        if push_type == "mdm" and (title is not None or body is not None):
+            errors.append(FieldError("title" if title is not None else "body", "an mdm push carries only data.mdm"))
+        if push_type == "mdm" and not data.get("mdm"):
+            errors.append(FieldError("data.mdm", "is required for mdm: the device's PushMagic string"))
+        if user is not None:
+            errors.append(FieldError(field_name, f"{push_type} pushes go to their own APNs push tokens: name them "
+                                                 "in devices instead of a user"))
+        if isinstance(devices_in, list):
+            for i, d in enumerate(devices_in):
+                if isinstance(d, dict) and "apns" not in d:
+                    errors.append(FieldError(field_name, f"{push_type} pushes go to APNs devices only: "
+                                                         f"devices[{i}] is not an APNs device"))
+                    break
+    if len(errors) > before:
+        return None
+    return ApnsPush(push_type, live)
 
 
 _KNOWN = frozenset({
@@ -1068,6 +1233,11 @@ def parse_message(
         blocks_given = not unknown.isdisjoint(_BLOCK_KEYS)
         target_given = not unknown.isdisjoint(_TARGET_KEYS)
         unknown -= _RICH_KEYS | _BLOCK_KEYS | _TARGET_KEYS
+    rich_given = apns_given = False
+    if unknown:  # rich or APNs push-type fields, or fields nobody knows (a message without them skips this)
+        rich_given = not unknown.isdisjoint(_RICH_KEYS)
+        apns_given = not unknown.isdisjoint(_APNS_PUSH_KEYS)
+        unknown -= _RICH_KEYS | _APNS_PUSH_KEYS
     if unknown:
         errors.append(FieldError("$", f"unknown field(s) {sorted(unknown)}"))
     version = obj.get("v", SCHEMA_VERSION)
@@ -1165,7 +1335,10 @@ def parse_message(
         errors.append(FieldError("user", "a message needs a user, devices (or both), or an fcm_topic or fcm_condition"))
     rich = parse_rich(obj, errors, title=title, body=body) if rich_given else None
     overrides = parse_overrides(obj, errors) if blocks_given else None
-    if title is None and body is None and not data and (rich is None or not rich.has_content):
+    apns_push = parse_apns_push(obj, errors, user=user, devices_in=devices_in, rich=rich, title=title, body=body,
+                                data=data) if apns_given else None
+    if title is None and body is None and not data and (rich is None or not rich.has_content) and not (
+            apns_given and obj.get("live_activity") is not None):  # a Live Activity's content is its state
         errors.append(FieldError("body", "a message needs a title, a body or data"))
 
     if errors:
@@ -1189,6 +1362,7 @@ def parse_message(
         rich=rich,
         overrides=overrides,
         fcm_target=fcm_target,
+        apns_push=apns_push,
         resolved=internal and obj.get("resolved") is True,
         fanout=internal and obj.get("fanout") is True,
     )

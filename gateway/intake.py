@@ -20,6 +20,7 @@ from ..core import metrics
 from ..core.config import Settings
 from ..core.schema import (
     PROVIDERS,
+    ApnsPush,
     Device,
     FieldError,
     Message,
@@ -89,6 +90,8 @@ class Intake:
                     self._check_critical(msg, msg.rich)
                 if msg.overrides is not None and msg.overrides.critical_field is not None:
                     self._check_critical_block(msg, msg.overrides.critical_field)
+                if msg.apns_push is not None:
+                    self._check_apns_push(msg, msg.apns_push)
             except MessageInvalid as e:
                 errors += [FieldError(where + err.field, err.message) for err in e.errors]
                 continue
@@ -120,6 +123,22 @@ class Intake:
         field = "sound.critical" if rich.sound is not None and rich.sound.critical else "interruption_level"
         raise MessageInvalid([FieldError(field, f"critical alerts need Apple's entitlement: set apns.{missing[0]}."
                                                 "critical_alerts = true once Apple granted it")])
+
+    def _check_apns_push(self, msg: Message, push: ApnsPush) -> None:
+        """A Live Activity needs token auth (APNs refuses certificate auth for liveactivity); mdm needs the
+        app's MDM topic in the config."""
+        if push.push_type not in ("liveactivity", "mdm"):
+            return
+        for app in sorted({d.app or msg.app for d in msg.devices}):
+            cfg = self.settings.apns_app(app)
+            if cfg is None:
+                continue  # _check_apps names an unknown app
+            if push.push_type == "liveactivity" and not cfg.key_file:
+                raise MessageInvalid([FieldError("live_activity", f"Live Activities need token auth: apns.{app} "
+                                                                  "uses a certificate (set key_file, key_id, team_id)")])
+            if push.push_type == "mdm" and not cfg.mdm_topic:
+                raise MessageInvalid([FieldError("apns_push_type", f"mdm pushes need apns.{app}.mdm_topic "
+                                                                   "(the MDM push certificate's topic)")])
 
     async def expand_templates(self, objs: Sequence[Any], *, reads_users: bool = True) -> list[Any]:
         """Messages naming a `template` (+ `vars`, optional `locale`) get their title, body and data rendered here,

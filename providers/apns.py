@@ -33,7 +33,7 @@ from ..core.schema import Message
 from .base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
 from .h2 import H2ClientConnection, H2Response, encode_field, encode_headers
 from .jose import load_p256_key, sign_es256
-from .payloads import apns_collapse_id, apns_payload, check_payload_limits
+from .payloads import apns_collapse_id, apns_payload, apns_priority, apns_topic, check_payload_limits
 from .transport import REASON_MAX, Transport, h2_pool
 
 PRODUCTION_HOST = "api.push.apple.com"
@@ -114,6 +114,7 @@ class _App:
         self.name = app.name
         self.topic = app.topic
         self.topic_header = app.topic.encode()  # header values built once, not per request
+        self.mdm_topic = app.mdm_topic
         self.push_type_header = app.push_type.encode()
         self.host = app.host or (SANDBOX_HOST if app.sandbox else PRODUCTION_HOST)
         self.port = app.port
@@ -185,22 +186,25 @@ class ApnsProvider:
         msg = d.message
         if msg.overrides is not None and msg.overrides.apns_headers:
             return self._headers_overridden(app, d, jwt, msg.overrides.apns_headers)
-        silent = msg.is_silent
         token = d.device.token
-        parts = [
-            app.pseudo_block,
-            encode_field(b":path", app.path_prefix + token.encode()),
-            app.fixed_block,
-            app.push_type_block[silent],
-            # Background pushes must be 5; alerts go at once only when the message asks for it.
-            _PRIORITY_10 if msg.priority == "high" and not silent else _PRIORITY_5,
-            encode_field(b"apns-id", apns_id(msg.id, token).encode()),
-        ]
+        if msg.apns_push is not None:
+            parts = self._typed_headers(app, d)
+        else:
+            silent = msg.is_silent
+            parts = [
+                app.pseudo_block,
+                encode_field(b":path", app.path_prefix + token.encode()),
+                app.fixed_block,
+                app.push_type_block[silent],
+                # Background pushes must be 5; alerts go at once only when the message asks for it.
+                _PRIORITY_10 if msg.priority == "high" and not silent else _PRIORITY_5,
+                encode_field(b"apns-id", apns_id(msg.id, token).encode()),
+            ]
         if jwt is not None:
             if app.auth_block[0] is not jwt:
                 app.auth_block = (jwt, encode_field(b"authorization", b"bearer " + jwt.encode()))
             parts.append(app.auth_block[1])
-        if d.expires_at is not None:
+        if d.expires_at is not None and (msg.apns_push is None or msg.apns_push.push_type != "pushtotalk"):
             parts.append(encode_field(b"apns-expiration", str(max(1, int(d.expires_at))).encode()))
         # Always a collapse id (the sender's collapse_key, else from the message id): a delivery
         # repeated after a crash then replaces the notification it duplicates instead of adding one.
@@ -238,11 +242,36 @@ class ApnsProvider:
         parts.append(encode_field(b"apns-collapse-id", over.get("apns-collapse-id", apns_collapse_id(msg)).encode()))
         return b"".join(parts)
 
+    @staticmethod
+    def _typed_headers(app: _App, d: Delivery) -> list[bytes]:
+        """Fields of a push with an explicit `apns_push_type`: its topic suffix, type and priority
+        (APNs "Sending notification requests to APNs"); push-to-talk is delivered now or never (expiration 0)."""
+        msg = d.message
+        assert msg.apns_push is not None
+        push_type = msg.apns_push.push_type
+        topic = app.mdm_topic if push_type == "mdm" else apns_topic(app.topic, push_type)
+        parts = [
+            app.pseudo_block,
+            encode_field(b":path", app.path_prefix + d.device.token.encode()),
+            encode_headers([(b"apns-topic", topic.encode()), (b"content-type", b"application/json")]),
+            encode_field(b"apns-push-type", push_type.encode()),
+            encode_field(b"apns-priority", apns_priority(msg, push_type).encode()),
+            encode_field(b"apns-id", apns_id(msg.id, d.device.token).encode()),
+        ]
+        if push_type == "pushtotalk":
+            parts.append(encode_field(b"apns-expiration", b"0"))
+        return parts
+
     async def send(self, delivery: Delivery) -> Outcome:
         app_name = delivery.device.app or delivery.message.app
         app = self._apps.get(app_name)
         if app is None:
             return Rejected(f"apns app {app_name!r} is not configured")
+        push = delivery.message.apns_push
+        if push is not None and push.push_type == "mdm" and not app.mdm_topic:
+            return Rejected(f"apns app {app_name!r} has no mdm_topic for mdm pushes")
+        if push is not None and push.push_type == "liveactivity" and app.jwt is None:
+            return Rejected(f"apns app {app_name!r} uses certificate auth: Live Activities need token auth")
         collapse = delivery.message.collapse_key
         if collapse and _BAD_FIELD_VALUE.search(collapse):
             return Rejected("apns collapse_key is not a valid header value (control characters or edge spaces)")

@@ -12,10 +12,11 @@ from typing import Any
 
 import orjson
 
-from ..core.schema import SOUND_DEFAULT, SOUND_NONE, Action, FcmTarget, Message, Overrides, Rich
+from ..core.schema import APNS_SHARED_TOKEN_TYPES, SOUND_DEFAULT, SOUND_NONE, Action, FcmTarget, Message, Overrides, Rich
 from .base import PayloadTooLarge
 
 APNS_MAX_PAYLOAD = 4096
+APNS_VOIP_MAX_PAYLOAD = 5120  # APNs "Sending notification requests to APNs": VoIP payloads up to 5120 bytes
 FCM_MAX_PAYLOAD = 4096
 APNS_MAX_COLLAPSE_ID = 64
 _ICON_URL_PREFIXES = ("https://", "/")
@@ -42,6 +43,8 @@ def apns_collapse_id(msg: Message) -> str:
 
 def apns_payload(msg: Message) -> bytes:
     """The JSON body APNs expects: an `aps` dictionary plus the custom data keys."""
+    if msg.apns_push is not None and msg.apns_push.push_type not in APNS_SHARED_TOKEN_TYPES:
+        return apns_typed_payload(msg)
     rich = msg.rich
     aps: dict[str, Any]
     if msg.is_silent:
@@ -60,6 +63,77 @@ def apns_payload(msg: Message) -> bytes:
     if msg.overrides is not None and msg.overrides.apns_payload:
         body = deep_merge(body, msg.overrides.apns_payload)
     return orjson.dumps(body)
+
+
+# Each push type's topic suffix (APNs "Sending notification requests to APNs", apns-topic); mdm uses
+# the MDM topic from the app's configuration, alert and background the bundle id itself.
+APNS_TOPIC_SUFFIXES = {
+    "voip": ".voip", "complication": ".complication", "fileprovider": ".pushkit.fileprovider",
+    "location": ".location-query", "pushtotalk": ".voip-ptt", "liveactivity": ".push-type.liveactivity",
+}
+
+
+def apns_topic(bundle_id: str, push_type: str) -> str:
+    """The apns-topic of a push type (not mdm, whose topic is configured)."""
+    return bundle_id + APNS_TOPIC_SUFFIXES.get(push_type, "")
+
+
+def apns_priority(msg: Message, push_type: str) -> str:
+    """apns-priority by Apple's table: background 5, voip and pushtotalk 10, else 10 for a high message, 5 otherwise."""
+    if push_type == "background":
+        return "5"
+    if push_type in ("voip", "pushtotalk"):
+        return "10"
+    return "10" if msg.priority == "high" else "5"
+
+
+def apns_max_payload(msg: Message) -> int:
+    if msg.apns_push is not None and msg.apns_push.push_type == "voip":
+        return APNS_VOIP_MAX_PAYLOAD
+    return APNS_MAX_PAYLOAD
+
+
+def apns_typed_payload(msg: Message) -> bytes:
+    """The body of a voip, location, complication, fileprovider, mdm, pushtotalk or liveactivity push.
+
+    mdm is `{"mdm": <PushMagic>}` (Apple's MDM protocol); a Live Activity's `aps` carries event,
+    timestamp, content-state and its dates (ActivityKit push notifications), with the message's title
+    and body as its alert; the other types are read by the app (PushKit, location push service
+    extension): an empty `aps` beside the data and `pushgw` with the title and body."""
+    push = msg.apns_push
+    assert push is not None
+    if push.push_type == "mdm":
+        return orjson.dumps({"mdm": msg.data["mdm"]})
+    tracking: dict[str, Any] = _tracking(msg)
+    la = push.live_activity
+    aps: dict[str, Any] = {}
+    if la is not None:
+        aps = {"timestamp": la.timestamp, "event": la.event}
+        if la.content_state is not None:
+            aps["content-state"] = la.content_state
+        if la.attributes_type is not None:
+            aps["attributes-type"] = la.attributes_type
+            aps["attributes"] = la.attributes
+        if la.stale_date is not None:
+            aps["stale-date"] = la.stale_date
+        if la.dismissal_date is not None:
+            aps["dismissal-date"] = la.dismissal_date
+        if la.relevance_score is not None:
+            aps["relevance-score"] = la.relevance_score
+        if msg.title is not None or msg.body is not None:
+            alert: dict[str, str] = {}
+            if msg.title is not None:
+                alert["title"] = msg.title
+            if msg.body is not None:
+                alert["body"] = msg.body
+            aps["alert"] = alert
+            aps["sound"] = SOUND_DEFAULT
+    else:
+        if msg.title is not None:
+            tracking["title"] = msg.title
+        if msg.body is not None:
+            tracking["body"] = msg.body
+    return orjson.dumps({"aps": aps, **msg.data, "pushgw": tracking})
 
 
 def _rich_aps(msg: Message, rich: Rich) -> dict[str, Any]:
@@ -267,6 +341,63 @@ def _rich_web(rich: Rich, body: dict[str, Any]) -> None:
         body["silent"] = True  # NotificationOptions.silent: no sound or vibration
 
 
+DECLARATIVE_PUSH_SERVICE_SUFFIX = ".push.apple.com"  # Apple's push service shows declarative messages itself
+
+
+def webpush_declarative(msg: Message, default_navigate: str) -> bytes | None:
+    """The declarative push message of a visible message (W3C Push API, "declarative push message"):
+    `{"web_push": 8030, "notification": {title, navigate, ...}, "app_badge"?}`, shown by the browser
+    without a service worker. None for a message it cannot express: silent, without a title, or
+    without an https `navigate` (the message's https link, else `default_navigate`)."""
+    rich = msg.rich
+    link = rich.link if rich is not None and rich.link is not None and rich.link.startswith("https://") else None
+    navigate = link or default_navigate
+    if msg.is_silent or msg.title is None or not navigate:
+        return None
+    notification: dict[str, Any] = {"title": msg.title, "navigate": navigate, "tag": replacement_key(msg)}
+    if msg.body is not None:
+        notification["body"] = msg.body
+    data: dict[str, Any] = {"id": msg.id, "category": msg.category}
+    if msg.data:
+        data["data"] = dict(msg.data)
+    if msg.campaign:
+        data["campaign"] = msg.campaign
+    if msg.variant:
+        data["variant"] = msg.variant
+    notification["data"] = data
+    out: dict[str, Any] = {"web_push": 8030, "notification": notification}
+    if rich is not None:
+        _declarative_rich(rich, notification, out)
+    return orjson.dumps(out)
+
+
+def _declarative_rich(rich: Rich, notification: dict[str, Any], out: dict[str, Any]) -> None:
+    """The rich fields in a declarative push message (its `notification` members, and `app_badge`)."""
+    if rich.image is not None:
+        notification["image"] = rich.image
+    if rich.icon is not None and rich.icon.startswith(_ICON_URL_PREFIXES):
+        notification["icon"] = rich.icon
+    if rich.lang is not None:
+        notification["lang"] = rich.lang
+    if rich.dir is not None:
+        notification["dir"] = rich.dir
+    if rich.require_interaction:
+        notification["require_interaction"] = True
+    if rich.renotify:
+        notification["renotify"] = True
+    if rich.sound is not None and rich.sound.name == SOUND_NONE:
+        notification["silent"] = True
+    if rich.actions:
+        actions = []
+        for a in rich.actions:
+            action = _web_action(a)
+            action["navigate"] = notification["navigate"]  # each action opens a URL; the app reads action ids
+            actions.append(action)
+        notification["actions"] = actions
+    if rich.badge is not None:
+        out["app_badge"] = rich.badge
+
+
 def _web_action(action: Action) -> dict[str, str]:
     out = {"action": action.id, "title": action.title}
     if action.icon is not None:
@@ -324,12 +455,12 @@ def check_payload_limits(msg: Message, providers: tuple[str, ...] = ("apns", "fc
     Most messages are far below 4 KB: one serialization of the content proves it for all three
     providers at once, and the payloads are built only for a message near a limit or with rich
     fields (the API's hot path)."""
-    if msg.rich is None and msg.overrides is None and _content_bound(msg) <= _SMALLEST_LIMIT:
+    if msg.rich is None and msg.overrides is None and msg.apns_push is None and _content_bound(msg) <= _SMALLEST_LIMIT:
         return
     if "apns" in providers:
-        size = len(apns_payload(msg))
-        if size > APNS_MAX_PAYLOAD:
-            raise PayloadTooLarge("apns", size, APNS_MAX_PAYLOAD)
+        size, limit = len(apns_payload(msg)), apns_max_payload(msg)
+        if size > limit:
+            raise PayloadTooLarge("apns", size, limit)
     if "fcm" in providers:
         size = fcm_payload_size(msg)
         if size > FCM_MAX_PAYLOAD:

@@ -53,12 +53,19 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from multidict import CIMultiDict
 
 from ..core.config import ConfigError, ProviderSettings, WebPushSettings
-from ..core.schema import Message
+from ..core.schema import Device, Message
 from .base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
 from .endpoints import EndpointPolicy, malformed
 from .h2 import H2Pool, H2Response
 from .jose import b64url, b64url_decode
-from .payloads import check_payload_limits, replacement_key, webpush_plaintext
+from .payloads import (
+    DECLARATIVE_PUSH_SERVICE_SUFFIX,
+    WEBPUSH_MAX_PLAINTEXT,
+    check_payload_limits,
+    replacement_key,
+    webpush_declarative,
+    webpush_plaintext,
+)
 from .transport import (
     CONNECTIONS,
     REASON_MAX,
@@ -209,6 +216,12 @@ def _authority(parts: SplitResult) -> bytes:
     return host + (f":{parts.port}".encode() if parts.port else b"")
 
 
+def uses_declarative(device: Device, parts: SplitResult, *, always: bool = False) -> bool:
+    """Whether a push to this subscription is a declarative push message: flagged on the subscription, set for
+    all (`webpush.declarative`), or Apple's push service (Safari 18.4+ shows it without a service worker)."""
+    return always or device.declarative or (parts.hostname or "").endswith(DECLARATIVE_PUSH_SERVICE_SUFFIX)
+
+
 class WebPushProvider:
     """Sends Web Push messages; never raises for a provider-side failure (see module docstring)."""
 
@@ -221,6 +234,8 @@ class WebPushProvider:
             raise ConfigError("webpush.vapid_private_key_file is required for Web Push")
         self._signer = VapidSigner(load_vapid_key(settings.vapid_private_key_file), settings.vapid_subject, clock=clock)
         self._policy = EndpointPolicy(settings)
+        self._declarative = settings.declarative
+        self._declarative_navigate = settings.declarative_navigate
         self._tls = tls_contexts(settings.ca_file, "webpush")
         self._timeout_s = provider_settings.timeout_s
         self._concurrency = max(1, provider_settings.concurrency)
@@ -333,6 +348,16 @@ class WebPushProvider:
         """`Fallback`: the push over HTTP/1.1, to the endpoint URL as the browser gave it."""
         return Http1Request(self._http1, delivery.device.token, self._headers(delivery, authorization))
 
+    def _plaintext(self, msg: Message, device: Device, parts: SplitResult) -> bytes:
+        """The declarative push message (W3C Push API) for a subscription flagged `declarative`, for every one
+        when `webpush.declarative` is set, and always for Apple's push service, whose Safari shows it without
+        a service worker; otherwise, or when the message cannot be declarative, the service worker's JSON."""
+        if uses_declarative(device, parts, always=self._declarative):
+            declarative = webpush_declarative(msg, self._declarative_navigate)
+            if declarative is not None and len(declarative) <= WEBPUSH_MAX_PLAINTEXT:
+                return declarative
+        return webpush_plaintext(msg)
+
     async def send(self, delivery: Delivery) -> Outcome:
         device = delivery.device
         endpoint = device.token
@@ -344,11 +369,11 @@ class WebPushProvider:
             return Rejected(f"webpush endpoint refused: {refusal}")
         if not device.p256dh or not device.auth:
             return Rejected("webpush subscription has no keys")
+        parts = urlsplit(endpoint)
         try:
-            body = encrypt(webpush_plaintext(delivery.message), device.p256dh, device.auth)
+            body = encrypt(self._plaintext(delivery.message, device, parts), device.p256dh, device.auth)
         except EncryptionError as e:
             return TokenInvalid(f"webpush {e}")  # a subscription with broken keys can never be delivered
-        parts = urlsplit(endpoint)
         # The VAPID audience, as the push service spells its origin (RFC 8292 section 2).
         authorization = self._signer.authorization(f"{parts.scheme}://{parts.netloc}")
         key = _origin_key(parts)

@@ -89,3 +89,13 @@ def test_example_config_in_docs_loads() -> None:
     assert course.rate_per_s == 2000 and course.burst == 5000 and course.scopes == ("enqueue", "devices")
     with pytest.raises(ConfigError, match="PUSHGW_TOKEN_OPS"):
         load_settings(example, env={"PUSHGW_TOKEN_COURSE": "course-token-0123456789"})
+
+
+def test_mdm_topic_and_declarative_web_push_settings_load_and_navigate_must_be_https(tmp: Path) -> None:
+    text = ('[apns.campus]\ntopic = "org.example.campus"\ncert_file = "/x.pem"\nmdm_topic = "com.apple.mgmt.External.x"\n'
+            '[webpush]\ndeclarative = true\ndeclarative_navigate = "https://campus.example/"\n')
+    s = load_settings(write(tmp, text), env={})
+    assert (s.apns[0].mdm_topic, s.webpush.declarative, s.webpush.declarative_navigate) == (
+        "com.apple.mgmt.External.x", True, "https://campus.example/")
+    with pytest.raises(ConfigError, match="declarative_navigate"):
+        load_settings(write(tmp, text.replace("https://campus", "http://campus")), env={})

@@ -184,3 +184,27 @@ async def test_size_limit_applies_to_the_final_payload_and_names_provider_and_by
     assert status == 422
     message = doc["error"]["fields"][0]["message"]
     assert message.startswith("fcm payload is ") and "bytes, limit is 4096" in message
+
+
+async def test_api_refuses_a_live_activity_without_token_auth_or_to_an_fcm_device(make_client: Any) -> None:
+    la = {"devices": [{"apns": "ab" * 32}], "live_activity": {
+        "event": "update", "timestamp": 1_800_000_000, "content_state": {"seconds_left": 60}}}
+    certificate = await make_client(api_settings(ApnsApp("default", "org.example.campus", cert_file="/x.pem")))
+    status, doc = await post(certificate, la)
+    assert status == 422 and [f["field"] for f in doc["error"]["fields"]] == ["live_activity"]
+    assert "token auth" in doc["error"]["fields"][0]["message"]
+    status, doc = await post(certificate, {**la, "devices": [{"fcm": "tok"}]})
+    assert status == 422 and [f["field"] for f in doc["error"]["fields"]] == ["live_activity"]
+    token = await make_client(api_settings(ApnsApp("default", "org.example.campus", key_file="/k.p8", key_id="K",
+                                                   team_id="T")))
+    status, _ = await post(token, {**la, "id": "la-1"})
+    assert status == 202
+
+
+async def test_api_refuses_mdm_without_the_mdm_topic_and_background_with_an_alert(make_client: Any) -> None:
+    client = await make_client(api_settings(ApnsApp("default", "org.example.campus")))
+    mdm = {"devices": [{"apns": "ab" * 32}], "apns_push_type": "mdm", "data": {"mdm": "magic"}}
+    status, doc = await post(client, mdm)
+    assert status == 422 and [f["field"] for f in doc["error"]["fields"]] == ["apns_push_type"]
+    status, doc = await post(client, {**BASE, "apns_push_type": "background"})
+    assert status == 422 and [f["field"] for f in doc["error"]["fields"]] == ["apns_push_type"]

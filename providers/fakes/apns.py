@@ -36,6 +36,15 @@ from .tls import LocalCA
 
 PUSH_TYPES = {"alert", "background", "voip", "complication", "fileprovider", "mdm", "liveactivity", "location", "pushtotalk"}
 MAX_PAYLOAD = 4096
+VOIP_MAX_PAYLOAD = 5120
+# apns-topic per push type (Apple's "Sending notification requests to APNs"): the bundle id plus this
+# suffix; mdm goes to an MDM certificate's topic (`mdm_topics`), alert and background to the bundle id.
+TOPIC_SUFFIXES = {
+    "alert": "", "background": "", "voip": ".voip", "complication": ".complication",
+    "fileprovider": ".pushkit.fileprovider", "location": ".location-query", "pushtotalk": ".voip-ptt",
+    "liveactivity": ".push-type.liveactivity",
+}
+LIVE_ACTIVITY_EVENTS = {"start", "update", "end"}
 Programmed = tuple[int, str, float | None]
 """(HTTP status, APNs reason, Retry-After seconds or None)."""
 
@@ -88,9 +97,13 @@ def aps_fault(aps: dict[str, Any], push_type: str) -> str | None:
             return f"aps.{key}"
     if "interruption-level" in aps and aps["interruption-level"] not in _INTERRUPTION_LEVELS:
         return "aps.interruption-level"
+    if push_type == "liveactivity":  # a Live Activity's relevance-score is any number >= 0, not 0-1
+        return live_activity_fault(aps)
     score = aps.get("relevance-score")
     if score is not None and (isinstance(score, bool) or not isinstance(score, int | float) or not 0 <= score <= 1):
         return "aps.relevance-score"
+    if {"event", "content-state", "attributes-type", "attributes", "stale-date", "dismissal-date", "timestamp"} & set(aps):
+        return "Live Activity keys in a push that is not liveactivity"
     if push_type == "background":
         if aps.get("content-available") != 1:
             return "a background push needs aps.content-available = 1"
@@ -98,6 +111,35 @@ def aps_fault(aps: dict[str, Any], push_type: str) -> str | None:
         if shown:
             return f"a background push has no aps.{shown[0]}"
     return None
+
+
+def live_activity_fault(aps: dict[str, Any]) -> str | None:
+    """What is wrong with a Live Activity's `aps` by ActivityKit's push notification format, or None."""
+    event = aps.get("event")
+    if event not in LIVE_ACTIVITY_EVENTS:
+        return "aps.event"
+    for key in ("timestamp", "stale-date", "dismissal-date"):
+        value = aps.get(key)
+        if (key == "timestamp" or value is not None) and (isinstance(value, bool) or not isinstance(value, int)):
+            return f"aps.{key}"
+    if event in ("start", "update") and not isinstance(aps.get("content-state"), dict):
+        return "aps.content-state"
+    if "content-state" in aps and not isinstance(aps["content-state"], dict):
+        return "aps.content-state"
+    if event == "start":
+        if not isinstance(aps.get("attributes-type"), str) or not isinstance(aps.get("attributes"), dict):
+            return "aps.attributes-type and aps.attributes are required to start an activity"
+    elif "attributes-type" in aps or "attributes" in aps:
+        return "aps.attributes"
+    if "dismissal-date" in aps and event != "end":
+        return "aps.dismissal-date"
+    score = aps.get("relevance-score")
+    if score is not None and (isinstance(score, bool) or not isinstance(score, int | float) or score < 0):
+        return "aps.relevance-score"
+    allowed = {"event", "timestamp", "content-state", "attributes-type", "attributes", "stale-date", "dismissal-date",
+               "relevance-score", "alert", "sound"}
+    extra = sorted(set(aps) - allowed)
+    return f"aps.{extra[0]} in a Live Activity" if extra else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,14 +188,16 @@ class FakeApns:
     """APNs over HTTP/2 + TLS on 127.0.0.1: `async with FakeApns(ca, keys=[...], topics=[...]) as apns:`."""
 
     def __init__(self, ca: LocalCA, *, keys: Iterable[ApnsKey] = (), topics: Iterable[str] = (),
-                 max_streams: int = 1000, host: str = "127.0.0.1", port: int = 0) -> None:
+                 max_streams: int = 1000, host: str = "127.0.0.1", port: int = 0,
+                 mdm_topics: Iterable[str] = ()) -> None:
         self._ca = ca
         self._host = host
         self._port = port
         self._keys: dict[tuple[str, str], ec.EllipticCurvePublicKey] = {}
         for k in keys:
             self.trust(k)
-        self.topics = set(topics)
+        self.topics = set(topics)  # bundle ids; each push type's topic suffix is added to one of them
+        self.mdm_topics = set(mdm_topics)
         self.max_streams = max_streams
         self.goaway_after: int | None = None  # GOAWAY after this many requests on one connection
         self.hang = False
@@ -261,17 +305,28 @@ class FakeApns:
             kind = "certificate"
         else:
             raise _Refused(403, "MissingProviderToken")
-        if topic not in self.topics:
-            raise _Refused(400, "TopicDisallowed")
         push_type = headers.get("apns-push-type", "alert")
         if push_type not in PUSH_TYPES:
             raise _Refused(400, "InvalidPushType")
+        if push_type == "mdm":
+            if topic not in self.mdm_topics:
+                raise _Refused(400, "TopicDisallowed")
+        else:
+            suffix = TOPIC_SUFFIXES[push_type]
+            if not topic or not topic.endswith(suffix) or topic[:len(topic) - len(suffix)] not in self.topics \
+                    or (not suffix and any(topic.endswith(x) for x in TOPIC_SUFFIXES.values() if x)):
+                raise _Refused(400, "TopicDisallowed" if topic not in self.topics else "DeviceTokenNotForTopic")
+        if push_type == "liveactivity" and kind != "jwt":
+            raise _Refused(403, "InvalidProviderToken")  # Live Activities accept token auth only
         priority = headers.get("apns-priority", "10")
-        if priority not in ("1", "5", "10") or (push_type == "background" and priority != "5"):
+        if priority not in ("1", "5", "10") or (push_type == "background" and priority != "5") \
+                or (push_type in ("voip", "pushtotalk") and priority != "10"):
             raise _Refused(400, "BadPriority")
         expiration = headers.get("apns-expiration")
         if expiration is not None and not expiration.isdigit():
             raise _Refused(400, "BadExpirationDate")
+        if push_type == "pushtotalk" and expiration != "0":
+            raise _Refused(400, "BadExpirationDate")  # push-to-talk: deliver now or never
         collapse = headers.get("apns-collapse-id")
         if collapse is not None and len(collapse.encode()) > 64:
             raise _Refused(400, "BadCollapseId")
@@ -283,20 +338,28 @@ class FakeApns:
                 raise _Refused(400, "BadMessageId") from None
         if not body:
             raise _Refused(400, "PayloadEmpty")
-        if len(body) > MAX_PAYLOAD:
+        if len(body) > (VOIP_MAX_PAYLOAD if push_type == "voip" else MAX_PAYLOAD):
             raise _Refused(413, "PayloadTooLarge")
         try:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError:
             raise _Refused(400, "PayloadEmpty") from None
+        if push_type == "mdm":  # Apple's MDM protocol: {"mdm": "<PushMagic>"} and nothing else
+            if not isinstance(payload, dict) or set(payload) != {"mdm"} or not isinstance(payload["mdm"], str):
+                raise _Refused(400, "BadPayload: mdm")
+            return self._token(token), payload, kind
         if not isinstance(payload, dict) or not isinstance(payload.get("aps"), dict):
             raise _Refused(400, "PayloadEmpty")
         fault = aps_fault(payload["aps"], push_type)
         if fault is not None:
             raise _Refused(400, f"BadPayload: {fault}")
+        return self._token(token), payload, kind
+
+    @staticmethod
+    def _token(token: str) -> str:
         if not token or len(token) < 64 or any(c not in "0123456789abcdefABCDEF" for c in token):
             raise _Refused(400, "BadDeviceToken")
-        return token.lower(), payload, kind
+        return token.lower()
 
     async def handle(self, headers: dict[str, str], body: bytes, cert_topic: str | None) -> tuple[int, dict[str, str], bytes]:
         """One request: (status, response headers, body)."""

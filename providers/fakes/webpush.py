@@ -54,6 +54,53 @@ _WEB_STRINGS = ("title", "body", "tag", "icon", "image", "badge", "lang", "id", 
 _WEB_BOOLS = ("renotify", "requireInteraction", "silent")
 
 
+# A declarative push message's `notification` members (W3C Push API, "declarative push message") and
+# their types; `title` and `navigate` are required, and `navigate` URLs are absolute.
+_DECLARATIVE_STRINGS = ("title", "navigate", "body", "lang", "dir", "tag", "image", "icon", "badge")
+_DECLARATIVE_BOOLS = ("renotify", "silent", "require_interaction")
+_DECLARATIVE_MEMBERS = {*_DECLARATIVE_STRINGS, *_DECLARATIVE_BOOLS, "vibrate", "timestamp", "data", "actions"}
+
+
+def declarative_fault(doc: dict[str, Any]) -> str | None:
+    """What is wrong with a declarative push message (`"web_push": 8030`) for the browser, or None."""
+    if doc.get("web_push") != 8030 or isinstance(doc.get("web_push"), bool):
+        return "web_push must be 8030"
+    extra = sorted(set(doc) - {"web_push", "notification", "app_badge", "mutable"})
+    if extra:
+        return f"unknown member {extra[0]}"
+    n = doc.get("notification")
+    if not isinstance(n, dict):
+        return "notification must be an object"
+    extra = sorted(set(n) - _DECLARATIVE_MEMBERS)
+    if extra:
+        return f"unknown notification member {extra[0]}"
+    for key in _DECLARATIVE_STRINGS:
+        if key in n and not isinstance(n[key], str):
+            return f"notification.{key} must be a string"
+    for key in _DECLARATIVE_BOOLS:
+        if key in n and not isinstance(n[key], bool):
+            return f"notification.{key} must be a boolean"
+    for key in ("title", "navigate"):
+        if not n.get(key):
+            return f"notification.{key} is required"
+    if not n["navigate"].startswith("https://"):
+        return "notification.navigate must be an https URL"
+    if n.get("dir", "auto") not in ("auto", "ltr", "rtl"):
+        return "notification.dir must be auto, ltr or rtl"
+    if n.get("renotify") and not n.get("tag"):
+        return "notification.renotify needs a tag"
+    for a in n.get("actions", []):
+        if not isinstance(a, dict) or not isinstance(a.get("action"), str) or not isinstance(a.get("title"), str) \
+                or not str(a.get("navigate", "")).startswith("https://") or set(a) - {"action", "title", "navigate", "icon"}:
+            return "each notification action is {action, title, navigate, icon?}"
+    badge = doc.get("app_badge")
+    if badge is not None and (isinstance(badge, bool) or not isinstance(badge, int) or badge < 0):
+        return "app_badge must be a whole number >= 0"
+    if "mutable" in doc and not isinstance(doc["mutable"], bool):
+        return "mutable must be a boolean"
+    return None
+
+
 def notification_fault(plaintext: bytes) -> str | None:
     """Why a service worker passing this payload to `showNotification` would fail, or None.
 
@@ -65,6 +112,8 @@ def notification_fault(plaintext: bytes) -> str | None:
         return None  # not the gateway's JSON: the service worker reads it its own way
     if not isinstance(doc, dict):
         return None
+    if "web_push" in doc:
+        return declarative_fault(doc)
     for key in _WEB_STRINGS:
         if key in doc and not isinstance(doc[key], str):
             return f"{key} must be a string"
