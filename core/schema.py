@@ -1227,17 +1227,13 @@ def parse_message(
     if not isinstance(obj, dict):
         raise MessageInvalid([FieldError("$", "a message must be a JSON object")])
     unknown = obj.keys() - (_KNOWN_INTERNAL if internal else _KNOWN)
-    rich_given = blocks_given = target_given = False
-    if unknown:  # rich fields, blocks, targets, or fields nobody knows (a plain message skips this)
+    rich_given = blocks_given = target_given = apns_given = False
+    if unknown:  # rich fields, blocks, targets, APNs push types, or fields nobody knows (a plain message skips this)
         rich_given = not unknown.isdisjoint(_RICH_KEYS)
         blocks_given = not unknown.isdisjoint(_BLOCK_KEYS)
         target_given = not unknown.isdisjoint(_TARGET_KEYS)
-        unknown -= _RICH_KEYS | _BLOCK_KEYS | _TARGET_KEYS
-    rich_given = apns_given = False
-    if unknown:  # rich or APNs push-type fields, or fields nobody knows (a message without them skips this)
-        rich_given = not unknown.isdisjoint(_RICH_KEYS)
         apns_given = not unknown.isdisjoint(_APNS_PUSH_KEYS)
-        unknown -= _RICH_KEYS | _APNS_PUSH_KEYS
+        unknown -= _RICH_KEYS | _BLOCK_KEYS | _TARGET_KEYS | _APNS_PUSH_KEYS
     if unknown:
         errors.append(FieldError("$", f"unknown field(s) {sorted(unknown)}"))
     version = obj.get("v", SCHEMA_VERSION)

@@ -11,8 +11,17 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from pushgw.core.config import ApnsApp, FcmApp, ProviderSettings, WebPushSettings
+from pushgw.core.schema import Device
 from pushgw.gateway.embedded import EmbeddedRedis
+from pushgw.providers.apns import ApnsProvider
+from pushgw.providers.fakes.apns import ApnsKey, FakeApns, make_apns_key
+from pushgw.providers.fakes.fcm import FakeFcm
 from pushgw.providers.fakes.tls import LocalCA, make_local_ca
+from pushgw.providers.fakes.webpush import FakePushService
+from pushgw.providers.fcm import FcmProvider
+from pushgw.providers.vapid import make_vapid_key
+from pushgw.providers.webpush import WebPushProvider
 from pushgw.queue.connection import redis_from_url
 
 
@@ -45,3 +54,43 @@ def local_ca(tmp_path_factory: pytest.TempPathFactory) -> LocalCA:
 @pytest.fixture
 def tmp(tmp_path: Path) -> Path:
     return tmp_path
+
+
+# Provider clients against their fakes over TLS (the app topic is APNS_TOPIC): for the payload tests.
+APNS_TOPIC = "org.example.campus"
+
+
+@pytest.fixture
+def apns_key(tmp_path: Path) -> ApnsKey:
+    return make_apns_key(tmp_path / "apns")
+
+
+@pytest.fixture
+async def apns(local_ca: LocalCA, apns_key: ApnsKey) -> AsyncIterator[tuple[FakeApns, ApnsProvider]]:
+    async with FakeApns(local_ca, keys=[apns_key], topics=[APNS_TOPIC]) as fake:
+        app = ApnsApp("default", APNS_TOPIC, team_id=apns_key.team_id, key_id=apns_key.key_id,
+                      key_file=str(apns_key.key_file), host="127.0.0.1", port=fake.port, ca_file=str(local_ca.ca_file))
+        provider = ApnsProvider([app], ProviderSettings(timeout_s=5.0))
+        yield fake, provider
+        await provider.close()
+
+
+@pytest.fixture
+async def fcm(local_ca: LocalCA, tmp_path: Path) -> AsyncIterator[tuple[FakeFcm, FcmProvider]]:
+    async with FakeFcm(local_ca) as fake:
+        account = fake.service_account(tmp_path / "sa", "demo-project")
+        app = FcmApp("default", service_account_file=str(account), base_url=fake.base_url, ca_file=str(local_ca.ca_file))
+        provider = FcmProvider([app], ProviderSettings(timeout_s=5.0))
+        yield fake, provider
+        await provider.close()
+
+
+@pytest.fixture
+async def web(local_ca: LocalCA, tmp_path: Path) -> AsyncIterator[tuple[FakePushService, WebPushProvider, Device]]:
+    async with FakePushService(local_ca) as svc:
+        settings = WebPushSettings(vapid_private_key_file=str(make_vapid_key(tmp_path / "vapid")),
+                                   allowed_hosts=("127.0.0.1",), allow_private=True, ca_file=str(local_ca.ca_file))
+        provider = WebPushProvider(settings, ProviderSettings(timeout_s=5.0))
+        sub = svc.new_subscription()
+        yield svc, provider, Device("webpush", sub["endpoint"], None, sub["keys"]["p256dh"], sub["keys"]["auth"])
+        await provider.close()

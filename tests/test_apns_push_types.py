@@ -9,7 +9,6 @@ expiration, payload size and the Live Activity `aps` keys (ActivityKit push noti
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ from pushgw.core.config import ApnsApp, ProviderSettings
 from pushgw.core.schema import Device, Message, MessageInvalid, parse_message
 from pushgw.providers.apns import ApnsProvider
 from pushgw.providers.base import Delivered, Delivery, PayloadTooLarge, Rejected
-from pushgw.providers.fakes.apns import ApnsKey, FakeApns, aps_fault, live_activity_fault, make_apns_key
+from pushgw.providers.fakes.apns import ApnsKey, FakeApns, aps_fault, live_activity_fault
 from pushgw.providers.fakes.tls import LocalCA
 from pushgw.providers.payloads import check_payload_limits
 
@@ -36,11 +35,6 @@ CLASS_START: dict[str, Any] = {
         "relevance_score": 75,
     },
 }
-
-
-@pytest.fixture
-def apns_key(tmp_path: Path) -> ApnsKey:
-    return make_apns_key(tmp_path / "apns")
 
 
 @pytest.fixture

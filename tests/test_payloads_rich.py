@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -19,17 +17,14 @@ import pushgw.providers.apns as apns_module
 import pushgw.providers.fcm as fcm_module
 import pushgw.providers.webpush as webpush_module
 import pytest
-from pushgw.core.config import ApnsApp, FcmApp, ProviderSettings, WebPushSettings
 from pushgw.core.schema import Device, Message, parse_message
 from pushgw.providers.apns import ApnsProvider
 from pushgw.providers.base import Delivered, Delivery, Rejected
-from pushgw.providers.fakes.apns import ApnsKey, FakeApns, aps_fault, make_apns_key
+from pushgw.providers.fakes.apns import FakeApns, aps_fault
 from pushgw.providers.fakes.fcm import FakeFcm
-from pushgw.providers.fakes.tls import LocalCA
 from pushgw.providers.fakes.webpush import FakePushService, notification_fault
 from pushgw.providers.fcm import FcmProvider
 from pushgw.providers.payloads import apns_collapse_id, fcm_message
-from pushgw.providers.vapid import make_vapid_key
 from pushgw.providers.webpush import WebPushProvider, topic_for
 
 TOPIC = "org.example.campus"
@@ -55,40 +50,6 @@ def rich(**changes: Any) -> Message:
     return parse_message({k: v for k, v in obj.items() if v is not None})
 
 
-@pytest.fixture
-def apns_key(tmp_path: Path) -> ApnsKey:
-    return make_apns_key(tmp_path / "apns")
-
-
-@pytest.fixture
-async def apns(local_ca: LocalCA, apns_key: ApnsKey) -> AsyncIterator[tuple[FakeApns, ApnsProvider]]:
-    async with FakeApns(local_ca, keys=[apns_key], topics=[TOPIC]) as fake:
-        app = ApnsApp("default", TOPIC, team_id=apns_key.team_id, key_id=apns_key.key_id,
-                      key_file=str(apns_key.key_file), host="127.0.0.1", port=fake.port, ca_file=str(local_ca.ca_file))
-        provider = ApnsProvider([app], ProviderSettings(timeout_s=5.0))
-        yield fake, provider
-        await provider.close()
-
-
-@pytest.fixture
-async def fcm(local_ca: LocalCA, tmp_path: Path) -> AsyncIterator[tuple[FakeFcm, FcmProvider]]:
-    async with FakeFcm(local_ca) as fake:
-        account = fake.service_account(tmp_path / "sa", "demo-project")
-        app = FcmApp("default", service_account_file=str(account), base_url=fake.base_url, ca_file=str(local_ca.ca_file))
-        provider = FcmProvider([app], ProviderSettings(timeout_s=5.0))
-        yield fake, provider
-        await provider.close()
-
-
-@pytest.fixture
-async def web(local_ca: LocalCA, tmp_path: Path) -> AsyncIterator[tuple[FakePushService, WebPushProvider, Device]]:
-    async with FakePushService(local_ca) as svc:
-        settings = WebPushSettings(vapid_private_key_file=str(make_vapid_key(tmp_path / "vapid")),
-                                   allowed_hosts=("127.0.0.1",), allow_private=True, ca_file=str(local_ca.ca_file))
-        provider = WebPushProvider(settings, ProviderSettings(timeout_s=5.0))
-        sub = svc.new_subscription()
-        yield svc, provider, Device("webpush", sub["endpoint"], None, sub["keys"]["p256dh"], sub["keys"]["auth"])
-        await provider.close()
 
 
 async def send_apns(apns: tuple[FakeApns, ApnsProvider], msg: Message) -> tuple[dict[str, str], dict[str, Any]]:

@@ -10,25 +10,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
-from pushgw.core.config import ApiClient, ApiSettings, ApnsApp, FcmApp, ProviderSettings, RedisSettings, Settings, WebPushSettings
+from pushgw.core.config import ApiClient, ApiSettings, ApnsApp, RedisSettings, Settings
 from pushgw.core.schema import Device, Message, MessageInvalid, loads_message, parse_message
 from pushgw.gateway.api import create_app
 from pushgw.providers.apns import ApnsProvider
 from pushgw.providers.base import Delivered, Delivery, PayloadTooLarge
-from pushgw.providers.fakes.apns import ApnsKey, FakeApns, make_apns_key
+from pushgw.providers.fakes.apns import FakeApns
 from pushgw.providers.fakes.fcm import FakeFcm
-from pushgw.providers.fakes.tls import LocalCA
 from pushgw.providers.fakes.webpush import FakePushService
 from pushgw.providers.fcm import FcmProvider
 from pushgw.providers.payloads import check_payload_limits, deep_merge
-from pushgw.providers.vapid import make_vapid_key
 from pushgw.providers.webpush import WebPushProvider
 
 TOPIC = "org.example.campus"
@@ -106,40 +103,6 @@ def test_the_final_payload_after_the_merge_is_size_checked() -> None:
 # --- on the wire ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def apns_key(tmp_path: Path) -> ApnsKey:
-    return make_apns_key(tmp_path / "apns")
-
-
-@pytest.fixture
-async def apns(local_ca: LocalCA, apns_key: ApnsKey) -> AsyncIterator[tuple[FakeApns, ApnsProvider]]:
-    async with FakeApns(local_ca, keys=[apns_key], topics=[TOPIC]) as fake:
-        app = ApnsApp("default", TOPIC, team_id=apns_key.team_id, key_id=apns_key.key_id,
-                      key_file=str(apns_key.key_file), host="127.0.0.1", port=fake.port, ca_file=str(local_ca.ca_file))
-        provider = ApnsProvider([app], ProviderSettings(timeout_s=5.0))
-        yield fake, provider
-        await provider.close()
-
-
-@pytest.fixture
-async def fcm(local_ca: LocalCA, tmp_path: Path) -> AsyncIterator[tuple[FakeFcm, FcmProvider]]:
-    async with FakeFcm(local_ca) as fake:
-        account = fake.service_account(tmp_path / "sa", "demo-project")
-        app = FcmApp("default", service_account_file=str(account), base_url=fake.base_url, ca_file=str(local_ca.ca_file))
-        provider = FcmProvider([app], ProviderSettings(timeout_s=5.0))
-        yield fake, provider
-        await provider.close()
-
-
-@pytest.fixture
-async def web(local_ca: LocalCA, tmp_path: Path) -> AsyncIterator[tuple[FakePushService, WebPushProvider, Device]]:
-    async with FakePushService(local_ca) as svc:
-        settings = WebPushSettings(vapid_private_key_file=str(make_vapid_key(tmp_path / "vapid")),
-                                   allowed_hosts=("127.0.0.1",), allow_private=True, ca_file=str(local_ca.ca_file))
-        provider = WebPushProvider(settings, ProviderSettings(timeout_s=5.0))
-        sub = svc.new_subscription()
-        yield svc, provider, Device("webpush", sub["endpoint"], None, sub["keys"]["p256dh"], sub["keys"]["auth"])
-        await provider.close()
 
 
 async def test_apns_block_sets_headers_and_merges_into_aps_and_custom_keys(
