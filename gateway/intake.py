@@ -25,7 +25,6 @@ from ..core.schema import (
     FieldError,
     Message,
     MessageInvalid,
-    Rich,
     parse_device,
     parse_message,
     parse_user,
@@ -87,9 +86,11 @@ class Intake:
                     providers = ("fcm",)
                 check_payload_limits(msg, providers)
                 if msg.rich is not None and msg.rich.critical:
-                    self._check_critical(msg, msg.rich)
+                    rich = msg.rich
+                    self._check_critical(msg, "sound.critical" if rich.sound is not None and rich.sound.critical
+                                         else "interruption_level")
                 if msg.overrides is not None and msg.overrides.critical_field is not None:
-                    self._check_critical_block(msg, msg.overrides.critical_field)
+                    self._check_critical(msg, msg.overrides.critical_field)
                 if msg.apns_push is not None:
                     self._check_apns_push(msg, msg.apns_push)
             except MessageInvalid as e:
@@ -104,25 +105,17 @@ class Intake:
             raise MessageInvalid(errors)
         return out
 
-    def _check_critical_block(self, msg: Message, field: str) -> None:
-        """`_check_critical` for a critical sound or level set in the `apns` block (`field` names it)."""
-        apps = {msg.app} if msg.user is not None else set()
-        apps |= {d.app or msg.app for d in msg.devices if d.provider == "apns"}
+    def _check_critical(self, msg: Message, field: str) -> None:
+        """A critical sound or interruption level (`field` names where it was asked for) needs Apple's
+        critical-alerts entitlement on every APNs app the message can reach, said in the config. A user's
+        registered devices may name any configured app, so a message to a user needs it on all of them."""
+        apps = {d.app or msg.app for d in msg.devices if d.provider == "apns"}
+        if msg.user is not None:
+            apps |= {msg.app, *(a.name for a in self.settings.apns)}
         missing = sorted(a for a in apps if not ((cfg := self.settings.apns_app(a)) and cfg.critical_alerts))
         if missing:
             raise MessageInvalid([FieldError(field, f"critical alerts need Apple's entitlement: set apns.{missing[0]}."
                                                     "critical_alerts = true once Apple granted it")])
-
-    def _check_critical(self, msg: Message, rich: Rich) -> None:
-        """A critical sound or interruption level needs the app's critical-alerts entitlement, said in the config."""
-        apps = {msg.app} if msg.user is not None else set()  # a user's devices may be on APNs
-        apps |= {d.app or msg.app for d in msg.devices if d.provider == "apns"}
-        missing = sorted(a for a in apps if not ((cfg := self.settings.apns_app(a)) and cfg.critical_alerts))
-        if not missing:
-            return
-        field = "sound.critical" if rich.sound is not None and rich.sound.critical else "interruption_level"
-        raise MessageInvalid([FieldError(field, f"critical alerts need Apple's entitlement: set apns.{missing[0]}."
-                                                "critical_alerts = true once Apple granted it")])
 
     def _check_apns_push(self, msg: Message, push: ApnsPush) -> None:
         """A Live Activity needs token auth (APNs refuses certificate auth for liveactivity); mdm needs the

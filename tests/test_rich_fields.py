@@ -176,6 +176,15 @@ async def test_critical_alerts_need_the_entitlement_flag_of_the_app(make_client:
     assert status == 202
 
 
+async def test_a_critical_alert_to_a_user_needs_the_entitlement_on_every_configured_apns_app(make_client: Any) -> None:
+    # A learner's registered devices may be on any configured app: one without the flag refuses the message.
+    apps = (ApnsApp("default", "org.example.campus", critical_alerts=True), ApnsApp("kids", "org.example.kids"))
+    client = await make_client(api_settings(*apps))
+    status, doc = await post(client, {"user": "learner-1", "title": "Exam starts now", "interruption_level": "critical"})
+    assert status == 422 and [f["field"] for f in doc["error"]["fields"]] == ["interruption_level"]
+    assert "apns.kids.critical_alerts" in doc["error"]["fields"][0]["message"]
+
+
 async def test_size_limit_applies_to_the_final_payload_and_names_provider_and_bytes(make_client: Any) -> None:
     # Each action title is small, but FCM carries the buttons twice escaped in data: the final payload counts.
     actions = [{"id": f"a{i}", "title": '"' * 120} for i in range(4)]
