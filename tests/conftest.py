@@ -6,13 +6,16 @@ because nothing else uses it. No test ever touches a Redis it did not start.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from pushgw.core.config import ApnsApp, FcmApp, ProviderSettings, WebPushSettings
+from aiohttp.test_utils import TestClient, TestServer
+from pushgw.core.config import ApnsApp, FcmApp, ProviderSettings, Settings, WebPushSettings
 from pushgw.core.schema import Device
+from pushgw.gateway.api import create_app
 from pushgw.gateway.embedded import EmbeddedRedis
 from pushgw.providers.apns import ApnsProvider
 from pushgw.providers.fakes.apns import ApnsKey, FakeApns, make_apns_key
@@ -94,3 +97,19 @@ async def web(local_ca: LocalCA, tmp_path: Path) -> AsyncIterator[tuple[FakePush
         sub = svc.new_subscription()
         yield svc, provider, Device("webpush", sub["endpoint"], None, sub["keys"]["p256dh"], sub["keys"]["auth"])
         await provider.close()
+
+
+# An HTTP API per settings on a real loopback server, closed after the test.
+@pytest.fixture
+async def make_client(redis: aioredis.Redis) -> AsyncIterator[Callable[..., Any]]:
+    made: list[TestClient[Any, Any]] = []
+
+    async def factory(s: Settings) -> TestClient[Any, Any]:
+        client: TestClient[Any, Any] = TestClient(TestServer(create_app(s, redis)))
+        await client.start_server()
+        made.append(client)
+        return client
+
+    yield factory
+    for c in made:
+        await c.close()

@@ -9,16 +9,13 @@ API options), so a block that put a field in the wrong place fails here as it wo
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
 import pytest
-import redis.asyncio as aioredis
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from pushgw.core.config import ApiClient, ApiSettings, ApnsApp, RedisSettings, Settings
 from pushgw.core.schema import Device, Message, MessageInvalid, loads_message, parse_message
-from pushgw.gateway.api import create_app
 from pushgw.providers.apns import ApnsProvider
 from pushgw.providers.base import Delivered, Delivery, PayloadTooLarge
 from pushgw.providers.fakes.apns import FakeApns
@@ -163,21 +160,6 @@ async def test_webpush_block_sets_headers_and_notification_options(
 
 
 # --- through the HTTP API ---------------------------------------------------------------------
-
-
-@pytest.fixture
-async def make_client(redis: aioredis.Redis) -> AsyncIterator[Callable[..., Any]]:
-    made: list[TestClient[Any, Any]] = []
-
-    async def factory(s: Settings) -> TestClient[Any, Any]:
-        client: TestClient[Any, Any] = TestClient(TestServer(create_app(s, redis)))
-        await client.start_server()
-        made.append(client)
-        return client
-
-    yield factory
-    for c in made:
-        await c.close()
 
 
 def api_settings(*apps: ApnsApp) -> Settings:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from pushgw.core.config import ApiClient, ApiSettings, ApnsApp, RedisSettings, Settings
 from pushgw.core.schema import Action, MessageInvalid, Rich, Sound, loads_message, parse_message
-from pushgw.gateway.api import create_app
 
 TOKEN = "rich-enqueue-token-0123456789"
 BASE = {"user": "learner-1", "title": "Quiz passed"}
@@ -133,21 +130,6 @@ def test_a_message_without_rich_fields_has_none_and_the_same_queue_form() -> Non
 def api_settings(*apps: ApnsApp) -> Settings:
     return Settings(redis=RedisSettings(prefix="richtest"), apns=apps,
                     api=ApiSettings(clients=(ApiClient("course-service", TOKEN, ("enqueue",)),)))
-
-
-@pytest.fixture
-async def make_client(redis: aioredis.Redis) -> AsyncIterator[Callable[..., Any]]:
-    made: list[TestClient[Any, Any]] = []
-
-    async def factory(s: Settings) -> TestClient[Any, Any]:
-        client: TestClient[Any, Any] = TestClient(TestServer(create_app(s, redis)))
-        await client.start_server()
-        made.append(client)
-        return client
-
-    yield factory
-    for c in made:
-        await c.close()
 
 
 async def post(client: TestClient[Any, Any], obj: dict[str, Any]) -> tuple[int, dict[str, Any]]:
