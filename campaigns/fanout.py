@@ -86,6 +86,7 @@ def _message_json(c: Campaign, variant: str, user: str, r: Rendered) -> dict[str
             obj[name] = value
     if r.data:
         obj["data"] = r.data
+    obj.update(r.rich)
     return obj
 
 

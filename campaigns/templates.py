@@ -5,6 +5,13 @@ declared in `variables`, with a fallback (`"first_name": "there"`) or `null` (re
 such as `{frist_name}` is refused when the template is saved, not discovered in a learner's
 notification. Rendering never produces a broken text: a missing required variable, or a locale the
 template lacks when `missing_locale` is "error", raises `RenderError` naming what is missing.
+
+A locale variant may also carry a message's rich fields (core/schema.py): `subtitle`, `link` and the
+buttons' titles in `actions` are texts with variables (a variable in `link` is percent-encoded, so a
+learner's value can fill a path segment or a query value but never change the scheme or the host);
+`image`, `thread`, `badge`, `sound`, `interruption_level` and `actions_category` are fixed per locale.
+They are checked when the template is saved by the rules of a message's own fields (`parse_rich`),
+rendered with the fallbacks, so `locales.fr.image` over http is a 422 then, not a failed fan-out.
 """
 
 from __future__ import annotations
@@ -12,21 +19,29 @@ from __future__ import annotations
 import functools
 import re
 import time
+import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 
-from ..core.schema import FieldError, MessageInvalid, reserved_data_key
+from ..core.schema import MAX_URL_LEN, FieldError, MessageInvalid, parse_rich, reserved_data_key
 from ..queue.keys import Keys
 from .audiences import LOCALE_RE, VALUE_RE, VAR_RE
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 TEXT_FIELDS = ("title", "body")
+RICH_TEXT_FIELDS = ("subtitle", "link")  # texts with variables, beside the buttons' titles in `actions`
+RICH_FIXED_FIELDS = ("image", "thread", "badge", "sound", "interruption_level", "actions_category")
+RICH_FIELDS = (*RICH_TEXT_FIELDS, "actions", *RICH_FIXED_FIELDS)
+VARIANT_FIELDS = frozenset({*TEXT_FIELDS, "data", *RICH_FIELDS})
 MAX_LOCALES = 64
-LIMITS = {"title": 1024, "body": 4096}
+LIMITS = {"title": 1024, "body": 4096, "subtitle": 1024, "link": MAX_URL_LEN}
+ACTION_TITLE_LIMIT = 128  # core/schema.py: a button title is at most 128 bytes
+DATA_LIMIT = 1024
+REQUIRED_PROBE = "x"  # what a required variable stands for when a template's rich fields are checked at save
 
 
 class RenderError(ValueError):
@@ -56,6 +71,25 @@ def placeholders(text: str) -> tuple[frozenset[str], tuple[str, ...]]:
     return frozenset(names), tuple(problems)
 
 
+def variant_texts(variant: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """(path in the variant, text) of every text of a locale variant that may use variables."""
+    texts: list[tuple[str, Any]] = [(f, variant[f]) for f in (*TEXT_FIELDS, *RICH_TEXT_FIELDS) if f in variant]
+    actions = variant.get("actions")
+    if isinstance(actions, list):
+        texts += [(f"actions[{i}].title", a["title"]) for i, a in enumerate(actions) if isinstance(a, dict) and "title" in a]
+    data = variant.get("data")
+    if isinstance(data, dict):
+        texts += [(f"data.{k}", v) for k, v in data.items()]
+    return texts
+
+
+def text_limit(path: str) -> int:
+    """Bytes a text at this path of a variant may have (the limits of a message's own fields)."""
+    if path.startswith("actions["):
+        return ACTION_TITLE_LIMIT
+    return LIMITS.get(path, DATA_LIMIT)
+
+
 def _fill(text: str, values: Mapping[str, str]) -> str:
     def sub(m: re.Match[str]) -> str:
         tok = m.group(0)
@@ -74,6 +108,29 @@ class Rendered:
     title: str | None
     body: str | None
     data: dict[str, str]
+    rich: dict[str, Any] = field(default_factory=dict)  # the variant's rich fields, as a message's top-level fields
+
+
+def render_variant(variant: Mapping[str, Any], values: Mapping[str, str]) -> dict[str, Any]:
+    """A variant's fields with every variable filled (the caller checked that `values` has them all):
+    title, body, data and the rich fields, by the names of a message's fields."""
+    out: dict[str, Any] = {}
+    for f in (*TEXT_FIELDS, "subtitle"):
+        if f in variant:
+            out[f] = _fill(variant[f], values)
+    if "link" in variant:
+        out["link"] = _fill(variant["link"], {k: urllib.parse.quote(v, safe="") for k, v in values.items()})
+    actions = variant.get("actions")
+    if actions is not None:  # as given when malformed, for parse_rich to name the fault
+        out["actions"] = [{**a, "title": _fill(a["title"], values)}
+                          if isinstance(a, dict) and isinstance(a.get("title"), str) else a
+                          for a in actions] if isinstance(actions, list) else actions
+    for f in RICH_FIXED_FIELDS:
+        if f in variant:
+            out[f] = variant[f]
+    if "data" in variant:
+        out["data"] = {k: _fill(v, values) for k, v in variant["data"].items()}
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,22 +172,14 @@ class Template:
                 v = fallback
             values[name] = str(v)
         variant = self.locales[chosen]
-        out: dict[str, Any] = {}
-        for f in (*TEXT_FIELDS, "data"):
-            texts = variant.get(f)
-            if texts is None:
-                continue
-            items = texts.items() if f == "data" else [(None, texts)]
-            rendered: dict[str | None, str] = {}
-            for k, text in items:
-                used, _ = placeholders(text)
-                missing = sorted(used - values.keys())
-                if missing:
-                    raise RenderError(f"vars.{missing[0]}", f"template {self.name} ({chosen}) needs {missing} and they "
-                                                            "have no fallback")
-                rendered[k] = _fill(text, values)
-            out[f] = rendered if f == "data" else rendered[None]
-        return Rendered(chosen, out.get("title"), out.get("body"), out.get("data") or {})
+        for _, text in variant_texts(variant):
+            missing = sorted(placeholders(text)[0] - values.keys())
+            if missing:
+                raise RenderError(f"vars.{missing[0]}", f"template {self.name} ({chosen}) needs {missing} and they "
+                                                        "have no fallback")
+        out = render_variant(variant, values)
+        title, body, data = out.pop("title", None), out.pop("body", None), out.pop("data", None)
+        return Rendered(chosen, title, body, data or {}, out)
 
 
 def _overlong_renders(locales: Mapping[str, Mapping[str, Any]], variables: Mapping[str, str | None]) -> list[FieldError]:
@@ -139,17 +188,24 @@ def _overlong_renders(locales: Mapping[str, Mapping[str, Any]], variables: Mappi
     values = {k: v or "" for k, v in variables.items()}
     errors: list[FieldError] = []
     for loc, variant in locales.items():
-        texts = [(f, variant.get(f)) for f in TEXT_FIELDS]
-        texts += [(f"data.{k}", v) for k, v in (variant.get("data") or {}).items()]
-        for path, text in texts:
-            if not isinstance(text, str):
-                continue
+        for path, text in variant_texts(variant):
             size = len(_fill(text, values).encode())
-            limit = LIMITS.get(path, 1024)
+            limit = text_limit(path)
             if size > limit:
                 errors.append(FieldError(f"locales.{loc}.{path}", f"renders to {size} bytes with the fallbacks; "
                                                                   f"at most {limit}"))
     return errors
+
+
+def _rich_errors(where: str, variant: Mapping[str, Any], variables: Mapping[str, str | None]) -> list[FieldError]:
+    """A variant's rich fields checked by a message's rules (core/schema.py `parse_rich`), rendered with the
+    fallbacks (a required variable stands for REQUIRED_PROBE); each error names `locales.<loc>.<field>`."""
+    if not any(f in variant for f in RICH_FIELDS):
+        return []
+    probe = render_variant(variant, {k: REQUIRED_PROBE if v is None else v for k, v in variables.items()})
+    errors: list[FieldError] = []
+    parse_rich(probe, errors, title=probe.get("title"), body=probe.get("body"))
+    return [FieldError(f"{where}.{e.field}", e.message) for e in errors]
 
 
 def parse_template(name: str, obj: Any) -> Template:
@@ -184,23 +240,27 @@ def parse_template(name: str, obj: Any) -> Template:
         if not LOCALE_RE.match(loc):
             errors.append(FieldError(where, "the key must be a language tag such as fr or pt-BR"))
             continue
-        if not isinstance(variant, dict) or set(variant) - {"title", "body", "data"}:
-            errors.append(FieldError(where, "must be an object with title, body and/or data"))
+        if not isinstance(variant, dict):
+            errors.append(FieldError(where, "must be an object with title, body and/or data (and rich fields)"))
             continue
+        extra = sorted(set(variant) - VARIANT_FIELDS)
+        if extra:
+            errors.append(FieldError(where, f"unknown field(s) {extra}; a variant has {sorted(VARIANT_FIELDS)}"))
+            continue
+        before = len(errors)
         if not any(isinstance(variant.get(f), str) and variant.get(f) for f in TEXT_FIELDS):
             errors.append(FieldError(where, "needs a title or a body"))
-        texts: list[tuple[str, Any]] = [(f"{where}.{f}", variant.get(f)) for f in TEXT_FIELDS if f in variant]
         data = variant.get("data", {})
         if not isinstance(data, dict) or len(data) > 16:
             errors.append(FieldError(f"{where}.data", "must be an object of at most 16 text values"))
             data = {}
         errors += [FieldError(f"{where}.data.{k}", "is a key reserved by APNs or FCM") for k in data if reserved_data_key(k)]
-        texts += [(f"{where}.data.{k}", v) for k, v in data.items()]
-        for path, text in texts:
+        for path, text in variant_texts({**variant, "data": data}):
+            path = f"{where}.{path}"
             if not isinstance(text, str):
                 errors.append(FieldError(path, "must be a string"))
                 continue
-            limit = LIMITS.get(path.rsplit(".", 1)[-1], 1024)
+            limit = text_limit(path.split(".", 2)[2])
             if len(text.encode()) > limit:
                 errors.append(FieldError(path, f"must be at most {limit} bytes"))
             used, problems = placeholders(text)
@@ -209,6 +269,8 @@ def parse_template(name: str, obj: Any) -> Template:
             if undeclared:
                 errors.append(FieldError(path, f"uses undeclared variable(s) {undeclared}; declare them in variables "
                                                "with a fallback or null (required)"))
+        if len(errors) == before:
+            errors += _rich_errors(where, variant, variables)
         locales[loc] = {k: v for k, v in variant.items()}
     if not errors:
         errors += _overlong_renders(locales, variables)

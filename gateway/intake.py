@@ -40,8 +40,8 @@ ENQUEUE_CHUNK = 500  # messages per Lua call: keeps one script run short for oth
 
 
 def _with_rendered(obj: dict[str, Any], r: Rendered) -> dict[str, Any]:
-    """The message with the rendered title, body and data (its own data keys win)."""
-    out = dict(obj)
+    """The message with the rendered title, body, data and rich fields (its own data keys and rich fields win)."""
+    out = r.rich | obj
     if r.title is not None:
         out["title"] = r.title
     if r.body is not None:

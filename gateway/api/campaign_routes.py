@@ -114,7 +114,7 @@ class CampaignRoutes:
             r = t.render(variables, locale)
         except RenderError as e:
             raise MessageInvalid([FieldError(e.field, e.message)]) from None
-        return json_response({"locale": r.locale, "title": r.title, "body": r.body, "data": r.data})
+        return json_response({"locale": r.locale, "title": r.title, "body": r.body, "data": r.data, **r.rich})
 
     # ------------------------------------------------------------------ campaigns
 
