@@ -2,7 +2,10 @@
 
 A private Redis, three provider fakes that speak the real protocols over TLS, a few hundred learners
 with a device mix, and a realistic batch for a learning platform: live-session reminders (high
-priority, short TTL), new-module alerts for a track, and quiz badges. Some fakes are programmed to
+priority, short TTL, time-sensitive so Focus modes let them through), new-module alerts for a track
+(with buttons and a link, shown as Web Push actions), quiz badges (an app badge and an image for a
+score over 80%), and a live class countdown on a few lock screens (an APNs Live Activity started,
+then updated). The rich fields are printed as the fakes received them. Some fakes are programmed to
 fail the way the real services do (503 then success, 429 with Retry-After, dead tokens, a sender
 mismatch), so the run shows retries, token removal and dead letters. At the end every delivery is
 reconciled against what the fakes received: lost and duplicated must both be 0.
@@ -176,6 +179,7 @@ async def _demo(tmp: Path, n_learners: int, n_messages: int, processes: int, see
         out.write(f"  {len(learners)} learners with {sum(len(lr.devices) for lr in learners)} devices registered\n")
 
         batch = _notifications(learners, n_messages, rng)
+        batch += _live_activities(learners, rng)
         kinds = Counter(m["category"] for m in batch)
         started = time.monotonic()
         results = []
@@ -185,7 +189,7 @@ async def _demo(tmp: Path, n_learners: int, n_messages: int, processes: int, see
         out.write(f"  enqueued {queued} messages ({', '.join(f'{v} {k}' for k, v in kinds.items())}) "
                   f"in {time.monotonic() - started:.2f}s\n")
         by_user = {lr.user: lr for lr in learners}
-        expected = sum(len(by_user[m["user"]].devices) for m in batch)
+        expected = sum(len(_targets(m, by_user)) for m in batch)
 
         pool = Pool(replace(settings), url, processes, consumer_prefix="demo")
         pool.start()
@@ -222,6 +226,11 @@ def _sub_id(device: dict[str, Any]) -> str:
     return endpoint.rsplit("/", 1)[-1]
 
 
+BADGE_IMAGE = "https://cdn.campus.example/badges/quiz-master.png"
+MODULE_ACTIONS = [{"id": "open", "title": "Open module", "foreground": True}, {"id": "later", "title": "Later"}]
+LIVE_CLASS_ACTIVITIES = 3  # lock screens showing the live class countdown
+
+
 def _notifications(learners: list[Learner], n: int, rng: random.Random) -> list[dict[str, Any]]:
     """A realistic mix: 50% session reminders, 35% new-module alerts, 15% quiz badges."""
     out: list[dict[str, Any]] = []
@@ -232,18 +241,47 @@ def _notifications(learners: list[Learner], n: int, rng: random.Random) -> list[
         if r < 0.5:
             out.append({"id": f"reminder-{i}", "user": lr.user, "category": "reminder", "priority": "high",
                         "title": "Live session in 15 minutes", "body": f"{lr.track}: Q&A with your mentor",
-                        "ttl": 900, "collapse_key": f"session-{i % 40}", "data": {"link": f"/live/{i % 40}"}})
+                        "ttl": 900, "collapse_key": f"session-{i % 40}", "data": {"link": f"/live/{i % 40}"},
+                        "interruption_level": "time-sensitive", "thread": f"live-{lr.track}"})
         elif r < 0.85:
+            module = i % 12 + 1
             out.append({"id": f"module-{i}", "user": lr.user, "category": "new_content",
-                        "title": "New module available", "body": f"Module {i % 12 + 1} of {lr.track} is out",
-                        "expires_at": now + 7 * 86400, "data": {"track": lr.track, "module": str(i % 12 + 1)},
-                        "campaign": "module-launch", "variant": "a" if i % 2 else "b"})
+                        "title": "New module available", "body": f"Module {module} of {lr.track} is out",
+                        "expires_at": now + 7 * 86400, "data": {"track": lr.track, "module": str(module)},
+                        "campaign": "module-launch", "variant": "a" if i % 2 else "b",
+                        "actions": MODULE_ACTIONS, "actions_category": "MODULE",
+                        "link": f"https://campus.example/{lr.track}/modules/{module}"})
         else:
-            score = 80 + rng.randrange(21)
+            score = 81 + rng.randrange(20)  # passed over 80%: a badge on the app icon and the badge's picture
             out.append({"id": f"badge-{i}", "user": lr.user, "category": "reward",
                         "title": "Badge earned", "body": f"You scored {score}% on the quiz",
-                        "data": {"badge": "quiz-master", "score": str(score)}})
+                        "data": {"badge": "quiz-master", "score": str(score)}, "badge": 1, "image": BADGE_IMAGE})
     return out
+
+
+def _live_activities(learners: list[Learner], rng: random.Random) -> list[dict[str, Any]]:
+    """A live class countdown on a few lock screens: an APNs Live Activity started, then updated.
+
+    A Live Activity has a push token of its own (ActivityKit), so these messages name their device."""
+    now = int(time.time())
+    out: list[dict[str, Any]] = []
+    for k in range(min(LIVE_CLASS_ACTIVITIES, len(learners))):
+        device = {"apns": f"{rng.getrandbits(256):064x}"}
+        common = {"category": "reminder", "priority": "high", "devices": [device], "ttl": 900}
+        out.append({**common, "id": f"live-class-{k}-start", "live_activity": {
+            "event": "start", "timestamp": now, "attributes_type": "LiveClassAttributes",
+            "attributes": {"course": learners[k].track}, "content_state": {"minutes_left": 15},
+            "stale_date": now + 900}})
+        out.append({**common, "id": f"live-class-{k}-update", "title": "Live class in 10 minutes",
+                    "body": "Your mentor is getting ready", "live_activity": {
+                        "event": "update", "timestamp": now + 1, "content_state": {"minutes_left": 10}}})
+    return out
+
+
+def _targets(message: dict[str, Any], by_user: dict[str, Learner]) -> list[dict[str, Any]]:
+    """The devices a demo message goes to: its user's, or the ones it names (a Live Activity's token)."""
+    devices: list[dict[str, Any]] = message["devices"] if "user" not in message else by_user[message["user"]].devices
+    return devices
 
 
 async def _report(redis: Any, settings: Settings, batch: list[dict[str, Any]], by_user: dict[str, Learner],
@@ -270,7 +308,7 @@ async def _report(redis: Any, settings: Settings, batch: list[dict[str, Any]], b
     lost = 0
     delivered = 0
     for m in batch:
-        for d in by_user[m["user"]].devices:
+        for d in _targets(m, by_user):
             key = (m["id"], _dev_key(d))
             if got[key]:
                 delivered += 1
@@ -288,10 +326,73 @@ async def _report(redis: Any, settings: Settings, batch: list[dict[str, Any]], b
               "(stream pushgw:events:invalid_tokens)\n")
     reasons = Counter(e.reason for e in dead)
     out.write(f"  dead-lettered:                {len(dead)} {dict(reasons)}\n")
+    rich_ok = _rich_report(out, batch, apns, fcm, webpush)
     out.write(f"  reconciliation: {delivered} delivered, lost {lost}, duplicates {duplicates}\n")
-    ok = lost == 0 and duplicates == 0
+    ok = lost == 0 and duplicates == 0 and rich_ok
     out.write("  OK: every delivery is accounted for\n" if ok else "  FAILED: see lost/duplicates above\n")
     return ok
+
+
+def _rich_report(out: Any, batch: list[dict[str, Any]], apns: Any, fcm: Any, webpush: Any) -> bool:
+    """Print each kind of rich delivery as the fakes received it (its count and one example's fields).
+
+    False when a delivery of a rich message arrived without its fields, or a kind the batch holds
+    arrived at no fake."""
+    sent = {kind: sum(1 for m in batch if m["id"].startswith(prefix)) for kind, prefix in _RICH_KINDS}
+    lines: dict[str, tuple[int, str]] = {}
+    missing: Counter[str] = Counter()
+
+    def seen(kind: str, fields_ok: bool, example: str) -> None:
+        if not fields_ok:
+            missing[kind] += 1
+            return
+        n, first = lines.get(kind, (0, example))
+        lines[kind] = (n + 1, first)
+
+    for r in apns.received:
+        aps, mid = r.payload["aps"], r.payload["pushgw"]["id"]
+        if mid.startswith("reminder-"):
+            seen("time-sensitive reminder", aps.get("interruption-level") == "time-sensitive",
+                 f"apns aps.interruption-level={aps.get('interruption-level')} thread-id={aps.get('thread-id')}")
+        elif mid.startswith("badge-"):
+            seen("quiz badge with image", aps.get("badge") == 1 and r.payload["pushgw"].get("image") == BADGE_IMAGE,
+                 f"apns aps.badge={aps.get('badge')} mutable-content={aps.get('mutable-content')} "
+                 f"pushgw.image={r.payload['pushgw'].get('image')}")
+        elif mid.startswith("live-class-"):
+            event = aps.get("event", "?")
+            seen(f"live activity {event}", r.headers.get("apns-push-type") == "liveactivity"
+                 and "content-state" in aps, f"apns apns-topic={r.topic} aps.event={event} "
+                 f"content-state={orjson.dumps(aps.get('content-state')).decode()}")
+    for r in fcm.received:
+        m = r.message
+        if m["data"]["pushgw_id"].startswith("badge-"):
+            image = m.get("notification", {}).get("image")
+            count = m["android"]["notification"].get("notification_count")
+            seen("quiz badge with image", image == BADGE_IMAGE and count == 1,
+                 f"fcm notification.image={image} android.notification.notification_count={count}")
+    for r in webpush.received:
+        shown = orjson.loads(r.plaintext)
+        if shown["id"].startswith("module-"):
+            actions = shown.get("actions", [])
+            seen("web push with actions", [a["action"] for a in actions] == ["open", "later"],
+                 f"webpush actions={[a['title'] for a in actions]} navigate={shown.get('navigate')}")
+    out.write("  rich notifications, as the fakes received them (count, then one example):\n")
+    ok = not missing
+    for kind, _prefix in _RICH_KINDS:
+        n, example = lines.get(kind, (0, "none arrived"))
+        out.write(f"    {kind:<26}{n:>6}  {example}\n")
+        ok = ok and (n > 0 or sent[kind] == 0)
+    if missing:
+        out.write(f"    FAILED: deliveries without their rich fields: {dict(missing)}\n")
+    return ok
+
+
+# What the demo's rich messages are (label, id prefix), in the order they are printed.
+_RICH_KINDS = (
+    ("time-sensitive reminder", "reminder-"), ("quiz badge with image", "badge-"),
+    ("live activity start", "live-class-"), ("live activity update", "live-class-"),
+    ("web push with actions", "module-"),
+)
 
 
 def _retried(*fakes: Any) -> list[Any]:
