@@ -405,7 +405,7 @@ class FanoutRunner:
                     if when is not None:
                         obj["send_at"] = when
                     m = replace(parse_message(obj, now=now), fanout=True)
-                    check_payload_limits(m, PROVIDERS)
+                    check_payload_limits(m, PROVIDERS, declarative_navigate=self.settings.webpush.declarative_navigate)
                     out.append(m)
             except (RenderError, MessageInvalid, PayloadTooLarge) as e:
                 bump(job, "failed")

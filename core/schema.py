@@ -1174,12 +1174,23 @@ def parse_apns_push(obj: Mapping[str, Any], errors: list[FieldError], *, user: s
         errors.append(FieldError("apns_push_type", "is liveactivity for a message with live_activity"))
     if push_type == "liveactivity" and la_in is None:
         errors.append(FieldError("live_activity", "is required for apns_push_type liveactivity"))
+    _push_type_rules(push_type, field_name, errors, user=user, devices_in=devices_in, rich=rich, title=title,
+                     body=body, data=data)
+    if len(errors) > before:
+        return None
+    return ApnsPush(push_type, live)
+
+
+def _push_type_rules(push_type: str, field_name: str, errors: list[FieldError], *, user: str | None, devices_in: Any,
+                     rich: Rich | None, title: str | None, body: str | None, data: Mapping[str, str]) -> None:
+    """Apple's rules for one apns-push-type (background: nothing shown; alert: something shown; any other
+    type: its own push tokens, so explicit APNs devices and no rich fields); errors name `field_name`."""
     silent = rich.silent if rich is not None else (title is None and body is None)
     if push_type == "background" and not silent:
-        errors.append(FieldError("apns_push_type", "background pushes carry no alert, sound or badge (APNs: priority "
+        errors.append(FieldError(field_name, "background pushes carry no alert, sound or badge (APNs: priority "
                                                    "5, content-available): remove title, body, badge and sound"))
     if push_type == "alert" and silent:
-        errors.append(FieldError("apns_push_type", "alert needs a title, body, loc key, badge or sound"))
+        errors.append(FieldError(field_name, "alert needs a title, body, loc key, badge or sound"))
     if push_type not in APNS_SHARED_TOKEN_TYPES:
         if rich is not None:
             errors.append(FieldError(field_name, f"{push_type} pushes carry no rich presentation fields "
@@ -1197,9 +1208,58 @@ def parse_apns_push(obj: Mapping[str, Any], errors: list[FieldError], *, user: s
                     errors.append(FieldError(field_name, f"{push_type} pushes go to APNs devices only: "
                                                          f"devices[{i}] is not an APNs device"))
                     break
-    if len(errors) > before:
-        return None
-    return ApnsPush(push_type, live)
+
+
+def check_header_push_type(obj: Mapping[str, Any], overrides: Overrides, errors: list[FieldError], *, user: str | None,
+                           devices_in: Any, rich: Rich | None, title: str | None, body: str | None,
+                           data: Mapping[str, str]) -> None:
+    """An `apns.headers.apns-push-type` by the rules of the neutral push type. It may repeat `apns_push_type`
+    (or `liveactivity` of a `live_activity`), not contradict it; without one, alert and background are checked
+    as the neutral field would be, and a type with a topic and payload of its own (voip, liveactivity, ...)
+    needs the neutral field, which sets them (the header alone would go to the app's bundle topic)."""
+    where = "apns.headers.apns-push-type"
+    header = overrides.apns_headers["apns-push-type"]
+    neutral = obj.get("apns_push_type") or ("liveactivity" if obj.get("live_activity") is not None else None)
+    if neutral is not None:
+        if neutral not in APNS_SHARED_TOKEN_TYPES:
+            return  # no apns.headers at all on such a push (check_typed_push_blocks)
+        if header != neutral:
+            errors.append(FieldError(where, f"is {header!r} but the message's push type is {neutral!r}: "
+                                            "give it once, in apns_push_type"))
+        return
+    if header in APNS_PUSH_TYPES and header not in APNS_SHARED_TOKEN_TYPES:
+        errors.append(FieldError(where, f"{header} pushes need apns_push_type: {header!r} (or live_activity), which "
+                                        "also sets the topic suffix, priority and payload"))
+        return
+    _push_type_rules(header, where, errors, user=user, devices_in=devices_in, rich=rich, title=title, body=body,
+                     data=data)
+
+
+# What an `apns.payload.aps` block may add to a Live Activity push: the activity's own keys come from
+# `live_activity` (one source for event, timestamp, state and dates).
+_LIVE_ACTIVITY_BLOCK_APS = frozenset({"alert", "sound"})
+
+
+def check_typed_push_blocks(push: ApnsPush, overrides: Overrides, errors: list[FieldError]) -> None:
+    """Per-platform blocks on a push type with a token of its own (voip, liveactivity, mdm, ...): its headers
+    (topic suffix, priority, push type) come from the neutral fields, so `apns.headers` is refused; an mdm
+    body is the PushMagic alone; a Live Activity's `aps` takes only alert and sound from the block. The rest
+    of `apns.payload` is merged over the payload as for any message (the block wins)."""
+    if overrides.apns_headers:
+        name = sorted(overrides.apns_headers)[0]
+        errors.append(FieldError(f"apns.headers.{name}", f"a {push.push_type} push's headers come from apns_push_type, "
+                                                         "priority, ttl and collapse_key"))
+    if not overrides.apns_payload:
+        return
+    if push.push_type == "mdm":
+        errors.append(FieldError("apns.payload", "an mdm push's body is {\"mdm\": <PushMagic>} alone"))
+        return
+    aps = overrides.apns_payload.get("aps")
+    if isinstance(aps, Mapping):
+        allowed = _LIVE_ACTIVITY_BLOCK_APS if push.push_type == "liveactivity" else frozenset()
+        for key in sorted(set(aps) - allowed):
+            errors.append(FieldError(f"apns.payload.aps.{key}", f"is not set by a block on a {push.push_type} push"
+                                     + (": give it in live_activity" if push.push_type == "liveactivity" else "")))
 
 
 _KNOWN = frozenset({
@@ -1333,6 +1393,11 @@ def parse_message(
     overrides = parse_overrides(obj, errors) if blocks_given else None
     apns_push = parse_apns_push(obj, errors, user=user, devices_in=devices_in, rich=rich, title=title, body=body,
                                 data=data) if apns_given else None
+    if overrides is not None and "apns-push-type" in overrides.apns_headers:
+        check_header_push_type(obj, overrides, errors, user=user, devices_in=devices_in, rich=rich, title=title,
+                               body=body, data=data)
+    if overrides is not None and apns_push is not None and apns_push.push_type not in APNS_SHARED_TOKEN_TYPES:
+        check_typed_push_blocks(apns_push, overrides, errors)
     if title is None and body is None and not data and (rich is None or not rich.has_content) and not (
             apns_given and obj.get("live_activity") is not None):  # a Live Activity's content is its state
         errors.append(FieldError("body", "a message needs a title, a body or data"))

@@ -84,7 +84,7 @@ class Intake:
                 providers = PROVIDERS if msg.user is not None else tuple({d.provider for d in msg.devices})
                 if msg.fcm_target is not None:
                     providers = ("fcm",)
-                check_payload_limits(msg, providers)
+                check_payload_limits(msg, providers, declarative_navigate=self.settings.webpush.declarative_navigate)
                 if msg.rich is not None and msg.rich.critical:
                     rich = msg.rich
                     self._check_critical(msg, "sound.critical" if rich.sound is not None and rich.sound.critical

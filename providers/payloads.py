@@ -12,7 +12,17 @@ from typing import Any
 
 import orjson
 
-from ..core.schema import APNS_SHARED_TOKEN_TYPES, SOUND_DEFAULT, SOUND_NONE, Action, FcmTarget, Message, Overrides, Rich
+from ..core.schema import (
+    APNS_SHARED_TOKEN_TYPES,
+    SOUND_DEFAULT,
+    SOUND_NONE,
+    Action,
+    FcmTarget,
+    Message,
+    Overrides,
+    Rich,
+    Sound,
+)
 from .base import PayloadTooLarge
 
 APNS_MAX_PAYLOAD = 4096
@@ -133,7 +143,10 @@ def apns_typed_payload(msg: Message) -> bytes:
             tracking["title"] = msg.title
         if msg.body is not None:
             tracking["body"] = msg.body
-    return orjson.dumps({"aps": aps, **msg.data, "pushgw": tracking})
+    body: dict[str, Any] = {"aps": aps, **msg.data, "pushgw": tracking}
+    if msg.overrides is not None and msg.overrides.apns_payload:
+        body = deep_merge(body, msg.overrides.apns_payload)  # core/schema.py check_typed_push_blocks limits it
+    return orjson.dumps(body)
 
 
 def _rich_aps(msg: Message, rich: Rich) -> dict[str, Any]:
@@ -158,28 +171,38 @@ def _rich_aps(msg: Message, rich: Rich) -> dict[str, Any]:
         aps["alert"] = alert
     if rich.badge is not None:
         aps["badge"] = rich.badge
-    sound = rich.sound
-    if sound is None:
+    if rich.sound is None:
         if alert:
             aps["sound"] = SOUND_DEFAULT
-    elif sound.critical:
+    else:
+        _aps_presentation_sound(rich.sound, aps)
+    _aps_presentation(rich, aps)
+    return aps
+
+
+def _aps_presentation_sound(sound: Sound, aps: dict[str, Any]) -> None:
+    """aps.sound of a given sound: its name, the critical-alert dictionary, or nothing for "none"."""
+    if sound.critical:
         critical: dict[str, Any] = {"critical": 1, "name": sound.name}
         if sound.volume is not None:
             critical["volume"] = sound.volume
         aps["sound"] = critical
     elif sound.name != SOUND_NONE:
         aps["sound"] = sound.name
+
+
+def _aps_presentation(rich: Rich, aps: dict[str, Any]) -> None:
+    """The `aps` keys that group, select buttons, mark an image and rank an alert (APNs payload key reference)."""
     if rich.thread is not None:
         aps["thread-id"] = rich.thread
     if rich.actions_category is not None:
         aps["category"] = rich.actions_category
     if rich.image is not None:
-        aps["mutable-content"] = 1  # the app's notification service extension downloads pushgw.image
+        aps["mutable-content"] = 1  # the app's notification service extension downloads the image
     if rich.interruption_level is not None:
         aps["interruption-level"] = rich.interruption_level
     if rich.relevance_score is not None:
         aps["relevance-score"] = rich.relevance_score
-    return aps
 
 
 def deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -271,12 +294,15 @@ def _rich_android(rich: Rich, notification: dict[str, Any]) -> None:
         notification["body_loc_key"] = rich.body_loc_key
         if rich.body_loc_args:
             notification["body_loc_args"] = list(rich.body_loc_args)
-    if rich.badge is not None:
+    if rich.badge:
+        # AndroidNotification.notification_count: 0 means "not set", so FCM cannot clear a count on
+        # Android; the app reads data pushgw_badge (always sent, 0 included) to clear it.
         notification["notification_count"] = rich.badge
 
 
 def _rich_fcm(msg: Message, rich: Rich, out: dict[str, Any], data: dict[str, str], shown: bool) -> None:
-    """What the app reads from `data` (FCM data values are strings), and the web client's click link."""
+    """What the app reads from `data` (FCM data values are strings), the web client's click link, and the
+    `apns` object for an iOS device registered through FCM."""
     if rich.link is not None:
         data["pushgw_link"] = rich.link
         if rich.link.startswith("https://"):
@@ -285,8 +311,39 @@ def _rich_fcm(msg: Message, rich: Rich, out: dict[str, Any], data: dict[str, str
         data["pushgw_thread"] = rich.thread  # Android groups in the app (v1 has no group field)
     if rich.actions:
         data["pushgw_actions"] = orjson.dumps([a.to_json() for a in rich.actions]).decode()
-    if rich.badge is not None and not shown:
+    if rich.badge is not None:
         data["pushgw_badge"] = str(rich.badge)
+    apns = _fcm_apns(msg, rich, shown)
+    if apns:
+        out["apns"] = apns
+
+
+def _fcm_apns(msg: Message, rich: Rich, shown: bool) -> dict[str, Any]:
+    """ApnsConfig of an FCM message (FCM v1 reference, projects.messages#ApnsConfig): FCM builds `aps.alert`
+    from `notification` alone, so the rest of what APNs shows goes in `payload.aps` (APNs payload key
+    reference) and the image in `fcm_options.image`, as for a device registered with APNs directly."""
+    aps: dict[str, Any] = {}
+    if rich.badge is not None:
+        aps["badge"] = rich.badge  # 0 clears the count on iOS
+    if shown:
+        if rich.subtitle is not None:
+            # The alert dictionary replaces the one FCM derives from `notification`: title and body again.
+            alert: dict[str, str] = {}
+            if msg.title is not None:
+                alert["title"] = msg.title
+            alert["subtitle"] = rich.subtitle
+            if msg.body is not None:
+                alert["body"] = msg.body
+            aps["alert"] = alert
+        if rich.sound is not None:
+            _aps_presentation_sound(rich.sound, aps)
+        _aps_presentation(rich, aps)
+    out: dict[str, Any] = {}
+    if aps:
+        out["payload"] = {"aps": aps}
+    if shown and rich.image is not None:
+        out["fcm_options"] = {"image": rich.image}  # ApnsFcmOptions.image, shown by FCM's iOS service extension
+    return out
 
 
 def webpush_plaintext(msg: Message) -> bytes:
@@ -428,7 +485,8 @@ def _rich_tracking(msg: Message, rich: Rich) -> dict[str, Any]:
 
 # Every byte of a payload without rich fields is either a content string of the message (escaped
 # exactly as orjson escapes it, each string at most as often as it is listed here: the id and the
-# collapse key twice, as FCM's tag repeats one of them) or fixed JSON: keys, punctuation, "default",
+# collapse key twice, as FCM's tag repeats one of them; the declarative push message adds the configured
+# navigate, counted apart) or fixed JSON: keys, punctuation, "default",
 # the ttl digits. That fixed part is under 300 bytes for every provider. A message with rich fields
 # is measured by building its payloads.
 _FIXED_OVERHEAD_BOUND = 512
@@ -449,14 +507,26 @@ def fcm_payload_size(msg: Message) -> int:
     return len(orjson.dumps(m))
 
 
-def check_payload_limits(msg: Message, providers: tuple[str, ...] = ("apns", "fcm", "webpush")) -> None:
+DECLARATIVE = "webpush declarative"  # the provider named by PayloadTooLarge for a declarative push message
+
+
+def check_payload_limits(msg: Message, providers: tuple[str, ...] = ("apns", "fcm", "webpush"), *,
+                         declarative_navigate: str | None = None) -> None:
     """Raise `PayloadTooLarge` (provider, bytes, limit) if a final payload would exceed that provider's limit.
+
+    With `declarative_navigate` (the `[webpush] declarative_navigate` setting, "" when unset) a message that
+    may reach Web Push is also measured in its declarative form (W3C Push API), which a subscription on
+    Apple's push service or flagged `declarative` gets: it must fit the same 4096-byte record.
 
     Most messages are far below 4 KB: one serialization of the content proves it for all three
     providers at once, and the payloads are built only for a message near a limit or with rich
     fields (the API's hot path)."""
-    if msg.rich is None and msg.overrides is None and msg.apns_push is None and _content_bound(msg) <= _SMALLEST_LIMIT:
-        return
+    if msg.rich is None and msg.overrides is None and msg.apns_push is None:
+        bound = _content_bound(msg)
+        if declarative_navigate:
+            bound += len(orjson.dumps(declarative_navigate))  # the declarative form's one string from elsewhere
+        if bound <= _SMALLEST_LIMIT:
+            return
     if "apns" in providers:
         size, limit = len(apns_payload(msg)), apns_max_payload(msg)
         if size > limit:
@@ -469,3 +539,7 @@ def check_payload_limits(msg: Message, providers: tuple[str, ...] = ("apns", "fc
         size = len(webpush_plaintext(msg))
         if size > WEBPUSH_MAX_PLAINTEXT:
             raise PayloadTooLarge("webpush", size, WEBPUSH_MAX_PLAINTEXT)
+        if declarative_navigate is not None:
+            declarative = webpush_declarative(msg, declarative_navigate)
+            if declarative is not None and len(declarative) > WEBPUSH_MAX_PLAINTEXT:
+                raise PayloadTooLarge(DECLARATIVE, len(declarative), WEBPUSH_MAX_PLAINTEXT)

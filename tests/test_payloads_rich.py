@@ -179,12 +179,77 @@ async def test_fcm_rich_message_maps_to_notification_android_data_and_webpush_li
                          "image": "https://cdn.campus.example/badges/q42.png"},
         "data": {"score": "86", "pushgw_id": "quiz-42", "pushgw_category": "reward",
                  "pushgw_link": "https://campus.example/badges/q42", "pushgw_thread": "course-stat101",
-                 "pushgw_actions": orjson.dumps(ACTIONS_JSON).decode()},
+                 "pushgw_actions": orjson.dumps(ACTIONS_JSON).decode(), "pushgw_badge": "3"},
         "android": {"priority": "normal", "notification": {
             "tag": "quiz-42", "icon": "ic_badge", "sound": "chime.caf", "click_action": "BADGE",
             "notification_count": 3}},
         "webpush": {"fcm_options": {"link": "https://campus.example/badges/q42"}},
+        "apns": {"payload": {"aps": {
+            "alert": {"title": "Quiz passed", "subtitle": "Statistics 101", "body": "You scored 86%"},
+            "badge": 3, "sound": "chime.caf", "thread-id": "course-stat101", "category": "BADGE",
+            "mutable-content": 1, "interruption-level": "time-sensitive", "relevance-score": 0.8}},
+            "fcm_options": {"image": "https://cdn.campus.example/badges/q42.png"}},
     }
+
+
+async def test_fcm_ios_device_gets_what_apns_shows_in_the_apns_object(fcm: tuple[FakeFcm, FcmProvider]) -> None:
+    """An iOS app registered through FCM: FCM builds aps.alert from `notification` only, so badge, sound,
+    thread, interruption level and the image's mutable-content travel in apns.payload.aps; without a
+    subtitle the alert stays FCM's own."""
+    msg = parse_message({"id": "m-ios", "user": "u", "title": "Live class", "body": "Starts in 10 minutes",
+                         "badge": 2, "sound": {"name": "bell.caf", "critical": True, "volume": 0.5},
+                         "thread": "live", "interruption_level": "time-sensitive",
+                         "image": "https://cdn.campus.example/live.png"})
+    message = await send_fcm(fcm, msg)
+    assert message["apns"] == {
+        "payload": {"aps": {"badge": 2, "sound": {"critical": 1, "name": "bell.caf", "volume": 0.5},
+                            "thread-id": "live", "mutable-content": 1, "interruption-level": "time-sensitive"}},
+        "fcm_options": {"image": "https://cdn.campus.example/live.png"}}
+    assert message["notification"]["image"] == "https://cdn.campus.example/live.png"  # Android's
+
+
+async def test_fcm_apns_block_from_the_sender_wins_over_the_mapped_fields(fcm: tuple[FakeFcm, FcmProvider]) -> None:
+    msg = parse_message({"id": "m-ov", "user": "u", "title": "t", "badge": 2, "thread": "a",
+                         "fcm": {"apns": {"payload": {"aps": {"thread-id": "b"}}}}})
+    message = await send_fcm(fcm, msg)
+    assert message["apns"] == {"payload": {"aps": {"badge": 2, "thread-id": "b"}}}
+
+
+async def test_fake_fcm_checks_the_apns_payload_as_apns_would(fcm: tuple[FakeFcm, FcmProvider],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake refuses an `aps` key APNs does not know and an http image, so the mapping above is checked."""
+    fake, provider = fcm
+
+    def wrong(msg: Message, token: str) -> dict[str, Any]:
+        out = fcm_message(msg, token)
+        out["apns"] = {"payload": {"aps": {"thread_id": "x"}}}
+        return out
+
+    monkeypatch.setattr(fcm_module, "fcm_message", wrong)
+    out = await provider.send(Delivery(parse_message({"id": "m-w", "user": "u", "title": "t"}), Device("fcm", "tok-1")))
+    assert isinstance(out, Rejected) and "aps" in out.reason
+
+    def http_image(msg: Message, token: str) -> dict[str, Any]:
+        out = fcm_message(msg, token)
+        out["apns"] = {"fcm_options": {"image": "http://cdn.campus.example/x.png"}}
+        return out
+
+    monkeypatch.setattr(fcm_module, "fcm_message", http_image)
+    out = await provider.send(Delivery(parse_message({"id": "m-h", "user": "u", "title": "t"}), Device("fcm", "tok-1")))
+    assert isinstance(out, Rejected) and "fcm_options.image" in out.reason
+    assert not fake.received
+
+
+async def test_android_badge_zero_travels_as_data_since_notification_count_zero_means_unset(
+        fcm: tuple[FakeFcm, FcmProvider]) -> None:
+    """FCM's AndroidNotification.notification_count 0 is "not set": a shown message with badge 0 sends no
+    count, and the app clears its badge from data pushgw_badge; iOS through FCM gets aps.badge 0."""
+    message = await send_fcm(fcm, parse_message({"id": "m-0", "user": "u", "title": "All caught up", "badge": 0}))
+    assert "notification_count" not in message["android"]["notification"]
+    assert message["data"]["pushgw_badge"] == "0"
+    assert message["apns"] == {"payload": {"aps": {"badge": 0}}}
+    message = await send_fcm(fcm, parse_message({"id": "m-5", "user": "u", "title": "5 new", "badge": 5}))
+    assert message["android"]["notification"]["notification_count"] == 5 and message["data"]["pushgw_badge"] == "5"
 
 
 async def test_fcm_localized_keys_go_to_the_android_notification(fcm: tuple[FakeFcm, FcmProvider]) -> None:
@@ -201,7 +266,8 @@ async def test_fcm_app_link_and_badge_only_travel_as_data(fcm: tuple[FakeFcm, Fc
     message = await send_fcm(fcm, parse_message({"id": "m-b", "user": "u", "badge": 0, "link": "campus://badges"}))
     assert message == {"token": "tok-1", "android": {"priority": "normal"},
                        "data": {"pushgw_id": "m-b", "pushgw_category": "general", "pushgw_link": "campus://badges",
-                                "pushgw_badge": "0"}}
+                                "pushgw_badge": "0"},
+                       "apns": {"payload": {"aps": {"badge": 0}}}}
 
 
 async def test_fcm_plain_message_gets_a_tag_from_its_id(fcm: tuple[FakeFcm, FcmProvider]) -> None:

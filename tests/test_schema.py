@@ -10,12 +10,14 @@ from pushgw.core.schema import Action, Device, Message, MessageInvalid, Rich, So
 from pushgw.providers.base import PayloadTooLarge
 from pushgw.providers.payloads import (
     APNS_MAX_PAYLOAD,
+    DECLARATIVE,
     FCM_MAX_PAYLOAD,
     WEBPUSH_MAX_PLAINTEXT,
     apns_payload,
     check_payload_limits,
     fcm_message,
     fcm_payload_size,
+    webpush_declarative,
     webpush_plaintext,
 )
 
@@ -108,6 +110,9 @@ def test_payload_builders_carry_content_and_limits_are_enforced() -> None:
     check_payload_limits(parse_message({"user": "u", "body": "x" * 3000}))
 
 
+DECLARATIVE_NAVIGATE = "https://campus.example/" + "n" * 1000
+
+
 @settings(max_examples=400, deadline=None)
 @given(
     title=st.one_of(st.none(), st.text(max_size=1500)),
@@ -126,6 +131,10 @@ def test_the_fast_payload_bound_never_passes_a_message_a_provider_would_refuse(
     assert _content_bound(msg) >= max(sizes)  # the bound is sound: it can only send a message to the full check
     if max(sizes) > _SMALLEST_LIMIT:  # a message near a limit always gets the full check
         assert _content_bound(msg) > _SMALLEST_LIMIT
+    # The declarative push message adds the configured navigate, which the fast path counts on top.
+    declarative = webpush_declarative(msg, DECLARATIVE_NAVIGATE)
+    if declarative is not None:
+        assert _content_bound(msg) + len(orjson.dumps(DECLARATIVE_NAVIGATE)) >= len(declarative)
 
 
 _text = st.text(max_size=300)
@@ -175,6 +184,14 @@ def test_payload_limits_with_rich_fields_measure_each_final_payload(
             assert (e.value.provider, e.value.size, e.value.limit) == (provider, size, limit)
         else:
             check_payload_limits(msg, (provider,))
+    declarative = webpush_declarative(msg, DECLARATIVE_NAVIGATE)
+    if declarative is not None and len(declarative) > WEBPUSH_MAX_PLAINTEXT and final["webpush"][0] <= WEBPUSH_MAX_PLAINTEXT:
+        event("webpush declarative over its limit")
+        with pytest.raises(PayloadTooLarge) as e:
+            check_payload_limits(msg, ("webpush",), declarative_navigate=DECLARATIVE_NAVIGATE)
+        assert (e.value.provider, e.value.size) == (DECLARATIVE, len(declarative))
+    elif final["webpush"][0] <= WEBPUSH_MAX_PLAINTEXT:
+        check_payload_limits(msg, ("webpush",), declarative_navigate=DECLARATIVE_NAVIGATE)
 
 
 def test_fcm_token_whitespace_check_is_str_isspace() -> None:

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from ..jose import b64url_decode
+from .apns import aps_fault
 from .h2server import Answer, H2ServerProtocol, HandlerH2Protocol, Negotiated, aiohttp_protocol, hold
 from .tls import LocalCA
 
@@ -537,9 +538,18 @@ def _apns(value: Any) -> None:
     payload = value.get("payload")
     if payload is not None and (not isinstance(payload, dict) or not isinstance(payload.get("aps", {}), dict)):
         raise _Invalid(f"Invalid value at '{where}.payload': must be an object with an aps dictionary.")
+    if payload is not None:
+        # FCM passes the payload on to APNs, which checks `aps` by its payload key reference.
+        push_type = (value.get("headers") or {}).get("apns-push-type", "alert")
+        fault = aps_fault(payload.get("aps", {}), push_type)
+        if fault is not None:
+            raise _Invalid(f"Invalid value at '{where}.payload.aps': {fault}.")
     options = value.get("fcm_options")
     if options is not None and (not isinstance(options, dict) or set(options) - _APNS_FCM_OPTIONS):
         raise _Invalid(f"Invalid JSON payload received. Unknown name at '{where}.fcm_options'.")
+    image = (options or {}).get("image")
+    if image is not None and (not isinstance(image, str) or not image.startswith("https://")):
+        raise _Invalid(f"Invalid value at '{where}.fcm_options.image': HTTPS is required.")
 
 
 def _string_map(value: Any, where: str) -> None:
