@@ -316,7 +316,7 @@ def cmd_templates(args: argparse.Namespace, settings: Settings) -> int:
             return (await client.save_template(args.name, _read_json(args.file))).to_json()
         if args.action == "render":
             r = await client.render_template(args.name, json.loads(args.vars or "{}"), args.locale)
-            return {"locale": r.locale, "title": r.title, "body": r.body, "data": r.data}
+            return {"locale": r.locale, "title": r.title, "body": r.body, "data": r.data, **r.rich}
         t = await templates.require(args.name, "name")
         return t.to_json()
 

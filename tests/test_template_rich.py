@@ -9,8 +9,10 @@ the rendered message is validated like an API message. What each provider receiv
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -20,6 +22,7 @@ from pushgw.campaigns.fanout import FanoutRunner
 from pushgw.campaigns.templates import RenderError, parse_template
 from pushgw.core.config import ApiClient, ApiSettings, RedisSettings, Settings, WorkerSettings
 from pushgw.core.schema import Device, MessageInvalid
+from pushgw.gateway.cli import main
 from pushgw.gateway.worker import Worker
 from pushgw.providers.apns import ApnsProvider
 from pushgw.providers.fakes.apns import FakeApns
@@ -189,3 +192,17 @@ async def test_a_localized_campaign_and_a_templated_message_reach_each_provider_
     second = fake_apns.received[-1].payload
     assert second["aps"]["alert"]["subtitle"] == "Score 77 %" and second["aps"]["thread-id"] == "quiz-8"
     assert second["pushgw"]["link"] == "https://campus.example/quiz/q8/badge"
+
+
+def test_the_cli_saves_and_previews_a_rich_template(redis_url: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(f'[redis]\nurl = "{redis_url}"\nprefix = "{PREFIX}cli"\n')
+    (tmp_path / "t.json").write_text(json.dumps(QUIZ_TEMPLATE))
+    assert main(["--config", str(cfg), "templates", "put", "quiz", str(tmp_path / "t.json")]) == 0
+    capsys.readouterr()
+    assert main(["--config", str(cfg), "templates", "render", "quiz", "--locale", "fr",
+                 "--vars", '{"score": "90", "quiz": "q1"}']) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["subtitle"], shown["image"], shown["actions"][0]["title"]) == (
+        "Score 90 %", "https://cdn.campus.example/badges/fr/or.png", "Voir q1")
