@@ -124,8 +124,10 @@ class CampaignStore:
         self.keys = keys
         self.templates = Templates(redis, keys)
 
-    async def create(self, obj: Any, now: float | None = None) -> Campaign:
-        """Validate (templates must exist and render with the campaign's vars) and store; 409 if the id exists."""
+    async def create(self, obj: Any, now: float | None = None, *, declarative_navigate: str | None = None) -> Campaign:
+        """Validate (templates must exist and render with the campaign's vars) and store; 409 if the id exists.
+
+        `declarative_navigate`: the `[webpush]` setting, so the declarative Web Push form is measured too."""
         now = time.time() if now is None else now
         c = parse_campaign(obj, now)
         errors: list[FieldError] = []
@@ -141,7 +143,8 @@ class CampaignStore:
             for loc in t.locales:
                 try:
                     r = t.render({**c.vars, **v.vars}, loc)
-                    check_payload_limits(parse_message(_message_json(c, v.name, "probe", r), now=now), PROVIDERS)
+                    check_payload_limits(parse_message(_message_json(c, v.name, "probe", r), now=now), PROVIDERS,
+                                         declarative_navigate=declarative_navigate)
                 except RenderError as e:
                     errors.append(FieldError(where, str(e)))
                 except MessageInvalid as e:  # the rendered message itself: no learner could ever be sent it

@@ -109,7 +109,8 @@ class PushClient:
         return (await Templates(self.redis, self._intake.keys).require(name)).render(variables, locale)
 
     async def create_campaign(self, campaign: dict[str, Any]) -> Campaign:
-        return await self._campaigns.create(campaign)
+        return await self._campaigns.create(campaign,
+                                            declarative_navigate=self._intake.settings.webpush.declarative_navigate)
 
     async def launch_campaign(self, campaign: str, percent: float, weights: dict[str, float] | None = None) -> dict[str, Any]:
         """Start the fan-out of a stage (10: a pilot; 100: rollout, `weights={"b": 1}` for only variant b to the

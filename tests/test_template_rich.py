@@ -206,3 +206,21 @@ def test_the_cli_saves_and_previews_a_rich_template(redis_url: str, tmp_path: Pa
     shown = json.loads(capsys.readouterr().out)
     assert (shown["subtitle"], shown["image"], shown["actions"][0]["title"]) == (
         "Score 90 %", "https://cdn.campus.example/badges/fr/or.png", "Voir q1")
+
+
+async def test_a_campaign_whose_declarative_web_push_form_cannot_fit_is_refused_when_created(
+        redis: aioredis.Redis, make_client: Callable[..., Any]) -> None:
+    """The declarative push message repeats the link in each button's navigate: four buttons and a 900-byte
+    link fit the service-worker JSON, APNs and FCM, not one Web Push record in the declarative form."""
+    api = await make_client(SETTINGS)
+    long_link = "https://campus.example/live/" + "a" * 900
+    en = {"title": "Live class", "body": "Starts soon", "link": long_link, "actions_category": "LIVE",
+          "actions": [{"id": f"a{i}", "title": f"Action {i}"} for i in range(4)]}
+    resp = await api.put("/v1/templates/live-long", headers=AUTH, json={"default_locale": "en", "locales": {"en": en}})
+    assert resp.status == 200, await resp.text()
+    resp = await api.post("/v1/campaigns", headers=AUTH, json={"id": "live-long", "template": "live-long",
+                                                               "audience": {"filter": {"cohort": "quiz7"}}})
+    doc = await resp.json()
+    assert resp.status == 422, doc
+    [err] = doc["error"]["fields"]
+    assert err["field"] == "template" and "webpush declarative payload is" in err["message"]

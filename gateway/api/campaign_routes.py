@@ -121,7 +121,8 @@ class CampaignRoutes:
     async def create_campaign(self, request: web.Request) -> web.Response:
         redis, keys = await self._setup(request, "campaigns")
         body = await read_json(request)
-        c = await CampaignStore(redis, keys).create(body)
+        c = await CampaignStore(redis, keys).create(
+            body, declarative_navigate=request.app[INTAKE].settings.webpush.declarative_navigate)
         return json_response(c.to_json(), 201)
 
     async def list_campaigns(self, request: web.Request) -> web.Response:
