@@ -8,7 +8,7 @@ template lacks when `missing_locale` is "error", raises `RenderError` naming wha
 
 A locale variant may also carry a message's rich fields (core/schema.py): `subtitle`, `link` and the
 buttons' titles in `actions` are texts with variables (a variable in `link` is percent-encoded, so a
-learner's value can fill a path segment or a query value but never change the scheme or the host);
+learner's value is one URL component: it adds no `/`, `?`, `#`, `:` or `@` of its own);
 `image`, `thread`, `badge`, `sound`, `interruption_level` and `actions_category` are fixed per locale.
 They are checked when the template is saved by the rules of a message's own fields (`parse_rich`),
 rendered with the fallbacks, so `locales.fr.image` over http is a 422 then, not a failed fan-out.

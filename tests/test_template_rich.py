@@ -84,7 +84,7 @@ def test_a_variant_renders_its_rich_fields_with_the_learners_variables() -> None
     ({"actions": [{"id": "open", "title": "See"}], "actions_category": None}, "locales.fr.actions_category"),
     ({"actions": [{"id": "bad id!", "title": "See"}]}, "locales.fr.actions[0].id"),
     ({"actions": "open"}, "locales.fr.actions"),
-    ({"link": "{quiz}"}, "locales.fr.link"),  # a variable is a value in the link, never its scheme or host
+    ({"link": "{quiz}"}, "locales.fr.link"),  # a variable is one component, never the whole link
     ({"link": "javascript:alert(1)"}, "locales.fr.link"),
     ({"thread": ""}, "locales.fr.thread"),
     ({"badge": -1}, "locales.fr.badge"),
