@@ -1393,10 +1393,12 @@ def parse_message(
     overrides = parse_overrides(obj, errors) if blocks_given else None
     apns_push = parse_apns_push(obj, errors, user=user, devices_in=devices_in, rich=rich, title=title, body=body,
                                 data=data) if apns_given else None
-    if overrides is not None and "apns-push-type" in overrides.apns_headers:
+    # Door checks only: an entry already queued was accepted by the rules of its day (as send_at's bounds).
+    if not internal and overrides is not None and "apns-push-type" in overrides.apns_headers:
         check_header_push_type(obj, overrides, errors, user=user, devices_in=devices_in, rich=rich, title=title,
                                body=body, data=data)
-    if overrides is not None and apns_push is not None and apns_push.push_type not in APNS_SHARED_TOKEN_TYPES:
+    if not internal and overrides is not None and apns_push is not None \
+            and apns_push.push_type not in APNS_SHARED_TOKEN_TYPES:
         check_typed_push_blocks(apns_push, overrides, errors)
     if title is None and body is None and not data and (rich is None or not rich.has_content) and not (
             apns_given and obj.get("live_activity") is not None):  # a Live Activity's content is its state

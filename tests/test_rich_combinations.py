@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 from pushgw.core.config import ApiClient, ApiSettings, RedisSettings, Settings, WebPushSettings
-from pushgw.core.schema import MessageInvalid, parse_message
+from pushgw.core.schema import MessageInvalid, loads_message, parse_message
 from pushgw.providers.apns import ApnsProvider
 from pushgw.providers.base import PayloadTooLarge
 from pushgw.providers.fakes.apns import FakeApns
@@ -136,3 +137,11 @@ async def test_api_refuses_a_message_whose_declarative_form_exceeds_one_record(m
     del fcm_only["user"]
     resp = await client.post("/v1/messages", json=fcm_only, headers={"Authorization": f"Bearer {TOKEN}"})
     assert resp.status == 202, await resp.text()
+
+
+def test_an_entry_queued_before_these_door_checks_still_decodes() -> None:
+    """The worker reads queued entries with `loads_message`: a Live Activity with a header block, accepted
+    before the rule existed, is still delivered rather than refused at decode."""
+    queued = orjson.dumps({**LIVE_UPDATE, "apns": {"headers": {"apns-priority": "5"}}})
+    assert refused({**LIVE_UPDATE, "apns": {"headers": {"apns-priority": "5"}}}) == ["apns.headers.apns-priority"]
+    assert loads_message(queued).overrides is not None
