@@ -72,6 +72,7 @@ PROJECT_RULES: tuple[tuple[str, frozenset[str] | None, str], ...] = (
      "janitor and mover"),
     ("queue/", None, "read and decode"),
     ("core/schema.py", frozenset({"loads_message"}), "read and decode"),
+    ("core/queued.py", None, "read and decode"),
     ("gateway/worker.py", frozenset({"_plan"}), "planning (devices, jobs)"),
     ("gateway/worker.py", frozenset({"_mover", "_janitor"}), "janitor and mover"),
     ("gateway/worker.py", None, "read and decode"),

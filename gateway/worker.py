@@ -36,7 +36,8 @@ import redis.asyncio as aioredis
 
 from ..core import metrics
 from ..core.config import Settings
-from ..core.schema import Device, Message, MessageInvalid, loads_message
+from ..core.queued import loads_queued
+from ..core.schema import Device, Message, MessageInvalid
 from ..providers.base import Provider
 from ..queue.keys import Keys
 from ..queue.streams import LANES, Entry, StreamQueue
@@ -216,7 +217,7 @@ class Worker:
         decoded: list[tuple[Entry, Message, float | None]] = []  # with each entry's expiry
         for entry in entries:
             try:
-                msg = loads_message(entry.raw)
+                msg = loads_queued(entry.raw)
             except (MessageInvalid, ValueError) as e:
                 self.settler.dead_letter_raw(entry, f"invalid_message: {e}"[:500])
                 continue
