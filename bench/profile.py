@@ -13,6 +13,12 @@ noisy machine better than wall-clock timings: the share is measured within the w
 py-spy sees Python frames only: time inside C code (uvloop's event loop, TLS, socket calls, hiredis,
 orjson) is billed to the Python frame that called it, and time with no Python frame of ours on the
 stack (the event loop between callbacks) to "event loop (native)".
+
+py-spy leaves out a thread that sleeps (in epoll), but counts one that is runnable and waits for a core.
+On a shared machine that waiting is most of the samples (`sampled_over_cpu` in the bench's JSON: sampled
+time ÷ measured CPU; 1.0 on an idle machine). A worker preempted anywhere waits in proportion to the CPU
+it spends there, so shares hold; a worker woken from epoll waits with only the event loop on its stack,
+so on a busy machine "event loop (native)" is an upper bound and the other rows lower bounds.
 """
 
 from __future__ import annotations

@@ -409,11 +409,14 @@ class Bench:
         peak = [proc_stat(pid)[2] for pid in pids]
         await asyncio.to_thread(pool.stop)
         profile_rows: list[dict[str, Any]] = []
+        profile_sampled_over_cpu = 0.0
         if recorder is not None:
-            from .profile import table
+            from .profile import SAMPLE_RATE, table
 
             samples_by_component = await asyncio.to_thread(recorder.finish)
             profile_rows = table(samples_by_component, cpu_split["us_per_delivery"].get("workers", 0.0))
+            if cpu > 0:  # py-spy's samples against the CPU the workers used: above 1, they waited for cores
+                profile_sampled_over_cpu = round(sum(samples_by_component.values()) / SAMPLE_RATE / cpu, 2)
         elapsed = done_at - started
         _progress(f"done in {elapsed:.1f}s", final=True)
 
@@ -490,6 +493,7 @@ class Bench:
             "peak_rss_mb": round(max(peak), 1) if peak else 0.0,
             "rss_mb_start_end": [_max_rss(samples[0]), _max_rss(samples[-1])] if samples else [],
             "profile": profile_rows,
+            "profile_sampled_over_cpu": profile_sampled_over_cpu,
             "timeline": [[round(s.t, 2), s.delivered, [round(r, 1) for r in s.rss_mb]] for s in samples],
         }
         out["_latencies"] = latencies
@@ -777,7 +781,9 @@ def summary(result: dict[str, Any]) -> str:
     if result.get("profile"):
         from .profile import render
 
-        text += "\n\n  worker CPU by component (py-spy samples x the workers' CPU per delivery)\n" + render(result["profile"])
+        text += ("\n\n  worker CPU by component (py-spy samples x the workers' CPU per delivery; sampled time / CPU "
+                 f"{result.get('profile_sampled_over_cpu')}: above 1, the workers waited for a core)\n"
+                 + render(result["profile"]))
     return text
 
 
