@@ -8,7 +8,7 @@ caller), and a component's share of the samples times the workers' measured CPU 
 (`/proc` counters, bench/run.py `CpuMeter`) is its µs per delivery. Sampling percentages survive a
 noisy machine better than wall-clock timings: the share is measured within the workers' own CPU time.
 
-    python -m pushgw.bench.profile DIR/worker-*.txt --us-per-delivery 80    # classify again, print the table
+    python -m pushgw.bench.profile DIR/worker-*.txt --us-per-delivery 80 [--root /other/tree/]   # classify again
 
 py-spy sees Python frames only: time inside C code (uvloop's event loop, TLS, socket calls, hiredis,
 orjson) is billed to the Python frame that called it, and time with no Python frame of ours on the
@@ -58,7 +58,9 @@ PROJECT_RULES: tuple[tuple[str, frozenset[str] | None, str], ...] = (
                                               "_on_window_update", "_complete", "_end", "_wake_slot"}),
      "response handling"),
     ("providers/h2/stream.py", None, "response handling"),
-    ("providers/h2/headers.py", frozenset({"decode", "decode_block", "response_headers"}), "response handling"),
+    ("providers/h2/frames.py", frozenset({"header_block_fragment", "unpadded_data", "rst_stream_code",
+                                          "settings_entries", "check_settings_ack", "window_increment",
+                                          "check_ping", "goaway"}), "response handling"),
     ("providers/h2/", None, "provider send (HTTP/2)"),
     ("providers/transport.py", None, "provider send (HTTP/2)"),
     ("providers/apns.py", None, "provider send (HTTP/2)"),
@@ -227,8 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("files", nargs="+")
     ap.add_argument("--us-per-delivery", type=float, default=100.0,
                     help="the workers' measured CPU µs per delivery (bench JSON cpu_us_per_delivery.workers)")
+    ap.add_argument("--root", default=package_root(),
+                    help="the profiled tree's package folder, with a trailing slash (default: this one's)")
     args = ap.parse_args(argv)
-    root = package_root()
+    root = args.root
     samples: Counter[str] = Counter()
     for name in args.files:
         with open(name) as fh:
