@@ -46,11 +46,19 @@ def _plain(obj: dict[str, Any]) -> Message | None:
     if (title == "" or type(app) is not str or not app or type(category) is not str or not category
             or priority not in PRIORITIES):
         return None
-    data = get("data", {})
-    if type(data) is not dict or not all(type(x) is str for x in data.values()):
+    data = get("data")
+    if data is None:
+        if title is None and body is None:
+            return None
+        data = {}
+    elif type(data) is not dict:
         return None
-    if title is None and body is None and not data:
-        return None
+    else:
+        for value in data.values():
+            if type(value) is not str:
+                return None
+        if title is None and body is None and not data:
+            return None
     ttl, expires_at, send_at = get("ttl"), get("expires_at"), get("send_at")
     if ttl is not None and (type(ttl) is not int or not 0 <= ttl <= MAX_TTL_S or expires_at is not None):
         return None

@@ -266,7 +266,7 @@ class Worker:
         start = self.lanes.start
         jobs = self.jobs
         for entry, msg, expiry in decoded:
-            devices: dict[str, Device] = {d.key: d for d in msg.devices}
+            devices: dict[str, Device] = {d.key: d for d in msg.devices} if msg.devices else {}
             if msg.fcm_target is not None:  # one request to FCM, which fans it out to the subscribers
                 target = msg.fcm_target.device
                 devices = {target.key: target}
