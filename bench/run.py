@@ -66,6 +66,7 @@ class Options:
     seed: int = 1
     timeout_s: float = 600.0
     rich: float = 0.0  # share of messages sent with rich fields (image, badge, sound, actions, thread, link)
+    profile_dir: str | None = None  # py-spy the workers into this folder and bill their CPU by component
 
 
 @dataclass
@@ -318,6 +319,9 @@ class Bench:
                                                    others.get("sinks", [])))
                 if result.get("baseline_per_s"):
                     result["ratio"] = round(result["deliveries_per_s"] / result["baseline_per_s"], 3)
+                clients = result.get("baseline_cpu_us_per_delivery", {}).get("clients")
+                if clients:  # the gateway's CPU per delivery over the floor the same clients need alone
+                    result["cpu_over_baseline"] = round(result["cpu_us_per_delivery"]["workers"] / clients, 2)
             return result
         finally:
             for f in fakes:
@@ -345,8 +349,14 @@ class Bench:
 
         pool = Pool(settings, url, o.processes, consumer_prefix="bench")
         pool.start()
-        await asyncio.sleep(1.0)  # workers up and connected before the clock starts
+        await self._workers_ready(redis, keys, o.processes)
         pids = [p.pid for p in pool.children.values() if p.pid]
+        recorder = None
+        if o.profile_dir:
+            from .profile import Recorder
+
+            recorder = Recorder(Path(o.profile_dir))
+            recorder.attach(pids)
         cpu0 = sum(proc_stat(pid)[0] for pid in pids)
         meter = CpuMeter({"workers": pids, **others})
         meter.start()
@@ -398,6 +408,15 @@ class Bench:
         cpu_split = meter.stop(len(expected))
         peak = [proc_stat(pid)[2] for pid in pids]
         await asyncio.to_thread(pool.stop)
+        profile_rows: list[dict[str, Any]] = []
+        profile_sampled_over_cpu = 0.0
+        if recorder is not None:
+            from .profile import SAMPLE_RATE, table
+
+            samples_by_component = await asyncio.to_thread(recorder.finish)
+            profile_rows = table(samples_by_component, cpu_split["us_per_delivery"].get("workers", 0.0))
+            if cpu > 0:  # py-spy's samples against the CPU the workers used: above 1, they waited for cores
+                profile_sampled_over_cpu = round(sum(samples_by_component.values()) / SAMPLE_RATE / cpu, 2)
         elapsed = done_at - started
         _progress(f"done in {elapsed:.1f}s", final=True)
 
@@ -473,10 +492,29 @@ class Bench:
             "cores_busy": cpu_split["cores_busy"],
             "peak_rss_mb": round(max(peak), 1) if peak else 0.0,
             "rss_mb_start_end": [_max_rss(samples[0]), _max_rss(samples[-1])] if samples else [],
+            "profile": profile_rows,
+            "profile_sampled_over_cpu": profile_sampled_over_cpu,
             "timeline": [[round(s.t, 2), s.delivered, [round(r, 1) for r in s.rss_mb]] for s in samples],
         }
         out["_latencies"] = latencies
         return out
+
+    async def _workers_ready(self, redis: Any, keys: Any, processes: int, timeout_s: float = 60.0) -> None:
+        """Wait until every worker process has joined the consumer group (imports done, providers built,
+        first read issued), so neither the clock nor the CPU meter bills their start-up to the deliveries;
+        on a loaded machine that takes several seconds, far more than a fixed pause would allow."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            joined: set[str] = set()
+            for stream in (keys.stream, keys.stream_high):
+                with contextlib.suppress(Exception):  # the group exists once a worker created it
+                    joined.update(str(c.get("name")) for c in await redis.xinfo_consumers(stream, keys.group))
+            if len(joined) >= processes:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            _progress("workers not all ready in time; measuring anyway", final=True)
+        await asyncio.sleep(0.3)  # the read loop entered
 
     async def _dead_pairs(self, redis: Any, keys: Any) -> set[tuple[str, str]]:
         """(message id, device key) of every dead letter: what is accounted for without a receipt."""
@@ -530,7 +568,7 @@ class Bench:
         sink_cpu0 = sum(proc_stat(pid)[0] for pid in sink_pids)
         for c in children:
             c.start()
-        results: list[tuple[float, float, int, float]] = []
+        results: list[BaselineShare] = []
         while len(results) < len(children):
             try:
                 results.append(await asyncio.to_thread(queue.get, True, 1.0))
@@ -542,14 +580,17 @@ class Bench:
             c.join(10)
         if len(results) < len(children):
             return {"baseline_per_s": 0, "baseline_error": "a baseline process failed"}
-        t0 = min(r[0] for r in results)
-        t1 = max(r[1] for r in results)
-        ok = sum(r[2] for r in results)
-        split = {"clients": round(sum(r[3] for r in results) / len(work) * 1e6, 1)}
+        t0 = min(r.start for r in results)
+        t1 = max(r.end for r in results)
+        ok = sum(r.delivered for r in results)
+        split = baseline_split(results)
         if sink_pids:
             split["sinks"] = round(sink_cpu / len(work) * 1e6, 1)  # includes the children's start-up wait
+        counts = Counter[str]()
+        for r in results:
+            counts.update(r.deliveries)
         return {"baseline_per_s": round(len(work) / (t1 - t0)), "baseline_delivered": ok, "baseline_deliveries": len(work),
-                "baseline_cpu_us_per_delivery": split}
+                "baseline_cpu_us_per_delivery": split, "baseline_deliveries_by_provider": dict(counts)}
 
 
 async def store_population(redis: Any, keys: Any, pop: Population, policy: str) -> None:
@@ -593,10 +634,28 @@ def _load_share(path: str, index: int, count: int) -> list[Any]:
     return deliveries
 
 
-async def _baseline_send(settings: Settings, deliveries: list[Any]) -> tuple[float, float, int, float]:
-    """(start, end, delivered, CPU seconds of this process while sending)."""
+@dataclass
+class BaselineShare:
+    """One baseline process's run: its wall-clock span, deliveries made, and CPU seconds per provider."""
+
+    start: float
+    end: float
+    delivered: int
+    cpu_s: dict[str, float]  # provider -> CPU seconds of this process while sending that provider's share
+    deliveries: dict[str, int]  # provider -> deliveries sent
+    encryption_cpu_s: float  # RFC 8291 encryption of the Web Push share alone, timed apart
+
+
+async def _baseline_send(settings: Settings, deliveries: list[Any]) -> BaselineShare:
+    """The provider clients used as a careful library user would: one provider's share at a time, as
+    many requests in flight as the gateway allows (`providers.concurrency`, so each event-loop wakeup
+    handles many responses), messages parsed once before the clock. Each provider's CPU is measured on
+    its own; the Web Push share is also encrypted once more apart (RFC 8291 ECDH + AES-GCM, a cost
+    every message pays whoever sends it), so that inherent part shows as its own line."""
     from ..providers import build_providers
     from ..providers.base import Delivered, Delivery
+    from ..providers.payloads import webpush_plaintext
+    from ..providers.webpush import encrypt
 
     providers = build_providers(settings)
     by_provider: dict[str, list[Delivery]] = {name: [] for name in providers}
@@ -604,25 +663,51 @@ async def _baseline_send(settings: Settings, deliveries: list[Any]) -> tuple[flo
         by_provider[d.device.provider].append(d)
     ok = 0
 
-    async def lane(name: str, items: list[Delivery]) -> None:
-        # As many lanes per provider as the gateway's workers allow in flight (providers.concurrency).
+    async def lane(provider: Any, items: list[Delivery]) -> None:
         nonlocal ok
-        provider = providers[name]
+        send = provider.send
         while items:
-            if isinstance(await provider.send(items.pop()), Delivered):
+            if isinstance(await send(items.pop()), Delivered):
                 ok += 1
 
     # Warm up connections and tokens outside the clock, as the gateway's workers were before theirs.
     for name, items in by_provider.items():
         if items:
             await providers[name].send(items[0])
-    t0, cpu0 = time.time(), time.process_time()
-    await asyncio.gather(*(lane(name, items) for name, items in by_provider.items()
-                           for _ in range(min(len(items), settings.providers.concurrency))))
-    t1, cpu1 = time.time(), time.process_time()
+    cpu: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    t0 = time.time()
+    for name, items in by_provider.items():
+        counts[name] = len(items)
+        cpu0 = time.process_time()
+        await asyncio.gather(*(lane(providers[name], items) for _ in range(min(len(items), settings.providers.concurrency))))
+        cpu[name] = time.process_time() - cpu0
+    t1 = time.time()
     for p in providers.values():
         await p.close()
-    return t0, t1, ok, cpu1 - cpu0
+    wp = [d for d in deliveries if d.device.provider == "webpush"]
+    plain = [webpush_plaintext(d.message) for d in wp]
+    cpu0 = time.process_time()
+    for d, text in zip(wp, plain, strict=True):
+        encrypt(text, d.device.p256dh or "", d.device.auth or "")
+    encryption = time.process_time() - cpu0
+    return BaselineShare(t0, t1, ok, cpu, counts, encryption)
+
+
+def baseline_split(shares: Sequence[BaselineShare]) -> dict[str, float]:
+    """µs of CPU per delivery: `clients` over all deliveries, then each provider over its own deliveries,
+    and `webpush_encryption` per Web Push delivery (part of `webpush`)."""
+    total_cpu = sum(sum(s.cpu_s.values()) for s in shares)
+    total = sum(sum(s.deliveries.values()) for s in shares)
+    out = {"clients": round(total_cpu / total * 1e6, 1) if total else 0.0}
+    for name in sorted({n for s in shares for n in s.deliveries}):
+        n = sum(s.deliveries.get(name, 0) for s in shares)
+        if n:
+            out[name] = round(sum(s.cpu_s.get(name, 0.0) for s in shares) / n * 1e6, 1)
+    n_wp = sum(s.deliveries.get("webpush", 0) for s in shares)
+    if n_wp:
+        out["webpush_encryption"] = round(sum(s.encryption_cpu_s for s in shares) / n_wp * 1e6, 1)
+    return out
 
 
 def plots(result: dict[str, Any], latencies: list[float], directory: Path) -> list[str]:
@@ -685,13 +770,21 @@ def summary(result: dict[str, Any]) -> str:
          + f" ({result.get('cores_busy', 0):.0%} of all cores busy)"),
         ("baseline CPU per delivery", ", ".join(f"{k} {v} µs" for k, v in
                                                  result.get("baseline_cpu_us_per_delivery", {}).items()) or "-"),
+        ("workers / baseline CPU", result.get("cpu_over_baseline", "-")),
         ("peak RSS per worker", f"{result['peak_rss_mb']} MB"),
         ("worker RSS start -> end", " -> ".join(f"{v} MB" for v in result.get("rss_mb_start_end", [])) or "-"),
         ("sink ceiling (h2load)", ", ".join(f"{k} {v:,.0f}/s" for k, v in result.get("sink_ceiling_per_s", {}).items())
          or "-"),
     ]
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+    text = "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+    if result.get("profile"):
+        from .profile import render
+
+        text += ("\n\n  worker CPU by component (py-spy samples x the workers' CPU per delivery; sampled time / CPU "
+                 f"{result.get('profile_sampled_over_cpu')}: above 1, the workers waited for a core)\n"
+                 + render(result["profile"]))
+    return text
 
 
 def run(opts: Options) -> int:
@@ -734,4 +827,5 @@ def bench_policy(level: str) -> PolicySettings:
 def options_from(ns: Any) -> Options:
     return replace(Options(), messages=ns.messages, users=ns.users, processes=ns.processes, mode=ns.mode, rate=ns.rate,
                    duration_s=ns.duration, baseline=not ns.no_baseline, json_path=ns.json, plots_dir=ns.plots,
-                   seed=ns.seed, policy=ns.policy, rich=ns.rich)
+                   seed=ns.seed, policy=ns.policy, rich=ns.rich,
+                   profile_dir=getattr(ns, "profile", None))

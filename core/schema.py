@@ -14,9 +14,11 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Literal
 
 import orjson
+
+from .records import record
 
 SCHEMA_VERSION = 1
 PROVIDERS = ("apns", "fcm", "webpush")
@@ -98,25 +100,13 @@ class Device:
         return out
 
 
-_T = TypeVar("_T")
 EndpointCheck = Callable[[str], str | None]
 """Returns None when a Web Push endpoint is acceptable, else the reason it is refused."""
 
 
-# Frozen for the type checker (mypy refuses any assignment to a field), a plain slots class at run
-# time: a frozen dataclass sets each field through object.__setattr__, a cost the API pays per message
-# and every worker decode pays again (docs/decisions.md). Nothing hashes a Message (its data is a dict).
-if TYPE_CHECKING:
-    from typing import dataclass_transform
-
-    @dataclass_transform(frozen_default=True, field_specifiers=(field,))
-    def _message_class(cls: type[_T]) -> type[_T]: ...
-else:
-    def _message_class(cls):
-        return dataclass(slots=True)(cls)
-
-
-@_message_class
+# Frozen for the type checker, a plain slots class at run time (core/records.py): the API builds one per
+# message and every worker decode again. Nothing hashes a Message (its data is a dict).
+@record
 class Message:
     id: str
     user: str | None = None

@@ -441,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: as deployed (preferences read per batch); full: every rule on with limits out of "
                         "reach; compare full with off to see the policy's cost")
     b.add_argument("--seed", type=int, default=1)
+    b.add_argument("--profile", metavar="DIR",
+                   help="sample the workers with py-spy into DIR and show their CPU per delivery by component")
     b.add_argument("--rich", type=_share, nargs="?", const=0.5, default=0.0, metavar="SHARE",
                    help="send this share of the messages (0-1; 0.5 when no value is given) with rich fields: "
                         "image, badge, sound, actions, thread, link")

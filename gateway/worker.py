@@ -36,7 +36,8 @@ import redis.asyncio as aioredis
 
 from ..core import metrics
 from ..core.config import Settings
-from ..core.schema import Device, Message, MessageInvalid, loads_message
+from ..core.queued import loads_queued
+from ..core.schema import Device, Message, MessageInvalid
 from ..providers.base import Provider
 from ..queue.keys import Keys
 from ..queue.streams import LANES, Entry, StreamQueue
@@ -216,7 +217,7 @@ class Worker:
         decoded: list[tuple[Entry, Message, float | None]] = []  # with each entry's expiry
         for entry in entries:
             try:
-                msg = loads_message(entry.raw)
+                msg = loads_queued(entry.raw)
             except (MessageInvalid, ValueError) as e:
                 self.settler.dead_letter_raw(entry, f"invalid_message: {e}"[:500])
                 continue
@@ -265,7 +266,7 @@ class Worker:
         start = self.lanes.start
         jobs = self.jobs
         for entry, msg, expiry in decoded:
-            devices: dict[str, Device] = {d.key: d for d in msg.devices}
+            devices: dict[str, Device] = {d.key: d for d in msg.devices} if msg.devices else {}
             if msg.fcm_target is not None:  # one request to FCM, which fans it out to the subscribers
                 target = msg.fcm_target.device
                 devices = {target.key: target}

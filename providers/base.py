@@ -13,10 +13,11 @@ import time
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from ..core.records import record
 from ..core.schema import Device, Message
 
 
-@dataclass(frozen=True, slots=True)
+@record  # built for every delivery: frozen for the type checker only (core/records.py)
 class Delivery:
     """One message to one device: the unit that is sent, retried and accounted for."""
 
@@ -28,7 +29,7 @@ class Delivery:
     expires_at: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record  # the outcome of nearly every delivery (the rarer outcomes stay frozen dataclasses)
 class Delivered:
     """The provider accepted the push (APNs 200, FCM 200, Web Push 201)."""
 

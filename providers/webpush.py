@@ -86,6 +86,7 @@ _CEK_INFO = b"Content-Encoding: aes128gcm\x00\x01"
 _NONCE_INFO = b"Content-Encoding: nonce\x00\x01"
 MAX_ORIGINS = 256  # HTTP/2 pools per process; the push services in use are a handful
 HTTP1_ORIGINS_MAX = 4096  # origins remembered as HTTP/1.1-only; a forgotten one is probed again
+ENDPOINTS_MAX = 16384  # endpoints whose checks and request parts are kept per process (about 1 KB each)
 _CONTENT_ENCODING = (b"content-encoding", b"aes128gcm")
 _CONTENT_TYPE = (b"content-type", b"application/octet-stream")
 _URGENCY = {"high": (b"urgency", b"high"), "normal": (b"urgency", b"normal")}
@@ -216,6 +217,37 @@ def _authority(parts: SplitResult) -> bytes:
     return host + (f":{parts.port}".encode() if parts.port else b"")
 
 
+class Endpoint:
+    """What a subscription's endpoint URL settles once: why it can never be sent to (`refusal`), or its
+    parts, origin key, VAPID audience (RFC 8292 section 2) and `:path`. The checks depend only on the
+    URL and the configured policy, so a provider keeps one per endpoint (`WebPushProvider.endpoint`);
+    the addresses a name resolves to are still checked at every connect (`_CheckedResolver`)."""
+
+    __slots__ = ("audience", "key", "parts", "refusal", "target")
+
+    def __init__(self, url: str, policy: EndpointPolicy) -> None:
+        self.refusal: Outcome | None = None
+        problem = malformed(url)
+        if problem is not None:  # a stored subscription no request can ever reach: remove it
+            self.refusal = TokenInvalid(f"webpush {problem}")
+        else:
+            refusal = policy.check(url)
+            if refusal is not None:
+                self.refusal = Rejected(f"webpush endpoint refused: {refusal}")
+        if self.refusal is None:
+            self.parts = parts = urlsplit(url)  # it parsed in the checks
+            self.key = _origin_key(parts)
+            self.audience = f"{parts.scheme}://{parts.netloc}"
+            self.target = _request_target(parts)
+        else:
+            self.parts = _NO_PARTS
+            self.key = self.audience = ""
+            self.target = b""
+
+
+_NO_PARTS = SplitResult("", "", "", "", "")
+
+
 def uses_declarative(device: Device, parts: SplitResult, *, always: bool = False) -> bool:
     """Whether a push to this subscription is a declarative push message: flagged on the subscription, set for
     all (`webpush.declarative`), or Apple's push service (Safari 18.4+ shows it without a service worker)."""
@@ -245,6 +277,7 @@ class WebPushProvider:
         self._max_origins = max(1, max_origins)
         self._origins: OrderedDict[str, _Origin] = OrderedDict()  # least recently used first
         self._http1_origins: OrderedDict[str, None] = OrderedDict()  # origins without HTTP/2, oldest first
+        self._endpoints: dict[str, Endpoint] = {}  # endpoint URL -> its checks and parts, oldest first
         self._clock = clock
         self._transport: Transport[str] = Transport("webpush", self._timeout_s, fallback=self, error_text=False)
 
@@ -289,7 +322,7 @@ class WebPushProvider:
             headers.update(msg.overrides.webpush_headers)  # the message's webpush.headers block (RFC 8030)
         return headers
 
-    def _h2_headers(self, d: Delivery, origin: _Origin, parts: SplitResult, authorization: str,
+    def _h2_headers(self, d: Delivery, origin: _Origin, target: bytes, authorization: str,
                     body: bytes) -> list[tuple[bytes, bytes]]:
         msg = d.message
         ttl = max(0, int(d.expires_at - self._clock())) if d.expires_at is not None else DEFAULT_TTL_S
@@ -297,7 +330,7 @@ class WebPushProvider:
             (b":method", b"POST"),
             (b":scheme", b"https"),
             (b":authority", origin.authority),
-            (b":path", _request_target(parts)),
+            (b":path", target),
             (b"authorization", origin.authorization(authorization)),
             _CONTENT_ENCODING,
             _CONTENT_TYPE,
@@ -310,6 +343,15 @@ class WebPushProvider:
             headers = [(k, over[k.decode()].encode()) if k.decode() in over else (k, v) for k, v in headers]
         headers.append((b"content-length", str(len(body)).encode()))
         return headers
+
+    def endpoint(self, url: str) -> Endpoint:
+        """The endpoint's checks and parts, worked out on its first push and kept (`ENDPOINTS_MAX`, oldest dropped)."""
+        ep = self._endpoints.get(url)
+        if ep is None:
+            if len(self._endpoints) >= ENDPOINTS_MAX:
+                del self._endpoints[next(iter(self._endpoints))]
+            ep = self._endpoints[url] = Endpoint(url, self._policy)
+        return ep
 
     def _origin(self, key: str, parts: SplitResult) -> _Origin:
         """The origin's pool, made on first use; makes room by closing the least recently used idle one."""
@@ -360,23 +402,19 @@ class WebPushProvider:
 
     async def send(self, delivery: Delivery) -> Outcome:
         device = delivery.device
-        endpoint = device.token
-        problem = malformed(endpoint)
-        if problem is not None:  # a stored subscription no request can ever reach: remove it
-            return TokenInvalid(f"webpush {problem}")
-        refusal = self._policy.check(endpoint)
-        if refusal is not None:
-            return Rejected(f"webpush endpoint refused: {refusal}")
+        ep = self.endpoint(device.token)
+        if ep.refusal is not None:
+            return ep.refusal
         if not device.p256dh or not device.auth:
             return Rejected("webpush subscription has no keys")
-        parts = urlsplit(endpoint)
+        parts = ep.parts
         try:
             body = encrypt(self._plaintext(delivery.message, device, parts), device.p256dh, device.auth)
         except EncryptionError as e:
             return TokenInvalid(f"webpush {e}")  # a subscription with broken keys can never be delivered
         # The VAPID audience, as the push service spells its origin (RFC 8292 section 2).
-        authorization = self._signer.authorization(f"{parts.scheme}://{parts.netloc}")
-        key = _origin_key(parts)
+        authorization = self._signer.authorization(ep.audience)
+        key = ep.key
         if key in self._http1_origins:
             resp = await self._transport.send(None, key, b"", body, delivery, authorization)
         else:
@@ -384,7 +422,7 @@ class WebPushProvider:
             origin.inflight += 1
             try:
                 resp = await self._transport.send(origin.pool, key,
-                                                  self._h2_headers(delivery, origin, parts, authorization, body),
+                                                  self._h2_headers(delivery, origin, ep.target, authorization, body),
                                                   body, delivery, authorization)
             finally:
                 origin.inflight -= 1

@@ -32,6 +32,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from ..core.records import record
 from ..core.schema import Device, Message
 from .keys import Keys
 
@@ -94,7 +95,7 @@ def split_ref(ref: str) -> tuple[str, str]:
     return (lane, entry_id) if sep else ("normal", ref)
 
 
-@dataclass(frozen=True, slots=True)
+@record  # one per entry read: frozen for the type checker only (core/records.py)
 class Entry:
     """One stream entry as a worker sees it."""
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ FIELDS = {"messages", "delivered", "lost", "duplicates", "throughput_per_s", "ba
           "cpu_s_per_1k", "peak_rss_mb", "workers"}
 
 
-def _bench(tmp_path: Path, *args: str) -> dict[str, object]:
+def _bench(tmp_path: Path, *args: str) -> dict[str, Any]:
     pushgw = Path(sys.executable).with_name("pushgw")
     (tmp_path / "metrics").mkdir()
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"))
@@ -24,7 +25,7 @@ def _bench(tmp_path: Path, *args: str) -> dict[str, object]:
                            "--plots", str(tmp_path / "plots"), *args], capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "lost 0, duplicates 0" in proc.stdout
-    result: dict[str, object] = json.loads(out.read_text())
+    result: dict[str, Any] = json.loads(out.read_text())
     assert set(result) >= FIELDS
     assert result["messages"] == 400 and result["lost"] == 0 and result["duplicates"] == 0
     assert result["delivered"] == result["deliveries_expected"]
@@ -34,7 +35,21 @@ def _bench(tmp_path: Path, *args: str) -> dict[str, object]:
     assert isinstance(split, dict) and {"workers", "redis", "load generator"} <= set(split) and split["workers"] > 0
     baseline_split = result["baseline_cpu_us_per_delivery"]
     assert isinstance(baseline_split, dict) and baseline_split["clients"] > 0
+    _baseline_split_is_consistent(result)
     return result
+
+
+def _baseline_split_is_consistent(result: dict[str, Any]) -> None:
+    """The baseline's CPU per delivery per provider (each over its own deliveries) averages, weighted by
+    those deliveries, to its figure over all deliveries; Web Push encryption is a part of Web Push's."""
+    split = result["baseline_cpu_us_per_delivery"]
+    counts = result["baseline_deliveries_by_provider"]
+    assert set(counts) <= set(split) and sum(counts.values()) == result["baseline_deliveries"]
+    weighted = sum(split[p] * n for p, n in counts.items()) / result["baseline_deliveries"]
+    assert weighted == pytest.approx(split["clients"], abs=0.2 * len(counts))
+    if counts.get("webpush"):
+        assert 0 < split["webpush_encryption"] <= split["webpush"]
+    assert result["cpu_over_baseline"] == pytest.approx(result["cpu_us_per_delivery"]["workers"] / split["clients"], abs=0.01)
 
 
 def test_bench_strict_mode(tmp_path: Path) -> None:

@@ -54,11 +54,8 @@ class H2Pool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         for _ in range(self.resends):
-            conns = self.conns
-            # The common case first: one open connection with a free stream.
-            if len(conns) == 1 and not (conn := conns[0]).closed and conn.load < 1.0:
-                pass
-            else:
+            conn = self._ready()
+            if conn is None:  # connecting, or pruning closed connections: the rare path
                 async with asyncio.timeout_at(deadline):
                     conn = await self.connection()
             try:
@@ -66,6 +63,19 @@ class H2Pool:
             except StreamRefused:
                 continue
         raise StreamRefused(f"request refused on {self.resends} connections")
+
+    def _ready(self) -> H2ClientConnection | None:
+        """The connection `connection()` would return without waiting, when it would (the common case:
+        every connection open and either one with a free stream or all `size` of them opened), else
+        None. Deciding it here spares each request a coroutine and a timer."""
+        conns = self.conns
+        if len(conns) == 1:
+            conn = conns[0]
+            return conn if not conn.closed and conn.load < 1.0 else None
+        if not conns or self.draining or any(c.closed for c in conns):
+            return None
+        best = min(conns, key=_load)
+        return best if best.load < 1.0 or len(conns) >= self.size else None
 
     async def connection(self) -> H2ClientConnection:
         """The open connection with a free stream, else a new one while below `size`, else the least loaded."""
