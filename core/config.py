@@ -78,6 +78,7 @@ class WorkerSettings:
     claim_idle_s: float = 60.0  # a pending entry idle this long belongs to a dead consumer
     janitor_interval_s: float = 5.0
     drain_deadline_s: float = 25.0
+    metrics_port: int = 0  # `pushgw worker`: /metrics, /healthz, /readyz on api.host:metrics_port; 0: none
     max_attempts: int = 8
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 300.0
