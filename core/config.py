@@ -430,6 +430,8 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
                           "api.max_connections at least 1")
     if settings.worker.processes < 1 or settings.worker.batch_size < 1 or settings.worker.max_attempts < 1:
         raise ConfigError("worker.processes, worker.batch_size and worker.max_attempts must be at least 1")
+    if not 0 <= settings.worker.metrics_port < 65536:
+        raise ConfigError(f"worker.metrics_port must be a TCP port (0: none), got {settings.worker.metrics_port}")
     if settings.worker.high_weight < 1 or settings.providers.concurrency < 1:
         raise ConfigError("worker.high_weight and providers.concurrency must be at least 1")
     if settings.policy.user_limit and settings.policy.user_period_s < 0.001:

@@ -101,7 +101,11 @@ def kube_documents() -> list[dict[str, Any]]:
         assert built.returncode == 0, built.stderr
         return [d for d in yaml.safe_load_all(built.stdout) if d]
     kustomization = yaml.safe_load((KUBE / "kustomization.yaml").read_text())
-    return [d for f in kustomization["resources"] for d in yaml.safe_load_all((KUBE / f).read_text()) if d]
+    docs = [d for f in kustomization["resources"] for d in yaml.safe_load_all((KUBE / f).read_text()) if d]
+    for gen in kustomization.get("configMapGenerator", []):  # what kustomize would generate, without its hash suffix
+        data = {Path(f).name: (KUBE / f).read_text() for f in gen["files"]}
+        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}, "data": data})
+    return docs
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:

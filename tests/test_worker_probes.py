@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
+from pushgw.core.config import ConfigError, load_settings
 from pushgw.gateway.api.probe_server import create_probe_app
 from pushgw.gateway.healthcheck import check
 
@@ -47,6 +48,12 @@ async def test_healthcheck_passes_on_a_ready_server_and_names_the_failing_probe(
         assert failure is not None and "/readyz: HTTP 503" in failure
     await dead.aclose()
     assert "Connection refused" in str(await asyncio.to_thread(check, free_port()))
+
+
+def test_worker_metrics_port_out_of_range_is_refused_at_start_naming_the_setting() -> None:
+    with pytest.raises(ConfigError, match=r"worker\.metrics_port"):
+        load_settings(env={"PUSHGW_WORKER_METRICS_PORT": "70000"})
+    assert load_settings(env={"PUSHGW_WORKER_METRICS_PORT": "9091"}).worker.metrics_port == 9091
 
 
 def test_healthcheck_refuses_a_bad_port_setting() -> None:
