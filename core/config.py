@@ -78,6 +78,7 @@ class WorkerSettings:
     claim_idle_s: float = 60.0  # a pending entry idle this long belongs to a dead consumer
     janitor_interval_s: float = 5.0
     drain_deadline_s: float = 25.0
+    metrics_port: int = 0  # `pushgw worker`: /metrics, /healthz, /readyz on api.host:metrics_port; 0: none
     max_attempts: int = 8
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 300.0
@@ -429,6 +430,8 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
                           "api.max_connections at least 1")
     if settings.worker.processes < 1 or settings.worker.batch_size < 1 or settings.worker.max_attempts < 1:
         raise ConfigError("worker.processes, worker.batch_size and worker.max_attempts must be at least 1")
+    if not 0 <= settings.worker.metrics_port < 65536:
+        raise ConfigError(f"worker.metrics_port must be a TCP port (0: none), got {settings.worker.metrics_port}")
     if settings.worker.high_weight < 1 or settings.providers.concurrency < 1:
         raise ConfigError("worker.high_weight and providers.concurrency must be at least 1")
     if settings.policy.user_limit and settings.policy.user_period_s < 0.001:

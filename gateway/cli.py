@@ -116,9 +116,14 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGINT, _stop)
     pool.start()
     try:
-        while not stop:
-            pool.supervise_once()
-            time.sleep(0.5)
+        if settings.worker.metrics_port:  # the probes and /metrics over HTTP; supervises until SIGTERM
+            from .api.probe_server import serve_probes
+
+            asyncio.run(serve_probes(settings, url, settings.worker.metrics_port, pool.supervise_once))
+        else:
+            while not stop:
+                pool.supervise_once()
+                time.sleep(0.5)
     finally:
         pool.stop()
         if embedded:

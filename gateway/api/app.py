@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 import time
 from collections.abc import Callable
-from contextlib import suppress
 
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -26,7 +23,7 @@ from . import campaign_routes, probes, routes
 from .auth import Authenticator, Handler, auth_middleware
 from .context import CLIENT, INTAKE, PROFILES, REDIS, SETTINGS
 from .errors import SERVER_NAME, ApiError, invalid_message
-from .server import start_api
+from .server import run_until_signal, start_api
 
 log = logging.getLogger("pushgw.api")
 
@@ -99,16 +96,8 @@ async def serve_api(settings: Settings, redis_url: str, supervise: Callable[[], 
     server = await start_api(create_app(settings, redis), settings.api)
     log.info("api listening", extra={"address": f"{settings.api.host}:{settings.api.port}",
                                      "count": len(settings.api.clients)})
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        while not stop.is_set():
-            if supervise is not None:
-                await asyncio.to_thread(supervise)
-            with suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
+        await run_until_signal(supervise, 1.0)
     finally:
         log.info("api stopping")
         await server.close()

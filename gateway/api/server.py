@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 import orjson
@@ -229,3 +231,16 @@ async def start_api(app: web.Application, settings: ApiSettings, host: str | Non
         await runner.cleanup()
         raise
     return ApiServer(runner, listener, limits)
+
+
+async def run_until_signal(supervise: Callable[[], None] | None, every_s: float) -> None:
+    """Return at SIGTERM or SIGINT; meanwhile call `supervise` (a worker pool's, in a thread) every `every_s`."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    while not stop.is_set():
+        if supervise is not None:
+            await asyncio.to_thread(supervise)
+        with suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
