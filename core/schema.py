@@ -28,7 +28,7 @@ MAX_LABEL_LEN = 64
 MAX_DEVICES = 100
 MAX_LISTED_ERRORS = 100  # field errors listed in one answer; the rest are counted, so a bad batch gets a bounded reply
 MAX_PAST_S = MAX_TTL_S  # send_at at most this far in the past (a clock behind, not a date from another era)
-_ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}\Z")
+_ID_RE = ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}\Z")  # message ids, users, refs
 _CATEGORY_RE = re.compile(r"^[a-z0-9_]{1,32}\Z")
 _APNS_TOKEN_RE = re.compile(r"^[0-9a-fA-F]{64,200}\Z")
 _B64URL_RE = re.compile(r"^[A-Za-z0-9_-]+={0,2}\Z")
@@ -143,6 +143,12 @@ class Message:
     # Internal: written by a stored campaign's fan-out (campaigns/fanout.py); only such messages count in the
     # campaign's report and metric labels, so an upstream message labelled with its id cannot change them.
     fanout: bool = False
+    # The upstream entity the message is about (e.g. session-812): `DELETE /v1/messages?ref=` withdraws every
+    # message of one API client with this ref that is still waiting (scheduled or held by the policy).
+    ref: str | None = None
+    # Internal: the API client that enqueued it (set by the intake, never by upstream input); only that client
+    # (or one with the admin scope) may withdraw it.
+    owner: str | None = None
     v: int = SCHEMA_VERSION
 
     @property
@@ -177,7 +183,8 @@ class Message:
             out["devices"] = [d.to_json() for d in self.devices]
         if self.app != "default":
             out["app"] = self.app
-        for name in ("title", "body", "collapse_key", "campaign", "variant", "ttl", "expires_at", "send_at"):
+        for name in ("title", "body", "collapse_key", "campaign", "variant", "ttl", "expires_at", "send_at", "ref",
+                     "owner"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -1204,9 +1211,9 @@ def parse_apns_push(obj: Mapping[str, Any], errors: list[FieldError], *, user: s
 
 _KNOWN = frozenset({
     "v", "id", "user", "devices", "app", "title", "body", "data", "category", "priority",
-    "ttl", "expires_at", "send_at", "collapse_key", "campaign", "variant",
+    "ttl", "expires_at", "send_at", "collapse_key", "campaign", "variant", "ref",
 })
-_KNOWN_INTERNAL = _KNOWN | {"resolved", "fanout"}
+_KNOWN_INTERNAL = _KNOWN | {"resolved", "fanout", "owner"}
 _DEVICE_FIELDS = frozenset({*PROVIDERS, "app"})
 
 
@@ -1220,7 +1227,7 @@ def parse_message(
 ) -> Message:
     """Validate a decoded JSON object and build a `Message`; raise `MessageInvalid` listing every error.
 
-    `internal` admits the fields only the gateway itself writes (`resolved`, `fanout`), for entries read back
+    `internal` admits the fields only the gateway itself writes (`resolved`, `fanout`, `owner`), for entries read back
     from the queue; upstream input never sets them.
     """
     errors: list[FieldError] = []
@@ -1257,6 +1264,8 @@ def parse_message(
         title = None
     campaign = _str(obj, "campaign", errors, max_len=MAX_LABEL_LEN, pattern=_ID_RE)
     variant = _str(obj, "variant", errors, max_len=MAX_LABEL_LEN, pattern=_ID_RE)
+    ref = _str(obj, "ref", errors, max_len=MAX_ID_LEN, pattern=_ID_RE)
+    owner = _str(obj, "owner", errors, max_len=MAX_ID_LEN) if internal else None
 
     priority = obj.get("priority", "normal")
     if priority not in PRIORITIES:
@@ -1361,6 +1370,8 @@ def parse_message(
         apns_push=apns_push,
         resolved=internal and obj.get("resolved") is True,
         fanout=internal and obj.get("fanout") is True,
+        ref=ref,
+        owner=owner,
     )
 
 

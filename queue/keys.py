@@ -40,6 +40,16 @@ class Keys:
         return f"{self.prefix}:delayed:data"
 
     @property
+    def delayed_ids(self) -> str:
+        """Hash message id -> its member in the delayed set, for the messages that are still waiting whole (scheduled
+        or held by the policy): what `DELETE /v1/messages/{id}` looks up. Those members end in `#<message id>`."""
+        return f"{self.prefix}:delayed:ids"
+
+    def ref_ids(self, owner: str, ref: str) -> str:
+        """Set of message ids an API client (`owner`) enqueued with this `ref`: `DELETE /v1/messages?ref=`."""
+        return f"{self.prefix}:ref:{owner}:{ref}"
+
+    @property
     def dead(self) -> str:
         """Dead-letter stream: message, reason, attempts, provider."""
         return f"{self.prefix}:dead"
@@ -50,7 +60,8 @@ class Keys:
         return f"{self.prefix}:events:invalid_tokens"
 
     def idem(self, message_id: str) -> str:
-        """Marks a message id as accepted, for the idempotency window."""
+        """Marks a message id as accepted, for the idempotency window; its value is the API client that enqueued it
+        (`x:<client>` once withdrawn), so a cancel can tell "sent" from "unknown"."""
         return f"{self.prefix}:idem:{message_id}"
 
     def done(self, ref: str) -> str:
