@@ -76,7 +76,7 @@ return 1
 """
 
 
-def _message_json(c: Campaign, variant: str, user: str, r: Rendered) -> dict[str, Any]:
+def message_json(c: Campaign, variant: str, user: str, r: Rendered) -> dict[str, Any]:
     """The message a learner of `variant` is sent (without its id and send_at)."""
     obj: dict[str, Any] = {"user": user, "category": c.category, "priority": c.priority, "campaign": c.id,
                            "variant": variant}
@@ -140,7 +140,7 @@ class CampaignStore:
             for loc in t.locales:
                 try:
                     r = t.render({**c.vars, **v.vars}, loc)
-                    check_payload_limits(parse_message(_message_json(c, v.name, "probe", r), now=now), PROVIDERS)
+                    check_payload_limits(parse_message(message_json(c, v.name, "probe", r), now=now), PROVIDERS)
                 except RenderError as e:
                     errors.append(FieldError(where, str(e)))
                 except MessageInvalid as e:  # the rendered message itself: no learner could ever be sent it
@@ -159,6 +159,16 @@ class CampaignStore:
             raise CampaignError(409, "exists", f"campaign {c.id} exists; campaigns are immutable once created")
         await self.redis.sadd(self.keys.campaigns, c.id)
         return c
+
+    async def put_running(self, c: Campaign, now: float) -> None:
+        """Store (or replace) a campaign that is always running at 100% and has no fan-out: the campaign view of an
+        automation rule (automations/rules.py), whose learners join its member set as they trigger it, so events
+        and the report treat them as any campaign's. It stays out of the campaign list."""
+        key = self.keys.campaign(c.id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={"def": orjson.dumps(c.to_json()), "stages": orjson.dumps([Stage(100.0).to_json()])})
+            pipe.hsetnx(key, "created_at", str(now))
+            await pipe.execute()
 
     async def get(self, cid: str) -> Stored | None:
         # Only a whole campaign id: `foo:members` or `foo:fanout` would name another key of campaign `foo` (WRONGTYPE).
@@ -400,7 +410,7 @@ class FanoutRunner:
                         tz = zone(a.timezone)
                 out: list[Message] = []
                 for i, when in enumerate(c.send_times(v, now, tz)):
-                    obj = _message_json(c, vname, u, r) | {"id": message_id(c.id, u, i)}
+                    obj = message_json(c, vname, u, r) | {"id": message_id(c.id, u, i)}
                     if when is not None:
                         obj["send_at"] = when
                     m = replace(parse_message(obj, now=now), fanout=True)

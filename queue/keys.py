@@ -157,3 +157,45 @@ class Keys:
     def campaign_variants(self, campaign: str) -> str:
         """Set of variant names the workers saw for a campaign (also for campaigns labelled by upstream messages)."""
         return f"{self.prefix}:cmp:{campaign}:variants"
+
+    # ------------------------------------------------------------------ automations (automations/*)
+
+    def automation(self, rule: str) -> str:
+        """Hash of an automation rule: `def` (its JSON), `created_at`, `updated_at`."""
+        return f"{self.prefix}:auto:{rule}"
+
+    @property
+    def automations(self) -> str:
+        """Set of automation rule ids."""
+        return f"{self.prefix}:autos"
+
+    @property
+    def automations_version(self) -> str:
+        """Counter bumped by every rule change: API processes reload their rules when it moves (one GET a batch)."""
+        return f"{self.prefix}:autos:version"
+
+    def learning_event(self, client: str, event_id: str) -> str:
+        """Marks a learning event id of an API client as handled (SET NX EX): a repeated event is a no-op."""
+        return f"{self.prefix}:auto:evt:{client}:{event_id}"
+
+    def automation_once(self, rule: str, user: str, entity: str) -> str:
+        """Marks that a rule fired for a learner and entity (quiz, session, spell of inactivity): at most once."""
+        return f"{self.prefix}:auto:once:{rule}:{user}:{entity}"
+
+    @property
+    def activity(self) -> str:
+        """Sorted set learner -> last activity (unix s): what a new inactivity rule starts from."""
+        return f"{self.prefix}:auto:activity"
+
+    def idle(self, rule: str) -> str:
+        """Sorted set learner -> last activity for one inactivity rule: the sweep range-queries the learners idle for
+        the rule's days and takes them out, so a learner is notified once per spell and no tick scans everyone."""
+        return f"{self.prefix}:auto:idle:{rule}"
+
+    def opens(self, user: str) -> str:
+        """Hash local hour (0-23) -> decayed count of a learner's opened events, and `t`: when it was last decayed."""
+        return f"{self.prefix}:opens:{user}"
+
+    def cohort_opens(self, cohort: str) -> str:
+        """Hash local hour -> decayed count of opened events of a cohort (the fallback of a learner's best hour)."""
+        return f"{self.prefix}:opens:cohort:{cohort}"

@@ -1,0 +1,264 @@
+"""Automations end to end: learning events posted to the HTTP API, rules saved through it, a real worker
+delivering to the fake FCM service (real HTTP/2 and TLS). Time is a clock the test moves: the worker's
+scheduler and the engine read it, so "the reminder 5 minutes before" is checked at exact instants, never by
+waiting for a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import REGISTRY
+from pushgw.automations.engine import Engine
+from pushgw.core.config import ApiClient, ApiSettings, RedisSettings, Settings, WorkerSettings
+from pushgw.core.schema import loads_message
+from pushgw.gateway.api.app import create_app
+from pushgw.gateway.api.context import ENGINE
+from pushgw.gateway.worker import Worker
+from pushgw.providers.fakes.fcm import FakeFcm
+from pushgw.providers.fcm import FcmProvider
+from pushgw.queue.keys import Keys
+
+PREFIX = "autotest"
+K = Keys(PREFIX)
+PLATFORM = "platform-token-0123456789"  # the learning platform: events, devices and attributes
+ADMIN = "automations-token-0123456789"  # who writes the rules
+SETTINGS = Settings(
+    redis=RedisSettings(prefix=PREFIX),
+    worker=WorkerSettings(block_ms=20, janitor_interval_s=0.05, backoff_base_s=0.01, backoff_cap_s=0.05),
+    api=ApiSettings(clients=(ApiClient("lms", PLATFORM, ("events", "devices", "enqueue")),
+                                           ApiClient("ops", ADMIN, ("campaigns",)))),
+)
+BADGE = {"default_locale": "en", "variables": {"first_name": "there", "score": None, "quiz": None},
+         "locales": {"en": {"title": "Badge earned, {first_name}!", "body": "{score}% on {quiz}: well done"}}}
+REMINDER = {"default_locale": "en", "variables": {"session": None, "starts_at": None},
+            "locales": {"en": {"title": "Live session {session}", "body": "Starts at {starts_at}"}}}
+NUDGE = {"default_locale": "en", "variables": {"first_name": "there"},
+         "locales": {"en": {"title": "We miss you, {first_name}", "body": "Your course is waiting"}}}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = time.time()
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@dataclass
+class Platform:
+    api: TestClient[Any, Any]
+    clock: Clock
+    fcm: FakeFcm
+    redis: aioredis.Redis
+
+    async def call(self, method: str, path: str, token: str = PLATFORM, **kw: Any) -> tuple[int, Any]:
+        resp = await self.api.request(method, path, headers={"Authorization": f"Bearer {token}"}, **kw)
+        body = await resp.json() if resp.content_type == "application/json" else None
+        return resp.status, body
+
+    async def events(self, *events: dict[str, Any]) -> Any:
+        status, body = await self.call("POST", "/v1/events", json={"events": list(events)})
+        assert status == 202, body
+        return body
+
+    async def rule(self, rule: dict[str, Any]) -> Any:
+        status, body = await self.call("PUT", f"/v1/automations/{rule['id']}", ADMIN, json=rule)
+        assert status in (200, 201), body
+        return body
+
+    async def learner(self, user: str, **attrs: Any) -> None:
+        assert (await self.call("PUT", f"/v1/users/{user}/devices", json={"fcm": f"tok-{user}"}))[0] == 201
+        assert (await self.call("PUT", f"/v1/users/{user}/attributes", json=attrs))[0] == 200
+
+    async def waiting(self) -> list[tuple[float, Any]]:
+        """The delayed set: (due time, message), earliest first."""
+        out = []
+        for member, score in await self.redis.zrange(K.delayed, 0, -1, withscores=True):
+            out.append((score, loads_message(await self.redis.hget(K.delayed_data, member))))
+        return out
+
+    async def deliver(self, expected: int, worker_clock: Callable[[], float] | None = None) -> list[Any]:
+        """Run a worker until the fake FCM has `expected` messages in all (bounded wait), then stop it."""
+        provider = self.fcm_provider
+        worker = Worker(SETTINGS, self.redis, {"fcm": provider}, consumer="w1", clock=worker_clock or self.clock)
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            for _ in range(400):
+                if len(self.fcm.received) >= expected and await self._drained():
+                    break
+                await asyncio.sleep(0.025)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+        return list(self.fcm.received)
+
+    async def _drained(self) -> bool:
+        stats = await Worker(SETTINGS, self.redis, {}, consumer="probe").queue.stats()
+        return stats.lag == 0 and stats.pending == 0
+
+    fcm_provider: Any = None
+
+
+@pytest.fixture
+async def platform(redis: aioredis.Redis, fcm: tuple[FakeFcm, FcmProvider]) -> AsyncIterator[Platform]:
+    clock = Clock()
+    app = create_app(SETTINGS, redis)
+    app[ENGINE] = Engine(redis, SETTINGS, clock=clock)
+    api: TestClient[Any, Any] = TestClient(TestServer(app))
+    await api.start_server()
+    p = Platform(api, clock, fcm[0], redis)
+    p.fcm_provider = fcm[1]
+    for name, t in (("quiz-badge", BADGE), ("session-reminder", REMINDER), ("nudge", NUDGE)):
+        assert (await p.call("PUT", f"/v1/templates/{name}", ADMIN, json=t))[0] == 200
+    try:
+        yield p
+    finally:
+        await api.close()
+
+
+def bodies(received: list[Any]) -> list[tuple[str, str]]:
+    return sorted((r.message["token"], r.message["notification"]["body"]) for r in received)
+
+
+QUIZ_RULE = {"id": "quiz-reward", "trigger": "quiz_completed", "template": "quiz-badge",
+             "conditions": [{"field": "event.score", "op": ">=", "value": 80},
+                            {"field": "learner.cohort", "op": "in", "value": ["2026-a", "2026-b"]}]}
+
+
+async def test_a_quiz_at_85_sends_the_reward_once_and_a_quiz_at_75_nothing(platform: Platform) -> None:
+    p = platform
+    await p.learner("ada", first_name="Ada", cohort="2026-a")
+    await p.learner("bob", first_name="Bob", cohort="2026-a")
+    await p.learner("eve", first_name="Eve", cohort="2025-z")
+    await p.rule(QUIZ_RULE)
+    quiz = {"type": "quiz_completed", "quiz": "stats-1"}
+    body = await p.events(quiz | {"id": "e1", "user": "ada", "score": 85}, quiz | {"id": "e2", "user": "bob", "score": 75},
+                          quiz | {"id": "e3", "user": "eve", "score": 95})  # eve's cohort is not in the rule
+    assert body["handled"] == 3
+    again = await p.events(quiz | {"id": "e1", "user": "ada", "score": 85})  # the same event reported again
+    assert again["results"] == [{"status": "duplicate", "id": "e1", "type": "quiz_completed"}]
+    await p.events(quiz | {"id": "e4", "user": "ada", "score": 90})  # another attempt at the same quiz: once per entity
+    received = await p.deliver(1)
+    assert bodies(received) == [("tok-ada", "85% on stats-1: well done")]
+    assert received[0].message["notification"]["title"] == "Badge earned, Ada!"
+    status, report = await p.call("GET", "/v1/automations/quiz-reward/report", ADMIN)
+    assert status == 200 and report["funnel"] == {"triggered": 1, "assigned": 1, "sent": 1, "delivered": 1,
+                                                  "opened": 0, "converted": 0}
+    # the app reports the open: the funnel moves, through the campaign machinery
+    await p.events({"type": "opened", "campaign": "auto-quiz-reward", "user": "ada"})
+    report = (await p.call("GET", "/v1/automations/quiz-reward/report", ADMIN))[1]
+    assert report["funnel"]["opened"] == 1 and report["arms"][0]["ctr"]["value"] == 1.0
+    assert REGISTRY.get_sample_value("pushgw_automation_events_total",
+                                     {"rule": "quiz-reward", "outcome": "repeated"}) >= 1
+
+
+SESSION_RULE = {"id": "session-reminders", "trigger": "session_scheduled", "template": "session-reminder",
+                "category": "reminder", "timing": {"relative_to": "starts_at", "offsets_s": [-300, -60]}}
+
+
+async def test_a_session_yields_two_reminders_that_a_cancel_withdraws_and_a_reschedule_moves(platform: Platform) -> None:
+    p = platform
+    t0 = p.clock.t
+    for u in ("ada", "bob"):
+        await p.learner(u, timezone="UTC")
+    await p.rule(SESSION_RULE)
+    session = {"type": "session_scheduled", "session": "s-812", "starts_at": t0 + 600}
+    await p.events(session | {"id": "s1-ada", "user": "ada"}, session | {"id": "s1-bob", "user": "bob"})
+    waiting = await p.waiting()
+    assert sorted((round(due - t0), m.user) for due, m in waiting) == [(300, "ada"), (300, "bob"), (540, "ada"), (540, "bob")]
+    assert {m.ref for _, m in waiting} == {"s-812"}
+    # bob's session is cancelled: his two reminders are withdrawn, ada's stay
+    body = await p.events({"type": "session_cancelled", "id": "c1", "user": "bob", "session": "s-812"})
+    assert body["handled"] == 1
+    assert sorted((round(due - t0), m.user) for due, m in await p.waiting()) == [(300, "ada"), (540, "ada")]
+    # at t0+300 the first reminder is due and goes; the second waits
+    p.clock.t = t0 + 300
+    received = await p.deliver(1)
+    assert [r.message["token"] for r in received] == ["tok-ada"]
+    # ada's session moves an hour later: the pending reminder is withdrawn, both are planned from the new start
+    await p.events({"type": "session_rescheduled", "id": "r1", "user": "ada", "session": "s-812",
+                    "starts_at": t0 + 4200})
+    assert sorted(round(due - t0) for due, _ in await p.waiting()) == [3900, 4140]
+    p.clock.t = t0 + 4140
+    received = await p.deliver(3)
+    assert len(received) == 3 and {r.message["token"] for r in received} == {"tok-ada"}
+    assert received[-1].message["notification"]["body"].startswith("Starts at ")
+    assert await p.waiting() == []
+
+
+async def test_an_inactivity_rule_fires_once_per_learner_per_spell(platform: Platform) -> None:
+    p = platform
+    t0 = p.clock.t
+    for u in ("ada", "bob", "cyd"):
+        await p.learner(u, first_name=u.title())
+    await p.events({"type": "activity", "id": "a1", "user": "ada", "at": t0 - 3600},
+                   {"type": "activity", "id": "b1", "user": "bob", "at": t0 - 1800})
+    await p.rule({"id": "come-back", "trigger": "inactivity", "inactive_days": 1, "template": "nudge"})
+    await p.events({"type": "module_started", "id": "c1", "user": "cyd", "module": "m1"})  # after the rule
+    engine = Engine(p.redis, SETTINGS, clock=p.clock)  # what every worker process's runner calls
+    assert await engine.sweep() == 0  # nobody idle for a day yet
+    p.clock.t = t0 + 86400 + 60
+    assert await engine.sweep() == 3
+    assert await engine.sweep() == 0  # still idle, already nudged
+    received = await p.deliver(3)
+    assert sorted(r.message["token"] for r in received) == ["tok-ada", "tok-bob", "tok-cyd"]
+    # ada comes back, then goes quiet again: a new spell, one more nudge
+    await p.events({"type": "activity", "id": "a2", "user": "ada", "at": time.time()})
+    p.clock.t = time.time() + 2 * 86400
+    assert await engine.sweep() == 1
+    assert await p.redis.zcard(K.idle("come-back")) == 0
+
+
+async def test_rules_are_validated_listed_paused_and_deleted(platform: Platform) -> None:
+    p = platform
+    bad = {"trigger": "quiz_completed", "template": "quiz-badge",
+           "conditions": [{"field": "event.starts_at", "op": ">=", "value": 1},
+                          {"field": "event.score", "op": ">=", "value": "high"}],
+           "timing": {"relative_to": "starts_at", "offsets_s": [-60]}}
+    status, body = await p.call("PUT", "/v1/automations/bad", ADMIN, json=bad)
+    assert status == 422
+    assert [f["field"] for f in body["error"]["fields"]] == ["conditions[0].field", "conditions[1].value",
+                                                              "timing.relative_to"]
+    status, body = await p.call("PUT", "/v1/automations/nope", ADMIN, json=QUIZ_RULE | {"id": "nope",
+                                                                                          "template": "missing"})
+    assert status == 422 and body["error"]["fields"][0]["field"] == "template"
+    status, body = await p.call("PUT", "/v1/automations/no-quiz", ADMIN,
+                                json={"trigger": "module_completed", "template": "quiz-badge"})
+    assert status == 422 and "score" in body["error"]["fields"][0]["message"]  # the template needs {score}
+    assert (await p.call("PUT", "/v1/automations/quiz-reward", PLATFORM, json=QUIZ_RULE))[0] == 403
+    assert (await p.rule(QUIZ_RULE))["paused"] is False
+    assert [r["id"] for r in (await p.call("GET", "/v1/automations", ADMIN))[1]["automations"]] == ["quiz-reward"]
+    assert (await p.call("POST", "/v1/automations/quiz-reward/pause", ADMIN))[1]["paused"] is True
+    await p.learner("ada", cohort="2026-a")
+    await p.events({"type": "quiz_completed", "id": "e1", "user": "ada", "quiz": "q", "score": 99})
+    assert await p.waiting() == [] and await p.redis.xlen(K.stream) == 0  # paused: nothing
+    assert (await p.call("POST", "/v1/automations/quiz-reward/resume", ADMIN))[1]["paused"] is False
+    await p.events({"type": "quiz_completed", "id": "e2", "user": "ada", "quiz": "q", "score": 99})
+    assert await p.redis.xlen(K.stream) == 1
+    assert (await p.call("DELETE", "/v1/automations/quiz-reward", ADMIN))[0] == 204
+    assert (await p.call("GET", "/v1/automations/quiz-reward", ADMIN))[0] == 404
+    assert (await p.call("GET", "/v1/automations/Bad:Id", ADMIN))[0] == 404
+
+
+async def test_learning_events_are_validated_at_the_door_naming_the_field(platform: Platform) -> None:
+    p = platform
+    status, body = await p.call("POST", "/v1/events", json={"events": [
+        {"type": "opened", "campaign": "x", "user": "ada"},
+        {"type": "quiz_completed", "id": "e1", "user": "ada", "quiz": "q", "score": 120},
+        {"type": "session_scheduled", "id": "e2", "user": "ada", "session": "s"},
+        {"type": "opened"},
+        {"type": "activity", "id": "e3", "user": "ada", "colour": "red"},
+    ]})
+    assert status == 422
+    assert [f["field"] for f in body["error"]["fields"]] == ["events[1].score", "events[2].starts_at",
+                                                              "events[3].campaign", "events[4]"]
+    assert await p.redis.keys(f"{PREFIX}:auto:*") == []  # nothing of the batch was recorded
