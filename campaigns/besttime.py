@@ -82,13 +82,23 @@ class BestTimes:
         except WindowError:
             return zone(self.policy.timezone)
 
-    async def record_opens(self, opens: Sequence[tuple[str, float]],
+    async def record_opens(self, opens: Sequence[tuple[str, float]], now: float,
                            learners: Mapping[str, Attributes] | None = None) -> None:
-        """Add (learner, unix time) opens to the learners' and their cohorts' hours: one pipeline."""
+        """Add (learner, unix time) opens to the learners' and their cohorts' hours: one pipeline. Only learners the
+        gateway knows (stored attributes or preferences) learn: an app event cannot grow Redis with made-up users."""
+        opens = [(u, at) for u, at in opens if now - OPENS_TTL_S <= at <= now + 300]  # an open from another era: no
+        users = sorted({u for u, _ in opens})
+        if not users:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for u in users:
+                pipe.exists(self.keys.user(u))
+            known = {u for u, found in zip(users, await pipe.execute(), strict=True) if found}
+        opens = [(u, at) for u, at in opens if u in known]
         if not opens:
             return
         if learners is None:
-            learners = await self.attrs.get_many(sorted({u for u, _ in opens}))
+            learners = await self.attrs.get_many(sorted(known))
         async with self.redis.pipeline(transaction=False) as pipe:
             for user, at in opens:
                 a = learners.get(user, NO_ATTRIBUTES)

@@ -38,6 +38,7 @@ from ..providers.payloads import check_payload_limits
 from ..queue.keys import Keys
 from ..queue.streams import StreamQueue
 from .audiences import VALUE_RE, UserAttributes, materialize
+from .besttime import BestTimes
 from .experiments import CONTROL, Campaign, Stage, load_campaign, message_id, parse_campaign, share
 from .templates import Rendered, RenderError, Template, Templates
 
@@ -279,6 +280,7 @@ class FanoutRunner:
                                  done_ttl_s=settings.worker.done_ttl_s)
         self.store = CampaignStore(redis, self.keys)
         self.attrs = UserAttributes(redis, self.keys)
+        self.best = BestTimes(redis, self.keys, settings.policy)
         self.chunk = chunk
         self.lease_ms = lease_ms
         self.clock = clock
@@ -393,6 +395,9 @@ class FanoutRunner:
         attrs = await self.attrs.get_many([u for u, _ in targets]) if targets else {}
         now = self.clock()
         variants = {v.name: v for v in c.variants}
+        best_of = [(u, message_id(c.id, u)) for u, vname in targets if variants[vname].send_time == "best"]
+        best = {u: bt.at for (u, _), bt in zip(best_of, await self.best.send_times(
+            [(u, c.category, mid) for u, mid in best_of], now, attrs), strict=True)}
         messages: list[tuple[Message, str, str]] = []  # (message, user, variant)
         for u, vname in targets:
             bump(kpi, f"{vname}:assigned")
@@ -409,7 +414,8 @@ class FanoutRunner:
                     with contextlib.suppress(Exception):
                         tz = zone(a.timezone)
                 out: list[Message] = []
-                for i, when in enumerate(c.send_times(v, now, tz)):
+                times = [best[u] if best[u] > now else None] if u in best else c.send_times(v, now, tz)
+                for i, when in enumerate(times):
                     obj = message_json(c, vname, u, r) | {"id": message_id(c.id, u, i)}
                     if when is not None:
                         obj["send_at"] = when

@@ -200,7 +200,7 @@ class CampaignRoutes:
                 results[i] = r
             opens = [(str(o["user"]), float(o.get("at") or now)) for o in (events[i] for i in app_at)
                      if o.get("type") in OPEN_TYPES and isinstance(o.get("user"), str)]
-            await BestTimes(redis, keys, request.app[SETTINGS].policy).record_opens(opens)
+            await BestTimes(redis, keys, request.app[SETTINGS].policy).record_opens(opens, now)
         if learning_at:
             parsed = [e for e in learning if e is not None]
             outcome = await request.app[ENGINE].handle(parsed, client.name)
