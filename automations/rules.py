@@ -23,6 +23,7 @@ A rule, as JSON (API), TOML (`[[automations]]`, `pushgw automations load`) or Py
 from __future__ import annotations
 
 import math
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -298,6 +299,18 @@ def parse_rule(obj: Any, rule_id: str | None = None) -> Rule:
     return Rule(str(rid), str(trigger), campaign.template, tuple(conditions), dict(campaign.vars), timing, variants,
                 campaign.control_percent, campaign.category, campaign.priority, campaign.ttl,
                 float(inactive) if isinstance(inactive, int | float) else None, bool(paused))
+
+
+def rules_from_toml(text: str) -> list[Any]:
+    """The `[[automations]]` tables of a TOML document (each one rule, with its `id`), for `RuleStore.save_many`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise MessageInvalid([FieldError("$", f"not TOML: {e}")]) from None
+    rules = data.get("automations")
+    if not isinstance(rules, list) or set(data) != {"automations"}:
+        raise MessageInvalid([FieldError("automations", "give the rules as [[automations]] tables, and nothing else")])
+    return rules
 
 
 def load_rule(d: Mapping[str, Any]) -> Rule:

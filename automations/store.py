@@ -10,6 +10,7 @@ Every change bumps a version counter: processes keep the rules in memory and rel
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -72,6 +73,21 @@ class RuleStore:
             pipe.incr(k.automations_version)
             await pipe.execute()
         return rule, not exists
+
+    async def save_many(self, objs: Sequence[Any], now: float | None = None) -> list[tuple[Rule, bool]]:
+        """Save rules all or nothing: every one is validated (and its templates checked) before any is stored; errors
+        name `automations[i].<field>`. Each needs its `id`."""
+        errors: list[FieldError] = []
+        for i, obj in enumerate(objs):
+            try:
+                if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
+                    raise MessageInvalid([FieldError("id", "every rule needs its id")])
+                await self._check_templates(parse_rule(obj))
+            except MessageInvalid as e:
+                errors += [FieldError(f"automations[{i}].{err.field}", err.message) for err in e.errors]
+        if errors:
+            raise MessageInvalid(errors)
+        return [await self.save(obj["id"], obj, now) for obj in objs]
 
     async def _check_templates(self, rule: Rule) -> None:
         templates = Templates(self.redis, self.keys)

@@ -7,9 +7,12 @@ waiting for a timer.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +24,7 @@ from pushgw.core.config import ApiClient, ApiSettings, RedisSettings, Settings, 
 from pushgw.core.schema import loads_message
 from pushgw.gateway.api.app import create_app
 from pushgw.gateway.api.context import ENGINE
+from pushgw.gateway.cli import main
 from pushgw.gateway.worker import Worker
 from pushgw.providers.fakes.fcm import FakeFcm
 from pushgw.providers.fcm import FcmProvider
@@ -151,8 +155,8 @@ async def test_a_quiz_at_85_sends_the_reward_once_and_a_quiz_at_75_nothing(platf
     assert bodies(received) == [("tok-ada", "85% on stats-1: well done")]
     assert received[0].message["notification"]["title"] == "Badge earned, Ada!"
     status, report = await p.call("GET", "/v1/automations/quiz-reward/report", ADMIN)
-    assert status == 200 and report["funnel"] == {"triggered": 1, "assigned": 1, "sent": 1, "delivered": 1,
-                                                  "opened": 0, "converted": 0}
+    assert status == 200 and report["funnel"] == {"triggered": 1, "sent": 1, "delivered": 1, "opened": 0,
+                                                  "converted": 0}
     # the app reports the open: the funnel moves, through the campaign machinery
     await p.events({"type": "opened", "campaign": "auto-quiz-reward", "user": "ada"})
     report = (await p.call("GET", "/v1/automations/quiz-reward/report", ADMIN))[1]
@@ -262,3 +266,81 @@ async def test_learning_events_are_validated_at_the_door_naming_the_field(platfo
     assert [f["field"] for f in body["error"]["fields"]] == ["events[1].score", "events[2].starts_at",
                                                               "events[3].campaign", "events[4]"]
     assert await p.redis.keys(f"{PREFIX}:auto:*") == []  # nothing of the batch was recorded
+
+
+RULES_TOML = """
+[[automations]]
+id = "quiz-reward"
+trigger = "quiz_completed"
+template = "quiz-badge"
+conditions = [{ field = "event.score", op = ">=", value = 80 }]
+
+[[automations]]
+id = "deadline-48h"
+trigger = "deadline_set"
+template = "%s"
+category = "reminder"
+timing = { relative_to = "due_at", offsets_s = [-172800] }
+"""
+
+
+def test_rules_load_from_toml_through_the_cli_all_or_nothing(redis_url: str, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(f'[redis]\nurl = "{redis_url}"\nprefix = "{PREFIX}cli"\n')
+
+    def run(*args: str, code: int = 0) -> Any:
+        assert main(["--config", str(cfg), *args]) == code
+        out, err = capsys.readouterr()
+        return json.loads(out) if code == 0 and out.startswith(("{", "[")) else out + err
+
+    (tmp_path / "badge.json").write_text(json.dumps(BADGE))
+    (tmp_path / "due.json").write_text(json.dumps({"default_locale": "en", "variables": {"assignment": None, "due_at": None},
+                                                   "locales": {"en": {"body": "{assignment} is due {due_at}"}}}))
+    run("templates", "put", "quiz-badge", str(tmp_path / "badge.json"))
+    rules = tmp_path / "rules.toml"
+    rules.write_text(RULES_TOML % "no-such-template")
+    err = run("automations", "load", str(rules), code=2)
+    assert "automations[1].template" in err
+    assert run("automations", "list") == []  # nothing saved: the first rule was valid but the file was not
+    run("templates", "put", "assignment-due", str(tmp_path / "due.json"))
+    rules.write_text(RULES_TOML % "assignment-due")
+    assert run("automations", "load", str(rules)) == [{"id": "quiz-reward", "status": "created"},
+                                                      {"id": "deadline-48h", "status": "created"}]
+    assert [r["id"] for r in run("automations", "list")] == ["deadline-48h", "quiz-reward"]
+    assert run("automations", "pause", "deadline-48h")["paused"] is True
+    assert run("automations", "show", "deadline-48h")["timing"] == {"relative_to": "due_at", "offsets_s": [-172800]}
+    assert "automation quiz-reward: triggered 0 -> sent 0" in run("automations", "report", "quiz-reward")
+    assert "no automation" in run("automations", "pause", "nope", code=2)
+    assert run("automations", "delete", "quiz-reward") == {"deleted": True}
+
+
+def h64(campaign: str, user: str, salt: str) -> int:
+    """The campaign assignment rule, written again (campaigns/experiments.py): blake2b-64 of campaign, salt, user."""
+    return int.from_bytes(hashlib.blake2b(f"{campaign}\x1f{salt}\x1f{user}".encode(), digest_size=8).digest(), "big")
+
+
+async def test_rule_variants_and_control_group_use_the_campaign_assignment(platform: Platform) -> None:
+    p = platform
+    users = [f"l{i}" for i in range(300)]
+    await p.rule(QUIZ_RULE | {"conditions": [], "control_percent": 20,
+                              "variants": [{"name": "plain", "vars": {"first_name": "friend"}},
+                                           {"name": "named", "weight": 3}]})
+    body = await p.events(*({"type": "quiz_completed", "id": f"e-{u}", "user": u, "quiz": "q", "score": 90}
+                            for u in users))
+    assert body["handled"] == len(users)
+
+    def arm(u: str) -> str:
+        if h64("auto-quiz-reward", u, "control") < 20 * 100 * 2**64 // 10000:
+            return "control"
+        return "plain" if h64("auto-quiz-reward", u, "variant") / 2**64 * 4 < 1 else "named"
+
+    sent = {loads_message(f[b"m"]).user: loads_message(f[b"m"]).variant for _, f in await p.redis.xrange(K.stream)}
+    expected = {u: arm(u) for u in users}
+    assert sent == {u: a for u, a in expected.items() if a != "control"}
+    counts = {a: list(expected.values()).count(a) for a in ("plain", "named", "control")}
+    assert 30 <= counts["control"] <= 90 and counts["named"] > counts["plain"]  # 20% held out, 3:1 split
+    report = (await p.call("GET", "/v1/automations/quiz-reward/report", ADMIN))[1]
+    assert {a["arm"]: a["assigned"] for a in report["arms"]} == counts
+    assert report["funnel"]["triggered"] == len(users) and report["funnel"]["sent"] == len(users) - counts["control"]
+    assert {c["metric"] for c in report["comparisons"]} >= {"ctr", "conversion_itt"}

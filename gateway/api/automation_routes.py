@@ -2,39 +2,20 @@
 
 Learning events arrive on `POST /v1/events` (campaign_routes.py, scope events); these routes manage what
 they trigger. A rule is validated when it is saved (422 naming the field, e.g. `conditions[0].value`), and
-its report is the campaign report of `auto-<id>` with the funnel in front: triggered -> sent -> delivered ->
-opened -> converted, in learners.
+its report is the campaign report of `auto-<id>` with the funnel in front (automations/report.py).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
+from ...automations.report import automation_report
 from ...automations.rules import PREFIX
 from ...automations.store import RuleNotFound, RuleStore, TooManyRules
 from ...campaigns.audiences import VALUE_RE
-from ...campaigns.report import campaign_report
 from .auth import Authenticator, require_scope
 from .context import INTAKE, REDIS
 from .errors import ApiError, json_response, read_json
-
-FUNNEL = ("triggered", "assigned", "sent", "delivered", "opened", "converted")
-
-
-async def automation_report(redis: Any, keys: Any, rule_id: str) -> dict[str, Any]:
-    """The campaign report of the rule's campaign view, plus the funnel summed over its arms."""
-    report = await campaign_report(redis, keys, f"{PREFIX}{rule_id}")
-    kpi = await redis.hgetall(keys.kpi(f"{PREFIX}{rule_id}"))
-    counts = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in kpi.items()}
-    funnel = {step: 0 for step in FUNNEL}
-    for arm in report["arms"]:
-        funnel["triggered"] += counts.get(f"{arm['arm']}:triggered", 0)
-        arm["triggered"] = counts.get(f"{arm['arm']}:triggered", 0)
-        for step in FUNNEL[1:]:
-            funnel[step] += arm[step]
-    return {"automation": rule_id, "funnel": funnel, **report}
 
 
 def _rule_id(request: web.Request) -> str:
