@@ -3,7 +3,7 @@
 `Engine.handle` runs in the API request that posts the events (so its cost is measured with the API's,
 `python -m pushgw.bench.automations`); `AutomationRunner` runs in every worker process (gateway/pool.py)
 and sends the inactivity rules' nudges. A batch of events costs a fixed number of round trips, whatever
-the number of rules: the rules come from memory (one GET of a version counter), then one pipeline marks the
+the number of rules: the rules come from memory (one GET of a version counter), then one Lua call marks the
 event ids (SET NX: a repeated event is a no-op) and records activity, one Lua call reads the learners'
 attributes, one Lua call fires the matching (rule, learner, entity) triples (SET NX of the once key plus the
 campaign figures, atomically), one for the best send times if a rule asks for them, and one enqueue.
@@ -86,6 +86,28 @@ end
 return out
 """
 
+# KEYS: the activity set, each inactivity rule's idle set (ARGV[1] of them), then one event id key per event
+# ARGV: number of idle sets, event id ttl, then per event: user, at   -> {1|0, ...} (1: a new event)
+# A new event marks its id and is the learner's latest activity (ZADD GT: an older event never moves it back);
+# a repeated one does nothing. One call per batch: no reply per command for the client to parse.
+_RECORD = """
+local n_idle = tonumber(ARGV[1])
+local first = 2 + n_idle
+local out = {}
+for i = first, #KEYS do
+  local j = 3 + (i - first) * 2
+  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[2]) then
+    for s = 1, first - 1 do
+      redis.call('ZADD', KEYS[s], 'GT', ARGV[j + 1], ARGV[j])
+    end
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"""
+
 # KEYS: the rule's idle set   ARGV: cutoff (unix s), limit   -> {user, last activity, ...} taken out of the set
 _POP_IDLE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
@@ -147,6 +169,7 @@ class Engine:
         self.templates = Templates(redis, self.keys)
         self.clock = clock
         self._fire = redis.register_script(_FIRE)
+        self._record = redis.register_script(_RECORD)
         self._pop_idle = redis.register_script(_POP_IDLE)
         self._enqueued = metrics.ENQUEUED.labels(SOURCE)
         self._group_ready = False
@@ -158,16 +181,13 @@ class Engine:
         k = self.keys
         rules = [r for r in await self.store.all() if not r.paused]
         idle_rules = [r for r in rules if r.trigger == INACTIVITY]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for e in events:
-                pipe.set(k.learning_event(client, e.id), "1", nx=True, ex=EVENT_ID_TTL_S)
-            for e in events:  # every learning event is activity; ZADD GT keeps the latest
-                pipe.zadd(k.activity, {e.user: e.at}, gt=True)
-                for r in idle_rules:
-                    pipe.zadd(k.idle(r.id), {e.user: e.at}, gt=True)
-            replies = await pipe.execute()
-        new = [e for e, ok in zip(events, replies[:len(events)], strict=True) if ok]
-        statuses = ["handled" if ok else "duplicate" for ok in replies[:len(events)]]
+        keys = [k.activity, *(k.idle(r.id) for r in idle_rules), *(k.learning_event(client, e.id) for e in events)]
+        args: list[Any] = [len(idle_rules), EVENT_ID_TTL_S]
+        for e in events:
+            args += [e.user, e.at]
+        flags = await self._record(keys=keys, args=args) if events else []
+        new = [e for e, ok in zip(events, flags, strict=True) if ok]
+        statuses = ["handled" if ok else "duplicate" for ok in flags]
         by_trigger: dict[str, list[Rule]] = {}
         for r in rules:
             by_trigger.setdefault(r.trigger, []).append(r)

@@ -26,6 +26,7 @@ import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from dataclasses import field as dc_field
 from typing import Any
 
 from ..campaigns.audiences import VALUE_RE, Attributes
@@ -51,44 +52,57 @@ class Condition:
     field: str  # event.<name> or learner.<name> (learner.vars.<name>)
     op: str
     value: Any
+    # Set once from `field` and `value`: the engine tests every rule of a trigger on every event.
+    scope: str = dc_field(init=False, repr=False, compare=False)  # event, vars or learner
+    name: str = dc_field(init=False, repr=False, compare=False)
+    wanted: frozenset[str] = dc_field(init=False, repr=False, compare=False)  # ==, !=, in, not_in: the values as keys
+
+    def __post_init__(self) -> None:
+        scope, _, rest = self.field.partition(".")
+        if scope == "learner" and rest.startswith("vars."):
+            scope, rest = "vars", rest[5:]
+        values = self.value if isinstance(self.value, tuple) else (self.value,)
+        object.__setattr__(self, "scope", scope)
+        object.__setattr__(self, "name", rest)
+        object.__setattr__(self, "wanted", frozenset(_key(v) for v in values) if self.op not in NUMERIC_OPS
+                           else frozenset())
 
     def holds(self, event: LearningEvent | None, learner: Attributes) -> bool:
-        got = _lookup(self.field, event, learner)
-        want = self.value
-        if self.op in NUMERIC_OPS:
-            if not isinstance(got, int | float):
+        if self.scope == "event":
+            got = event.fields.get(self.name) if event is not None else None
+        elif self.scope == "vars":
+            got = learner.vars.get(self.name)
+        else:
+            got = getattr(learner, self.name, None)
+        op = self.op
+        if op in NUMERIC_OPS:
+            if isinstance(got, str):
                 try:
-                    got = float(got) if isinstance(got, str) else None
+                    got = float(got)
                 except ValueError:
-                    got = None
-            if got is None:
+                    return False
+            if not isinstance(got, int | float):
                 return False
-            return bool({">=": got >= want, ">": got > want, "<=": got <= want, "<": got < want}[self.op])
-        values = got if isinstance(got, tuple) else (got,)
-        if self.op in ("in", "not_in"):
-            hit = any(_same(v, w) for v in values for w in want)
-            return hit if self.op == "in" else not hit
-        hit = any(_same(v, want) for v in values)
-        return hit if self.op == "==" else not hit
+            want = self.value
+            return bool(got >= want if op == ">=" else got > want if op == ">" else got <= want if op == "<=" else got < want)
+        if got is None:
+            hit = False
+        elif isinstance(got, tuple):
+            hit = any(_key(v) in self.wanted for v in got)
+        else:
+            hit = _key(got) in self.wanted
+        return hit if op in ("==", "in") else not hit
 
     def to_json(self) -> dict[str, Any]:
         return {"field": self.field, "op": self.op, "value": list(self.value) if isinstance(self.value, tuple)
                 else self.value}
 
 
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, int | float) and isinstance(b, int | float):
-        return float(a) == float(b)
-    return a is not None and str(a) == str(b)
-
-
-def _lookup(name: str, event: LearningEvent | None, learner: Attributes) -> Any:
-    scope, _, rest = name.partition(".")
-    if scope == "event":
-        return event.fields.get(rest) if event is not None else None
-    if rest.startswith("vars."):
-        return learner.vars.get(rest[5:])
-    return getattr(learner, rest, None)
+def _key(v: Any) -> str:
+    """A value as compared by ==, in: numbers by value (85 == 85.0 == "85"), everything else as text."""
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,9 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import REGISTRY
 from pushgw.automations.engine import Engine
+from pushgw.automations.events import LearningEvent
+from pushgw.automations.rules import parse_rule
+from pushgw.campaigns.audiences import Attributes
 from pushgw.core.config import ApiClient, ApiSettings, RedisSettings, Settings, WorkerSettings
 from pushgw.core.schema import loads_message
 from pushgw.gateway.api.app import create_app
@@ -344,3 +347,16 @@ async def test_rule_variants_and_control_group_use_the_campaign_assignment(platf
     assert {a["arm"]: a["assigned"] for a in report["arms"]} == counts
     assert report["funnel"]["triggered"] == len(users) and report["funnel"]["sent"] == len(users) - counts["control"]
     assert {c["metric"] for c in report["comparisons"]} >= {"ctr", "conversion_itt"}
+
+
+def test_conditions_compare_numbers_by_value_and_lists_by_membership() -> None:
+    rule = parse_rule({"id": "r", "trigger": "quiz_completed", "template": "t", "conditions": [
+        {"field": "event.score", "op": ">=", "value": 80}, {"field": "event.quiz", "op": "not_in", "value": ["warmup"]},
+        {"field": "learner.skills", "op": "in", "value": ["python"]}, {"field": "learner.vars.level", "op": "==", "value": 3}]})
+    event = LearningEvent("e", "quiz_completed", "u", 0.0, {"quiz": "stats-1", "score": 85.0})
+    learner = Attributes(skills=("python", "sql"), vars={"level": "3"})
+    assert rule.matches(event, learner)
+    assert not rule.matches(replace(event, fields={"quiz": "warmup", "score": 85.0}), learner)
+    assert not rule.matches(replace(event, fields={"quiz": "stats-1", "score": 79.5}), learner)
+    assert not rule.matches(event, replace(learner, skills=("sql",)))
+    assert not rule.matches(event, replace(learner, vars={}))
