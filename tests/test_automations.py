@@ -32,6 +32,7 @@ from pushgw.gateway.worker import Worker
 from pushgw.providers.fakes.fcm import FakeFcm
 from pushgw.providers.fcm import FcmProvider
 from pushgw.queue.keys import Keys
+from pushgw.ratelimit.policy import DeliveryPolicy
 
 PREFIX = "autotest"
 K = Keys(PREFIX)
@@ -95,7 +96,8 @@ class Platform:
     async def deliver(self, expected: int, worker_clock: Callable[[], float] | None = None) -> list[Any]:
         """Run a worker until the fake FCM has `expected` messages in all (bounded wait), then stop it."""
         provider = self.fcm_provider
-        worker = Worker(SETTINGS, self.redis, {"fcm": provider}, consumer="w1", clock=worker_clock or self.clock)
+        worker = Worker(SETTINGS, self.redis, {"fcm": provider}, consumer="w1", clock=worker_clock or self.clock,
+                        limiter=DeliveryPolicy(self.redis, K, SETTINGS.policy))  # as every message: opt-outs, caps
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop))
         try:
@@ -146,6 +148,8 @@ async def test_a_quiz_at_85_sends_the_reward_once_and_a_quiz_at_75_nothing(platf
     await p.learner("ada", first_name="Ada", cohort="2026-a")
     await p.learner("bob", first_name="Bob", cohort="2026-a")
     await p.learner("eve", first_name="Eve", cohort="2025-z")
+    await p.learner("zoe", first_name="Zoe", cohort="2026-b")
+    assert (await p.call("PATCH", "/v1/users/zoe/preferences", json={"opt_out": {"all": True}}))[0] == 200
     await p.rule(QUIZ_RULE)
     quiz = {"type": "quiz_completed", "quiz": "stats-1"}
     body = await p.events(quiz | {"id": "e1", "user": "ada", "score": 85}, quiz | {"id": "e2", "user": "bob", "score": 75},
@@ -154,12 +158,14 @@ async def test_a_quiz_at_85_sends_the_reward_once_and_a_quiz_at_75_nothing(platf
     again = await p.events(quiz | {"id": "e1", "user": "ada", "score": 85})  # the same event reported again
     assert again["results"] == [{"status": "duplicate", "id": "e1", "type": "quiz_completed"}]
     await p.events(quiz | {"id": "e4", "user": "ada", "score": 90})  # another attempt at the same quiz: once per entity
+    await p.events(quiz | {"id": "e5", "user": "zoe", "score": 90})  # zoe opted out: the policy drops it
     received = await p.deliver(1)
     assert bodies(received) == [("tok-ada", "85% on stats-1: well done")]
     assert received[0].message["notification"]["title"] == "Badge earned, Ada!"
     status, report = await p.call("GET", "/v1/automations/quiz-reward/report", ADMIN)
-    assert status == 200 and report["funnel"] == {"triggered": 1, "sent": 1, "delivered": 1, "opened": 0,
+    assert status == 200 and report["funnel"] == {"triggered": 2, "sent": 2, "delivered": 1, "opened": 0,
                                                   "converted": 0}
+    assert report["arms"][0]["dropped"] == 1  # zoe
     # the app reports the open: the funnel moves, through the campaign machinery
     await p.events({"type": "opened", "campaign": "auto-quiz-reward", "user": "ada"})
     report = (await p.call("GET", "/v1/automations/quiz-reward/report", ADMIN))[1]
