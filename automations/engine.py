@@ -305,7 +305,7 @@ class Engine:
                     c.error = str(err)[:300]
 
     def _message(self, obj: dict[str, Any], c: Candidate) -> Message:
-        m = replace(parse_message(obj, now=self.clock()), fanout=True, owner=self._owner(c.rule, c.user))
+        m = replace(parse_message(obj, now=self.clock()), fanout=True)
         check_payload_limits(m, PROVIDERS)
         return m
 
@@ -333,7 +333,8 @@ class Engine:
         if not self._group_ready:
             await self.queue.ensure_group()
             self._group_ready = True
-        flags = await self.queue.enqueue(messages)
+        owners = [self._owner(c.rule, c.user) for c in candidates for _ in c.messages]
+        flags = await self.queue.enqueue(messages, owner=owners)
         async with self.redis.pipeline(transaction=False) as pipe:
             for c in candidates:
                 if c.messages:

@@ -146,9 +146,6 @@ class Message:
     # The upstream entity the message is about (e.g. session-812): `DELETE /v1/messages?ref=` withdraws every
     # message of one API client with this ref that is still waiting (scheduled or held by the policy).
     ref: str | None = None
-    # Internal: the API client that enqueued it (set by the intake, never by upstream input); only that client
-    # (or one with the admin scope) may withdraw it.
-    owner: str | None = None
     v: int = SCHEMA_VERSION
 
     @property
@@ -183,8 +180,7 @@ class Message:
             out["devices"] = [d.to_json() for d in self.devices]
         if self.app != "default":
             out["app"] = self.app
-        for name in ("title", "body", "collapse_key", "campaign", "variant", "ttl", "expires_at", "send_at", "ref",
-                     "owner"):
+        for name in ("title", "body", "collapse_key", "campaign", "variant", "ttl", "expires_at", "send_at", "ref"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -1213,7 +1209,7 @@ _KNOWN = frozenset({
     "v", "id", "user", "devices", "app", "title", "body", "data", "category", "priority",
     "ttl", "expires_at", "send_at", "collapse_key", "campaign", "variant", "ref",
 })
-_KNOWN_INTERNAL = _KNOWN | {"resolved", "fanout", "owner"}
+_KNOWN_INTERNAL = _KNOWN | {"resolved", "fanout"}
 _DEVICE_FIELDS = frozenset({*PROVIDERS, "app"})
 
 
@@ -1227,7 +1223,7 @@ def parse_message(
 ) -> Message:
     """Validate a decoded JSON object and build a `Message`; raise `MessageInvalid` listing every error.
 
-    `internal` admits the fields only the gateway itself writes (`resolved`, `fanout`, `owner`), for entries read back
+    `internal` admits the fields only the gateway itself writes (`resolved`, `fanout`), for entries read back
     from the queue; upstream input never sets them.
     """
     errors: list[FieldError] = []
@@ -1265,7 +1261,6 @@ def parse_message(
     campaign = _str(obj, "campaign", errors, max_len=MAX_LABEL_LEN, pattern=_ID_RE)
     variant = _str(obj, "variant", errors, max_len=MAX_LABEL_LEN, pattern=_ID_RE)
     ref = _str(obj, "ref", errors, max_len=MAX_ID_LEN, pattern=_ID_RE)
-    owner = _str(obj, "owner", errors, max_len=MAX_ID_LEN) if internal else None
 
     priority = obj.get("priority", "normal")
     if priority not in PRIORITIES:
@@ -1371,7 +1366,6 @@ def parse_message(
         resolved=internal and obj.get("resolved") is True,
         fanout=internal and obj.get("fanout") is True,
         ref=ref,
-        owner=owner,
     )
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from contextlib import suppress
-from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -256,19 +255,17 @@ class Intake:
         return True
 
     async def submit(self, objs: Sequence[Any], *, reads_users: bool = True,
-                     owner: str | None = None) -> list[tuple[str, bool]]:
+                     owner: str = "") -> list[tuple[str, bool]]:
         """Validate all, then enqueue; returns (message id, True if queued / False if a duplicate id).
         `reads_users`: see `expand_templates`; `owner`: the API client, who alone may withdraw them."""
         objs = await self.best_times(objs)
         messages = self.validate(await self.expand_templates(objs, reads_users=reads_users))
-        if owner is not None:
-            messages = [replace(m, owner=owner) for m in messages]
         if not self._group_ready:
             await self.queue.ensure_group()  # so a message queued before any worker started is delivered
             self._group_ready = True
         flags: list[bool] = []
         for i in range(0, len(messages), ENQUEUE_CHUNK):
-            flags += await self.queue.enqueue(messages[i:i + ENQUEUE_CHUNK])
+            flags += await self.queue.enqueue(messages[i:i + ENQUEUE_CHUNK], owner=owner)
         queued = sum(flags)
         if queued:
             self._enqueued.inc(queued)

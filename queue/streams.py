@@ -40,38 +40,41 @@ KPI_TTL_S = 180 * 86400  # campaign delivery sets outlive any experiment's readi
 
 LANES = ("high", "normal")  # read order: the high lane first (priority "high": reminders, transactional)
 
-# KEYS: normal stream, high stream, delayed zset, delayed data hash, delayed ids hash,
-#       then per message: its idem key, its ref set (the idem key again when it has no ref)
-# ARGV: window_s, now_ms, then per message: payload, lane (h|n), due_ms (0: now), owner, id, has_ref (1|0)
-# -> {1|0,...}
+# KEYS: normal stream, high stream, delayed zset, delayed data hash, delayed ids hash, the idem key of each
+#       message, then the ref set of each message that has a ref
+# ARGV: window_s, now_ms, length of the idem keys' prefix, then per message: payload, lane (h|n), due_ms (0: now),
+#       owner, index in KEYS of its ref set (0: none)   -> {1|0,...}
 # A scheduled message (send_at ahead) goes to the delayed set with its due time as its enqueue time,
 # so its latency, ttl and caps membership count from when it was meant to go; its member ends in `#<id>`
 # and the ids hash points at it, so it can be withdrawn until `move_due` takes it. The idem key holds the
-# owner (the API client), so a cancel tells "sent" (for its owner) from "unknown".
+# owner (the API client), so a cancel tells "sent" (for its owner) from "unknown"; for a scheduled message
+# it lasts the idempotency window past the due time, so its id stays taken while it waits.
 _ENQUEUE = """
 local out = {}
-local now = tonumber(ARGV[2])
-for i = 6, #KEYS, 2 do
-  local j = 3 + (i - 6) * 3
-  local payload, lane, due, owner, id = ARGV[j], ARGV[j + 1], tonumber(ARGV[j + 2]), ARGV[j + 3], ARGV[j + 4]
-  if redis.call('SET', KEYS[i], owner, 'NX', 'EX', ARGV[1]) then
+local now, window, cut = tonumber(ARGV[2]), tonumber(ARGV[1]), tonumber(ARGV[3]) + 1
+local j = 4
+for i = 6, 5 + (#ARGV - 3) / 5 do
+  local due, ref = tonumber(ARGV[j + 2]), tonumber(ARGV[j + 4])
+  local ttl = window + math.max(0, math.floor((due - now) / 1000))
+  if redis.call('SET', KEYS[i], ARGV[j + 3], 'NX', 'EX', ttl) then
+    local id = string.sub(KEYS[i], cut)
     if due > 0 then
-      local member = '1:' .. due .. ':' .. lane .. ':#' .. id
+      local member = '1:' .. due .. ':' .. ARGV[j + 1] .. ':#' .. id
       redis.call('ZADD', KEYS[3], due / 1000, member)
-      redis.call('HSET', KEYS[4], member, payload)
+      redis.call('HSET', KEYS[4], member, ARGV[j])
       redis.call('HSET', KEYS[5], id, member)
     else
-      redis.call('XADD', lane == 'h' and KEYS[2] or KEYS[1], '*', 'm', payload, 'a', '1', 't', ARGV[2])
+      redis.call('XADD', ARGV[j + 1] == 'h' and KEYS[2] or KEYS[1], '*', 'm', ARGV[j], 'a', '1', 't', ARGV[2])
     end
-    if ARGV[j + 5] == '1' then
-      redis.call('SADD', KEYS[i + 1], id)
-      local want = tonumber(ARGV[1]) + math.max(0, math.floor((due - now) / 1000))
-      if redis.call('TTL', KEYS[i + 1]) < want then redis.call('EXPIRE', KEYS[i + 1], want) end
+    if ref > 0 then
+      redis.call('SADD', KEYS[ref], id)
+      if redis.call('TTL', KEYS[ref]) < ttl then redis.call('EXPIRE', KEYS[ref], ttl) end
     end
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
   end
+  j = j + 5
 end
 return out
 """
@@ -111,17 +114,15 @@ for i = 4, #KEYS do
   local answer = 'unknown'
   local owner = redis.call('GET', KEYS[i])
   local member = redis.call('HGET', KEYS[3], id)
-  local marked = owner
-  if member and not owner then  -- scheduled beyond the idempotency window: the payload names its owner
-    local ok, m = pcall(cjson.decode, redis.call('HGET', KEYS[2], member) or '')
-    owner = ok and type(m) == 'table' and type(m.owner) == 'string' and m.owner or ''
+  if member and not owner and ARGV[2] == '1' then  -- held past its id's window: only an admin can tell
+    owner = ''
   end
   if owner and (ARGV[2] == '1' or owner == ARGV[1] or owner == 'x:' .. ARGV[1]) then
     if member then
       redis.call('ZREM', KEYS[1], member)
       redis.call('HDEL', KEYS[2], member)
       redis.call('HDEL', KEYS[3], id)
-      if marked then redis.call('SET', KEYS[i], 'x:' .. owner, 'KEEPTTL') end
+      if owner ~= '' then redis.call('SET', KEYS[i], 'x:' .. owner, 'KEEPTTL') end
       answer = 'cancelled'
     elseif string.sub(owner, 1, 2) == 'x:' then
       answer = 'cancelled_before'
@@ -250,22 +251,27 @@ class StreamQueue:
                 if "BUSYGROUP" not in str(e):
                     raise
 
-    async def enqueue(self, messages: Sequence[Message], now_ms: int | None = None) -> list[bool]:
+    async def enqueue(self, messages: Sequence[Message], now_ms: int | None = None,
+                      owner: str | Sequence[str] = "") -> list[bool]:
         """Queue validated messages in one round trip; False for an id already accepted within the window.
 
-        A message goes to its priority's lane; one with `send_at` ahead waits in the delayed set. A message with
-        a `ref` joins its owner's set for that ref (`cancel_ref`)."""
+        A message goes to its priority's lane; one with `send_at` ahead waits in the delayed set. `owner` (the API
+        client, or one per message) alone may withdraw it (`cancel`); a message with a `ref` joins its owner's set
+        for that ref (`cancel_ref`)."""
         if not messages:
             return []
         now = int(time.time() * 1000) if now_ms is None else int(now_ms)
         k = self.keys
-        keys = [k.stream, k.stream_high, k.delayed, k.delayed_data, k.delayed_ids]
-        args: list[Any] = [self.idempotency_window_s, now]
-        for m in messages:
+        owners = [owner] * len(messages) if isinstance(owner, str) else list(owner)
+        keys = [k.stream, k.stream_high, k.delayed, k.delayed_data, k.delayed_ids, *(k.idem(m.id) for m in messages)]
+        args: list[Any] = [self.idempotency_window_s, now, len(k.idem(""))]
+        for m, o in zip(messages, owners, strict=True):
             due = int(m.send_at * 1000) if m.send_at is not None and m.send_at * 1000 > now else 0
-            idem = k.idem(m.id)
-            keys += [idem, k.ref_ids(m.owner or "", m.ref) if m.ref else idem]
-            args += [m.dumps(), lane_code(m), due, m.owner or "", m.id, 1 if m.ref else 0]
+            ref = 0
+            if m.ref is not None:
+                keys.append(k.ref_ids(o, m.ref))
+                ref = len(keys)
+            args += [m.dumps(), lane_code(m), due, o, ref]
         flags = await self._enqueue(keys=keys, args=args)
         return [bool(f) for f in flags]
 
