@@ -46,8 +46,9 @@ class Keys:
         return f"{self.prefix}:delayed:ids"
 
     def ref_ids(self, owner: str, ref: str) -> str:
-        """Set of message ids an API client (`owner`) enqueued with this `ref`: `DELETE /v1/messages?ref=`."""
-        return f"{self.prefix}:ref:{owner}:{ref}"
+        """Set of message ids an API client (`owner`) enqueued with this `ref`: `DELETE /v1/messages?ref=`. (`#` is in
+        no ref; the cancel also checks each message's owner.)"""
+        return f"{self.prefix}:ref:{owner}#{ref}"
 
     @property
     def dead(self) -> str:
@@ -176,11 +177,12 @@ class Keys:
 
     def learning_event(self, client: str, event_id: str) -> str:
         """Marks a learning event id of an API client as handled (SET NX EX): a repeated event is a no-op."""
-        return f"{self.prefix}:auto:evt:{client}:{event_id}"
+        return f"{self.prefix}:auto:evt:{client}#{event_id}"
 
     def automation_once(self, rule: str, user: str, entity: str) -> str:
-        """Marks that a rule fired for a learner and entity (quiz, session, spell of inactivity): at most once."""
-        return f"{self.prefix}:auto:once:{rule}:{user}:{entity}"
+        """Marks that a rule fired for a learner and entity (quiz, session, spell of inactivity): at most once. (`#` is in
+        no user id or entity: two pairs never share a key.)"""
+        return f"{self.prefix}:auto:once:{rule}#{user}#{entity}"
 
     @property
     def activity(self) -> str:
