@@ -141,7 +141,8 @@ class Keys:
 
     def kpi_users(self, campaign: str, variant: str, outcome: str) -> str:
         """Set of users (or message ids) of a campaign/variant whose messages were delivered, failed or dropped:
-        written in the worker's commit, so a retry, a second device or a redelivery is counted once."""
+        written in the worker's commit, so a retry, a second device or a redelivery is counted once. (`queued`: the
+        learners an automation rule queued a message for, written by automations/engine.py.)"""
         return f"{self.prefix}:cmp:{campaign}:{outcome}:{variant}"
 
     def event_users(self, campaign: str, arm: str, kind: str) -> str:
