@@ -42,8 +42,9 @@ LANES = ("high", "normal")  # read order: the high lane first (priority "high": 
 
 # KEYS: normal stream, high stream, delayed zset, delayed data hash, delayed ids hash, the idem key of each
 #       message, then the ref set of each message that has a ref
-# ARGV: window_s, now_ms, length of the idem keys' prefix, then per message: payload, lane (h|n), due_ms (0: now),
-#       owner, index in KEYS of its ref set (0: none)   -> {1|0,...}
+# ARGV: window_s, now_ms, length of the idem keys' prefix, owner, then per message: payload, lane (h|n), due_ms
+#       (0: now); a message with a ref or its own owner has its lane in capitals (H|N) and one more argument,
+#       "<index in KEYS of its ref set, 0: none>[:<its own owner>]"   -> {1|0,...}
 # A scheduled message (send_at ahead) goes to the delayed set with its due time as its enqueue time,
 # so its latency, ttl and caps membership count from when it was meant to go; its member ends in `#<id>`
 # and the ids hash points at it, so it can be withdrawn until `move_due` takes it. The idem key holds the
@@ -52,29 +53,40 @@ LANES = ("high", "normal")  # read order: the high lane first (priority "high": 
 _ENQUEUE = """
 local out = {}
 local now, window, cut = tonumber(ARGV[2]), tonumber(ARGV[1]), tonumber(ARGV[3]) + 1
-local j = 4
-for i = 6, 5 + (#ARGV - 3) / 5 do
-  local due, ref = tonumber(ARGV[j + 2]), tonumber(ARGV[j + 4])
-  local ttl = window + math.max(0, math.floor((due - now) / 1000))
-  if redis.call('SET', KEYS[i], ARGV[j + 3], 'NX', 'EX', ttl) then
-    local id = string.sub(KEYS[i], cut)
+local j = 5
+local i = 6
+while j <= #ARGV do
+  local lane, due, owner, ref = ARGV[j + 1], tonumber(ARGV[j + 2]), ARGV[4], 0
+  local step = 3
+  if lane == 'H' or lane == 'N' then
+    local r, o = string.match(ARGV[j + 3], '^(%d+):?(.*)$')
+    ref = tonumber(r)
+    if o ~= '' then owner = o end
+    lane = string.lower(lane)
+    step = 4
+  end
+  local ttl = window
+  if due > 0 then ttl = window + math.floor((due - now) / 1000) end
+  if redis.call('SET', KEYS[i], owner, 'NX', 'EX', ttl) then
     if due > 0 then
-      local member = '1:' .. due .. ':' .. ARGV[j + 1] .. ':#' .. id
+      local id = string.sub(KEYS[i], cut)
+      local member = '1:' .. due .. ':' .. lane .. ':#' .. id
       redis.call('ZADD', KEYS[3], due / 1000, member)
       redis.call('HSET', KEYS[4], member, ARGV[j])
       redis.call('HSET', KEYS[5], id, member)
     else
-      redis.call('XADD', ARGV[j + 1] == 'h' and KEYS[2] or KEYS[1], '*', 'm', ARGV[j], 'a', '1', 't', ARGV[2])
+      redis.call('XADD', lane == 'h' and KEYS[2] or KEYS[1], '*', 'm', ARGV[j], 'a', '1', 't', ARGV[2])
     end
     if ref > 0 then
-      redis.call('SADD', KEYS[ref], id)
+      redis.call('SADD', KEYS[ref], string.sub(KEYS[i], cut))
       if redis.call('TTL', KEYS[ref]) < ttl then redis.call('EXPIRE', KEYS[ref], ttl) end
     end
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
   end
-  j = j + 5
+  j = j + step
+  i = i + 1
 end
 return out
 """
@@ -262,16 +274,21 @@ class StreamQueue:
             return []
         now = int(time.time() * 1000) if now_ms is None else int(now_ms)
         k = self.keys
-        owners = [owner] * len(messages) if isinstance(owner, str) else list(owner)
+        default = owner if isinstance(owner, str) else ""
+        owners = None if isinstance(owner, str) else list(owner)
         keys = [k.stream, k.stream_high, k.delayed, k.delayed_data, k.delayed_ids, *(k.idem(m.id) for m in messages)]
-        args: list[Any] = [self.idempotency_window_s, now, len(k.idem(""))]
-        for m, o in zip(messages, owners, strict=True):
+        args: list[Any] = [self.idempotency_window_s, now, len(k.idem("")), default]
+        for i, m in enumerate(messages):
             due = int(m.send_at * 1000) if m.send_at is not None and m.send_at * 1000 > now else 0
+            o = default if owners is None else owners[i]
+            if m.ref is None and o == default:  # the common case: three arguments
+                args += [m.dumps(), lane_code(m), due]
+                continue
             ref = 0
             if m.ref is not None:
                 keys.append(k.ref_ids(o, m.ref))
                 ref = len(keys)
-            args += [m.dumps(), lane_code(m), due, o, ref]
+            args += [m.dumps(), lane_code(m).upper(), due, f"{ref}:{o}" if o != default else str(ref)]
         flags = await self._enqueue(keys=keys, args=args)
         return [bool(f) for f in flags]
 
