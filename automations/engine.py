@@ -197,35 +197,52 @@ class Engine:
         if not interested:
             return Outcome(statuses, {}, 0, 0)
         learners = await self.attrs.get_many(sorted({e.user for e in interested}))
-        withdrawn = 0
+        withdrawn = queued = 0
+        fired: dict[str, int] = {}
         candidates: list[tuple[Candidate, LearningEvent | None]] = []
-        reschedules: list[tuple[Rule, LearningEvent]] = []
         for e in interested:
             a = learners.get(e.user, NO_ATTRIBUTES)
-            if e.type in ("session_cancelled", "session_rescheduled"):
-                for r in movers:
-                    gone = await self.queue.cancel_ref(str(e.entity), self._owner(r, e.user))
-                    withdrawn += len(gone)
-                    metrics.AUTOMATIONS.labels(r.id, "withdrawn").inc(len(gone))
-                    if e.type == "session_rescheduled" and await self.redis.exists(
-                            k.automation_once(r.id, e.user, str(e.entity))) and r.matches(e, a):
-                        reschedules.append((r, e))
+            if e.type in ("session_cancelled", "session_rescheduled") and movers:
+                if candidates:  # what came before in the batch is queued first, so the move sees it
+                    queued += await self._flush(candidates, learners, client, now, fired)
+                    candidates = []
+                gone, moved = await self._move_session(e, a, movers, learners, client, now)
+                withdrawn += gone
+                queued += moved
             for r in by_trigger.get(e.type, ()):
                 if r.matches(e, a):
                     arm = arm_of(r, self.store.campaign_of(r), e.user)
                     candidates.append((Candidate(r, e.user, str(e.entity or e.id), arm), e))
-        fired: dict[str, int] = {}
-        queued = 0
         if candidates:
-            fired, queued = await self._run(candidates, learners, client, now)
-        if reschedules:  # the once key stays: the learner was already counted when the session was scheduled
-            moved = [(Candidate(r, e.user, str(e.entity), arm_of(r, self.store.campaign_of(r), e.user)), e)
-                     for r, e in reschedules]
-            await self._plan(moved, learners, client, now)
-            queued += await self._enqueue([c for c, _ in moved if c.arm != CONTROL])
-            for c, _ in moved:
-                metrics.AUTOMATIONS.labels(c.rule.id, "rescheduled").inc()
+            queued += await self._flush(candidates, learners, client, now, fired)
         return Outcome(statuses, fired, queued, withdrawn)
+
+    async def _flush(self, candidates: list[tuple[Candidate, LearningEvent | None]],
+                     learners: Mapping[str, Attributes], client: str, now: float, fired: dict[str, int]) -> int:
+        done, queued = await self._run(candidates, learners, client, now)
+        for rule_id, n in done.items():
+            fired[rule_id] = fired.get(rule_id, 0) + n
+        return queued
+
+    async def _move_session(self, e: LearningEvent, a: Attributes, movers: Sequence[Rule],
+                            learners: Mapping[str, Attributes], client: str, now: float) -> tuple[int, int]:
+        """A session cancelled or moved: withdraw the movers' reminders still waiting for it (by ref); when it
+        moved and the rule had fired for it, plan them again from the new start (the once key stays: the
+        learner was counted when the session was scheduled). (withdrawn, queued)."""
+        withdrawn = 0
+        moved: list[tuple[Candidate, LearningEvent | None]] = []
+        for r in movers:
+            gone = await self.queue.cancel_ref(str(e.entity), self._owner(r, e.user))
+            withdrawn += len(gone)
+            metrics.AUTOMATIONS.labels(r.id, "withdrawn").inc(len(gone))
+            if e.type == "session_rescheduled" and r.matches(e, a) and await self.redis.exists(
+                    self.keys.automation_once(r.id, e.user, str(e.entity))):
+                moved.append((Candidate(r, e.user, str(e.entity), arm_of(r, self.store.campaign_of(r), e.user)), e))
+                metrics.AUTOMATIONS.labels(r.id, "rescheduled").inc()
+        if not moved:
+            return withdrawn, 0
+        await self._plan(moved, learners, client, now)
+        return withdrawn, await self._enqueue([c for c, _ in moved if c.arm != CONTROL])
 
     @staticmethod
     def _owner(rule: Rule, user: str) -> str:

@@ -201,6 +201,10 @@ async def test_a_session_yields_two_reminders_that_a_cancel_withdraws_and_a_resc
     await p.events({"type": "session_rescheduled", "id": "r1", "user": "ada", "session": "s-812",
                     "starts_at": t0 + 4200})
     assert sorted(round(due - t0) for due, _ in await p.waiting()) == [3900, 4140]
+    # scheduled and cancelled in the same batch: the cancel sees the reminders the batch planned before it
+    await p.events(session | {"id": "s1-cyd", "user": "cyd"},
+                   {"type": "session_cancelled", "id": "c2", "user": "cyd", "session": "s-812"})
+    assert {m.user for _, m in await p.waiting()} == {"ada"}
     p.clock.t = t0 + 4140
     received = await p.deliver(3)
     assert len(received) == 3 and {r.message["token"] for r in received} == {"tok-ada"}
