@@ -237,7 +237,8 @@ class Intake:
                     wanted.append((i, (user, category, str(o.get("id") or user))))
         if errors:
             raise MessageInvalid(errors)
-        out = [dict(o) if i in asked else o for i, o in enumerate(objs)]
+        chosen = set(asked)
+        out = [dict(o) if i in chosen else o for i, o in enumerate(objs)]
         for i in asked:
             del out[i]["send_time"]
         times = await self.best.send_times([w for _, w in wanted], now)

@@ -16,14 +16,13 @@ from aiohttp import web
 
 from ...automations.events import is_learning, parse_learning_event
 from ...campaigns.audiences import UserAttributes, count, parse_audience
-from ...campaigns.besttime import BestTimes
 from ...campaigns.events import MAX_EVENTS, EventRecorder, parse_events, summary
 from ...campaigns.fanout import CampaignStore
 from ...campaigns.report import ChartUnavailable, campaign_report, chart_png, report_exists
 from ...campaigns.templates import RenderError, Templates
 from ...core.schema import FieldError, MessageInvalid
 from .auth import Authenticator, require_scope
-from .context import ENGINE, INTAKE, REDIS, SETTINGS
+from .context import ENGINE, INTAKE, REDIS
 from .errors import ApiError, json_response, read_json
 
 MAX_IMPORT = 1000
@@ -200,7 +199,7 @@ class CampaignRoutes:
                 results[i] = r
             opens = [(str(o["user"]), float(o.get("at") or now)) for o in (events[i] for i in app_at)
                      if o.get("type") in OPEN_TYPES and isinstance(o.get("user"), str)]
-            await BestTimes(redis, keys, request.app[SETTINGS].policy).record_opens(opens, now)
+            await request.app[INTAKE].best.record_opens(opens, now)
         if learning_at:
             parsed = [e for e in learning if e is not None]
             outcome = await request.app[ENGINE].handle(parsed, client.name)
