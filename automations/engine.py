@@ -13,10 +13,12 @@ under the owner `~auto:<rule>:<learner>`, so `session_cancelled` withdraws the o
 (queue/streams.py `cancel_ref`, atomic against the scheduler) and `session_rescheduled` withdraws them and
 plans the offsets again from the new `starts_at`.
 
-Inactivity: every learning event puts the learner's last activity in `Keys.activity` and in each
-inactivity rule's own sorted set; the runner pops, in one Lua call, the learners whose last activity is
-older than the rule's days (ZRANGEBYSCORE + ZREM), so a tick costs what it sends, not the number of learners,
-and a learner is nudged once per spell of inactivity (the next activity puts them back).
+Inactivity: every learning event puts the learner's last activity in one sorted set (`Keys.activity`, ZADD
+GT). Each inactivity rule keeps a cursor, a time: a sweep range-queries the learners whose last activity lies
+between the cursor and now minus the rule's days and moves the cursor past them, in one Lua call, so a tick
+costs what it sends, not the number of learners, and a learner is nudged once per spell of inactivity: their
+next activity moves them ahead of the cursor, to be reached again once that is old enough. (An event
+reported with an `at` already behind the cursor does not start a new spell.)
 """
 
 from __future__ import annotations
@@ -86,20 +88,15 @@ end
 return out
 """
 
-# KEYS: the activity set, each inactivity rule's idle set (ARGV[1] of them), then one event id key per event
-# ARGV: number of idle sets, event id ttl, then per event: user, at   -> {1|0, ...} (1: a new event)
-# A new event marks its id and is the learner's latest activity (ZADD GT: an older event never moves it back);
-# a repeated one does nothing. One call per batch: no reply per command for the client to parse.
+# KEYS: the activity set, then one event id key per event   ARGV: event id ttl, then per event: user, at
+# -> {1|0, ...} (1: a new event). A new event marks its id and is the learner's latest activity (ZADD GT: an
+# older event never moves it back); a repeated one does nothing. One call per batch.
 _RECORD = """
-local n_idle = tonumber(ARGV[1])
-local first = 2 + n_idle
 local out = {}
-for i = first, #KEYS do
-  local j = 3 + (i - first) * 2
-  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[2]) then
-    for s = 1, first - 1 do
-      redis.call('ZADD', KEYS[s], 'GT', ARGV[j + 1], ARGV[j])
-    end
+for i = 2, #KEYS do
+  local j = 2 + (i - 2) * 2
+  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[1]) then
+    redis.call('ZADD', KEYS[1], 'GT', ARGV[j + 1], ARGV[j])
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
@@ -108,10 +105,29 @@ end
 return out
 """
 
-# KEYS: the rule's idle set   ARGV: cutoff (unix s), limit   -> {user, last activity, ...} taken out of the set
+# KEYS: the activity set, the rule's cursor   ARGV: cutoff (unix s), limit
+# -> {user, last activity, ...}: the learners whose last activity is after the cursor and at or before the
+# cutoff, and the cursor moves past them. A full batch ends at its last score with every learner of that score
+# (several share the `at` of one request), so the next call, which starts after it, skips nobody.
 _POP_IDLE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
-for i = 1, #due, 2 do redis.call('ZREM', KEYS[1], due[i]) end
+local cursor = redis.call('GET', KEYS[2])
+local low = cursor and ('(' .. cursor) or '-inf'
+local limit = tonumber(ARGV[2])
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], low, ARGV[1], 'WITHSCORES', 'LIMIT', 0, limit)
+local new = ARGV[1]
+if #due >= 2 * limit then
+  new = due[#due]
+  local seen = {}
+  for i = 1, #due, 2 do seen[due[i]] = true end
+  local ties = redis.call('ZRANGEBYSCORE', KEYS[1], new, new, 'WITHSCORES')
+  for i = 1, #ties, 2 do
+    if not seen[ties[i]] then
+      due[#due + 1] = ties[i]
+      due[#due + 1] = ties[i + 1]
+    end
+  end
+end
+redis.call('SET', KEYS[2], new)
 return due
 """
 
@@ -180,9 +196,8 @@ class Engine:
         now = self.clock()
         k = self.keys
         rules = [r for r in await self.store.all() if not r.paused]
-        idle_rules = [r for r in rules if r.trigger == INACTIVITY]
-        keys = [k.activity, *(k.idle(r.id) for r in idle_rules), *(k.learning_event(client, e.id) for e in events)]
-        args: list[Any] = [len(idle_rules), EVENT_ID_TTL_S]
+        keys = [k.activity, *(k.learning_event(client, e.id) for e in events)]
+        args: list[Any] = [EVENT_ID_TTL_S]
         for e in events:
             args += [e.user, e.at]
         flags = await self._record(keys=keys, args=args) if events else []
@@ -370,7 +385,8 @@ class Engine:
         for rule in await self.store.all():
             if rule.trigger != INACTIVITY or rule.paused or rule.inactive_days is None:
                 continue
-            due = await self._pop_idle(keys=[self.keys.idle(rule.id)], args=[now - rule.inactive_days * 86400, limit])
+            due = await self._pop_idle(keys=[self.keys.activity, self.keys.idle(rule.id)],
+                                       args=[now - rule.inactive_days * 86400, limit])
             pairs = [(due[i].decode() if isinstance(due[i], bytes) else str(due[i]), float(due[i + 1]))
                      for i in range(0, len(due), 2)]
             if not pairs:

@@ -3,7 +3,7 @@
 Saving checks what only Redis knows: the template exists and every locale of it renders with the rule's
 variables and the trigger's event variables (a rule that could never send fails when it is saved, not at
 3 am). It also stores the rule's campaign view (`auto-<id>`, campaigns/fanout.py `put_running`), so events
-and reports find it, and for a new inactivity rule copies the learners' last activity into its sorted set.
+and reports find it, and a new inactivity rule starts with no cursor: its first sweep reaches every learner already idle.
 Every change bumps a version counter: processes keep the rules in memory and reload when it moves.
 """
 
@@ -22,7 +22,7 @@ from ..campaigns.fanout import CampaignStore
 from ..campaigns.templates import RenderError, Templates
 from ..core.schema import FieldError, MessageInvalid
 from ..queue.keys import Keys
-from .rules import INACTIVITY, MAX_RULES, Rule, load_rule, parse_rule, sample_vars
+from .rules import MAX_RULES, Rule, load_rule, parse_rule, sample_vars
 
 
 class RuleNotFound(LookupError):
@@ -68,8 +68,6 @@ class RuleStore:
             pipe.hset(k.automation(rule.id), mapping={"def": orjson.dumps(rule.to_json()), "updated_at": str(now)})
             pipe.hsetnx(k.automation(rule.id), "created_at", str(now))
             pipe.sadd(k.automations, rule.id)
-            if rule.trigger == INACTIVITY and not exists:  # learners seen so far start their spell from their last activity
-                pipe.zunionstore(k.idle(rule.id), [k.activity])
             pipe.incr(k.automations_version)
             await pipe.execute()
         return rule, not exists

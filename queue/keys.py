@@ -187,12 +187,13 @@ class Keys:
 
     @property
     def activity(self) -> str:
-        """Sorted set learner -> last activity (unix s): what a new inactivity rule starts from."""
+        """Sorted set learner -> last activity (unix s), written by every learning event: what inactivity rules
+        range-query."""
         return f"{self.prefix}:auto:activity"
 
     def idle(self, rule: str) -> str:
-        """Sorted set learner -> last activity for one inactivity rule: the sweep range-queries the learners idle for
-        the rule's days and takes them out, so a learner is notified once per spell and no tick scans everyone."""
+        """An inactivity rule's cursor: the last activity time its sweeps have passed (automations/engine.py), so a
+        learner is nudged once per spell and no tick scans everyone."""
         return f"{self.prefix}:auto:idle:{rule}"
 
     def opens(self, user: str) -> str:

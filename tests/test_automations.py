@@ -217,22 +217,36 @@ async def test_an_inactivity_rule_fires_once_per_learner_per_spell(platform: Pla
     t0 = p.clock.t
     for u in ("ada", "bob", "cyd"):
         await p.learner(u, first_name=u.title())
-    await p.events({"type": "activity", "id": "a1", "user": "ada", "at": t0 - 3600},
-                   {"type": "activity", "id": "b1", "user": "bob", "at": t0 - 1800})
-    await p.rule({"id": "come-back", "trigger": "inactivity", "inactive_days": 1, "template": "nudge"})
-    await p.events({"type": "module_started", "id": "c1", "user": "cyd", "module": "m1"})  # after the rule
+    await p.events({"type": "activity", "id": "a1", "user": "ada", "at": t0 - 7200},
+                   {"type": "activity", "id": "b1", "user": "bob", "at": t0 - 5400})
+    await p.rule({"id": "come-back", "trigger": "inactivity", "inactive_days": 1 / 24, "template": "nudge"})
+    await p.events({"type": "module_started", "id": "c1", "user": "cyd", "module": "m1"})  # active now
     engine = Engine(p.redis, SETTINGS, clock=p.clock)  # what every worker process's runner calls
-    assert await engine.sweep() == 0  # nobody idle for a day yet
-    p.clock.t = t0 + 86400 + 60
-    assert await engine.sweep() == 3
+    p.clock.t = t0 - 3 * 3600
+    assert await engine.sweep() == 0  # nobody idle for an hour at that time
+    p.clock.t = t0
+    assert await engine.sweep() == 2  # ada and bob
     assert await engine.sweep() == 0  # still idle, already nudged
-    received = await p.deliver(3)
-    assert sorted(r.message["token"] for r in received) == ["tok-ada", "tok-bob", "tok-cyd"]
-    # ada comes back, then goes quiet again: a new spell, one more nudge
-    await p.events({"type": "activity", "id": "a2", "user": "ada", "at": time.time()})
-    p.clock.t = time.time() + 2 * 86400
-    assert await engine.sweep() == 1
-    assert await p.redis.zcard(K.idle("come-back")) == 0
+    await p.events({"type": "activity", "id": "a2", "user": "ada"})  # ada comes back
+    p.clock.t = t0 + 3600 + 600
+    assert await engine.sweep() == 2  # cyd's first spell, ada's second
+    assert await engine.sweep() == 0
+    received = await p.deliver(4)
+    assert sorted(r.message["token"] for r in received) == ["tok-ada", "tok-ada", "tok-bob", "tok-cyd"]
+
+
+async def test_an_inactivity_sweep_in_small_batches_skips_no_learner_sharing_a_time(platform: Platform) -> None:
+    p = platform
+    users = [f"l{i}" for i in range(7)]
+    await p.rule({"id": "come-back", "trigger": "inactivity", "inactive_days": 1 / 24, "template": "nudge"})
+    # one request: its events share one `at`
+    await p.events(*({"type": "activity", "id": f"a-{u}", "user": u} for u in users))
+    await p.events({"type": "activity", "id": "late", "user": "l7", "at": time.time() + 1})
+    p.clock.t = time.time() + 3600 + 600
+    engine = Engine(p.redis, SETTINGS, clock=p.clock)
+    assert await engine.sweep(limit=2) == 7  # the batch of 2 takes every learner of its last time
+    assert await engine.sweep(limit=2) == 1  # then l7
+    assert await engine.sweep(limit=2) == 0
 
 
 async def test_rules_are_validated_listed_paused_and_deleted(platform: Platform) -> None:
