@@ -71,6 +71,7 @@ class Variant:
     delay_s: int = 0  # after the campaign's send time (or the launch)
     local_time: str | None = None  # "18:00": the next 18:00 in each learner's time zone
     repeat: Repeat | None = None
+    send_time: str | None = None  # "best": each learner's best hour within the next 24 h (campaigns/besttime.py)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "weight": self.weight}
@@ -78,7 +79,7 @@ class Variant:
             out["template"] = self.template
         if self.vars:
             out["vars"] = dict(self.vars)
-        for k in ("send_at", "local_time"):
+        for k in ("send_at", "local_time", "send_time"):
             if getattr(self, k) is not None:
                 out[k] = getattr(self, k)
         if self.delay_s:
@@ -259,7 +260,7 @@ def _number(obj: Mapping[str, Any], name: str, where: str, errors: list[FieldErr
 
 _CAMPAIGN_FIELDS = {"id", "audience", "variants", "template", "vars", "control_percent", "category", "priority", "ttl",
                     "send_at", "app", "collapse_key"}
-_VARIANT_FIELDS = {"name", "weight", "template", "vars", "send_at", "delay_s", "local_time", "repeat"}
+_VARIANT_FIELDS = {"name", "weight", "template", "vars", "send_at", "delay_s", "local_time", "repeat", "send_time"}
 
 
 def parse_campaign(obj: Any, now: float) -> Campaign:
@@ -341,8 +342,13 @@ def parse_campaign(obj: Any, now: float) -> Campaign:
                 errors.append(FieldError(w + "repeat", "must be {\"count\": 1-5, \"interval_s\": 3600-2592000}"))
             else:
                 repeat = Repeat(r["count"], r["interval_s"])
+        send_time = v.get("send_time")
+        if send_time is not None and (send_time != "best" or local is not None or repeat is not None
+                                      or vsend is not None or delay):
+            errors.append(FieldError(w + "send_time", 'must be "best", without send_at, delay_s, local_time or repeat'))
+            send_time = None
         variants.append(Variant(name, weight or 1.0, vt, _vars(v.get("vars"), w + "vars", errors), vsend, int(delay),
-                                local, repeat))
+                                local, repeat, send_time))
     if errors or audience is None:
         raise MessageInvalid(errors or [FieldError("audience", "is required")])
     return Campaign(str(cid), audience, tuple(variants), template, cvars, control, str(category), str(priority),

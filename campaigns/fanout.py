@@ -38,6 +38,7 @@ from ..providers.payloads import check_payload_limits
 from ..queue.keys import Keys
 from ..queue.streams import StreamQueue
 from .audiences import VALUE_RE, UserAttributes, materialize
+from .besttime import BestTimes
 from .experiments import CONTROL, Campaign, Stage, load_campaign, message_id, parse_campaign, share
 from .templates import Rendered, RenderError, Template, Templates
 
@@ -76,7 +77,7 @@ return 1
 """
 
 
-def _message_json(c: Campaign, variant: str, user: str, r: Rendered) -> dict[str, Any]:
+def message_json(c: Campaign, variant: str, user: str, r: Rendered) -> dict[str, Any]:
     """The message a learner of `variant` is sent (without its id and send_at)."""
     obj: dict[str, Any] = {"user": user, "category": c.category, "priority": c.priority, "campaign": c.id,
                            "variant": variant}
@@ -143,7 +144,7 @@ class CampaignStore:
             for loc in t.locales:
                 try:
                     r = t.render({**c.vars, **v.vars}, loc)
-                    check_payload_limits(parse_message(_message_json(c, v.name, "probe", r), now=now), PROVIDERS,
+                    check_payload_limits(parse_message(message_json(c, v.name, "probe", r), now=now), PROVIDERS,
                                          declarative_navigate=declarative_navigate)
                 except RenderError as e:
                     errors.append(FieldError(where, str(e)))
@@ -163,6 +164,16 @@ class CampaignStore:
             raise CampaignError(409, "exists", f"campaign {c.id} exists; campaigns are immutable once created")
         await self.redis.sadd(self.keys.campaigns, c.id)
         return c
+
+    async def put_running(self, c: Campaign, now: float) -> None:
+        """Store (or replace) a campaign that is always running at 100% and has no fan-out: the campaign view of an
+        automation rule (automations/rules.py), whose learners join its member set as they trigger it, so events
+        and the report treat them as any campaign's. It stays out of the campaign list."""
+        key = self.keys.campaign(c.id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={"def": orjson.dumps(c.to_json()), "stages": orjson.dumps([Stage(100.0).to_json()])})
+            pipe.hsetnx(key, "created_at", str(now))
+            await pipe.execute()
 
     async def get(self, cid: str) -> Stored | None:
         # Only a whole campaign id: `foo:members` or `foo:fanout` would name another key of campaign `foo` (WRONGTYPE).
@@ -273,6 +284,7 @@ class FanoutRunner:
                                  done_ttl_s=settings.worker.done_ttl_s)
         self.store = CampaignStore(redis, self.keys)
         self.attrs = UserAttributes(redis, self.keys)
+        self.best = BestTimes(redis, self.keys, settings.policy)
         self.chunk = chunk
         self.lease_ms = lease_ms
         self.clock = clock
@@ -387,6 +399,9 @@ class FanoutRunner:
         attrs = await self.attrs.get_many([u for u, _ in targets]) if targets else {}
         now = self.clock()
         variants = {v.name: v for v in c.variants}
+        best_of = [(u, message_id(c.id, u)) for u, vname in targets if variants[vname].send_time == "best"]
+        best = {u: bt.at for (u, _), bt in zip(best_of, await self.best.send_times(
+            [(u, c.category, mid) for u, mid in best_of], now, attrs), strict=True)}
         messages: list[tuple[Message, str, str]] = []  # (message, user, variant)
         for u, vname in targets:
             bump(kpi, f"{vname}:assigned")
@@ -403,8 +418,9 @@ class FanoutRunner:
                     with contextlib.suppress(Exception):
                         tz = zone(a.timezone)
                 out: list[Message] = []
-                for i, when in enumerate(c.send_times(v, now, tz)):
-                    obj = _message_json(c, vname, u, r) | {"id": message_id(c.id, u, i)}
+                times = [best[u] if best[u] > now else None] if u in best else c.send_times(v, now, tz)
+                for i, when in enumerate(times):
+                    obj = message_json(c, vname, u, r) | {"id": message_id(c.id, u, i)}
                     if when is not None:
                         obj["send_at"] = when
                     m = replace(parse_message(obj, now=now), fanout=True)

@@ -104,6 +104,15 @@ CAMPAIGN_EVENTS = Counter(
     "App events counted for campaigns (opened, converted, dismissed, opt_out), same label bounds",
     ["campaign", "variant", "type"],
 )
+AUTOMATIONS = Counter(
+    "pushgw_automation_events_total",
+    "Automation rule outcomes: triggered (fired for a learner and entity), control (held out), repeated (already "
+    "fired for that entity), failed (could not render), queued (messages), withdrawn and rescheduled (session "
+    "reminders); `rule` is a stored rule's id (at most automations.rules.MAX_RULES of them)",
+    ["rule", "outcome"],
+)
+
+
 def campaign_labels(campaign: str, variant: str | None, *, stored: bool) -> tuple[str, str]:
     """Label values only for a stored campaign and its variants (a fan-out message, or an event checked against
     the stored campaign); a label from upstream input is ("other", "other"), so a stream of one-off names can

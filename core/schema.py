@@ -30,7 +30,7 @@ MAX_LABEL_LEN = 64
 MAX_DEVICES = 100
 MAX_LISTED_ERRORS = 100  # field errors listed in one answer; the rest are counted, so a bad batch gets a bounded reply
 MAX_PAST_S = MAX_TTL_S  # send_at at most this far in the past (a clock behind, not a date from another era)
-_ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}\Z")
+_ID_RE = ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}\Z")  # message ids, users, refs
 _CATEGORY_RE = re.compile(r"^[a-z0-9_]{1,32}\Z")
 _APNS_TOKEN_RE = re.compile(r"^[0-9a-fA-F]{64,200}\Z")
 _B64URL_RE = re.compile(r"^[A-Za-z0-9_-]+={0,2}\Z")
@@ -133,6 +133,9 @@ class Message:
     # Internal: written by a stored campaign's fan-out (campaigns/fanout.py); only such messages count in the
     # campaign's report and metric labels, so an upstream message labelled with its id cannot change them.
     fanout: bool = False
+    # The upstream entity the message is about (e.g. session-812): `DELETE /v1/messages?ref=` withdraws every
+    # message of one API client with this ref that is still waiting (scheduled or held by the policy).
+    ref: str | None = None
     v: int = SCHEMA_VERSION
 
     @property
@@ -167,7 +170,7 @@ class Message:
             out["devices"] = [d.to_json() for d in self.devices]
         if self.app != "default":
             out["app"] = self.app
-        for name in ("title", "body", "collapse_key", "campaign", "variant", "ttl", "expires_at", "send_at"):
+        for name in ("title", "body", "collapse_key", "campaign", "variant", "ttl", "expires_at", "send_at", "ref"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -1254,7 +1257,7 @@ def check_typed_push_blocks(push: ApnsPush, overrides: Overrides, errors: list[F
 
 _KNOWN = frozenset({
     "v", "id", "user", "devices", "app", "title", "body", "data", "category", "priority",
-    "ttl", "expires_at", "send_at", "collapse_key", "campaign", "variant",
+    "ttl", "expires_at", "send_at", "collapse_key", "campaign", "variant", "ref",
 })
 _KNOWN_INTERNAL = _KNOWN | {"resolved", "fanout"}
 _DEVICE_FIELDS = frozenset({*PROVIDERS, "app"})
@@ -1307,6 +1310,7 @@ def parse_message(
         title = None
     campaign = _str(obj, "campaign", errors, max_len=MAX_LABEL_LEN, pattern=_ID_RE)
     variant = _str(obj, "variant", errors, max_len=MAX_LABEL_LEN, pattern=_ID_RE)
+    ref = _str(obj, "ref", errors, max_len=MAX_ID_LEN, pattern=_ID_RE)
 
     priority = obj.get("priority", "normal")
     if priority not in PRIORITIES:
@@ -1418,6 +1422,7 @@ def parse_message(
         apns_push=apns_push,
         resolved=internal and obj.get("resolved") is True,
         fanout=internal and obj.get("fanout") is True,
+        ref=ref,
     )
 
 

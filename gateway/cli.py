@@ -1,5 +1,5 @@
 """`pushgw`: the command line. Subcommands: demo, serve, worker, api, send, dlq, devices, prefs, users, templates,
-campaigns, events, vapid-keygen.
+campaigns, events, automations, vapid-keygen.
 
 With no Redis configured (`redis.url` / PUSHGW_REDIS_URL empty) every command uses the embedded
 Redis in `redis.embedded_dir`: it joins the one a running `pushgw serve` started, or starts it.
@@ -399,6 +399,48 @@ def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
     return _campaign_command(settings, go)
 
 
+def cmd_automations(args: argparse.Namespace, settings: Settings) -> int:
+    async def go(client: Any, redis: Any) -> Any:
+        from ..automations.report import automation_report, format_automation_report
+        from ..automations.rules import rules_from_toml
+        from ..automations.store import RuleStore
+        from ..queue.keys import Keys
+
+        keys = Keys(settings.redis.prefix)
+        store = RuleStore(redis, keys)
+        if args.action == "list":
+            return [r.to_json() for r in await store.all()]
+        if args.action == "load":  # every [[automations]] table of a TOML file, all or nothing
+            text = await asyncio.to_thread(Path(args.target).read_text)
+            saved = await store.save_many(rules_from_toml(text))
+            return [{"id": r.id, "status": "created" if created else "replaced"} for r, created in saved]
+        if args.action == "put":
+            rule, created = await store.save(args.target, _read_json(args.file))
+            return rule.to_json() | {"status": "created" if created else "replaced"}
+        if args.action in ("pause", "resume"):
+            return (await store.set_paused(args.target, args.action == "pause")).to_json()
+        if args.action == "delete":
+            return {"deleted": await store.delete(args.target)}
+        if args.action == "report":
+            report = await automation_report(redis, keys, args.target)
+            return report if args.json else format_automation_report(report)
+        return (await store.require(args.target)).to_json()
+
+    if args.action != "list" and not args.target:
+        sys.stderr.write(f"error: automations {args.action} needs {'a TOML file' if args.action == 'load' else 'a rule id'}\n")
+        return 2
+    if args.action == "put" and not args.file:
+        sys.stderr.write("error: automations put ID FILE.json\n")
+        return 2
+    from ..automations.store import RuleNotFound, TooManyRules
+
+    try:
+        return _campaign_command(settings, go)
+    except (RuleNotFound, TooManyRules) as e:
+        sys.stderr.write(f"error: {'no automation ' if isinstance(e, RuleNotFound) else ''}{e}\n")
+        return 2
+
+
 def cmd_vapid_keygen(args: argparse.Namespace, settings: Settings) -> int:
     from ..providers.vapid import application_server_key, load_vapid_key, make_vapid_key
 
@@ -536,6 +578,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--campaign")
     e.add_argument("--user")
     e.set_defaults(fn=cmd_events)
+
+    a = sub.add_parser("automations", help="automation rules: load FILE.toml, put ID FILE.json, list, show, pause, "
+                                           "resume, delete, report")
+    a.add_argument("action", choices=["load", "put", "list", "show", "pause", "resume", "delete", "report"])
+    a.add_argument("target", nargs="?", help="a rule id (load: the TOML file of [[automations]] tables)")
+    a.add_argument("file", nargs="?", help="put: the rule JSON (or - for stdin)")
+    a.add_argument("--json", action="store_true", help="report: JSON instead of a table")
+    a.set_defaults(fn=cmd_automations)
 
     k = sub.add_parser("vapid-keygen", help="write a new VAPID (P-256) private key")
     k.add_argument("directory")

@@ -15,6 +15,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from ..campaigns.audiences import NO_ATTRIBUTES, UserAttributes
+from ..campaigns.besttime import BestTimes
 from ..campaigns.templates import Rendered, RenderError, Template, Templates
 from ..core import metrics
 from ..core.config import Settings
@@ -67,6 +68,7 @@ class Intake:
         self._enqueued = metrics.ENQUEUED.labels(source)
         self._scheduled = metrics.SCHEDULED.labels(source)
         self._group_ready = False
+        self.best = BestTimes(redis, self.keys, settings.policy)
 
     def validate(self, objs: Sequence[Any]) -> list[Message]:
         """Parse every message; raise `MessageInvalid` with `[i].field` errors for all that fail."""
@@ -210,6 +212,41 @@ class Intake:
             raise MessageInvalid(errors)
         return out
 
+    async def best_times(self, objs: Sequence[Any], now: float | None = None) -> list[Any]:
+        """Messages asking for `send_time: "best"` get the `send_at` of their user's best hour (campaigns/besttime.py):
+        within the next 24 h, inside the category's send windows; errors name `send_time`."""
+        asked = [i for i, o in enumerate(objs) if isinstance(o, dict) and "send_time" in o]
+        if not asked:
+            return list(objs)
+        now = time.time() if now is None else now
+        errors: list[FieldError] = []
+        wanted: list[tuple[int, tuple[str, str, str]]] = []
+        for i in asked:
+            o = objs[i]
+            where = f"messages[{i}].send_time" if len(objs) > 1 else "send_time"
+            category = o.get("category", "general")
+            if o["send_time"] != "best":
+                errors.append(FieldError(where, 'must be "best"'))
+            elif "send_at" in o:
+                errors.append(FieldError(where, "give either send_at or send_time"))
+            elif not isinstance(o.get("user"), str) or not isinstance(category, str):
+                errors.append(FieldError(where, "needs a user: the hour is the one at which that learner opens most"))
+            else:
+                with suppress(MessageInvalid):  # an invalid user id is refused with its own field by validate
+                    user = parse_user(o["user"])
+                    wanted.append((i, (user, category, str(o.get("id") or user))))
+        if errors:
+            raise MessageInvalid(errors)
+        chosen = set(asked)
+        out = [dict(o) if i in chosen else o for i, o in enumerate(objs)]
+        for i in asked:
+            del out[i]["send_time"]
+        times = await self.best.send_times([w for _, w in wanted], now)
+        for (i, _), bt in zip(wanted, times, strict=True):
+            if bt.at > now:
+                out[i]["send_at"] = bt.at
+        return out
+
     def _fits(self, obj: Any) -> bool:
         """Whether `validate` would accept this one message."""
         try:
@@ -218,16 +255,18 @@ class Intake:
             return False
         return True
 
-    async def submit(self, objs: Sequence[Any], *, reads_users: bool = True) -> list[tuple[str, bool]]:
+    async def submit(self, objs: Sequence[Any], *, reads_users: bool = True,
+                     owner: str = "") -> list[tuple[str, bool]]:
         """Validate all, then enqueue; returns (message id, True if queued / False if a duplicate id).
-        `reads_users`: see `expand_templates`."""
+        `reads_users`: see `expand_templates`; `owner`: the API client, who alone may withdraw them."""
+        objs = await self.best_times(objs)
         messages = self.validate(await self.expand_templates(objs, reads_users=reads_users))
         if not self._group_ready:
             await self.queue.ensure_group()  # so a message queued before any worker started is delivered
             self._group_ready = True
         flags: list[bool] = []
         for i in range(0, len(messages), ENQUEUE_CHUNK):
-            flags += await self.queue.enqueue(messages[i:i + ENQUEUE_CHUNK])
+            flags += await self.queue.enqueue(messages[i:i + ENQUEUE_CHUNK], owner=owner)
         queued = sum(flags)
         if queued:
             self._enqueued.inc(queued)

@@ -20,6 +20,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from ..automations.engine import AutomationRunner
 from ..campaigns.fanout import FanoutRunner
 from ..core.config import Settings
 from ..core.logs import setup_logging
@@ -77,12 +78,16 @@ async def run_worker(settings: Settings, redis_url: str, consumer: str, stop: as
     # Every worker process also runs campaign fan-outs (one lease per job), so a launch never blocks the API.
 
     fanout = asyncio.create_task(FanoutRunner(client, settings).run(stop), name="fanout")
+    # ... and the inactivity rules' sweep (automations/engine.py): atomic pops, so every worker may run it.
+    sweep = asyncio.create_task(AutomationRunner(client, settings).run(stop), name="automations")
     try:
         await Worker(settings, client, providers, consumer=consumer, limiter=limiter, rates=rates).run(stop)
     finally:
         stop.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(fanout, settings.worker.drain_deadline_s)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(sweep, settings.worker.drain_deadline_s)
         for p in providers.values():
             await p.close()
 

@@ -40,6 +40,17 @@ class Keys:
         return f"{self.prefix}:delayed:data"
 
     @property
+    def delayed_ids(self) -> str:
+        """Hash message id -> its member in the delayed set, for the messages that are still waiting whole (scheduled
+        or held by the policy): what `DELETE /v1/messages/{id}` looks up. Those members end in `#<message id>`."""
+        return f"{self.prefix}:delayed:ids"
+
+    def ref_ids(self, owner: str, ref: str) -> str:
+        """Set of message ids an API client (`owner`) enqueued with this `ref`: `DELETE /v1/messages?ref=`. (`#` is in
+        no ref; the cancel also checks each message's owner.)"""
+        return f"{self.prefix}:ref:{owner}#{ref}"
+
+    @property
     def dead(self) -> str:
         """Dead-letter stream: message, reason, attempts, provider."""
         return f"{self.prefix}:dead"
@@ -50,7 +61,8 @@ class Keys:
         return f"{self.prefix}:events:invalid_tokens"
 
     def idem(self, message_id: str) -> str:
-        """Marks a message id as accepted, for the idempotency window."""
+        """Marks a message id as accepted, for the idempotency window; its value is the API client that enqueued it
+        (`x:<client>` once withdrawn), so a cancel can tell "sent" from "unknown"."""
         return f"{self.prefix}:idem:{message_id}"
 
     def done(self, ref: str) -> str:
@@ -129,7 +141,8 @@ class Keys:
 
     def kpi_users(self, campaign: str, variant: str, outcome: str) -> str:
         """Set of users (or message ids) of a campaign/variant whose messages were delivered, failed or dropped:
-        written in the worker's commit, so a retry, a second device or a redelivery is counted once."""
+        written in the worker's commit, so a retry, a second device or a redelivery is counted once. (`queued`: the
+        learners an automation rule queued a message for, written by automations/engine.py.)"""
         return f"{self.prefix}:cmp:{campaign}:{outcome}:{variant}"
 
     def event_users(self, campaign: str, arm: str, kind: str) -> str:
@@ -146,3 +159,47 @@ class Keys:
     def campaign_variants(self, campaign: str) -> str:
         """Set of variant names the workers saw for a campaign (also for campaigns labelled by upstream messages)."""
         return f"{self.prefix}:cmp:{campaign}:variants"
+
+    # ------------------------------------------------------------------ automations (automations/*)
+
+    def automation(self, rule: str) -> str:
+        """Hash of an automation rule: `def` (its JSON), `created_at`, `updated_at`."""
+        return f"{self.prefix}:auto:{rule}"
+
+    @property
+    def automations(self) -> str:
+        """Set of automation rule ids."""
+        return f"{self.prefix}:autos"
+
+    @property
+    def automations_version(self) -> str:
+        """Counter bumped by every rule change: API processes reload their rules when it moves (one GET a batch)."""
+        return f"{self.prefix}:autos:version"
+
+    def learning_event(self, client: str, event_id: str) -> str:
+        """Marks a learning event id of an API client as handled (SET NX EX): a repeated event is a no-op."""
+        return f"{self.prefix}:auto:evt:{client}#{event_id}"
+
+    def automation_once(self, rule: str, user: str, entity: str) -> str:
+        """Marks that a rule fired for a learner and entity (quiz, session, spell of inactivity): at most once. (`#` is in
+        no user id or entity: two pairs never share a key.)"""
+        return f"{self.prefix}:auto:once:{rule}#{user}#{entity}"
+
+    @property
+    def activity(self) -> str:
+        """Sorted set learner -> last activity (unix s), written by every learning event: what inactivity rules
+        range-query."""
+        return f"{self.prefix}:auto:activity"
+
+    def idle(self, rule: str) -> str:
+        """An inactivity rule's cursor: the last activity time its sweeps have passed (automations/engine.py), so a
+        learner is nudged once per spell and no tick scans everyone."""
+        return f"{self.prefix}:auto:idle:{rule}"
+
+    def opens(self, user: str) -> str:
+        """Hash local hour (0-23) -> decayed count of a learner's opened events, and `t`: when it was last decayed."""
+        return f"{self.prefix}:opens:{user}"
+
+    def cohort_opens(self, cohort: str) -> str:
+        """Hash local hour -> decayed count of opened events of a cohort (the fallback of a learner's best hour)."""
+        return f"{self.prefix}:opens:cohort:{cohort}"

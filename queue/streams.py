@@ -41,33 +41,61 @@ KPI_TTL_S = 180 * 86400  # campaign delivery sets outlive any experiment's readi
 
 LANES = ("high", "normal")  # read order: the high lane first (priority "high": reminders, transactional)
 
-# KEYS: normal stream, high stream, delayed zset, delayed data hash, idem key 1..n
-# ARGV: window_s, now_ms, then per message: payload, lane (h|n), due_ms (0: now)   -> {1|0,...}
+# KEYS: normal stream, high stream, delayed zset, delayed data hash, delayed ids hash, the idem key of each
+#       message, then the ref set of each message that has a ref
+# ARGV: window_s, now_ms, length of the idem keys' prefix, owner, then per message: payload, lane (h|n), due_ms
+#       (0: now); a message with a ref or its own owner has its lane in capitals (H|N) and one more argument,
+#       "<index in KEYS of its ref set, 0: none>[:<its own owner>]"   -> {1|0,...}
 # A scheduled message (send_at ahead) goes to the delayed set with its due time as its enqueue time,
-# so its latency, ttl and caps membership count from when it was meant to go.
+# so its latency, ttl and caps membership count from when it was meant to go; its member ends in `#<id>`
+# and the ids hash points at it, so it can be withdrawn until `move_due` takes it. The idem key holds the
+# owner (the API client), so a cancel tells "sent" (for its owner) from "unknown"; for a scheduled message
+# it lasts the idempotency window past the due time, so its id stays taken while it waits.
 _ENQUEUE = """
 local out = {}
-for i = 5, #KEYS do
-  local j = 3 + (i - 5) * 3
-  local payload, lane, due = ARGV[j], ARGV[j + 1], tonumber(ARGV[j + 2])
-  if redis.call('SET', KEYS[i], ARGV[2], 'NX', 'EX', ARGV[1]) then
+local now, window, cut = tonumber(ARGV[2]), tonumber(ARGV[1]), tonumber(ARGV[3]) + 1
+local j = 5
+local i = 6
+while j <= #ARGV do
+  local lane, due, owner, ref = ARGV[j + 1], tonumber(ARGV[j + 2]), ARGV[4], 0
+  local step = 3
+  if lane == 'H' or lane == 'N' then
+    local r, o = string.match(ARGV[j + 3], '^(%d+):?(.*)$')
+    ref = tonumber(r)
+    if o ~= '' then owner = o end
+    lane = string.lower(lane)
+    step = 4
+  end
+  local ttl = window
+  if due > 0 then ttl = window + math.floor((due - now) / 1000) end
+  if redis.call('SET', KEYS[i], owner, 'NX', 'EX', ttl) then
     if due > 0 then
-      local member = '1:' .. due .. ':' .. lane .. ':' .. KEYS[i]
+      local id = string.sub(KEYS[i], cut)
+      local member = '1:' .. due .. ':' .. lane .. ':#' .. id
       redis.call('ZADD', KEYS[3], due / 1000, member)
-      redis.call('HSET', KEYS[4], member, payload)
+      redis.call('HSET', KEYS[4], member, ARGV[j])
+      redis.call('HSET', KEYS[5], id, member)
     else
-      redis.call('XADD', lane == 'h' and KEYS[2] or KEYS[1], '*', 'm', payload, 'a', '1', 't', ARGV[2])
+      redis.call('XADD', lane == 'h' and KEYS[2] or KEYS[1], '*', 'm', ARGV[j], 'a', '1', 't', ARGV[2])
+    end
+    if ref > 0 then
+      redis.call('SADD', KEYS[ref], string.sub(KEYS[i], cut))
+      if redis.call('TTL', KEYS[ref]) < ttl then redis.call('EXPIRE', KEYS[ref], ttl) end
     end
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
   end
+  j = j + step
+  i = i + 1
 end
 return out
 """
 
-# KEYS: delayed zset, delayed data hash, normal stream, high stream   ARGV: now (s), limit   -> moved count
-# Members are attempt:enqueued_ms:lane:uid (older members without the lane go to the normal lane).
+# KEYS: delayed zset, delayed data hash, normal stream, high stream, delayed ids hash   ARGV: now (s), limit
+# -> moved count. Members are attempt:enqueued_ms:lane:uid (older members without the lane go to the normal
+# lane); a member ending in `#<id>` is a whole waiting message, and leaves the ids hash in the same call, so a
+# cancel (`_CANCEL`, also one call) either finds it before the move or reports it sent after.
 _MOVE_DUE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 for _, member in ipairs(due) do
@@ -78,9 +106,46 @@ for _, member in ipairs(due) do
     redis.call('XADD', lane == 'h' and KEYS[4] or KEYS[3], '*', 'm', payload, 'a', attempt or '1', 't', enq or '0')
     redis.call('HDEL', KEYS[2], member)
   end
+  local id = string.match(member, '^%d+:%d+:[hn]:#(.+)$')
+  if id and redis.call('HGET', KEYS[5], id) == member then
+    redis.call('HDEL', KEYS[5], id)
+  end
   redis.call('ZREM', KEYS[1], member)
 end
 return #due
+"""
+
+# KEYS: delayed zset, delayed data hash, delayed ids hash, then per message: its idem key
+# ARGV: client, admin (1|0), then the message ids   -> per id: cancelled | cancelled_before | sent | unknown
+# A message still waiting whole (scheduled or held) is withdrawn; its idem key keeps it a duplicate and
+# remembers the withdrawal (`x:<owner>`), so asking again answers "cancelled" again. Only its owner (or an
+# admin) sees it: for anyone else it is "unknown", which says nothing about other clients' messages.
+_CANCEL = """
+local out = {}
+for i = 4, #KEYS do
+  local id = ARGV[i - 1]
+  local answer = 'unknown'
+  local owner = redis.call('GET', KEYS[i])
+  local member = redis.call('HGET', KEYS[3], id)
+  if member and not owner and ARGV[2] == '1' then  -- held past its id's window: only an admin can tell
+    owner = ''
+  end
+  if owner and (ARGV[2] == '1' or owner == ARGV[1] or owner == 'x:' .. ARGV[1]) then
+    if member then
+      redis.call('ZREM', KEYS[1], member)
+      redis.call('HDEL', KEYS[2], member)
+      redis.call('HDEL', KEYS[3], id)
+      if owner ~= '' then redis.call('SET', KEYS[i], 'x:' .. owner, 'KEEPTTL') end
+      answer = 'cancelled'
+    elseif string.sub(owner, 1, 2) == 'x:' then
+      answer = 'cancelled_before'
+    else
+      answer = 'sent'
+    end
+  end
+  out[#out + 1] = answer
+end
+return out
 """
 
 
@@ -111,6 +176,16 @@ class Entry:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ref", self.entry_id if self.lane == "normal" else f"{self.lane}/{self.entry_id}")
+
+
+@dataclass(frozen=True, slots=True)
+class CancelStatus:
+    """What a cancel found: `cancelled` (withdrawn now), `cancelled_before`, `sent` (handed to the workers:
+    delivered, in flight or failed) or `unknown` (never accepted, past the idempotency window, or not the
+    caller's)."""
+
+    id: str
+    status: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +247,7 @@ class StreamQueue:
         self.done_ttl_s = max(1, int(done_ttl_s))
         self._enqueue = redis.register_script(_ENQUEUE)
         self._move_due = redis.register_script(_MOVE_DUE)
+        self._cancel = redis.register_script(_CANCEL)
         self._claim_cursor = {lane: "0-0" for lane in LANES}
         self._lane_by_stream: dict[str | bytes, str] = {}
         for lane in LANES:
@@ -188,19 +264,32 @@ class StreamQueue:
                 if "BUSYGROUP" not in str(e):
                     raise
 
-    async def enqueue(self, messages: Sequence[Message], now_ms: int | None = None) -> list[bool]:
+    async def enqueue(self, messages: Sequence[Message], now_ms: int | None = None,
+                      owner: str | Sequence[str] = "") -> list[bool]:
         """Queue validated messages in one round trip; False for an id already accepted within the window.
 
-        A message goes to its priority's lane; one with `send_at` ahead waits in the delayed set."""
+        A message goes to its priority's lane; one with `send_at` ahead waits in the delayed set. `owner` (the API
+        client, or one per message) alone may withdraw it (`cancel`); a message with a `ref` joins its owner's set
+        for that ref (`cancel_ref`)."""
         if not messages:
             return []
         now = int(time.time() * 1000) if now_ms is None else int(now_ms)
         k = self.keys
-        keys = [k.stream, k.stream_high, k.delayed, k.delayed_data, *(k.idem(m.id) for m in messages)]
-        args: list[Any] = [self.idempotency_window_s, now]
-        for m in messages:
+        default = owner if isinstance(owner, str) else ""
+        owners = None if isinstance(owner, str) else list(owner)
+        keys = [k.stream, k.stream_high, k.delayed, k.delayed_data, k.delayed_ids, *(k.idem(m.id) for m in messages)]
+        args: list[Any] = [self.idempotency_window_s, now, len(k.idem("")), default]
+        for i, m in enumerate(messages):
             due = int(m.send_at * 1000) if m.send_at is not None and m.send_at * 1000 > now else 0
-            args += [m.dumps(), lane_code(m), due]
+            o = default if owners is None else owners[i]
+            if m.ref is None and o == default:  # the common case: three arguments
+                args += [m.dumps(), lane_code(m), due]
+                continue
+            ref = 0
+            if m.ref is not None:
+                keys.append(k.ref_ids(o, m.ref))
+                ref = len(keys)
+            args += [m.dumps(), lane_code(m).upper(), due, f"{ref}:{o}" if o != default else str(ref)]
         flags = await self._enqueue(keys=keys, args=args)
         return [bool(f) for f in flags]
 
@@ -313,12 +402,18 @@ class StreamQueue:
             if c.retries:
                 scores: dict[str, float] = {}
                 data: dict[str, bytes] = {}
+                held: dict[str, str] = {}
                 for due, msg, attempt, enq in c.retries:
-                    member = f"{attempt}:{enq}:{lane_code(msg)}:{uuid.uuid4().hex}"
+                    if msg.resolved:  # a retry of some devices: the message is being sent
+                        member = f"{attempt}:{enq}:{lane_code(msg)}:{uuid.uuid4().hex}"
+                    else:  # the whole message, held by the policy: it can still be withdrawn (`cancel`)
+                        member = held[msg.id] = f"{attempt}:{enq}:{lane_code(msg)}:#{msg.id}"
                     scores[member] = due
                     data[member] = msg.dumps()
                 pipe.hset(k.delayed_data, mapping=data)  # type: ignore[arg-type]
                 pipe.zadd(k.delayed, scores)
+                if held:
+                    pipe.hset(k.delayed_ids, mapping=held)  # type: ignore[arg-type]
             for d in c.dead:
                 fields: dict[Any, Any] = {
                     "reason": d.reason,
@@ -364,8 +459,33 @@ class StreamQueue:
     async def move_due(self, now: float, limit: int = 1000) -> int:
         """Move scheduled items whose time has come to their lane's stream; atomic (Lua), safe with many workers."""
         k = self.keys
-        moved = await self._move_due(keys=[k.delayed, k.delayed_data, k.stream, k.stream_high], args=[now, limit])
+        moved = await self._move_due(keys=[k.delayed, k.delayed_data, k.stream, k.stream_high, k.delayed_ids],
+                                     args=[now, limit])
         return int(moved)
+
+    async def cancel(self, ids: Sequence[str], client: str, *, admin: bool = False) -> list[CancelStatus]:
+        """Withdraw messages still waiting whole (scheduled, or held by the policy), in one atomic call, so a
+        cancel racing `move_due` either wins or finds the message gone and answers "sent"."""
+        if not ids:
+            return []
+        k = self.keys
+        out: list[CancelStatus] = []
+        for i in range(0, len(ids), 500):
+            chunk = list(ids[i:i + 500])
+            replies = await self._cancel(keys=[k.delayed, k.delayed_data, k.delayed_ids, *(k.idem(m) for m in chunk)],
+                                         args=[client, 1 if admin else 0, *chunk])
+            out += [CancelStatus(m, _s(r)) for m, r in zip(chunk, replies, strict=True)]
+        return out
+
+    async def cancel_ref(self, ref: str, client: str) -> list[str]:
+        """Withdraw every message `client` enqueued with this `ref` that is still waiting; the ids withdrawn."""
+        key = self.keys.ref_ids(client, ref)
+        ids = sorted(_s(m) for m in await self.redis.smembers(key))
+        found = await self.cancel(ids, client)
+        done = [c.id for c in found if c.status in ("cancelled", "cancelled_before")]
+        if done:  # a message found "sent" stays: the policy may still hold it (a window), and then it can go
+            await self.redis.srem(key, *done)
+        return [c.id for c in found if c.status == "cancelled"]
 
     async def trim(self) -> int:
         """Drop acknowledged history of both lanes: everything before the oldest entry pending or not yet read."""

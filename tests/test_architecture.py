@@ -22,8 +22,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "users": frozenset({"core", "queue"}),
     "ratelimit": frozenset({"core", "queue", "users"}),
     "campaigns": frozenset({"core", "queue", "users", "ratelimit", "providers"}),
-    "gateway": frozenset({"core", "queue", "users", "ratelimit", "campaigns", "providers"}),
-    "bench": frozenset({"core", "queue", "users", "ratelimit", "campaigns", "providers", "gateway"}),
+    "automations": frozenset({"core", "queue", "users", "ratelimit", "campaigns", "providers"}),
+    "gateway": frozenset({"core", "queue", "users", "ratelimit", "campaigns", "automations", "providers"}),
+    "bench": frozenset({"core", "queue", "users", "ratelimit", "campaigns", "automations", "providers", "gateway"}),
 }
 
 # The command line is the program's top: `pushgw bench` runs the benchmark, which drives the gateway.

@@ -11,6 +11,7 @@ from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ...automations.engine import Engine
 from ...campaigns.fanout import CampaignError
 from ...core import metrics
 from ...core.config import ConfigError, Settings
@@ -19,9 +20,9 @@ from ...core.schema import MessageInvalid
 from ...users.profiles import Profiles
 from ..intake import Intake
 from ..pool import make_redis
-from . import campaign_routes, probes, routes
+from . import automation_routes, campaign_routes, probes, routes
 from .auth import Authenticator, Handler, auth_middleware
-from .context import CLIENT, INTAKE, PROFILES, REDIS, SETTINGS
+from .context import CLIENT, ENGINE, INTAKE, PROFILES, REDIS, SETTINGS
 from .errors import SERVER_NAME, ApiError, invalid_message
 from .server import run_until_signal, start_api
 
@@ -82,9 +83,11 @@ def create_app(settings: Settings, redis: aioredis.Redis) -> web.Application:
     app[REDIS] = redis
     app[INTAKE] = intake
     app[PROFILES] = Profiles(redis, app[INTAKE].keys)
+    app[ENGINE] = Engine(redis, settings)
     app.on_response_prepare.append(_server_header)
     routes.add_routes(app, auth)
     campaign_routes.add_routes(app, auth)
+    automation_routes.add_routes(app, auth)
     probes.add_routes(app)
     return app
 

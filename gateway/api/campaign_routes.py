@@ -8,21 +8,26 @@ the fan-out runs in the worker processes (campaigns/fanout.py).
 
 from __future__ import annotations
 
+import re
+import time
 from typing import Any
 
 from aiohttp import web
 
+from ...automations.events import is_learning, parse_learning_event
 from ...campaigns.audiences import UserAttributes, count, parse_audience
-from ...campaigns.events import EventRecorder, summary
+from ...campaigns.events import MAX_EVENTS, EventRecorder, parse_events, summary
 from ...campaigns.fanout import CampaignStore
 from ...campaigns.report import ChartUnavailable, campaign_report, chart_png, report_exists
 from ...campaigns.templates import RenderError, Templates
 from ...core.schema import FieldError, MessageInvalid
 from .auth import Authenticator, require_scope
-from .context import INTAKE, REDIS
+from .context import ENGINE, INTAKE, REDIS
 from .errors import ApiError, json_response, read_json
 
 MAX_IMPORT = 1000
+OPEN_TYPES = ("opened", "clicked")  # the app events that teach a learner's best send time
+_EVENT_RE = re.compile(r"^events\[(\d+)\]")
 
 
 async def _known(redis: Any, keys: Any, cid: str) -> None:
@@ -167,12 +172,54 @@ class CampaignRoutes:
     # ------------------------------------------------------------------ events
 
     async def events(self, request: web.Request) -> web.Response:
+        """App events (opened, converted, ...: campaign KPIs, and opens teach the best send time) and learning events
+        (quiz_completed, session_scheduled, ...: automations/events.py), in any mix; validated all before any counts."""
         client = require_scope(request, "events")
         body = await read_json(request)
         events = body.get("events") if isinstance(body, dict) else None
         await self.auth.charge(client, len(events) if isinstance(events, list) and events else 1)
-        results = await EventRecorder(request.app[REDIS], request.app[INTAKE].keys).record(events)
-        return json_response({"results": results, **summary(results)}, 202)
+        if not isinstance(events, list) or not 1 <= len(events) <= MAX_EVENTS:
+            raise MessageInvalid([FieldError("events", f"must be a list of 1-{MAX_EVENTS} events")])
+        learning_at = [i for i, o in enumerate(events) if is_learning(o)]
+        app_at = [i for i, o in enumerate(events) if not is_learning(o)]
+        errors: list[FieldError] = []
+        now = time.time()
+        learning = [parse_learning_event(events[i], f"events[{i}]", errors, now) for i in learning_at]
+        if app_at:
+            try:
+                parse_events([events[i] for i in app_at])
+            except MessageInvalid as e:
+                errors += [FieldError(_renumber(err.field, app_at), err.message) for err in e.errors]
+        if errors:
+            raise MessageInvalid(sorted(errors, key=lambda err: _index(err.field)))
+        redis, keys = request.app[REDIS], request.app[INTAKE].keys
+        results: list[dict[str, Any]] = [{} for _ in events]
+        if app_at:
+            recorded = await EventRecorder(redis, keys).record([events[i] for i in app_at])
+            for i, r in zip(app_at, recorded, strict=True):
+                results[i] = r
+            opens = [(str(o["user"]), float(o.get("at") or now)) for o in (events[i] for i in app_at)
+                     if o.get("type") in OPEN_TYPES and isinstance(o.get("user"), str)]
+            await request.app[INTAKE].best.record_opens(opens, now)
+        if learning_at:
+            parsed = [e for e in learning if e is not None]
+            outcome = await request.app[ENGINE].handle(parsed, client.name)
+            for i, ev, status in zip(learning_at, parsed, outcome.statuses, strict=True):
+                results[i] = {"status": status, "id": ev.id, "type": ev.type}
+        counts = summary([r for r in results if r["status"] != "handled"])
+        counts["handled"] = sum(1 for r in results if r["status"] == "handled")
+        return json_response({"results": results, **counts}, 202)
+
+
+def _index(field: str) -> int:
+    m = _EVENT_RE.match(field)
+    return int(m.group(1)) if m else -1
+
+
+def _renumber(field: str, positions: list[int]) -> str:
+    """`events[j]...` of a sub-list -> `events[i]...` of the request."""
+    m = _EVENT_RE.match(field)
+    return f"events[{positions[int(m.group(1))]}]{field[m.end():]}" if m else field
 
 
 def add_routes(app: web.Application, auth: Authenticator) -> None:

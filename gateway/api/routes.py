@@ -5,6 +5,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from ...core.schema import ID_RE, FieldError, MessageInvalid
 from ...queue.deadletter import DeadLetters
 from ...users.registry import RegistryFull
 from .auth import Authenticator, require_scope
@@ -20,7 +21,8 @@ class Routes:
         client = require_scope(request, "enqueue")
         body = await read_json(request)
         await self.auth.charge(client, 1)
-        [(msg_id, queued)] = await request.app[INTAKE].submit([body], reads_users="devices" in client.scopes)
+        [(msg_id, queued)] = await request.app[INTAKE].submit([body], reads_users="devices" in client.scopes,
+                                                              owner=client.name)
         return json_response({"id": msg_id, "status": "queued" if queued else "duplicate"}, 202)
 
     async def batch(self, request: web.Request) -> web.Response:
@@ -33,9 +35,32 @@ class Routes:
         if len(messages) > request.app[SETTINGS].api.max_batch:
             raise ApiError(413, "batch_too_large", f"at most {request.app[SETTINGS].api.max_batch} messages per batch")
         await self.auth.charge(client, len(messages))
-        results = await request.app[INTAKE].submit(messages, reads_users="devices" in client.scopes)
+        results = await request.app[INTAKE].submit(messages, reads_users="devices" in client.scopes,
+                                                   owner=client.name)
         return json_response({"results": [{"id": i, "status": "queued" if ok else "duplicate"} for i, ok in results],
                       "queued": sum(ok for _, ok in results)}, 202)
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        """Withdraw one message still waiting (scheduled or held): 200 cancelled, 409 sent, 404 unknown."""
+        client = require_scope(request, "enqueue")
+        await self.auth.charge(client, 1)
+        msg_id = request.match_info["id"]
+        if not ID_RE.match(msg_id):
+            raise MessageInvalid([FieldError("id", f"must match {ID_RE.pattern}")])
+        [found] = await request.app[INTAKE].queue.cancel([msg_id], client.name, admin="admin" in client.scopes)
+        status = "cancelled" if found.status == "cancelled_before" else found.status
+        code = {"cancelled": 200, "sent": 409, "unknown": 404}[status]
+        return json_response({"id": msg_id, "status": status}, code)
+
+    async def cancel_ref(self, request: web.Request) -> web.Response:
+        """Withdraw every message of this API client with `?ref=` that is still waiting."""
+        client = require_scope(request, "enqueue")
+        await self.auth.charge(client, 1)
+        ref = request.query.get("ref")
+        if ref is None or not ID_RE.match(ref):
+            raise MessageInvalid([FieldError("ref", f"give ?ref= matching {ID_RE.pattern}")])
+        ids = await request.app[INTAKE].queue.cancel_ref(ref, client.name)
+        return json_response({"ref": ref, "cancelled": len(ids), "ids": ids})
 
     async def put_device(self, request: web.Request) -> web.Response:
         client = require_scope(request, "devices")
@@ -118,6 +143,8 @@ def add_routes(app: web.Application, auth: Authenticator) -> None:
     r = Routes(auth)
     app.router.add_post("/v1/messages", r.message)
     app.router.add_post("/v1/messages/batch", r.batch)
+    app.router.add_delete("/v1/messages", r.cancel_ref)
+    app.router.add_delete("/v1/messages/{id:.+}", r.cancel)
     app.router.add_put("/v1/users/{user}/devices", r.put_device)
     app.router.add_get("/v1/users/{user}/devices", r.list_devices)
     app.router.add_delete("/v1/users/{user}/devices/{key}", r.delete_device)

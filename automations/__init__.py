@@ -1,0 +1,1 @@
+"""Automations: learning events in, pushes out (rules, engine, inactivity sweep)."""
