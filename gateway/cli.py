@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import ConfigError, Settings, load_settings
+from ..queue.connection import redis_from_url, sentinel_url
 from .embedded import EmbeddedRedis, EmbeddedRedisError
 
 
@@ -36,7 +37,10 @@ def _multiproc_dir() -> None:
 
 
 def redis_target(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
-    """The Redis URL to use, and the embedded server this process started (to stop on exit)."""
+    """The Redis URL to use (`redis+sentinel://` in Sentinel mode), and the embedded server this process started
+    (to stop on exit)."""
+    if settings.redis.sentinel.addresses:
+        return sentinel_url(settings.redis.sentinel), None
     if settings.redis.url:
         return settings.redis.url, None
     embedded = EmbeddedRedis(
@@ -141,10 +145,8 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _with_client(settings: Settings, fn: Any) -> Any:
-    import redis.asyncio as aioredis
-
     url, embedded = redis_target(settings)
-    client = aioredis.from_url(url)
+    client = redis_from_url(url)
     try:
         return await fn(client)
     finally:

@@ -59,7 +59,8 @@ class Intake:
         self.settings = settings
         self.keys = Keys(settings.redis.prefix)
         self.queue = StreamQueue(redis, self.keys, idempotency_window_s=settings.worker.idempotency_window_s,
-                                 done_ttl_s=settings.worker.done_ttl_s)
+                                 done_ttl_s=settings.worker.done_ttl_s, wait_replicas=settings.redis.wait_replicas,
+                                 wait_timeout_ms=settings.redis.wait_timeout_ms)
         self.registry = DeviceRegistry(redis, self.keys)
         self.policy = EndpointPolicy(settings.webpush)
         # `app` names an [apns.<name>] or [fcm.<name>] section; "default" (the field's default) always passes.

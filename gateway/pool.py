@@ -18,14 +18,12 @@ import time
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from ..campaigns.fanout import FanoutRunner
 from ..core.config import Settings
 from ..core.logs import setup_logging
 from ..core.metrics import HELD, mark_process_dead
 from ..providers import build_providers
-from ..queue.connection import use_hiredis_packing
+from ..queue.connection import blocking_redis
 from ..queue.keys import Keys
 from ..ratelimit.policy import DeliveryPolicy
 from ..ratelimit.provider_rate import rates_for
@@ -50,15 +48,9 @@ def install_loop() -> None:
 
 
 def make_redis(redis_url: str, max_connections: int = 64, timeout_s: float | None = None) -> Any:
-    """A Redis client on a blocking pool: redis-py's default pool raises when every connection is
-    busy instead of waiting. `timeout_s` bounds connect and each command (the API's 503 path)."""
+    """A Redis client on a blocking pool (queue/connection.py `blocking_redis`: also for Sentinel URLs)."""
 
-    pool = aioredis.BlockingConnectionPool.from_url(
-        redis_url, max_connections=max_connections, timeout=timeout_s, health_check_interval=30,
-        socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
-    )
-    use_hiredis_packing(pool)
-    return aioredis.Redis(connection_pool=pool)
+    return blocking_redis(redis_url, max_connections=max_connections, timeout_s=timeout_s)
 
 
 async def run_worker(settings: Settings, redis_url: str, consumer: str, stop: asyncio.Event | None = None) -> None:

@@ -1,0 +1,280 @@
+"""Redis topologies on loopback, started from the local redis-server binary: a Sentinel setup and a Redis Cluster.
+
+The tests (and labs) start these themselves, on free private ports in a folder of their own; nothing here ever
+connects to a server it did not start, and port 6379 is never used.
+
+- `SentinelSetup`: one master, one or more replicas and three sentinels (`redis-server <conf> --sentinel`, what Debian's
+  `redis-sentinel` runs) monitoring it under `master_name`; `failover()` runs SENTINEL FAILOVER and waits until
+  the sentinels name the promoted replica (https://redis.io/docs/latest/operate/oss_and_stack/management/sentinel/).
+- `LocalCluster`: N masters with the 16384 hash slots split into N even ranges (CLUSTER ADDSLOTSRANGE), joined by
+  CLUSTER MEET, each with its own config epoch, ready once every node reports `cluster_state:ok`
+  (https://redis.io/docs/latest/operate/oss_and_stack/reference/cluster-spec/).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from .embedded import EmbeddedRedisError, find_redis_server, stop_process
+
+HOST = "127.0.0.1"
+SLOTS = 16384
+_RESERVED = {6379, 16379, 26379}  # the machine's own Redis (and its cluster bus / sentinel ports) are never ours
+
+
+def _free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(*, cluster_bus: bool = False, taken: set[int] | None = None) -> int:
+    """A free loopback port (and port + 10000 free too when the node runs a cluster bus), never 6379."""
+    taken = taken if taken is not None else set()
+    for _ in range(1000):
+        port = random.randint(20000, 55000)
+        bus = port + 10000
+        if port in _RESERVED or port in taken or (cluster_bus and (bus in _RESERVED or bus in taken)):
+            continue
+        if _free(port) and (not cluster_bus or _free(bus)):
+            taken.update({port, bus} if cluster_bus else {port})
+            return port
+    raise EmbeddedRedisError("no free loopback port for a test Redis")
+
+
+@dataclass
+class Process:
+    """One redis-server (or sentinel) process on a loopback port."""
+
+    port: int
+    folder: Path
+    args: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(  # noqa: S603 - our own binary and arguments
+            [find_redis_server(), *self.args], cwd=self.folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+
+    def client(self, timeout_s: float = 2.0) -> redis.Redis:
+        return redis.Redis(host=HOST, port=self.port, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                           decode_responses=True)
+
+    def wait_up(self, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                log = self.folder / "redis.log"
+                tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
+                raise EmbeddedRedisError(f"redis-server on port {self.port} exited at start: {tail}")
+            with contextlib.suppress(redis.RedisError), self.client(0.5) as c:
+                if c.ping():
+                    return
+            time.sleep(0.05)
+        raise EmbeddedRedisError(f"redis-server on port {self.port} did not answer within {timeout_s}s")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _server_args(port: int, *extra: str) -> list[str]:
+    return ["--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no", "--logfile", "redis.log",
+            "--daemonize", "no", "--repl-diskless-sync-delay", "0", *extra]
+
+
+def _wait(check: object, what: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(redis.RedisError):
+            if check():  # type: ignore[operator]
+                return
+        time.sleep(0.05)
+    raise EmbeddedRedisError(f"{what} within {timeout_s}s")
+
+
+@dataclass
+class SentinelSetup:
+    """A master, `replicas` replicas and three sentinels; `sentinel_addresses` and `master_name` go to
+    `[redis.sentinel]`."""
+
+    folder: Path
+    master_name: str = "pushgw-test"
+    replicas: int = 1
+    down_after_ms: int = 1000
+    nodes: list[Process] = field(default_factory=list)
+    sentinels: list[Process] = field(default_factory=list)
+
+    @property
+    def sentinel_addresses(self) -> tuple[str, ...]:
+        return tuple(f"{HOST}:{s.port}" for s in self.sentinels)
+
+    def start(self, timeout_s: float = 20.0) -> SentinelSetup:
+        taken: set[int] = set()
+        master_port = free_port(taken=taken)
+        self.nodes = [Process(master_port, self.folder / "master", _server_args(master_port))]
+        for i in range(self.replicas):
+            port = free_port(taken=taken)
+            self.nodes.append(Process(port, self.folder / f"replica{i}",
+                                      _server_args(port, "--replicaof", HOST, str(master_port))))
+        try:
+            self._start(master_port, taken, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, master_port: int, taken: set[int], timeout_s: float) -> None:
+        for node in self.nodes:
+            node.start()
+        for node in self.nodes:
+            node.wait_up()
+        for i in range(3):
+            port = free_port(taken=taken)
+            folder = self.folder / f"sentinel{i}"
+            folder.mkdir(parents=True, exist_ok=True)
+            conf = folder / "sentinel.conf"  # a sentinel rewrites its config file: one writable file each
+            conf.write_text(
+                f"port {port}\nbind {HOST}\ndir {folder}\nlogfile redis.log\n"
+                f"sentinel monitor {self.master_name} {HOST} {master_port} 2\n"
+                f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.master_name} 10000\n"
+                f"sentinel parallel-syncs {self.master_name} 1\n"
+            )
+            self.sentinels.append(Process(port, folder, [str(conf), "--sentinel"]))
+        for s in self.sentinels:
+            s.start()
+        for s in self.sentinels:
+            s.wait_up()
+        _wait(self._ready, "the sentinels did not see the replica and each other", timeout_s)
+
+    def _ready(self) -> bool:
+        for s in self.sentinels:
+            with s.client() as c:
+                replicas = c.execute_command("SENTINEL", "REPLICAS", self.master_name)
+                peers = c.execute_command("SENTINEL", "SENTINELS", self.master_name)
+                if len(replicas) < self.replicas or len(peers) < 2:
+                    return False
+                if any("disconnected" in _pairs(r).get("flags", "") for r in replicas):
+                    return False
+        with self.nodes[0].client() as m:
+            info = m.info("replication")
+        states = [info.get(f"slave{i}", {}) for i in range(self.replicas)]
+        return all(isinstance(r, dict) and r.get("state") == "online" for r in states)
+
+    def master_port(self) -> int:
+        with self.sentinels[0].client() as c:
+            _, port = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)
+        return int(port)
+
+    def failover(self, timeout_s: float = 30.0) -> int:
+        """SENTINEL FAILOVER; returns once every sentinel names the promoted replica and it answers as master."""
+        old = self.master_port()
+        with self.sentinels[0].client() as c:
+            c.execute_command("SENTINEL", "FAILOVER", self.master_name)
+
+        def promoted() -> bool:
+            ports = set()
+            for s in self.sentinels:
+                with s.client() as sc:
+                    ports.add(int(sc.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)[1]))
+            if len(ports) != 1 or old in ports:
+                return False
+            node = next(n for n in self.nodes if n.port in ports)
+            with node.client() as nc:
+                return bool(nc.info("replication")["role"] == "master")
+
+        _wait(promoted, "the sentinels did not promote the replica", timeout_s)
+        return self.master_port()
+
+    def stop(self) -> None:
+        for p in [*self.sentinels, *self.nodes]:
+            p.stop()
+
+
+def _pairs(reply: object) -> dict[str, str]:
+    """SENTINEL REPLICAS answers flat [name, value, ...] lists (RESP2) or maps (RESP3)."""
+    if isinstance(reply, dict):
+        return {str(k): str(v) for k, v in reply.items()}
+    items = list(reply) if isinstance(reply, list | tuple) else []
+    return {str(items[i]): str(items[i + 1]) for i in range(0, len(items) - 1, 2)}
+
+
+@dataclass
+class LocalCluster:
+    """`masters` cluster nodes owning even slot ranges; `seeds` go to `redis.cluster_nodes`."""
+
+    folder: Path
+    masters: int = 3
+    nodes: list[Process] = field(default_factory=list)
+
+    @property
+    def seeds(self) -> tuple[str, ...]:
+        return tuple(f"{HOST}:{n.port}" for n in self.nodes)
+
+    def slot_ranges(self) -> list[tuple[int, int]]:
+        """Node i owns [start, end] (inclusive): the split `redis-cli --cluster create` makes."""
+        bounds = [round(i * SLOTS / self.masters) for i in range(self.masters + 1)]
+        return [(bounds[i], bounds[i + 1] - 1) for i in range(self.masters)]
+
+    def start(self, timeout_s: float = 30.0) -> LocalCluster:
+        if self.masters < 1:
+            raise ValueError("a cluster needs at least one master")
+        taken: set[int] = set()
+        for i in range(self.masters):
+            port = free_port(cluster_bus=True, taken=taken)
+            self.nodes.append(Process(port, self.folder / f"node{i}", _server_args(
+                port, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "2000")))
+        try:
+            self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, timeout_s: float) -> None:
+        for n in self.nodes:
+            n.start()
+        for n in self.nodes:
+            n.wait_up()
+        for i, (n, (start, end)) in enumerate(zip(self.nodes, self.slot_ranges(), strict=True)):
+            with n.client() as c:
+                c.execute_command("CLUSTER", "ADDSLOTSRANGE", start, end)
+                c.execute_command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
+        with self.nodes[0].client() as c:
+            for n in self.nodes[1:]:
+                c.execute_command("CLUSTER", "MEET", HOST, n.port)
+        _wait(self._ready, "the cluster did not reach cluster_state:ok", timeout_s)
+
+    def _ready(self) -> bool:
+        for n in self.nodes:
+            with n.client() as c:
+                info = c.execute_command("CLUSTER", "INFO")
+                text = info if isinstance(info, str) else str(info)
+                if "cluster_state:ok" not in text or f"cluster_known_nodes:{self.masters}" not in text:
+                    return False
+        return True
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
