@@ -48,6 +48,10 @@ class RedisSettings:
     wait_replicas: int = 0
     wait_timeout_ms: int = 1000
     sentinel: SentinelSettings = SentinelSettings()
+    # Redis Cluster: keys spread over `shards` hash tags (queue/shards.py); fixed for a deployment's life.
+    cluster: bool = False
+    cluster_nodes: tuple[str, ...] = ()  # "host:port" seed nodes; the client discovers the rest
+    shards: int = 16
 
 
 # enqueue: messages; devices: devices, preferences, learner attributes; admin: dead letters, token events;
@@ -305,6 +309,13 @@ def _section(cls: Any, section: str, data: Mapping[str, Any], env: Mapping[str, 
     return cls(**values)
 
 
+def _check_addresses(where: str, addresses: tuple[str, ...]) -> None:
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{where}: {address!r} is not host:port")
+
+
 def _redis(data: Mapping[str, Any], env: Mapping[str, str]) -> RedisSettings:
     sentinel_data = data.get("sentinel", {})
     if not isinstance(sentinel_data, dict):
@@ -316,12 +327,18 @@ def _redis(data: Mapping[str, Any], env: Mapping[str, str]) -> RedisSettings:
             raise ConfigError("redis.sentinel.master is required: the master name the sentinels monitor")
         if redis.url:
             raise ConfigError("set either redis.url or [redis.sentinel], not both")
-        for address in sentinel.addresses:
-            host, _, port = address.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ConfigError(f"redis.sentinel.addresses: {address!r} is not host:port")
+        _check_addresses("redis.sentinel.addresses", sentinel.addresses)
     elif sentinel.master:
         raise ConfigError("redis.sentinel.addresses is required with redis.sentinel.master")
+    if not 1 <= redis.shards <= 1024:
+        raise ConfigError(f"redis.shards must be between 1 and 1024, got {redis.shards}")
+    if redis.cluster:
+        if not redis.cluster_nodes:
+            raise ConfigError("redis.cluster_nodes is required with redis.cluster = true (host:port seed nodes)")
+        if redis.url or sentinel.addresses:
+            raise ConfigError("redis.cluster = true takes its nodes from redis.cluster_nodes: "
+                              "unset redis.url and [redis.sentinel]")
+        _check_addresses("redis.cluster_nodes", redis.cluster_nodes)
     if redis.wait_replicas and redis.wait_timeout_ms < 1:
         raise ConfigError("redis.wait_timeout_ms must be at least 1 when redis.wait_replicas is set "
                           "(WAIT with 0 would block forever)")

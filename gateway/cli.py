@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import ConfigError, Settings, load_settings
-from ..queue.connection import redis_from_url, sentinel_url
+from ..queue.connection import redis_from_url, redis_url_for
 from .embedded import EmbeddedRedis, EmbeddedRedisError
 
 
@@ -37,12 +37,11 @@ def _multiproc_dir() -> None:
 
 
 def redis_target(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
-    """The Redis URL to use (`redis+sentinel://` in Sentinel mode), and the embedded server this process started
+    """The Redis URL to use (`redis+sentinel://`, `redis+cluster://` in those modes), and the embedded server this process started
     (to stop on exit)."""
-    if settings.redis.sentinel.addresses:
-        return sentinel_url(settings.redis.sentinel), None
-    if settings.redis.url:
-        return settings.redis.url, None
+    configured = redis_url_for(settings.redis)
+    if configured:
+        return configured, None
     embedded = EmbeddedRedis(
         settings.redis.embedded_dir, aof=settings.redis.embedded_aof, fsync=settings.redis.embedded_fsync
     )

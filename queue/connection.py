@@ -28,11 +28,12 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import BlockingConnectionPool, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.exceptions import RedisError
 
-from ..core.config import SentinelSettings
+from ..core.config import RedisSettings, SentinelSettings
 
 _pack: Callable[[tuple[Any, ...]], bytes] | None
 try:
@@ -203,12 +204,56 @@ def _sentinel_client(url: str, *, blocking: bool, **kwargs: Any) -> Any:
     return client
 
 
+CLUSTER_SCHEME = "redis+cluster"
+
+
+def cluster_url(s: RedisSettings) -> str:
+    """The URL the gateway's processes pass around for `redis.cluster = true`: its seed nodes."""
+    return f"{CLUSTER_SCHEME}://{','.join(s.cluster_nodes)}"
+
+
+def redis_url_for(s: RedisSettings) -> str:
+    """The URL of a configured (not embedded) Redis: Sentinel, Cluster, or `redis.url`; "" for none."""
+    if s.cluster:
+        return cluster_url(s)
+    if s.sentinel.addresses:
+        return sentinel_url(s.sentinel)
+    return s.url
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.startswith(f"{CLUSTER_SCHEME}://")
+
+
+class ShardedCluster(RedisCluster):
+    """redis-py's asyncio cluster client with the C packer on every node's connections."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if _pack is not None:
+            # One dict shared with the nodes manager: nodes discovered later get the same class.
+            self.connection_kwargs["connection_class"] = HiredisConnection
+            for node in self.startup_nodes:
+                node.connection_class = HiredisConnection
+
+
+def _cluster_client(url: str, **kwargs: Any) -> Any:
+    nodes = []
+    for address in urlsplit(url).netloc.split(","):
+        host, _, port = address.rpartition(":")
+        nodes.append(ClusterNode(host.strip("[]"), int(port)))
+    return ShardedCluster(startup_nodes=nodes, **kwargs)
+
+
 def redis_from_url(url: str, **kwargs: Any) -> Any:
     """`redis.asyncio.from_url` with the C packer (the gateway's clients and the tests use this); a
-    `redis+sentinel://` URL gives the Sentinel-managed client of its master."""
+    `redis+sentinel://` URL gives the Sentinel-managed client of its master, a `redis+cluster://` URL the
+    cluster client."""
 
     if url.startswith(f"{SENTINEL_SCHEME}://"):
         return _sentinel_client(url, blocking=False, **kwargs)
+    if is_cluster_url(url):
+        return _cluster_client(url, **kwargs)
     client = aioredis.from_url(url, **kwargs)
     use_hiredis_packing(client.connection_pool)
     return client
@@ -224,6 +269,11 @@ def blocking_redis(url: str, max_connections: int = 64, timeout_s: float | None 
     }
     if url.startswith(f"{SENTINEL_SCHEME}://"):
         return _sentinel_client(url, blocking=True, **options)
+    if is_cluster_url(url):
+        # redis-py's cluster client has no blocking pool: `max_connections` is per node and a command past it
+        # raises MaxConnectionsError (see docs/decisions.md, "Redis Cluster").
+        return _cluster_client(url, max_connections=max_connections, health_check_interval=30,
+                               socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
     pool = aioredis.BlockingConnectionPool.from_url(url, **options)
     use_hiredis_packing(pool)
     return aioredis.Redis(connection_pool=pool)
