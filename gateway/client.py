@@ -60,10 +60,10 @@ class PushClient:
         return await self._intake.register_device(user, device)
 
     async def unregister_device(self, user: str, key: str) -> bool:
-        return await self._intake.registry.unregister(user, key)
+        return await self._intake.registry_for(user).unregister(user, key)
 
     async def devices(self, user: str) -> list[Device]:
-        return await self._intake.registry.devices(user)
+        return await self._intake.registry_for(user).devices(user)
 
     async def set_preferences(
         self, user: str, *, timezone: str | Unset | None = UNSET, opt_out_all: bool | None = None,

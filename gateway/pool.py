@@ -25,6 +25,7 @@ from ..core.metrics import HELD, mark_process_dead
 from ..providers import build_providers
 from ..queue.connection import blocking_redis
 from ..queue.keys import Keys
+from ..queue.sharded import shard_map
 from ..ratelimit.policy import DeliveryPolicy
 from ..ratelimit.provider_rate import rates_for
 from .worker import Worker
@@ -64,8 +65,15 @@ async def run_worker(settings: Settings, redis_url: str, consumer: str, stop: as
     providers = build_providers(settings)
 
     keys = Keys(settings.redis.prefix)
-    limiter = DeliveryPolicy(client, keys, settings.policy) if settings.policy.enabled else None
     rates = rates_for(client, keys, settings.policy.provider_rates)
+    if settings.redis.cluster:
+        await _run_shard_workers(settings, client, providers, consumer, rates, stop)
+        for p in providers.values():
+            await p.close()
+        HELD.apply()
+        await client.aclose()
+        return
+    limiter = DeliveryPolicy(client, keys, settings.policy) if settings.policy.enabled else None
     # Every worker process also runs campaign fan-outs (one lease per job), so a launch never blocks the API.
 
     fanout = asyncio.create_task(FanoutRunner(client, settings).run(stop), name="fanout")
@@ -80,6 +88,17 @@ async def run_worker(settings: Settings, redis_url: str, consumer: str, stop: as
 
         HELD.apply()  # the last few milliseconds of provider latencies
         await client.aclose()
+
+
+async def _run_shard_workers(settings: Settings, client: Any, providers: Any, consumer: str, rates: Any,
+                             stop: asyncio.Event) -> None:
+    """Redis Cluster: one worker per shard in this process, each reading its shard's streams as a member of the
+    shard's consumer group (every worker process reads every shard; see docs/decisions.md, "Redis Cluster")."""
+    workers = []
+    for keys in shard_map(settings.redis).all_keys():
+        limiter = DeliveryPolicy(client, keys, settings.policy) if settings.policy.enabled else None
+        workers.append(Worker(settings, client, providers, consumer=consumer, limiter=limiter, rates=rates, keys=keys))
+    await asyncio.gather(*(w.run(stop) for w in workers))
 
 
 async def _orphan_watch(parent: int, stop: asyncio.Event) -> None:

@@ -22,18 +22,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.connection import BlockingConnectionPool, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.exceptions import RedisError
 
 from ..core.config import RedisSettings, SentinelSettings
+from .shards import key_slot
 
 _pack: Callable[[tuple[Any, ...]], bytes] | None
 try:
@@ -225,16 +227,68 @@ def is_cluster_url(url: str) -> bool:
     return url.startswith(f"{CLUSTER_SCHEME}://")
 
 
+_HOLDING: ContextVar[bool] = ContextVar("pushgw_cluster_call", default=False)
+
+
+class BoundedCalls:
+    """At most `limit` calls at once; a call made inside another one (same task) does not take a second place."""
+
+    def __init__(self, limit: int) -> None:
+        self.semaphore = asyncio.Semaphore(max(1, limit))
+
+    @contextlib.asynccontextmanager
+    async def place(self) -> AsyncIterator[None]:
+        if _HOLDING.get():
+            yield
+            return
+        async with self.semaphore:
+            token = _HOLDING.set(True)
+            try:
+                yield
+            finally:
+                _HOLDING.reset(token)
+
+
+class BoundedPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        async with self.cluster_client.bounded.place():  # type: ignore[attr-defined]
+            return await super().execute(raise_on_error, allow_redirections)
+
+
 class ShardedCluster(RedisCluster):
-    """redis-py's asyncio cluster client with the C packer on every node's connections."""
+    """redis-py's asyncio cluster client with the C packer on every node's connections, and the slot of XREADGROUP
+    and XREAD computed here: redis-py asks a node (COMMAND GETKEYS, a round trip per read) for the keys of these
+    commands, whose key positions move (after STREAMS); the first stream's slot is the command's, and a shard's
+    streams share one slot (queue/shards.py)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # redis-py's cluster pool raises MaxConnectionsError when a node's `max_connections` are all busy; commands
+        # and pipelines wait here instead, so no node ever has more than that many in use by this client.
+        self.bounded = BoundedCalls(int(kwargs.get("max_connections", 100)))
         if _pack is not None:
             # One dict shared with the nodes manager: nodes discovered later get the same class.
             self.connection_kwargs["connection_class"] = HiredisConnection
             for node in self.startup_nodes:
                 node.connection_class = HiredisConnection
+
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.bounded.place():
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # raises as redis-py does
+        return BoundedPipeline(self, transaction)  # type: ignore[abstract]  # as redis-py builds its own
+
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        name = command.upper() if isinstance(command, str) else command.decode().upper()
+        if name in ("XREADGROUP", "XREAD"):
+            for i, arg in enumerate(args):
+                if isinstance(arg, str | bytes) and (arg if isinstance(arg, str) else arg.decode()).upper() == "STREAMS":
+                    return key_slot(args[i + 1])
+        return await super()._determine_slot(command, *args)
 
 
 def _cluster_client(url: str, **kwargs: Any) -> Any:

@@ -50,13 +50,15 @@ class Routes:
     async def list_devices(self, request: web.Request) -> web.Response:
         client = require_scope(request, "devices")
         await self.auth.charge(client, 1)
-        devices = await request.app[INTAKE].registry.devices(request.match_info["user"])
+        user = request.match_info["user"]
+        devices = await request.app[INTAKE].registry_for(user).devices(user)
         return json_response({"devices": [d.to_json() | {"key": d.key} for d in devices]})
 
     async def delete_device(self, request: web.Request) -> web.Response:
         client = require_scope(request, "devices")
         await self.auth.charge(client, 1)
-        if not await request.app[INTAKE].registry.unregister(request.match_info["user"], request.match_info["key"]):
+        user = request.match_info["user"]
+        if not await request.app[INTAKE].registry_for(user).unregister(user, request.match_info["key"]):
             raise ApiError(404, "not_found", "no such device for this user")
         return web.Response(status=204)
 

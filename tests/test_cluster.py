@@ -1,0 +1,165 @@
+"""Cluster mode on real Redis Clusters started by the test run (tests/conftest.py: 1 master owning every slot, and
+3 masters): the shards' scripts and transactions stay on one slot each, a batch is split by shard, the per-shard
+workers deliver everything, and the costs of redis-py's cluster client measured in docs/decisions.md stay fixed
+(no COMMAND GETKEYS round trip per read, no MaxConnectionsError when the pool is busy)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pushgw.core.config import (
+    CategoryCap,
+    FcmApp,
+    PolicySettings,
+    ProviderSettings,
+    RedisSettings,
+    Settings,
+    WorkerSettings,
+)
+from pushgw.core.schema import Device, parse_message
+from pushgw.gateway.client import PushClient
+from pushgw.gateway.pool import make_redis, run_worker
+from pushgw.gateway.topology import LocalCluster
+from pushgw.providers.fakes.fcm import FakeFcm
+from pushgw.providers.fakes.tls import LocalCA
+from pushgw.queue.connection import ShardedCluster, blocking_redis, redis_url_for
+from pushgw.queue.sharded import ShardedQueue, shard_map
+from pushgw.queue.shards import key_slot
+from pushgw.queue.streams import Commit, DeadLetter
+from pushgw.ratelimit.base import ADMIT
+from pushgw.ratelimit.caps import FrequencyCaps
+
+USERS = [f"learner-{i}" for i in range(48)]
+
+
+@pytest.fixture(params=["cluster1", "cluster3"])
+def cluster(request: pytest.FixtureRequest) -> LocalCluster:
+    c: LocalCluster = request.getfixturevalue(request.param)
+    for n in c.nodes:  # the run's own cluster: every test starts empty
+        with n.client() as r:
+            r.flushall()
+    return c
+
+
+def cluster_settings(cluster: LocalCluster, **more: Any) -> Settings:
+    return Settings(
+        redis=RedisSettings(prefix="ct", cluster=True, cluster_nodes=cluster.seeds, shards=16),
+        worker=WorkerSettings(processes=1, batch_size=100, block_ms=50, claim_idle_s=2.0, janitor_interval_s=0.2,
+                              drain_deadline_s=5, backoff_base_s=0.05, backoff_cap_s=0.2),
+        providers=ProviderSettings(timeout_s=5.0), **more,
+    )
+
+
+@pytest.fixture
+async def client(cluster: LocalCluster) -> AsyncIterator[Any]:
+    r = blocking_redis(redis_url_for(cluster_settings(cluster).redis), max_connections=16)
+    yield r
+    await r.aclose()
+
+
+async def getkeys_calls(r: ShardedCluster) -> int:
+    total = 0
+    for node in r.get_primaries():
+        stats = await r.info("commandstats", target_nodes=node)
+        total += stats.get("cmdstat_command|getkeys", {}).get("calls", 0)
+    return total
+
+
+async def test_every_shard_queue_operation_stays_on_its_slot(client: ShardedCluster) -> None:
+    queue = ShardedQueue(client, shard_map(cluster_settings_for(client).redis))
+    await queue.ensure_group()
+    now = time.time()
+    msgs = [parse_message({"id": f"m-{u}", "user": u, "body": "b", **({"priority": "high"} if i % 3 == 0 else {})})
+            for i, u in enumerate(USERS)]
+    later = parse_message({"id": "later", "user": USERS[0], "body": "b", "send_at": now + 3600})
+    assert await queue.enqueue([*msgs, later]) == [True] * (len(msgs) + 1)
+    assert await queue.enqueue(msgs[:5]) == [False] * 5  # the idempotency keys are on the messages' shards
+    read = 0
+    for q in queue.queues:
+        await q.schedule(now - 1, msgs[0])
+        assert await q.move_due(now) == 1
+        entries = await q.read_new("c1", 100, None)
+        assert len({key_slot(k) for k in (q.keys.stream, q.keys.stream_high, q.keys.delayed, q.keys.idem("x"))}) == 1
+        m = msgs[0]
+        device = Device("fcm", "tok")
+        await q.commit(Commit(acks=[e.ref for e in entries], done=[(entries[0].ref, device.key)],
+                              retries=[(now + 60, m, 2, 0)], dead=[DeadLetter(m, "rejected", 1, "fcm", 0)],
+                              invalid_tokens=[(m.user, device, "unregistered")], kpi=[("c1", "A", "delivered", "u")]))
+        stats = await q.stats()
+        assert (stats.pending, stats.delayed, stats.dead_letters) == (0, 2 if q is queue.queues[queue.shard_of(later)]
+                                                                      else 1, 1)
+        assert await q.done_marks([entries[0].ref]) == {entries[0].ref: {device.key}}
+        read += len(entries)
+    assert read == len(msgs) + 16  # every message, and each shard's moved retry
+    assert await getkeys_calls(client) == 0  # XREADGROUP's slot is computed here, not asked of a node
+
+
+def cluster_settings_for(client: ShardedCluster) -> Settings:
+    seeds = tuple(f"{n.host}:{n.port}" for n in client.startup_nodes)
+    return Settings(redis=RedisSettings(prefix="ct", cluster=True, cluster_nodes=seeds, shards=16))
+
+
+async def test_a_busy_pool_waits_instead_of_raising(cluster: LocalCluster) -> None:
+    r = blocking_redis(redis_url_for(cluster_settings(cluster).redis), max_connections=4)
+    try:
+        await r.set("k", "v")
+        assert await asyncio.gather(*(r.get("k") for _ in range(200))) == [b"v"] * 200
+
+        async def pipelined() -> list[Any]:
+            async with r.pipeline(transaction=False) as pipe:
+                pipe.get("k")
+                pipe.incr("n")
+                return await pipe.execute()  # type: ignore[no-any-return]
+
+        assert len(await asyncio.gather(*(pipelined() for _ in range(200)))) == 200
+        assert int(await r.get("n")) == 200
+    finally:
+        await r.aclose()
+
+
+async def test_workers_deliver_every_message_on_a_cluster(
+    cluster: LocalCluster, local_ca: LocalCA, tmp_path: Path
+) -> None:
+    async with FakeFcm(local_ca) as fake:
+        account = fake.service_account(tmp_path / "sa", "demo-project")
+        settings = cluster_settings(cluster, fcm=(FcmApp("default", service_account_file=str(account),
+                                                         base_url=fake.base_url, ca_file=str(local_ca.ca_file)),))
+        url = redis_url_for(settings.redis)
+        redis = make_redis(url)
+        client = PushClient(redis, settings)
+        for u in USERS:
+            await client.register_device(u, {"fcm": f"tok-{u}"})
+        assert [d.token for d in await client.devices(USERS[3])] == [f"tok-{USERS[3]}"]
+        sent = await client.send_many([{"id": f"m-{u}", "user": u, "title": "t", "body": "b"} for u in USERS])
+        assert all(ok for _, ok in sent)
+        stop = asyncio.Event()
+        worker = asyncio.create_task(run_worker(settings, url, "w0", stop))
+        try:
+            deadline = time.monotonic() + 30
+            while len({r.message["data"]["pushgw_id"] for r in fake.received}) < len(USERS):
+                assert time.monotonic() < deadline, f"{len(fake.received)} of {len(USERS)} delivered"
+                await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await asyncio.wait_for(worker, 20)
+            await redis.aclose()
+        assert {r.message["data"]["pushgw_id"] for r in fake.received} == {f"m-{u}" for u in USERS}
+        assert {r.message["token"] for r in fake.received} == {f"tok-{u}" for u in USERS}
+
+
+@pytest.mark.parametrize("rules", ["cap only", "burst only"])
+async def test_frequency_caps_keep_one_slot_per_shard(client: ShardedCluster, rules: str) -> None:
+    cap = (CategoryCap("reminder", limit=1, period_s=60),) if rules == "cap only" else ()
+    policy = PolicySettings(caps=cap, user_limit=0 if cap else 1, user_period_s=60)
+    shards = shard_map(cluster_settings_for(client).redis)
+    for u in USERS[:8]:
+        caps = FrequencyCaps(client, shards.user_keys(u), policy)
+        first, second = (parse_message({"id": f"{u}-{i}", "user": u, "body": "b", "category": "reminder"})
+                         for i in range(2))
+        decisions = await caps.decide([first, second], time.time())
+        assert decisions[0] is ADMIT and decisions[1] is not ADMIT
