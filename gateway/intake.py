@@ -34,6 +34,7 @@ from ..providers.endpoints import EndpointPolicy
 from ..providers.payloads import check_payload_limits
 from ..queue.keys import Keys
 from ..queue.sharded import ShardedQueue, shard_map
+from ..users.profiles import Profiles
 from ..users.registry import DeviceRegistry
 
 ENQUEUE_CHUNK = 500  # messages per Lua call: keeps one script run short for other Redis clients
@@ -65,6 +66,7 @@ class Intake:
                                   wait_timeout_ms=settings.redis.wait_timeout_ms)
         self.registries = [DeviceRegistry(redis, k) for k in self.shards.all_keys()]
         self.registry = self.registries[0]
+        self.profiles = [Profiles(redis, k) for k in self.shards.all_keys()]
         self.policy = EndpointPolicy(settings.webpush)
         # `app` names an [apns.<name>] or [fcm.<name>] section; "default" (the field's default) always passes.
         self.apps = frozenset({"default", *(a.name for a in settings.apns), *(a.name for a in settings.fcm)})
@@ -275,3 +277,7 @@ class Intake:
     def registry_for(self, user: str) -> DeviceRegistry:
         """The registry of the user's shard (the only one with a single Redis)."""
         return self.registries[self.shards.shard_of(user)]
+
+    def profiles_for(self, user: str) -> Profiles:
+        """The preferences store of the user's shard, where the workers' policy reads them."""
+        return self.profiles[self.shards.shard_of(user)]

@@ -19,12 +19,11 @@ from ...core import metrics
 from ...core.config import ConfigError, Settings
 from ...core.logs import setup_logging
 from ...core.schema import MessageInvalid
-from ...users.profiles import Profiles
 from ..intake import Intake
 from ..pool import make_redis
 from . import campaign_routes, probes, routes
 from .auth import Authenticator, Handler, auth_middleware
-from .context import CLIENT, INTAKE, PROFILES, REDIS, SETTINGS
+from .context import CLIENT, INTAKE, REDIS, SETTINGS
 from .errors import SERVER_NAME, ApiError, invalid_message
 from .server import start_api
 
@@ -84,7 +83,6 @@ def create_app(settings: Settings, redis: aioredis.Redis) -> web.Application:
     app[SETTINGS] = settings
     app[REDIS] = redis
     app[INTAKE] = intake
-    app[PROFILES] = Profiles(redis, app[INTAKE].keys)
     app.on_response_prepare.append(_server_header)
     routes.add_routes(app, auth)
     campaign_routes.add_routes(app, auth)

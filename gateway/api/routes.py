@@ -8,7 +8,7 @@ from aiohttp import web
 from ...queue.deadletter import DeadLetters
 from ...users.registry import RegistryFull
 from .auth import Authenticator, require_scope
-from .context import INTAKE, PROFILES, REDIS, SETTINGS
+from .context import INTAKE, REDIS, SETTINGS
 from .errors import ApiError, json_response, read_json
 
 
@@ -67,13 +67,15 @@ class Routes:
         client = require_scope(request, "devices")
         body = await read_json(request)
         await self.auth.charge(client, 1)
-        prefs = await request.app[PROFILES].update(request.match_info["user"], body, merge=request.method == "PATCH")
+        user = request.match_info["user"]
+        prefs = await request.app[INTAKE].profiles_for(user).update(user, body, merge=request.method == "PATCH")
         return json_response(prefs.to_json())
 
     async def get_preferences(self, request: web.Request) -> web.Response:
         client = require_scope(request, "devices")
         await self.auth.charge(client, 1)
-        prefs = await request.app[PROFILES].get(request.match_info["user"])
+        user = request.match_info["user"]
+        prefs = await request.app[INTAKE].profiles_for(user).get(user)
         return json_response(prefs.to_json())
 
     async def dead_letters(self, request: web.Request) -> web.Response:
