@@ -339,6 +339,9 @@ def _redis(data: Mapping[str, Any], env: Mapping[str, str]) -> RedisSettings:
             raise ConfigError("redis.cluster = true takes its nodes from redis.cluster_nodes: "
                               "unset redis.url and [redis.sentinel]")
         _check_addresses("redis.cluster_nodes", redis.cluster_nodes)
+        if redis.wait_replicas:
+            raise ConfigError("redis.wait_replicas is for one Redis or Sentinel: on Redis Cluster WAIT would have to "
+                              "follow each shard's node, which the gateway does not do yet")
     if redis.wait_replicas and redis.wait_timeout_ms < 1:
         raise ConfigError("redis.wait_timeout_ms must be at least 1 when redis.wait_replicas is set "
                           "(WAIT with 0 would block forever)")
