@@ -8,11 +8,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from pushgw.core.config import (
+    SCOPES,
+    ApiClient,
+    ApiSettings,
     CategoryCap,
     FcmApp,
     PolicySettings,
@@ -22,6 +27,8 @@ from pushgw.core.config import (
     WorkerSettings,
 )
 from pushgw.core.schema import Device, parse_message
+from pushgw.gateway.api import create_app
+from pushgw.gateway.cli import main
 from pushgw.gateway.client import PushClient
 from pushgw.gateway.pool import make_redis, run_worker
 from pushgw.gateway.topology import LocalCluster
@@ -169,3 +176,42 @@ async def test_frequency_caps_keep_one_slot_per_shard(client: ShardedCluster, ru
                          for i in range(2))
         decisions = await caps.decide([first, second], time.time())
         assert decisions[0] is ADMIT and decisions[1] is not ADMIT
+
+
+async def test_api_on_a_cluster_serves_sharded_routes_and_refuses_the_rest(cluster: LocalCluster) -> None:
+    token = "cluster-test-token-0123456789"
+    settings = replace(cluster_settings(cluster), api=ApiSettings(clients=(ApiClient("ops", token, SCOPES),)))
+    redis = make_redis(redis_url_for(settings.redis), max_connections=16, timeout_s=5.0)
+    api = TestClient(TestServer(create_app(settings, redis)))
+    await api.start_server()
+    auth = {"Authorization": f"Bearer {token}"}
+    try:
+        assert (await api.put("/v1/users/learner-1/devices", json={"fcm": "t1"}, headers=auth)).status == 201
+        assert (await api.put("/v1/users/learner-1/preferences", json={"timezone": "Europe/Paris"},
+                              headers=auth)).status == 200
+        resp = await api.post("/v1/messages/batch", headers=auth, json={"messages": [
+            {"id": f"a-{i}", "user": f"learner-{i}", "body": "b"} for i in range(20)]})
+        assert resp.status == 202 and (await resp.json())["queued"] == 20
+        assert (await (await api.get("/v1/users/learner-1/devices", headers=auth)).json())["devices"][0]["fcm"] == "t1"
+        for path in ("/v1/deadletters", "/v1/events/invalid-tokens", "/v1/templates", "/v1/campaigns"):
+            resp = await api.get(path, headers=auth)
+            assert resp.status == 501 and (await resp.json())["error"]["code"] == "not_in_cluster_mode", path
+    finally:
+        await api.close()
+        await redis.aclose()
+
+
+def test_cli_on_a_cluster_runs_sharded_commands_and_refuses_the_rest(
+    cluster: LocalCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "pushgw.toml"
+    nodes = ", ".join(f'"{s}"' for s in cluster.seeds)
+    cfg.write_text(f'[redis]\nprefix = "ctcli"\ncluster = true\ncluster_nodes = [{nodes}]\n')
+    assert main(["-c", str(cfg), "devices", "add", "learner-9", "--device", '{"fcm": "tok-9"}']) == 0
+    assert main(["-c", str(cfg), "devices", "list", "learner-9"]) == 0
+    assert '"fcm": "tok-9"' in capsys.readouterr().out
+    assert main(["-c", str(cfg), "prefs", "learner-9", "--opt-out-all"]) == 0
+    assert main(["-c", str(cfg), "send", "--user", "learner-9", "--body", "b", "--id", "cli-c1"]) == 0
+    assert '"status": "queued"' in capsys.readouterr().out
+    assert main(["-c", str(cfg), "dlq", "count"]) == 2
+    assert "does not work on Redis Cluster yet" in capsys.readouterr().err
