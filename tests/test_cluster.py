@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_sync
 from aiohttp.test_utils import TestClient, TestServer
 from pushgw.core.config import (
     SCOPES,
@@ -54,12 +55,8 @@ def cluster(request: pytest.FixtureRequest) -> LocalCluster:
 
 
 def cluster_settings(cluster: LocalCluster, **more: Any) -> Settings:
-    return Settings(
-        redis=RedisSettings(prefix="ct", cluster=True, cluster_nodes=cluster.seeds, shards=16),
-        worker=WorkerSettings(processes=1, batch_size=100, block_ms=50, claim_idle_s=2.0, janitor_interval_s=0.2,
-                              drain_deadline_s=5, backoff_base_s=0.05, backoff_cap_s=0.2),
-        providers=ProviderSettings(timeout_s=5.0), **more,
-    )
+    redis = RedisSettings(prefix="ct", cluster=True, cluster_nodes=cluster.seeds, shards=16)
+    return replace(cluster_settings_for_mode(redis), **more)
 
 
 @pytest.fixture
@@ -215,3 +212,72 @@ def test_cli_on_a_cluster_runs_sharded_commands_and_refuses_the_rest(
     assert '"status": "queued"' in capsys.readouterr().out
     assert main(["-c", str(cfg), "dlq", "count"]) == 2
     assert "does not work on Redis Cluster yet" in capsys.readouterr().err
+
+
+def blocking_redis_sync(url: str) -> redis_sync.Redis:
+    return redis_sync.Redis.from_url(url)
+
+
+@pytest.fixture(params=["single", "cluster1", "cluster3"])
+def mode(request: pytest.FixtureRequest) -> RedisSettings:
+    """The same deployment on one Redis and on both clusters (each emptied first)."""
+    if request.param == "single":
+        url: str = request.getfixturevalue("redis_url")
+        with blocking_redis_sync(url) as r:
+            r.flushall()
+        return RedisSettings(url=url, prefix="modes")
+    c: LocalCluster = request.getfixturevalue(request.param)
+    for n in c.nodes:
+        with n.client() as r:
+            r.flushall()
+    return RedisSettings(prefix="modes", cluster=True, cluster_nodes=c.seeds, shards=16)
+
+
+async def test_retries_token_removal_dead_letters_and_schedules_in_every_mode(
+    mode: RedisSettings, local_ca: LocalCA, tmp_path: Path
+) -> None:
+    async with FakeFcm(local_ca) as fake:
+        account = fake.service_account(tmp_path / "sa", "demo-project")
+        settings = replace(cluster_settings_for_mode(mode), fcm=(FcmApp(
+            "default", service_account_file=str(account), base_url=fake.base_url, ca_file=str(local_ca.ca_file)),))
+        url = redis_url_for(settings.redis)
+        redis = make_redis(url)
+        client = PushClient(redis, settings)
+        users = USERS[:12]
+        for u in users:
+            await client.register_device(u, {"fcm": f"tok-{u}"})
+        fake.program(f"tok-{users[0]}", [(503, "UNAVAILABLE", None)])  # retried, then delivered
+        fake.program(f"tok-{users[1]}", [(404, "UNREGISTERED", None)])  # the token is removed
+        fake.program(f"tok-{users[2]}", [(403, "SENDER_ID_MISMATCH", None)])  # dead letter on the user's shard
+        soon = time.time() + 1.0
+        await client.send_many([
+            {"id": f"m-{u}", "user": u, "title": "t", "body": "b",
+             **({"send_at": soon} if u == users[3] else {}), **({"priority": "high"} if u == users[4] else {})}
+            for u in users])
+        queue = ShardedQueue(redis, shard_map(settings.redis))
+        expected = {f"m-{u}" for u in users} - {f"m-{users[1]}", f"m-{users[2]}"}
+        stop = asyncio.Event()
+        worker = asyncio.create_task(run_worker(settings, url, "w0", stop))
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                stats = [await q.stats() for q in queue.queues]
+                delivered = {r.message["data"]["pushgw_id"] for r in fake.received}
+                if delivered >= expected and not any(s.lag or s.pending or s.delayed for s in stats):
+                    break
+                assert time.monotonic() < deadline, f"delivered {len(delivered)} of {len(expected)}; {stats}"
+                await asyncio.sleep(0.05)
+            assert delivered == expected
+            assert await client.devices(users[1]) == []
+            dead_on = [i for i, s in enumerate(stats) if s.dead_letters]
+            assert dead_on == [queue.shards.shard_of(users[2])] and stats[dead_on[0]].dead_letters == 1
+        finally:
+            stop.set()
+            await asyncio.wait_for(worker, 20)
+            await redis.aclose()
+
+
+def cluster_settings_for_mode(redis: RedisSettings) -> Settings:
+    return replace(Settings(), redis=redis, worker=WorkerSettings(
+        processes=1, batch_size=100, block_ms=50, claim_idle_s=2.0, janitor_interval_s=0.2, drain_deadline_s=5,
+        backoff_base_s=0.05, backoff_cap_s=0.2), providers=ProviderSettings(timeout_s=5.0))
