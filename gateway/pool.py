@@ -18,6 +18,8 @@ import time
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from ..campaigns.fanout import FanoutRunner
 from ..core.config import Settings
 from ..core.logs import setup_logging
@@ -28,6 +30,7 @@ from ..queue.keys import Keys
 from ..queue.sharded import shard_map
 from ..ratelimit.policy import DeliveryPolicy
 from ..ratelimit.provider_rate import rates_for
+from .shard_owner import BEAT_S, ShardOwner
 from .worker import Worker
 
 try:
@@ -92,13 +95,41 @@ async def run_worker(settings: Settings, redis_url: str, consumer: str, stop: as
 
 async def _run_shard_workers(settings: Settings, client: Any, providers: Any, consumer: str, rates: Any,
                              stop: asyncio.Event) -> None:
-    """Redis Cluster: one worker per shard in this process, each reading its shard's streams as a member of the
-    shard's consumer group (every worker process reads every shard; see docs/decisions.md, "Redis Cluster")."""
-    workers = []
-    for keys in shard_map(settings.redis).all_keys():
+    """Redis Cluster: one worker per owned shard, the shares rebalanced at every heartbeat (gateway/shard_owner.py);
+    a shard given up drains (its worker stops reading and finishes what it holds) while its new owner reads it."""
+    shards = shard_map(settings.redis)
+    owner = ShardOwner(client, shards.shared, consumer, shards.count)
+    running: dict[int, tuple[asyncio.Event, asyncio.Task[None]]] = {}
+    draining: set[asyncio.Task[None]] = set()
+
+    def start(shard: int) -> None:
+        keys = shards.keys(shard)
         limiter = DeliveryPolicy(client, keys, settings.policy) if settings.policy.enabled else None
-        workers.append(Worker(settings, client, providers, consumer=consumer, limiter=limiter, rates=rates, keys=keys))
-    await asyncio.gather(*(w.run(stop) for w in workers))
+        worker = Worker(settings, client, providers, consumer=consumer, limiter=limiter, rates=rates, keys=keys)
+        shard_stop = asyncio.Event()
+        running[shard] = (shard_stop, asyncio.create_task(worker.run(shard_stop), name=f"shard-{shard}"))
+
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(ConnectionError, OSError, RedisError):  # keep the current share meanwhile
+                owned = await owner.beat()
+                if owned != running.keys():
+                    log.info("shards owned", extra={"consumer": consumer, "count": len(owned)})
+                for shard in owned - running.keys():
+                    start(shard)
+                for shard in running.keys() - owned:
+                    shard_stop, task = running.pop(shard)
+                    shard_stop.set()  # drains in the background while the new owner reads the shard
+                    draining.add(task)
+                    task.add_done_callback(draining.discard)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), BEAT_S)
+    finally:
+        for shard_stop, _ in running.values():
+            shard_stop.set()
+        await asyncio.gather(*(task for _, task in running.values()), *draining, return_exceptions=True)
+        with contextlib.suppress(ConnectionError, OSError, RedisError):
+            await owner.leave()
 
 
 async def _orphan_watch(parent: int, stop: asyncio.Event) -> None:

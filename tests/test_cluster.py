@@ -6,9 +6,10 @@ workers deliver everything, and the costs of redis-py's cluster client measured 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from pushgw.gateway.api import create_app
 from pushgw.gateway.cli import main
 from pushgw.gateway.client import PushClient
 from pushgw.gateway.pool import make_redis, run_worker
+from pushgw.gateway.shard_owner import LEASE_S, ShardOwner, share
 from pushgw.gateway.topology import LocalCluster
 from pushgw.providers.fakes.fcm import FakeFcm
 from pushgw.providers.fakes.tls import LocalCA
@@ -64,6 +66,38 @@ async def client(cluster: LocalCluster) -> AsyncIterator[Any]:
     r = blocking_redis(redis_url_for(cluster_settings(cluster).redis), max_connections=16)
     yield r
     await r.aclose()
+
+
+@dataclass
+class Deployment:
+    """A gateway's settings on `redis` with FCM pointed at a local fake, its devices registered."""
+
+    fake: FakeFcm
+    settings: Settings
+    url: str
+    redis: Any
+    client: PushClient
+
+    def delivered(self) -> set[str]:
+        return {r.message["data"]["pushgw_id"] for r in self.fake.received}
+
+
+@contextlib.asynccontextmanager
+async def deployment(redis: RedisSettings, local_ca: LocalCA, tmp_path: Path,
+                     users: list[str]) -> AsyncIterator[Deployment]:
+    async with FakeFcm(local_ca) as fake:
+        account = fake.service_account(tmp_path / "sa", "demo-project")
+        settings = replace(cluster_settings_for_mode(redis), fcm=(FcmApp(
+            "default", service_account_file=str(account), base_url=fake.base_url, ca_file=str(local_ca.ca_file)),))
+        url = redis_url_for(settings.redis)
+        client = make_redis(url)
+        try:
+            d = Deployment(fake, settings, url, client, PushClient(client, settings))
+            for u in users:
+                await d.client.register_device(u, {"fcm": f"tok-{u}"})
+            yield d
+        finally:
+            await client.aclose()
 
 
 async def getkeys_calls(r: ShardedCluster) -> int:
@@ -129,37 +163,29 @@ async def test_a_busy_pool_waits_instead_of_raising(cluster: LocalCluster) -> No
 async def test_workers_deliver_every_message_on_a_cluster(
     cluster: LocalCluster, local_ca: LocalCA, tmp_path: Path
 ) -> None:
-    async with FakeFcm(local_ca) as fake:
-        account = fake.service_account(tmp_path / "sa", "demo-project")
-        settings = cluster_settings(cluster, fcm=(FcmApp("default", service_account_file=str(account),
-                                                         base_url=fake.base_url, ca_file=str(local_ca.ca_file)),))
-        url = redis_url_for(settings.redis)
-        redis = make_redis(url)
-        client = PushClient(redis, settings)
-        for u in USERS:
-            await client.register_device(u, {"fcm": f"tok-{u}"})
-        assert [d.token for d in await client.devices(USERS[3])] == [f"tok-{USERS[3]}"]
+    async with deployment(cluster_settings(cluster).redis, local_ca, tmp_path, USERS) as d:
+        client = d.client
+        assert [dev.token for dev in await client.devices(USERS[3])] == [f"tok-{USERS[3]}"]
         await client.set_preferences(USERS[0], opt_out_all=True)  # stored on the user's shard, read by its worker
         assert (await client.preferences(USERS[0])).opt_out_all
         sent = await client.send_many([{"id": f"m-{u}", "user": u, "title": "t", "body": "b"} for u in USERS])
         assert all(ok for _, ok in sent)
         stop = asyncio.Event()
-        worker = asyncio.create_task(run_worker(settings, url, "w0", stop))
-        queues = ShardedQueue(redis, shard_map(settings.redis)).queues
+        worker = asyncio.create_task(run_worker(d.settings, d.url, "w0", stop))
+        queues = ShardedQueue(d.redis, shard_map(d.settings.redis)).queues
         try:
             deadline = time.monotonic() + 30
             while True:
                 stats = [await q.stats() for q in queues]
-                if len(fake.received) >= len(USERS) - 1 and not any(s.lag or s.pending for s in stats):
+                if len(d.fake.received) >= len(USERS) - 1 and not any(s.lag or s.pending for s in stats):
                     break
-                assert time.monotonic() < deadline, f"{len(fake.received)} of {len(USERS) - 1} delivered"
+                assert time.monotonic() < deadline, f"{len(d.fake.received)} of {len(USERS) - 1} delivered"
                 await asyncio.sleep(0.05)
         finally:
             stop.set()
             await asyncio.wait_for(worker, 20)
-            await redis.aclose()
-        assert {r.message["data"]["pushgw_id"] for r in fake.received} == {f"m-{u}" for u in USERS[1:]}
-        assert {r.message["token"] for r in fake.received} == {f"tok-{u}" for u in USERS[1:]}
+        assert d.delivered() == {f"m-{u}" for u in USERS[1:]}
+        assert {r.message["token"] for r in d.fake.received} == {f"tok-{u}" for u in USERS[1:]}
 
 
 @pytest.mark.parametrize("rules", ["cap only", "burst only"])
@@ -236,48 +262,97 @@ def mode(request: pytest.FixtureRequest) -> RedisSettings:
 async def test_retries_token_removal_dead_letters_and_schedules_in_every_mode(
     mode: RedisSettings, local_ca: LocalCA, tmp_path: Path
 ) -> None:
-    async with FakeFcm(local_ca) as fake:
-        account = fake.service_account(tmp_path / "sa", "demo-project")
-        settings = replace(cluster_settings_for_mode(mode), fcm=(FcmApp(
-            "default", service_account_file=str(account), base_url=fake.base_url, ca_file=str(local_ca.ca_file)),))
-        url = redis_url_for(settings.redis)
-        redis = make_redis(url)
-        client = PushClient(redis, settings)
-        users = USERS[:12]
-        for u in users:
-            await client.register_device(u, {"fcm": f"tok-{u}"})
-        fake.program(f"tok-{users[0]}", [(503, "UNAVAILABLE", None)])  # retried, then delivered
-        fake.program(f"tok-{users[1]}", [(404, "UNREGISTERED", None)])  # the token is removed
-        fake.program(f"tok-{users[2]}", [(403, "SENDER_ID_MISMATCH", None)])  # dead letter on the user's shard
+    users = USERS[:12]
+    async with deployment(mode, local_ca, tmp_path, users) as d:
+        d.fake.program(f"tok-{users[0]}", [(503, "UNAVAILABLE", None)])  # retried, then delivered
+        d.fake.program(f"tok-{users[1]}", [(404, "UNREGISTERED", None)])  # the token is removed
+        d.fake.program(f"tok-{users[2]}", [(403, "SENDER_ID_MISMATCH", None)])  # dead letter on the user's shard
         soon = time.time() + 1.0
-        await client.send_many([
+        await d.client.send_many([
             {"id": f"m-{u}", "user": u, "title": "t", "body": "b",
              **({"send_at": soon} if u == users[3] else {}), **({"priority": "high"} if u == users[4] else {})}
             for u in users])
-        queue = ShardedQueue(redis, shard_map(settings.redis))
+        queue = ShardedQueue(d.redis, shard_map(d.settings.redis))
         expected = {f"m-{u}" for u in users} - {f"m-{users[1]}", f"m-{users[2]}"}
         stop = asyncio.Event()
-        worker = asyncio.create_task(run_worker(settings, url, "w0", stop))
+        worker = asyncio.create_task(run_worker(d.settings, d.url, "w0", stop))
         try:
             deadline = time.monotonic() + 30
             while True:
                 stats = [await q.stats() for q in queue.queues]
-                delivered = {r.message["data"]["pushgw_id"] for r in fake.received}
-                if delivered >= expected and not any(s.lag or s.pending or s.delayed for s in stats):
+                if d.delivered() >= expected and not any(s.lag or s.pending or s.delayed for s in stats):
                     break
-                assert time.monotonic() < deadline, f"delivered {len(delivered)} of {len(expected)}; {stats}"
+                assert time.monotonic() < deadline, f"delivered {len(d.delivered())} of {len(expected)}; {stats}"
                 await asyncio.sleep(0.05)
-            assert delivered == expected
-            assert await client.devices(users[1]) == []
+            assert d.delivered() == expected
+            assert await d.client.devices(users[1]) == []
             dead_on = [i for i, s in enumerate(stats) if s.dead_letters]
             assert dead_on == [queue.shards.shard_of(users[2])] and stats[dead_on[0]].dead_letters == 1
         finally:
             stop.set()
             await asyncio.wait_for(worker, 20)
-            await redis.aclose()
 
 
 def cluster_settings_for_mode(redis: RedisSettings) -> Settings:
     return replace(Settings(), redis=redis, worker=WorkerSettings(
         processes=1, batch_size=100, block_ms=50, claim_idle_s=2.0, janitor_interval_s=0.2, drain_deadline_s=5,
         backoff_base_s=0.05, backoff_cap_s=0.2), providers=ProviderSettings(timeout_s=5.0))
+
+
+@pytest.mark.parametrize("members", range(1, 8))
+def test_shares_are_even_disjoint_and_cover_every_shard(members: int) -> None:
+    names = [f"host:{i}" for i in range(members)]
+    shares = [share(names, me, 16) for me in names]
+    assert frozenset().union(*shares) == frozenset(range(16))
+    assert sum(len(s) for s in shares) == 16  # disjoint
+    assert max(len(s) for s in shares) - min(len(s) for s in shares) <= 1
+
+
+async def test_shards_rebalance_when_workers_join_leave_or_die(client: ShardedCluster) -> None:
+    keys = shard_map(cluster_settings_for(client).redis).shared
+    a, b, c = (ShardOwner(client, keys, name, 16) for name in ("host:a", "host:b", "host:c"))
+    now = time.time()
+    assert len(await a.beat(now)) == 16  # alone: every shard
+    await b.beat(now)
+    assert (len(await a.beat(now)), len(b.owned)) == (8, 8)  # a joins: half each
+    await c.beat(now)
+    await a.beat(now)
+    await b.beat(now)
+    assert sorted(len(o.owned) for o in (a, b, c)) == [5, 5, 6] and a.owned | b.owned | c.owned == set(range(16))
+    await c.leave()  # a drained stop gives its shards back at once
+    assert (len(await a.beat(now)), len(await b.beat(now))) == (8, 8)
+    # b dies without leaving: once its lease ends, a takes every shard
+    assert len(await a.beat(now + LEASE_S - 1)) == 8
+    assert len(await a.beat(now + LEASE_S + 1)) == 16
+
+
+async def test_two_worker_processes_split_the_shards_and_one_delivers_all_after_the_other_stops(
+    cluster: LocalCluster, local_ca: LocalCA, tmp_path: Path
+) -> None:
+    async with deployment(cluster_settings(cluster).redis, local_ca, tmp_path, USERS) as d:
+        live_key = shard_map(d.settings.redis).shared.live_workers  # the worker processes the owners see
+        stops = [asyncio.Event(), asyncio.Event()]
+        workers = [asyncio.create_task(run_worker(d.settings, d.url, f"w{i}", stops[i])) for i in range(2)]
+
+        async def delivered(ids: set[str]) -> None:
+            deadline = time.monotonic() + 30
+            while not ids <= d.delivered():
+                assert time.monotonic() < deadline, "not delivered in time"
+                await asyncio.sleep(0.05)
+
+        try:
+            deadline = time.monotonic() + 10
+            while len(await d.redis.zrange(live_key, 0, -1)) < 2:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            await d.client.send_many([{"id": f"a-{u}", "user": u, "body": "b"} for u in USERS])
+            await delivered({f"a-{u}" for u in USERS})
+            stops[1].set()
+            await asyncio.wait_for(workers[1], 20)
+            assert await d.redis.zrange(live_key, 0, -1) == [b"w0"]  # w1 left: its shards are w0's at its next beat
+            await d.client.send_many([{"id": f"b-{u}", "user": u, "body": "b"} for u in USERS])
+            await delivered({f"b-{u}" for u in USERS})
+        finally:
+            for s in stops:
+                s.set()
+            await asyncio.wait_for(asyncio.gather(*workers), 20)
