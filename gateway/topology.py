@@ -7,7 +7,8 @@ connects to a server it did not start, and port 6379 is never used.
   `redis-sentinel` runs) monitoring it under `master_name`; `failover()` runs SENTINEL FAILOVER and waits until
   the sentinels name the promoted replica (https://redis.io/docs/latest/operate/oss_and_stack/management/sentinel/).
 - `LocalCluster`: N masters with the 16384 hash slots split into N even ranges (CLUSTER ADDSLOTSRANGE), joined by
-  CLUSTER MEET, each with its own config epoch, ready once every node reports `cluster_state:ok`
+  CLUSTER MEET, each with its own config epoch, ready once every node reports `cluster_state:ok`; optionally
+  replicas per master (CLUSTER REPLICATE), and `kill_master` to SIGKILL one and wait for its replica's promotion
   (https://redis.io/docs/latest/operate/oss_and_stack/reference/cluster-spec/).
 """
 
@@ -211,6 +212,12 @@ class SentinelSetup:
             p.stop()
 
 
+def _replicate(replica: Process, master_id: str) -> bool:
+    with replica.client() as c:
+        c.execute_command("CLUSTER", "REPLICATE", master_id)
+    return True
+
+
 def _pairs(reply: object) -> dict[str, str]:
     """SENTINEL REPLICAS answers flat [name, value, ...] lists (RESP2) or maps (RESP3)."""
     if isinstance(reply, dict):
@@ -225,11 +232,16 @@ class LocalCluster:
 
     folder: Path
     masters: int = 3
-    nodes: list[Process] = field(default_factory=list)
+    replicas: int = 0  # per master
+    nodes: list[Process] = field(default_factory=list)  # the masters first, then master i's replicas in turn
 
     @property
     def seeds(self) -> tuple[str, ...]:
-        return tuple(f"{HOST}:{n.port}" for n in self.nodes)
+        return tuple(f"{HOST}:{n.port}" for n in self.nodes[:self.masters])
+
+    def replicas_of(self, master: int) -> list[Process]:
+        start = self.masters + master * self.replicas
+        return self.nodes[start:start + self.replicas]
 
     def slot_ranges(self) -> list[tuple[int, int]]:
         """Node i owns [start, end] (inclusive): the split `redis-cli --cluster create` makes."""
@@ -240,7 +252,7 @@ class LocalCluster:
         if self.masters < 1:
             raise ValueError("a cluster needs at least one master")
         taken: set[int] = set()
-        for i in range(self.masters):
+        for i in range(self.masters * (1 + self.replicas)):
             port = free_port(cluster_bus=True, taken=taken)
             self.nodes.append(Process(port, self.folder / f"node{i}", _server_args(
                 port, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
@@ -257,23 +269,61 @@ class LocalCluster:
             n.start()
         for n in self.nodes:
             n.wait_up()
-        for i, (n, (start, end)) in enumerate(zip(self.nodes, self.slot_ranges(), strict=True)):
+        for i, n in enumerate(self.nodes):
             with n.client() as c:
-                c.execute_command("CLUSTER", "ADDSLOTSRANGE", start, end)
+                if i < self.masters:
+                    start, end = self.slot_ranges()[i]
+                    c.execute_command("CLUSTER", "ADDSLOTSRANGE", start, end)
                 c.execute_command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
         with self.nodes[0].client() as c:
             for n in self.nodes[1:]:
                 c.execute_command("CLUSTER", "MEET", HOST, n.port)
         _wait(self._ready, "the cluster did not reach cluster_state:ok", timeout_s)
+        for i in range(self.masters):
+            with self.nodes[i].client() as c:
+                master_id = c.execute_command("CLUSTER", "MYID")
+            for r in self.replicas_of(i):
+                # A replica must know its master before it can follow it: retry while gossip spreads.
+                _wait(lambda r=r, m=master_id: _replicate(r, m), "a replica could not follow its master", timeout_s)
+        _wait(self._replicas_online, "the replicas did not finish their first sync", timeout_s)
 
     def _ready(self) -> bool:
         for n in self.nodes:
             with n.client() as c:
                 info = c.execute_command("CLUSTER", "INFO")
                 text = info if isinstance(info, str) else str(info)
-                if "cluster_state:ok" not in text or f"cluster_known_nodes:{self.masters}" not in text:
+                if "cluster_state:ok" not in text or f"cluster_known_nodes:{len(self.nodes)}" not in text:
                     return False
         return True
+
+    def _replicas_online(self) -> bool:
+        for i in range(self.masters):
+            with self.nodes[i].client() as c:
+                info = c.info("replication")
+            states = [info.get(f"slave{j}", {}) for j in range(self.replicas)]
+            if not all(isinstance(r, dict) and r.get("state") == "online" for r in states):
+                return False
+        return True
+
+    def kill_master(self, master: int, timeout_s: float = 30.0) -> Process:
+        """SIGKILL a master; returns once one of its replicas has taken its slots and the cluster is ok again."""
+        replicas = self.replicas_of(master)
+        if not replicas:
+            raise ValueError("a master without replicas cannot fail over")
+        self.nodes[master].kill()
+
+        def promoted() -> Process | None:
+            for r in replicas:
+                with r.client() as c:
+                    info = str(c.execute_command("CLUSTER", "INFO"))
+                    if c.info("replication")["role"] == "master" and "cluster_state:ok" in info:
+                        return r
+            return None
+
+        _wait(promoted, "no replica took over the killed master's slots", timeout_s)
+        taken_over = promoted()
+        assert taken_over is not None
+        return taken_over
 
     def stop(self) -> None:
         for n in self.nodes:
