@@ -113,6 +113,11 @@ async def _run_shard_workers(settings: Settings, client: Any, providers: Any, co
         while not stop.is_set():
             with contextlib.suppress(ConnectionError, OSError, RedisError):  # keep the current share meanwhile
                 owned = await owner.beat()
+                for shard, (_, task) in list(running.items()):
+                    if task.done():  # a worker that failed is started again: no owned shard stays unread
+                        error = None if task.cancelled() else task.exception()
+                        log.error("shard worker stopped; restarting", extra={"consumer": consumer, "error": repr(error)})
+                        del running[shard]
                 if owned != running.keys():
                     log.info("shards owned", extra={"consumer": consumer, "count": len(owned)})
                 for shard in owned - running.keys():

@@ -8,7 +8,8 @@ connects to a server it did not start, and port 6379 is never used.
   the sentinels name the promoted replica (https://redis.io/docs/latest/operate/oss_and_stack/management/sentinel/).
 - `LocalCluster`: N masters with the 16384 hash slots split into N even ranges (CLUSTER ADDSLOTSRANGE), joined by
   CLUSTER MEET, each with its own config epoch, ready once every node reports `cluster_state:ok`; optionally
-  replicas per master (CLUSTER REPLICATE), and `kill_master` to SIGKILL one and wait for its replica's promotion
+  replicas per master (CLUSTER REPLICATE), `kill_master` to SIGKILL one and wait for its replica's promotion, and
+  `move_slot` to reshard a slot while clients use it (MIGRATING/IMPORTING, MIGRATE, SETSLOT NODE)
   (https://redis.io/docs/latest/operate/oss_and_stack/reference/cluster-spec/).
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import redis
 
+from ..queue.shards import key_slot
 from .embedded import EmbeddedRedisError, find_redis_server, stop_process
 
 HOST = "127.0.0.1"
@@ -177,10 +179,7 @@ class SentinelSetup:
                     return False
                 if any("disconnected" in _pairs(r).get("flags", "") for r in replicas):
                     return False
-        with self.nodes[0].client() as m:
-            info = m.info("replication")
-        states = [info.get(f"slave{i}", {}) for i in range(self.replicas)]
-        return all(isinstance(r, dict) and r.get("state") == "online" for r in states)
+        return _replicas_acknowledge(self.nodes[0], self.replicas)
 
     def master_port(self) -> int:
         with self.sentinels[0].client() as c:
@@ -210,6 +209,21 @@ class SentinelSetup:
     def stop(self) -> None:
         for p in [*self.sentinels, *self.nodes]:
             p.stop()
+
+
+def _replicas_acknowledge(master: Process, replicas: int, key: str = "topology:ready") -> bool:
+    """Every replica has finished its first sync and streams writes: a write, then WAIT counts it. (A replica's
+    INFO state is `online` as soon as a diskless transfer ends, while the master holds its writes back until the
+    replica's first REPLCONF ACK: a master killed in that window takes every later write with it. WAIT without
+    a write before it counts such a replica too.)"""
+    with master.client() as c:
+        c.set(key, "1")
+        return int(c.execute_command("WAIT", replicas, 200)) >= replicas
+
+
+def _key_in(slots: tuple[int, int]) -> str:
+    """A key a master serves (a write elsewhere would be MOVED)."""
+    return next(k for k in (f"topology:ready:{j}" for j in range(100_000)) if slots[0] <= key_slot(k) <= slots[1])
 
 
 def _replicate(replica: Process, master_id: str) -> bool:
@@ -297,13 +311,35 @@ class LocalCluster:
         return True
 
     def _replicas_online(self) -> bool:
-        for i in range(self.masters):
-            with self.nodes[i].client() as c:
-                info = c.info("replication")
-            states = [info.get(f"slave{j}", {}) for j in range(self.replicas)]
-            if not all(isinstance(r, dict) and r.get("state") == "online" for r in states):
-                return False
-        return True
+        return all(_replicas_acknowledge(self.nodes[i], self.replicas, _key_in(self.slot_ranges()[i]))
+                   for i in range(self.masters))
+
+    def owner_of(self, slot: int) -> int:
+        """Index of the master serving `slot` now (as node 0 sees the cluster)."""
+        ports = {n.port: i for i, n in enumerate(self.nodes)}
+        with self.nodes[0].client() as c:
+            for start, end, master, *_ in c.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    return ports[int(master[1])]
+        raise LookupError(f"no node serves slot {slot}")
+
+    def move_slot(self, slot: int, to: int, batch: int = 100) -> int:
+        """Reshard one slot to master `to` while clients use it, as `redis-cli --cluster reshard` does: mark it
+        importing/migrating, MIGRATE its keys in batches, then assign it on every master. Returns the keys moved."""
+        source, target = self.nodes[self.owner_of(slot)], self.nodes[to]
+        with source.client() as src, target.client() as dst:
+            src_id, dst_id = src.execute_command("CLUSTER", "MYID"), dst.execute_command("CLUSTER", "MYID")
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            moved = 0
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch):
+                src.execute_command("MIGRATE", HOST, target.port, "", 0, 5000, "KEYS", *keys)
+                moved += len(keys)
+            for n in self.nodes[:self.masters]:
+                if n.proc is not None:
+                    with n.client() as c:
+                        c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        return moved
 
     def kill_master(self, master: int, timeout_s: float = 30.0) -> Process:
         """SIGKILL a master; returns once one of its replicas has taken its slots and the cluster is ok again."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +32,14 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.connection import BlockingConnectionPool, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterUnreachableError,
+    RedisError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ..core.config import RedisSettings, SentinelSettings
 from .shards import key_slot
@@ -249,10 +256,25 @@ class BoundedCalls:
                 _HOLDING.reset(token)
 
 
+class ClusterUnavailable(RedisConnectionError):
+    """The cluster cannot serve a slot now (a master failed and no replica took over yet, CLUSTERDOWN, TRYAGAIN
+    while a slot moves): a connection error, like one Redis being down, so the API answers 503 and the workers
+    retry, instead of an error type of redis-py's cluster client that neither knows."""
+
+
+@contextlib.contextmanager
+def _as_unavailable() -> Iterator[None]:
+    try:
+        yield
+    except (SlotNotCoveredError, RedisClusterUnreachableError, ClusterDownError, TryAgainError) as e:
+        raise ClusterUnavailable(str(e)) from e
+
+
 class BoundedPipeline(ClusterPipeline):
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
         async with self.cluster_client.bounded.place():  # type: ignore[attr-defined]
-            return await super().execute(raise_on_error, allow_redirections)
+            with _as_unavailable():
+                return await super().execute(raise_on_error, allow_redirections)
 
 
 class ShardedCluster(RedisCluster):
@@ -275,7 +297,8 @@ class ShardedCluster(RedisCluster):
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         async with self.bounded.place():
-            return await super().execute_command(*args, **kwargs)
+            with _as_unavailable():
+                return await super().execute_command(*args, **kwargs)
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
         if shard_hint:
