@@ -76,8 +76,13 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     def _terminated(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)  # unwinds like Ctrl-C: workers, nginx and Redis are stopped on the way out
 
+    try:
+        options = options_from(args)
+    except ValueError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
     signal.signal(signal.SIGTERM, _terminated)
-    return run(options_from(args))
+    return run(options)
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -439,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: as deployed (preferences read per batch); full: every rule on with limits out of "
                         "reach; compare full with off to see the policy's cost")
     b.add_argument("--seed", type=int, default=1)
+    b.add_argument("--redis", default="single", metavar="single|cluster:N",
+                   help="one embedded Redis (default) or a loopback Redis Cluster of N masters, 16 shards")
     b.add_argument("--rich", type=_share, nargs="?", const=0.5, default=0.0, metavar="SHARE",
                    help="send this share of the messages (0-1; 0.5 when no value is given) with rich fields: "
                         "image, badge, sound, actions, thread, link")
