@@ -27,7 +27,7 @@ from typing import Any
 from ..queue.keys import Keys
 
 BEAT_S = 1.0
-LEASE_S = 5.0
+LEASE_S = 30.0  # a crashed process's shards wait this long; a short lease expired under load (docs/benchmarks.md)
 
 
 def share(members: list[str], me: str, shards: int) -> frozenset[int]:
