@@ -67,6 +67,7 @@ class Options:
     timeout_s: float = 600.0
     rich: float = 0.0  # share of messages sent with rich fields (image, badge, sound, actions, thread, link)
     profile_dir: str | None = None  # py-spy the workers into this folder and bill their CPU by component
+    cluster: int = 0  # masters of a loopback Redis Cluster to run on (16 shards); 0: one embedded Redis
 
 
 @dataclass
@@ -240,15 +241,25 @@ class Bench:
 
     async def run(self) -> dict[str, Any]:
         from ..gateway.embedded import EmbeddedRedis
+        from ..gateway.topology import LocalCluster
         from ..providers.fakes.tls import make_local_ca
         from ..providers.vapid import make_vapid_key
-        from ..queue.connection import redis_from_url
+        from ..queue.connection import redis_from_url, redis_url_for
 
         o = self.o
         ca = make_local_ca(self.tmp / "tls")
         vapid = make_vapid_key(self.tmp / "vapid")
-        redis_server = EmbeddedRedis(self.tmp / "redis", aof=False)
-        url = redis_server.start()
+        redis_server: Any = None
+        if o.cluster:
+            redis_server = LocalCluster(self.tmp / "cluster", masters=o.cluster).start()
+            redis_settings = RedisSettings(prefix="bench", cluster=True, cluster_nodes=redis_server.seeds)
+            url = redis_url_for(redis_settings)
+            redis_pids = [n.proc.pid for n in redis_server.nodes if n.proc]
+        else:
+            redis_server = EmbeddedRedis(self.tmp / "redis", aof=False)
+            url = redis_server.start()
+            redis_settings = RedisSettings(url=url, prefix="bench")
+            redis_pids = [redis_server.proc.pid] if redis_server.proc else []
         sinks: Any = None
         fakes: list[Any] = []
         ceiling: dict[str, float] = {}
@@ -286,7 +297,7 @@ class Bench:
                 new_subscription = wp_fake.new_subscription
 
             settings = Settings(
-                redis=RedisSettings(url=url, prefix="bench"),
+                redis=redis_settings,
                 # The default batch_size (256): reads of 512 measured 12.9k against 14.9k messages/s
                 # (2 runs each, docs/benchmarks.md); the bench measures what a user runs.
                 worker=WorkerSettings(processes=o.processes, block_ms=200, max_inflight=4096,
@@ -307,7 +318,7 @@ class Bench:
             pop = self.population(new_subscription)
             redis = redis_from_url(url)
             try:
-                others = {"redis": [redis_server.proc.pid] if redis_server.proc else []}
+                others = {"redis": redis_pids}
                 if sinks is not None and sinks.proc is not None:
                     others["sinks"] = process_tree(sinks.proc.pid)
                 result = await self._gateway_run(settings, url, redis, pop, sinks, fakes, others)
@@ -333,14 +344,13 @@ class Bench:
     async def _gateway_run(self, settings: Settings, url: str, redis: Any, pop: Population, sinks: Any,
                            fakes: list[Any], others: dict[str, list[int]]) -> dict[str, Any]:
         from ..gateway.pool import Pool
-        from ..queue.keys import Keys
-        from ..queue.streams import StreamQueue
+        from ..queue.sharded import ShardedQueue, shard_map
 
         o = self.o
-        keys = Keys("bench")
-        q = StreamQueue(redis, keys)
+        shards = shard_map(settings.redis)  # one shard under today's keys with one Redis
+        q = ShardedQueue(redis, shards)
         await q.ensure_group()
-        await store_population(redis, keys, pop, o.policy)
+        await store_population(redis, shards, pop, o.policy)
         n = int(o.rate * o.duration_s) if o.rate and o.duration_s else o.messages
         msgs = self.messages(n, "m")
         expected = {(m.id, d.key) for m in msgs for d in pop.devices[m.user or ""]}
@@ -349,7 +359,7 @@ class Bench:
 
         pool = Pool(settings, url, o.processes, consumer_prefix="bench")
         pool.start()
-        await self._workers_ready(redis, keys, o.processes)
+        await self._workers_ready(redis, shards.all_keys(), o.processes)
         pids = [p.pid for p in pool.children.values() if p.pid]
         recorder = None
         if o.profile_dir:
@@ -392,10 +402,10 @@ class Bench:
         deadline = time.monotonic() + o.timeout_s
         while time.monotonic() < deadline:
             await asyncio.sleep(0.25)
-            acked = await self._acked(redis, keys)
+            acked = sum([await self._acked(redis, keys) for keys in shards.all_keys()])
             rss = [proc_stat(pid)[1] for pid in pids]
             samples.append(Sample(time.time() - started, acked, rss))
-            stats = await q.stats()
+            stats = sum_stats([await sq.stats() for sq in q.queues])
             _progress(f"{_bar(len(enqueued_at), n)} enqueued {len(enqueued_at)}/{n}  lag {stats.lag}  pending "
                       f"{stats.pending}  retries {stats.delayed}  rss {'/'.join(f'{r:.0f}' for r in rss)} MB")
             if enqueue_task.done() and stats.lag == 0 and stats.pending == 0 and stats.delayed == 0:
@@ -452,7 +462,9 @@ class Bench:
             got[pair] += 1
             if pair[0] in enqueued_at:
                 latencies.append((at - enqueued_at[pair[0]]) * 1000)
-        dead_pairs = await self._dead_pairs(redis, keys)
+        dead_pairs: set[tuple[str, str]] = set()
+        for keys in shards.all_keys():
+            dead_pairs |= await self._dead_pairs(redis, keys)
         if sinks is not None:
             webpush_expected = Counter(k for _, k in expected if k.startswith("webpush:"))
             exact = [p for p in expected if not p[1].startswith("webpush:")]
@@ -499,16 +511,17 @@ class Bench:
         out["_latencies"] = latencies
         return out
 
-    async def _workers_ready(self, redis: Any, keys: Any, processes: int, timeout_s: float = 60.0) -> None:
+    async def _workers_ready(self, redis: Any, shard_keys: Any, processes: int, timeout_s: float = 60.0) -> None:
         """Wait until every worker process has joined the consumer group (imports done, providers built,
         first read issued), so neither the clock nor the CPU meter bills their start-up to the deliveries;
         on a loaded machine that takes several seconds, far more than a fixed pause would allow."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             joined: set[str] = set()
-            for stream in (keys.stream, keys.stream_high):
-                with contextlib.suppress(Exception):  # the group exists once a worker created it
-                    joined.update(str(c.get("name")) for c in await redis.xinfo_consumers(stream, keys.group))
+            for keys in shard_keys:
+                for stream in (keys.stream, keys.stream_high):
+                    with contextlib.suppress(Exception):  # the group exists once a worker created it
+                        joined.update(str(c.get("name")) for c in await redis.xinfo_consumers(stream, keys.group))
             if len(joined) >= processes:
                 break
             await asyncio.sleep(0.1)
@@ -593,11 +606,19 @@ class Bench:
                 "baseline_cpu_us_per_delivery": split, "baseline_deliveries_by_provider": dict(counts)}
 
 
-async def store_population(redis: Any, keys: Any, pop: Population, policy: str) -> None:
-    """Register every user's devices (and, for policy "full", some preferences) in one pipeline."""
+def sum_stats(stats: list[Any]) -> Any:
+    """The queue figures of every shard together."""
+    return replace(stats[0], **{f: sum(getattr(s, f) for s in stats) for f in
+                                ("lag", "lag_high", "pending", "delayed", "dead_letters", "length")})
+
+
+async def store_population(redis: Any, shards: Any, pop: Population, policy: str) -> None:
+    """Register every user's devices (and, for policy "full", some preferences) in one pipeline, each user's
+    on its shard."""
     async with redis.pipeline(transaction=False) as pipe:
         zones = ("Europe/Paris", "America/New_York", "Asia/Kolkata", "Africa/Lagos")
         for i, (user, devs) in enumerate(pop.devices.items()):
+            keys = shards.user_keys(user)
             pipe.hset(keys.devices(user), mapping={d.key: orjson.dumps(d.to_json()) for d in devs})
             if policy == "full" and i % 5 == 0:  # a fifth of the learners stored a time zone and an opt-out
                 pipe.hset(keys.user(user), mapping={"tz": zones[i % 4], "opt_out": b'{"all":false,"categories":["x"]}'})
@@ -828,4 +849,14 @@ def options_from(ns: Any) -> Options:
     return replace(Options(), messages=ns.messages, users=ns.users, processes=ns.processes, mode=ns.mode, rate=ns.rate,
                    duration_s=ns.duration, baseline=not ns.no_baseline, json_path=ns.json, plots_dir=ns.plots,
                    seed=ns.seed, policy=ns.policy, rich=ns.rich,
-                   profile_dir=getattr(ns, "profile", None))
+                   profile_dir=getattr(ns, "profile", None), cluster=_cluster_masters(ns.redis))
+
+
+def _cluster_masters(value: str) -> int:
+    """`--redis single` (one embedded Redis) or `cluster:N` (a loopback Redis Cluster of N masters)."""
+    kind, _, masters = value.partition(":")
+    if kind == "single" and not masters:
+        return 0
+    if kind == "cluster" and masters.isdigit() and int(masters) >= 1:
+        return int(masters)
+    raise ValueError(f"--redis must be single or cluster:N (N masters), not {value!r}")

@@ -26,12 +26,32 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class SentinelSettings:
+    """`[redis.sentinel]`: find the master through Redis Sentinel and follow it across failovers."""
+
+    addresses: tuple[str, ...] = ()  # "host:port" of the sentinels; empty: Sentinel mode is off
+    master: str = ""  # the name the sentinels monitor (`sentinel monitor <master> ...`)
+    password: str = field(default="", repr=False)  # AUTH for the master and replicas
+    sentinel_password: str = field(default="", repr=False)  # AUTH for the sentinels themselves
+    db: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class RedisSettings:
-    url: str = ""  # empty: start a private embedded redis-server
+    url: str = ""  # empty: start a private embedded redis-server (unless [redis.sentinel] is set)
     prefix: str = "pushgw"
     embedded_dir: str = ".pushgw/redis"
     embedded_aof: bool = True
     embedded_fsync: str = "everysec"  # "always": no acknowledged enqueue lost even if Redis is killed
+    # WAIT for this many replicas to confirm an enqueue before it is acknowledged (0: asynchronous replication,
+    # a failover may lose the last acknowledged writes); wait_timeout_ms bounds the wait (the API answers 503 past it).
+    wait_replicas: int = 0
+    wait_timeout_ms: int = 1000
+    sentinel: SentinelSettings = SentinelSettings()
+    # Redis Cluster: keys spread over `shards` hash tags (queue/shards.py); fixed for a deployment's life.
+    cluster: bool = False
+    cluster_nodes: tuple[str, ...] = ()  # "host:port" seed nodes; the client discovers the rest
+    shards: int = 16
 
 
 # enqueue: messages; devices: devices, preferences, learner attributes; admin: dead letters, token events;
@@ -278,7 +298,7 @@ def _section(cls: Any, section: str, data: Mapping[str, Any], env: Mapping[str, 
     values: dict[str, Any] = dict(fixed)
     defaults = cls(**fixed)
     for name in known:
-        if name in fixed or name in ("clients", "caps", "category_windows", "provider_rates"):  # tables, parsed apart
+        if name in fixed or name in ("clients", "caps", "category_windows", "provider_rates", "sentinel"):  # tables
             continue
         default = getattr(defaults, name)
         raw = data.get(name)
@@ -288,6 +308,45 @@ def _section(cls: Any, section: str, data: Mapping[str, Any], env: Mapping[str, 
         if raw is not None:
             values[name] = _coerce(section, name, raw, default)
     return cls(**values)
+
+
+def _check_addresses(where: str, addresses: tuple[str, ...]) -> None:
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{where}: {address!r} is not host:port")
+
+
+def _redis(data: Mapping[str, Any], env: Mapping[str, str]) -> RedisSettings:
+    sentinel_data = data.get("sentinel", {})
+    if not isinstance(sentinel_data, dict):
+        raise ConfigError("redis.sentinel must be a table ([redis.sentinel] with addresses and master)")
+    sentinel = _section(SentinelSettings, "redis.sentinel", sentinel_data, env)
+    redis: RedisSettings = replace(_section(RedisSettings, "redis", data, env), sentinel=sentinel)
+    if sentinel.addresses:
+        if not sentinel.master:
+            raise ConfigError("redis.sentinel.master is required: the master name the sentinels monitor")
+        if redis.url:
+            raise ConfigError("set either redis.url or [redis.sentinel], not both")
+        _check_addresses("redis.sentinel.addresses", sentinel.addresses)
+    elif sentinel.master:
+        raise ConfigError("redis.sentinel.addresses is required with redis.sentinel.master")
+    if not 1 <= redis.shards <= 1024:
+        raise ConfigError(f"redis.shards must be between 1 and 1024, got {redis.shards}")
+    if redis.cluster:
+        if not redis.cluster_nodes:
+            raise ConfigError("redis.cluster_nodes is required with redis.cluster = true (host:port seed nodes)")
+        if redis.url or sentinel.addresses:
+            raise ConfigError("redis.cluster = true takes its nodes from redis.cluster_nodes: "
+                              "unset redis.url and [redis.sentinel]")
+        _check_addresses("redis.cluster_nodes", redis.cluster_nodes)
+        if redis.wait_replicas:
+            raise ConfigError("redis.wait_replicas is for one Redis or Sentinel: on Redis Cluster WAIT would have to "
+                              "follow each shard's node, which the gateway does not do yet")
+    if redis.wait_replicas and redis.wait_timeout_ms < 1:
+        raise ConfigError("redis.wait_timeout_ms must be at least 1 when redis.wait_replicas is set "
+                          "(WAIT with 0 would block forever)")
+    return redis
 
 
 def _clients(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[ApiClient, ...]:
@@ -416,7 +475,7 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     _check_policy(policy)
     settings = Settings(
         policy=policy,
-        redis=_section(RedisSettings, "redis", data.get("redis", {}), env),
+        redis=_redis(data.get("redis", {}), env),
         api=api,
         worker=_section(WorkerSettings, "worker", data.get("worker", {}), env),
         providers=_section(ProviderSettings, "providers", data.get("providers", {}), env),

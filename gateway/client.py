@@ -25,7 +25,7 @@ from ..campaigns.templates import Rendered, Template, Templates
 from ..core.config import Settings
 from ..core.schema import Device
 from ..queue.connection import redis_from_url
-from ..users.profiles import Preferences, Profiles
+from ..users.profiles import Preferences
 from .intake import Intake
 
 
@@ -40,7 +40,6 @@ class PushClient:
     def __init__(self, redis: aioredis.Redis, settings: Settings, *, owns_redis: bool = False) -> None:
         self.redis = redis
         self._intake = Intake(redis, settings, source="client")
-        self._profiles = Profiles(redis, self._intake.keys)
         self._campaigns = CampaignStore(redis, self._intake.keys)
         self._owns = owns_redis
 
@@ -60,10 +59,10 @@ class PushClient:
         return await self._intake.register_device(user, device)
 
     async def unregister_device(self, user: str, key: str) -> bool:
-        return await self._intake.registry.unregister(user, key)
+        return await self._intake.registry_for(user).unregister(user, key)
 
     async def devices(self, user: str) -> list[Device]:
-        return await self._intake.registry.devices(user)
+        return await self._intake.registry_for(user).devices(user)
 
     async def set_preferences(
         self, user: str, *, timezone: str | Unset | None = UNSET, opt_out_all: bool | None = None,
@@ -80,10 +79,10 @@ class PushClient:
             opt_out["categories"] = list(opt_out_categories)
         if opt_out:
             update["opt_out"] = opt_out
-        return await self._profiles.update(user, update)
+        return await self._intake.profiles_for(user).update(user, update)
 
     async def preferences(self, user: str) -> Preferences:
-        return await self._profiles.get(user)
+        return await self._intake.profiles_for(user).get(user)
 
     # ------------------------------------------------------------------ campaigns (campaigns/*)
 

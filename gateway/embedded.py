@@ -43,6 +43,19 @@ def find_redis_server() -> str:
     return candidate
 
 
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a redis-server (it exits cleanly), SIGKILL it if it has not exited within 5 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stderr:
+        proc.stderr.close()
+
+
 class EmbeddedRedis:
     """Start with `with EmbeddedRedis(dir) as r: r.url`, or `start()` / `stop()`."""
 
@@ -119,15 +132,7 @@ class EmbeddedRedis:
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stderr:
-            self.proc.stderr.close()
+        stop_process(self.proc)
         self.proc = None
         self.socket_path.unlink(missing_ok=True)
 

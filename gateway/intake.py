@@ -34,7 +34,8 @@ from ..providers.base import PayloadTooLarge
 from ..providers.endpoints import EndpointPolicy
 from ..providers.payloads import check_payload_limits
 from ..queue.keys import Keys
-from ..queue.streams import StreamQueue
+from ..queue.sharded import ShardedQueue, shard_map
+from ..users.profiles import Profiles
 from ..users.registry import DeviceRegistry
 
 ENQUEUE_CHUNK = 500  # messages per Lua call: keeps one script run short for other Redis clients
@@ -59,9 +60,14 @@ class Intake:
     def __init__(self, redis: aioredis.Redis, settings: Settings, *, source: str = "api") -> None:
         self.settings = settings
         self.keys = Keys(settings.redis.prefix)
-        self.queue = StreamQueue(redis, self.keys, idempotency_window_s=settings.worker.idempotency_window_s,
-                                 done_ttl_s=settings.worker.done_ttl_s)
-        self.registry = DeviceRegistry(redis, self.keys)
+        # One queue per shard (one under today's keys with a single Redis); a user's devices live on its shard.
+        self.shards = shard_map(settings.redis)
+        self.queue = ShardedQueue(redis, self.shards, idempotency_window_s=settings.worker.idempotency_window_s,
+                                  done_ttl_s=settings.worker.done_ttl_s, wait_replicas=settings.redis.wait_replicas,
+                                  wait_timeout_ms=settings.redis.wait_timeout_ms)
+        self.registries = [DeviceRegistry(redis, k) for k in self.shards.all_keys()]
+        self.registry = self.registries[0]
+        self.profiles = [Profiles(redis, k) for k in self.shards.all_keys()]
         self.policy = EndpointPolicy(settings.webpush)
         # `app` names an [apns.<name>] or [fcm.<name>] section; "default" (the field's default) always passes.
         self.apps = frozenset({"default", *(a.name for a in settings.apns), *(a.name for a in settings.fcm)})
@@ -304,5 +310,13 @@ class Intake:
         """Validate and add a device for `user`; raises `MessageInvalid` or `RegistryFull`."""
         user = parse_user(user)
         device = self.parse_device(obj)
-        await self.registry.register(user, device)
+        await self.registry_for(user).register(user, device)
         return device
+
+    def registry_for(self, user: str) -> DeviceRegistry:
+        """The registry of the user's shard (the only one with a single Redis)."""
+        return self.registries[self.shards.shard_of(user)]
+
+    def profiles_for(self, user: str) -> Profiles:
+        """The preferences store of the user's shard, where the workers' policy reads them."""
+        return self.profiles[self.shards.shard_of(user)]

@@ -18,7 +18,7 @@ import time
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from ..automations.engine import AutomationRunner
 from ..campaigns.fanout import FanoutRunner
@@ -26,10 +26,12 @@ from ..core.config import Settings
 from ..core.logs import setup_logging
 from ..core.metrics import HELD, mark_process_dead
 from ..providers import build_providers
-from ..queue.connection import use_hiredis_packing
+from ..queue.connection import blocking_redis
 from ..queue.keys import Keys
+from ..queue.sharded import shard_map
 from ..ratelimit.policy import DeliveryPolicy
 from ..ratelimit.provider_rate import rates_for
+from .shard_owner import BEAT_S, ShardOwner
 from .worker import Worker
 
 try:
@@ -51,15 +53,9 @@ def install_loop() -> None:
 
 
 def make_redis(redis_url: str, max_connections: int = 64, timeout_s: float | None = None) -> Any:
-    """A Redis client on a blocking pool: redis-py's default pool raises when every connection is
-    busy instead of waiting. `timeout_s` bounds connect and each command (the API's 503 path)."""
+    """A Redis client on a blocking pool (queue/connection.py `blocking_redis`: also for Sentinel URLs)."""
 
-    pool = aioredis.BlockingConnectionPool.from_url(
-        redis_url, max_connections=max_connections, timeout=timeout_s, health_check_interval=30,
-        socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
-    )
-    use_hiredis_packing(pool)
-    return aioredis.Redis(connection_pool=pool)
+    return blocking_redis(redis_url, max_connections=max_connections, timeout_s=timeout_s)
 
 
 async def run_worker(settings: Settings, redis_url: str, consumer: str, stop: asyncio.Event | None = None) -> None:
@@ -73,8 +69,17 @@ async def run_worker(settings: Settings, redis_url: str, consumer: str, stop: as
     providers = build_providers(settings)
 
     keys = Keys(settings.redis.prefix)
-    limiter = DeliveryPolicy(client, keys, settings.policy) if settings.policy.enabled else None
     rates = rates_for(client, keys, settings.policy.provider_rates)
+    if settings.redis.cluster:
+        log.warning("redis.cluster is experimental: under saturating load it repeated and lost deliveries "
+                    "(README, Scaling Redis)", extra={"consumer": consumer})
+        await _run_shard_workers(settings, client, providers, consumer, rates, stop)
+        for p in providers.values():
+            await p.close()
+        HELD.apply()
+        await client.aclose()
+        return
+    limiter = DeliveryPolicy(client, keys, settings.policy) if settings.policy.enabled else None
     # Every worker process also runs campaign fan-outs (one lease per job), so a launch never blocks the API.
 
     fanout = asyncio.create_task(FanoutRunner(client, settings).run(stop), name="fanout")
@@ -93,6 +98,50 @@ async def run_worker(settings: Settings, redis_url: str, consumer: str, stop: as
 
         HELD.apply()  # the last few milliseconds of provider latencies
         await client.aclose()
+
+
+async def _run_shard_workers(settings: Settings, client: Any, providers: Any, consumer: str, rates: Any,
+                             stop: asyncio.Event) -> None:
+    """Redis Cluster: one worker per owned shard, the shares rebalanced at every heartbeat (gateway/shard_owner.py);
+    a shard given up drains (its worker stops reading and finishes what it holds) while its new owner reads it."""
+    shards = shard_map(settings.redis)
+    owner = ShardOwner(client, shards.shared, consumer, shards.count)
+    running: dict[int, tuple[asyncio.Event, asyncio.Task[None]]] = {}
+    draining: set[asyncio.Task[None]] = set()
+
+    def start(shard: int) -> None:
+        keys = shards.keys(shard)
+        limiter = DeliveryPolicy(client, keys, settings.policy) if settings.policy.enabled else None
+        worker = Worker(settings, client, providers, consumer=consumer, limiter=limiter, rates=rates, keys=keys)
+        shard_stop = asyncio.Event()
+        running[shard] = (shard_stop, asyncio.create_task(worker.run(shard_stop), name=f"shard-{shard}"))
+
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(ConnectionError, OSError, RedisError):  # keep the current share meanwhile
+                owned = await owner.beat()
+                for shard, (_, task) in list(running.items()):
+                    if task.done():  # a worker that failed is started again: no owned shard stays unread
+                        error = None if task.cancelled() else task.exception()
+                        log.error("shard worker stopped; restarting", extra={"consumer": consumer, "error": repr(error)})
+                        del running[shard]
+                if owned != running.keys():
+                    log.info("shards owned", extra={"consumer": consumer, "count": len(owned)})
+                for shard in owned - running.keys():
+                    start(shard)
+                for shard in running.keys() - owned:
+                    shard_stop, task = running.pop(shard)
+                    shard_stop.set()  # drains in the background while the new owner reads the shard
+                    draining.add(task)
+                    task.add_done_callback(draining.discard)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), BEAT_S)
+    finally:
+        for shard_stop, _ in running.values():
+            shard_stop.set()
+        await asyncio.gather(*(task for _, task in running.values()), *draining, return_exceptions=True)
+        with contextlib.suppress(ConnectionError, OSError, RedisError):
+            await owner.leave()
 
 
 async def _orphan_watch(parent: int, stop: asyncio.Event) -> None:

@@ -67,11 +67,12 @@ class Worker:
         rates: Mapping[str, SharedRate] | None = None,
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
+        keys: Keys | None = None,
     ) -> None:
         self.settings = settings
         self.ws = settings.worker
         self.redis = redis
-        self.keys = Keys(settings.redis.prefix)
+        self.keys = keys or Keys(settings.redis.prefix)  # a shard's keys on Redis Cluster (queue/shards.py)
         self.queue = StreamQueue(
             redis, self.keys, idempotency_window_s=self.ws.idempotency_window_s, done_ttl_s=self.ws.done_ttl_s
         )

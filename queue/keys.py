@@ -69,6 +69,12 @@ class Keys:
         """Device keys of a stream entry (`Entry.ref`) whose delivery has settled (skipped if it is redelivered)."""
         return f"{self.prefix}:done:{ref}"
 
+    @property
+    def live_workers(self) -> str:
+        """Sorted set of worker processes' consumer names scored by when their lease ends (Redis Cluster: who
+        reads which shards, gateway/shard_owner.py)."""
+        return f"{self.prefix}:workers"
+
     def user(self, user: str) -> str:
         """Hash of a user's stored preferences: time zone, opt-outs (users/profiles.py)."""
         return f"{self.prefix}:user:{user}"

@@ -31,9 +31,11 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..core.records import record
 from ..core.schema import Device, Message
+from .connection import follow_master
 from .keys import Keys
 
 INVALID_TOKEN_EVENTS_MAXLEN = 1_000_000  # events are a feed for upstream services, not a record
@@ -228,6 +230,11 @@ class QueueStats:
     length: int  # entries held in the stream (including acknowledged history not yet trimmed)
 
 
+class ReplicationTimeout(RedisTimeoutError):
+    """Fewer replicas than `redis.wait_replicas` confirmed an enqueue in time: it is on the master but may be
+    lost by a failover, so it is not acknowledged (the API answers 503; resending the same ids is safe)."""
+
+
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -240,9 +247,13 @@ class StreamQueue:
         *,
         idempotency_window_s: int = 86400,
         done_ttl_s: int = 86400,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> None:
         self.redis = redis
         self.keys = keys
+        self.wait_replicas = max(0, int(wait_replicas))
+        self.wait_timeout_ms = max(1, int(wait_timeout_ms))
         self.idempotency_window_s = max(1, int(idempotency_window_s))
         self.done_ttl_s = max(1, int(done_ttl_s))
         self._enqueue = redis.register_script(_ENQUEUE)
@@ -290,7 +301,20 @@ class StreamQueue:
                 keys.append(k.ref_ids(o, m.ref))
                 ref = len(keys)
             args += [m.dumps(), lane_code(m).upper(), due, f"{ref}:{o}" if o != default else str(ref)]
-        flags = await self._enqueue(keys=keys, args=args)
+        if not self.wait_replicas:
+            flags = await self._enqueue(keys=keys, args=args)
+            return [bool(f) for f in flags]
+        # WAIT counts the replicas that have the writes of this connection: the script and WAIT share one
+        # pipeline, so one connection (https://redis.io/docs/latest/commands/wait/).
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await self._enqueue(keys=keys, args=args, client=pipe)
+            pipe.wait(self.wait_replicas, self.wait_timeout_ms)
+            flags, acked = await pipe.execute()
+        if int(acked) < self.wait_replicas:
+            await follow_master(self.redis)  # a promotion, if that is why: the next attempt goes to the new master
+            raise ReplicationTimeout(
+                f"{int(acked)} of {self.wait_replicas} replicas confirmed the enqueue within {self.wait_timeout_ms} ms"
+            )
         return [bool(f) for f in flags]
 
     async def enqueue_raw(self, fields: dict[str, bytes | str], lane: str = "normal") -> str:

@@ -32,7 +32,7 @@ from ..core.schema import Message
 from ..queue.keys import Keys
 from .base import ADMIT, Decision, Defer, Drop
 
-# KEYS: per message, its cap key and its burst key ("" when the rule does not apply).
+# KEYS: per message, its cap key and its burst key (ignored when the rule's limit is 0: then cap_key or burst_key is '').
 # ARGV: now_ms, burst_limit, burst_period_ms, then per message: member id, cap limit, cap period ms.
 # Returns per message: 0 admitted, else the ms time the blocking rule frees a slot, negated when
 # the blocking rule is the burst limit (so the caller knows which rule said no).
@@ -121,8 +121,10 @@ class FrequencyCaps:
             cap = self._caps.get(m.category)
             if cap is None and not burst_on:
                 continue
-            keys.append(self._keys.cap(m.user, m.category) if cap else "")
-            keys.append(self._keys.burst(m.user) if burst_on else "")
+            # A rule that does not apply gets the other rule's key, which the script ignores (its limit is 0): every
+            # key of the call is the user's, on one Redis Cluster slot (queue/shards.py), never a "" of its own.
+            keys.append(self._keys.cap(m.user, m.category) if cap else self._keys.burst(m.user))
+            keys.append(self._keys.burst(m.user) if burst_on else self._keys.cap(m.user, m.category))
             member = members[i] if members is not None else m.id
             args += [member, cap.limit, self._period_ms[m.category]] if cap else [member, 0, 0]
             index.append(i)

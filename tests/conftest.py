@@ -17,6 +17,7 @@ from pushgw.core.config import ApnsApp, FcmApp, ProviderSettings, Settings, WebP
 from pushgw.core.schema import Device
 from pushgw.gateway.api import create_app
 from pushgw.gateway.embedded import EmbeddedRedis
+from pushgw.gateway.topology import LocalCluster
 from pushgw.providers.apns import ApnsProvider
 from pushgw.providers.fakes.apns import ApnsKey, FakeApns, make_apns_key
 from pushgw.providers.fakes.fcm import FakeFcm
@@ -47,6 +48,22 @@ async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await client.flushall()  # our own private server: every test starts empty
     yield client
     await client.aclose()
+
+
+# Redis Clusters on loopback (gateway/topology.py), one per run each: a 1-node cluster owning every slot catches
+# any cross-slot command as cheaply as one Redis; 3 masters add MOVED redirections between nodes.
+@pytest.fixture(scope="session")
+def cluster1(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster1"), masters=1).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster3"), masters=3).start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")

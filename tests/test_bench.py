@@ -69,3 +69,15 @@ def test_bench_fast_mode_with_nginx_sinks(tmp_path: Path) -> None:
 def test_bench_rich_sends_a_share_of_rich_messages_through_the_strict_fakes(tmp_path: Path) -> None:
     result = _bench(tmp_path, "--mode", "strict", "--rich", "0.5")
     assert result["rich"] == 0.5 and result["baseline_delivered"] == result["baseline_deliveries"]
+
+
+def test_bench_on_a_three_master_redis_cluster(tmp_path: Path) -> None:
+    result = _bench(tmp_path, "--mode", "strict", "--redis", "cluster:3")
+    split = result["cpu_us_per_delivery"]
+    assert isinstance(split, dict) and split["redis"] > 0  # the three nodes' CPU is measured
+
+
+def test_bench_refuses_an_unknown_redis_topology(tmp_path: Path) -> None:
+    pushgw = Path(sys.executable).with_name("pushgw")
+    proc = subprocess.run([str(pushgw), "bench", "--redis", "cluster:x"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--redis must be single or cluster:N" in proc.stderr

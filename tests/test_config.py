@@ -61,6 +61,14 @@ def test_secrets_stay_out_of_repr(tmp: Path) -> None:
         ("", {"PUSHGW_WORKER_BLOCK_MS": "-5"}, "worker.block_ms"),
         ("", {"PUSHGW_LOG_LEVEL": "LOUD"}, "log.level"),
         ("[nope]\nx = 1", {}, "nope"),
+        ("[redis]\ncluster = true", {}, "redis.cluster_nodes is required"),
+        ("[redis]\ncluster = true\ncluster_nodes = ['h:1']\nurl = 'redis://h:2'", {}, "unset redis.url"),
+        ("[redis]\ncluster = true\ncluster_nodes = ['h']", {}, "redis.cluster_nodes: 'h' is not host:port"),
+        ("[redis]\ncluster = true\ncluster_nodes = ['h:1']\nwait_replicas = 1", {}, "redis.wait_replicas"),
+        ("[redis]\nshards = 0", {}, "redis.shards"),
+        ("", {"PUSHGW_REDIS_SHARDS": "2000"}, "redis.shards"),
+        ("[redis]\nwait_replicas = 1\nwait_timeout_ms = 0", {}, "redis.wait_timeout_ms"),
+        ("[redis.sentinel]\nmaster = 'm'", {}, "redis.sentinel.addresses is required"),
     ],
 )
 def test_bad_settings_name_the_setting(tmp: Path, text: str, env: dict[str, str], named: str) -> None:

@@ -17,12 +17,11 @@ from ...core import metrics
 from ...core.config import ConfigError, Settings
 from ...core.logs import setup_logging
 from ...core.schema import MessageInvalid
-from ...users.profiles import Profiles
 from ..intake import Intake
 from ..pool import make_redis
 from . import automation_routes, campaign_routes, probes, routes
 from .auth import Authenticator, Handler, auth_middleware
-from .context import CLIENT, ENGINE, INTAKE, PROFILES, REDIS, SETTINGS
+from .context import CLIENT, ENGINE, INTAKE, REDIS, SETTINGS
 from .errors import SERVER_NAME, ApiError, invalid_message
 from .server import run_until_signal, start_api
 
@@ -68,6 +67,22 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
+# The routes whose data is sharded on Redis Cluster (queue/shards.py); the others (dead letters, token events,
+# learner attributes, templates, audiences, campaigns, app events) still use one Redis's keys and answer 501.
+CLUSTER_READY_ROUTES = frozenset({
+    "/v1/messages", "/v1/messages/batch", "/v1/users/{user}/devices", "/v1/users/{user}/devices/{key}",
+    "/v1/users/{user}/preferences", "/healthz", "/readyz", "/metrics", "/openapi.yaml",
+})
+
+
+@web.middleware
+async def _cluster_ready(request: web.Request, handler: Handler) -> web.StreamResponse:
+    route = _route_name(request)
+    if route != "unmatched" and route not in CLUSTER_READY_ROUTES:
+        raise ApiError(501, "not_in_cluster_mode", f"{route} does not work on Redis Cluster yet")
+    return await handler(request)
+
+
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["Server"] = SERVER_NAME
 
@@ -78,11 +93,11 @@ def create_app(settings: Settings, redis: aioredis.Redis) -> web.Application:
         raise ConfigError("the HTTP API needs at least one client: set PUSHGW_API_TOKEN or add [[api.clients]]")
     intake = Intake(redis, settings, source="api")
     auth = Authenticator(settings.api.clients, redis, intake.keys)
-    app = web.Application(middlewares=[_errors, auth_middleware(auth)], client_max_size=settings.api.max_body_bytes)
+    middlewares = [_errors, auth_middleware(auth)] + ([_cluster_ready] if settings.redis.cluster else [])
+    app = web.Application(middlewares=middlewares, client_max_size=settings.api.max_body_bytes)
     app[SETTINGS] = settings
     app[REDIS] = redis
     app[INTAKE] = intake
-    app[PROFILES] = Profiles(redis, app[INTAKE].keys)
     app[ENGINE] = Engine(redis, settings)
     app.on_response_prepare.append(_server_header)
     routes.add_routes(app, auth)

@@ -7,12 +7,10 @@ from aiohttp import web
 
 from ...automations.engine import Engine
 from ...core.config import ApiClient, Settings
-from ...users.profiles import Profiles
 from ..intake import Intake
 
 ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
 CLIENT: web.RequestKey[ApiClient] = web.RequestKey("client", ApiClient)
 INTAKE: web.AppKey[Intake] = web.AppKey("intake", Intake)
-PROFILES: web.AppKey[Profiles] = web.AppKey("profiles", Profiles)
 REDIS: web.AppKey[aioredis.Redis] = web.AppKey("redis", aioredis.Redis)
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)

@@ -9,7 +9,7 @@ from ...core.schema import ID_RE, FieldError, MessageInvalid
 from ...queue.deadletter import DeadLetters
 from ...users.registry import RegistryFull
 from .auth import Authenticator, require_scope
-from .context import INTAKE, PROFILES, REDIS, SETTINGS
+from .context import INTAKE, REDIS, SETTINGS
 from .errors import ApiError, json_response, read_json
 
 
@@ -75,13 +75,15 @@ class Routes:
     async def list_devices(self, request: web.Request) -> web.Response:
         client = require_scope(request, "devices")
         await self.auth.charge(client, 1)
-        devices = await request.app[INTAKE].registry.devices(request.match_info["user"])
+        user = request.match_info["user"]
+        devices = await request.app[INTAKE].registry_for(user).devices(user)
         return json_response({"devices": [d.to_json() | {"key": d.key} for d in devices]})
 
     async def delete_device(self, request: web.Request) -> web.Response:
         client = require_scope(request, "devices")
         await self.auth.charge(client, 1)
-        if not await request.app[INTAKE].registry.unregister(request.match_info["user"], request.match_info["key"]):
+        user = request.match_info["user"]
+        if not await request.app[INTAKE].registry_for(user).unregister(user, request.match_info["key"]):
             raise ApiError(404, "not_found", "no such device for this user")
         return web.Response(status=204)
 
@@ -90,13 +92,15 @@ class Routes:
         client = require_scope(request, "devices")
         body = await read_json(request)
         await self.auth.charge(client, 1)
-        prefs = await request.app[PROFILES].update(request.match_info["user"], body, merge=request.method == "PATCH")
+        user = request.match_info["user"]
+        prefs = await request.app[INTAKE].profiles_for(user).update(user, body, merge=request.method == "PATCH")
         return json_response(prefs.to_json())
 
     async def get_preferences(self, request: web.Request) -> web.Response:
         client = require_scope(request, "devices")
         await self.auth.charge(client, 1)
-        prefs = await request.app[PROFILES].get(request.match_info["user"])
+        user = request.match_info["user"]
+        prefs = await request.app[INTAKE].profiles_for(user).get(user)
         return json_response(prefs.to_json())
 
     async def dead_letters(self, request: web.Request) -> web.Response:

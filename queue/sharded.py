@@ -1,0 +1,88 @@
+"""The work queue over every shard (queue/shards.py): one `StreamQueue` per shard, a batch split by shard.
+
+With one Redis there is one shard, whose queue is today's `StreamQueue` under today's key names, and `enqueue`
+is that queue's single Lua call: a batch is queued all or nothing.
+
+On Redis Cluster a batch is split by shard (a message's user's shard, or its id's when it has no user) and the
+shards' calls run concurrently, each one Lua call on one slot. A batch is then all or nothing per shard only: if
+one shard's call fails the whole call raises (the API answers 503) though other shards may have queued their
+part. Resending the same batch is safe because ids are idempotent: what was queued comes back as a duplicate. A
+message sent without an id gets a new one on each attempt, so clients of a cluster deployment should set ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from ..core.config import RedisSettings
+from ..core.schema import Message
+from .keys import Keys
+from .shards import ShardMap
+from .streams import CancelStatus, StreamQueue
+
+
+def shard_map(s: RedisSettings) -> ShardMap:
+    """The deployment's shards: `redis.shards` tags on Redis Cluster, one shard under today's names otherwise."""
+    return ShardMap.cluster(s.prefix, s.shards) if s.cluster else ShardMap.single(s.prefix)
+
+
+class ShardedQueue:
+    def __init__(self, redis: Any, shards: ShardMap, **options: Any) -> None:
+        self.redis = redis
+        self.shards = shards
+        self.queues = [StreamQueue(redis, k, **options) for k in shards.all_keys()]
+
+    def shard_of(self, message: Message) -> int:
+        return self.shards.shard_of(message.user or message.id)
+
+    def keys_of(self, message: Message) -> Keys:
+        return self.shards.keys(self.shard_of(message))
+
+    async def ensure_group(self) -> None:
+        await asyncio.gather(*(q.ensure_group() for q in self.queues))
+
+    async def enqueue(self, messages: Sequence[Message], now_ms: int | None = None,
+                      owner: str | Sequence[str] = "") -> list[bool]:
+        """Queue validated messages, one Lua call per shard (concurrently); False for an id already accepted.
+        `owner`: the API client who alone may withdraw them, one for all or one per message."""
+        if len(self.queues) == 1:
+            return await self.queues[0].enqueue(messages, now_ms, owner=owner)
+        positions: dict[int, list[int]] = {}
+        for i, m in enumerate(messages):
+            positions.setdefault(self.shard_of(m), []).append(i)
+        parts = list(positions.items())
+
+        def owners(idx: list[int]) -> str | list[str]:
+            return owner if isinstance(owner, str) else [owner[i] for i in idx]
+
+        replies = await asyncio.gather(
+            *(self.queues[n].enqueue([messages[i] for i in idx], now_ms, owner=owners(idx)) for n, idx in parts),
+            return_exceptions=True,
+        )
+        flags = [False] * len(messages)
+        for (_, idx), reply in zip(parts, replies, strict=True):
+            if isinstance(reply, BaseException):
+                raise reply
+            for i, flag in zip(idx, reply, strict=True):
+                flags[i] = flag
+        return flags
+
+    async def cancel(self, ids: Sequence[str], client: str, *, admin: bool = False) -> list[CancelStatus]:
+        """Withdraw messages still waiting. An id alone does not name its shard (a message lives on its user's),
+        so on Redis Cluster every shard is asked, each atomically, and the shard that knows the id answers."""
+        if len(self.queues) == 1:
+            return await self.queues[0].cancel(ids, client, admin=admin)
+        answers = await asyncio.gather(*(q.cancel(ids, client, admin=admin) for q in self.queues))
+        out: list[CancelStatus] = []
+        for i, msg_id in enumerate(ids):
+            found = [a[i].status for a in answers if a[i].status != "unknown"]
+            out.append(CancelStatus(msg_id, found[0] if found else "unknown"))
+        return out
+
+    async def cancel_ref(self, ref: str, client: str) -> list[str]:
+        """Withdraw every message `client` enqueued with this `ref` that is still waiting, on every shard."""
+        if len(self.queues) == 1:
+            return await self.queues[0].cancel_ref(ref, client)
+        return sorted(i for ids in await asyncio.gather(*(q.cancel_ref(ref, client) for q in self.queues)) for i in ids)
