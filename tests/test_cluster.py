@@ -139,6 +139,23 @@ async def test_every_shard_queue_operation_stays_on_its_slot(client: ShardedClus
     assert await getkeys_calls(client) == 0  # XREADGROUP's slot is computed here, not asked of a node
 
 
+async def test_cancel_by_id_and_by_ref_finds_messages_on_every_shard(client: ShardedCluster) -> None:
+    queue = ShardedQueue(client, shard_map(cluster_settings_for(client).redis))
+    await queue.ensure_group()
+    later = time.time() + 3600
+    msgs = [parse_message({"id": f"s-{u}", "user": u, "body": "b", "send_at": later, "ref": "session-812"})
+            for u in USERS[:12]]
+    assert len({queue.shard_of(m) for m in msgs}) > 1  # the withdrawals below cross shards
+    assert await queue.enqueue(msgs, owner="course") == [True] * len(msgs)
+    first, *rest = msgs
+    found = await queue.cancel([first.id, "never-queued"], "course")
+    assert [(c.id, c.status) for c in found] == [(first.id, "cancelled"), ("never-queued", "unknown")]
+    assert [c.status for c in await queue.cancel([rest[0].id], "another-client")] == ["unknown"]
+    assert await queue.cancel_ref("session-812", "course") == sorted(m.id for m in rest)
+    assert await queue.cancel_ref("session-812", "course") == []
+    assert sum([(await q.stats()).delayed for q in queue.queues]) == 0
+
+
 def cluster_settings_for(client: ShardedCluster) -> Settings:
     seeds = tuple(f"{n.host}:{n.port}" for n in client.startup_nodes)
     return Settings(redis=RedisSettings(prefix="ct", cluster=True, cluster_nodes=seeds, shards=16))
