@@ -143,6 +143,9 @@ class Message:
     # Internal: written by a stored campaign's fan-out (campaigns/fanout.py); only such messages count in the
     # campaign's report and metric labels, so an upstream message labelled with its id cannot change them.
     fanout: bool = False
+    # Internal: the API client that enqueued it (gateway/intake.py): who may read its status, whose webhooks
+    # get its outcome events. None: enqueued by the CLI, the Python client or a campaign fan-out.
+    client: str | None = None
     v: int = SCHEMA_VERSION
 
     @property
@@ -195,6 +198,8 @@ class Message:
             out["resolved"] = True
         if self.fanout:
             out["fanout"] = True
+        if self.client is not None:
+            out["client"] = self.client
         return out
 
     def dumps(self) -> bytes:
@@ -1206,7 +1211,7 @@ _KNOWN = frozenset({
     "v", "id", "user", "devices", "app", "title", "body", "data", "category", "priority",
     "ttl", "expires_at", "send_at", "collapse_key", "campaign", "variant",
 })
-_KNOWN_INTERNAL = _KNOWN | {"resolved", "fanout"}
+_KNOWN_INTERNAL = _KNOWN | {"resolved", "fanout", "client"}
 _DEVICE_FIELDS = frozenset({*PROVIDERS, "app"})
 
 
@@ -1361,6 +1366,7 @@ def parse_message(
         apns_push=apns_push,
         resolved=internal and obj.get("resolved") is True,
         fanout=internal and obj.get("fanout") is True,
+        client=obj.get("client") if internal and isinstance(obj.get("client"), str) else None,
     )
 
 

@@ -1,4 +1,4 @@
-"""`pushgw`: the command line. Subcommands: demo, serve, worker, api, send, dlq, devices, prefs, users, templates,
+"""`pushgw`: the command line. Subcommands: demo, serve, worker, api, send, trace, dlq, devices, prefs, users, templates,
 campaigns, events, vapid-keygen.
 
 With no Redis configured (`redis.url` / PUSHGW_REDIS_URL empty) every command uses the embedded
@@ -182,6 +182,53 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
         sys.stderr.write("error: message rejected:\n" + "".join(f"  {err}\n" for err in e.errors))
         return 2
     _print([{"id": i, "status": "queued" if ok else "duplicate"} for i, ok in results])
+    return 0
+
+
+def _trace_lines(status: dict[str, Any]) -> list[str]:
+    """A status as a person reads it: the message, its devices, then the timeline."""
+    import datetime as dt
+
+    def when(t: float) -> str:
+        return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+    head = f"message {status['id']}: {status['state']}"
+    who = ", ".join(f"{k} {status[k]}" for k in ("user", "client", "campaign") if k in status)
+    lines = [head + (f" ({who})" if who else "")]
+    for d in status.get("devices", []):
+        extra = {k: v for k, v in d.items() if k not in ("device", "at", "state")}
+        lines.append(f"  device {d['device']}: {d['state']} at {when(d['at'])} {json.dumps(extra) if extra else ''}".rstrip())
+    for s in status.get("timeline", []):
+        extra = {k: v for k, v in s.items() if k not in ("at", "state")}
+        lines.append(f"  {when(s['at'])}  {s['state']:<14} {json.dumps(extra) if extra else ''}".rstrip())
+    return lines
+
+
+def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
+    from .client import PushClient
+
+    if bool(args.message_id) == bool(args.user):
+        sys.stderr.write("error: give a MESSAGE_ID or --user USER\n")
+        return 2
+    if args.limit < 1:
+        sys.stderr.write("error: --limit must be at least 1\n")
+        return 2
+
+    async def go(redis: Any) -> Any:
+        client = PushClient(redis, settings)
+        if args.user:
+            return await client.user_messages(args.user, args.limit)
+        return await client.message_status(args.message_id)
+
+    found = asyncio.run(_with_client(settings, go))
+    if found is None:
+        sys.stderr.write(f"error: no status for message {args.message_id} (unknown, or past status.retention_s)\n")
+        return 1
+    if args.json:
+        _print(found)
+        return 0
+    for status in found if isinstance(found, list) else [found]:
+        sys.stdout.write("\n".join(_trace_lines(status)) + "\n")
     return 0
 
 
@@ -477,6 +524,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--count", type=int, default=None, help="list: how many (default 50); replay: at most this many")
     q.add_argument("--start", default="-")
     q.set_defaults(fn=cmd_dlq)
+
+    tr = sub.add_parser("trace", help="where is my message: a message's status, or a learner's recent messages")
+    tr.add_argument("message_id", nargs="?", help="the message id")
+    tr.add_argument("--user", help="list this learner's recent messages with their state instead")
+    tr.add_argument("--limit", type=int, default=20, help="with --user: at most this many (newest first)")
+    tr.add_argument("--json", action="store_true", help="print the status as JSON (as the API answers it)")
+    tr.set_defaults(fn=cmd_trace)
 
     v = sub.add_parser("devices", help="device registry: add, list, rm")
     v.add_argument("action", choices=["add", "list", "rm"])

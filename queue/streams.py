@@ -33,6 +33,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from ..core.schema import Device, Message
+from . import status
 from .keys import Keys
 
 INVALID_TOKEN_EVENTS_MAXLEN = 1_000_000  # events are a feed for upstream services, not a record
@@ -136,10 +137,12 @@ class Commit:
     # Campaign KPIs: (campaign, variant, outcome delivered|failed|dropped, user or message id); a set per
     # outcome, so a retry, a second device or a redelivered entry counts a learner once.
     kpi: list[tuple[str, str, str, str]] = field(default_factory=list)
+    steps: list[status.Step] = field(default_factory=list)  # message status (queue/status.py)
+    events: list[status.OutcomeEvent] = field(default_factory=list)  # the outcome event stream
 
     def __len__(self) -> int:
         return (len(self.acks) + len(self.done) + len(self.retries) + len(self.dead) + len(self.invalid_tokens)
-                + len(self.kpi))
+                + len(self.kpi) + len(self.steps) + len(self.events))
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,9 +167,13 @@ class StreamQueue:
         *,
         idempotency_window_s: int = 86400,
         done_ttl_s: int = 86400,
+        status_retention_s: int = 7 * 86400,
+        events_maxlen: int = 1_000_000,
     ) -> None:
         self.redis = redis
         self.keys = keys
+        self.status_retention_s = status_retention_s
+        self.events_maxlen = events_maxlen
         self.idempotency_window_s = max(1, int(idempotency_window_s))
         self.done_ttl_s = max(1, int(done_ttl_s))
         self._enqueue = redis.register_script(_ENQUEUE)
@@ -344,6 +351,9 @@ class StreamQueue:
                 for key, members in sets.items():
                     pipe.sadd(key, *members)
                     pipe.expire(key, KPI_TTL_S)
+            if c.steps or c.events:
+                status.write(pipe, k, c.steps, c.events, retention_s=self.status_retention_s,
+                             events_maxlen=self.events_maxlen)
             if c.acks:
                 by_lane: dict[str, list[str]] = {}
                 for ref in c.acks:

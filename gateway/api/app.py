@@ -22,7 +22,7 @@ from ...core.schema import MessageInvalid
 from ...users.profiles import Profiles
 from ..intake import Intake
 from ..pool import make_redis
-from . import campaign_routes, probes, routes
+from . import campaign_routes, probes, routes, status_routes
 from .auth import Authenticator, Handler, auth_middleware
 from .context import CLIENT, INTAKE, PROFILES, REDIS, SETTINGS
 from .errors import SERVER_NAME, ApiError, invalid_message
@@ -88,6 +88,7 @@ def create_app(settings: Settings, redis: aioredis.Redis) -> web.Application:
     app.on_response_prepare.append(_server_header)
     routes.add_routes(app, auth)
     campaign_routes.add_routes(app, auth)
+    status_routes.add_routes(app, auth)
     probes.add_routes(app)
     return app
 
