@@ -1,5 +1,5 @@
-"""`pushgw`: the command line. Subcommands: demo, serve, worker, api, send, trace, dlq, devices, prefs, users, templates,
-campaigns, events, vapid-keygen.
+"""`pushgw`: the command line. Subcommands: demo, serve, worker, api, send, trace, webhooks, dlq, devices, prefs, users,
+templates, campaigns, events, vapid-keygen.
 
 With no Redis configured (`redis.url` / PUSHGW_REDIS_URL empty) every command uses the embedded
 Redis in `redis.embedded_dir`: it joins the one a running `pushgw serve` started, or starts it.
@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -229,6 +230,65 @@ def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     for status in found if isinstance(found, list) else [found]:
         sys.stdout.write("\n".join(_trace_lines(status)) + "\n")
+    return 0
+
+
+def cmd_webhooks(args: argparse.Namespace, settings: Settings) -> int:
+    from . import webhooks
+
+    if args.action == "run":
+        _multiproc_dir()
+        return asyncio.run(_run_webhooks(settings, args.consumer, args.metrics_port))
+    if args.action == "replay" and not args.ids and not args.all:
+        sys.stderr.write("error: webhooks replay needs dead-letter ids (from `pushgw webhooks list`) or --all\n")
+        return 2
+
+    async def go(redis: Any) -> Any:
+        if args.action == "list":
+            return await webhooks.dead_letters(settings, redis, args.count)
+        return await webhooks.replay(settings, redis, None if args.all else args.ids)
+
+    out = asyncio.run(_with_client(settings, go))
+    _print(out)
+    return 1 if args.action == "replay" and out["failed"] else 0
+
+
+async def _run_webhooks(settings: Settings, consumer: str, metrics_port: int) -> int:
+    """The dispatcher until SIGTERM/SIGINT, with /metrics on `metrics_port` (0: none)."""
+    from aiohttp import web
+
+    from ..core import metrics
+    from ..queue.connection import redis_from_url
+    from .webhooks import WebhookDispatcher
+
+    if not settings.webhooks.subscriptions:
+        sys.stderr.write("error: no [[webhooks.subscriptions]] configured\n")
+        return 2
+    url, embedded = redis_target(settings)
+    redis = redis_from_url(url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = None
+    if metrics_port:
+        async def _metrics(request: web.Request) -> web.Response:
+            body, content_type = metrics.render()
+            return web.Response(body=body, headers={"Content-Type": content_type})
+
+        app = web.Application()
+        app.router.add_get("/metrics", _metrics)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, settings.api.host, metrics_port).start()
+    try:
+        await WebhookDispatcher(settings, redis, consumer=consumer).run(stop)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await redis.aclose()
+        if embedded:
+            embedded.stop()
     return 0
 
 
@@ -531,6 +591,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--limit", type=int, default=20, help="with --user: at most this many (newest first)")
     tr.add_argument("--json", action="store_true", help="print the status as JSON (as the API answers it)")
     tr.set_defaults(fn=cmd_trace)
+
+    wh = sub.add_parser("webhooks", help="outcome webhooks: run the dispatcher, list or replay dead-lettered batches")
+    wh.add_argument("action", choices=["run", "list", "replay"])
+    wh.add_argument("ids", nargs="*", help="replay: dead-letter ids from `webhooks list`")
+    wh.add_argument("--all", action="store_true", help="replay: every dead-lettered batch")
+    wh.add_argument("--count", type=int, default=100, help="list: at most this many")
+    wh.add_argument("--consumer", default=socket.gethostname(),
+                    help="run: this dispatcher's name in the consumer groups (a restart under the same name resumes "
+                         "its unacknowledged batches); default: the host name")
+    wh.add_argument("--metrics-port", type=int, default=9102, help="run: serve /metrics here (0: none)")
+    wh.set_defaults(fn=cmd_webhooks)
 
     v = sub.add_parser("devices", help="device registry: add, list, rm")
     v.add_argument("action", choices=["add", "list", "rm"])
