@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from pushgw.campaigns.report import campaign_report
 from pushgw.core.config import (
     ApiClient,
     ApiSettings,
@@ -294,3 +295,29 @@ def test_trace_prints_a_message_and_a_learners_messages(redis_url: str, tmp_path
     assert '"id": "tr-1"' in capsys.readouterr().out
     assert cli_main(["--config", str(config), "trace", "nope"]) == 1
     assert cli_main(["--config", str(config), "trace"]) == 2
+
+
+async def test_campaign_report_counts_a_learner_delivered_once_beside_one_event_per_device(
+    redis: aioredis.Redis, fcm: tuple[FakeFcm, FcmProvider],
+) -> None:
+    """Two devices, one of them retried: two `delivered` events (one per delivery, for upstream feeds) while the
+    campaign report, fed by the sets written in the same commit, counts the learner delivered once."""
+    fake, provider = fcm
+    s = settings()
+    reg = DeviceRegistry(redis, Keys())
+    await reg.register("dana", Device("fcm", "dana-phone"))
+    await reg.register("dana", Device("fcm", "dana-tablet"))
+    fake.program("dana-tablet", [(503, "UNAVAILABLE", None)])
+    await Intake(redis, s).submit([{"id": "spring-dana", "user": "dana", "title": "New module", "campaign": "spring"}],
+                                  client="svc")
+    async with running(worker(s, redis, {"fcm": provider})):
+        await until(lambda: _delivered_events(redis, 2))
+    events = await outcome_events(redis)
+    assert sorted((e["type"], e["campaign"], e["device"]) for e in events) == [
+        ("delivered", "spring", "fcm:dana-phone"), ("delivered", "spring", "fcm:dana-tablet")]
+    report = await campaign_report(redis, Keys(), "spring")
+    assert [(a["arm"], a["delivered"], a["failed"]) for a in report["arms"]] == [("default", 1, 0)]
+
+
+async def _delivered_events(redis: aioredis.Redis, n: int) -> bool:
+    return len([e for e in await outcome_events(redis) if e["type"] == "delivered"]) == n

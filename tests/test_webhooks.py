@@ -268,3 +268,23 @@ async def test_webhook_urls_are_guarded_like_web_push_endpoints(
     await dispatcher.sender.close()
     assert not result.ok and not result.retry and "every address is private" in result.reason
     assert receiver.batches == [] and receiver.failed == 0
+
+
+def test_subscriptions_load_from_the_config_with_their_secret_from_the_environment(tmp_path: Path) -> None:
+    head = '[[api.clients]]\nname = "svc"\ntoken = "svc-token-0123456789"\n[[webhooks.subscriptions]]\nname = "lms"\n'
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(head + 'client = "svc"\nurl = "https://hooks.example/x"\nsecret_env = "HOOK_SECRET"\n'
+                          'events = ["delivered"]\n')
+    s = load_settings(cfg, env={"HOOK_SECRET": SECRET})
+    assert s.webhooks.subscriptions == (WebhookSubscription("lms", "svc", "https://hooks.example/x", SECRET, ("delivered",)),)
+    assert SECRET not in repr(s)
+    with pytest.raises(ConfigError, match="HOOK_SECRET is not set"):
+        load_settings(cfg, env={})
+    for body, error in [
+        ('client = "nobody"\nurl = "https://h.example/"\nsecret = "' + SECRET + '"\n', r"\.client must name one of"),
+        ('client = "svc"\nurl = "https://h.example/"\nsecret = "short"\n', r"\.secret must be a string of at least 16"),
+        ('client = "svc"\nurl = "https://h.example/"\nsecret = "' + SECRET + '"\nevents = ["opened"]\n', r"\.events must be"),
+    ]:
+        cfg.write_text(head + body)
+        with pytest.raises(ConfigError, match=error):
+            load_settings(cfg, env={})
