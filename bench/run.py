@@ -39,6 +39,7 @@ from ..core.config import (
     ProviderSettings,
     RedisSettings,
     Settings,
+    StatusSettings,
     WebPushSettings,
     WorkerSettings,
 )
@@ -66,6 +67,7 @@ class Options:
     seed: int = 1
     timeout_s: float = 600.0
     rich: float = 0.0  # share of messages sent with rich fields (image, badge, sound, actions, thread, link)
+    status: bool = True  # message status and outcome events written by the workers (as deployed); False: both off
 
 
 @dataclass
@@ -302,6 +304,7 @@ class Bench:
                 # Every rule is evaluated and recorded, but the limits are out of reach (the skewed
                 # users get thousands of messages), so the run measures the policy's cost alone.
                 policy=bench_policy(o.policy),
+                status=StatusSettings(enabled=o.status, events=o.status),
             )
             pop = self.population(new_subscription)
             redis = redis_from_url(url)
@@ -453,6 +456,7 @@ class Bench:
         out: dict[str, Any] = {
             "mode": o.mode,
             "policy": o.policy,
+            "status": o.status,
             "rich": o.rich,
             "messages": n,
             "users": o.users,
@@ -670,7 +674,8 @@ def plots(result: dict[str, Any], latencies: list[float], directory: Path) -> li
 def summary(result: dict[str, Any]) -> str:
     lat = result["latency_ms"]
     rows = [
-        ("mode", f"{result['mode']}, policy {result.get('policy')}, rich share {result.get('rich', 0.0)}"),
+        ("mode", f"{result['mode']}, policy {result.get('policy')}, rich share {result.get('rich', 0.0)}, "
+                 f"status+events {'on' if result.get('status', True) else 'off'}"),
         ("messages / deliveries", f"{result['messages']} / {result['deliveries_expected']}"),
         ("delivered", result["delivered"]),
         ("dead-lettered", result["dead_lettered"]),
@@ -734,4 +739,4 @@ def bench_policy(level: str) -> PolicySettings:
 def options_from(ns: Any) -> Options:
     return replace(Options(), messages=ns.messages, users=ns.users, processes=ns.processes, mode=ns.mode, rate=ns.rate,
                    duration_s=ns.duration, baseline=not ns.no_baseline, json_path=ns.json, plots_dir=ns.plots,
-                   seed=ns.seed, policy=ns.policy, rich=ns.rich)
+                   seed=ns.seed, policy=ns.policy, rich=ns.rich, status=ns.status == "on")

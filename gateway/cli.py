@@ -547,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--policy", choices=("off", "default", "full"), default="default",
                    help="default: as deployed (preferences read per batch); full: every rule on with limits out of "
                         "reach; compare full with off to see the policy's cost")
+    b.add_argument("--status", choices=("on", "off"), default="on",
+                   help="message status and outcome events written by the workers (on, as deployed); compare with "
+                        "off to see their cost")
     b.add_argument("--seed", type=int, default=1)
     b.add_argument("--rich", type=_share, nargs="?", const=0.5, default=0.0, metavar="SHARE",
                    help="send this share of the messages (0-1; 0.5 when no value is given) with rich fields: "

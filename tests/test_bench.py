@@ -40,6 +40,7 @@ def _bench(tmp_path: Path, *args: str) -> dict[str, object]:
 def test_bench_strict_mode(tmp_path: Path) -> None:
     result = _bench(tmp_path, "--mode", "strict")
     assert result["mode"] == "strict" and result["baseline_delivered"] == result["baseline_deliveries"]
+    assert result["status"] is True  # as deployed: message status and outcome events on
 
 
 @pytest.mark.skipif(shutil.which("nginx") is None and not os.path.exists("/usr/sbin/nginx"),
@@ -54,3 +55,8 @@ def test_bench_fast_mode_with_nginx_sinks(tmp_path: Path) -> None:
 def test_bench_rich_sends_a_share_of_rich_messages_through_the_strict_fakes(tmp_path: Path) -> None:
     result = _bench(tmp_path, "--mode", "strict", "--rich", "0.5")
     assert result["rich"] == 0.5 and result["baseline_delivered"] == result["baseline_deliveries"]
+
+
+def test_bench_status_off_turns_message_status_and_outcome_events_off(tmp_path: Path) -> None:
+    result = _bench(tmp_path, "--mode", "strict", "--status", "off")
+    assert result["status"] is False
