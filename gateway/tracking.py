@@ -1,15 +1,16 @@
-"""The worker's side of message status and outcome events: each call adds a status step and/or an event to
+"""The worker's side of message status and outcome events: each call adds a status step or a final outcome to
 the commit being collected (gateway/settle.py), written with the acks in its one transaction (queue/status.py
-has the layout and the event schema). Nothing here talks to Redis.
+has the layout, the event schema, and which of them are written: `status.enabled`, `status.events`). Nothing
+here talks to Redis.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 
 from ..core.config import StatusSettings
 from ..core.schema import Device, Message
-from ..queue.status import OutcomeEvent, Step, device_ref
+from ..queue.status import InFlight, Outcome, Pending, Step, device_ref
 from ..queue.streams import Commit
 
 
@@ -19,7 +20,6 @@ class Tracker:
 
     def __init__(self, settings: StatusSettings, commit: Callable[[], Commit], clock: Callable[[], float]) -> None:
         self._steps = settings.enabled
-        self._events = settings.events
         self._commit = commit
         self._clock = clock
 
@@ -27,22 +27,9 @@ class Tracker:
               reason: str = "", provider_id: str = "") -> None:
         """A delivery (or, with `device` None, the whole message) ended: delivered, token_invalid,
         dead_lettered, expired or dropped."""
-        at = int(self._clock() * 1000)
         ref = device_ref(device) if device is not None else ""
-        c = self._commit()
-        if self._steps:
-            details: dict[str, object] = {}
-            if provider:
-                details["provider"] = provider
-            if attempt:
-                details["attempt"] = attempt
-            if reason:
-                details["reason" if kind != "dropped" else "rule"] = reason
-            if provider_id:
-                details["provider_id"] = provider_id
-            c.steps.append(Step(msg.id, at, kind, ref, details))
-        if self._events:
-            c.events.append(OutcomeEvent(kind, msg, at, ref, provider, attempt, reason, provider_id))
+        self._commit().outcomes.append(Outcome(kind, msg, int(self._clock() * 1000), ref, provider, attempt, reason,
+                                               provider_id))
 
     def retrying(self, msg: Message, device: Device, provider: str, attempt: int, due: float, error: str) -> None:
         """The delivery failed for now: `attempt` goes out at `due`."""
@@ -53,14 +40,14 @@ class Tracker:
     def held(self, msg: Message, rule: str, until: float) -> None:
         """The policy put the message off until `until` (a send window, a cap)."""
         if self._steps:
-            self._commit().steps.append(Step(msg.id, int(self._clock() * 1000), "held",
-                                             details={"rule": rule, "until": round(until, 3)}))
+            self._commit().steps.append(Step(msg.id, int(self._clock() * 1000), "held", "",
+                                             {"rule": rule, "until": round(until, 3)}))
 
-    def in_flight(self, msg: Message, attempt: int, devices: Iterable[Device]) -> None:
-        """A worker took the message (or a retry of some of its devices) and sends to these devices."""
+    def in_flight(self, msg: Message, attempt: int, devices: Sequence[Device], job: Pending) -> None:
+        """A worker took the message (or a retry of some of its devices) and sends to these devices (`job`: the
+        worker's job, written as a step only if still unsettled when the commit goes out)."""
         if self._steps:
-            self._commit().steps.append(Step(msg.id, int(self._clock() * 1000), "in_flight", details={
-                "attempt": attempt, "devices": [device_ref(d) for d in devices]}))
+            self._commit().started.append(InFlight(msg.id, int(self._clock() * 1000), attempt, devices, job))
 
     def no_device(self, msg: Message) -> None:
         """The learner has no registered device: nothing to send."""

@@ -74,7 +74,8 @@ class Worker:
         self.keys = Keys(settings.redis.prefix)
         self.queue = StreamQueue(
             redis, self.keys, idempotency_window_s=self.ws.idempotency_window_s, done_ttl_s=self.ws.done_ttl_s,
-            status_retention_s=settings.status.retention_s, events_maxlen=settings.status.events_maxlen,
+            status_retention_s=settings.status.retention_s if settings.status.enabled else 0,
+            events_maxlen=settings.status.events_maxlen if settings.status.events else 0,
         )
         self.registry = DeviceRegistry(redis, self.keys)
         self.consumer = consumer
@@ -309,7 +310,7 @@ class Worker:
             job = Job(entry, msg, len(devices), from_registry, expiry, msg.priority == "high")
             jobs[ref] = job
             if self.track is not None:
-                self.track.in_flight(msg, entry.attempt, devices.values())
+                self.track.in_flight(msg, entry.attempt, tuple(devices.values()), job)
             for device in devices.values():
                 start(job, device)
 

@@ -2,10 +2,12 @@
 
 Status. Each message has one hash, `Keys.status(id)`, written by the intake when the message is accepted
 (field `meta`, and the first timeline step: queued or scheduled) and by the worker in its commit
-transaction (queue/streams.py `StreamQueue.commit`, no round trip of its own). Every timeline step is one
-field `<at_ms>|<state>|<device>` whose value is a JSON object of the step's details (attempt, until,
-rule, error, provider id...). Each write sets the hash's TTL to `status.retention_s` again, so a status
-lives that long after its last change. A learner's recent message ids are in `Keys.user_messages(user)`,
+transaction (queue/streams.py `StreamQueue.commit`: one EVAL of `_WRITE` inside it, no round trip of its
+own; the worker passes values and Redis builds the fields and entries: docs/benchmarks.md has why).
+Every timeline step is one field `<at_ms>|<state>|<device>` whose value is
+a JSON object of the step's details (attempt, until, rule, error, provider id...). Each write sets the
+hash's TTL to `status.retention_s` again, so a status lives that long after its last change. An
+in_flight step is written only for a job still under way when its commit goes out. A learner's recent message ids are in `Keys.user_messages(user)`,
 a sorted set by enqueue time cut to the newest `status.user_messages`.
 
 Events. Every final outcome of a delivery (delivered, token_invalid, dead_lettered, expired) and every
@@ -14,7 +16,7 @@ Fields (strings; empty ones are left out):
 
 | field | what |
 |---|---|
-| `id` | event id: the same delivery outcome read twice (at-least-once) has the same id; receivers dedupe on it |
+| `id` | event id, 20 hex digits of SHA-1 over message, device, type and attempt: the same delivery outcome written twice (at-least-once) has the same id; receivers dedupe on it |
 | `type` | delivered, token_invalid, dead_lettered, expired, dropped |
 | `message` | the message id |
 | `at` | unix milliseconds of the outcome |
@@ -30,10 +32,8 @@ Fields (strings; empty ones are left out):
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 import redis.asyncio as aioredis
@@ -56,9 +56,9 @@ def device_ref(device: Device) -> str:
     return key if len(key) <= DEVICE_REF_LEN else f"{key[:28]}~{key[-11:]}"
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
-    """One timeline step of a message: message-wide (`device` empty) or of one delivery."""
+class Step(NamedTuple):
+    """One timeline step of a message that is neither a final outcome nor in flight: retrying, held,
+    no_device; message-wide (`device` empty) or of one delivery."""
 
     message: str
     at_ms: int
@@ -66,16 +66,30 @@ class Step:
     device: str = ""
     details: dict[str, Any] | None = None
 
-    @property
-    def field(self) -> str:
-        return f"{self.at_ms}|{self.state}|{self.device}"
+
+class Pending(Protocol):
+    """What an in-flight record asks of the worker's job: how many of its deliveries are not settled yet."""
+
+    pending: int
 
 
-@dataclass(frozen=True, slots=True)
-class OutcomeEvent:
-    """One entry of the outcome event stream (module docstring)."""
+class InFlight(NamedTuple):
+    """A worker took the message (or a retry of some of its devices). Written as an in_flight step only if the
+    job still has deliveries pending when the commit is written: a delivery settled within the same flush
+    interval makes it a step nobody could have read."""
 
-    type: str
+    message: str
+    at_ms: int
+    attempt: int
+    devices: Sequence[Device]
+    job: Pending
+
+
+class Outcome(NamedTuple):
+    """A final outcome of one delivery (or, `device` empty, of the whole message): the event on the stream and
+    the status step are both made from this one record, in Redis (`_WRITE`)."""
+
+    type: str  # delivered, token_invalid, dead_lettered, expired, dropped
     message: Message
     at_ms: int
     device: str = ""
@@ -84,34 +98,92 @@ class OutcomeEvent:
     reason: str = ""
     provider_id: str = ""
 
-    def fields(self) -> dict[str, str]:
-        m = self.message
-        eid = hashlib.blake2b(f"{m.id}|{self.device}|{self.type}|{self.attempt}".encode(), digest_size=10).hexdigest()
-        out = {"id": eid, "type": self.type, "message": m.id, "at": str(self.at_ms)}
-        for name, value in (("client", m.client), ("user", m.user), ("device", self.device),
-                            ("provider", self.provider), ("reason", self.reason), ("provider_id", self.provider_id),
-                            ("campaign", m.campaign), ("variant", m.variant)):
-            if value:
-                out[name] = value
-        if self.attempt:
-            out["attempt"] = str(self.attempt)
-        return out
+
+# KEYS: the event stream, then the status keys of this commit.
+# ARGV: retention_s (0: no status), events MAXLEN (0: no events), the number of outcomes, then per outcome 13
+# values: status key index (into KEYS), type, message id, at_ms, device, provider, attempt, reason, provider_id,
+# client, user, campaign, variant; then per other step 3 values: status key index, field, value (JSON or '').
+# The event id is the first 20 hex digits of SHA-1 over message|device|type|attempt: the same outcome read
+# twice (at-least-once) has the same id.
+_WRITE = """
+local retention, maxlen, n = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local touched = {}
+local i = 4
+for _ = 1, n do
+  local k, typ, msg, at, dev, prov, att, reason, pid = tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
+    ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8]
+  if retention > 0 then
+    local d = {}
+    if prov ~= '' then d.provider = prov end
+    if att ~= '0' then d.attempt = tonumber(att) end
+    if reason ~= '' then if typ == 'dropped' then d.rule = reason else d.reason = reason end end
+    if pid ~= '' then d.provider_id = pid end
+    redis.call('HSET', KEYS[k], at .. '|' .. typ .. '|' .. dev, next(d) and cjson.encode(d) or '')
+    touched[k] = true
+  end
+  if maxlen ~= '0' then
+    local f = {'id', string.sub(redis.sha1hex(msg .. '|' .. dev .. '|' .. typ .. '|' .. att), 1, 20),
+               'type', typ, 'message', msg, 'at', at}
+    local opt = {'client', ARGV[i + 9], 'user', ARGV[i + 10], 'device', dev, 'provider', prov, 'reason', reason,
+                 'provider_id', pid, 'campaign', ARGV[i + 11], 'variant', ARGV[i + 12]}
+    for j = 1, #opt, 2 do
+      if opt[j + 1] ~= '' then f[#f + 1] = opt[j]; f[#f + 1] = opt[j + 1] end
+    end
+    if att ~= '0' then f[#f + 1] = 'attempt'; f[#f + 1] = att end
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(f))
+  end
+  i = i + 13
+end
+while i <= #ARGV do
+  local k = tonumber(ARGV[i])
+  redis.call('HSET', KEYS[k], ARGV[i + 1], ARGV[i + 2])
+  touched[k] = true
+  i = i + 3
+end
+for k in pairs(touched) do
+  redis.call('EXPIRE', KEYS[k], retention)
+end
+return 0
+"""
 
 
-def write(pipe: Any, keys: Keys, steps: Sequence[Step], events: Sequence[OutcomeEvent], *,
+def write(pipe: Any, keys: Keys, steps: Sequence[Step], started: Sequence[InFlight], outcomes: Sequence[Outcome], *,
           retention_s: int, events_maxlen: int) -> None:
-    """Queue the status steps and events on `pipe` (the caller's transaction): one HSET and one EXPIRE per
-    message, one XADD per event."""
-    by_message: dict[str, dict[str, bytes]] = {}
-    for s in steps:
-        by_message.setdefault(s.message, {})[s.field] = orjson.dumps(s.details) if s.details else b""
-    for message_id, mapping in by_message.items():
-        key = keys.status(message_id)
-        pipe.hset(key, mapping=mapping)
-        pipe.expire(key, retention_s)
-    stream = keys.outcome_events
-    for e in events:
-        pipe.xadd(stream, e.fields(), maxlen=events_maxlen, approximate=True)
+    """Queue the commit's status steps, in-flight records and outcomes on `pipe` (the caller's transaction) as
+    one EVAL: the fields of each message's status and one EXPIRE per message (`retention_s` 0: none), an XADD per
+    outcome (`events_maxlen` 0: none). The worker only lists values; Redis builds the entries."""
+    index: dict[str, int] = {}  # message id -> its status key's index in KEYS
+    status_keys: list[str] = []
+    args: list[Any] = [retention_s, events_maxlen, len(outcomes)]
+    status = retention_s > 0
+    for o in outcomes:
+        m = o.message
+        k = 0
+        if status:
+            k = index.get(m.id, 0)
+            if not k:
+                status_keys.append(keys.status(m.id))
+                k = index[m.id] = len(status_keys) + 1
+        args += (k, o.type, m.id, o.at_ms, o.device, o.provider, o.attempt, o.reason, o.provider_id,
+                 m.client or "", m.user or "", m.campaign or "", m.variant or "")
+    if status:
+        for s in steps:
+            k = index.get(s.message, 0)
+            if not k:
+                status_keys.append(keys.status(s.message))
+                k = index[s.message] = len(status_keys) + 1
+            args += (k, f"{s.at_ms}|{s.state}|{s.device}", orjson.dumps(s.details) if s.details else b"")
+        for f in started:
+            if f.job.pending <= 0:
+                continue
+            k = index.get(f.message, 0)
+            if not k:
+                status_keys.append(keys.status(f.message))
+                k = index[f.message] = len(status_keys) + 1
+            details = {"attempt": f.attempt, "devices": [device_ref(d) for d in f.devices]}
+            args += (k, f"{f.at_ms}|in_flight|", orjson.dumps(details))
+    if len(args) > 3:
+        pipe.eval(_WRITE, 1 + len(status_keys), keys.outcome_events, *status_keys, *args)
 
 
 async def record_accepted(redis: aioredis.Redis, keys: Keys, messages: Iterable[Message], now_ms: int, *,
@@ -130,10 +202,13 @@ async def record_accepted(redis: aioredis.Redis, keys: Keys, messages: Iterable[
                 meta["category"] = m.category
             if m.devices:
                 meta["devices"] = len(m.devices)
-            scheduled = m.send_at is not None and m.send_at * 1000 > now_ms
-            step = Step(m.id, now_ms, "scheduled", details={"until": m.send_at}) if scheduled else Step(m.id, now_ms, "queued")
+            mapping: dict[str | bytes, bytes] = {"meta": orjson.dumps(meta)}
+            if m.send_at is not None and m.send_at * 1000 > now_ms:
+                mapping[f"{now_ms}|scheduled|"] = orjson.dumps({"until": m.send_at})
+            else:
+                mapping[f"{now_ms}|queued|"] = b""
             key = keys.status(m.id)
-            pipe.hset(key, mapping={"meta": orjson.dumps(meta), step.field: orjson.dumps(step.details) if step.details else b""})
+            pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
             pipe.expire(key, retention_s)
             if m.user is not None:
                 users.setdefault(m.user, {})[m.id] = now_ms

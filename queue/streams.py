@@ -138,11 +138,12 @@ class Commit:
     # outcome, so a retry, a second device or a redelivered entry counts a learner once.
     kpi: list[tuple[str, str, str, str]] = field(default_factory=list)
     steps: list[status.Step] = field(default_factory=list)  # message status (queue/status.py)
-    events: list[status.OutcomeEvent] = field(default_factory=list)  # the outcome event stream
+    started: list[status.InFlight] = field(default_factory=list)  # in-flight steps, if still in flight
+    outcomes: list[status.Outcome] = field(default_factory=list)  # final outcomes: status steps and events
 
     def __len__(self) -> int:
         return (len(self.acks) + len(self.done) + len(self.retries) + len(self.dead) + len(self.invalid_tokens)
-                + len(self.kpi) + len(self.steps) + len(self.events))
+                + len(self.kpi) + len(self.steps) + len(self.started) + len(self.outcomes))
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,8 +168,8 @@ class StreamQueue:
         *,
         idempotency_window_s: int = 86400,
         done_ttl_s: int = 86400,
-        status_retention_s: int = 7 * 86400,
-        events_maxlen: int = 1_000_000,
+        status_retention_s: int = 0,  # message status kept this long; 0: not written (queue/status.py)
+        events_maxlen: int = 0,  # MAXLEN ~ of the outcome event stream; 0: no events
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -351,8 +352,8 @@ class StreamQueue:
                 for key, members in sets.items():
                     pipe.sadd(key, *members)
                     pipe.expire(key, KPI_TTL_S)
-            if c.steps or c.events:
-                status.write(pipe, k, c.steps, c.events, retention_s=self.status_retention_s,
+            if c.steps or c.started or c.outcomes:
+                status.write(pipe, k, c.steps, c.started, c.outcomes, retention_s=self.status_retention_s,
                              events_maxlen=self.events_maxlen)
             if c.acks:
                 by_lane: dict[str, list[str]] = {}
