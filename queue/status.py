@@ -4,11 +4,11 @@ Status. Each message has one hash, `Keys.status(id)`, written by the intake when
 (field `meta`, and the first timeline step: queued or scheduled) and by the worker in its commit
 transaction (queue/streams.py `StreamQueue.commit`: one EVAL of `_WRITE` inside it, no round trip of its
 own; the worker passes values and Redis builds the fields and entries: docs/benchmarks.md has why).
-Every timeline step is one field `<at_ms>|<state>|<device>` whose value is
-a JSON object of the step's details (attempt, until, rule, error, provider id...). Each write sets the
-hash's TTL to `status.retention_s` again, so a status lives that long after its last change. An
-in_flight step is written only for a job still under way when its commit goes out. A learner's recent message ids are in `Keys.user_messages(user)`,
-a sorted set by enqueue time cut to the newest `status.user_messages`.
+Every timeline step is one field `<at_ms>|<state>|<device>` whose value is a JSON object of the step's
+details (attempt, until, rule, error, provider id...). Each write sets the hash's TTL to
+`status.retention_s` again, so a status lives that long after its last change. An in_flight step is
+written only for a job still under way when its commit goes out. A learner's recent message ids are in
+`Keys.user_messages(user)`, a sorted set by enqueue time cut to the newest `status.user_messages`.
 
 Events. Every final outcome of a delivery (delivered, token_invalid, dead_lettered, expired) and every
 policy drop is one entry of the stream `Keys.outcome_events`, trimmed with MAXLEN ~ `status.events_maxlen`.
@@ -16,7 +16,7 @@ Fields (strings; empty ones are left out):
 
 | field | what |
 |---|---|
-| `id` | event id, 20 hex digits of SHA-1 over message, device, type and attempt: the same delivery outcome written twice (at-least-once) has the same id; receivers dedupe on it |
+| `id` | 20 hex digits of SHA-1 over message, device, type and attempt: an outcome written twice has one id |
 | `type` | delivered, token_invalid, dead_lettered, expired, dropped |
 | `message` | the message id |
 | `at` | unix milliseconds of the outcome |
