@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +27,7 @@ from pushgw.core.config import (
     WorkerSettings,
     load_settings,
 )
+from pushgw.gateway.cli import main as cli_main
 from pushgw.gateway.intake import Intake
 from pushgw.gateway.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookDispatcher, dead_letters, replay, sign
 from pushgw.gateway.worker import Worker
@@ -288,3 +290,28 @@ def test_subscriptions_load_from_the_config_with_their_secret_from_the_environme
         cfg.write_text(head + body)
         with pytest.raises(ConfigError, match=error):
             load_settings(cfg, env={})
+
+
+async def test_cli_lists_and_replays_dead_lettered_batches(
+    redis: aioredis.Redis, redis_url: str, receiver: Receiver, local_ca: LocalCA, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[redis]\nurl = "{redis_url}"\n[[api.clients]]\nname = "svc"\ntoken = "svc-token-0123456789"\n'
+                   f'[webhooks]\nallowed_hosts = ["127.0.0.1"]\nallow_private = true\nca_file = "{local_ca.ca_file}"\n'
+                   f'[[webhooks.subscriptions]]\nname = "lms"\nclient = "svc"\nurl = "https://127.0.0.1:{receiver.port}/hook"\n'
+                   f'secret = "{SECRET}"\n')
+    body = orjson.dumps({"subscription": "lms", "events": [{"id": "e1", "type": "delivered", "message": "m1"}]})
+    await redis.xadd(Keys().webhook_dead, {"subscription": "lms", "body": body, "reason": "HTTP 500", "attempts": 8, "at": 1})
+    assert await asyncio.to_thread(cli_main, ["--config", str(cfg), "webhooks", "list"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(d["subscription"], d["reason"], d["attempts"], d["events"]) for d in listed] == [("lms", "HTTP 500", 8, 1)]
+    assert await asyncio.to_thread(cli_main, ["--config", str(cfg), "webhooks", "replay"]) == 2  # ids or --all
+    capsys.readouterr()
+    receiver.mode = "500"
+    assert await asyncio.to_thread(cli_main, ["--config", str(cfg), "webhooks", "replay", "--all"]) == 1
+    assert json.loads(capsys.readouterr().out) == {"replayed": 0, "failed": 1}
+    receiver.mode = "ok"
+    assert await asyncio.to_thread(cli_main, ["--config", str(cfg), "webhooks", "replay", listed[0]["id"]]) == 0
+    assert json.loads(capsys.readouterr().out) == {"replayed": 1, "failed": 0}
+    assert [e["id"] for e in receiver.events] == ["e1"] and await redis.xlen(Keys().webhook_dead) == 0
