@@ -60,6 +60,8 @@ class Receiver:
         self.mode = "ok"
         self.batches: list[dict[str, Any]] = []
         self.unsigned = self.hung = self.failed = 0
+        self.refused_at: list[float] = []
+        self.taken_at: list[float] = []
         self.release = asyncio.Event()
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -73,6 +75,11 @@ class Receiver:
         if self.mode == "500":
             self.failed += 1
             return web.Response(status=500, text="down for maintenance")
+        if self.mode == "429":
+            self.failed += 1
+            self.refused_at.append(time.monotonic())
+            self.mode = "ok"  # once
+            return web.Response(status=429, headers={"Retry-After": "1"})
         if self.mode == "400":
             self.failed += 1
             return web.Response(status=400, text="unknown subscription")
@@ -80,6 +87,7 @@ class Receiver:
             self.unsigned += 1
             return web.Response(status=401)
         self.batches.append(orjson.loads(body))
+        self.taken_at.append(time.monotonic())
         return web.Response(status=204)
 
     @property
@@ -214,6 +222,17 @@ async def test_a_hanging_then_failing_receiver_holds_back_no_push_and_webhooks_c
     for e in receiver.events:
         assert by_id.setdefault(e["id"], e) == e  # a repeat is the same event
     assert sorted(e["message"] for e in by_id.values()) == sorted([f"h-{i}" for i in range(150)] + [f"f-{i}" for i in range(150)])
+
+
+async def test_a_429_is_retried_no_sooner_than_its_retry_after(
+    redis: aioredis.Redis, fcm: tuple[FakeFcm, FcmProvider], receiver: Receiver, local_ca: LocalCA,
+) -> None:
+    s = settings(receiver, local_ca)  # backoff alone would retry within 0.2 s
+    receiver.mode = "429"
+    async with running(s, redis, fcm[1]):
+        await Intake(redis, s).submit(messages(1, "r"), client="svc")
+        await until(lambda: len(receiver.events) == 1)
+    assert receiver.failed == 1 and receiver.taken_at[0] - receiver.refused_at[0] >= 1.0  # a lower bound only
 
 
 async def test_a_batch_is_dead_lettered_after_max_attempts_or_a_4xx_and_replayed(
