@@ -3,8 +3,9 @@
     python -m pushgw.bench.status_overhead [--n 512] [--rounds 40]
 
 For each delivery of a commit of `--n` (one device each, a 150-character FCM token): the tracker's in-flight
-record and final outcome (gateway/tracking.py), then `queue/status.write` building the commit's one EVAL and
-hiredis packing that command, as `StreamQueue.commit` sends it. Two cases: the delivery settled before the
+record and final outcome (gateway/tracking.py), then `queue/status.write` building the commit's one EVAL (the
+status fields, and the events as one JSON array) and hiredis packing that command, as `StreamQueue.commit`
+sends it. Two cases: the delivery settled before the
 commit (its in-flight step is left out, the common case) and still under way (the step is written). Prints
 microseconds per delivery (median of 5 runs of `--rounds` commits), as JSON. What Redis spends running the
 script shows in `pushgw bench` (Redis CPU per delivery, `--status on` against `off`).
@@ -37,6 +38,12 @@ class _Pipe:
 
     def eval(self, *args: Any) -> None:
         self.packed = pack_command(("EVAL", *args))
+
+    def xadd(self, name: str, fields: dict[str, bytes], **_: Any) -> None:
+        args: list[Any] = ["XADD", name]
+        for kv in fields.items():
+            args += kv
+        self.packed = pack_command(tuple(args))
 
 
 class _Job:

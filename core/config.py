@@ -200,7 +200,7 @@ class StatusSettings:
     retention_s: int = 7 * 86400
     user_messages: int = 100  # a learner's most recent messages listed by GET /v1/users/{user}/messages
     events: bool = True  # final outcomes and policy drops to the stream <prefix>:events:outcomes
-    events_maxlen: int = 1_000_000  # MAXLEN ~ of that stream: the oldest events beyond it are trimmed
+    events_maxlen: int = 100_000  # MAXLEN ~ of that stream, in entries (one per worker commit: 1 to 512 events)
 
 
 WEBHOOK_EVENTS = ("delivered", "token_invalid", "dead_lettered", "expired", "dropped")

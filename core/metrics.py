@@ -149,7 +149,9 @@ WEBHOOK_FAILING_SINCE = Gauge(
     multiprocess_mode="max",
 )
 WEBHOOK_LAG = Gauge(
-    "pushgw_webhook_lag_events", "Outcome events a subscription has not read or not acknowledged yet", ["subscription"],
+    "pushgw_webhook_lag_entries",
+    "Outcome event stream entries (one per worker commit) a subscription has not read or acknowledged yet",
+    ["subscription"],
     multiprocess_mode="max",
 )
 OUTCOME_EVENTS_LENGTH = Gauge(

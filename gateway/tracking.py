@@ -6,7 +6,7 @@ here talks to Redis.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection
 
 from ..core.config import StatusSettings
 from ..core.schema import Device, Message
@@ -43,7 +43,7 @@ class Tracker:
             self._commit().steps.append(Step(msg.id, int(self._clock() * 1000), "held", "",
                                              {"rule": rule, "until": round(until, 3)}))
 
-    def in_flight(self, msg: Message, attempt: int, devices: Sequence[Device], job: Pending) -> None:
+    def in_flight(self, msg: Message, attempt: int, devices: Collection[Device], job: Pending) -> None:
         """A worker took the message (or a retry of some of its devices) and sends to these devices (`job`: the
         worker's job, written as a step only if still unsettled when the commit goes out)."""
         if self._steps:

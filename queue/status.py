@@ -3,20 +3,21 @@
 Status. Each message has one hash, `Keys.status(id)`, written by the intake when the message is accepted
 (field `meta`, and the first timeline step: queued or scheduled) and by the worker in its commit
 transaction (queue/streams.py `StreamQueue.commit`: one EVAL of `_WRITE` inside it, no round trip of its
-own; the worker passes values and Redis builds the fields and entries: docs/benchmarks.md has why).
-Every timeline step is one field `<at_ms>|<state>|<device>` whose value is a JSON object of the step's
-details (attempt, until, rule, error, provider id...). Each write sets the hash's TTL to
+own). Every timeline step is one field `<at_ms>|<state>|<device>` whose value is a JSON object of the
+step's details (attempt, until, rule, error, provider id...). Each write sets the hash's TTL to
 `status.retention_s` again, so a status lives that long after its last change. An in_flight step is
 written only for a job still under way when its commit goes out. A learner's recent message ids are in
 `Keys.user_messages(user)`, a sorted set by enqueue time cut to the newest `status.user_messages`.
 
 Events. Every final outcome of a delivery (delivered, token_invalid, dead_lettered, expired) and every
-policy drop is one entry of the stream `Keys.outcome_events`, trimmed with MAXLEN ~ `status.events_maxlen`.
-Fields (strings; empty ones are left out):
+policy drop is an event in the stream `Keys.outcome_events`. One stream entry holds the events of one
+worker commit (1 to 512: one XADD per commit, not per event, docs/decisions.md), in its field `events`, a
+JSON array; the stream is trimmed with MAXLEN ~ `status.events_maxlen` entries. Each event is an object
+(absent keys had no value):
 
-| field | what |
+| key | what |
 |---|---|
-| `id` | 20 hex digits of SHA-1 over message, device, type and attempt: an outcome written twice has one id |
+| `id` | 20 hex digits (BLAKE2b) over message, device, type and attempt: an outcome written twice has one id |
 | `type` | delivered, token_invalid, dead_lettered, expired, dropped |
 | `message` | the message id |
 | `at` | unix milliseconds of the outcome |
@@ -24,7 +25,7 @@ Fields (strings; empty ones are left out):
 | `user` | the learner |
 | `device` | the device (registry key, shortened to 40 characters); absent for message-wide outcomes |
 | `provider` | apns, fcm, webpush |
-| `attempt` | the attempt that ended so |
+| `attempt` | the attempt that ended so (a number) |
 | `reason` | why (dead letter reason, invalid-token reason, policy rule) |
 | `provider_id` | delivered: apns-id, the FCM message name, the Web Push Location |
 | `campaign`, `variant` | the campaign labels of the message |
@@ -32,7 +33,8 @@ Fields (strings; empty ones are left out):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from hashlib import blake2b
 from typing import Any, NamedTuple, Protocol
 
 import orjson
@@ -81,13 +83,13 @@ class InFlight(NamedTuple):
     message: str
     at_ms: int
     attempt: int
-    devices: Sequence[Device]
+    devices: Collection[Device]
     job: Pending
 
 
 class Outcome(NamedTuple):
-    """A final outcome of one delivery (or, `device` empty, of the whole message): the event on the stream and
-    the status step are both made from this one record, in Redis (`_WRITE`)."""
+    """A final outcome of one delivery (or, `device` empty, of the whole message): its event and its status
+    step are both made from this one record."""
 
     type: str  # delivered, token_invalid, dead_lettered, expired, dropped
     message: Message
@@ -98,50 +100,59 @@ class Outcome(NamedTuple):
     reason: str = ""
     provider_id: str = ""
 
+    def event(self) -> dict[str, Any]:
+        """The event (module docstring); its id is the same for the same outcome written twice."""
+        m, device, kind, attempt = self.message, self.device, self.type, self.attempt
+        out: dict[str, Any] = {"id": blake2b(f"{m.id}|{device}|{kind}|{attempt}".encode(), digest_size=10).hexdigest(),
+                               "type": kind, "message": m.id, "at": self.at_ms}
+        if m.client:
+            out["client"] = m.client
+        if m.user:
+            out["user"] = m.user
+        if device:
+            out["device"] = device
+        if self.provider:
+            out["provider"] = self.provider
+        if attempt:
+            out["attempt"] = attempt
+        if self.reason:
+            out["reason"] = self.reason
+        if self.provider_id:
+            out["provider_id"] = self.provider_id
+        if m.campaign:
+            out["campaign"] = m.campaign
+        if m.variant:
+            out["variant"] = m.variant
+        return out
+
+    def step_details(self) -> bytes:
+        d: dict[str, Any] = {}
+        if self.provider:
+            d["provider"] = self.provider
+        if self.attempt:
+            d["attempt"] = self.attempt
+        if self.reason:
+            d["rule" if self.type == "dropped" else "reason"] = self.reason
+        if self.provider_id:
+            d["provider_id"] = self.provider_id
+        return orjson.dumps(d) if d else b""
+
 
 # KEYS: the event stream, then the status keys of this commit.
-# ARGV: retention_s (0: no status), events MAXLEN (0: no events), the number of outcomes, then per outcome 13
-# values: status key index (into KEYS), type, message id, at_ms, device, provider, attempt, reason, provider_id,
-# client, user, campaign, variant; then per other step 3 values: status key index, field, value (JSON or '').
-# The event id is the first 20 hex digits of SHA-1 over message|device|type|attempt: the same outcome read
-# twice (at-least-once) has the same id.
+# ARGV: retention_s, events MAXLEN, the commit's events as one JSON array ('' when none), then per status field
+# 3 values: the index of its status key in KEYS, the field, its value.
 _WRITE = """
-local retention, maxlen, n = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
-local touched = {}
-local i = 4
-for _ = 1, n do
-  local k, typ, msg, at, dev, prov, att, reason, pid = tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
-    ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8]
-  if retention > 0 then
-    local d = {}
-    if prov ~= '' then d.provider = prov end
-    if att ~= '0' then d.attempt = tonumber(att) end
-    if reason ~= '' then if typ == 'dropped' then d.rule = reason else d.reason = reason end end
-    if pid ~= '' then d.provider_id = pid end
-    redis.call('HSET', KEYS[k], at .. '|' .. typ .. '|' .. dev, next(d) and cjson.encode(d) or '')
-    touched[k] = true
-  end
-  if maxlen ~= '0' then
-    local f = {'id', string.sub(redis.sha1hex(msg .. '|' .. dev .. '|' .. typ .. '|' .. att), 1, 20),
-               'type', typ, 'message', msg, 'at', at}
-    local opt = {'client', ARGV[i + 9], 'user', ARGV[i + 10], 'device', dev, 'provider', prov, 'reason', reason,
-                 'provider_id', pid, 'campaign', ARGV[i + 11], 'variant', ARGV[i + 12]}
-    for j = 1, #opt, 2 do
-      if opt[j + 1] ~= '' then f[#f + 1] = opt[j]; f[#f + 1] = opt[j + 1] end
-    end
-    if att ~= '0' then f[#f + 1] = 'attempt'; f[#f + 1] = att end
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(f))
-  end
-  i = i + 13
+if ARGV[3] ~= '' then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'events', ARGV[3])
 end
-while i <= #ARGV do
+local touched = {}
+for i = 4, #ARGV, 3 do
   local k = tonumber(ARGV[i])
   redis.call('HSET', KEYS[k], ARGV[i + 1], ARGV[i + 2])
   touched[k] = true
-  i = i + 3
 end
 for k in pairs(touched) do
-  redis.call('EXPIRE', KEYS[k], retention)
+  redis.call('EXPIRE', KEYS[k], ARGV[1])
 end
 return 0
 """
@@ -149,41 +160,37 @@ return 0
 
 def write(pipe: Any, keys: Keys, steps: Sequence[Step], started: Sequence[InFlight], outcomes: Sequence[Outcome], *,
           retention_s: int, events_maxlen: int) -> None:
-    """Queue the commit's status steps, in-flight records and outcomes on `pipe` (the caller's transaction) as
-    one EVAL: the fields of each message's status and one EXPIRE per message (`retention_s` 0: none), an XADD per
-    outcome (`events_maxlen` 0: none). The worker only lists values; Redis builds the entries."""
+    """Queue the commit's status fields (`retention_s` 0: none) and its events (`events_maxlen` 0: none) on `pipe`,
+    the caller's transaction: one EVAL, or one XADD when there is no status to write."""
+    events = orjson.dumps([o.event() for o in outcomes]) if events_maxlen and outcomes else b""
     index: dict[str, int] = {}  # message id -> its status key's index in KEYS
     status_keys: list[str] = []
-    args: list[Any] = [retention_s, events_maxlen, len(outcomes)]
-    status = retention_s > 0
+    fields: list[Any] = []
+    if retention_s:
+        for mid, field, value in _status_fields(steps, started, outcomes):
+            k = index.get(mid, 0)
+            if not k:
+                status_keys.append(keys.status(mid))
+                k = index[mid] = len(status_keys) + 1
+            fields += (k, field, value)
+    if status_keys:
+        pipe.eval(_WRITE, 1 + len(status_keys), keys.outcome_events, *status_keys, retention_s, events_maxlen, events,
+                  *fields)
+    elif events:
+        pipe.xadd(keys.outcome_events, {"events": events}, maxlen=events_maxlen, approximate=True)
+
+
+def _status_fields(steps: Sequence[Step], started: Sequence[InFlight],
+                   outcomes: Sequence[Outcome]) -> Iterator[tuple[str, str, bytes]]:
+    """(message id, field, value) of each status step of a commit."""
     for o in outcomes:
-        m = o.message
-        k = 0
-        if status:
-            k = index.get(m.id, 0)
-            if not k:
-                status_keys.append(keys.status(m.id))
-                k = index[m.id] = len(status_keys) + 1
-        args += (k, o.type, m.id, o.at_ms, o.device, o.provider, o.attempt, o.reason, o.provider_id,
-                 m.client or "", m.user or "", m.campaign or "", m.variant or "")
-    if status:
-        for s in steps:
-            k = index.get(s.message, 0)
-            if not k:
-                status_keys.append(keys.status(s.message))
-                k = index[s.message] = len(status_keys) + 1
-            args += (k, f"{s.at_ms}|{s.state}|{s.device}", orjson.dumps(s.details) if s.details else b"")
-        for f in started:
-            if f.job.pending <= 0:
-                continue
-            k = index.get(f.message, 0)
-            if not k:
-                status_keys.append(keys.status(f.message))
-                k = index[f.message] = len(status_keys) + 1
+        yield o.message.id, f"{o.at_ms}|{o.type}|{o.device}", o.step_details()
+    for s in steps:
+        yield s.message, f"{s.at_ms}|{s.state}|{s.device}", orjson.dumps(s.details) if s.details else b""
+    for f in started:
+        if f.job.pending > 0:
             details = {"attempt": f.attempt, "devices": [device_ref(d) for d in f.devices]}
-            args += (k, f"{f.at_ms}|in_flight|", orjson.dumps(details))
-    if len(args) > 3:
-        pipe.eval(_WRITE, 1 + len(status_keys), keys.outcome_events, *status_keys, *args)
+            yield f.message, f"{f.at_ms}|in_flight|", orjson.dumps(details)
 
 
 async def record_accepted(redis: aioredis.Redis, keys: Keys, messages: Iterable[Message], now_ms: int, *,

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from pushgw.campaigns.report import campaign_report
@@ -87,8 +88,9 @@ async def until(cond: Callable[[], Any], timeout: float = 15.0) -> None:  # noqa
         await asyncio.sleep(0.02)
 
 
-async def outcome_events(redis: aioredis.Redis) -> list[dict[str, str]]:
-    return [{k.decode(): v.decode() for k, v in f.items()} for _, f in await redis.xrange(Keys().outcome_events)]
+async def outcome_events(redis: aioredis.Redis) -> list[dict[str, Any]]:
+    """Every event on the stream, oldest first (an entry holds the events of one worker commit)."""
+    return [e for _, f in await redis.xrange(Keys().outcome_events) for e in orjson.loads(f[b"events"])]
 
 
 def worker(s: Settings, redis: aioredis.Redis, providers: dict[str, Provider]) -> Worker:
@@ -309,8 +311,7 @@ async def test_retention_bounds_status_keys_and_measures_their_memory(
 
 
 async def _all_delivered(redis: aioredis.Redis, n: int) -> bool:
-    events = await redis.xlen(Keys().outcome_events)
-    return bool(events == n)
+    return len(await outcome_events(redis)) == n
 
 
 async def _none_left(redis: aioredis.Redis) -> bool:

@@ -159,7 +159,8 @@ def messages(n: int, tag: str) -> list[dict[str, Any]]:
 
 
 async def stream_event_ids(redis: aioredis.Redis, client: str = "svc") -> set[str]:
-    return {f[b"id"].decode() for _, f in await redis.xrange(Keys().outcome_events) if f.get(b"client") == client.encode()}
+    return {e["id"] for _, f in await redis.xrange(Keys().outcome_events) for e in orjson.loads(f[b"events"])
+            if e.get("client") == client}
 
 
 async def test_posts_are_signed_as_the_readme_verifies_and_carry_each_outcome_of_the_client_once(
