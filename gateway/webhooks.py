@@ -201,37 +201,44 @@ class WebhookDispatcher:
                 await asyncio.wait_for(stop.wait(), 5.0)
 
     async def _subscription(self, sub: WebhookSubscription, stop: asyncio.Event) -> None:
-        group, stream = self.keys.webhook_group(sub.name), self.keys.outcome_events
-        cursor = "0"  # first the batches this consumer read before a restart, then new ones
+        cursor = "0"  # first the entries this consumer read before a restart, then new ones
         failing = metrics.WEBHOOK_FAILING_SINCE.labels(sub.name)
         failing.set(0)
         while not stop.is_set():
             try:
-                reply: Any = await self.redis.xreadgroup(group, self.consumer, {stream: cursor}, count=READ_ENTRIES,
-                                                         block=None if cursor == "0" else 1000)
-                entries: list[Any] = reply[0][1] if reply else []
-                if cursor == "0" and not entries:
-                    cursor = ">"
-                    continue
-                if not entries:
-                    continue
-                events = [e for _, f in entries if f for e in orjson.loads(f.get(b"events") or b"[]")
-                          if e.get("client") == sub.client and e.get("type") in sub.events]
-                size = self.ws.batch_size
-                for i in range(0, len(events), size):
-                    await self._deliver(sub, events[i:i + size], stop, failing)
-                await self.redis.xack(stream, group, *[i for i, _ in entries])
+                cursor = await self._round(sub, cursor, stop, failing)
             except Stopping:
                 return
-            except ResponseError as e:
-                if "NOGROUP" in str(e):  # the stream was deleted (or Redis lost its data)
-                    await self.ensure_groups()
-                    continue
-                raise
-            except (ConnectionError, OSError, aioredis.RedisError) as e:
-                log.warning("webhook read failed, retrying", extra={"error": type(e).__name__})
+            except Exception as e:  # Redis down, or a bug: the task must go on while the process runs
+                if isinstance(e, ResponseError) and "NOGROUP" in str(e):
+                    log.warning("webhook group missing, creating it", extra={"subscription": sub.name})
+                    with contextlib.suppress(ConnectionError, OSError, aioredis.RedisError):
+                        await self.ensure_groups()  # the stream was deleted, or Redis lost its data
+                elif isinstance(e, ConnectionError | OSError | aioredis.RedisError):
+                    log.warning("webhook round failed, retrying", extra={"error": type(e).__name__,
+                                                                         "subscription": sub.name})
+                else:
+                    log.exception("webhook round failed", extra={"subscription": sub.name})
+                cursor = "0"  # entries read but not acknowledged are read again first
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 1.0)
+
+    async def _round(self, sub: WebhookSubscription, cursor: str, stop: asyncio.Event, failing: Any) -> str:
+        """Read a few entries (this consumer's unacknowledged ones while `cursor` is "0"), post the subscription's
+        events, acknowledge the entries; the cursor for the next round."""
+        group, stream = self.keys.webhook_group(sub.name), self.keys.outcome_events
+        reply: Any = await self.redis.xreadgroup(group, self.consumer, {stream: cursor}, count=READ_ENTRIES,
+                                                 block=None if cursor == "0" else 1000)
+        entries: list[Any] = reply[0][1] if reply else []
+        if not entries:
+            return ">"
+        events = [e for _, f in entries if f for e in orjson.loads(f.get(b"events") or b"[]")
+                  if e.get("client") == sub.client and e.get("type") in sub.events]
+        size = self.ws.batch_size
+        for i in range(0, len(events), size):
+            await self._deliver(sub, events[i:i + size], stop, failing)
+        await self.redis.xack(stream, group, *[i for i, _ in entries])
+        return cursor
 
     async def _deliver(self, sub: WebhookSubscription, events: Sequence[dict[str, Any]], stop: asyncio.Event,
                        failing: Any) -> None:
