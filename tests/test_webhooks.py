@@ -335,3 +335,24 @@ async def test_cli_lists_and_replays_dead_lettered_batches(
     assert await asyncio.to_thread(cli_main, ["--config", str(cfg), "webhooks", "replay", listed[0]["id"]]) == 0
     assert json.loads(capsys.readouterr().out) == {"replayed": 1, "failed": 0}
     assert [e["id"] for e in receiver.events] == ["e1"] and await redis.xlen(Keys().webhook_dead) == 0
+
+
+async def test_a_dispatcher_stopped_mid_batch_posts_it_after_a_restart_under_the_same_name(
+    redis: aioredis.Redis, fcm: tuple[FakeFcm, FcmProvider], receiver: Receiver, local_ca: LocalCA,
+) -> None:
+    s = settings(receiver, local_ca)
+    receiver.mode = "hang"
+    async with running(s, redis, fcm[1]):
+        await Intake(redis, s).submit(messages(10, "k"), client="svc")
+        await until(lambda: len(fcm[0].received) == 10 and receiver.hung >= 1)
+    group = Keys().webhook_group("lms")
+    pending = await redis.xpending(Keys().outcome_events, group)
+    assert pending["pending"] >= 1 and receiver.batches == []  # read, never acknowledged
+    receiver.mode = "ok"
+    stop = asyncio.Event()
+    task = asyncio.create_task(WebhookDispatcher(s, redis, consumer="d1").run(stop))
+    await until(lambda: len(receiver.events) >= 10)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert sorted({e["message"] for e in receiver.events}) == sorted(f"k-{i}" for i in range(10))
+    assert (await redis.xpending(Keys().outcome_events, group))["pending"] == 0
