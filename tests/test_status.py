@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -363,3 +364,18 @@ async def test_campaign_report_counts_a_learner_delivered_once_beside_one_event_
 
 async def _delivered_events(redis: aioredis.Redis, n: int) -> bool:
     return len([e for e in await outcome_events(redis) if e["type"] == "delivered"]) == n
+
+
+async def test_an_id_with_a_slash_is_found_and_an_enqueue_only_client_needs_its_scope(
+    redis: aioredis.Redis, make_client: Callable[..., Any],
+) -> None:
+    s = replace(settings(), api=ApiSettings(clients=(ApiClient("svc", SVC_TOKEN, ("enqueue",)),
+                                                     ApiClient("dev", OTHER_TOKEN, ("devices",)))))
+    api = await make_client(s)
+    auth = {"Authorization": f"Bearer {SVC_TOKEN}"}
+    r = await api.post("/v1/messages", json={"id": "course/42/quiz", "user": "ada", "title": "t"}, headers=auth)
+    assert r.status == 202
+    r = await api.get("/v1/messages/course/42/quiz", headers=auth)
+    assert r.status == 200 and (await r.json())["state"] == "queued"
+    r = await api.get("/v1/messages/course/42/quiz", headers={"Authorization": f"Bearer {OTHER_TOKEN}"})
+    assert r.status == 403  # the devices scope alone does not read message status
