@@ -39,6 +39,7 @@ from ..core.config import (
     ProviderSettings,
     RedisSettings,
     Settings,
+    StatusSettings,
     WebPushSettings,
     WorkerSettings,
 )
@@ -68,6 +69,7 @@ class Options:
     rich: float = 0.0  # share of messages sent with rich fields (image, badge, sound, actions, thread, link)
     profile_dir: str | None = None  # py-spy the workers into this folder and bill their CPU by component
     cluster: int = 0  # masters of a loopback Redis Cluster to run on (16 shards); 0: one embedded Redis
+    status: bool = True  # message status and outcome events written by the workers (as deployed); False: both off
 
 
 @dataclass
@@ -314,6 +316,7 @@ class Bench:
                 # Every rule is evaluated and recorded, but the limits are out of reach (the skewed
                 # users get thousands of messages), so the run measures the policy's cost alone.
                 policy=bench_policy(o.policy),
+                status=StatusSettings(enabled=o.status and not o.cluster, events=o.status and not o.cluster),
             )
             pop = self.population(new_subscription)
             redis = redis_from_url(url)
@@ -484,6 +487,7 @@ class Bench:
         out: dict[str, Any] = {
             "mode": o.mode,
             "policy": o.policy,
+            "status": o.status,
             "rich": o.rich,
             "messages": n,
             "users": o.users,
@@ -776,7 +780,8 @@ def plots(result: dict[str, Any], latencies: list[float], directory: Path) -> li
 def summary(result: dict[str, Any]) -> str:
     lat = result["latency_ms"]
     rows = [
-        ("mode", f"{result['mode']}, policy {result.get('policy')}, rich share {result.get('rich', 0.0)}"),
+        ("mode", f"{result['mode']}, policy {result.get('policy')}, rich share {result.get('rich', 0.0)}, "
+                 f"status+events {'on' if result.get('status', True) else 'off'}"),
         ("messages / deliveries", f"{result['messages']} / {result['deliveries_expected']}"),
         ("delivered", result["delivered"]),
         ("dead-lettered", result["dead_lettered"]),
@@ -849,7 +854,8 @@ def options_from(ns: Any) -> Options:
     return replace(Options(), messages=ns.messages, users=ns.users, processes=ns.processes, mode=ns.mode, rate=ns.rate,
                    duration_s=ns.duration, baseline=not ns.no_baseline, json_path=ns.json, plots_dir=ns.plots,
                    seed=ns.seed, policy=ns.policy, rich=ns.rich,
-                   profile_dir=getattr(ns, "profile", None), cluster=_cluster_masters(ns.redis))
+                   profile_dir=getattr(ns, "profile", None), cluster=_cluster_masters(ns.redis),
+                   status=ns.status == "on")
 
 
 def _cluster_masters(value: str) -> int:

@@ -211,6 +211,51 @@ class PolicySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class StatusSettings:
+    """Per-message status (GET /v1/messages/{id}) and the outcome event stream (queue/status.py).
+
+    Both are written by the intake and in the worker's commit transaction; each message's status expires
+    `retention_s` after its last change."""
+
+    enabled: bool = True
+    retention_s: int = 7 * 86400
+    user_messages: int = 100  # a learner's most recent messages listed by GET /v1/users/{user}/messages
+    events: bool = True  # final outcomes and policy drops to the stream <prefix>:events:outcomes
+    events_maxlen: int = 100_000  # MAXLEN ~ of that stream, in entries (one per worker commit: 1 to 512 events)
+
+
+WEBHOOK_EVENTS = ("delivered", "token_invalid", "dead_lettered", "expired", "dropped")
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSubscription:
+    """Outcome events of the messages an API client enqueued, posted to `url` (gateway/webhooks.py)."""
+
+    name: str
+    client: str  # the [[api.clients]] name whose messages' events go here
+    url: str
+    secret: str = field(repr=False)
+    events: tuple[str, ...] = WEBHOOK_EVENTS
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    """The webhook dispatcher (`pushgw webhooks run`): batches, retries, and the URL guard (https, allowed
+    hosts, no private address unless allow_private), as for Web Push endpoints."""
+
+    batch_size: int = 100  # events per POST at most
+    timeout_s: float = 10.0  # per POST
+    max_attempts: int = 8  # then the batch goes to the webhook dead letters (`pushgw webhooks replay`)
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 300.0
+    allowed_hosts: tuple[str, ...] = ()
+    allow_private: bool = False
+    allowed_ports: tuple[str, ...] = ()
+    ca_file: str = ""
+    subscriptions: tuple[WebhookSubscription, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     redis: RedisSettings = RedisSettings()
     api: ApiSettings = ApiSettings()
@@ -220,6 +265,8 @@ class Settings:
     fcm: tuple[FcmApp, ...] = ()
     webpush: WebPushSettings = WebPushSettings()
     policy: PolicySettings = PolicySettings()
+    status: StatusSettings = StatusSettings()
+    webhooks: WebhookSettings = WebhookSettings()
     log_level: str = "INFO"
 
     def apns_app(self, name: str) -> ApnsApp | None:
@@ -298,7 +345,8 @@ def _section(cls: Any, section: str, data: Mapping[str, Any], env: Mapping[str, 
     values: dict[str, Any] = dict(fixed)
     defaults = cls(**fixed)
     for name in known:
-        if name in fixed or name in ("clients", "caps", "category_windows", "provider_rates", "sentinel"):  # tables
+        if name in fixed or name in ("clients", "caps", "category_windows", "provider_rates", "sentinel",
+                                     "subscriptions"):  # tables
             continue
         default = getattr(defaults, name)
         raw = data.get(name)
@@ -347,6 +395,16 @@ def _redis(data: Mapping[str, Any], env: Mapping[str, str]) -> RedisSettings:
         raise ConfigError("redis.wait_timeout_ms must be at least 1 when redis.wait_replicas is set "
                           "(WAIT with 0 would block forever)")
     return redis
+def _secret(table: Mapping[str, Any], name: str, where: str, env: Mapping[str, str]) -> str:
+    """A secret given in the table (`name`) or, better, named by `<name>_env`: at least 16 characters."""
+    value = table.get(name)
+    if f"{name}_env" in table:
+        value = env.get(str(table[f"{name}_env"]))
+        if not value:
+            raise ConfigError(f"{where}.{name}_env: environment variable {table[f'{name}_env']} is not set")
+    if not isinstance(value, str) or len(value) < 16:
+        raise ConfigError(f"{where}.{name} must be a string of at least 16 characters")
+    return value
 
 
 def _clients(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[ApiClient, ...]:
@@ -355,13 +413,7 @@ def _clients(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[ApiClient
         where = f"api.clients[{i}]"
         if not isinstance(c, dict) or not isinstance(c.get("name"), str):
             raise ConfigError(f"{where} needs a name")
-        token = c.get("token")
-        if "token_env" in c:
-            token = env.get(str(c["token_env"]))
-            if not token:
-                raise ConfigError(f"{where}.token_env: environment variable {c['token_env']} is not set")
-        if not isinstance(token, str) or len(token) < 16:
-            raise ConfigError(f"{where}.token must be a string of at least 16 characters")
+        token = _secret(c, "token", where, env)
         scopes = c.get("scopes", ["enqueue"])
         bad = set(scopes) - set(SCOPES)
         if bad:
@@ -430,6 +482,30 @@ def _provider_rates(data: Any) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
+def _subscriptions(data: Any, env: Mapping[str, str], clients: tuple[ApiClient, ...]) -> tuple[WebhookSubscription, ...]:
+    if not isinstance(data, list):
+        raise ConfigError("[[webhooks.subscriptions]] must be an array of tables")
+    names = {c.name for c in clients}
+    out: list[WebhookSubscription] = []
+    for i, sub in enumerate(data):
+        where = f"webhooks.subscriptions[{i}]"
+        if not isinstance(sub, dict) or set(sub) - {"name", "client", "url", "secret", "secret_env", "events"}:
+            raise ConfigError(f"{where}: expected name, client, url, secret or secret_env, and optionally events")
+        name, client, url = sub.get("name", f"sub{i}"), sub.get("client"), sub.get("url")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name) or name in {s.name for s in out}:
+            raise ConfigError(f"{where}.name must be unique: letters, digits, _ and -, at most 64")
+        if not isinstance(client, str) or client not in names:
+            raise ConfigError(f"{where}.client must name one of [[api.clients]] ({sorted(names)})")
+        if not isinstance(url, str) or not url.startswith("https://"):
+            raise ConfigError(f"{where}.url must be an https URL")
+        secret = _secret(sub, "secret", where, env)
+        events = sub.get("events", list(WEBHOOK_EVENTS))
+        if not isinstance(events, list) or not events or set(events) - set(WEBHOOK_EVENTS):
+            raise ConfigError(f"{where}.events must be a non-empty list of {', '.join(WEBHOOK_EVENTS)}")
+        out.append(WebhookSubscription(name, client, url, secret, tuple(events)))
+    return tuple(out)
+
+
 def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Read `path` (or `$PUSHGW_CONFIG`, or nothing) and apply `PUSHGW_*` environment overrides."""
     env = os.environ if env is None else env
@@ -442,7 +518,7 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
             raise ConfigError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    unknown = set(data) - {"redis", "api", "worker", "providers", "apns", "fcm", "webpush", "policy", "log"}
+    unknown = set(data) - {"redis", "api", "worker", "providers", "apns", "fcm", "webpush", "policy", "status", "webhooks", "log"}
     if unknown:
         raise ConfigError(f"unknown section(s) {sorted(unknown)}")
     api = _section(ApiSettings, "api", data.get("api", {}), env)
@@ -482,8 +558,21 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         apns=apns,
         fcm=fcm,
         webpush=_check_webpush(_section(WebPushSettings, "webpush", data.get("webpush", {}), env)),
+        status=_section(StatusSettings, "status", data.get("status", {}), env),
+        webhooks=replace(_section(WebhookSettings, "webhooks", data.get("webhooks", {}), env),
+                         subscriptions=_subscriptions(data.get("webhooks", {}).get("subscriptions", []), env, api.clients)),
         log_level=level,
     )
+    if settings.redis.cluster:  # status and outcome events use one Redis's keys; not sharded yet
+        status_data = data.get("status", {})
+        if status_data.get("enabled") is True or status_data.get("events") is True or settings.webhooks.subscriptions:
+            raise ConfigError("message status, outcome events and webhooks do not work on Redis Cluster yet: "
+                              "leave status.enabled, status.events and [[webhooks.subscriptions]] unset")
+        settings = replace(settings, status=replace(settings.status, enabled=False, events=False))
+    if settings.status.retention_s < 1 or settings.status.user_messages < 1 or settings.status.events_maxlen < 1:
+        raise ConfigError("status.retention_s, status.user_messages and status.events_maxlen must be at least 1")
+    if settings.webhooks.batch_size < 1 or settings.webhooks.max_attempts < 1 or settings.webhooks.timeout_s <= 0:
+        raise ConfigError("webhooks.batch_size and webhooks.max_attempts must be at least 1, webhooks.timeout_s > 0")
     if min(api.header_timeout_s, api.body_timeout_s, api.idle_timeout_s) <= 0 or api.max_connections < 1:
         raise ConfigError("api.header_timeout_s, api.body_timeout_s and api.idle_timeout_s must be > 0, "
                           "api.max_connections at least 1")

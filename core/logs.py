@@ -14,7 +14,8 @@ import orjson
 
 _FIELDS = (
     "msg_id", "entry_id", "provider", "outcome", "reason", "error", "count", "in_flight", "consumer",
-    "processes", "pid", "status", "path", "client", "exit_code", "app", "open_s", "address",
+    "processes", "pid", "status", "path", "client", "exit_code", "app", "open_s", "address", "subscription",
+    "attempt",
 )
 
 

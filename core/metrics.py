@@ -141,6 +141,32 @@ API_REJECTED = Counter(
     ["reason"],  # one of gateway/api/server.py's REASONS
 )
 RECLAIMED = Counter("pushgw_reclaimed_entries_total", "Pending entries taken over from a dead consumer")
+WEBHOOK_POSTS = Counter(
+    "pushgw_webhook_posts_total",
+    "Webhook POSTs by subscription and outcome: ok, retry (5xx, 429, 408, timeout, connection error), "
+    "refused (other 4xx, a refused address), dead_letter (a batch given up after webhooks.max_attempts)",
+    ["subscription", "outcome"],
+)
+WEBHOOK_EVENTS = Counter("pushgw_webhook_events_total", "Outcome events delivered to a webhook (2xx)", ["subscription"])
+WEBHOOK_LATENCY = Histogram(
+    "pushgw_webhook_request_seconds", "Time of one webhook POST", ["subscription"], buckets=_LATENCY_BUCKETS
+)
+WEBHOOK_FAILING_SINCE = Gauge(
+    "pushgw_webhook_failing_since_seconds",
+    "Unix time of the first failed POST of a subscription's current failing run; 0 while its POSTs succeed",
+    ["subscription"],
+    multiprocess_mode="max",
+)
+WEBHOOK_LAG = Gauge(
+    "pushgw_webhook_lag_entries",
+    "Outcome event stream entries (one per worker commit) a subscription has not read or acknowledged yet",
+    ["subscription"],
+    multiprocess_mode="max",
+)
+OUTCOME_EVENTS_LENGTH = Gauge(
+    "pushgw_outcome_events_entries", "Entries in the outcome event stream (MAXLEN ~ status.events_maxlen)",
+    multiprocess_mode="max",
+)
 
 
 class Deferred:

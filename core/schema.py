@@ -136,6 +136,9 @@ class Message:
     # The upstream entity the message is about (e.g. session-812): `DELETE /v1/messages?ref=` withdraws every
     # message of one API client with this ref that is still waiting (scheduled or held by the policy).
     ref: str | None = None
+    # Internal: the API client that enqueued it (gateway/intake.py): who may read its status, whose webhooks
+    # get its outcome events. None: enqueued by the CLI, the Python client or a campaign fan-out.
+    client: str | None = None
     v: int = SCHEMA_VERSION
 
     @property
@@ -188,6 +191,8 @@ class Message:
             out["resolved"] = True
         if self.fanout:
             out["fanout"] = True
+        if self.client is not None:
+            out["client"] = self.client
         return out
 
     def dumps(self) -> bytes:
@@ -1259,7 +1264,7 @@ _KNOWN = frozenset({
     "v", "id", "user", "devices", "app", "title", "body", "data", "category", "priority",
     "ttl", "expires_at", "send_at", "collapse_key", "campaign", "variant", "ref",
 })
-_KNOWN_INTERNAL = _KNOWN | {"resolved", "fanout"}
+_KNOWN_INTERNAL = _KNOWN | {"resolved", "fanout", "client"}
 _DEVICE_FIELDS = frozenset({*PROVIDERS, "app"})
 
 
@@ -1423,6 +1428,7 @@ def parse_message(
         resolved=internal and obj.get("resolved") is True,
         fanout=internal and obj.get("fanout") is True,
         ref=ref,
+        client=obj.get("client") if internal and isinstance(obj.get("client"), str) else None,
     )
 
 

@@ -1,5 +1,5 @@
-"""`pushgw`: the command line. Subcommands: demo, serve, worker, api, send, dlq, devices, prefs, users, templates,
-campaigns, events, automations, vapid-keygen.
+"""`pushgw`: the command line. Subcommands: demo, serve, worker, api, send, trace, webhooks, dlq, devices, prefs, users,
+templates, campaigns, events, automations, vapid-keygen.
 
 With no Redis configured (`redis.url` / PUSHGW_REDIS_URL empty) every command uses the embedded
 Redis in `redis.embedded_dir`: it joins the one a running `pushgw serve` started, or starts it.
@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -193,6 +194,112 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
         sys.stderr.write("error: message rejected:\n" + "".join(f"  {err}\n" for err in e.errors))
         return 2
     _print([{"id": i, "status": "queued" if ok else "duplicate"} for i, ok in results])
+    return 0
+
+
+def _trace_lines(status: dict[str, Any]) -> list[str]:
+    """A status as a person reads it: the message, its devices, then the timeline."""
+    import datetime as dt
+
+    def when(t: float) -> str:
+        return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+    head = f"message {status['id']}: {status['state']}"
+    who = ", ".join(f"{k} {status[k]}" for k in ("user", "client", "campaign") if k in status)
+    lines = [head + (f" ({who})" if who else "")]
+    for d in status.get("devices", []):
+        extra = {k: v for k, v in d.items() if k not in ("device", "at", "state")}
+        lines.append(f"  device {d['device']}: {d['state']} at {when(d['at'])} {json.dumps(extra) if extra else ''}".rstrip())
+    for s in status.get("timeline", []):
+        extra = {k: v for k, v in s.items() if k not in ("at", "state")}
+        lines.append(f"  {when(s['at'])}  {s['state']:<14} {json.dumps(extra) if extra else ''}".rstrip())
+    return lines
+
+
+def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
+    from .client import PushClient
+
+    if bool(args.message_id) == bool(args.user):
+        sys.stderr.write("error: give a MESSAGE_ID or --user USER\n")
+        return 2
+    if args.limit < 1:
+        sys.stderr.write("error: --limit must be at least 1\n")
+        return 2
+
+    async def go(redis: Any) -> Any:
+        client = PushClient(redis, settings)
+        if args.user:
+            return await client.user_messages(args.user, args.limit)
+        return await client.message_status(args.message_id)
+
+    found = asyncio.run(_with_client(settings, go))
+    if found is None:
+        sys.stderr.write(f"error: no status for message {args.message_id} (unknown, or past status.retention_s)\n")
+        return 1
+    if args.json:
+        _print(found)
+        return 0
+    for status in found if isinstance(found, list) else [found]:
+        sys.stdout.write("\n".join(_trace_lines(status)) + "\n")
+    return 0
+
+
+def cmd_webhooks(args: argparse.Namespace, settings: Settings) -> int:
+    from . import webhooks
+
+    if args.action == "run":
+        _multiproc_dir()
+        return asyncio.run(_run_webhooks(settings, args.consumer, args.metrics_port))
+    if args.action == "replay" and not args.ids and not args.all:
+        sys.stderr.write("error: webhooks replay needs dead-letter ids (from `pushgw webhooks list`) or --all\n")
+        return 2
+
+    async def go(redis: Any) -> Any:
+        if args.action == "list":
+            return await webhooks.dead_letters(settings, redis, args.count)
+        return await webhooks.replay(settings, redis, None if args.all else args.ids)
+
+    out = asyncio.run(_with_client(settings, go))
+    _print(out)
+    return 1 if args.action == "replay" and out["failed"] else 0
+
+
+async def _run_webhooks(settings: Settings, consumer: str, metrics_port: int) -> int:
+    """The dispatcher until SIGTERM/SIGINT, with /metrics on `metrics_port` (0: none)."""
+    from aiohttp import web
+
+    from ..core import metrics
+    from ..queue.connection import redis_from_url
+    from .webhooks import WebhookDispatcher
+
+    if not settings.webhooks.subscriptions:
+        sys.stderr.write("error: no [[webhooks.subscriptions]] configured\n")
+        return 2
+    url, embedded = redis_target(settings)
+    redis = redis_from_url(url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = None
+    if metrics_port:
+        async def _metrics(request: web.Request) -> web.Response:
+            body, content_type = metrics.render()
+            return web.Response(body=body, headers={"Content-Type": content_type})
+
+        app = web.Application()
+        app.router.add_get("/metrics", _metrics)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, settings.api.host, metrics_port).start()
+    try:
+        await WebhookDispatcher(settings, redis, consumer=consumer).run(stop)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await redis.aclose()
+        if embedded:
+            embedded.stop()
     return 0
 
 
@@ -490,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--policy", choices=("off", "default", "full"), default="default",
                    help="default: as deployed (preferences read per batch); full: every rule on with limits out of "
                         "reach; compare full with off to see the policy's cost")
+    b.add_argument("--status", choices=("on", "off"), default="on",
+                   help="message status and outcome events written by the workers (on, as deployed); compare with "
+                        "off to see their cost")
     b.add_argument("--seed", type=int, default=1)
     b.add_argument("--profile", metavar="DIR",
                    help="sample the workers with py-spy into DIR and show their CPU per delivery by component")
@@ -531,6 +641,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--count", type=int, default=None, help="list: how many (default 50); replay: at most this many")
     q.add_argument("--start", default="-")
     q.set_defaults(fn=cmd_dlq)
+
+    tr = sub.add_parser("trace", help="where is my message: a message's status, or a learner's recent messages")
+    tr.add_argument("message_id", nargs="?", help="the message id")
+    tr.add_argument("--user", help="list this learner's recent messages with their state instead")
+    tr.add_argument("--limit", type=int, default=20, help="with --user: at most this many (newest first)")
+    tr.add_argument("--json", action="store_true", help="print the status as JSON (as the API answers it)")
+    tr.set_defaults(fn=cmd_trace)
+
+    wh = sub.add_parser("webhooks", help="outcome webhooks: run the dispatcher, list or replay dead-lettered batches")
+    wh.add_argument("action", choices=["run", "list", "replay"])
+    wh.add_argument("ids", nargs="*", help="replay: dead-letter ids from `webhooks list`")
+    wh.add_argument("--all", action="store_true", help="replay: every dead-lettered batch")
+    wh.add_argument("--count", type=int, default=100, help="list: at most this many")
+    wh.add_argument("--consumer", default=socket.gethostname(),
+                    help="run: this dispatcher's name in the consumer groups (a restart under the same name resumes "
+                         "its unacknowledged batches); default: the host name")
+    wh.add_argument("--metrics-port", type=int, default=9102, help="run: serve /metrics here (0: none)")
+    wh.set_defaults(fn=cmd_webhooks)
 
     v = sub.add_parser("devices", help="device registry: add, list, rm")
     v.add_argument("action", choices=["add", "list", "rm"])

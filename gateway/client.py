@@ -25,6 +25,7 @@ from ..campaigns.templates import Rendered, Template, Templates
 from ..core.config import Settings
 from ..core.schema import Device
 from ..queue.connection import redis_from_url
+from ..queue.status import StatusReader
 from ..users.profiles import Preferences
 from .intake import Intake
 
@@ -41,6 +42,8 @@ class PushClient:
         self.redis = redis
         self._intake = Intake(redis, settings, source="client")
         self._campaigns = CampaignStore(redis, self._intake.keys)
+        self._status = StatusReader(redis, self._intake.keys)
+        self._user_messages = settings.status.user_messages
         self._owns = owns_redis
 
     @classmethod
@@ -54,6 +57,15 @@ class PushClient:
     async def send_many(self, messages: Sequence[dict[str, Any]]) -> list[tuple[str, bool]]:
         """Queue a batch, all or nothing: `MessageInvalid` lists every error and nothing is queued."""
         return await self._intake.submit(messages)
+
+    async def message_status(self, message_id: str) -> dict[str, Any] | None:
+        """The message's timeline and each device's state (as GET /v1/messages/{id}); None when unknown or past
+        `status.retention_s`. This client reads Redis directly: it sees every message, like an admin."""
+        return await self._status.message(message_id)
+
+    async def user_messages(self, user: str, limit: int = 20) -> list[dict[str, Any]]:
+        """A learner's most recent messages, newest first, with their state (as GET /v1/users/{user}/messages)."""
+        return (await self._status.user(user, min(limit, self._user_messages)))[:limit]
 
     async def register_device(self, user: str, device: dict[str, Any]) -> Device:
         return await self._intake.register_device(user, device)

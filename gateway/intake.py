@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from contextlib import suppress
+from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -35,6 +36,7 @@ from ..providers.endpoints import EndpointPolicy
 from ..providers.payloads import check_payload_limits
 from ..queue.keys import Keys
 from ..queue.sharded import ShardedQueue, shard_map
+from ..queue.status import record_accepted
 from ..users.profiles import Profiles
 from ..users.registry import DeviceRegistry
 
@@ -262,17 +264,27 @@ class Intake:
         return True
 
     async def submit(self, objs: Sequence[Any], *, reads_users: bool = True,
-                     owner: str = "") -> list[tuple[str, bool]]:
+                     client: str | None = None) -> list[tuple[str, bool]]:
         """Validate all, then enqueue; returns (message id, True if queued / False if a duplicate id).
-        `reads_users`: see `expand_templates`; `owner`: the API client, who alone may withdraw them."""
+        `reads_users`: see `expand_templates`; `client`: the API client enqueuing (it alone may withdraw the
+        messages or read their status, and its webhooks get their outcome events)."""
         objs = await self.best_times(objs)
         messages = self.validate(await self.expand_templates(objs, reads_users=reads_users))
+        if client is not None:
+            messages = [replace(m, client=client) for m in messages]
         if not self._group_ready:
             await self.queue.ensure_group()  # so a message queued before any worker started is delivered
             self._group_ready = True
         flags: list[bool] = []
+        status = self.settings.status
         for i in range(0, len(messages), ENQUEUE_CHUNK):
-            flags += await self.queue.enqueue(messages[i:i + ENQUEUE_CHUNK], owner=owner)
+            now_ms = int(time.time() * 1000)
+            chunk = messages[i:i + ENQUEUE_CHUNK]
+            chunk_flags = await self.queue.enqueue(chunk, now_ms, owner=client or "")
+            flags += chunk_flags
+            if status.enabled and any(chunk_flags):  # a duplicate keeps the status of the message first accepted
+                await record_accepted(self.queue.redis, self.keys, [m for m, f in zip(chunk, chunk_flags, strict=True) if f],
+                                      now_ms, retention_s=status.retention_s, user_messages=status.user_messages)
         queued = sum(flags)
         if queued:
             self._enqueued.inc(queued)

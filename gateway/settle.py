@@ -24,6 +24,7 @@ from ..core.schema import Device, Message
 from ..providers.base import Delivered, Outcome, Rejected, Retry, TokenInvalid
 from ..queue.keys import Keys
 from ..queue.streams import Commit, DeadLetter, Entry, StreamQueue
+from .tracking import Tracker
 from .worker_metrics import WorkerMetrics
 
 log = logging.getLogger("pushgw.worker")
@@ -82,14 +83,18 @@ class Settler:
         self._held = m.held
         self._delivered, self._retry, self._invalid, self._rejected = m.delivered, m.retry, m.token_invalid, m.rejected
         self._retries, self._tokens, self._e2e = m.retries, m.tokens_removed, m.end_to_end
+        self.track: Tracker | None = None  # message status and outcome events (gateway/tracking.py), when on
 
     # ------------------------------------------------------------------ outcomes
 
     def settle(self, job: Job, device: Device, outcome: Outcome, provider: str) -> None:
         msg, entry = job.message, job.entry
+        track = self.track
         match outcome:
-            case Delivered():
+            case Delivered(provider_id=provider_id):
                 self._held.inc(self._delivered[provider])
+                if track is not None:
+                    track.final("delivered", msg, device, provider, entry.attempt, provider_id=provider_id)
                 if msg.campaign:  # `kpi` checks it too; asked here, most deliveries skip the call
                     self.kpi(msg, "delivered")
                 e2e = self._e2e.get(provider)
@@ -106,17 +111,21 @@ class Settler:
                         delay = max(delay, after)
                     due = self._clock() + delay
                     if job.expiry is not None and due >= job.expiry:
-                        self.expired(msg)
+                        self.expired(msg, device, provider, entry.attempt)
                         log.info("expired before retry", extra={"msg_id": msg.id, "provider": provider})
                     else:
                         self._retries[provider].inc()
                         self._schedule_retry(job, device, due, entry.attempt + 1)
+                        if track is not None:
+                            track.retrying(msg, device, provider, entry.attempt + 1, due, reason)
             case TokenInvalid(reason=reason):
                 self._invalid[provider].inc()
                 self._tokens[provider].inc()
                 user = msg.user if (device.key in job.registry_keys or msg.resolved) else None
                 self.commit.invalid_tokens.append((user, device, reason))
                 self.kpi(msg, "failed")
+                if track is not None:
+                    track.final("token_invalid", msg, device, provider, entry.attempt, reason)
                 log.info("token invalid", extra={"msg_id": msg.id, "provider": provider, "outcome": "token_invalid"})
             case Rejected(reason=reason):
                 self._rejected[provider].inc()
@@ -134,7 +143,9 @@ class Settler:
         self.commit.retries.append((until, msg, entry.attempt, entry.enqueued_ms))
         self.ack(entry)
 
-    def expired(self, msg: Message) -> None:
+    def expired(self, msg: Message, device: Device | None = None, provider: str = "", attempt: int = 0) -> None:
+        if self.track is not None:
+            self.track.final("expired", msg, device, provider, attempt)
         metrics.SKIPPED.labels("expired").inc()
         metrics.POLICY.labels(metrics.category_label(msg.category, self._categories), "expired", "dropped").inc()
         self.kpi(msg, "dropped")
@@ -185,6 +196,8 @@ class Settler:
     def _dead_letter(self, msg: Message, device: Device, reason: str, entry: Entry, provider: str) -> None:
         metrics.DEAD_LETTERS.labels(reason.split(":", 1)[0]).inc()
         self.kpi(msg, "failed")
+        if self.track is not None:
+            self.track.final("dead_lettered", msg, device, provider, entry.attempt, reason)
         log.warning("dead letter", extra={"msg_id": msg.id, "provider": provider, "reason": reason})
         self.commit.dead.append(
             DeadLetter(msg.with_devices((device,)), reason, entry.attempt, provider, entry.enqueued_ms)

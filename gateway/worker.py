@@ -46,6 +46,7 @@ from ..ratelimit.provider_rate import SharedRate
 from ..users.registry import DeviceRegistry
 from .lanes import Lanes
 from .settle import Job, Settler
+from .tracking import Tracker
 from .worker_metrics import WorkerMetrics
 
 log = logging.getLogger("pushgw.worker")
@@ -74,7 +75,9 @@ class Worker:
         self.redis = redis
         self.keys = keys or Keys(settings.redis.prefix)  # a shard's keys on Redis Cluster (queue/shards.py)
         self.queue = StreamQueue(
-            redis, self.keys, idempotency_window_s=self.ws.idempotency_window_s, done_ttl_s=self.ws.done_ttl_s
+            redis, self.keys, idempotency_window_s=self.ws.idempotency_window_s, done_ttl_s=self.ws.done_ttl_s,
+            status_retention_s=settings.status.retention_s if settings.status.enabled else 0,
+            events_maxlen=settings.status.events_maxlen if settings.status.events else 0,
         )
         self.registry = DeviceRegistry(redis, self.keys)
         self.consumer = consumer
@@ -83,6 +86,9 @@ class Worker:
         self.metrics = WorkerMetrics(providers)
         self.settler = Settler(self.queue, self.ws, self.metrics, publish=self._publish, clock=clock, rng=rng,
                                categories=settings.policy.labelled_categories())
+        if settings.status.enabled or settings.status.events:
+            self.settler.track = Tracker(settings.status, lambda: self.settler.commit, clock)
+        self.track = self.settler.track
         self.jobs: dict[str, Job] = self.settler.jobs  # entry ref -> job, while any of its deliveries is unsettled
         self.lanes = Lanes(settings, providers, self.settler, self.metrics, rates=dict(rates or {}), clock=clock, rng=rng)
 
@@ -251,9 +257,13 @@ class Worker:
                         else:
                             metrics.SKIPPED.labels("deferred").inc()
                             self.settler.defer(entry, msg, until)
+                            if self.track is not None:
+                                self.track.held(msg, decision.reason, until)
                     case Drop(reason=reason):
                         metrics.SKIPPED.labels("dropped").inc()
                         self.settler.kpi(msg, "dropped")
+                        if self.track is not None:
+                            self.track.final("dropped", msg, None, reason=reason)
                         log.info("dropped by policy", extra={"msg_id": msg.id, "reason": reason})
                         self.settler.ack(entry)
                     case _:
@@ -293,12 +303,16 @@ class Worker:
                 metrics.SKIPPED.labels("no_device").inc()
                 if not done.get(ref):
                     self.settler.kpi(msg, "failed")  # a learner with no device: not reached
+                    if self.track is not None:
+                        self.track.no_device(msg)
                 self.settler.ack(entry)
                 continue
             if ref in jobs:
                 continue  # already in flight here (claimed back while a provider was slow)
             job = Job(entry, msg, len(devices), from_registry, expiry, msg.priority == "high")
             jobs[ref] = job
+            if self.track is not None:
+                self.track.in_flight(msg, entry.attempt, devices.values(), job)  # not changed after this
             for device in devices.values():
                 start(job, device)
 

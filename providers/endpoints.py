@@ -20,11 +20,13 @@ malformed: `malformed` says so, and such an endpoint can never be sent to.
 from __future__ import annotations
 
 import ipaddress
+import socket
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import idna
-
-from ..core.config import WebPushSettings
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 
 MAX_ENDPOINT_LEN = 2048
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 well-known prefix: the IPv4 in the low 32 bits
@@ -70,10 +72,23 @@ def malformed(url: str) -> str | None:
     return None
 
 
-class EndpointPolicy:
-    """Allowlist plus address checks, built once from `WebPushSettings`."""
+class EndpointRules(Protocol):
+    """The settings a policy is built from: `WebPushSettings`, and `WebhookSettings` for webhook URLs."""
 
-    def __init__(self, settings: WebPushSettings) -> None:
+    @property
+    def allowed_hosts(self) -> tuple[str, ...]: ...
+    @property
+    def allow_private(self) -> bool: ...
+    @property
+    def allowed_ports(self) -> tuple[str, ...]: ...
+
+
+class EndpointPolicy:
+    """Allowlist plus address checks, built once from the settings of `section` (named in refusals)."""
+
+    def __init__(self, settings: EndpointRules, section: str = "webpush", kind: str = "push service") -> None:
+        self.section = section
+        self.kind = kind
         self.allow_private = settings.allow_private
         self.allowed_ports = frozenset({443, *(int(p) for p in settings.allowed_ports)})
         exact: set[str] = set()
@@ -101,14 +116,14 @@ class EndpointPolicy:
         if parts.username is not None or parts.password is not None:
             return "endpoint must not carry credentials"
         if not self.host_allowed(host):
-            return f"endpoint host {host!r} is not an allowed push service (webpush.allowed_hosts)"
+            return f"endpoint host {host!r} is not an allowed {self.kind} ({self.section}.allowed_hosts)"
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
             ip = None  # a name: its addresses are checked when the connection is made
         refusal = None if ip is None else self.check_address(str(ip))
         if refusal is None and not self.allow_private and (parts.port or 443) not in self.allowed_ports:
-            return f"endpoint port {parts.port} is not allowed (443, or one of webpush.allowed_ports)"
+            return f"endpoint port {parts.port} is not allowed (443, or one of {self.section}.allowed_ports)"
         return refusal
 
     def check_address(self, address: str) -> str | None:
@@ -121,10 +136,34 @@ class EndpointPolicy:
             return f"{address!r} is not an IP address"
         if isinstance(ip, ipaddress.IPv6Address):
             if ip in _NAT64_LOCAL:
-                return "endpoint resolves to a local-use NAT64 address (RFC 8215; webpush.allow_private is off)"
+                return f"endpoint resolves to a local-use NAT64 address (RFC 8215; {self.section}.allow_private is off)"
             embedded = embedded_ipv4(ip)
             if embedded is not None:
                 ip = embedded
         if not ip.is_global or ip.is_multicast:
-            return "endpoint resolves to a private, loopback or link-local address (webpush.allow_private is off)"
+            return f"endpoint resolves to a private, loopback or link-local address ({self.section}.allow_private is off)"
         return None
+
+
+class CheckedResolver(AbstractResolver):
+    """Resolves with aiohttp's default resolver, then drops addresses the policy refuses; `refused` (an
+    OSError) is raised when none is left, so the transport maps it to a refusal, not a retry."""
+
+    def __init__(self, policy: EndpointPolicy, refused: type[OSError]) -> None:
+        self._policy = policy
+        self._refused = refused
+        self._inner = DefaultResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        allowed = [r for r in results if self._policy.check_address(r["host"]) is None]
+        if not allowed:
+            raise self._refused(f"{host}: every address is private, loopback or link-local")
+        return allowed
+
+    async def addresses(self, host: str, port: int) -> list[str]:
+        """The allowed addresses of `host`, for `H2Pool` to connect to (any address family)."""
+        return list(dict.fromkeys(r["host"] for r in await self.resolve(host, port, socket.AF_UNSPEC)))
+
+    async def close(self) -> None:
+        await self._inner.close()

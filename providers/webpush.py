@@ -38,15 +38,12 @@ import hmac
 import logging
 import os
 import re
-import socket
 import struct
 import time
 from collections import OrderedDict
 from typing import Any
 from urllib.parse import SplitResult, quote, urlsplit
 
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -55,7 +52,7 @@ from multidict import CIMultiDict
 from ..core.config import ConfigError, ProviderSettings, WebPushSettings
 from ..core.schema import Device, Message
 from .base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
-from .endpoints import EndpointPolicy, malformed
+from .endpoints import CheckedResolver, EndpointPolicy, malformed
 from .h2 import H2Pool, H2Response
 from .jose import b64url, b64url_decode
 from .payloads import (
@@ -154,28 +151,6 @@ class EndpointRefused(AddressRefused):
     """Every address of an endpoint's host is private/loopback while that is not allowed."""
 
 
-class _CheckedResolver(AbstractResolver):
-    """Resolves with aiohttp's default resolver, then drops addresses the policy refuses."""
-
-    def __init__(self, policy: EndpointPolicy) -> None:
-        self._policy = policy
-        self._inner = DefaultResolver()
-
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        allowed = [r for r in results if self._policy.check_address(r["host"]) is None]
-        if not allowed:
-            raise EndpointRefused(f"{host}: every address is private, loopback or link-local")
-        return allowed
-
-    async def addresses(self, host: str, port: int) -> list[str]:
-        """The allowed addresses of `host`, for `H2Pool` to connect to (any address family)."""
-        return list(dict.fromkeys(r["host"] for r in await self.resolve(host, port, socket.AF_UNSPEC)))
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
 class _Origin:
     """One push-service origin on HTTP/2: its pool, `:authority`, VAPID header bytes and requests in flight."""
 
@@ -272,8 +247,8 @@ class WebPushProvider:
         self._timeout_s = provider_settings.timeout_s
         self._concurrency = max(1, provider_settings.concurrency)
         self._http1 = Http1Client(limit=self._concurrency, ssl_context=self._tls.http1, body_limit=_BODY_READ,
-                                  resolver=functools.partial(_CheckedResolver, self._policy), redirects=False)
-        self._resolver: _CheckedResolver | None = None  # the HTTP/2 path's (made in the loop); aiohttp has its own
+                                  resolver=functools.partial(CheckedResolver, self._policy, EndpointRefused), redirects=False)
+        self._resolver: CheckedResolver | None = None  # the HTTP/2 path's (made in the loop); aiohttp has its own
         self._max_origins = max(1, max_origins)
         self._origins: OrderedDict[str, _Origin] = OrderedDict()  # least recently used first
         self._http1_origins: OrderedDict[str, None] = OrderedDict()  # origins without HTTP/2, oldest first
@@ -364,7 +339,7 @@ class WebPushProvider:
             if idle is not None:
                 self._drop(idle)
         if self._resolver is None:
-            self._resolver = _CheckedResolver(self._policy)
+            self._resolver = CheckedResolver(self._policy, EndpointRefused)
         pool = h2_pool(parts.hostname or "", parts.port or 443, self._tls.h2, size=CONNECTIONS,
                        max_streams=self._concurrency, timeout_s=self._timeout_s, resolve=self._resolver.addresses)
         origin = self._origins[key] = _Origin(pool, _authority(parts))

@@ -60,6 +60,31 @@ class Keys:
         """Stream of invalid-token events that upstream services may read (and clean their own data)."""
         return f"{self.prefix}:events:invalid_tokens"
 
+    # ------------------------------------------------------------------ message status and outcome events (queue/status.py)
+
+    def status(self, message_id: str) -> str:
+        """Hash of one message's status: `meta` (who enqueued it, when) and one field per timeline step."""
+        return f"{self.prefix}:st:{message_id}"
+
+    def user_messages(self, user: str) -> str:
+        """Sorted set of a learner's recent message ids by enqueue time (the newest `status.user_messages`)."""
+        return f"{self.prefix}:stu:{user}"
+
+    @property
+    def outcome_events(self) -> str:
+        """Stream of final outcomes per delivery and policy drops (MAXLEN ~ status.events_maxlen)."""
+        return f"{self.prefix}:events:outcomes"
+
+    @property
+    def webhook_dead(self) -> str:
+        """Stream of webhook batches that failed `webhooks.max_attempts` times (`pushgw webhooks replay`)."""
+        return f"{self.prefix}:webhooks:dead"
+
+    @staticmethod
+    def webhook_group(subscription: str) -> str:
+        """The consumer group of one webhook subscription on the outcome event stream."""
+        return f"webhook:{subscription}"
+
     def idem(self, message_id: str) -> str:
         """Marks a message id as accepted, for the idempotency window; its value is the API client that enqueued it
         (`x:<client>` once withdrawn), so a cancel can tell "sent" from "unknown"."""

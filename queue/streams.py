@@ -35,6 +35,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..core.records import record
 from ..core.schema import Device, Message
+from . import status
 from .connection import follow_master
 from .keys import Keys
 
@@ -214,10 +215,13 @@ class Commit:
     # Campaign KPIs: (campaign, variant, outcome delivered|failed|dropped, user or message id); a set per
     # outcome, so a retry, a second device or a redelivered entry counts a learner once.
     kpi: list[tuple[str, str, str, str]] = field(default_factory=list)
+    steps: list[status.Step] = field(default_factory=list)  # message status (queue/status.py)
+    started: list[status.InFlight] = field(default_factory=list)  # in-flight steps, if still in flight
+    outcomes: list[status.Outcome] = field(default_factory=list)  # final outcomes: status steps and events
 
     def __len__(self) -> int:
         return (len(self.acks) + len(self.done) + len(self.retries) + len(self.dead) + len(self.invalid_tokens)
-                + len(self.kpi))
+                + len(self.kpi) + len(self.steps) + len(self.started) + len(self.outcomes))
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,11 +253,15 @@ class StreamQueue:
         done_ttl_s: int = 86400,
         wait_replicas: int = 0,
         wait_timeout_ms: int = 1000,
+        status_retention_s: int = 0,  # message status kept this long; 0: not written (queue/status.py)
+        events_maxlen: int = 0,  # MAXLEN ~ of the outcome event stream; 0: no events
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.wait_replicas = max(0, int(wait_replicas))
         self.wait_timeout_ms = max(1, int(wait_timeout_ms))
+        self.status_retention_s = status_retention_s
+        self.events_maxlen = events_maxlen
         self.idempotency_window_s = max(1, int(idempotency_window_s))
         self.done_ttl_s = max(1, int(done_ttl_s))
         self._enqueue = redis.register_script(_ENQUEUE)
@@ -464,6 +472,9 @@ class StreamQueue:
                 for key, members in sets.items():
                     pipe.sadd(key, *members)
                     pipe.expire(key, KPI_TTL_S)
+            if c.steps or c.started or c.outcomes:
+                status.write(pipe, k, c.steps, c.started, c.outcomes, retention_s=self.status_retention_s,
+                             events_maxlen=self.events_maxlen)
             if c.acks:
                 by_lane: dict[str, list[str]] = {}
                 for ref in c.acks:

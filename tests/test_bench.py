@@ -55,6 +55,7 @@ def _baseline_split_is_consistent(result: dict[str, Any]) -> None:
 def test_bench_strict_mode(tmp_path: Path) -> None:
     result = _bench(tmp_path, "--mode", "strict")
     assert result["mode"] == "strict" and result["baseline_delivered"] == result["baseline_deliveries"]
+    assert result["status"] is True  # as deployed: message status and outcome events on
 
 
 @pytest.mark.skipif(shutil.which("nginx") is None and not os.path.exists("/usr/sbin/nginx"),
@@ -81,3 +82,7 @@ def test_bench_refuses_an_unknown_redis_topology(tmp_path: Path) -> None:
     pushgw = Path(sys.executable).with_name("pushgw")
     proc = subprocess.run([str(pushgw), "bench", "--redis", "cluster:x"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--redis must be single or cluster:N" in proc.stderr
+
+def test_bench_status_off_turns_message_status_and_outcome_events_off(tmp_path: Path) -> None:
+    result = _bench(tmp_path, "--mode", "strict", "--status", "off")
+    assert result["status"] is False

@@ -17,7 +17,7 @@ from typing import Any
 
 import http_ece
 import orjson
-import pushgw.providers.webpush as webpush_module
+import pushgw.providers.endpoints as endpoints_module
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 from cryptography.hazmat.primitives import serialization
@@ -422,7 +422,7 @@ async def test_http2_path_connects_only_to_addresses_the_resolver_vetted(
     it, the connection goes to that address while TLS still checks the name (the fake's certificate is for
     localhost, so the check fails: the connection was made to the vetted address, under the host's name)."""
     resolver = StaticResolver({"push.example": ["127.0.0.1"]})
-    monkeypatch.setattr(webpush_module, "DefaultResolver", lambda: resolver)
+    monkeypatch.setattr(endpoints_module, "DefaultResolver", lambda: resolver)  # the guard resolves through it
     sub = h2_svc.new_subscription()
     sub["endpoint"] = sub["endpoint"].replace("127.0.0.1", "push.example")
     provider = make_provider(allowed_hosts=("push.example",), allow_private=False, allowed_ports=(str(h2_svc.port),))

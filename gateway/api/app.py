@@ -19,7 +19,7 @@ from ...core.logs import setup_logging
 from ...core.schema import MessageInvalid
 from ..intake import Intake
 from ..pool import make_redis
-from . import automation_routes, campaign_routes, probes, routes
+from . import automation_routes, campaign_routes, probes, routes, status_routes
 from .auth import Authenticator, Handler, auth_middleware
 from .context import CLIENT, ENGINE, INTAKE, REDIS, SETTINGS
 from .errors import SERVER_NAME, ApiError, invalid_message
@@ -103,6 +103,7 @@ def create_app(settings: Settings, redis: aioredis.Redis) -> web.Application:
     routes.add_routes(app, auth)
     campaign_routes.add_routes(app, auth)
     automation_routes.add_routes(app, auth)
+    status_routes.add_routes(app, auth)
     probes.add_routes(app)
     return app
 

@@ -22,7 +22,7 @@ class Routes:
         body = await read_json(request)
         await self.auth.charge(client, 1)
         [(msg_id, queued)] = await request.app[INTAKE].submit([body], reads_users="devices" in client.scopes,
-                                                              owner=client.name)
+                                                              client=client.name)
         return json_response({"id": msg_id, "status": "queued" if queued else "duplicate"}, 202)
 
     async def batch(self, request: web.Request) -> web.Response:
@@ -36,7 +36,7 @@ class Routes:
             raise ApiError(413, "batch_too_large", f"at most {request.app[SETTINGS].api.max_batch} messages per batch")
         await self.auth.charge(client, len(messages))
         results = await request.app[INTAKE].submit(messages, reads_users="devices" in client.scopes,
-                                                   owner=client.name)
+                                                   client=client.name)
         return json_response({"results": [{"id": i, "status": "queued" if ok else "duplicate"} for i, ok in results],
                       "queued": sum(ok for _, ok in results)}, 202)
 

@@ -1,0 +1,125 @@
+"""Worker CPU per delivery spent on message status and outcome events, without Redis.
+
+    python -m pushgw.bench.status_overhead [--n 512] [--rounds 40]
+
+For each delivery of a commit of `--n` (one device each, a 150-character FCM token): the tracker's in-flight
+record and final outcome (gateway/tracking.py), then `queue/status.write` building the commit's one EVAL (the
+status fields, and the events as one JSON array) and hiredis packing that command, as `StreamQueue.commit`
+sends it. Two cases: the delivery settled before the
+commit (its in-flight step is left out, the common case) and still under way (the step is written). Then
+the same commits written for real, in MULTI/EXEC, to a private redis-server: Redis CPU per delivery
+(`INFO cpu`) for status and events, status only, events only. Prints microseconds per delivery (worker:
+median of 5 runs of `--rounds` commits), as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import orjson
+from hiredis import pack_command
+
+from ..core.config import StatusSettings
+from ..core.schema import Device, Message, parse_message
+from ..gateway.embedded import EmbeddedRedis
+from ..gateway.tracking import Tracker
+from ..queue import status
+from ..queue.connection import redis_from_url
+from ..queue.keys import Keys
+from ..queue.streams import Commit
+
+
+class _Pipe:
+    """Takes the EVAL the way a redis-py pipeline would, and packs it as the gateway's connections do."""
+
+    def __init__(self) -> None:
+        self.packed = b""
+
+    def eval(self, *args: Any) -> None:
+        self.packed = pack_command(("EVAL", *args))
+
+    def xadd(self, name: str, fields: dict[str, bytes], **_: Any) -> None:
+        args: list[Any] = ["XADD", name]
+        for kv in fields.items():
+            args += kv
+        self.packed = pack_command(tuple(args))
+
+
+class _Job:
+    def __init__(self, pending: int) -> None:
+        self.pending = pending
+
+
+def _deliveries(n: int, tag: str) -> list[tuple[Message, Device]]:
+    return [(parse_message({"id": f"reminder-{tag}-{i}", "user": f"learner-{i}", "title": "Live session in 15 minutes",
+                            "campaign": "spring", "variant": "a"}), Device("fcm", f"{i:0>150}")) for i in range(n)]
+
+
+def _track(deliveries: list[tuple[Message, Device]], job: _Job) -> Commit:
+    """The commit the tracker collects for these deliveries, each sent and delivered."""
+    holder = [Commit()]
+    tracker = Tracker(StatusSettings(), lambda: holder[0], time.time)
+    for m, d in deliveries:
+        tracker.in_flight(m, 1, (d,), job)
+        tracker.final("delivered", m, d, "fcm", 1, provider_id="projects/campus/messages/0:1700000000%abc")
+    return holder[0]
+
+
+def _us_per_delivery(n: int, rounds: int, pending: int) -> float:
+    deliveries, job, keys = _deliveries(n, "w"), _Job(pending), Keys()
+    runs = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(rounds):
+            c = _track(deliveries, job)
+            status.write(_Pipe(), keys, c.steps, c.started, c.outcomes, retention_s=604800, events_maxlen=1_000_000)
+        runs.append((time.perf_counter() - start) / (rounds * n) * 1e6)
+    return statistics.median(runs)
+
+
+async def _redis_us_per_delivery(n: int, rounds: int) -> dict[str, float]:
+    """Redis CPU per delivery of the commits' EVAL/XADD, on a private redis-server (no persistence)."""
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        server = EmbeddedRedis(tmp, aof=False)
+        redis = redis_from_url(server.start())
+        try:
+            for name, retention, maxlen in (("status_and_events", 604800, 100_000), ("status_only", 604800, 0),
+                                            ("events_only", 0, 100_000)):
+                commits = [_track(_deliveries(n, f"{name}-{r}"), _Job(0)) for r in range(rounds)]
+                before = await redis.info("cpu")
+                for c in commits:
+                    async with redis.pipeline(transaction=True) as pipe:
+                        status.write(pipe, Keys(), c.steps, c.started, c.outcomes, retention_s=retention,
+                                     events_maxlen=maxlen)
+                        await pipe.execute()
+                after = await redis.info("cpu")
+                used = sum(after[k] - before[k] for k in ("used_cpu_user", "used_cpu_sys"))
+                out[f"redis_{name}_us"] = round(used / (rounds * n) * 1e6, 2)
+                await redis.flushall()
+        finally:
+            await redis.aclose()
+            server.stop()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--n", type=int, default=512, help="deliveries per commit (FLUSH_MAX_ITEMS is 512)")
+    ap.add_argument("--rounds", type=int, default=40, help="commits per run (5 runs)")
+    args = ap.parse_args(argv)
+    out: dict[str, float] = {"settled_before_commit_us": round(_us_per_delivery(args.n, args.rounds, 0), 2),
+           "in_flight_at_commit_us": round(_us_per_delivery(args.n, args.rounds, 1), 2)}
+    out.update(asyncio.run(_redis_us_per_delivery(args.n, args.rounds)))
+    sys.stdout.write(orjson.dumps(out).decode() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""The worker's side of message status and outcome events: each call adds a status step or a final outcome to
+the commit being collected (gateway/settle.py), written with the acks in its one transaction (queue/status.py
+has the layout, the event schema, and which of them are written: `status.enabled`, `status.events`). Nothing
+here talks to Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+
+from ..core.config import StatusSettings
+from ..core.schema import Device, Message
+from ..queue.status import InFlight, Outcome, Pending, Step, device_ref
+from ..queue.streams import Commit
+
+
+class Tracker:
+    """Made by the worker when `status.enabled` or `status.events` is on; `commit` gives the commit being
+    collected now (the settler swaps it at each flush)."""
+
+    def __init__(self, settings: StatusSettings, commit: Callable[[], Commit], clock: Callable[[], float]) -> None:
+        self._steps = settings.enabled
+        self._commit = commit
+        self._clock = clock
+
+    def final(self, kind: str, msg: Message, device: Device | None, provider: str = "", attempt: int = 0,
+              reason: str = "", provider_id: str = "") -> None:
+        """A delivery (or, with `device` None, the whole message) ended: delivered, token_invalid,
+        dead_lettered, expired or dropped."""
+        ref = device_ref(device) if device is not None else ""
+        self._commit().outcomes.append(Outcome(kind, msg, int(self._clock() * 1000), ref, provider, attempt, reason,
+                                               provider_id))
+
+    def retrying(self, msg: Message, device: Device, provider: str, attempt: int, due: float, error: str) -> None:
+        """The delivery failed for now: `attempt` goes out at `due`."""
+        if self._steps:
+            details = {"provider": provider, "attempt": attempt, "next_attempt_at": round(due, 3), "last_error": error}
+            self._commit().steps.append(Step(msg.id, int(self._clock() * 1000), "retrying", device_ref(device), details))
+
+    def held(self, msg: Message, rule: str, until: float) -> None:
+        """The policy put the message off until `until` (a send window, a cap)."""
+        if self._steps:
+            self._commit().steps.append(Step(msg.id, int(self._clock() * 1000), "held", "",
+                                             {"rule": rule, "until": round(until, 3)}))
+
+    def in_flight(self, msg: Message, attempt: int, devices: Collection[Device], job: Pending) -> None:
+        """A worker took the message (or a retry of some of its devices) and sends to these devices (`job`: the
+        worker's job, written as a step only if still unsettled when the commit goes out)."""
+        if self._steps:
+            self._commit().started.append(InFlight(msg.id, int(self._clock() * 1000), attempt, devices, job))
+
+    def no_device(self, msg: Message) -> None:
+        """The learner has no registered device: nothing to send."""
+        if self._steps:
+            self._commit().steps.append(Step(msg.id, int(self._clock() * 1000), "no_device"))
