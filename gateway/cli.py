@@ -245,11 +245,11 @@ def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_webhooks(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "run":
+        _multiproc_dir()  # before anything imports core.metrics
+        return asyncio.run(_run_webhooks(settings, args.consumer, args.metrics_port))
     from . import webhooks
 
-    if args.action == "run":
-        _multiproc_dir()
-        return asyncio.run(_run_webhooks(settings, args.consumer, args.metrics_port))
     if args.action == "replay" and not args.ids and not args.all:
         sys.stderr.write("error: webhooks replay needs dead-letter ids (from `pushgw webhooks list`) or --all\n")
         return 2

@@ -36,11 +36,13 @@ from pushgw.core.config import (
     ProviderSettings,
     RedisSettings,
     Settings,
+    WebhookSettings,
     WebPushSettings,
     WorkerSettings,
     load_settings,
 )
 from pushgw.gateway.api.probe_server import create_probe_app
+from pushgw.gateway.cli import build_parser
 from pushgw.queue.keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +55,8 @@ CRDS = {("keda.sh/v1alpha1", "ScaledObject"), ("keda.sh/v1alpha1", "TriggerAuthe
 SUPERVISOR_MARGIN_S = 5  # gateway/pool.py: Pool.stop kills a worker drain_deadline_s + 5 s after SIGTERM
 COMPILERS = ("gcc", "g++", "cc", "clang", "build-essential", "make", "python3-dev", "libc6-dev", "cargo", "rustc")
 # Variables the image and the manifests set that are not PUSHGW_<SECTION>_<KEY> settings.
-NOT_SETTINGS = {"PUSHGW_CONFIG", "PUSHGW_API_TOKEN", "PUSHGW_HEALTH_PORT"}
+NOT_SETTINGS = {"PUSHGW_CONFIG", "PUSHGW_API_TOKEN", "PUSHGW_HEALTH_PORT",
+                "PUSHGW_WEBHOOK_SECRET"}  # the example subscription's secret_env (a secret, not a setting)
 TOKEN_ENV = {"PUSHGW_API_TOKEN": "compose-test-token-0123456789"}
 
 
@@ -479,3 +482,49 @@ def test_build_script_names_no_registry_host_and_builds_the_base_from_debian_pac
     assert "--format docker" in script  # OCI images drop HEALTHCHECK
     assert not re.search(r"https?://", "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("#")))
     assert shlex.split("bash deploy/build-image.sh")  # the README's command
+
+
+def uncommented_webhooks_example(toml: str) -> str:
+    """The shipped pushgw.toml with its commented webhook example turned on."""
+    out = []
+    for line in toml.splitlines():
+        if re.match(r"# (\[webhooks\]|\[\[webhooks\.subscriptions\]\]|allowed_hosts|name|client|url|secret_env) ?", line):
+            line = line[2:]
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def test_compose_webhooks_dispatcher_is_opt_in_hardened_and_its_example_subscription_loads(tmp_path: Path) -> None:
+    svc = compose()["services"]["webhooks"]
+    assert svc["profiles"] == ["webhooks"]  # it refuses to start without a subscription: never on by default
+    args = build_parser().parse_args(svc["command"])
+    assert (args.command, args.action, args.consumer) == ("webhooks", "run", "compose-webhooks")
+    assert svc["read_only"] is True and svc["cap_drop"] == ["ALL"]
+    assert any(t.startswith("/run/pushgw/metrics:") for t in svc["tmpfs"])
+    assert str(args.metrics_port) in " ".join(svc["healthcheck"]["test"])
+    example = tmp_path / "pushgw.toml"
+    example.write_text(uncommented_webhooks_example((COMPOSE / "pushgw.toml").read_text()))
+    env = {**svc["environment"], **TOKEN_ENV, "PUSHGW_WEBHOOK_SECRET": "compose-webhook-secret-0123456789"}
+    (sub,) = load_settings(example, env=env).webhooks.subscriptions
+    assert sub.client == "env" and sub.url.startswith("https://")
+    prometheus = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
+    targets = {(n, c["port"]) for c in prometheus["scrape_configs"][0]["dns_sd_configs"] for n in c["names"]}
+    assert ("webhooks", args.metrics_port) in targets
+
+
+def test_kubernetes_webhooks_dispatcher_validates_and_keeps_one_consumer_name_across_pods() -> None:
+    (doc,) = [d for d in yaml.safe_load_all((KUBE / "webhooks.yaml").read_text()) if d]
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    kustomization = yaml.safe_load((KUBE / "kustomization.yaml").read_text())
+    assert "webhooks.yaml" not in kustomization["resources"]  # opt-in: it needs a subscription in pushgw.toml
+    spec = doc["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate"
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    args = build_parser().parse_args(container["args"])
+    assert (args.command, args.action, args.consumer) == ("webhooks", "run", "pushgw-webhooks")
+    assert container["livenessProbe"]["httpGet"]["path"] == "/metrics"
+    assert container["ports"][0]["containerPort"] == args.metrics_port
+    assert pod["securityContext"]["runAsNonRoot"] is True and container["securityContext"]["readOnlyRootFilesystem"]
+    assert pod["terminationGracePeriodSeconds"] > WebhookSettings().timeout_s
+    assert all("secretKeyRef" in e.get("valueFrom", {}) for e in container["env"])

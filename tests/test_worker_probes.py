@@ -102,3 +102,37 @@ def test_pushgw_worker_serves_probes_and_metrics_then_drains_on_sigterm(redis_ur
 @pytest.fixture(autouse=True)
 def _no_config_file(monkeypatch: Any) -> None:
     monkeypatch.delenv("PUSHGW_CONFIG", raising=False)
+
+
+def test_pushgw_webhooks_run_serves_metrics_then_stops_on_sigterm(redis_url: str, tmp_path: Path) -> None:
+    """The dispatcher as deploy/ runs it: a fixed consumer name, /metrics (the Kubernetes liveness path), and a
+    clean exit on SIGTERM well inside the 45 s grace the deployment gives it."""
+    port = free_port()
+    config = tmp_path / "pushgw.toml"
+    config.write_text(
+        '[webhooks]\nallowed_hosts = ["hooks.example.org"]\n\n'
+        '[[webhooks.subscriptions]]\nname = "platform"\nclient = "env"\nurl = "https://hooks.example.org/pushgw"\n'
+        'secret_env = "PUSHGW_WEBHOOK_SECRET"\n'
+    )
+    env = os.environ | {"PUSHGW_REDIS_URL": redis_url, "PUSHGW_REDIS_PREFIX": "whrun", "PUSHGW_CONFIG": str(config),
+                        "PUSHGW_API_TOKEN": "webhooks-run-token-0123456789",
+                        "PUSHGW_WEBHOOK_SECRET": "webhooks-run-secret-0123456789",
+                        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
+    proc = subprocess.Popen([sys.executable, "-m", "pushgw.gateway.cli", "webhooks", "run", "--consumer",
+                             "pushgw-webhooks", "--metrics-port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        status = 0
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and status != 200 and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                status = _get(f"http://127.0.0.1:{port}/metrics")[0]
+            time.sleep(0.3)
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=45) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
