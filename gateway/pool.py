@@ -31,6 +31,7 @@ from ..queue.keys import Keys
 from ..queue.sharded import shard_map
 from ..ratelimit.policy import DeliveryPolicy
 from ..ratelimit.provider_rate import rates_for
+from .multishard import OwnedShards, ShardedPolicy, ShardedRegistry
 from .shard_owner import BEAT_S, ShardOwner
 from .worker import Worker
 
@@ -73,7 +74,7 @@ async def run_worker(settings: Settings, redis_url: str, consumer: str, stop: as
     if settings.redis.cluster:
         log.warning("redis.cluster is experimental: under saturating load it repeated and lost deliveries "
                     "(README, Scaling Redis)", extra={"consumer": consumer})
-        await _run_shard_workers(settings, client, providers, consumer, rates, stop)
+        await _run_cluster_worker(settings, client, providers, consumer, rates, stop)
         for p in providers.values():
             await p.close()
         HELD.apply()
@@ -100,48 +101,48 @@ async def run_worker(settings: Settings, redis_url: str, consumer: str, stop: as
         await client.aclose()
 
 
-async def _run_shard_workers(settings: Settings, client: Any, providers: Any, consumer: str, rates: Any,
-                             stop: asyncio.Event) -> None:
-    """Redis Cluster: one worker per owned shard, the shares rebalanced at every heartbeat (gateway/shard_owner.py);
-    a shard given up drains (its worker stops reading and finishes what it holds) while its new owner reads it."""
+async def _run_cluster_worker(settings: Settings, client: Any, providers: Any, consumer: str, rates: Any,
+                              stop: asyncio.Event) -> None:
+    """Redis Cluster: one worker for every shard this process owns (gateway/multishard.py), the share renewed at
+    every heartbeat (gateway/shard_owner.py). A shard given up is no longer read; what is in flight of it finishes
+    here while its new owner reads it. On stop the lease is given back at once, so the others take the shards
+    while this process drains."""
     shards = shard_map(settings.redis)
     owner = ShardOwner(client, shards.shared, consumer, shards.count)
-    running: dict[int, tuple[asyncio.Event, asyncio.Task[None]]] = {}
-    draining: set[asyncio.Task[None]] = set()
+    ws = settings.worker
+    queue = OwnedShards(client, shards, idempotency_window_s=ws.idempotency_window_s, done_ttl_s=ws.done_ttl_s)
+    limiter = ShardedPolicy(client, shards, settings.policy) if settings.policy.enabled else None
+    worker = Worker(settings, client, providers, consumer=consumer, limiter=limiter, rates=rates,
+                    keys=shards.shared, queue=queue, registry=ShardedRegistry(client, shards))
 
-    def start(shard: int) -> None:
-        keys = shards.keys(shard)
-        limiter = DeliveryPolicy(client, keys, settings.policy) if settings.policy.enabled else None
-        worker = Worker(settings, client, providers, consumer=consumer, limiter=limiter, rates=rates, keys=keys)
-        shard_stop = asyncio.Event()
-        running[shard] = (shard_stop, asyncio.create_task(worker.run(shard_stop), name=f"shard-{shard}"))
-
-    try:
+    async def beat() -> None:
         while not stop.is_set():
-            with contextlib.suppress(ConnectionError, OSError, RedisError):  # keep the current share meanwhile
+            try:
                 owned = await owner.beat()
-                for shard, (_, task) in list(running.items()):
-                    if task.done():  # a worker that failed is started again: no owned shard stays unread
-                        error = None if task.cancelled() else task.exception()
-                        log.error("shard worker stopped; restarting", extra={"consumer": consumer, "error": repr(error)})
-                        del running[shard]
-                if owned != running.keys():
+            except (ConnectionError, OSError, RedisError) as e:  # keep the current share meanwhile
+                log.warning("lease heartbeat failed", extra={"consumer": consumer, "error": type(e).__name__})
+            else:
+                if owned != frozenset(queue.owned):
                     log.info("shards owned", extra={"consumer": consumer, "count": len(owned)})
-                for shard in owned - running.keys():
-                    start(shard)
-                for shard in running.keys() - owned:
-                    shard_stop, task = running.pop(shard)
-                    shard_stop.set()  # drains in the background while the new owner reads the shard
-                    draining.add(task)
-                    task.add_done_callback(draining.discard)
+                    queue.own(owned)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), BEAT_S)
-    finally:
-        for shard_stop, _ in running.values():
-            shard_stop.set()
-        await asyncio.gather(*(task for _, task in running.values()), *draining, return_exceptions=True)
         with contextlib.suppress(ConnectionError, OSError, RedisError):
             await owner.leave()
+        queue.own(())
+
+    while not stop.is_set() and not queue.owned:  # the first share before the first read
+        with contextlib.suppress(ConnectionError, OSError, RedisError):
+            queue.own(await owner.beat())
+        if not queue.owned:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), BEAT_S)
+    beats = asyncio.create_task(beat(), name="shard-leases")
+    try:
+        await worker.run(stop)
+    finally:
+        stop.set()
+        await beats
 
 
 async def _orphan_watch(parent: int, stop: asyncio.Event) -> None:

@@ -69,17 +69,20 @@ class Worker:
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
         keys: Keys | None = None,
+        queue: StreamQueue | None = None,
+        registry: DeviceRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.ws = settings.worker
         self.redis = redis
         self.keys = keys or Keys(settings.redis.prefix)  # a shard's keys on Redis Cluster (queue/shards.py)
-        self.queue = StreamQueue(
+        # On Redis Cluster, `queue` and `registry` span the owned shards (gateway/multishard.py).
+        self.queue = queue or StreamQueue(
             redis, self.keys, idempotency_window_s=self.ws.idempotency_window_s, done_ttl_s=self.ws.done_ttl_s,
             status_retention_s=settings.status.retention_s if settings.status.enabled else 0,
             events_maxlen=settings.status.events_maxlen if settings.status.events else 0,
         )
-        self.registry = DeviceRegistry(redis, self.keys)
+        self.registry = registry or DeviceRegistry(redis, self.keys)
         self.consumer = consumer
         self.limiter: Limiter = limiter or Unlimited()
         self.clock = clock
