@@ -31,15 +31,16 @@ written by the one flusher: the handover drains that shard only, and nothing els
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import ResponseError
+from redis.exceptions import AskError, MovedError, ResponseError, TryAgainError
 
 from ..core.config import PolicySettings
 from ..core.schema import Device, Message
-from ..queue.shards import ShardMap
+from ..queue.connection import ShardedCluster, SlotClient
+from ..queue.shards import ShardMap, key_slot
 from ..queue.streams import LANES, Commit, Entry, QueueStats, StreamQueue
 from ..ratelimit.base import Decision
 from ..ratelimit.policy import DeliveryPolicy
@@ -87,10 +88,11 @@ class OwnedShards(StreamQueue):
     `touch`, `done_marks`, `commit`, `move_due`, `trim`, `delete_idle_consumers`, `stats` and `ensure_group`; those
     are overridden here. Producers use `queue/sharded.py`'s `ShardedQueue`, not this class."""
 
-    def __init__(self, redis: Any, shards: ShardMap, **options: Any) -> None:
+    def __init__(self, redis: Any, shards: ShardMap, clients: Sequence[Any] | None = None, **options: Any) -> None:
         super().__init__(redis, shards.shared, **options)
         self.shards = shards
-        self.parts = [ShardQueue(redis, k, **options) for k in shards.all_keys()]
+        self.parts = [ShardQueue(c, k, **options) for c, k in zip(clients or _each(redis, shards), shards.all_keys(),
+                                                                   strict=True)]
         self.owned: tuple[int, ...] = ()
         self.recovering: dict[int, _Recovery] = {}
         self._idle_s = IDLE_POLL_MIN_S
@@ -120,11 +122,12 @@ class OwnedShards(StreamQueue):
         owned = self.owned
         if owned:
             per = -(-count // len(owned))
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for s in owned:
-                    q = self.parts[s]
-                    pipe.xreadgroup(q.keys.group, consumer, {q.keys.lane_stream(lane): ">" for lane in lanes}, count=per)
-                replies = await pipe.execute(raise_on_error=False)
+
+            def read(pipe: Any, s: int) -> None:
+                k = self.parts[s].keys
+                pipe.xreadgroup(k.group, consumer, {k.lane_stream(lane): ">" for lane in lanes}, count=per)
+
+            replies = await self._pipelined(owned, read)
             entries = await self._parse(owned, replies, redelivered=False)
             if entries:
                 self._idle_s = IDLE_POLL_MIN_S
@@ -142,20 +145,19 @@ class OwnedShards(StreamQueue):
 
     async def _recover(self, consumer: str, count: int) -> list[Entry]:
         shards = list(self.recovering)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for s in shards:
-                q = self.parts[s]
-                pipe.xreadgroup(q.keys.group, consumer, {q.keys.lane_stream(lane): cursor
-                                                         for lane, cursor in self.recovering[s].cursors.items()},
-                                count=count)
-            replies = await pipe.execute(raise_on_error=False)
+        def read(pipe: Any, s: int) -> None:
+            k = self.parts[s].keys
+            pipe.xreadgroup(k.group, consumer, {k.lane_stream(lane): cursor
+                                                for lane, cursor in self.recovering[s].cursors.items()}, count=count)
+
+        replies = await self._pipelined(shards, read)
         out: list[Entry] = []
         for s, reply in zip(shards, replies, strict=True):
             recovery = self.recovering.get(s)
             if recovery is None:  # given up meanwhile
                 continue
-            if isinstance(reply, ResponseError):
-                await self._no_group(s, reply)
+            if isinstance(reply, Exception):
+                await self._failed(s, reply)
                 continue
             got = {self.parts[s].lane_of(stream): items for stream, items in reply or []}
             for lane in list(recovery.cursors):
@@ -173,8 +175,8 @@ class OwnedShards(StreamQueue):
         high: list[Entry] = []
         normal: list[Entry] = []
         for s, reply in zip(shards, replies, strict=True):
-            if isinstance(reply, ResponseError):
-                await self._no_group(s, reply)
+            if isinstance(reply, Exception):
+                await self._failed(s, reply)
                 continue
             if not reply:
                 continue
@@ -182,10 +184,38 @@ class OwnedShards(StreamQueue):
                 (high if e.lane == "high" else normal).append(e)
         return high + normal if high else normal
 
-    async def _no_group(self, shard: int, error: ResponseError) -> None:
-        if "NOGROUP" not in str(error):
+    async def _pipelined(self, shards: Sequence[int], add: Callable[[Any, int], None]) -> list[Any]:
+        """One command per shard (`add`), in one pipeline per node, the nodes concurrently; the replies in the
+        order of `shards`, an error in place of a shard's reply."""
+        by_client: dict[int, list[int]] = {}
+        for s in shards:
+            by_client.setdefault(id(self.parts[s].redis.connection_pool), []).append(s)
+        groups = list(by_client.values())
+
+        async def send(group: list[int]) -> list[Any]:
+            async with self.parts[group[0]].redis.pipeline(transaction=False) as pipe:
+                for s in group:
+                    add(pipe, s)
+                return list(await pipe.execute(raise_on_error=False))
+
+        found = await asyncio.gather(*(send(g) for g in groups))
+        replies: dict[int, Any] = {}
+        for group, got in zip(groups, found, strict=True):
+            replies.update(zip(group, got, strict=True))
+        return [replies[s] for s in shards]
+
+    async def _failed(self, shard: int, error: Exception) -> None:
+        """A shard's read failed: NOGROUP creates its group again (its streams were lost or deleted); MOVED follows
+        its slot to the new master; ASK or TRYAGAIN (the slot is moving) skip it this round."""
+        client = self.parts[shard].redis
+        if isinstance(error, MovedError) and isinstance(client, SlotClient):
+            await client.follow()
+        elif isinstance(error, AskError | TryAgainError):
+            pass
+        elif isinstance(error, ResponseError) and "NOGROUP" in str(error):
+            await self.parts[shard].ensure_group()
+        else:
             raise error
-        await self.parts[shard].ensure_group()  # the shard's streams were lost (no AOF) or deleted
 
     async def claim_stale(self, consumer: str, idle_ms: int, count: int, lane: str = "normal") -> list[Entry]:
         """Entries of dead consumers on the owned shards, up to `count` per shard."""
@@ -308,6 +338,23 @@ def _by_shard(refs: Iterable[str]) -> dict[int, list[str]]:
     return out
 
 
+def _each(redis: Any, shards: ShardMap) -> list[Any]:
+    return [redis] * shards.count
+
+
+async def key_client(redis: Any, key: str) -> Any:
+    """The client for one key: on Redis Cluster a `SlotClient` of its slot's master, else `redis` itself."""
+    return await redis.slot_client(key_slot(key)) if isinstance(redis, ShardedCluster) else redis
+
+
+async def shard_clients(redis: Any, shards: ShardMap) -> list[Any]:
+    """Each shard's client: on Redis Cluster a `SlotClient` of the master of the shard's slot (its node looked up
+    once, not per call: queue/connection.py), else `redis` itself."""
+    if not isinstance(redis, ShardedCluster):
+        return _each(redis, shards)
+    return [await redis.slot_client(key_slot(k.stream)) for k in shards.all_keys()]
+
+
 def _decode(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -315,10 +362,11 @@ def _decode(v: Any) -> str:
 class ShardedRegistry(DeviceRegistry):
     """The worker's device lookups over every shard: a batch's users grouped by shard, the shards concurrently."""
 
-    def __init__(self, redis: Any, shards: ShardMap) -> None:
+    def __init__(self, redis: Any, shards: ShardMap, clients: Sequence[Any] | None = None) -> None:
         super().__init__(redis, shards.shared)
         self.shards = shards
-        self.parts = [DeviceRegistry(redis, k) for k in shards.all_keys()]
+        self.parts = [DeviceRegistry(c, k) for c, k in zip(clients or _each(redis, shards), shards.all_keys(),
+                                                           strict=True)]
 
     async def devices_many(self, users: Sequence[str] | Iterable[str]) -> dict[str, list[Device]]:
         by_shard: dict[int, list[str]] = {}
@@ -334,9 +382,11 @@ class ShardedRegistry(DeviceRegistry):
 class ShardedPolicy:
     """The delivery policy (ratelimit/policy.py) over every shard: each message decided on its user's shard."""
 
-    def __init__(self, redis: Any, shards: ShardMap, policy: PolicySettings) -> None:
+    def __init__(self, redis: Any, shards: ShardMap, policy: PolicySettings, clients: Sequence[Any] | None = None,
+                 ) -> None:
         self.shards = shards
-        self.parts = [DeliveryPolicy(redis, k, policy) for k in shards.all_keys()]
+        self.parts = [DeliveryPolicy(c, k, policy) for c, k in zip(clients or _each(redis, shards), shards.all_keys(),
+                                                                   strict=True)]
 
     async def decide(self, messages: Sequence[Message], now: float, members: Sequence[str] | None = None,
                      first_read: Sequence[bool] | None = None) -> list[Decision]:

@@ -31,7 +31,7 @@ from ..queue.keys import Keys
 from ..queue.sharded import shard_map
 from ..ratelimit.policy import DeliveryPolicy
 from ..ratelimit.provider_rate import rates_for
-from .multishard import OwnedShards, ShardedPolicy, ShardedRegistry
+from .multishard import OwnedShards, ShardedPolicy, ShardedRegistry, key_client, shard_clients
 from .shard_owner import BEAT_S, ShardOwner
 from .worker import Worker
 
@@ -108,12 +108,14 @@ async def _run_cluster_worker(settings: Settings, client: Any, providers: Any, c
     here while its new owner reads it. On stop the lease is given back at once, so the others take the shards
     while this process drains."""
     shards = shard_map(settings.redis)
-    owner = ShardOwner(client, shards.shared, consumer, shards.count)
+    clients = await shard_clients(client, shards)  # each shard's keys on one node, looked up once
+    owner = ShardOwner(await key_client(client, shards.shared.live_workers), shards.shared, consumer, shards.count)
     ws = settings.worker
-    queue = OwnedShards(client, shards, idempotency_window_s=ws.idempotency_window_s, done_ttl_s=ws.done_ttl_s)
-    limiter = ShardedPolicy(client, shards, settings.policy) if settings.policy.enabled else None
+    queue = OwnedShards(client, shards, clients, idempotency_window_s=ws.idempotency_window_s,
+                        done_ttl_s=ws.done_ttl_s)
+    limiter = ShardedPolicy(client, shards, settings.policy, clients) if settings.policy.enabled else None
     worker = Worker(settings, client, providers, consumer=consumer, limiter=limiter, rates=rates,
-                    keys=shards.shared, queue=queue, registry=ShardedRegistry(client, shards))
+                    keys=shards.shared, queue=queue, registry=ShardedRegistry(client, shards, clients))
 
     async def beat() -> None:
         while not stop.is_set():

@@ -33,7 +33,9 @@ from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.connection import BlockingConnectionPool, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.exceptions import (
+    AskError,
     ClusterDownError,
+    MovedError,
     RedisClusterUnreachableError,
     RedisError,
     SlotNotCoveredError,
@@ -285,6 +287,9 @@ class ShardedCluster(RedisCluster):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.node_pools: dict[str, BlockingConnectionPool] = {}  # `slot_client`'s pools, one per master
+        self.max_per_node = int(kwargs.get("max_connections", 100))
+        self._refreshed = 0.0
         # redis-py's cluster pool raises MaxConnectionsError when a node's `max_connections` are all busy; commands
         # and pipelines wait here instead, so no node ever has more than that many in use by this client.
         self.bounded = BoundedCalls(int(kwargs.get("max_connections", 100)))
@@ -305,6 +310,36 @@ class ShardedCluster(RedisCluster):
             return super().pipeline(transaction, shard_hint)  # raises as redis-py does
         return BoundedPipeline(self, transaction)  # type: ignore[abstract]  # as redis-py builds its own
 
+    async def slot_client(self, slot: int) -> SlotClient:
+        """A plain client of the master serving `slot` (see `SlotClient`)."""
+        await self.initialize()
+        return SlotClient(self, slot)
+
+    def node_pool(self, slot: int) -> BlockingConnectionPool:
+        """The pool of the master serving `slot` now, shared by every `SlotClient` of that master."""
+        node = self.nodes_manager.get_node_from_slot(slot, False)
+        pool = self.node_pools.get(node.name)
+        if pool is None:
+            options = {k: v for k, v in self.connection_kwargs.items() if k in _NODE_OPTIONS}
+            pool = self.node_pools[node.name] = BlockingConnectionPool(
+                host=node.host, port=node.port, max_connections=self.max_per_node,
+                connection_class=HiredisConnection if _pack is not None else Connection, **options)
+        return pool
+
+    async def refresh_slots(self) -> None:
+        """Read the slot map again (after MOVED or a lost node), at most every REFRESH_GAP_S."""
+        now = asyncio.get_running_loop().time()
+        if now - self._refreshed < REFRESH_GAP_S:
+            return
+        self._refreshed = now
+        with _as_unavailable():
+            await self.nodes_manager.initialize()
+
+    async def aclose(self, *args: Any, **kwargs: Any) -> None:
+        for pool in self.node_pools.values():
+            await pool.disconnect()
+        await super().aclose(*args, **kwargs)
+
     async def _determine_slot(self, command: str, *args: Any) -> int:
         name = command.upper() if isinstance(command, str) else command.decode().upper()
         if name in ("XREADGROUP", "XREAD"):
@@ -312,6 +347,79 @@ class ShardedCluster(RedisCluster):
                 if isinstance(arg, str | bytes) and (arg if isinstance(arg, str) else arg.decode()).upper() == "STREAMS":
                     return key_slot(args[i + 1])
         return await super()._determine_slot(command, *args)
+
+
+REFRESH_GAP_S = 0.1
+REDIRECTS = 3  # MOVED answers followed for one call before it fails as ClusterUnavailable
+_NODE_OPTIONS = frozenset({"socket_timeout", "socket_connect_timeout", "health_check_interval", "password",
+                           "username", "db", "decode_responses", "encoding", "encoding_errors"})
+
+
+class SlotClient(aioredis.Redis):
+    """A plain client of the master that serves one slot, for the keys of one shard (queue/shards.py).
+
+    redis-py's cluster client works out a command's slot and node on every call, and its transactions run each
+    queued command on a new thread with its own event loop (redis-py 8.2, `ClusterPipeline` with
+    `transaction=True`): `python -m pushgw.bench.cluster_client` measures the costs (docs/benchmarks.md). A
+    shard's keys all hash to one slot, so its node is looked up once, and commands, scripts, pipelines and
+    MULTI/EXEC go to that node's connections as with one Redis.
+
+    MOVED (the slot has a new master: a failover or a resharding) reads the slot map again and sends the call
+    again to the new master; MOVED means the old one ran none of it. ASK and TRYAGAIN (the slot is being
+    migrated): a command goes through the cluster client, which follows them; a pipeline fails as
+    `ClusterUnavailable`, which its callers retry like a lost connection. A lost connection reads the slot map
+    again and raises (the call may have run)."""
+
+    def __init__(self, cluster: ShardedCluster, slot: int) -> None:
+        super().__init__(connection_pool=cluster.node_pool(slot))
+        self.sharded = cluster
+        self.slot = slot
+
+    async def follow(self) -> None:
+        await self.sharded.refresh_slots()
+        self.connection_pool = self.sharded.node_pool(self.slot)
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        for _ in range(REDIRECTS):
+            try:
+                return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+            except MovedError:
+                await self.follow()
+            except (AskError, TryAgainError):
+                return await self.sharded.execute_command(*args, **options)
+            except ClusterDownError as e:
+                raise ClusterUnavailable(str(e)) from e
+            except (RedisConnectionError, OSError):
+                await self.follow()
+                raise
+        raise ClusterUnavailable(f"slot {self.slot} kept moving")
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any | None = None) -> SlotPipeline:
+        return SlotPipeline(self, transaction)
+
+
+class SlotPipeline(aioredis.client.Pipeline):
+    """A `SlotClient`'s pipeline or MULTI/EXEC; MOVED sends it again to the slot's new master."""
+
+    def __init__(self, client: SlotClient, transaction: bool) -> None:
+        super().__init__(client.connection_pool, client.response_callbacks, transaction, None)
+        self.slot_client = client
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        stack = list(self.command_stack)
+        for _ in range(REDIRECTS):
+            try:
+                return await super().execute(raise_on_error)
+            except MovedError:  # every command of one slot was refused: none ran
+                await self.slot_client.follow()
+                self.connection_pool = self.slot_client.connection_pool
+                self.command_stack = list(stack)
+            except (AskError, TryAgainError, ClusterDownError) as e:
+                raise ClusterUnavailable(str(e)) from e
+            except (RedisConnectionError, OSError):
+                await self.slot_client.follow()
+                raise
+        raise ClusterUnavailable(f"slot {self.slot_client.slot} kept moving")
 
 
 def _cluster_client(url: str, **kwargs: Any) -> Any:
