@@ -31,11 +31,13 @@ written by the one flusher: the handover drains that shard only, and nothing els
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import AskError, MovedError, ResponseError, TryAgainError
+import redis.asyncio as aioredis
+from redis.exceptions import AskError, MovedError, RedisError, ResponseError, TryAgainError
 
 from ..core.config import PolicySettings
 from ..core.schema import Device, Message
@@ -241,13 +243,15 @@ class OwnedShards(StreamQueue):
         return {qualified(s, ref): m for s, part in zip(shards, found, strict=True) for ref, m in part.items()}
 
     async def commit(self, c: Commit, now: float | None = None) -> None:
-        """Each shard's part of `c` in one MULTI/EXEC on that shard, the shards concurrently. The parts written are
-        removed from `c`; if any failed, the first error is raised with `c` holding the rest (the settler retries
-        it, so no part is written twice)."""
+        """Each shard's part of `c` in one MULTI/EXEC on that shard; the parts on one node in one pipeline, the nodes
+        concurrently. The parts written are removed from `c`; if any failed, the first error is raised with `c`
+        holding the rest (the settler retries it, so no part is written twice)."""
         parts = self.split(c)
-        shards = list(parts)
-        results = await asyncio.gather(*(self.parts[s].commit(parts[s], now) for s in shards), return_exceptions=True)
-        failed = [(s, r) for s, r in zip(shards, results, strict=True) if isinstance(r, BaseException)]
+        groups: dict[int, list[int]] = {}
+        for s in parts:
+            groups.setdefault(id(self.parts[s].redis.connection_pool), []).append(s)
+        found = await asyncio.gather(*(self._commit_on_node(g, parts, now) for g in groups.values()))
+        failed = [(s, e) for errors in found for s, e in errors.items()]
         if not failed:
             return
         rest = Commit()
@@ -256,6 +260,40 @@ class OwnedShards(StreamQueue):
         for name in _FIELDS:
             setattr(c, name, getattr(rest, name))
         raise failed[0][1]
+
+    async def _commit_on_node(self, shards: list[int], parts: dict[int, Commit], now: float | None,
+                              ) -> dict[int, BaseException]:
+        """The shards' MULTI/EXEC blocks (each built by `StreamQueue.commit`) in one pipeline to their node; the
+        error of each shard whose block did not run."""
+        client = self.parts[shards[0]].redis
+        if not isinstance(client, aioredis.Redis):  # the cluster client itself: one call per shard
+            results = await asyncio.gather(*(self.parts[s].commit(parts[s], now) for s in shards),
+                                           return_exceptions=True)
+            return {s: r for s, r in zip(shards, results, strict=True) if isinstance(r, BaseException)}
+        spans: dict[int, tuple[int, int]] = {}
+        # No reply callbacks: the commands inside a block answer QUEUED, which theirs cannot parse.
+        async with aioredis.client.Pipeline(client.connection_pool, {}, False, None) as pipe:
+            for s in shards:
+                writer = copy.copy(self.parts[s])
+                writer.redis = _Into(pipe)  # type: ignore[assignment]
+                start = len(pipe)
+                await writer.commit(parts[s], now)
+                spans[s] = (start, len(pipe))
+            try:
+                replies = await pipe.execute(raise_on_error=False)
+            except (ConnectionError, OSError, RedisError) as e:
+                return dict.fromkeys(shards, e)
+        errors: dict[int, BaseException] = {}
+        for s, (start, end) in spans.items():
+            mine = replies[start:end]
+            error = next((r for r in mine if isinstance(r, Exception)), None)
+            if error is None and mine and mine[-1] is None:
+                error = RedisError("EXEC aborted")
+            if error is not None:
+                if isinstance(error, MovedError) and isinstance(client, SlotClient):
+                    await client.follow()
+                errors[s] = error
+        return errors
 
     def split(self, c: Commit) -> dict[int, Commit]:
         """`c` by shard: acks and done marks by their entry's shard, retries, dead letters, token removals and
@@ -336,6 +374,42 @@ def _by_shard(refs: Iterable[str]) -> dict[int, list[str]]:
         s, inner = split_qualified(ref)
         out.setdefault(s, []).append(inner)
     return out
+
+
+class _Into:
+    """Stands in for a client in `StreamQueue.commit`: its MULTI/EXEC block is queued into a node's pipeline."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+
+    def pipeline(self, transaction: bool = True) -> _Block:
+        return _Block(self.pipe)
+
+
+class _Block:
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+
+    async def __aenter__(self) -> Any:
+        self.pipe.execute_command("MULTI")
+        return _Queue(self.pipe)
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+class _Queue:
+    """The commands of one block, then EXEC at `execute` (sent with the node's pipeline)."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipe, name)
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        self.pipe.execute_command("EXEC")
+        return []
 
 
 def _each(redis: Any, shards: ShardMap) -> list[Any]:
