@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +97,9 @@ class OwnedShards(StreamQueue):
                                                                    strict=True)]
         self.owned: tuple[int, ...] = ()
         self.recovering: dict[int, _Recovery] = {}
+        # Entries this process finished whose acks are not written yet (the worker's settler): a shard given up
+        # and gained back re-reads its own pending entries, and must not send those again.
+        self.held: Callable[[], Container[str]] = frozenset
         self._idle_s = IDLE_POLL_MIN_S
 
     def own(self, shards: Iterable[int]) -> None:
@@ -171,6 +174,9 @@ class OwnedShards(StreamQueue):
             if not recovery.cursors:
                 del self.recovering[s]
             out += await self.parts[s].parse_read(reply, s, redelivered=True)
+        if out:
+            held = self.held()
+            out = [e for e in out if e.ref not in held]
         return out
 
     async def _parse(self, shards: Sequence[int], replies: Sequence[Any], *, redelivered: bool) -> list[Entry]:

@@ -116,6 +116,7 @@ async def _run_cluster_worker(settings: Settings, client: Any, providers: Any, c
     limiter = ShardedPolicy(client, shards, settings.policy, clients) if settings.policy.enabled else None
     worker = Worker(settings, client, providers, consumer=consumer, limiter=limiter, rates=rates,
                     keys=shards.shared, queue=queue, registry=ShardedRegistry(client, shards, clients))
+    queue.held = worker.settler.unwritten_acks
 
     async def beat() -> None:
         while not stop.is_set():
