@@ -427,14 +427,6 @@ async def key_client(redis: Any, key: str) -> Any:
     return await redis.slot_client(key_slot(key)) if isinstance(redis, ShardedCluster) else redis
 
 
-async def shard_clients(redis: Any, shards: ShardMap) -> list[Any]:
-    """Each shard's client: on Redis Cluster a `SlotClient` of the master of the shard's slot (its node looked up
-    once, not per call: queue/connection.py), else `redis` itself."""
-    if not isinstance(redis, ShardedCluster):
-        return _each(redis, shards)
-    return [await redis.slot_client(key_slot(k.stream)) for k in shards.all_keys()]
-
-
 def _decode(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 

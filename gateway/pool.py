@@ -28,10 +28,10 @@ from ..core.metrics import HELD, mark_process_dead
 from ..providers import build_providers
 from ..queue.connection import blocking_redis
 from ..queue.keys import Keys
-from ..queue.sharded import shard_map
+from ..queue.sharded import shard_clients, shard_map
 from ..ratelimit.policy import DeliveryPolicy
 from ..ratelimit.provider_rate import rates_for
-from .multishard import OwnedShards, ShardedPolicy, ShardedRegistry, key_client, shard_clients
+from .multishard import OwnedShards, ShardedPolicy, ShardedRegistry, key_client
 from .shard_owner import BEAT_S, ShardOwner
 from .worker import Worker
 

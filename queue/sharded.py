@@ -18,8 +18,9 @@ from typing import Any
 
 from ..core.config import RedisSettings
 from ..core.schema import Message
+from .connection import ShardedCluster
 from .keys import Keys
-from .shards import ShardMap
+from .shards import ShardMap, key_slot
 from .streams import CancelStatus, StreamQueue
 
 
@@ -28,11 +29,28 @@ def shard_map(s: RedisSettings) -> ShardMap:
     return ShardMap.cluster(s.prefix, s.shards) if s.cluster else ShardMap.single(s.prefix)
 
 
+async def shard_clients(redis: Any, shards: ShardMap) -> list[Any]:
+    """Each shard's client: on Redis Cluster a `SlotClient` of the master of the shard's slot (its node looked up
+    once, not per call: queue/connection.py), else `redis` itself."""
+    if not isinstance(redis, ShardedCluster):
+        return [redis] * shards.count
+    return [await redis.slot_client(key_slot(k.stream)) for k in shards.all_keys()]
+
+
 class ShardedQueue:
     def __init__(self, redis: Any, shards: ShardMap, **options: Any) -> None:
         self.redis = redis
         self.shards = shards
+        self.options = options
         self.queues = [StreamQueue(redis, k, **options) for k in shards.all_keys()]
+        self.direct = not isinstance(redis, ShardedCluster)  # each shard's queue on its own node's client
+
+    async def _go_direct(self) -> None:
+        """On Redis Cluster, each shard's queue moves to its `SlotClient` at the first enqueue (the cluster
+        client's routing costs more client CPU per call: docs/benchmarks.md)."""
+        self.direct = True
+        clients = await shard_clients(self.redis, self.shards)
+        self.queues = [StreamQueue(c, k, **self.options) for c, k in zip(clients, self.shards.all_keys(), strict=True)]
 
     def shard_of(self, message: Message) -> int:
         return self.shards.shard_of(message.user or message.id)
@@ -49,6 +67,8 @@ class ShardedQueue:
         `owner`: the API client who alone may withdraw them, one for all or one per message."""
         if len(self.queues) == 1:
             return await self.queues[0].enqueue(messages, now_ms, owner=owner)
+        if not self.direct:
+            await self._go_direct()
         positions: dict[int, list[int]] = {}
         for i, m in enumerate(messages):
             positions.setdefault(self.shard_of(m), []).append(i)

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from pushgw.core.config import RedisSettings
 from pushgw.core.schema import Device, Message, parse_message
-from pushgw.gateway.multishard import OwnedShards, ShardedRegistry, shard_clients, split_qualified
+from pushgw.gateway.multishard import OwnedShards, ShardedRegistry, split_qualified
 from pushgw.gateway.topology import LocalCluster
 from pushgw.queue.connection import ShardedCluster, SlotClient, blocking_redis, redis_url_for
-from pushgw.queue.sharded import ShardedQueue, shard_map
+from pushgw.queue.sharded import ShardedQueue, shard_clients, shard_map
 from pushgw.queue.shards import ShardMap, key_slot
 from pushgw.queue.streams import Commit
 
