@@ -372,6 +372,8 @@ class Bench:
             recorder.attach(pids)
         cpu0 = sum(proc_stat(pid)[0] for pid in pids)
         meter = CpuMeter({"workers": pids, **others})
+        nodes = others.get("redis", []) if o.cluster else []  # each cluster node's own share, beside the sum
+        nodes0 = [proc_stat(pid)[0] for pid in nodes]
         meter.start()
         enqueued_at: dict[str, float] = {}
         samples: list[Sample] = []
@@ -419,6 +421,8 @@ class Bench:
         await enqueue_task
         cpu = sum(proc_stat(pid)[0] for pid in pids) - cpu0
         cpu_split = meter.stop(len(expected))
+        by_node = [round((proc_stat(pid)[0] - t0) / max(1, len(expected)) * 1e6, 1) for pid, t0 in zip(nodes, nodes0,
+                                                                                                     strict=True)]
         peak = [proc_stat(pid)[2] for pid in pids]
         await asyncio.to_thread(pool.stop)
         profile_rows: list[dict[str, Any]] = []
@@ -506,6 +510,7 @@ class Bench:
             "cpu_s_per_1k": round(cpu / n * 1000, 3),
             "cpu_us_per_delivery": cpu_split["us_per_delivery"],
             "cores_busy": cpu_split["cores_busy"],
+            "redis_us_per_delivery_by_node": by_node,
             "peak_rss_mb": round(max(peak), 1) if peak else 0.0,
             "rss_mb_start_end": [_max_rss(samples[0]), _max_rss(samples[-1])] if samples else [],
             "profile": profile_rows,
@@ -794,6 +799,8 @@ def summary(result: dict[str, Any]) -> str:
         ("worker CPU", f"{result['cpu_s_per_1k']} s per 1000 messages"),
         ("CPU per delivery", ", ".join(f"{k} {v} µs" for k, v in result.get("cpu_us_per_delivery", {}).items())
          + f" ({result.get('cores_busy', 0):.0%} of all cores busy)"),
+        ("Redis CPU per node", " / ".join(f"{v} µs" for v in result.get("redis_us_per_delivery_by_node", []))
+         or "-"),
         ("baseline CPU per delivery", ", ".join(f"{k} {v} µs" for k, v in
                                                  result.get("baseline_cpu_us_per_delivery", {}).items()) or "-"),
         ("workers / baseline CPU", result.get("cpu_over_baseline", "-")),
