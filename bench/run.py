@@ -38,6 +38,7 @@ from ..core.config import (
     PolicySettings,
     ProviderSettings,
     RedisSettings,
+    SentinelSettings,
     Settings,
     StatusSettings,
     WebPushSettings,
@@ -69,6 +70,7 @@ class Options:
     rich: float = 0.0  # share of messages sent with rich fields (image, badge, sound, actions, thread, link)
     profile_dir: str | None = None  # py-spy the workers into this folder and bill their CPU by component
     cluster: int = 0  # masters of a loopback Redis Cluster to run on (16 shards); 0: one embedded Redis
+    sentinel: bool = False  # a loopback master, one replica and three sentinels instead (redis.sentinel)
     status: bool = True  # message status and outcome events written by the workers (as deployed); False: both off
 
 
@@ -243,7 +245,7 @@ class Bench:
 
     async def run(self) -> dict[str, Any]:
         from ..gateway.embedded import EmbeddedRedis
-        from ..gateway.topology import LocalCluster
+        from ..gateway.topology import LocalCluster, SentinelSetup
         from ..providers.fakes.tls import make_local_ca
         from ..providers.vapid import make_vapid_key
         from ..queue.connection import redis_from_url, redis_url_for
@@ -255,6 +257,12 @@ class Bench:
         if o.cluster:
             redis_server = LocalCluster(self.tmp / "cluster", masters=o.cluster).start()
             redis_settings = RedisSettings(prefix="bench", cluster=True, cluster_nodes=redis_server.seeds)
+            url = redis_url_for(redis_settings)
+            redis_pids = [n.proc.pid for n in redis_server.nodes if n.proc]
+        elif o.sentinel:  # the master and its replica (TCP loopback), found through three sentinels
+            redis_server = SentinelSetup(self.tmp / "sentinel", master_name="bench", replicas=1).start()
+            redis_settings = RedisSettings(prefix="bench", sentinel=SentinelSettings(
+                addresses=redis_server.sentinel_addresses, master="bench"))
             url = redis_url_for(redis_settings)
             redis_pids = [n.proc.pid for n in redis_server.nodes if n.proc]
         else:
@@ -862,14 +870,16 @@ def options_from(ns: Any) -> Options:
                    duration_s=ns.duration, baseline=not ns.no_baseline, json_path=ns.json, plots_dir=ns.plots,
                    seed=ns.seed, policy=ns.policy, rich=ns.rich,
                    profile_dir=getattr(ns, "profile", None), cluster=_cluster_masters(ns.redis),
+                   sentinel=ns.redis == "sentinel",
                    status=ns.status == "on")
 
 
 def _cluster_masters(value: str) -> int:
-    """`--redis single` (one embedded Redis) or `cluster:N` (a loopback Redis Cluster of N masters)."""
+    """`--redis single` (one embedded Redis), `sentinel` (a master and a replica behind three sentinels) or
+    `cluster:N` (a loopback Redis Cluster of N masters)."""
     kind, _, masters = value.partition(":")
-    if kind == "single" and not masters:
+    if kind in ("single", "sentinel") and not masters:
         return 0
     if kind == "cluster" and masters.isdigit() and int(masters) >= 1:
         return int(masters)
-    raise ValueError(f"--redis must be single or cluster:N (N masters), not {value!r}")
+    raise ValueError(f"--redis must be single, sentinel or cluster:N (N masters), not {value!r}")

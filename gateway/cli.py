@@ -603,8 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=1)
     b.add_argument("--profile", metavar="DIR",
                    help="sample the workers with py-spy into DIR and show their CPU per delivery by component")
-    b.add_argument("--redis", default="single", metavar="single|cluster:N",
-                   help="one embedded Redis (default) or a loopback Redis Cluster of N masters, 16 shards")
+    b.add_argument("--redis", default="single", metavar="single|sentinel|cluster:N",
+                   help="one embedded Redis (default), a master and a replica behind three sentinels, or a "
+                        "loopback Redis Cluster of N masters, 16 shards")
     b.add_argument("--rich", type=_share, nargs="?", const=0.5, default=0.0, metavar="SHARE",
                    help="send this share of the messages (0-1; 0.5 when no value is given) with rich fields: "
                         "image, badge, sound, actions, thread, link")

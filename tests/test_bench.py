@@ -76,12 +76,21 @@ def test_bench_on_a_three_master_redis_cluster(tmp_path: Path) -> None:
     result = _bench(tmp_path, "--mode", "strict", "--redis", "cluster:3")
     split = result["cpu_us_per_delivery"]
     assert isinstance(split, dict) and split["redis"] > 0  # the three nodes' CPU is measured
+    by_node = result["redis_us_per_delivery_by_node"]
+    assert isinstance(by_node, list) and len(by_node) == 3 and sum(by_node) > 0  # each node apart (10 ms ticks)
+
+
+def test_bench_behind_sentinel(tmp_path: Path) -> None:
+    result = _bench(tmp_path, "--mode", "strict", "--redis", "sentinel")
+    split = result["cpu_us_per_delivery"]
+    assert isinstance(split, dict) and split["redis"] > 0  # the master's and its replica's CPU
+    assert result["lost"] == 0
 
 
 def test_bench_refuses_an_unknown_redis_topology(tmp_path: Path) -> None:
     pushgw = Path(sys.executable).with_name("pushgw")
     proc = subprocess.run([str(pushgw), "bench", "--redis", "cluster:x"], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "--redis must be single or cluster:N" in proc.stderr
+    assert proc.returncode == 2 and "--redis must be single, sentinel or cluster:N" in proc.stderr
 
 def test_bench_status_off_turns_message_status_and_outcome_events_off(tmp_path: Path) -> None:
     result = _bench(tmp_path, "--mode", "strict", "--status", "off")
