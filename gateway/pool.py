@@ -72,8 +72,6 @@ async def run_worker(settings: Settings, redis_url: str, consumer: str, stop: as
     keys = Keys(settings.redis.prefix)
     rates = rates_for(client, keys, settings.policy.provider_rates)
     if settings.redis.cluster:
-        log.warning("redis.cluster is experimental: under saturating load it repeated and lost deliveries "
-                    "(README, Scaling Redis)", extra={"consumer": consumer})
         await _run_cluster_worker(settings, client, providers, consumer, rates, stop)
         for p in providers.values():
             await p.close()
