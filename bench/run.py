@@ -45,6 +45,7 @@ from ..core.config import (
     WorkerSettings,
 )
 from ..core.schema import Device, Message, parse_message
+from ..queue.connection import ShardedCluster
 
 TOPIC = "org.example.bench"
 ENQUEUE_CHUNK = 1000
@@ -113,6 +114,19 @@ def process_tree(pid: int) -> list[int]:
             return [pid, *(int(c) for c in f.read().split())]
     except OSError:
         return [pid]
+
+
+async def command_calls(redis: Any) -> Counter[str]:
+    """Calls per command so far (`INFO commandstats`), summed over a cluster's masters."""
+    if isinstance(redis, ShardedCluster):
+        found = [await redis.info("commandstats", target_nodes=node) for node in redis.get_primaries()]
+    else:
+        found = [await redis.info("commandstats")]
+    out: Counter[str] = Counter()
+    for stats in found:
+        for name, fields in stats.items():
+            out[name.removeprefix("cmdstat_")] += int(fields.get("calls", 0))
+    return out
 
 
 class CpuMeter:
@@ -378,6 +392,7 @@ class Bench:
 
             recorder = Recorder(Path(o.profile_dir))
             recorder.attach(pids)
+        calls0 = await command_calls(redis)
         cpu0 = sum(proc_stat(pid)[0] for pid in pids)
         meter = CpuMeter({"workers": pids, **others})
         nodes = others.get("redis", []) if o.cluster else []  # each cluster node's own share, beside the sum
@@ -427,6 +442,8 @@ class Bench:
         else:
             _progress("gave up waiting (timeout)", final=True)
         await enqueue_task
+        calls = await command_calls(redis)
+        calls.subtract(calls0)
         cpu = sum(proc_stat(pid)[0] for pid in pids) - cpu0
         cpu_split = meter.stop(len(expected))
         by_node = [round((proc_stat(pid)[0] - t0) / max(1, len(expected)) * 1e6, 1) for pid, t0 in zip(nodes, nodes0,
@@ -519,6 +536,10 @@ class Bench:
             "cpu_us_per_delivery": cpu_split["us_per_delivery"],
             "cores_busy": cpu_split["cores_busy"],
             "redis_us_per_delivery_by_node": by_node,
+            # Commands Redis ran per delivery (INFO commandstats summed over the nodes, the bench's own polling
+            # included): a count, free of the machine's noise.
+            "redis_commands_per_delivery": {c: round(n / max(1, len(expected)), 3)
+                                            for c, n in calls.most_common() if n > 0},
             "peak_rss_mb": round(max(peak), 1) if peak else 0.0,
             "rss_mb_start_end": [_max_rss(samples[0]), _max_rss(samples[-1])] if samples else [],
             "profile": profile_rows,
@@ -807,6 +828,7 @@ def summary(result: dict[str, Any]) -> str:
         ("worker CPU", f"{result['cpu_s_per_1k']} s per 1000 messages"),
         ("CPU per delivery", ", ".join(f"{k} {v} µs" for k, v in result.get("cpu_us_per_delivery", {}).items())
          + f" ({result.get('cores_busy', 0):.0%} of all cores busy)"),
+        ("Redis commands/delivery", f"{sum(result.get('redis_commands_per_delivery', {}).values()):.2f}"),
         ("Redis CPU per node", " / ".join(f"{v} µs" for v in result.get("redis_us_per_delivery_by_node", []))
          or "-"),
         ("baseline CPU per delivery", ", ".join(f"{k} {v} µs" for k, v in
