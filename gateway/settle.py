@@ -39,9 +39,10 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: Callable[[], float
     return rng() * min(cap, base * 2.0 ** (attempt - 1))
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)
 class Job:
-    """One stream entry in flight: acked when its last delivery settles."""
+    """One stream entry in flight: acked when its last delivery settles. (Weakly referenced by the status
+    tracker's in-flight records, gateway/tracking.py, so those do not keep a settled job alive.)"""
 
     entry: Entry
     message: Message
@@ -234,6 +235,8 @@ class Settler:
         Metrics held since the last flush are published first (`publish`), whether Redis answers or
         not: this runs every FLUSH_INTERVAL_S and once more after the drain."""
         self._publish()
+        if self.track is not None:
+            self.track.due_in_flight(self.commit)
         commit = self.commit
         if not commit:
             return

@@ -260,7 +260,7 @@ async def test_status_and_events_off_write_nothing(redis: aioredis.Redis, fcm: t
         await until(lambda: len(fcm[0].received) == 1)
         q = StreamQueue(redis, Keys())
         await until(lambda: _drained(q))
-    assert await redis.keys("pushgw:st:*") == await redis.keys("pushgw:stu:*") == []
+    assert await redis.keys("pushgw:ms:*") == await redis.keys("pushgw:stu:*") == []
     assert await redis.exists(Keys().outcome_events) == 0
 
 
@@ -295,7 +295,7 @@ async def test_retention_bounds_status_keys_and_measures_their_memory(
                                    for i in range(n)], client="svc")
     async with running(worker(s, redis, {"fcm": fcm[1]})):
         await until(lambda: _all_delivered(redis, n))
-    keys = [k async for k in redis.scan_iter(match="pushgw:st:*", count=1000)]
+    keys = [k async for k in redis.scan_iter(match="pushgw:ms:*", count=1000)]
     users = [k async for k in redis.scan_iter(match="pushgw:stu:*", count=1000)]
     assert len(keys) == n and len(users) == 50
     for k in [*keys, *users]:
@@ -304,7 +304,7 @@ async def test_retention_bounds_status_keys_and_measures_their_memory(
     user_bytes = sum([await redis.memory_usage(k) or 0 for k in users])
     stream_bytes = await redis.memory_usage(Keys().outcome_events, samples=0) or 0
     with capsys.disabled():
-        print(f"\nstatus memory: {status_bytes / n:.0f} B per message (status hash, 1 device, delivered), "
+        print(f"\nstatus memory: {status_bytes / n:.0f} B per message (status string, 1 device, delivered), "
               f"{user_bytes / n:.0f} B per message in the learners' lists, "
               f"{stream_bytes / n:.0f} B per outcome event")
     assert status_bytes / n < 2048  # a bound for the documentation, measured above
@@ -316,7 +316,7 @@ async def _all_delivered(redis: aioredis.Redis, n: int) -> bool:
 
 
 async def _none_left(redis: aioredis.Redis) -> bool:
-    return not (await redis.keys("pushgw:st:*") or await redis.keys("pushgw:stu:*"))
+    return not (await redis.keys("pushgw:ms:*") or await redis.keys("pushgw:stu:*"))
 
 
 def test_trace_prints_a_message_and_a_learners_messages(redis_url: str, tmp_path: Any,
