@@ -391,7 +391,7 @@ class Bench:
             flags = await q.enqueue(chunk, now_ms)
             if status.enabled:
                 await record_accepted(redis, status_keys, [m for m, f in zip(chunk, flags, strict=True) if f], now_ms,
-                                      retention_s=status.retention_s, user_messages=status.user_messages)
+                                      retention_s=status.retention_s)
 
         async def enqueue_all() -> None:
             if o.rate <= 0:

@@ -111,8 +111,7 @@ async def _redis_us_per_delivery(n: int, rounds: int) -> dict[str, float]:
             batches = [[m for m, _ in _deliveries(n, f"intake-{r}")] for r in range(rounds)]
             before, cpu0 = await redis.info("cpu"), time.process_time()
             for batch in batches:
-                await status.record_accepted(redis, Keys(), batch, int(time.time() * 1000), retention_s=604800,
-                                             user_messages=100)
+                await status.record_accepted(redis, Keys(), batch, int(time.time() * 1000), retention_s=604800)
             cpu1, after = time.process_time(), await redis.info("cpu")
             used = sum(after[k] - before[k] for k in ("used_cpu_user", "used_cpu_sys"))
             out["intake_record_accepted_us"] = round((cpu1 - cpu0) / (rounds * n) * 1e6, 2)

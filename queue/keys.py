@@ -67,9 +67,10 @@ class Keys:
         (queue/status.py)."""
         return f"{self.prefix}:ms:{message_id}"
 
-    def user_messages(self, user: str) -> str:
-        """Sorted set of a learner's recent message ids by enqueue time (the newest `status.user_messages`)."""
-        return f"{self.prefix}:stu:{user}"
+    def user_messages(self, user: str, period: int) -> str:
+        """String of the ids of a learner's messages accepted in one retention-long `period` (queue/status.py),
+        one a line, oldest first."""
+        return f"{self.prefix}:stu:{user}:{period}"
 
     @property
     def outcome_events(self) -> str:

@@ -11,8 +11,10 @@ keeps one of each. The append that creates the key sets its TTL to `status.reten
 key expires; a step that puts the message off (held until, the next attempt at, scheduled until) sets
 it to that time plus `status.retention_s`, so a status outlives its message's last step by at least
 `status.retention_s`. An in_flight step is written only for a job still under way `IN_FLIGHT_AFTER_S`
-after it started (gateway/tracking.py). A learner's recent message ids are in `Keys.user_messages(user)`,
-a sorted set by enqueue time cut to the newest `status.user_messages`.
+after it started (gateway/tracking.py). A learner's message ids are appended, one a line, to
+`Keys.user_messages(user, period)`, the list of the retention-long period they were accepted in (kept two
+periods from its creation, so it outlives the statuses it names); the reader takes the newest ids of this
+period's list and the one before.
 
 Events. Every final outcome of a delivery (delivered, token_invalid, dead_lettered, expired) and every
 policy drop is an event in the stream `Keys.outcome_events`. One stream entry holds the events of one
@@ -39,6 +41,7 @@ JSON array; the stream is trimmed with MAXLEN ~ `status.events_maxlen` entries. 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from hashlib import blake2b
 from typing import Any, NamedTuple, Protocol
@@ -46,7 +49,7 @@ from typing import Any, NamedTuple, Protocol
 import orjson
 import redis.asyncio as aioredis
 
-from ..core.schema import Device, Message
+from ..core.schema import MAX_ID_LEN, Device, Message
 from .keys import Keys
 
 FINAL_DEVICE_STATES = frozenset({"delivered", "token_invalid", "dead_lettered", "expired"})
@@ -179,35 +182,34 @@ end
 return 0
 """
 
-# The intake's: the accepted messages' first records, then each learner's recent list. A new message's key is
-# created with its TTL in one SET; if a worker already wrote the message's first steps (it can, between the
-# enqueue and this call), the records are appended to theirs.
+# The intake's: the accepted messages' first records, then the learners' lists. A new message's key is created
+# with its TTL in one SET; if a worker already wrote the message's first steps (it can, between the enqueue and
+# this call), the records are appended to theirs. A learner's list is appended to, and gets its TTL when created.
 # KEYS: the status keys, then the learners' lists.
-# ARGV: retention_s, user_messages, the number of status keys, then per status key its records and its TTL, then
-# per learner list: how many ids, then that many (score, id) pairs.
+# ARGV: retention_s, the number of status keys, then per status key its records and its TTL, then per learner
+# list its lines and its TTL.
 _ACCEPT = """
-local n = tonumber(ARGV[3])
-local a = 4
+local n = tonumber(ARGV[2])
 for i = 1, n do
-  local records, ttl = ARGV[a], ARGV[a + 1]
-  a = a + 2
+  local records, ttl = ARGV[2 * i + 1], ARGV[2 * i + 2]
   if not redis.call('SET', KEYS[i], records, 'NX', 'EX', ttl) then
     redis.call('APPEND', KEYS[i], records)
     redis.call('EXPIRE', KEYS[i], ttl)
   end
 end
-local keep = tonumber(ARGV[2])
 for i = n + 1, #KEYS do
-  local c = tonumber(ARGV[a])
-  redis.call('ZADD', KEYS[i], unpack(ARGV, a + 1, a + 2 * c))
-  a = a + 1 + 2 * c
-  if redis.call('ZCARD', KEYS[i]) > keep then
-    redis.call('ZREMRANGEBYRANK', KEYS[i], 0, -keep - 1)
+  local lines = ARGV[2 * i + 1]
+  if redis.call('APPEND', KEYS[i], lines) == #lines then
+    redis.call('EXPIRE', KEYS[i], ARGV[2 * i + 2])
   end
-  redis.call('EXPIRE', KEYS[i], ARGV[1])
 end
 return 0
 """
+
+
+def period(at: float, retention_s: int) -> int:
+    """The retention-long period of the learners' lists that `at` (unix seconds) falls in."""
+    return int(at // retention_s)
 
 
 def write(pipe: Any, keys: Keys, steps: Sequence[Step], started: Sequence[InFlight], outcomes: Sequence[Outcome], *,
@@ -239,12 +241,12 @@ def write(pipe: Any, keys: Keys, steps: Sequence[Step], started: Sequence[InFlig
 
 
 async def record_accepted(redis: aioredis.Redis, keys: Keys, messages: Iterable[Message], now_ms: int, *,
-                          retention_s: int, user_messages: int) -> None:
-    """The intake's part: each newly accepted message's `meta` and first step, and the learner's recent list;
-    one EVAL, one round trip, for the batch."""
+                          retention_s: int) -> None:
+    """The intake's part: each newly accepted message's `meta` and first step, and the learner's list; one
+    EVAL, one round trip, for the batch."""
     status_keys: list[str] = []
     values: list[Any] = []
-    users: dict[str, list[Any]] = {}  # learner -> (score, id) pairs
+    users: dict[str, list[bytes]] = {}  # learner -> lines of ids
     now = now_ms / 1000
     for m in messages:
         meta: dict[str, Any] = {"at": now_ms}
@@ -265,18 +267,14 @@ async def record_accepted(redis: aioredis.Redis, keys: Keys, messages: Iterable[
         status_keys.append(keys.status(m.id))
         values += (orjson.dumps(meta) + b"\n" + first + b"\n", ttl)
         if m.user is not None:
-            users.setdefault(m.user, []).extend((now_ms, m.id))
+            users.setdefault(m.user, []).append(m.id.encode())
     if not status_keys:
         return
-    for pairs in users.values():
-        values.append(len(pairs) // 2)
-        values += pairs
+    p = period(now, retention_s)
+    for ids in users.values():
+        values += (b"\n".join(ids) + b"\n", 2 * retention_s)  # lives until the next period's end, at least
     await redis.eval(_ACCEPT, len(status_keys) + len(users), *status_keys,
-                     *[keys.user_messages(u) for u in users], retention_s, user_messages, len(status_keys), *values)
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
+                     *[keys.user_messages(u, p) for u in users], retention_s, len(status_keys), *values)
 
 
 def summarize(message_id: str, raw: bytes | str) -> dict[str, Any]:
@@ -336,9 +334,10 @@ def summarize(message_id: str, raw: bytes | str) -> dict[str, Any]:
 class StatusReader:
     """Reads statuses back for the API, the CLI and the Python client."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, retention_s: int) -> None:
         self.redis = redis
         self.keys = keys
+        self.retention_s = retention_s
 
     async def message(self, message_id: str) -> dict[str, Any] | None:
         """The message's status, or None when it is unknown or its retention ran out."""
@@ -346,16 +345,37 @@ class StatusReader:
         return summarize(message_id, raw) if raw else None
 
     async def user(self, user: str, limit: int) -> list[dict[str, Any]]:
-        """A learner's most recent messages, newest first, each with its state (no timeline); one round trip
-        for the ids and one for the statuses."""
-        ids = [_s(i) for i in await self.redis.zrevrange(self.keys.user_messages(user), 0, limit - 1)]
-        if not ids:
-            return []
-        raws = await self.redis.mget([self.keys.status(i) for i in ids])
-        out = []
-        for i, raw in zip(ids, raws, strict=True):
-            if raw:
-                s = summarize(i, raw)
-                del s["timeline"]
-                out.append(s)
+        """A learner's `limit` most recent messages still retained, newest first, each with its state (no
+        timeline). One round trip reads the ends of this period's list and the one before (room for `limit` ids
+        of the longest length in each), then the statuses are read `limit` at a time until `limit` are found."""
+        p = period(time.time(), self.retention_s)
+        tail = (limit + 1) * (MAX_ID_LEN + 1)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in (self.keys.user_messages(user, p - 1), self.keys.user_messages(user, p)):
+                pipe.getrange(key, -tail, -1)
+            ends = await pipe.execute()
+        ids: list[str] = []
+        seen: set[bytes] = set()
+        for end in reversed(ends):  # this period's first
+            lines = _b(end).split(b"\n")
+            if len(end) >= tail:
+                lines = lines[1:]  # the read may have started inside an id
+            for line in reversed(lines):
+                if line and line not in seen:
+                    seen.add(line)
+                    ids.append(line.decode())
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(ids), limit):  # an id whose status expired is passed over
+            part = ids[i:i + limit]
+            for m, raw in zip(part, await self.redis.mget([self.keys.status(m) for m in part]), strict=True):
+                if raw:
+                    s = summarize(m, raw)
+                    del s["timeline"]
+                    out.append(s)
+                    if len(out) == limit:
+                        return out
         return out
+
+
+def _b(v: bytes | str) -> bytes:
+    return v.encode() if isinstance(v, str) else v
