@@ -248,26 +248,28 @@ async def record_accepted(redis: aioredis.Redis, keys: Keys, messages: Iterable[
     values: list[Any] = []
     users: dict[str, list[bytes]] = {}  # learner -> lines of ids
     now = now_ms / 1000
+    queued = b"\n" + orjson.dumps((now_ms, "queued", "")) + b"\n"
     for m in messages:
         meta: dict[str, Any] = {"at": now_ms}
-        for name in ("client", "user", "campaign", "variant"):
-            value = getattr(m, name)
-            if value is not None:
-                meta[name] = value
+        if m.client is not None:
+            meta["client"] = m.client
+        if m.user is not None:
+            meta["user"] = m.user
+            users.setdefault(m.user, []).append(m.id.encode())
+        if m.campaign is not None:
+            meta["campaign"] = m.campaign
+        if m.variant is not None:
+            meta["variant"] = m.variant
         if m.category != "general":
             meta["category"] = m.category
         if m.devices:
             meta["devices"] = len(m.devices)
-        if m.send_at is not None and m.send_at > now:
-            first = orjson.dumps((now_ms, "scheduled", "", {"until": m.send_at}))
-            ttl = retention_s + put_off_s(m.send_at, now)
-        else:
-            first = orjson.dumps((now_ms, "queued", ""))
-            ttl = retention_s
         status_keys.append(keys.status(m.id))
-        values += (orjson.dumps(meta) + b"\n" + first + b"\n", ttl)
-        if m.user is not None:
-            users.setdefault(m.user, []).append(m.id.encode())
+        if m.send_at is not None and m.send_at > now:
+            scheduled = orjson.dumps((now_ms, "scheduled", "", {"until": m.send_at}))
+            values += (orjson.dumps(meta) + b"\n" + scheduled + b"\n", retention_s + put_off_s(m.send_at, now))
+        else:
+            values += (orjson.dumps(meta) + queued, retention_s)
     if not status_keys:
         return
     p = period(now, retention_s)
