@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -39,10 +39,9 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: Callable[[], float
     return rng() * min(cap, base * 2.0 ** (attempt - 1))
 
 
-@dataclass(slots=True, weakref_slot=True)
+@dataclass(slots=True)
 class Job:
-    """One stream entry in flight: acked when its last delivery settles. (Weakly referenced by the status
-    tracker's in-flight records, gateway/tracking.py, so those do not keep a settled job alive.)"""
+    """One stream entry in flight: acked when its last delivery settles."""
 
     entry: Entry
     message: Message
@@ -50,6 +49,10 @@ class Job:
     registry_keys: frozenset[str] = frozenset()  # device keys that came from the user's registry
     expiry: float | None = None  # message.expiry(...) of this entry, computed once
     high: bool = False  # priority "high"
+    # Status (gateway/tracking.py): when the worker took it and the devices it sends to, until its in_flight step
+    # is written (then 0); 0 when status is off.
+    started_ms: int = 0
+    devices: Collection[Device] = ()
 
 
 class Settler:
@@ -236,7 +239,7 @@ class Settler:
         not: this runs every FLUSH_INTERVAL_S and once more after the drain."""
         self._publish()
         if self.track is not None:
-            self.track.due_in_flight(self.commit)
+            self.track.due_in_flight(self.commit, self.jobs.values())
         commit = self.commit
         if not commit:
             return

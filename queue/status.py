@@ -42,9 +42,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from hashlib import blake2b
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import orjson
 import redis.asyncio as aioredis
@@ -93,23 +93,15 @@ class Step(NamedTuple):
         return orjson.dumps((self.at_ms, self.state, self.device))
 
 
-class Pending(Protocol):
-    """What an in-flight record asks of the worker's job: how many of its deliveries are not settled yet."""
-
-    pending: int
-
-
 class InFlight(NamedTuple):
-    """A worker took the message (or a retry of some of its devices). Written as an in_flight step only if the
-    job (`job()`: it, or None once it is gone) still has deliveries pending `IN_FLIGHT_AFTER_S` after `at_ms`
-    (gateway/tracking.py): a step for a delivery settled within a flush or two would tell a reader nothing the
-    next record does not."""
+    """A worker took the message (or a retry of some of its devices) at `at_ms` and its job is still under way
+    `IN_FLIGHT_AFTER_S` later (gateway/tracking.py): a step for a delivery settled within a flush or two would
+    tell a reader nothing the next record does not."""
 
     message: str
     at_ms: int
     attempt: int
     devices: Collection[Device]
-    job: Callable[[], Pending | None]
 
     def record(self) -> bytes:
         details = {"attempt": self.attempt, "devices": [device_ref(d) for d in self.devices]}
