@@ -414,7 +414,7 @@ async def test_a_step_that_puts_a_message_off_keeps_its_status_that_much_longer(
     assert 600 + 3000 < await redis.ttl(Keys().status("later")) <= 600 + 3601
     assert 0 < await redis.ttl(Keys().status("held")) <= 600
     q = StreamQueue(redis, Keys(), status_retention_s=600, events_maxlen=1000)
-    held = Step("held", int(now * 1000), "held", "", {"rule": "quiet_hours", "until": now + 7200}, 7200)
+    held = Step("held", int(time.time() * 1000) + 1, "held", "", {"rule": "quiet_hours", "until": now + 7200}, 7200)
     await q.commit(Commit(steps=[held]))
     assert 600 + 7000 < await redis.ttl(Keys().status("held")) <= 600 + 7200
     status = await StatusReader(redis, Keys(), 600).message("held")
