@@ -1,20 +1,20 @@
 """Per-message status and the outcome event stream: what is written, and how a status is read back.
 
 Status. Each message has one Redis string, `Keys.status(id)`: records of one line each (`\n` ends a record),
-appended (APPEND) by the intake when the message is accepted (its `meta` record and the first timeline
-step: queued or scheduled) and by the worker in its commit transaction (queue/streams.py
-`StreamQueue.commit`: one EVAL of `_WRITE` inside it, no round trip of its own). A record is a JSON object
-(the meta: who enqueued the message, when) or a JSON array `[at_ms, state, device, details]`, one
-timeline step, `device` "" for a message-wide step and `details` (attempt, until, rule, error, provider
-id...) left out when empty. A commit written twice (a retried transaction) repeats its records; the reader
-keeps one of each. The append that creates the key sets its TTL to `status.retention_s`, so every status
-key expires; a step that puts the message off (held until, the next attempt at, scheduled until) sets
-it to that time plus `status.retention_s`, so a status outlives its message's last step by at least
-`status.retention_s`. An in_flight step is written only for a job still under way `IN_FLIGHT_AFTER_S`
-after it started (gateway/tracking.py). A learner's message ids are appended, one a line, to
-`Keys.user_messages(user, period)`, the list of the retention-long period they were accepted in (kept two
-periods from its creation, so it outlives the statuses it names); the reader takes the newest ids of this
-period's list and the one before.
+written by the intake when the message is accepted (its `meta` record and the first timeline step, queued or
+scheduled: one EVAL of `_ACCEPT` per batch) and appended to (APPEND) by the worker in its commit transaction
+(queue/streams.py `StreamQueue.commit`: one EVAL of `_WRITE` inside it, no round trip of its own). A record is a
+JSON object (the meta: who enqueued the message, when), a JSON array `[at_ms, state, device, details]` (a timeline
+step; `device` "" for a message-wide step, `details` such as attempt, until, rule, error left out when empty), or
+`[at_ms, type, device, provider, attempt, reason, provider_id]` (a final outcome, `Outcome.record`; "" and 0 for
+none). A commit written twice (a retried transaction) repeats its records; the reader keeps one of each. The
+append that creates the key sets its TTL to `status.retention_s`, so every status key expires; a step that puts
+the message off (held until, the next attempt at, scheduled until) sets it to that time plus `status.retention_s`,
+so a status outlives its message's last step by at least `status.retention_s`. An in_flight step is written only
+for a job still under way `IN_FLIGHT_AFTER_S` after it started (gateway/tracking.py). A learner's message ids are
+appended, one a line, to `Keys.user_messages(user, period)`, the list of the retention-long period they were
+accepted in (kept two periods from its creation, so it outlives the statuses it names); the reader takes the
+newest ids of this period's list and the one before.
 
 Events. Every final outcome of a delivery (delivered, token_invalid, dead_lettered, expired) and every
 policy drop is an event in the stream `Keys.outcome_events`. One stream entry holds the events of one
