@@ -2,8 +2,9 @@
 
 It starts a private Redis, provider sinks (fast: nginx; strict: the protocol-checking fakes) and N
 worker processes; registers K users with a device mix; enqueues M messages for users drawn from a
-skewed distribution (pipelined, 1000 per round trip), either all at once (throughput) or at a steady
-`--rate` (latency, soak); samples throughput, worker CPU and RSS while it runs; then reconciles
+skewed distribution (pipelined, 1000 per round trip; with status on, each batch's status is then written as
+the intake writes it, one more round trip), either all at once (throughput) or at a steady `--rate`
+(latency, soak); samples throughput, worker CPU and RSS while it runs; then reconciles
 every (message, device) against the sinks' receipts: delivered, dead-lettered, lost, duplicated.
 A baseline run sends the same deliveries with the same provider clients and no queue, in the same
 number of processes, so `ratio` is what everything the gateway adds costs.
@@ -369,7 +370,9 @@ class Bench:
     async def _gateway_run(self, settings: Settings, url: str, redis: Any, pop: Population, sinks: Any,
                            fakes: list[Any], others: dict[str, list[int]]) -> dict[str, Any]:
         from ..gateway.pool import Pool
+        from ..queue.keys import Keys
         from ..queue.sharded import ShardedQueue, shard_map
+        from ..queue.status import record_accepted
 
         o = self.o
         shards = shard_map(settings.redis)  # one shard under today's keys with one Redis
@@ -403,12 +406,24 @@ class Bench:
         started = time.time()
         done_at = started
 
+        status = settings.status
+        status_keys = Keys(settings.redis.prefix)
+
+        async def enqueue(chunk: list[Message], now: float) -> None:
+            """As the intake does (gateway/intake.py `Intake.submit`): the enqueue, then, with status on, the
+            status of the messages it accepted (one more round trip)."""
+            now_ms = int(now * 1000)
+            flags = await q.enqueue(chunk, now_ms)
+            if status.enabled:
+                await record_accepted(redis, status_keys, [m for m, f in zip(chunk, flags, strict=True) if f], now_ms,
+                                      retention_s=status.retention_s)
+
         async def enqueue_all() -> None:
             if o.rate <= 0:
                 for i in range(0, len(msgs), ENQUEUE_CHUNK):
                     chunk = msgs[i:i + ENQUEUE_CHUNK]
                     now = time.time()  # before the call: a worker may deliver before it returns
-                    await q.enqueue(chunk)
+                    await enqueue(chunk, now)
                     for m in chunk:
                         enqueued_at[m.id] = now
                 return
@@ -421,7 +436,7 @@ class Bench:
                     await asyncio.sleep(wait)
                 chunk = msgs[i:i + step]
                 now = time.time()
-                await q.enqueue(chunk)
+                await enqueue(chunk, now)
                 for m in chunk:
                     enqueued_at[m.id] = now
 

@@ -215,11 +215,11 @@ class StatusSettings:
     """Per-message status (GET /v1/messages/{id}) and the outcome event stream (queue/status.py).
 
     Both are written by the intake and in the worker's commit transaction; each message's status expires
-    `retention_s` after its last change."""
+    `retention_s` after it was accepted, or after the time a step put it off until, whichever is later."""
 
     enabled: bool = True
     retention_s: int = 7 * 86400
-    user_messages: int = 100  # a learner's most recent messages listed by GET /v1/users/{user}/messages
+    user_messages: int = 100  # at most this many of a learner's recent messages listed by GET /v1/users/{user}/messages
     events: bool = True  # final outcomes and policy drops to the stream <prefix>:events:outcomes
     events_maxlen: int = 100_000  # MAXLEN ~ of that stream, in entries (one per worker commit: 1 to 512 events)
 

@@ -42,7 +42,7 @@ class PushClient:
         self.redis = redis
         self._intake = Intake(redis, settings, source="client")
         self._campaigns = CampaignStore(redis, self._intake.keys)
-        self._status = StatusReader(redis, self._intake.keys)
+        self._status = StatusReader(redis, self._intake.keys, settings.status.retention_s)
         self._user_messages = settings.status.user_messages
         self._owns = owns_redis
 

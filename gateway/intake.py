@@ -284,7 +284,7 @@ class Intake:
             flags += chunk_flags
             if status.enabled and any(chunk_flags):  # a duplicate keeps the status of the message first accepted
                 await record_accepted(self.queue.redis, self.keys, [m for m, f in zip(chunk, chunk_flags, strict=True) if f],
-                                      now_ms, retention_s=status.retention_s, user_messages=status.user_messages)
+                                      now_ms, retention_s=status.retention_s)
         queued = sum(flags)
         if queued:
             self._enqueued.inc(queued)

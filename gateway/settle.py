@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -49,6 +49,10 @@ class Job:
     registry_keys: frozenset[str] = frozenset()  # device keys that came from the user's registry
     expiry: float | None = None  # message.expiry(...) of this entry, computed once
     high: bool = False  # priority "high"
+    # Status (gateway/tracking.py): when the worker took it and the devices it sends to, until its in_flight step
+    # is written (then 0); 0 when status is off.
+    started_ms: int = 0
+    devices: Collection[Device] = ()
 
 
 class Settler:
@@ -234,6 +238,8 @@ class Settler:
         Metrics held since the last flush are published first (`publish`), whether Redis answers or
         not: this runs every FLUSH_INTERVAL_S and once more after the drain."""
         self._publish()
+        if self.track is not None:
+            self.track.due_in_flight(self.commit, self.jobs.values())
         commit = self.commit
         if not commit:
             return

@@ -315,7 +315,7 @@ class Worker:
             job = Job(entry, msg, len(devices), from_registry, expiry, msg.priority == "high")
             jobs[ref] = job
             if self.track is not None:
-                self.track.in_flight(msg, entry.attempt, devices.values(), job)  # not changed after this
+                self.track.in_flight(job, devices.values())  # not changed after this
             for device in devices.values():
                 start(job, device)
 

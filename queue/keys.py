@@ -63,12 +63,14 @@ class Keys:
     # ------------------------------------------------------------------ message status and outcome events (queue/status.py)
 
     def status(self, message_id: str) -> str:
-        """Hash of one message's status: `meta` (who enqueued it, when) and one field per timeline step."""
-        return f"{self.prefix}:st:{message_id}"
+        """String of one message's status records: its `meta` (who enqueued it, when) and its timeline steps
+        (queue/status.py)."""
+        return f"{self.prefix}:ms:{message_id}"
 
-    def user_messages(self, user: str) -> str:
-        """Sorted set of a learner's recent message ids by enqueue time (the newest `status.user_messages`)."""
-        return f"{self.prefix}:stu:{user}"
+    def user_messages(self, user: str, period: int) -> str:
+        """String of the ids of a learner's messages accepted in one retention-long `period` (queue/status.py),
+        one a line, oldest first."""
+        return f"{self.prefix}:stu:{user}:{period}"
 
     @property
     def outcome_events(self) -> str:

@@ -1,13 +1,20 @@
 """Per-message status and the outcome event stream: what is written, and how a status is read back.
 
-Status. Each message has one hash, `Keys.status(id)`, written by the intake when the message is accepted
-(field `meta`, and the first timeline step: queued or scheduled) and by the worker in its commit
-transaction (queue/streams.py `StreamQueue.commit`: one EVAL of `_WRITE` inside it, no round trip of its
-own). Every timeline step is one field `<at_ms>|<state>|<device>` whose value is a JSON object of the
-step's details (attempt, until, rule, error, provider id...). Each write sets the hash's TTL to
-`status.retention_s` again, so a status lives that long after its last change. An in_flight step is
-written only for a job still under way when its commit goes out. A learner's recent message ids are in
-`Keys.user_messages(user)`, a sorted set by enqueue time cut to the newest `status.user_messages`.
+Status. Each message has one Redis string, `Keys.status(id)`: records of one line each (`\n` ends a record),
+written by the intake when the message is accepted (its `meta` record and the first timeline step, queued or
+scheduled: one EVAL of `_ACCEPT` per batch) and appended to (APPEND) by the worker in its commit transaction
+(queue/streams.py `StreamQueue.commit`: one EVAL of `_WRITE` inside it, no round trip of its own). A record is a
+JSON object (the meta: who enqueued the message, when), a JSON array `[at_ms, state, device, details]` (a timeline
+step; `device` "" for a message-wide step, `details` such as attempt, until, rule, error left out when empty), or
+`[at_ms, type, device, provider, attempt, reason, provider_id]` (a final outcome, `Outcome.record`; "" and 0 for
+none). A commit written twice (a retried transaction) repeats its records; the reader keeps one of each. The
+append that creates the key sets its TTL to `status.retention_s`, so every status key expires; a step that puts
+the message off (held until, the next attempt at, scheduled until) sets it to that time plus `status.retention_s`,
+so a status outlives its message's last step by at least `status.retention_s`. An in_flight step is written only
+for a job still under way `IN_FLIGHT_AFTER_S` after it started (gateway/tracking.py). A learner's message ids are
+appended, one a line, to `Keys.user_messages(user, period)`, the list of the retention-long period they were
+accepted in (kept two periods from its creation, so it outlives the statuses it names); the reader takes the
+newest ids of this period's list and the one before.
 
 Events. Every final outcome of a delivery (delivered, token_invalid, dead_lettered, expired) and every
 policy drop is an event in the stream `Keys.outcome_events`. One stream entry holds the events of one
@@ -33,14 +40,16 @@ JSON array; the stream is trimmed with MAXLEN ~ `status.events_maxlen` entries. 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Sequence
+import math
+import time
+from collections.abc import Collection, Iterable, Sequence
 from hashlib import blake2b
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import orjson
 import redis.asyncio as aioredis
 
-from ..core.schema import Device, Message
+from ..core.schema import MAX_ID_LEN, Device, Message
 from .keys import Keys
 
 FINAL_DEVICE_STATES = frozenset({"delivered", "token_invalid", "dead_lettered", "expired"})
@@ -49,42 +58,54 @@ FINAL_MESSAGE_STATES = frozenset({"expired", "dropped", "no_device"})
 _ORDER = {s: i for i, s in enumerate(("queued", "scheduled", "held", "in_flight", "retrying", "delivered",
                                       "token_invalid", "dead_lettered", "expired", "dropped", "no_device"))}
 DEVICE_REF_LEN = 40
+_OUTCOME_DETAILS = ("provider", "attempt", "reason", "provider_id")  # the details of an outcome record, in order
+IN_FLIGHT_AFTER_S = 1.0  # an in_flight step is written for a job still under way this long after it started
 
 
 def device_ref(device: Device) -> str:
     """The device as the status names it: its registry key, shortened to 40 characters (the start and the end
-    of the token) so a long FCM token does not make every status field long."""
+    of the token) so a long FCM token does not make every status record long."""
     key = device.key
     return key if len(key) <= DEVICE_REF_LEN else f"{key[:28]}~{key[-11:]}"
 
 
+def put_off_s(until: float, now: float) -> int:
+    """Whole seconds from `now` to `until` (at least 0): how much longer than `status.retention_s` a status
+    put off until then is kept."""
+    return max(0, math.ceil(until - now))
+
+
 class Step(NamedTuple):
     """One timeline step of a message that is neither a final outcome nor in flight: retrying, held,
-    no_device; message-wide (`device` empty) or of one delivery."""
+    no_device; message-wide (`device` empty) or of one delivery. `put_off_s`: the step puts the message off
+    that many seconds (held, retrying), so its status is kept that much longer."""
 
     message: str
     at_ms: int
     state: str
     device: str = ""
     details: dict[str, Any] | None = None
+    put_off_s: int = 0
 
-
-class Pending(Protocol):
-    """What an in-flight record asks of the worker's job: how many of its deliveries are not settled yet."""
-
-    pending: int
+    def record(self) -> bytes:
+        if self.details:
+            return orjson.dumps((self.at_ms, self.state, self.device, self.details))
+        return orjson.dumps((self.at_ms, self.state, self.device))
 
 
 class InFlight(NamedTuple):
-    """A worker took the message (or a retry of some of its devices). Written as an in_flight step only if the
-    job still has deliveries pending when the commit is written: a delivery settled within the same flush
-    interval makes it a step nobody could have read."""
+    """A worker took the message (or a retry of some of its devices) at `at_ms` and its job is still under way
+    `IN_FLIGHT_AFTER_S` later (gateway/tracking.py): a step for a delivery settled within a flush or two would
+    tell a reader nothing the next record does not."""
 
     message: str
     at_ms: int
     attempt: int
     devices: Collection[Device]
-    job: Pending
+
+    def record(self) -> bytes:
+        details = {"attempt": self.attempt, "devices": [device_ref(d) for d in self.devices]}
+        return orjson.dumps((self.at_ms, "in_flight", "", details))
 
 
 class Outcome(NamedTuple):
@@ -103,8 +124,9 @@ class Outcome(NamedTuple):
     def event(self) -> dict[str, Any]:
         """The event (module docstring); its id is the same for the same outcome written twice."""
         m, device, kind, attempt = self.message, self.device, self.type, self.attempt
-        out: dict[str, Any] = {"id": blake2b(f"{m.id}|{device}|{kind}|{attempt}".encode(), digest_size=10).hexdigest(),
-                               "type": kind, "message": m.id, "at": self.at_ms}
+        mid = m.id
+        out: dict[str, Any] = {"id": blake2b(f"{mid}|{device}|{kind}|{attempt}".encode(), digest_size=10).hexdigest(),
+                               "type": kind, "message": mid, "at": self.at_ms}
         if m.client:
             out["client"] = m.client
         if m.user:
@@ -125,130 +147,154 @@ class Outcome(NamedTuple):
             out["variant"] = m.variant
         return out
 
-    def step_details(self) -> bytes:
-        d: dict[str, Any] = {}
-        if self.provider:
-            d["provider"] = self.provider
-        if self.attempt:
-            d["attempt"] = self.attempt
-        if self.reason:
-            d["rule" if self.type == "dropped" else "reason"] = self.reason
-        if self.provider_id:
-            d["provider_id"] = self.provider_id
-        return orjson.dumps(d) if d else b""
+    def record(self) -> bytes:
+        """Its status record: `[at_ms, type, device, provider, attempt, reason, provider_id]` ("" and 0: none)."""
+        return orjson.dumps((self.at_ms, self.type, self.device, self.provider, self.attempt, self.reason,
+                             self.provider_id))
 
 
+# Appends each status key's records; the append that creates a key sets its TTL to the retention, and a key
+# given its own TTL (a step that puts the message off) gets that one.
 # KEYS: the event stream, then the status keys of this commit.
-# ARGV: retention_s, events MAXLEN, the commit's events as one JSON array ('' when none), then per status field
-# 3 values: the index of its status key in KEYS, the field, its value.
+# ARGV: retention_s, events MAXLEN, the commit's events as one JSON array ('' when none), then per status key
+# 2 values: its records, and its TTL ('' for: the retention if this append created the key).
 _WRITE = """
 if ARGV[3] ~= '' then
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'events', ARGV[3])
 end
-local touched = {}
-for i = 4, #ARGV, 3 do
-  local k = tonumber(ARGV[i])
-  redis.call('HSET', KEYS[k], ARGV[i + 1], ARGV[i + 2])
-  touched[k] = true
+for i = 2, #KEYS do
+  local records, ttl = ARGV[2 * i], ARGV[2 * i + 1]
+  if redis.call('APPEND', KEYS[i], records) == #records and ttl == '' then
+    ttl = ARGV[1]
+  end
+  if ttl ~= '' then
+    redis.call('EXPIRE', KEYS[i], ttl)
+  end
 end
-for k in pairs(touched) do
-  redis.call('EXPIRE', KEYS[k], ARGV[1])
+return 0
+"""
+
+# The intake's: the accepted messages' first records, then the learners' lists. A new message's key is created
+# with its TTL in one SET; if a worker already wrote the message's first steps (it can, between the enqueue and
+# this call), the records are appended to theirs. A learner's list is appended to, and gets its TTL when created.
+# KEYS: the status keys, then the learners' lists.
+# ARGV: retention_s, the number of status keys, then per status key its records and its TTL, then per learner
+# list its lines and its TTL.
+_ACCEPT = """
+local n = tonumber(ARGV[2])
+for i = 1, n do
+  local records, ttl = ARGV[2 * i + 1], ARGV[2 * i + 2]
+  if not redis.call('SET', KEYS[i], records, 'NX', 'EX', ttl) then
+    redis.call('APPEND', KEYS[i], records)
+    redis.call('EXPIRE', KEYS[i], ttl)
+  end
+end
+for i = n + 1, #KEYS do
+  local lines = ARGV[2 * i + 1]
+  if redis.call('APPEND', KEYS[i], lines) == #lines then
+    redis.call('EXPIRE', KEYS[i], ARGV[2 * i + 2])
+  end
 end
 return 0
 """
 
 
+def period(at: float, retention_s: int) -> int:
+    """The retention-long period of the learners' lists that `at` (unix seconds) falls in."""
+    return int(at // retention_s)
+
+
 def write(pipe: Any, keys: Keys, steps: Sequence[Step], started: Sequence[InFlight], outcomes: Sequence[Outcome], *,
           retention_s: int, events_maxlen: int) -> None:
-    """Queue the commit's status fields (`retention_s` 0: none) and its events (`events_maxlen` 0: none) on `pipe`,
-    the caller's transaction: one EVAL, or one XADD when there is no status to write."""
+    """Queue the commit's status records (`retention_s` 0: none) and its events (`events_maxlen` 0: none) on
+    `pipe`, the caller's transaction: one EVAL, or one XADD when there is no status to write. `started`: the
+    in-flight records to write (the tracker chose them)."""
     events = orjson.dumps([o.event() for o in outcomes]) if events_maxlen and outcomes else b""
-    index: dict[str, int] = {}  # message id -> its status key's index in KEYS
-    status_keys: list[str] = []
-    fields: list[Any] = []
+    records: dict[str, list[bytes]] = {}  # message id -> its records in this commit
+    put_off: dict[str, int] = {}
     if retention_s:
-        for mid, field, value in _status_fields(steps, started, outcomes):
-            k = index.get(mid, 0)
-            if not k:
-                status_keys.append(keys.status(mid))
-                k = index[mid] = len(status_keys) + 1
-            fields += (k, field, value)
-    if status_keys:
-        pipe.eval(_WRITE, 1 + len(status_keys), keys.outcome_events, *status_keys, retention_s, events_maxlen, events,
-                  *fields)
+        for o in outcomes:
+            records.setdefault(o.message.id, []).append(o.record())
+        for s in steps:
+            records.setdefault(s.message, []).append(s.record())
+            if s.put_off_s:
+                put_off[s.message] = max(put_off.get(s.message, 0), s.put_off_s)
+        for f in started:
+            records.setdefault(f.message, []).append(f.record())
+    if records:
+        args: list[Any] = []
+        for mid, recs in records.items():
+            extra = put_off.get(mid)
+            args += (b"\n".join(recs) + b"\n", "" if extra is None else retention_s + extra)
+        pipe.eval(_WRITE, 1 + len(records), keys.outcome_events, *[keys.status(m) for m in records], retention_s,
+                  events_maxlen, events, *args)
     elif events:
         pipe.xadd(keys.outcome_events, {"events": events}, maxlen=events_maxlen, approximate=True)
 
 
-def _status_fields(steps: Sequence[Step], started: Sequence[InFlight],
-                   outcomes: Sequence[Outcome]) -> Iterator[tuple[str, str, bytes]]:
-    """(message id, field, value) of each status step of a commit."""
-    for o in outcomes:
-        yield o.message.id, f"{o.at_ms}|{o.type}|{o.device}", o.step_details()
-    for s in steps:
-        yield s.message, f"{s.at_ms}|{s.state}|{s.device}", orjson.dumps(s.details) if s.details else b""
-    for f in started:
-        if f.job.pending > 0:
-            details = {"attempt": f.attempt, "devices": [device_ref(d) for d in f.devices]}
-            yield f.message, f"{f.at_ms}|in_flight|", orjson.dumps(details)
-
-
 async def record_accepted(redis: aioredis.Redis, keys: Keys, messages: Iterable[Message], now_ms: int, *,
-                          retention_s: int, user_messages: int) -> None:
-    """The intake's part: each newly accepted message's `meta` and first step, and the learner's recent list;
-    one pipelined round trip for the batch."""
-    async with redis.pipeline(transaction=False) as pipe:
-        users: dict[str, dict[str, int]] = {}
-        for m in messages:
-            meta: dict[str, Any] = {"at": now_ms}
-            for name in ("client", "user", "campaign", "variant"):
-                value = getattr(m, name)
-                if value is not None:
-                    meta[name] = value
-            if m.category != "general":
-                meta["category"] = m.category
-            if m.devices:
-                meta["devices"] = len(m.devices)
-            mapping: dict[str | bytes, bytes] = {"meta": orjson.dumps(meta)}
-            if m.send_at is not None and m.send_at * 1000 > now_ms:
-                mapping[f"{now_ms}|scheduled|"] = orjson.dumps({"until": m.send_at})
-            else:
-                mapping[f"{now_ms}|queued|"] = b""
-            key = keys.status(m.id)
-            pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
-            pipe.expire(key, retention_s)
-            if m.user is not None:
-                users.setdefault(m.user, {})[m.id] = now_ms
-        for user, ids in users.items():
-            key = keys.user_messages(user)
-            pipe.zadd(key, ids)
-            pipe.zremrangebyrank(key, 0, -user_messages - 1)
-            pipe.expire(key, retention_s)
-        await pipe.execute()
+                          retention_s: int) -> None:
+    """The intake's part: each newly accepted message's `meta` and first step, and the learner's list; one
+    EVAL, one round trip, for the batch."""
+    status_keys: list[str] = []
+    values: list[Any] = []
+    users: dict[str, list[bytes]] = {}  # learner -> lines of ids
+    now = now_ms / 1000
+    queued = b"\n" + orjson.dumps((now_ms, "queued", "")) + b"\n"
+    for m in messages:
+        meta: dict[str, Any] = {"at": now_ms}
+        if m.client is not None:
+            meta["client"] = m.client
+        if m.user is not None:
+            meta["user"] = m.user
+            users.setdefault(m.user, []).append(m.id.encode())
+        if m.campaign is not None:
+            meta["campaign"] = m.campaign
+        if m.variant is not None:
+            meta["variant"] = m.variant
+        if m.category != "general":
+            meta["category"] = m.category
+        if m.devices:
+            meta["devices"] = len(m.devices)
+        status_keys.append(keys.status(m.id))
+        if m.send_at is not None and m.send_at > now:
+            scheduled = orjson.dumps((now_ms, "scheduled", "", {"until": m.send_at}))
+            values += (orjson.dumps(meta) + b"\n" + scheduled + b"\n", retention_s + put_off_s(m.send_at, now))
+        else:
+            values += (orjson.dumps(meta) + queued, retention_s)
+    if not status_keys:
+        return
+    p = period(now, retention_s)
+    for ids in users.values():
+        values += (b"\n".join(ids) + b"\n", 2 * retention_s)  # lives until the next period's end, at least
+    await redis.eval(_ACCEPT, len(status_keys) + len(users), *status_keys,
+                     *[keys.user_messages(u, p) for u in users], retention_s, len(status_keys), *values)
 
 
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def summarize(message_id: str, raw: dict[Any, Any]) -> dict[str, Any]:
-    """A status hash as the API answers it: meta, timeline (oldest first), each device's state, the message's state."""
+def summarize(message_id: str, raw: bytes | str) -> dict[str, Any]:
+    """A status string as the API answers it: meta, timeline (oldest first), each device's state, the message's
+    state."""
     meta: dict[str, Any] = {}
     timeline: list[dict[str, Any]] = []
-    for f, v in raw.items():
-        name = _s(f)
-        if name == "meta":
-            meta = orjson.loads(v)
+    data = raw.encode() if isinstance(raw, str) else raw
+    for line in set(data.split(b"\n")):  # a set: a retried commit repeats its records
+        if not line:
             continue
-        at, _, rest = name.partition("|")
-        state, _, device = rest.partition("|")
-        step: dict[str, Any] = {"at": int(at) / 1000, "state": state}
-        if device:
-            step["device"] = device
-        if v:
-            step.update(orjson.loads(v))
+        record = orjson.loads(line)
+        if isinstance(record, dict):
+            meta = record
+            continue
+        step: dict[str, Any] = {"at": record[0] / 1000, "state": record[1]}
+        if record[2]:
+            step["device"] = record[2]
+        if len(record) == 7:  # a final outcome (`Outcome.record`)
+            step.update((k, v) for k, v in zip(_OUTCOME_DETAILS, record[3:], strict=True) if v)
+            if "reason" in step and step["state"] == "dropped":
+                step["rule"] = step.pop("reason")
+        elif len(record) > 3:
+            step.update(record[3])
         timeline.append(step)
-    timeline.sort(key=lambda s: (s["at"], _ORDER.get(s["state"], 99)))
+    timeline.sort(key=lambda s: (s["at"], _ORDER.get(s["state"], 99), s.get("device", "")))
     devices: dict[str, dict[str, Any]] = {}
     state = "queued"
     for step in timeline:
@@ -282,29 +328,48 @@ def summarize(message_id: str, raw: dict[Any, Any]) -> dict[str, Any]:
 class StatusReader:
     """Reads statuses back for the API, the CLI and the Python client."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, retention_s: int) -> None:
         self.redis = redis
         self.keys = keys
+        self.retention_s = retention_s
 
     async def message(self, message_id: str) -> dict[str, Any] | None:
         """The message's status, or None when it is unknown or its retention ran out."""
-        raw = await self.redis.hgetall(self.keys.status(message_id))
+        raw = await self.redis.get(self.keys.status(message_id))
         return summarize(message_id, raw) if raw else None
 
     async def user(self, user: str, limit: int) -> list[dict[str, Any]]:
-        """A learner's most recent messages, newest first, each with its state (no timeline); one round trip
-        for the ids and one for the statuses."""
-        ids = [_s(i) for i in await self.redis.zrevrange(self.keys.user_messages(user), 0, limit - 1)]
-        if not ids:
-            return []
+        """A learner's `limit` most recent messages still retained, newest first, each with its state (no
+        timeline). One round trip reads the ends of this period's list and the one before (room for `limit` ids
+        of the longest length in each), then the statuses are read `limit` at a time until `limit` are found."""
+        p = period(time.time(), self.retention_s)
+        tail = (limit + 1) * (MAX_ID_LEN + 1)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for i in ids:
-                pipe.hgetall(self.keys.status(i))
-            raws = await pipe.execute()
-        out = []
-        for i, raw in zip(ids, raws, strict=True):
-            if raw:
-                s = summarize(i, raw)
-                del s["timeline"]
-                out.append(s)
+            for key in (self.keys.user_messages(user, p - 1), self.keys.user_messages(user, p)):
+                pipe.getrange(key, -tail, -1)
+            ends = await pipe.execute()
+        ids: list[str] = []
+        seen: set[bytes] = set()
+        for end in reversed(ends):  # this period's first
+            lines = _b(end).split(b"\n")
+            if len(end) >= tail:
+                lines = lines[1:]  # the read may have started inside an id
+            for line in reversed(lines):
+                if line and line not in seen:
+                    seen.add(line)
+                    ids.append(line.decode())
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(ids), limit):  # an id whose status expired is passed over
+            part = ids[i:i + limit]
+            for m, raw in zip(part, await self.redis.mget([self.keys.status(m) for m in part]), strict=True):
+                if raw:
+                    s = summarize(m, raw)
+                    del s["timeline"]
+                    out.append(s)
+                    if len(out) == limit:
+                        return out
         return out
+
+
+def _b(v: bytes | str) -> bytes:
+    return v.encode() if isinstance(v, str) else v

@@ -216,7 +216,7 @@ class Commit:
     # outcome, so a retry, a second device or a redelivered entry counts a learner once.
     kpi: list[tuple[str, str, str, str]] = field(default_factory=list)
     steps: list[status.Step] = field(default_factory=list)  # message status (queue/status.py)
-    started: list[status.InFlight] = field(default_factory=list)  # in-flight steps, if still in flight
+    started: list[status.InFlight] = field(default_factory=list)  # in-flight steps of jobs still under way (gateway/tracking.py)
     outcomes: list[status.Outcome] = field(default_factory=list)  # final outcomes: status steps and events
 
     def __len__(self) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import replace
 from typing import Any
 
@@ -25,10 +25,11 @@ from pushgw.core.config import (
     WebPushSettings,
     WorkerSettings,
 )
-from pushgw.core.schema import Device
+from pushgw.core.schema import Device, Message, parse_message
 from pushgw.gateway.cli import main as cli_main
 from pushgw.gateway.client import PushClient
 from pushgw.gateway.intake import Intake
+from pushgw.gateway.tracking import Tracker
 from pushgw.gateway.worker import Worker
 from pushgw.providers.apns import ApnsProvider
 from pushgw.providers.base import Provider
@@ -38,8 +39,8 @@ from pushgw.providers.fakes.webpush import FakePushService
 from pushgw.providers.fcm import FcmProvider
 from pushgw.providers.webpush import WebPushProvider
 from pushgw.queue.keys import Keys
-from pushgw.queue.status import device_ref
-from pushgw.queue.streams import StreamQueue
+from pushgw.queue.status import IN_FLIGHT_AFTER_S, Outcome, StatusReader, Step, device_ref, record_accepted
+from pushgw.queue.streams import Commit, Entry, StreamQueue
 from pushgw.ratelimit.policy import DeliveryPolicy
 from pushgw.users.profiles import Profiles
 from pushgw.users.registry import DeviceRegistry
@@ -260,7 +261,7 @@ async def test_status_and_events_off_write_nothing(redis: aioredis.Redis, fcm: t
         await until(lambda: len(fcm[0].received) == 1)
         q = StreamQueue(redis, Keys())
         await until(lambda: _drained(q))
-    assert await redis.keys("pushgw:st:*") == await redis.keys("pushgw:stu:*") == []
+    assert await redis.keys("pushgw:ms:*") == await redis.keys("pushgw:stu:*") == []
     assert await redis.exists(Keys().outcome_events) == 0
 
 
@@ -295,16 +296,18 @@ async def test_retention_bounds_status_keys_and_measures_their_memory(
                                    for i in range(n)], client="svc")
     async with running(worker(s, redis, {"fcm": fcm[1]})):
         await until(lambda: _all_delivered(redis, n))
-    keys = [k async for k in redis.scan_iter(match="pushgw:st:*", count=1000)]
+    keys = [k async for k in redis.scan_iter(match="pushgw:ms:*", count=1000)]
     users = [k async for k in redis.scan_iter(match="pushgw:stu:*", count=1000)]
     assert len(keys) == n and len(users) == 50
-    for k in [*keys, *users]:
+    for k in keys:
         assert 0 < await redis.ttl(k) <= 2
+    for k in users:  # a learner's list outlives the statuses it names: two retention periods
+        assert 0 < await redis.ttl(k) <= 4
     status_bytes = sum([await redis.memory_usage(k) or 0 for k in keys])
     user_bytes = sum([await redis.memory_usage(k) or 0 for k in users])
     stream_bytes = await redis.memory_usage(Keys().outcome_events, samples=0) or 0
     with capsys.disabled():
-        print(f"\nstatus memory: {status_bytes / n:.0f} B per message (status hash, 1 device, delivered), "
+        print(f"\nstatus memory: {status_bytes / n:.0f} B per message (status string, 1 device, delivered), "
               f"{user_bytes / n:.0f} B per message in the learners' lists, "
               f"{stream_bytes / n:.0f} B per outcome event")
     assert status_bytes / n < 2048  # a bound for the documentation, measured above
@@ -316,7 +319,7 @@ async def _all_delivered(redis: aioredis.Redis, n: int) -> bool:
 
 
 async def _none_left(redis: aioredis.Redis) -> bool:
-    return not (await redis.keys("pushgw:st:*") or await redis.keys("pushgw:stu:*"))
+    return not (await redis.keys("pushgw:ms:*") or await redis.keys("pushgw:stu:*"))
 
 
 def test_trace_prints_a_message_and_a_learners_messages(redis_url: str, tmp_path: Any,
@@ -379,3 +382,88 @@ async def test_an_id_with_a_slash_is_found_and_an_enqueue_only_client_needs_its_
     assert r.status == 200 and (await r.json())["state"] == "queued"
     r = await api.get("/v1/messages/course/42/quiz", headers={"Authorization": f"Bearer {OTHER_TOKEN}"})
     assert r.status == 403  # the devices scope alone does not read message status
+
+
+async def test_a_commit_written_twice_reads_back_once_and_a_key_the_intake_did_not_write_still_expires(
+    redis: aioredis.Redis,
+) -> None:
+    """A message enqueued straight into the queue (as campaign fan-outs and automations do) has no status until a
+    worker writes one: the worker's append creates the key with the retention TTL. A commit retried after a
+    lost reply appends its records again; the reader keeps one of each."""
+    q = StreamQueue(redis, Keys(), status_retention_s=600, events_maxlen=1000)
+    msg = parse_message({"id": "fanned-1", "user": "ines", "title": "t", "campaign": "spring"})
+    delivered = Outcome("delivered", msg, 1_764_800_000_123, "fcm:ines-phone", "fcm", 1, provider_id="pid-1")
+    commit = Commit(outcomes=[delivered])
+    await q.commit(commit)
+    await q.commit(commit)
+    assert 590 < await redis.ttl(Keys().status("fanned-1")) <= 600
+    status = await StatusReader(redis, Keys(), 600).message("fanned-1")
+    assert status is not None and status["state"] == "delivered"
+    assert status["timeline"] == [{"at": 1_764_800_000.123, "state": "delivered", "device": "fcm:ines-phone",
+                                   "provider": "fcm", "attempt": 1, "provider_id": "pid-1"}]
+
+
+async def test_a_step_that_puts_a_message_off_keeps_its_status_that_much_longer(redis: aioredis.Redis) -> None:
+    """Scheduled (by the intake) or held (by a worker) until a later time: the status is kept the retention
+    after that time, so it outlives the message's last step however far it was put off."""
+    s = settings(retention_s=600)
+    now = time.time()
+    await Intake(redis, s).submit([{"id": "later", "devices": [{"fcm": "t1"}], "title": "t", "send_at": now + 3600},
+                                   {"id": "held", "devices": [{"fcm": "t2"}], "title": "t"}])
+    # (lower bounds with room for a slow machine; without the rule both would be at most 600)
+    assert 600 + 3000 < await redis.ttl(Keys().status("later")) <= 600 + 3601
+    assert 0 < await redis.ttl(Keys().status("held")) <= 600
+    q = StreamQueue(redis, Keys(), status_retention_s=600, events_maxlen=1000)
+    held = Step("held", int(time.time() * 1000) + 1, "held", "", {"rule": "quiet_hours", "until": now + 7200}, 7200)
+    await q.commit(Commit(steps=[held]))
+    assert 600 + 7000 < await redis.ttl(Keys().status("held")) <= 600 + 7200
+    status = await StatusReader(redis, Keys(), 600).message("held")
+    assert status is not None and status["state"] == "held" and status["timeline"][-1]["rule"] == "quiet_hours"
+
+
+class _Job:
+    """The worker's job as the tracker sees it (gateway/settle.py `Job`)."""
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        self.entry = Entry("1-0", b"", 1, 0)
+        self.started_ms = 0
+        self.devices: Collection[Device] = ()
+
+
+def test_an_in_flight_step_is_written_only_for_a_job_still_under_way_a_second_after_it_started() -> None:
+    now = [1_764_800_000.0]
+    commits = [Commit()]
+    tracker = Tracker(StatusSettings(), lambda: commits[-1], lambda: now[0])
+    msg = parse_message({"id": "m", "title": "t", "devices": [{"fcm": "a"}, {"fcm": "b"}]})
+    quick, slow = _Job(msg), _Job(msg)
+    tracker.in_flight(quick, msg.devices[:1])
+    tracker.in_flight(slow, msg.devices[1:])
+    under_way = [slow]  # the settler's jobs: `quick` settled within the flush interval
+    now[0] += IN_FLIGHT_AFTER_S / 2
+    tracker.due_in_flight(commits[-1], under_way)
+    assert commits[-1].started == []  # not due yet
+    now[0] += IN_FLIGHT_AFTER_S / 2
+    tracker.due_in_flight(commits[-1], under_way)
+    assert [(f.message, f.attempt, list(f.devices)) for f in commits[-1].started] == [("m", 1, list(msg.devices[1:]))]
+    commits.append(Commit())
+    now[0] += 10
+    tracker.due_in_flight(commits[-1], under_way)
+    assert commits[-1].started == []  # written once
+
+
+async def test_a_learners_list_reads_newest_first_across_two_periods_and_passes_over_expired_statuses(
+    redis: aioredis.Redis,
+) -> None:
+    retention = 1000
+    now_ms = int(time.time() * 1000)
+    earlier_ms = now_ms - retention * 1000  # the period before this one
+    older = [parse_message({"id": f"old-{i}", "user": "olga", "title": "t", "devices": [{"fcm": "x"}]}) for i in range(3)]
+    newer = [parse_message({"id": f"new-{i}", "user": "olga", "title": "t", "devices": [{"fcm": "x"}]}) for i in range(2)]
+    await record_accepted(redis, Keys(), older, earlier_ms, retention_s=retention)
+    await record_accepted(redis, Keys(), newer, now_ms, retention_s=retention)
+    await redis.delete(Keys().status("old-1"))  # its retention ran out
+    reader = StatusReader(redis, Keys(), retention)
+    assert [m["id"] for m in await reader.user("olga", 10)] == ["new-1", "new-0", "old-2", "old-0"]
+    assert [m["id"] for m in await reader.user("olga", 3)] == ["new-1", "new-0", "old-2"]
+    assert await reader.user("nobody", 3) == []
