@@ -42,7 +42,9 @@ from ..providers.base import Provider
 from ..queue.keys import Keys
 from ..queue.streams import LANES, Entry, StreamQueue
 from ..ratelimit.base import ADMIT, Defer, Drop, Limiter, Unlimited
+from ..ratelimit.policy import DeliveryPolicy
 from ..ratelimit.provider_rate import SharedRate
+from ..users.profiles import Preferences
 from ..users.registry import DeviceRegistry
 from .lanes import Lanes
 from .settle import Job, Settler
@@ -50,6 +52,8 @@ from .tracking import Tracker
 from .worker_metrics import WorkerMetrics
 
 log = logging.getLogger("pushgw.worker")
+
+Planned = tuple[Entry, Message, float | None]  # a decoded entry with its message's expiry, while `_plan` runs
 
 HIGH_POLL_MS = 10  # with normal capacity full, the high lane alone is read with this short block
 
@@ -82,6 +86,9 @@ class Worker:
         self.registry = DeviceRegistry(redis, self.keys)
         self.consumer = consumer
         self.limiter: Limiter = limiter or Unlimited()
+        # The policy whose preference reads go with the registry's (one round trip per batch): the delivery
+        # policy on this worker's keys. Any other limiter reads what it needs itself.
+        self._policy = limiter if isinstance(limiter, DeliveryPolicy) and limiter.keys == self.keys else None
         self.clock = clock
         self.metrics = WorkerMetrics(providers)
         self.settler = Settler(self.queue, self.ws, self.metrics, publish=self._publish, clock=clock, rng=rng,
@@ -219,9 +226,10 @@ class Worker:
     # ------------------------------------------------------------------ planning
 
     async def _plan(self, entries: Sequence[Entry]) -> None:
-        """Turn a batch into deliveries in their lanes (one registry round trip, one done-mark round trip)."""
+        """Turn a batch into deliveries in their lanes (one round trip for the users' devices and preferences,
+        one for the done marks of redelivered entries)."""
         now = self.clock()
-        decoded: list[tuple[Entry, Message, float | None]] = []  # with each entry's expiry
+        decoded: list[Planned] = []
         for entry in entries:
             try:
                 msg = loads_queued(entry.raw)
@@ -234,43 +242,20 @@ class Worker:
                 self.settler.ack(entry)
                 continue
             decoded.append((entry, msg, expiry))
-        # The policy sees every message with a user. Caps and windows decide a message once, on its
-        # first read: an entry read again after a crash or taken over from a dead worker was decided
-        # then, and may be partly delivered. Opt-outs are checked on every read (retries and replays
-        # too): a learner who opted out meanwhile gets nothing more.
-        if decoded:
-            decisions = await self.limiter.decide(
-                [m for _, m, _ in decoded], now, members=[f"{m.id}:{e.enqueued_ms}" for e, m, _ in decoded],
-                first_read=[not e.redelivered for e, _, _ in decoded],
-            )
-            admitted: list[tuple[Entry, Message, float | None]] = []
-            for item, decision in zip(decoded, decisions, strict=True):
-                if decision is ADMIT:
-                    admitted.append(item)
-                    continue
-                entry, msg, expiry = item
-                match decision:
-                    case Defer(until=until):
-                        if expiry is not None and until >= expiry:
-                            self.settler.expired(msg)  # it could only go out too late
-                            self.settler.ack(entry)
-                        else:
-                            metrics.SKIPPED.labels("deferred").inc()
-                            self.settler.defer(entry, msg, until)
-                            if self.track is not None:
-                                self.track.held(msg, decision.reason, until)
-                    case Drop(reason=reason):
-                        metrics.SKIPPED.labels("dropped").inc()
-                        self.settler.kpi(msg, "dropped")
-                        if self.track is not None:
-                            self.track.final("dropped", msg, None, reason=reason)
-                        log.info("dropped by policy", extra={"msg_id": msg.id, "reason": reason})
-                        self.settler.ack(entry)
-                    case _:
-                        admitted.append(item)
-            decoded = admitted
-        users = sorted({m.user for _, m, _ in decoded if m.user and not m.resolved})
-        registry = await self.registry.devices_many(users) if users else {}
+        if not decoded:
+            return
+        # One round trip for the batch's users: their devices, and their preferences when the policy reads any
+        # (the devices of every user of the batch, before the policy: a dropped or deferred message's too).
+        policy = self._policy
+        if policy is not None:
+            users = sorted({m.user for _, m, _ in decoded if m.user and not m.resolved})
+            batch = await self.registry.devices_and_preferences(users, policy.users([m for _, m, _ in decoded]))
+            decoded = await self._decide(decoded, now, batch.preferences)
+            registry = batch.devices
+        else:
+            decoded = await self._decide(decoded, now, None)
+            users = sorted({m.user for _, m, _ in decoded if m.user and not m.resolved})
+            registry = await self.registry.devices_many(users) if users else {}
         redelivered = [e.ref for e, _, _ in decoded if e.redelivered]
         done = await self.queue.done_marks(redelivered) if redelivered else {}
 
@@ -315,6 +300,47 @@ class Worker:
                 self.track.in_flight(msg, entry.attempt, devices.values(), job)  # not changed after this
             for device in devices.values():
                 start(job, device)
+
+    async def _decide(self, decoded: list[Planned], now: float, prefs: Mapping[str, Preferences] | None) -> list[Planned]:
+        """The policy's answer for a batch: the admitted messages; the others are deferred or dropped here.
+
+        The policy sees every message with a user. Caps and windows decide a message once, on its first read:
+        an entry read again after a crash or taken over from a dead worker was decided then, and may be partly
+        delivered. Opt-outs are checked on every read (retries and replays too): a learner who opted out
+        meanwhile gets nothing more. `prefs`: the users' preferences when read with their devices."""
+        messages = [m for _, m, _ in decoded]
+        members = [f"{m.id}:{e.enqueued_ms}" for e, m, _ in decoded]
+        first_read = [not e.redelivered for e, _, _ in decoded]
+        if prefs is not None and self._policy is not None:
+            decisions = await self._policy.decide(messages, now, members=members, first_read=first_read, prefs=prefs)
+        else:
+            decisions = await self.limiter.decide(messages, now, members=members, first_read=first_read)
+        admitted: list[Planned] = []
+        for item, decision in zip(decoded, decisions, strict=True):
+            if decision is ADMIT:
+                admitted.append(item)
+                continue
+            entry, msg, expiry = item
+            match decision:
+                case Defer(until=until):
+                    if expiry is not None and until >= expiry:
+                        self.settler.expired(msg)  # it could only go out too late
+                        self.settler.ack(entry)
+                    else:
+                        metrics.SKIPPED.labels("deferred").inc()
+                        self.settler.defer(entry, msg, until)
+                        if self.track is not None:
+                            self.track.held(msg, decision.reason, until)
+                case Drop(reason=reason):
+                    metrics.SKIPPED.labels("dropped").inc()
+                    self.settler.kpi(msg, "dropped")
+                    if self.track is not None:
+                        self.track.final("dropped", msg, None, reason=reason)
+                    log.info("dropped by policy", extra={"msg_id": msg.id, "reason": reason})
+                    self.settler.ack(entry)
+                case _:
+                    admitted.append(item)
+        return admitted
 
     def _publish(self) -> None:
         """At each flush: the counters and histograms held since the last one, then the lanes' drain
