@@ -55,6 +55,7 @@ log = logging.getLogger("pushgw.worker")
 
 Planned = tuple[Entry, Message, float | None]  # a decoded entry with its message's expiry, while `_plan` runs
 
+_NONE: frozenset[str] = frozenset()
 HIGH_POLL_MS = 10  # with normal capacity full, the high lane alone is read with this short block
 
 
@@ -262,21 +263,27 @@ class Worker:
         start = self.lanes.start
         jobs = self.jobs
         for entry, msg, expiry in decoded:
-            devices: dict[str, Device] = {d.key: d for d in msg.devices} if msg.devices else {}
+            from_registry: frozenset[str] = _NONE
             if msg.fcm_target is not None:  # one request to FCM, which fans it out to the subscribers
                 target = msg.fcm_target.device
-                devices = {target.key: target}
-            from_registry: frozenset[str] = frozenset()
-            if msg.user and not msg.resolved:
-                reg = registry.get(msg.user)
-                if reg:
-                    added: list[str] = []
-                    for d in reg:
-                        k = d.key
-                        if k not in devices:
-                            devices[k] = d
-                            added.append(k)
-                    from_registry = frozenset(added)
+                devices: dict[str, Device] = {target.key: target}
+            elif not msg.devices:  # most messages: the user's devices alone (keys are unique in the registry)
+                reg = registry.get(msg.user) if msg.user and not msg.resolved else None
+                devices = {d.key: d for d in reg} if reg else {}
+                if devices:
+                    from_registry = frozenset(devices)
+            else:
+                devices = {d.key: d for d in msg.devices}
+                if msg.user and not msg.resolved:
+                    reg = registry.get(msg.user)
+                    if reg:
+                        added: list[str] = []
+                        for d in reg:
+                            k = d.key
+                            if k not in devices:
+                                devices[k] = d
+                                added.append(k)
+                        from_registry = frozenset(added)
             ref = entry.ref
             if entry.redelivered:
                 finished = done.get(ref, set())
