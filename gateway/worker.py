@@ -31,6 +31,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import overload
 
 import redis.asyncio as aioredis
 
@@ -316,7 +317,7 @@ class Worker:
         delivered. Opt-outs are checked on every read (retries and replays too): a learner who opted out
         meanwhile gets nothing more. `prefs`: the users' preferences when read with their devices."""
         messages = [m for _, m, _ in decoded]
-        members = [f"{m.id}:{e.enqueued_ms}" for e, m, _ in decoded]
+        members = _Members(decoded)
         first_read = [not e.redelivered for e, _, _ in decoded]
         if prefs is not None and self._policy is not None:
             decisions = await self._policy.decide(messages, now, members=members, first_read=first_read, prefs=prefs)
@@ -354,6 +355,30 @@ class Worker:
         rates and in-flight gauges."""
         self.metrics.held.apply()
         self.lanes.measure()
+
+
+class _Members(Sequence[str]):
+    """The policy's name for each message's acceptance, `<id>:<enqueued_ms>`, built when the policy asks for it
+    (a window deferral or a cap), not for every message of every batch."""
+
+    __slots__ = ("_decoded",)
+
+    def __init__(self, decoded: Sequence[Planned]) -> None:
+        self._decoded = decoded
+
+    def __len__(self) -> int:
+        return len(self._decoded)
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[str]: ...
+
+    def __getitem__(self, i: int | slice) -> str | Sequence[str]:
+        if isinstance(i, slice):
+            return [f"{m.id}:{e.enqueued_ms}" for e, m, _ in self._decoded[i]]
+        entry, msg, _ = self._decoded[i]
+        return f"{msg.id}:{entry.enqueued_ms}"
 
 
 async def _sleep_or(stop: asyncio.Event, seconds: float) -> None:
