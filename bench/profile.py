@@ -78,10 +78,11 @@ PROJECT_RULES: tuple[tuple[str, frozenset[str] | None, str], ...] = (
     ("queue/streams.py", frozenset({"commit", "_commit"}), "settle and flush"),
     ("queue/streams.py", frozenset({"move_due", "stats", "touch", "trim", "claim_stale", "delete_idle_consumers"}),
      "janitor and mover"),
+    ("queue/connection.py", None, "Redis client"),  # the hiredis packing of every command
     ("queue/", None, "read and decode"),
     ("core/schema.py", frozenset({"loads_message"}), "read and decode"),
     ("core/queued.py", None, "read and decode"),
-    ("gateway/worker.py", frozenset({"_plan"}), "planning (devices, jobs)"),
+    ("gateway/worker.py", frozenset({"_plan", "_decide", "__getitem__"}), "planning (devices, jobs)"),
     ("gateway/worker.py", frozenset({"_mover", "_janitor"}), "janitor and mover"),
     ("gateway/worker.py", None, "read and decode"),
     ("campaigns/", None, "campaign fan-out runner"),
@@ -98,6 +99,8 @@ LIBRARY_RULES: tuple[tuple[str, str], ...] = (
     ("/uvloop/", "event loop (native)"),
     ("/asyncio/", "event loop (native)"),
 )
+# A comprehension runs in a frame of its own, named after its kind, not after the function it is written in.
+COMPREHENSIONS = frozenset({"<listcomp>", "<dictcomp>", "<setcomp>", "<genexpr>"})
 # A worker process's start-up, should a sample land in it (bench waits for the workers to join first).
 STARTUP_FUNCTIONS = frozenset({"build_providers", "_find_and_load"})
 COMPONENT_ORDER = (
@@ -128,6 +131,8 @@ def component(stack: Sequence[Frame], root: str) -> str:
             return "start-up (imports, providers)"
     for f in reversed(stack):
         if f.path.startswith(root) and "site-packages" not in f.path:
+            if f.function in COMPREHENSIONS:
+                continue  # billed with the function it runs in (the next frame out)
             rel = f.path[len(root):]
             for fragment, functions, name in PROJECT_RULES:
                 if rel.startswith(fragment) and (functions is None or f.function in functions):

@@ -1,6 +1,7 @@
 """The worker's own CPU per delivery, with providers that answer Delivered at once.
 
     python -m pushgw.bench.worker_overhead [--messages 50000] [--users 10000] [--runs 3] [--policy default]
+                                           [--status on|off]
 
 `pushgw bench` measures the gateway with real provider clients, whose CPU dominates; this isolates
 what the gateway adds around them (stream reads, decode, policy, registry, lanes, settle, metrics,
@@ -66,12 +67,14 @@ class InstantProvider:
         return None
 
 
-async def run_once(messages: int, users: int, policy: str, seed: int, profile: str | None = None) -> dict[str, Any]:
-    from ..core.config import ProviderSettings, RedisSettings, Settings, WorkerSettings
+async def run_once(messages: int, users: int, policy: str, seed: int, profile: str | None = None,
+                   status: bool = True) -> dict[str, Any]:
+    from ..core.config import ProviderSettings, RedisSettings, Settings, StatusSettings, WorkerSettings
     from ..gateway.embedded import EmbeddedRedis
     from ..gateway.pool import make_redis
     from ..gateway.worker import Worker
     from ..queue.keys import Keys
+    from ..queue.shards import ShardMap
     from ..queue.streams import StreamQueue
     from ..ratelimit.policy import DeliveryPolicy
     from ..ratelimit.provider_rate import rates_for
@@ -100,11 +103,12 @@ async def run_once(messages: int, users: int, policy: str, seed: int, profile: s
                                       backoff_base_s=0.2, backoff_cap_s=2.0, drain_deadline_s=10),
                 providers=ProviderSettings(timeout_s=10.0, concurrency=256),
                 policy=bench_policy(policy),
+                status=StatusSettings(enabled=status, events=status),  # as `pushgw bench --status on|off`
                 log_level="WARNING",
             )
             q = StreamQueue(redis, keys)
             await q.ensure_group()
-            await store_population(redis, keys, pop, policy)
+            await store_population(redis, ShardMap.single(keys.prefix), pop, policy)
             msgs = bench.messages(messages, "m")
             expected = {(m.id, d.key) for m in msgs for d in pop.devices[m.user or ""]}
             for i in range(0, len(msgs), ENQUEUE_CHUNK):
@@ -186,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--policy", choices=("default", "off", "full"), default="default")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--status", choices=("on", "off"), default="on",
+                    help="message status and outcome events written by the worker (default on, as deployed)")
     ap.add_argument("--profile", metavar="FILE", help="cProfile stats of the last run's worker to FILE")
     args = ap.parse_args(argv)
     # As in production (and before prometheus_client is imported): every sample goes to an mmapped file.
@@ -199,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for i in range(args.runs):
         profile = args.profile if i == args.runs - 1 else None
-        r = asyncio.run(run_once(args.messages, args.users, args.policy, args.seed, profile))
+        r = asyncio.run(run_once(args.messages, args.users, args.policy, args.seed, profile,
+                                   status=args.status == "on"))
         runs.append(r)
         sys.stderr.write(f"  run {i + 1}: {r['cpu_us_per_delivery']} µs worker CPU per delivery (Redis "
                          f"{r['redis_cpu_us_per_delivery']} µs), {r['deliveries_per_s']:,} deliveries/s, "
@@ -210,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_us_per_delivery_median": statistics.median(r["cpu_us_per_delivery"] for r in runs),
         "redis_cpu_us_per_delivery": [r["redis_cpu_us_per_delivery"] for r in runs],
         "deliveries_per_s": [r["deliveries_per_s"] for r in runs],
+        "status": args.status,
         "load_avg": os.getloadavg(),
     }
     sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")

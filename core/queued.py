@@ -21,7 +21,6 @@ from .schema import MAX_TTL_S, PRIORITIES, SCHEMA_VERSION, Message, parse_messag
 # The fields of a plain message as `Message.to_json` writes them.
 _PLAIN = frozenset({"v", "id", "user", "app", "title", "body", "collapse_key", "campaign", "variant", "ttl",
                     "expires_at", "send_at", "data", "category", "priority", "resolved", "fanout"})
-_OPTIONAL_TEXT = ("title", "body", "collapse_key", "campaign", "variant")
 
 
 def loads_queued(raw: bytes | str) -> Message:
@@ -37,11 +36,10 @@ def _plain(obj: dict[str, Any]) -> Message | None:
     msg_id, user, v = get("id"), get("user"), get("v", SCHEMA_VERSION)
     if type(msg_id) is not str or not msg_id or type(user) is not str or type(v) is not int or v != SCHEMA_VERSION:
         return None
-    for name in _OPTIONAL_TEXT:
-        value = get(name)
+    title, body, collapse_key, campaign, variant = get("title"), get("body"), get("collapse_key"), get("campaign"), get("variant")
+    for value in (title, body, collapse_key, campaign, variant):  # each field read once
         if value is not None and type(value) is not str:
             return None
-    title, body = get("title"), get("body")
     app, category, priority = get("app", "default"), get("category", "general"), get("priority", "normal")
     if (title == "" or type(app) is not str or not app or type(category) is not str or not category
             or priority not in PRIORITIES):
@@ -74,6 +72,6 @@ def _plain(obj: dict[str, Any]) -> Message | None:
             return None
     return Message(
         id=msg_id, user=user, app=app, title=title, body=body, data=data, category=category, priority=priority,
-        ttl=ttl, expires_at=expires_at, send_at=send_at, collapse_key=get("collapse_key"), campaign=get("campaign"),
-        variant=get("variant"), resolved=get("resolved") is True, fanout=get("fanout") is True,
+        ttl=ttl, expires_at=expires_at, send_at=send_at, collapse_key=collapse_key, campaign=campaign,
+        variant=variant, resolved=get("resolved") is True, fanout=get("fanout") is True,
     )

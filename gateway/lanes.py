@@ -292,11 +292,12 @@ class Lanes:
             # so deliveries queued behind a failing run are parked, not sent; then the shared rate,
             # so high priority (taken first from the lane) holds when the rate is the bottleneck,
             # and a parked delivery spends no rate.
-            if not circuit.allow(self._clock()):
-                park_until, park_reason = circuit.retry_at(self._clock()) + self._rng() * PARK_DELAY_S, "circuit_open"
+            now = self._clock()
+            if not circuit.allow(now):
+                park_until, park_reason = circuit.retry_at(now) + self._rng() * PARK_DELAY_S, "circuit_open"
             elif rate is not None and not await self._take_rate(rate):
                 park_until, park_reason = self._clock() + PARK_DELAY_S * (1 + self._rng()), "rate_unavailable"
-            elif expiry is not None and expiry <= self._clock():
+            elif expiry is not None and expiry <= (now if rate is None else self._clock()):  # after a rate wait: now
                 outcome = _EXPIRED  # it waited past its expiry: never sent late
             else:
                 lane.sending += 1

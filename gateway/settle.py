@@ -17,6 +17,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from prometheus_client import Counter
 
 from ..core import metrics
 from ..core.config import WorkerSettings
@@ -31,6 +32,7 @@ log = logging.getLogger("pushgw.worker")
 
 FLUSH_INTERVAL_S = 0.005
 FLUSH_MAX_ITEMS = 512
+KPI_SERIES_CACHED = 4096  # (campaign, variant, stored, outcome) -> KpiSeries, computed once per campaign
 POISON_KEEP_BYTES = 16384  # a poison entry is kept in the dead letters up to this size (it could be anything)
 
 
@@ -53,6 +55,15 @@ class Job:
     # is written (then 0); 0 when status is off.
     started_ms: int = 0
     devices: Collection[Device] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class KpiSeries:
+    """Where a campaign/variant's outcome goes: its figures' name in Redis, its variant, its metric child."""
+
+    figures: str
+    variant: str
+    counter: Counter
 
 
 class Settler:
@@ -87,6 +98,7 @@ class Settler:
         self._held = m.held
         self._delivered, self._retry, self._invalid, self._rejected = m.delivered, m.retry, m.token_invalid, m.rejected
         self._retries, self._tokens, self._e2e = m.retries, m.tokens_removed, m.end_to_end
+        self._kpi_series: dict[tuple[str, str | None, bool, str], KpiSeries] = {}
         self.track: Tracker | None = None  # message status and outcome events (gateway/tracking.py), when on
 
     # ------------------------------------------------------------------ outcomes
@@ -104,7 +116,8 @@ class Settler:
                 e2e = self._e2e.get(provider)
                 if e2e is not None:
                     self._held.observe(e2e, max(0.0, self._clock() - entry.enqueued_ms / 1000))
-                log.debug("delivered", extra={"msg_id": msg.id, "provider": provider, "outcome": "delivered"})
+                if log.isEnabledFor(logging.DEBUG):  # its fields are not built per delivery when off
+                    log.debug("delivered", extra={"msg_id": msg.id, "provider": provider, "outcome": "delivered"})
             case Retry(reason=reason, after=after):
                 self._retry[provider].inc()
                 if entry.attempt >= self._max_attempts:
@@ -156,10 +169,18 @@ class Settler:
 
     def kpi(self, msg: Message, outcome: str) -> None:
         """Campaign figures per learner, written with the acks (campaigns/report.py reads them)."""
-        if msg.campaign:
-            figures = msg.campaign if msg.fanout else Keys.upstream_campaign(msg.campaign)
-            self.commit.kpi.append((figures, msg.variant or "default", outcome, msg.user or msg.id))
-            self._held.inc(metrics.campaign_message(msg.campaign, msg.variant, outcome, stored=msg.fanout))
+        campaign = msg.campaign
+        if campaign:
+            key = (campaign, msg.variant, msg.fanout, outcome)
+            figures = self._kpi_series.get(key)
+            if figures is None:
+                if len(self._kpi_series) >= KPI_SERIES_CACHED:
+                    self._kpi_series.clear()
+                figures = self._kpi_series[key] = KpiSeries(
+                    campaign if msg.fanout else Keys.upstream_campaign(campaign), msg.variant or "default",
+                    metrics.campaign_message(campaign, msg.variant, outcome, stored=msg.fanout))
+            self.commit.kpi.append((figures.figures, figures.variant, outcome, msg.user or msg.id))
+            self._held.inc(figures.counter)
 
     def dead_letter_raw(self, entry: Entry, reason: str) -> None:
         """An entry that could not be decoded: dead-lettered with the start of its bytes, and acked."""

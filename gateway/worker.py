@@ -31,6 +31,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import overload
 
 import redis.asyncio as aioredis
 
@@ -42,7 +43,9 @@ from ..providers.base import Provider
 from ..queue.keys import Keys
 from ..queue.streams import LANES, Entry, StreamQueue
 from ..ratelimit.base import ADMIT, Defer, Drop, Limiter, Unlimited
+from ..ratelimit.policy import DeliveryPolicy
 from ..ratelimit.provider_rate import SharedRate
+from ..users.profiles import Preferences
 from ..users.registry import DeviceRegistry
 from .lanes import Lanes
 from .settle import Job, Settler
@@ -51,6 +54,9 @@ from .worker_metrics import WorkerMetrics
 
 log = logging.getLogger("pushgw.worker")
 
+Planned = tuple[Entry, Message, float | None]  # a decoded entry with its message's expiry, while `_plan` runs
+
+_NONE: frozenset[str] = frozenset()
 HIGH_POLL_MS = 10  # with normal capacity full, the high lane alone is read with this short block
 
 
@@ -85,6 +91,9 @@ class Worker:
         self.registry = registry or DeviceRegistry(redis, self.keys)
         self.consumer = consumer
         self.limiter: Limiter = limiter or Unlimited()
+        # The policy whose preference reads go with the registry's (one round trip per batch): the delivery
+        # policy on this worker's keys. Any other limiter reads what it needs itself.
+        self._policy = limiter if isinstance(limiter, DeliveryPolicy) and limiter.keys == self.keys else None
         self.clock = clock
         self.metrics = WorkerMetrics(providers)
         self.settler = Settler(self.queue, self.ws, self.metrics, publish=self._publish, clock=clock, rng=rng,
@@ -222,9 +231,10 @@ class Worker:
     # ------------------------------------------------------------------ planning
 
     async def _plan(self, entries: Sequence[Entry]) -> None:
-        """Turn a batch into deliveries in their lanes (one registry round trip, one done-mark round trip)."""
+        """Turn a batch into deliveries in their lanes (one round trip for the users' devices and preferences,
+        one for the done marks of redelivered entries)."""
         now = self.clock()
-        decoded: list[tuple[Entry, Message, float | None]] = []  # with each entry's expiry
+        decoded: list[Planned] = []
         for entry in entries:
             try:
                 msg = loads_queued(entry.raw)
@@ -237,64 +247,47 @@ class Worker:
                 self.settler.ack(entry)
                 continue
             decoded.append((entry, msg, expiry))
-        # The policy sees every message with a user. Caps and windows decide a message once, on its
-        # first read: an entry read again after a crash or taken over from a dead worker was decided
-        # then, and may be partly delivered. Opt-outs are checked on every read (retries and replays
-        # too): a learner who opted out meanwhile gets nothing more.
-        if decoded:
-            decisions = await self.limiter.decide(
-                [m for _, m, _ in decoded], now, members=[f"{m.id}:{e.enqueued_ms}" for e, m, _ in decoded],
-                first_read=[not e.redelivered for e, _, _ in decoded],
-            )
-            admitted: list[tuple[Entry, Message, float | None]] = []
-            for item, decision in zip(decoded, decisions, strict=True):
-                if decision is ADMIT:
-                    admitted.append(item)
-                    continue
-                entry, msg, expiry = item
-                match decision:
-                    case Defer(until=until):
-                        if expiry is not None and until >= expiry:
-                            self.settler.expired(msg)  # it could only go out too late
-                            self.settler.ack(entry)
-                        else:
-                            metrics.SKIPPED.labels("deferred").inc()
-                            self.settler.defer(entry, msg, until)
-                            if self.track is not None:
-                                self.track.held(msg, decision.reason, until)
-                    case Drop(reason=reason):
-                        metrics.SKIPPED.labels("dropped").inc()
-                        self.settler.kpi(msg, "dropped")
-                        if self.track is not None:
-                            self.track.final("dropped", msg, None, reason=reason)
-                        log.info("dropped by policy", extra={"msg_id": msg.id, "reason": reason})
-                        self.settler.ack(entry)
-                    case _:
-                        admitted.append(item)
-            decoded = admitted
-        users = sorted({m.user for _, m, _ in decoded if m.user and not m.resolved})
-        registry = await self.registry.devices_many(users) if users else {}
+        if not decoded:
+            return
+        # One round trip for the batch's users: their devices, and their preferences when the policy reads any
+        # (the devices of every user of the batch, before the policy: a dropped or deferred message's too).
+        policy = self._policy
+        if policy is not None:
+            users = sorted({m.user for _, m, _ in decoded if m.user and not m.resolved})
+            batch = await self.registry.devices_and_preferences(users, policy.users([m for _, m, _ in decoded]))
+            decoded = await self._decide(decoded, now, batch.preferences)
+            registry = batch.devices
+        else:
+            decoded = await self._decide(decoded, now, None)
+            users = sorted({m.user for _, m, _ in decoded if m.user and not m.resolved})
+            registry = await self.registry.devices_many(users) if users else {}
         redelivered = [e.ref for e, _, _ in decoded if e.redelivered]
         done = await self.queue.done_marks(redelivered) if redelivered else {}
 
         start = self.lanes.start
         jobs = self.jobs
         for entry, msg, expiry in decoded:
-            devices: dict[str, Device] = {d.key: d for d in msg.devices} if msg.devices else {}
+            from_registry: frozenset[str] = _NONE
             if msg.fcm_target is not None:  # one request to FCM, which fans it out to the subscribers
                 target = msg.fcm_target.device
-                devices = {target.key: target}
-            from_registry: frozenset[str] = frozenset()
-            if msg.user and not msg.resolved:
-                reg = registry.get(msg.user)
-                if reg:
-                    added: list[str] = []
-                    for d in reg:
-                        k = d.key
-                        if k not in devices:
-                            devices[k] = d
-                            added.append(k)
-                    from_registry = frozenset(added)
+                devices: dict[str, Device] = {target.key: target}
+            elif not msg.devices:  # most messages: the user's devices alone (keys are unique in the registry)
+                reg = registry.get(msg.user) if msg.user and not msg.resolved else None
+                devices = {d.key: d for d in reg} if reg else {}
+                if devices:
+                    from_registry = frozenset(devices)
+            else:
+                devices = {d.key: d for d in msg.devices}
+                if msg.user and not msg.resolved:
+                    reg = registry.get(msg.user)
+                    if reg:
+                        added: list[str] = []
+                        for d in reg:
+                            k = d.key
+                            if k not in devices:
+                                devices[k] = d
+                                added.append(k)
+                        from_registry = frozenset(added)
             ref = entry.ref
             if entry.redelivered:
                 finished = done.get(ref, set())
@@ -319,11 +312,76 @@ class Worker:
             for device in devices.values():
                 start(job, device)
 
+    async def _decide(self, decoded: list[Planned], now: float, prefs: Mapping[str, Preferences] | None) -> list[Planned]:
+        """The policy's answer for a batch: the admitted messages; the others are deferred or dropped here.
+
+        The policy sees every message with a user. Caps and windows decide a message once, on its first read:
+        an entry read again after a crash or taken over from a dead worker was decided then, and may be partly
+        delivered. Opt-outs are checked on every read (retries and replays too): a learner who opted out
+        meanwhile gets nothing more. `prefs`: the users' preferences when read with their devices."""
+        messages = [m for _, m, _ in decoded]
+        members = _Members(decoded)
+        first_read = [not e.redelivered for e, _, _ in decoded]
+        if prefs is not None and self._policy is not None:
+            decisions = await self._policy.decide(messages, now, members=members, first_read=first_read, prefs=prefs)
+        else:
+            decisions = await self.limiter.decide(messages, now, members=members, first_read=first_read)
+        admitted: list[Planned] = []
+        for item, decision in zip(decoded, decisions, strict=True):
+            if decision is ADMIT:
+                admitted.append(item)
+                continue
+            entry, msg, expiry = item
+            match decision:
+                case Defer(until=until):
+                    if expiry is not None and until >= expiry:
+                        self.settler.expired(msg)  # it could only go out too late
+                        self.settler.ack(entry)
+                    else:
+                        metrics.SKIPPED.labels("deferred").inc()
+                        self.settler.defer(entry, msg, until)
+                        if self.track is not None:
+                            self.track.held(msg, decision.reason, until)
+                case Drop(reason=reason):
+                    metrics.SKIPPED.labels("dropped").inc()
+                    self.settler.kpi(msg, "dropped")
+                    if self.track is not None:
+                        self.track.final("dropped", msg, None, reason=reason)
+                    log.info("dropped by policy", extra={"msg_id": msg.id, "reason": reason})
+                    self.settler.ack(entry)
+                case _:
+                    admitted.append(item)
+        return admitted
+
     def _publish(self) -> None:
         """At each flush: the counters and histograms held since the last one, then the lanes' drain
         rates and in-flight gauges."""
         self.metrics.held.apply()
         self.lanes.measure()
+
+
+class _Members(Sequence[str]):
+    """The policy's name for each message's acceptance, `<id>:<enqueued_ms>`, built when the policy asks for it
+    (a window deferral or a cap), not for every message of every batch."""
+
+    __slots__ = ("_decoded",)
+
+    def __init__(self, decoded: Sequence[Planned]) -> None:
+        self._decoded = decoded
+
+    def __len__(self) -> int:
+        return len(self._decoded)
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[str]: ...
+
+    def __getitem__(self, i: int | slice) -> str | Sequence[str]:
+        if isinstance(i, slice):
+            return [f"{m.id}:{e.enqueued_ms}" for e, m, _ in self._decoded[i]]
+        entry, msg, _ = self._decoded[i]
+        return f"{msg.id}:{entry.enqueued_ms}"
 
 
 async def _sleep_or(stop: asyncio.Event, seconds: float) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -268,6 +269,7 @@ class StreamQueue:
         self._move_due = redis.register_script(_MOVE_DUE)
         self._cancel = redis.register_script(_CANCEL)
         self._claim_cursor = {lane: "0-0" for lane in LANES}
+        self._cluster = isinstance(redis, RedisCluster)
         self._lane_by_stream: dict[str | bytes, str] = {}
         for lane in LANES:
             self._lane_by_stream[keys.lane_stream(lane)] = self._lane_by_stream[keys.lane_stream(lane).encode()] = lane
@@ -336,9 +338,9 @@ class StreamQueue:
     ) -> list[Entry]:
         """Entries never delivered to any consumer, up to `count` per lane, waiting at most `block_ms`
         (None: not at all). One XREADGROUP over the lanes' streams; high-lane entries come first."""
-        streams = {self.keys.lane_stream(lane): ">" for lane in lanes}
+        streams = [self.keys.lane_stream(lane) for lane in lanes]
         try:
-            reply = await self.redis.xreadgroup(self.keys.group, consumer, streams, count=count, block=block_ms)  # type: ignore[arg-type]
+            reply = await self._xreadgroup(consumer, streams, [">"] * len(streams), count, block_ms)
         except ResponseError as e:
             if "NOGROUP" in str(e):  # Redis lost its data (no AOF) or someone deleted the stream
                 await self.ensure_group()
@@ -349,13 +351,28 @@ class StreamQueue:
     async def read_own_pending(self, consumer: str, count: int, lane: str = "normal", after: str = "0") -> list[Entry]:
         """This consumer's entries in `lane` that were read but never acknowledged (it crashed or was killed)."""
         try:
-            reply = await self.redis.xreadgroup(self.keys.group, consumer, {self.keys.lane_stream(lane): after}, count=count)
+            reply = await self._xreadgroup(consumer, [self.keys.lane_stream(lane)], [after], count, None)
         except ResponseError as e:
             if "NOGROUP" in str(e):
                 await self.ensure_group()
                 return []
             raise
         return await self._entries(reply, redelivered=True)
+
+    async def _xreadgroup(
+        self, consumer: str, streams: Sequence[str], ids: Sequence[str], count: int, block_ms: int | None
+    ) -> Any:
+        """XREADGROUP for `_entries`. On one Redis (or Sentinel) with its reply as Redis sent it: the command's
+        name is passed as bytes, so redis-py applies no response callback (they are looked up by str name),
+        which would build a dict per entry and a list per stream that `_entries` throws away at once. The
+        cluster client routes by the command's str name: it gets redis-py's own call."""
+        if self._cluster:
+            return await self.redis.xreadgroup(self.keys.group, consumer, dict(zip(streams, ids, strict=True)),
+                                               count=count, block=block_ms)
+        block: list[Any] = [] if block_ms is None else ["BLOCK", block_ms]
+        return await self.redis.execute_command(  # type: ignore[no-untyped-call]
+            b"XREADGROUP", "GROUP", self.keys.group, consumer, "COUNT", count, *block, "STREAMS", *streams, *ids
+        )
 
     async def claim_stale(self, consumer: str, idle_ms: int, count: int, lane: str = "normal") -> list[Entry]:
         """Take over entries another consumer has held for `idle_ms` without acknowledging (it died)."""
@@ -387,21 +404,30 @@ class StreamQueue:
                 await self.redis.xclaim(self.keys.lane_stream(lane), self.keys.group, consumer, 0, chunk, justid=True)
 
     async def _entries(self, reply: Any, *, redelivered: bool) -> list[Entry]:
+        """The entries of an XREADGROUP or XAUTOCLAIM reply, high lane first. `reply` maps each stream to its
+        entries `[id, fields]`, as Redis sent it (a RESP3 map, or RESP2's list of [stream, entries]) or as
+        redis-py's callbacks parse it (fields as a dict); fields None: a pending entry whose data was deleted."""
         out: list[Entry] = []
         gone: dict[Any, list[Any]] = {}
-        for stream, items in sorted(reply or [], key=lambda r: self._lane_by_stream.get(r[0]) != "high"):
-            lane = self._lane_by_stream.get(stream, "normal")
+        by_stream = reply.items() if type(reply) is dict else (reply or ())
+        lanes = self._lane_by_stream
+        for stream, items in sorted(by_stream, key=lambda r: lanes.get(r[0]) != "high"):
+            lane = lanes.get(stream, "normal")
             for entry_id, fields in items:
-                if not fields:  # pending entry whose data was deleted
+                if not fields:
                     gone.setdefault(stream, []).append(entry_id)
                     continue
-                raw = fields.get(b"m") or fields.get("m") or b""
+                if type(fields) is list and len(fields) == 6 and fields[0] == b"m" and fields[2] == b"a" \
+                        and fields[4] == b"t":  # as the gateway writes its entries (`_ENQUEUE`, `_MOVE_DUE`)
+                    raw, a, t = fields[1], fields[3], fields[5]
+                else:
+                    f = fields if type(fields) is dict else dict(zip(fields[::2], fields[1::2], strict=False))
+                    raw, a, t = f.get(b"m") or f.get("m") or b"", f.get(b"a") or f.get("a"), f.get(b"t") or f.get("t")
                 try:
-                    attempt = int(fields.get(b"a") or fields.get("a") or 1)
-                    enq = int(fields.get(b"t") or fields.get("t") or 0)
+                    attempt, enq = int(a or 1), int(t or 0)
                 except ValueError:
                     attempt, enq = 1, 0
-                raw_b = raw if isinstance(raw, bytes) else raw.encode()
+                raw_b = raw if type(raw) is bytes else raw.encode()
                 out.append(Entry(_s(entry_id), raw_b, attempt, enq, redelivered, lane))
         for stream, ids in gone.items():
             await self.redis.xack(stream, self.keys.group, *ids)

@@ -16,7 +16,7 @@ replays and entries read again after a crash meet the opt-out check only (they w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from zoneinfo import ZoneInfo
 
 import redis.asyncio as aioredis
@@ -26,7 +26,7 @@ from ..core.config import PolicySettings
 from ..core.schema import Message
 from ..core.windows import SendWindows, WindowError, jitter_for, zone
 from ..queue.keys import Keys
-from ..users.profiles import NO_PREFERENCES, Profiles
+from ..users.profiles import NO_PREFERENCES, Preferences, Profiles
 from .base import ADMIT, Decision, Defer, Drop
 from .caps import FrequencyCaps
 
@@ -38,6 +38,7 @@ class DeliveryPolicy:
         self._policy = policy
         self._categories = policy.labelled_categories()
         self._profiles = Profiles(redis, keys)
+        self.keys = keys  # whose user hashes hold the preferences
         self._default_windows = SendWindows.parse(policy.windows)
         self._category_windows = {c: SendWindows.parse(w) for c, w in policy.category_windows}
         self._default_zone = zone(policy.timezone)
@@ -70,15 +71,22 @@ class DeliveryPolicy:
     def _windows(self, category: str) -> SendWindows:
         return self._category_windows.get(category, self._default_windows)
 
+    def users(self, messages: Sequence[Message]) -> list[str]:
+        """The users whose preferences `decide` reads for these messages."""
+        return sorted({m.user for m in messages if m.user is not None})
+
     async def decide(
         self, messages: Sequence[Message], now: float, members: Sequence[str] | None = None,
-        first_read: Sequence[bool] | None = None,
+        first_read: Sequence[bool] | None = None, prefs: Mapping[str, Preferences] | None = None,
     ) -> list[Decision]:
+        """As `Limiter.decide`; `prefs`: the preferences of `users(messages)` read by the caller (the worker
+        reads them with the batch's devices, users/registry.py `devices_and_preferences`), else read here."""
         out: list[Decision] = [ADMIT] * len(messages)
-        users = {m.user for m in messages if m.user is not None}
-        if not users:
-            return out
-        prefs = await self._profiles.get_many(users)
+        if prefs is None:
+            users = self.users(messages)
+            if not users:
+                return out
+            prefs = await self._profiles.get_many(users)
         to_cap: list[int] = []
         for i, m in enumerate(messages):
             if m.user is None:

@@ -30,6 +30,19 @@ def test_a_sample_is_billed_to_its_innermost_project_frame_and_shared_helpers_to
                        "event loop (native)": 4}
 
 
+def test_a_comprehension_is_billed_with_its_function_and_command_packing_to_the_redis_client() -> None:
+    lines = [
+        # a device key computed in `_plan`'s dict comprehension: planning, not the decode the run loop stands for
+        _line(f"Worker.run ({ROOT}gateway/worker.py:127)", f"Worker._plan ({ROOT}gateway/worker.py:268)",
+              f"<dictcomp> ({ROOT}gateway/worker.py:269)", f"Device.key ({ROOT}core/schema.py:86)", count=2),
+        _line(f"Worker.run ({ROOT}gateway/worker.py:127)", f"<listcomp> ({ROOT}gateway/worker.py:130)", count=1),
+        # the hiredis packing of a command issued by the read: the Redis client
+        _line(f"StreamQueue.read_new ({ROOT}queue/streams.py:341)",
+              f"_HiredisPacking.pack_command ({ROOT}queue/connection.py:62)", count=3),
+    ]
+    assert classify(lines, ROOT) == {"planning (devices, jobs)": 2, "read and decode": 1, "Redis client": 3}
+
+
 def test_the_table_splits_the_measured_cpu_per_delivery_by_sample_share() -> None:
     rows = table(classify([_line(f"Lanes.start ({ROOT}gateway/lanes.py:200)", count=1),
                            _line(f"Settler.settle ({ROOT}gateway/settle.py:90)", count=3)], ROOT), 80.0)

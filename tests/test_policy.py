@@ -330,3 +330,26 @@ fcm = 10000
         cfg.write_text(bad)
         with pytest.raises(ConfigError, match=needle):
             load_settings(cfg, env={})
+
+
+async def test_a_batchs_devices_and_preferences_come_in_one_command(redis: aioredis.Redis) -> None:
+    """The worker's read for a batch with the policy on: what `Profiles.get_many` and `devices_many` answer
+    apart, in one Redis command."""
+    keys = Keys(PREFIX)
+    profiles, registry = Profiles(redis, keys), DeviceRegistry(redis, keys)
+    await profiles.update("learner-1", {"timezone": "Asia/Kolkata", "opt_out": {"categories": ["new_content"]}})
+    await profiles.update("learner-2", {"opt_out": {"all": True}})
+    await registry.register("learner-1", Device("fcm", "tok-1"))
+    await registry.register("learner-1", Device("apns", "a" * 64))
+    await registry.register("learner-3", Device("fcm", "tok-3"))
+    users, pref_users = ["learner-1", "learner-3", "learner-4"], ["learner-1", "learner-2", "learner-3"]
+    await registry.devices_and_preferences(users, pref_users)  # loads the script
+    before = (await redis.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
+    batch = await registry.devices_and_preferences(users, pref_users)
+    assert (await redis.info("commandstats"))["cmdstat_evalsha"]["calls"] - before == 1
+    assert batch.preferences == await profiles.get_many(pref_users)
+    assert batch.preferences["learner-1"] == Preferences("Asia/Kolkata", False, frozenset({"new_content"}))
+    assert "learner-3" not in batch.preferences  # nothing stored: the policy's defaults
+    assert {u: sorted(d.key for d in ds) for u, ds in batch.devices.items()} == {
+        u: sorted(d.key for d in ds) for u, ds in (await registry.devices_many(users)).items()}
+    assert set(batch.devices) == {"learner-1", "learner-3"} and len(batch.devices["learner-1"]) == 2

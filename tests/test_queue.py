@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import redis.asyncio as aioredis
 from pushgw.core.schema import Device, Message
+from pushgw.queue.connection import redis_from_url
 from pushgw.queue.deadletter import DeadLetters
 from pushgw.queue.keys import Keys
 from pushgw.queue.streams import Commit, DeadLetter, Entry, StreamQueue
@@ -41,6 +42,28 @@ async def test_entries_carry_message_attempt_and_enqueue_time(redis: aioredis.Re
     assert await q.read_new("c1", 10, 10) == []
     [again] = await q.read_own_pending("c1", 10)
     assert again.entry_id == e.entry_id and again.redelivered
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_read_takes_entries_of_any_field_order_over_either_protocol(redis_url: str, protocol: int) -> None:
+    """The reply is parsed by the queue itself (no redis-py callback): the gateway's own field order, any
+    other order with extra fields, a RESP2 and a RESP3 reply, both lanes with the high one first."""
+    client = redis_from_url(redis_url, protocol=protocol)
+    try:
+        await client.flushall()
+        q = StreamQueue(client, K)
+        await q.ensure_group()
+        await q.enqueue([m(1)], now_ms=1234)
+        await q.enqueue_raw({"x": "y", "t": "77", "m": Message(id="m2", body="b").dumps(), "a": "3"})
+        await q.enqueue([m(3, priority="high")], now_ms=99)
+        read = await q.read_new("c1", 10, 10)
+        assert [(e.lane, e.attempt, e.enqueued_ms) for e in read] == [("high", 1, 99), ("normal", 1, 1234), ("normal", 3, 77)]
+        assert b'"id":"m3"' in read[0].raw and b'"id":"m2"' in read[2].raw
+        again = await q.read_own_pending("c1", 10)
+        assert [(e.entry_id, e.attempt, e.enqueued_ms, e.redelivered) for e in again] == [
+            (e.entry_id, e.attempt, e.enqueued_ms, True) for e in read[1:]]
+    finally:
+        await client.aclose()
 
 
 async def test_group_created_after_enqueue_still_sees_earlier_messages(redis: aioredis.Redis) -> None:

@@ -9,7 +9,7 @@ dropped and counted, a message outside the user's local send window is deferred.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -95,6 +95,11 @@ def parse_preferences(obj: Any, current: Preferences = NO_PREFERENCES) -> Prefer
     return Preferences(tz, all_out, frozenset(cats))
 
 
+def preferences_of(users: Sequence[str], replies: Sequence[Any]) -> dict[str, Preferences]:
+    """The users' preferences from one `HMGET <user hash> tz opt_out` reply each; users with none stored are left out."""
+    return {u: _decode(r) for u, r in zip(users, replies, strict=True) if r and any(v is not None for v in r)}
+
+
 def _decode(fields: Mapping[Any, Any] | list[Any]) -> Preferences:
     tz_raw, out_raw = fields if isinstance(fields, list) else (fields.get(b"tz"), fields.get(b"opt_out"))
     tz = tz_raw.decode() if isinstance(tz_raw, bytes) else tz_raw
@@ -142,7 +147,7 @@ class Profiles:
         if not users:
             return {}
         replies = await self._prefs_many(keys=[self.keys.user(u) for u in users])
-        return {u: _decode(r) for u, r in zip(users, replies, strict=True) if r and any(v is not None for v in r)}
+        return preferences_of(users, replies)
 
     async def update(self, user: str, obj: Any, *, merge: bool = True) -> Preferences:
         """Store validated preferences: merged into what is stored (absent fields kept), or replacing it."""

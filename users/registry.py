@@ -9,6 +9,7 @@ worker's commit (see `queue.streams.StreamQueue.commit`), in the same transactio
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -16,6 +17,7 @@ import redis.asyncio as aioredis
 
 from ..core.schema import Device, FieldError, parse_device
 from ..queue.keys import Keys
+from .profiles import Preferences, preferences_of
 
 MAX_DEVICES_PER_USER = 100
 PARSED_CACHE_SIZE = 8192  # parsed devices kept per process by their stored JSON (about 600 bytes each)
@@ -24,6 +26,16 @@ PARSED_CACHE_SIZE = 8192  # parsed devices kept per process by their stored JSON
 # KEYS: the users' device hashes -> one HVALS reply per key. One command for a whole batch: the client
 # packs and parses one command, not one per user (docs/decisions.md).
 _HVALS_MANY = "local out = {} for i = 1, #KEYS do out[i] = redis.call('HVALS', KEYS[i]) end return out"
+
+
+# KEYS: ARGV[1] user hashes (their preferences), then device hashes -> HMGET tz opt_out per user hash, then HVALS
+# per device hash: the policy's and the registry's reads of a batch in one command (`devices_and_preferences`).
+_PREFS_AND_DEVICES = """
+local out, n = {}, tonumber(ARGV[1])
+for i = 1, n do out[i] = redis.call('HMGET', KEYS[i], 'tz', 'opt_out') end
+for i = n + 1, #KEYS do out[i] = redis.call('HVALS', KEYS[i]) end
+return out
+"""
 
 
 # KEYS[1]: the user's device hash; ARGV: device key, device JSON, the cap. The check and the write in one
@@ -35,6 +47,14 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
+
+
+@dataclass(frozen=True, slots=True)
+class BatchUsers:
+    """What a batch needs to know about its users, read in one round trip."""
+
+    preferences: dict[str, Preferences]  # users with preferences stored (the policy's `prefs`)
+    devices: dict[str, list[Device]]  # users with at least one device
 
 
 class RegistryFull(ValueError):
@@ -58,6 +78,7 @@ class DeviceRegistry:
         self.redis = redis
         self.keys = keys
         self._hvals_many = redis.register_script(_HVALS_MANY)
+        self._prefs_and_devices = redis.register_script(_PREFS_AND_DEVICES)
         self._register = redis.register_script(_REGISTER)
         # Stored JSON -> parsed device. Keyed by content, so never stale: an active learner's devices are
         # parsed once, not on every message. Emptied when full.
@@ -82,6 +103,20 @@ class DeviceRegistry:
         if not users:
             return {}
         replies = await self._hvals_many(keys=[self.keys.devices(u) for u in users])
+        return self._devices_of(users, replies)
+
+    async def devices_and_preferences(self, users: Sequence[str], pref_users: Sequence[str]) -> BatchUsers:
+        """The devices of `users` and the preferences (users/profiles.py) of `pref_users`, in one round trip:
+        the worker's reads for a batch when the policy (ratelimit/policy.py) is on, instead of one each."""
+        if not users and not pref_users:
+            return BatchUsers({}, {})
+        k = self.keys
+        replies = await self._prefs_and_devices(keys=[*(k.user(u) for u in pref_users), *(k.devices(u) for u in users)],
+                                                args=[len(pref_users)])
+        n = len(pref_users)
+        return BatchUsers(preferences_of(pref_users, replies[:n]), self._devices_of(users, replies[n:]))
+
+    def _devices_of(self, users: Sequence[str], replies: Sequence[Any]) -> dict[str, list[Device]]:
         out: dict[str, list[Device]] = {}
         parsed = self._parsed
         for u, vals in zip(users, replies, strict=True):
