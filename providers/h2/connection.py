@@ -106,7 +106,7 @@ class H2ClientConnection(asyncio.Protocol):
         self._window_waiters: dict[int, asyncio.Future[None]] = {}
         self._out = bytearray()  # frames waiting for the next flush (one write per loop iteration)
         self._flush_scheduled = False
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()  # the loop it runs on (its callers read its time from it)
         self._sweep: asyncio.TimerHandle | None = None  # the deadline check, while streams are open
         self._sweep_at = 0.0
         self._inbuf = b""
@@ -127,7 +127,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.close_reason = ""
         self.requests = 0
         self.completed = 0  # requests answered: a GOAWAY before the first is a failed connection
-        self._preface: asyncio.Future[None] = self._loop.create_future()  # the server's first SETTINGS
+        self._preface: asyncio.Future[None] = self.loop.create_future()  # the server's first SETTINGS
         self._alpn_h2 = False  # the TLS handshake chose HTTP/2
 
     # --- public -------------------------------------------------------------------------------
@@ -199,9 +199,9 @@ class H2ClientConnection(asyncio.Protocol):
         The sweep's granularity is `SWEEP_S`."""
         streams = self._streams
         if deadline is None:
-            deadline = self._loop.time() + DEFAULT_TIMEOUT_S
+            deadline = self.loop.time() + DEFAULT_TIMEOUT_S
         while len(streams) >= self._capacity and not self.closed:
-            waiter = self._loop.create_future()
+            waiter = self.loop.create_future()
             self._slot_waiters.append(waiter)
             try:
                 async with asyncio.timeout_at(deadline):  # only when waiting: the rare path
@@ -226,7 +226,7 @@ class H2ClientConnection(asyncio.Protocol):
         # Encoded before the stream exists: a bad header list fails here, leaving nothing behind.
         block = headers if isinstance(headers, bytes) else encode_headers(headers)
         self._next_id = stream_id + 2
-        stream = Stream(self._loop.create_future(), self._remote_initial_window, deadline,
+        stream = Stream(self.loop.create_future(), self._remote_initial_window, deadline,
                         OPEN if body else HALF_CLOSED_LOCAL)
         streams[stream_id] = stream
         if self._sweep is None or deadline + SWEEP_S < self._sweep_at:  # the pool's deadlines only grow
@@ -250,7 +250,7 @@ class H2ClientConnection(asyncio.Protocol):
                     await self._send_body(stream_id, stream, body)
             if not self._flush_scheduled:
                 self._flush_scheduled = True
-                self._loop.call_soon(self._flush)
+                self.loop.call_soon(self._flush)
             return await stream.future
         except asyncio.CancelledError:
             # Timed out or cancelled: tell the server, free the slot, keep the connection.
@@ -275,11 +275,11 @@ class H2ClientConnection(asyncio.Protocol):
         if self._sweep is not None:
             self._sweep.cancel()
         self._sweep_at = when
-        self._sweep = self._loop.call_at(when, self._sweep_deadlines)
+        self._sweep = self.loop.call_at(when, self._sweep_deadlines)
 
     def _sweep_deadlines(self) -> None:
         self._sweep = None
-        now = self._loop.time()
+        now = self.loop.time()
         first = None
         late = []
         for stream_id, stream in self._streams.items():
@@ -321,7 +321,7 @@ class H2ClientConnection(asyncio.Protocol):
             window = min(stream.send_window, self._conn_send_window, self._remote_max_frame)
             if window <= 0:
                 self._flush_soon()
-                waiter = self._loop.create_future()
+                waiter = self.loop.create_future()
                 self._window_waiters[stream_id] = waiter
                 await waiter
                 if stream.state is CLOSED:
@@ -336,7 +336,7 @@ class H2ClientConnection(asyncio.Protocol):
     def _flush_soon(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

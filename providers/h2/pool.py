@@ -51,13 +51,18 @@ class H2Pool:
         row refused it unprocessed, `ConnectionLost` when a connection closed with it in flight, and
         from connecting: `NoHttp2`, `H2Error`, `OSError`, `ssl.SSLError` (certificate verification
         included), and whatever `resolve` raises."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout_s
+        deadline: float | None = None
         for _ in range(self.resends):
             conn = self._ready()
             if conn is None:  # connecting, or pruning closed connections: the rare path
+                if deadline is None:
+                    deadline = asyncio.get_running_loop().time() + self.timeout_s
                 async with asyncio.timeout_at(deadline):
                     conn = await self.connection()
+            if deadline is None:
+                # The connection's loop, not `asyncio.get_running_loop()`: on CPython 3.11 that is a
+                # getpid() system call, per request.
+                deadline = conn.loop.time() + self.timeout_s
             try:
                 return await conn.request(headers, body, deadline)
             except StreamRefused:
