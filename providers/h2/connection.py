@@ -91,6 +91,7 @@ OUR_STREAM_WINDOW = 1 << 20
 OUR_CONN_WINDOW = 1 << 24
 MAX_HEADER_LIST = 65_536
 MAX_BODY = 1 << 20
+_WHOLE_BLOCK = END_HEADERS | PADDED | PRIORITY_FLAG  # a HEADERS frame's flags that say how to read its payload
 DEFAULT_TIMEOUT_S = 30.0  # a request's deadline when the caller gives none
 SWEEP_S = 0.05  # deadlines are checked this often (at most this late)
 
@@ -442,7 +443,13 @@ class H2ClientConnection(asyncio.Protocol):
                     break
                 payload = buf[pos + 9:pos + 9 + length]
                 pos += 9 + length
-                self._frame(ftype, flags, stream_id & MAX_STREAM_ID, payload)
+                stream_id &= MAX_STREAM_ID
+                if ftype == HEADERS and flags & _WHOLE_BLOCK == END_HEADERS and self._block is None and stream_id:
+                    # An answer's header block in one frame, unpadded, no priority (nearly every answer):
+                    # straight to its block (`_frame` and `_on_headers` check and do the same).
+                    self._on_block(stream_id, payload, bool(flags & END_STREAM))
+                    continue
+                self._frame(ftype, flags, stream_id, payload)
         except ProtocolError as e:
             self._inbuf = b""
             self._protocol_failure(e.code, str(e))
