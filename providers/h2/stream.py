@@ -6,7 +6,7 @@ import asyncio
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from .errors import PROTOCOL_ERROR, ProtocolError
 
@@ -58,13 +58,15 @@ class Stream:
         self.send_window = send_window  # what we may still send on this stream
         self.unacked = 0  # DATA bytes received and not yet returned by WINDOW_UPDATE
 
-    def receive_headers(self, fields: Sequence[Any]) -> None:
+    def receive_headers(self, fields: Sequence[tuple[Any, ...]]) -> None:
         """Take a decoded header block that arrived before the final response headers: an
-        informational (1xx) block is dropped, a final one sets `status` and `headers` (RFC 9113 §8.1)."""
+        informational (1xx) block is dropped, a final one sets `status` and `headers` (RFC 9113 §8.1).
+        `fields`: the HPACK decoder's (name, value, ...) tuples of bytes (raw, as decoded)."""
         status = 0
         headers = self.headers
         for field in fields:
-            name, value = cast(bytes, field[0]), cast(bytes, field[1])
+            name = field[0]
+            value = field[1]
             if name == b":status":
                 try:
                     status = int(value)
