@@ -217,48 +217,72 @@ class H2ClientConnection(asyncio.Protocol):
                 raise
         if self.closed:
             raise StreamRefused(f"connection closed: {self.close_reason}")
-        stream_id = self._next_id
-        if stream_id > MAX_STREAM_ID:
+        if self._next_id > MAX_STREAM_ID:
             self._close_for_new("stream ids used up")
             if not streams:
                 self.close()  # nothing left to finish on it
             raise StreamRefused("connection used up its stream ids")
+        stream = self._open(headers, body, deadline)
+        try:
+            if stream.state is OPEN:  # the body did not fit the flow-control windows or one frame
+                await self._send_body(stream.id, stream, body)
+            self._flush_soon()
+            return await stream.future
+        except asyncio.CancelledError:
+            self.abandon(stream)  # timed out or cancelled: tell the server, free the slot, keep the connection
+            raise
+
+    def start(self, headers: list[Header] | bytes, body: bytes, deadline: float) -> Stream | None:
+        """`request` without a coroutine, when nothing has to be waited for: a stream is free, the
+        connection takes new ones, and the body fits both flow-control windows and one frame. Queues
+        the request's frames and returns its stream; `await stream.future` for the answer (it fails
+        as `request` raises, `TimeoutError` at `deadline`), and call `abandon(stream)` on giving up
+        (a cancellation). Otherwise returns None and queues nothing: `request` waits for what is missing."""
+        if (len(self._streams) >= self._capacity or self.closed or self._next_id > MAX_STREAM_ID
+                or len(body) > self._remote_initial_window or len(body) > self._conn_send_window
+                or len(body) > self._remote_max_frame):
+            return None
+        stream = self._open(headers, body, deadline)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        return stream
+
+    def abandon(self, stream: Stream) -> None:
+        """The caller stopped waiting for `stream`: RST_STREAM CANCEL unless it already ended (answered,
+        reset, failed), its slot freed, the connection kept."""
+        if self._end(stream.id) is not None and not self._lost():
+            self._out += rst_stream_frame(stream.id, CANCEL)
+            self._flush_soon()
+
+    def _open(self, headers: list[Header] | bytes, body: bytes, deadline: float) -> Stream:
+        """A new stream with the request's HEADERS queued, and its DATA when the body fits the windows
+        and one frame (then the stream is HALF_CLOSED_LOCAL; else OPEN, for `_send_body`)."""
         # bytes: a header block the caller encoded itself (`encode_field`), e.g. from parts it keeps.
         # Encoded before the stream exists: a bad header list fails here, leaving nothing behind.
         block = headers if isinstance(headers, bytes) else encode_headers(headers)
+        stream_id = self._next_id
         self._next_id = stream_id + 2
         stream = Stream(self.loop.create_future(), self._remote_initial_window, deadline,
-                        OPEN if body else HALF_CLOSED_LOCAL)
-        streams[stream_id] = stream
+                        OPEN if body else HALF_CLOSED_LOCAL, stream_id)
+        self._streams[stream_id] = stream
         if self._sweep is None or deadline + SWEEP_S < self._sweep_at:  # the pool's deadlines only grow
             self._arm_sweep(deadline + SWEEP_S)
         self.requests += 1
-        try:
-            if self._first_block:
-                # We never use the server's dynamic table; saying so once means a later lower
-                # SETTINGS_HEADER_TABLE_SIZE can never require a table size update from us.
-                block = TABLE_SIZE_ZERO + block
-                self._first_block = False
-            self._send_headers(stream_id, block, not body)
-            if body:
-                n = len(body)
-                if n <= stream.send_window and n <= self._conn_send_window and n <= self._remote_max_frame:
-                    stream.send_window -= n
-                    self._conn_send_window -= n
-                    self._out += frame(DATA, END_STREAM, stream_id, body)
-                    stream.state = HALF_CLOSED_LOCAL
-                else:
-                    await self._send_body(stream_id, stream, body)
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                self.loop.call_soon(self._flush)
-            return await stream.future
-        except asyncio.CancelledError:
-            # Timed out or cancelled: tell the server, free the slot, keep the connection.
-            if self._end(stream_id) is not None and not self._lost():
-                self._out += rst_stream_frame(stream_id, CANCEL)
-                self._flush_soon()
-            raise
+        if self._first_block:
+            # We never use the server's dynamic table; saying so once means a later lower
+            # SETTINGS_HEADER_TABLE_SIZE can never require a table size update from us.
+            block = TABLE_SIZE_ZERO + block
+            self._first_block = False
+        self._send_headers(stream_id, block, not body)
+        if body:
+            n = len(body)
+            if n <= stream.send_window and n <= self._conn_send_window and n <= self._remote_max_frame:
+                stream.send_window -= n
+                self._conn_send_window -= n
+                self._out += frame(DATA, END_STREAM, stream_id, body)
+                stream.state = HALF_CLOSED_LOCAL
+        return stream
 
     def close(self) -> None:
         if self._sweep is not None:

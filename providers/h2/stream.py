@@ -45,10 +45,11 @@ class H2Response:
 class Stream:
     """A request in flight on one connection (the connection keeps it by stream id while not CLOSED)."""
 
-    __slots__ = ("body", "deadline", "future", "headers", "send_window", "state", "status", "unacked")
+    __slots__ = ("body", "deadline", "future", "headers", "id", "send_window", "state", "status", "unacked")
 
     def __init__(self, future: asyncio.Future[H2Response], send_window: int, deadline: float,
-                 state: StreamState) -> None:
+                 state: StreamState, stream_id: int) -> None:
+        self.id = stream_id
         self.future = future
         self.state = state  # OPEN or HALF_CLOSED_LOCAL: what the queued HEADERS frame made it
         self.deadline = deadline  # loop time after which the request fails with TimeoutError
