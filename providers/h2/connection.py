@@ -233,12 +233,13 @@ class H2ClientConnection(asyncio.Protocol):
             raise
 
     def start(self, headers: list[Header] | bytes, body: bytes, deadline: float) -> Stream | None:
-        """`request` without a coroutine, when nothing has to be waited for: a stream is free, the
-        connection takes new ones, and the body fits both flow-control windows and one frame. Queues
+        """`request` without a coroutine, when nothing has to be waited for: a stream is free and no
+        request waits for one (it is not taken from them), the connection takes new ones, and the body
+        fits both flow-control windows and one frame. Queues
         the request's frames and returns its stream; `await stream.future` for the answer (it fails
         as `request` raises, `TimeoutError` at `deadline`), and call `abandon(stream)` on giving up
         (a cancellation). Otherwise returns None and queues nothing: `request` waits for what is missing."""
-        if (len(self._streams) >= self._capacity or self.closed or self._next_id > MAX_STREAM_ID
+        if (len(self._streams) >= self._capacity or self._slot_waiters or self.closed or self._next_id > MAX_STREAM_ID
                 or len(body) > self._remote_initial_window or len(body) > self._conn_send_window
                 or len(body) > self._remote_max_frame):
             return None
