@@ -232,6 +232,9 @@ class AutoDeferred(Deferred):
 
     def observe(self, histogram: Any, value: float) -> None:
         super().observe(histogram, value)
+        scheduled = self._loop
+        if scheduled is not None and scheduled.is_running():
+            return  # a write is due on the running loop (asking for the running loop costs a getpid())
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

@@ -31,7 +31,7 @@ import orjson
 from ..core.config import ApnsApp, ConfigError, ProviderSettings
 from ..core.schema import Message
 from .base import Delivered, Delivery, Outcome, Rejected, Retry, TokenInvalid, retry_after_seconds
-from .h2 import H2ClientConnection, H2Response, encode_field, encode_headers
+from .h2 import H2ClientConnection, H2Response, encode_field, encode_headers, field_name, value_length
 from .jose import load_p256_key, sign_es256
 from .payloads import apns_collapse_id, apns_payload, apns_priority, apns_topic, check_payload_limits
 from .transport import REASON_MAX, Transport, h2_pool
@@ -49,10 +49,12 @@ _APNS_ID_NS_BYTES = _APNS_ID_NS.bytes
 _BAD_FIELD_VALUE = re.compile(r"[\x00\r\n]|\A[ \t]|[ \t]\Z")
 _PRIORITY_10 = encode_field(b"apns-priority", b"10")
 _PRIORITY_5 = encode_field(b"apns-priority", b"5")
-# The apns-collapse-id field's HPACK bytes up to its value's length (a literal without indexing, RFC 7541
-# section 6.2.2): a value under 127 bytes has a one-byte length (section 5.2), so `_headers` appends
-# that byte and the value instead of encoding the whole field per delivery.
-_COLLAPSE_ID_NAME = encode_field(b"apns-collapse-id", b"")[:-1]
+# The HPACK bytes of the per-delivery fields up to their values (literals without indexing, RFC 7541
+# section 6.2.2), so that `_headers` appends a value's length and the value instead of encoding the
+# whole field per delivery. An apns-id is always 36 characters (a UUID's text form), so its length too.
+_PATH_NAME = field_name(b":path")
+_APNS_ID_NAME = field_name(b"apns-id") + value_length(36)
+_COLLAPSE_ID_NAME = field_name(b"apns-collapse-id")
 _TOKEN_GONE = {"BadDeviceToken", "DeviceTokenNotForTopic", "Unregistered", "ExpiredToken"}
 
 
@@ -191,14 +193,15 @@ class ApnsProvider:
             parts = self._typed_headers(app, d)
         else:
             silent = msg.is_silent
+            path = app.path_prefix + token.encode()
             parts = [
                 app.pseudo_block,
-                encode_field(b":path", app.path_prefix + token.encode()),
+                _PATH_NAME, value_length(len(path)), path,
                 app.fixed_block,
                 app.push_type_block[silent],
                 # Background pushes must be 5; alerts go at once only when the message asks for it.
                 _PRIORITY_10 if msg.priority == "high" and not silent else _PRIORITY_5,
-                encode_field(b"apns-id", apns_id(msg.id, token).encode()),
+                _APNS_ID_NAME, apns_id(msg.id, token).encode(),
             ]
         if jwt is not None:
             if app.auth_block[0] is not jwt:
@@ -209,10 +212,7 @@ class ApnsProvider:
         # Always a collapse id (the sender's collapse_key, else from the message id): a delivery
         # repeated after a crash then replaces the notification it duplicates instead of adding one.
         collapse_id = apns_collapse_id(msg).encode()
-        if len(collapse_id) < 127:
-            parts += (_COLLAPSE_ID_NAME, bytes((len(collapse_id),)), collapse_id)
-        else:
-            parts.append(encode_field(b"apns-collapse-id", collapse_id))
+        parts += (_COLLAPSE_ID_NAME, value_length(len(collapse_id)), collapse_id)
         return b"".join(parts)
 
     def _headers_overridden(self, app: _App, d: Delivery, jwt: str | None, over: Mapping[str, str]) -> bytes:

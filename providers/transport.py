@@ -167,6 +167,18 @@ class Transport(Generic[R]):
         started = time.perf_counter()
         try:
             if pool is not None:
+                # The common case without the pool's and the connection's coroutines: an open
+                # connection with room takes the request at once (`H2ClientConnection.start`).
+                conn = pool.ready()
+                stream = conn.start(headers, body, conn.loop.time() + pool.timeout_s) if conn is not None else None
+                if conn is not None and stream is not None:
+                    try:
+                        return await stream.future
+                    except StreamRefused:  # refused unprocessed: resent as `pool.request` would, in the same time
+                        return await pool.request(headers, body, deadline=stream.deadline, tries=pool.resends - 1)
+                    except asyncio.CancelledError:
+                        conn.abandon(stream)
+                        raise
                 try:
                     return await pool.request(headers, body)
                 except NoHttp2 as e:

@@ -190,7 +190,7 @@ async def test_many_concurrent_pushes_share_two_connections(fake: FakeApns, make
     fake.max_streams = 50  # the client must respect the server's limit: more streams would be a protocol error
     provider = make_provider(connections=2)
     outs = await asyncio.gather(*(provider.send(delivery(token(i), id=f"m-{i}")) for i in range(600)))
-    assert [type(o) for o in outs] == [Delivered] * 600
+    assert [type(o) for o in outs] == [Delivered] * 600, [o for o in outs if not isinstance(o, Delivered)][:3]
     assert len(fake.received) == 600 and fake.connections == 2
     conns = provider.app("default").conns
     assert len(conns) == 2 and all(c.active == 0 for c in conns)  # nothing kept per finished stream
@@ -224,6 +224,31 @@ async def test_timeout_resets_the_stream_and_keeps_the_connection(fake: FakeApns
     fake.hang = False
     assert isinstance(await provider.send(delivery(token(3))), Delivered)
     assert fake.connections == 1
+
+
+async def test_a_cancelled_send_resets_its_stream_and_frees_its_slot(fake: FakeApns, make_provider: Factory) -> None:
+    provider = make_provider(concurrency=1, connections=1)  # one stream: a slot kept would hold the next send
+    assert isinstance(await provider.send(delivery(token(1))), Delivered)
+    fake.hang = True
+    task = asyncio.create_task(provider.send(delivery(token(2))))
+    for _ in range(100):
+        if fake.hanging:
+            break
+        await asyncio.sleep(0.02)
+    [conn] = provider.app("default").conns
+    assert fake.hanging == 1 and conn.active == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert conn.active == 0
+    for _ in range(100):  # the server saw RST_STREAM and stopped answering that stream
+        if not fake.hanging:
+            break
+        await asyncio.sleep(0.02)
+    assert fake.hanging == 0
+    fake.hang = False
+    assert isinstance(await asyncio.wait_for(provider.send(delivery(token(3))), 5), Delivered)
+    assert fake.connections == 1 and not conn.closed
 
 
 async def test_connection_refused_is_a_retry(make_provider: Factory) -> None:

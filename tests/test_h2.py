@@ -15,12 +15,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from jh2.hpack import Decoder as RefDecoder
 from jh2.hpack import Encoder as RefEncoder
 from pushgw.providers.fakes.tls import LocalCA
-from pushgw.providers.h2 import ConnectionLost, H2ClientConnection, H2Error, StreamRefused, encode_headers
+from pushgw.providers.h2 import (
+    ConnectionLost,
+    H2ClientConnection,
+    H2Error,
+    StreamRefused,
+    encode_field,
+    encode_headers,
+    field_name,
+    value_length,
+)
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0, 1, 3, 4, 6, 7, 8, 9
@@ -178,6 +187,16 @@ async def test_header_block_decodes_with_a_reference_decoder_and_hides_credentia
 def test_any_header_list_round_trips_through_a_reference_decoder(headers: list[tuple[bytes, bytes]]) -> None:
     fields = RefDecoder(max_header_list_size=1 << 20).decode(encode_headers(headers), raw=True)
     assert [(bytes(n), bytes(v)) for n, v in fields] == headers
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([b":path", b"apns-id", b"apns-collapse-id", b"authorization", b"topic", b"x-custom"]),
+       st.binary(max_size=400))
+def test_a_field_from_its_prebuilt_name_is_the_field_encoded_whole(name: bytes, value: bytes) -> None:
+    assume((name, value) != (b":path", b"/"))  # a static-table pair: encoded as its index instead
+    assert field_name(name) + value_length(len(value)) + value == encode_field(name, value)
+    fields = RefDecoder(max_header_list_size=1 << 20).decode(field_name(name) + value_length(len(value)) + value, raw=True)
+    assert [(bytes(n), bytes(v)) for n, v in fields] == [(name, value)]
 
 
 async def test_ping_is_answered_with_its_payload(serve) -> None:  # type: ignore[no-untyped-def]

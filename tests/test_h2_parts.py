@@ -63,7 +63,7 @@ def test_goaway_and_settings_payloads_read_as_named_fields() -> None:
 
 
 async def test_a_stream_keeps_only_its_final_response_headers() -> None:
-    stream = Stream(asyncio.get_running_loop().create_future(), 65_535, 0.0, HALF_CLOSED_LOCAL)
+    stream = Stream(asyncio.get_running_loop().create_future(), 65_535, 0.0, HALF_CLOSED_LOCAL, 1)
     stream.receive_headers([(b":status", b"100"), (b"x-early", b"1")])
     assert stream.status == 0 and stream.headers == {}
     stream.receive_headers([(b":status", b"200"), (b"apns-id", b"abc")])
@@ -71,7 +71,7 @@ async def test_a_stream_keeps_only_its_final_response_headers() -> None:
 
 
 async def test_a_response_without_a_numeric_status_is_a_protocol_error() -> None:
-    stream = Stream(asyncio.get_running_loop().create_future(), 65_535, 0.0, OPEN)
+    stream = Stream(asyncio.get_running_loop().create_future(), 65_535, 0.0, OPEN, 1)
     for fields in ([(b"apns-id", b"abc")], [(b":status", b"ok")]):
         with pytest.raises(errors.ProtocolError) as e:
             stream.receive_headers(fields)

@@ -12,7 +12,7 @@ answer), `connection` (settings, flow control, reading and writing), `pool` (`H2
 
 from .connection import H2ClientConnection, Resolve
 from .errors import ConnectionLost, H2Error, NoHttp2, StreamRefused
-from .headers import Header, encode_field, encode_headers
+from .headers import Header, encode_field, encode_headers, field_name, value_length
 from .pool import H2Pool
 from .stream import H2Response
 
@@ -28,4 +28,6 @@ __all__ = [
     "StreamRefused",
     "encode_field",
     "encode_headers",
+    "field_name",
+    "value_length",
 ]

@@ -91,6 +91,7 @@ OUR_STREAM_WINDOW = 1 << 20
 OUR_CONN_WINDOW = 1 << 24
 MAX_HEADER_LIST = 65_536
 MAX_BODY = 1 << 20
+_WHOLE_BLOCK = END_HEADERS | PADDED | PRIORITY_FLAG  # a HEADERS frame's flags that say how to read its payload
 DEFAULT_TIMEOUT_S = 30.0  # a request's deadline when the caller gives none
 SWEEP_S = 0.05  # deadlines are checked this often (at most this late)
 
@@ -106,7 +107,7 @@ class H2ClientConnection(asyncio.Protocol):
         self._window_waiters: dict[int, asyncio.Future[None]] = {}
         self._out = bytearray()  # frames waiting for the next flush (one write per loop iteration)
         self._flush_scheduled = False
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()  # the loop it runs on (its callers read its time from it)
         self._sweep: asyncio.TimerHandle | None = None  # the deadline check, while streams are open
         self._sweep_at = 0.0
         self._inbuf = b""
@@ -127,7 +128,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.close_reason = ""
         self.requests = 0
         self.completed = 0  # requests answered: a GOAWAY before the first is a failed connection
-        self._preface: asyncio.Future[None] = self._loop.create_future()  # the server's first SETTINGS
+        self._preface: asyncio.Future[None] = self.loop.create_future()  # the server's first SETTINGS
         self._alpn_h2 = False  # the TLS handshake chose HTTP/2
 
     # --- public -------------------------------------------------------------------------------
@@ -199,9 +200,9 @@ class H2ClientConnection(asyncio.Protocol):
         The sweep's granularity is `SWEEP_S`."""
         streams = self._streams
         if deadline is None:
-            deadline = self._loop.time() + DEFAULT_TIMEOUT_S
+            deadline = self.loop.time() + DEFAULT_TIMEOUT_S
         while len(streams) >= self._capacity and not self.closed:
-            waiter = self._loop.create_future()
+            waiter = self.loop.create_future()
             self._slot_waiters.append(waiter)
             try:
                 async with asyncio.timeout_at(deadline):  # only when waiting: the rare path
@@ -216,48 +217,73 @@ class H2ClientConnection(asyncio.Protocol):
                 raise
         if self.closed:
             raise StreamRefused(f"connection closed: {self.close_reason}")
-        stream_id = self._next_id
-        if stream_id > MAX_STREAM_ID:
+        if self._next_id > MAX_STREAM_ID:
             self._close_for_new("stream ids used up")
             if not streams:
                 self.close()  # nothing left to finish on it
             raise StreamRefused("connection used up its stream ids")
+        stream = self._open(headers, body, deadline)
+        try:
+            if stream.state is OPEN:  # the body did not fit the flow-control windows or one frame
+                await self._send_body(stream.id, stream, body)
+            self._flush_soon()
+            return await stream.future
+        except asyncio.CancelledError:
+            self.abandon(stream)  # timed out or cancelled: tell the server, free the slot, keep the connection
+            raise
+
+    def start(self, headers: list[Header] | bytes, body: bytes, deadline: float) -> Stream | None:
+        """`request` without a coroutine, when nothing has to be waited for: a stream is free and no
+        request waits for one (it is not taken from them), the connection takes new ones, and the body
+        fits both flow-control windows and one frame. Queues
+        the request's frames and returns its stream; `await stream.future` for the answer (it fails
+        as `request` raises, `TimeoutError` at `deadline`), and call `abandon(stream)` on giving up
+        (a cancellation). Otherwise returns None and queues nothing: `request` waits for what is missing."""
+        if (len(self._streams) >= self._capacity or self._slot_waiters or self.closed or self._next_id > MAX_STREAM_ID
+                or len(body) > self._remote_initial_window or len(body) > self._conn_send_window
+                or len(body) > self._remote_max_frame):
+            return None
+        stream = self._open(headers, body, deadline)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        return stream
+
+    def abandon(self, stream: Stream) -> None:
+        """The caller stopped waiting for `stream`: RST_STREAM CANCEL unless it already ended (answered,
+        reset, failed), its slot freed, the connection kept."""
+        if self._end(stream.id) is not None and not self._lost():
+            self._out += rst_stream_frame(stream.id, CANCEL)
+            self._flush_soon()
+
+    def _open(self, headers: list[Header] | bytes, body: bytes, deadline: float) -> Stream:
+        """A new stream with the request's HEADERS queued, and its DATA when the body fits the windows
+        and one frame (then the stream is HALF_CLOSED_LOCAL; else OPEN, for `_send_body`)."""
         # bytes: a header block the caller encoded itself (`encode_field`), e.g. from parts it keeps.
         # Encoded before the stream exists: a bad header list fails here, leaving nothing behind.
         block = headers if isinstance(headers, bytes) else encode_headers(headers)
+        stream_id = self._next_id
         self._next_id = stream_id + 2
-        stream = Stream(self._loop.create_future(), self._remote_initial_window, deadline,
-                        OPEN if body else HALF_CLOSED_LOCAL)
-        streams[stream_id] = stream
+        stream = Stream(self.loop.create_future(), self._remote_initial_window, deadline,
+                        OPEN if body else HALF_CLOSED_LOCAL, stream_id)
+        self._streams[stream_id] = stream
         if self._sweep is None or deadline + SWEEP_S < self._sweep_at:  # the pool's deadlines only grow
             self._arm_sweep(deadline + SWEEP_S)
         self.requests += 1
-        try:
-            if self._first_block:
-                # We never use the server's dynamic table; saying so once means a later lower
-                # SETTINGS_HEADER_TABLE_SIZE can never require a table size update from us.
-                block = TABLE_SIZE_ZERO + block
-                self._first_block = False
-            self._send_headers(stream_id, block, not body)
-            if body:
-                n = len(body)
-                if n <= stream.send_window and n <= self._conn_send_window and n <= self._remote_max_frame:
-                    stream.send_window -= n
-                    self._conn_send_window -= n
-                    self._out += frame(DATA, END_STREAM, stream_id, body)
-                    stream.state = HALF_CLOSED_LOCAL
-                else:
-                    await self._send_body(stream_id, stream, body)
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                self._loop.call_soon(self._flush)
-            return await stream.future
-        except asyncio.CancelledError:
-            # Timed out or cancelled: tell the server, free the slot, keep the connection.
-            if self._end(stream_id) is not None and not self._lost():
-                self._out += rst_stream_frame(stream_id, CANCEL)
-                self._flush_soon()
-            raise
+        if self._first_block:
+            # We never use the server's dynamic table; saying so once means a later lower
+            # SETTINGS_HEADER_TABLE_SIZE can never require a table size update from us.
+            block = TABLE_SIZE_ZERO + block
+            self._first_block = False
+        self._send_headers(stream_id, block, not body)
+        if body:
+            n = len(body)
+            if n <= stream.send_window and n <= self._conn_send_window and n <= self._remote_max_frame:
+                stream.send_window -= n
+                self._conn_send_window -= n
+                self._out += frame(DATA, END_STREAM, stream_id, body)
+                stream.state = HALF_CLOSED_LOCAL
+        return stream
 
     def close(self) -> None:
         if self._sweep is not None:
@@ -275,11 +301,11 @@ class H2ClientConnection(asyncio.Protocol):
         if self._sweep is not None:
             self._sweep.cancel()
         self._sweep_at = when
-        self._sweep = self._loop.call_at(when, self._sweep_deadlines)
+        self._sweep = self.loop.call_at(when, self._sweep_deadlines)
 
     def _sweep_deadlines(self) -> None:
         self._sweep = None
-        now = self._loop.time()
+        now = self.loop.time()
         first = None
         late = []
         for stream_id, stream in self._streams.items():
@@ -321,7 +347,7 @@ class H2ClientConnection(asyncio.Protocol):
             window = min(stream.send_window, self._conn_send_window, self._remote_max_frame)
             if window <= 0:
                 self._flush_soon()
-                waiter = self._loop.create_future()
+                waiter = self.loop.create_future()
                 self._window_waiters[stream_id] = waiter
                 await waiter
                 if stream.state is CLOSED:
@@ -336,7 +362,7 @@ class H2ClientConnection(asyncio.Protocol):
     def _flush_soon(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -442,7 +468,13 @@ class H2ClientConnection(asyncio.Protocol):
                     break
                 payload = buf[pos + 9:pos + 9 + length]
                 pos += 9 + length
-                self._frame(ftype, flags, stream_id & MAX_STREAM_ID, payload)
+                stream_id &= MAX_STREAM_ID
+                if ftype == HEADERS and flags & _WHOLE_BLOCK == END_HEADERS and self._block is None and stream_id:
+                    # An answer's header block in one frame, unpadded, no priority (nearly every answer):
+                    # straight to its block (`_frame` and `_on_headers` check and do the same).
+                    self._on_block(stream_id, payload, bool(flags & END_STREAM))
+                    continue
+                self._frame(ftype, flags, stream_id, payload)
         except ProtocolError as e:
             self._inbuf = b""
             self._protocol_failure(e.code, str(e))

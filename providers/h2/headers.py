@@ -19,7 +19,8 @@ except ImportError:  # pragma: no cover - a jh2 build without the extension
     from jh2.hpack.exceptions import HPACKError, OversizedHeaderListError
     from jh2.hpack.hpack import Decoder as HpackDecoder
 
-__all__ = ["HPACK_ERRORS", "TABLE_SIZE_ZERO", "Header", "HpackDecoder", "encode_field", "encode_headers"]
+__all__ = ["HPACK_ERRORS", "TABLE_SIZE_ZERO", "Header", "HpackDecoder", "encode_field", "encode_headers", "field_name",
+           "value_length"]
 
 Header = tuple[bytes, bytes]
 
@@ -65,6 +66,21 @@ def encode_field(name: bytes, value: bytes) -> bytes:
     if name_index is None:  # a literal name
         return bytes((first,)) + _hpack_int(len(name), 7, 0) + name + _hpack_int(len(value), 7, 0) + value
     return _hpack_int(name_index, 4, first) + _hpack_int(len(value), 7, 0) + value
+
+
+def field_name(name: bytes) -> bytes:
+    """The bytes of a literal field `name` (§6.2.2) before its value: for a value the static table has
+    no pair for, `encode_field(name, value) == field_name(name) + value_length(len(value)) + value`. For
+    the fields a provider adds per delivery (a device's :path, an apns-id), built once."""
+    return encode_field(name, b"")[:-1]  # no static pair has an empty value; the last byte is its length 0
+
+
+_LENGTHS = tuple(bytes((n,)) for n in range(127))  # a raw string's length below 127: one byte (§5.2, §5.1)
+
+
+def value_length(n: int) -> bytes:
+    """The HPACK length of an `n`-byte raw (not Huffman) string (§5.2)."""
+    return _LENGTHS[n] if n < 127 else _hpack_int(n, 7, 0)
 
 
 _FIELD_CACHE: dict[Header, bytes] = {}

@@ -43,28 +43,34 @@ class H2Pool:
         self._last_failure = -reconnect_gap_s
         self.closed = False  # after close(): no new connections
 
-    async def request(self, headers: list[Header] | bytes, body: bytes) -> H2Response:
+    async def request(self, headers: list[Header] | bytes, body: bytes, *, deadline: float | None = None,
+                      tries: int | None = None) -> H2Response:
         """Send one request and wait for its response, `timeout_s` at most in all (connecting,
-        waiting for a stream, resends included).
+        waiting for a stream, resends included), or until `deadline` (loop time) when given.
 
-        Raises `TimeoutError` when that time is up, `StreamRefused` when `resends` connections in a
-        row refused it unprocessed, `ConnectionLost` when a connection closed with it in flight, and
-        from connecting: `NoHttp2`, `H2Error`, `OSError`, `ssl.SSLError` (certificate verification
-        included), and whatever `resolve` raises."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout_s
-        for _ in range(self.resends):
-            conn = self._ready()
+        Raises `TimeoutError` when that time is up, `StreamRefused` when `tries` (default `resends`)
+        connections in a row refused it unprocessed, `ConnectionLost` when a connection closed with it
+        in flight, and from connecting: `NoHttp2`, `H2Error`, `OSError`, `ssl.SSLError` (certificate
+        verification included), and whatever `resolve` raises."""
+        tries = self.resends if tries is None else tries
+        for _ in range(tries):
+            conn = self.ready()
             if conn is None:  # connecting, or pruning closed connections: the rare path
+                if deadline is None:
+                    deadline = asyncio.get_running_loop().time() + self.timeout_s
                 async with asyncio.timeout_at(deadline):
                     conn = await self.connection()
+            if deadline is None:
+                # The connection's loop, not `asyncio.get_running_loop()`: on CPython 3.11 that is a
+                # getpid() system call, per request.
+                deadline = conn.loop.time() + self.timeout_s
             try:
                 return await conn.request(headers, body, deadline)
             except StreamRefused:
                 continue
         raise StreamRefused(f"request refused on {self.resends} connections")
 
-    def _ready(self) -> H2ClientConnection | None:
+    def ready(self) -> H2ClientConnection | None:
         """The connection `connection()` would return without waiting, when it would (the common case:
         every connection open and either one with a free stream or all `size` of them opened), else
         None. Deciding it here spares each request a coroutine and a timer."""

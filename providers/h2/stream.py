@@ -6,7 +6,7 @@ import asyncio
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from .errors import PROTOCOL_ERROR, ProtocolError
 
@@ -45,10 +45,11 @@ class H2Response:
 class Stream:
     """A request in flight on one connection (the connection keeps it by stream id while not CLOSED)."""
 
-    __slots__ = ("body", "deadline", "future", "headers", "send_window", "state", "status", "unacked")
+    __slots__ = ("body", "deadline", "future", "headers", "id", "send_window", "state", "status", "unacked")
 
     def __init__(self, future: asyncio.Future[H2Response], send_window: int, deadline: float,
-                 state: StreamState) -> None:
+                 state: StreamState, stream_id: int) -> None:
+        self.id = stream_id
         self.future = future
         self.state = state  # OPEN or HALF_CLOSED_LOCAL: what the queued HEADERS frame made it
         self.deadline = deadline  # loop time after which the request fails with TimeoutError
@@ -58,13 +59,15 @@ class Stream:
         self.send_window = send_window  # what we may still send on this stream
         self.unacked = 0  # DATA bytes received and not yet returned by WINDOW_UPDATE
 
-    def receive_headers(self, fields: Sequence[Any]) -> None:
+    def receive_headers(self, fields: Sequence[tuple[Any, ...]]) -> None:
         """Take a decoded header block that arrived before the final response headers: an
-        informational (1xx) block is dropped, a final one sets `status` and `headers` (RFC 9113 §8.1)."""
+        informational (1xx) block is dropped, a final one sets `status` and `headers` (RFC 9113 §8.1).
+        `fields`: the HPACK decoder's (name, value, ...) tuples of bytes (raw, as decoded)."""
         status = 0
         headers = self.headers
         for field in fields:
-            name, value = cast(bytes, field[0]), cast(bytes, field[1])
+            name = field[0]
+            value = field[1]
             if name == b":status":
                 try:
                     status = int(value)
