@@ -304,16 +304,15 @@ async def _run_webhooks(settings: Settings, consumer: str, metrics_port: int) ->
 
 
 def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
-    from ..queue.deadletter import DeadLetters
-    from ..queue.keys import Keys
+    from ..queue.deadletter import ShardedDeadLetters
+    from ..queue.sharded import BadShardedId, shard_map
 
-    keys = Keys(settings.redis.prefix)
     if args.action in ("replay", "purge") and not args.ids and not args.all:
         sys.stderr.write(f"error: dlq {args.action} needs entry ids (from `pushgw dlq list`) or --all\n")
         return 2
 
     async def go(redis: Any) -> Any:
-        dl = DeadLetters(redis, keys)
+        dl = ShardedDeadLetters(redis, shard_map(settings.redis))
         if args.action == "list":
             return [e.to_json() if hasattr(e, "to_json") else e for e in await dl.list(args.count or 50, args.start)]
         if args.action == "count":
@@ -323,7 +322,11 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
             return {"replayed": await dl.replay(ids, limit=args.count)}
         return {"purged": await dl.purge(ids)}
 
-    _print(asyncio.run(_with_client(settings, go)))
+    try:
+        _print(asyncio.run(_with_client(settings, go)))
+    except BadShardedId as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
     return 0
 
 
@@ -422,9 +425,9 @@ def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_templates(args: argparse.Namespace, settings: Settings) -> int:
     async def go(client: Any, redis: Any) -> Any:
         from ..campaigns.templates import Templates
-        from ..queue.keys import Keys
+        from ..queue.sharded import home_keys, shard_map
 
-        templates = Templates(redis, Keys(settings.redis.prefix))
+        templates = Templates(redis, home_keys(shard_map(settings.redis)))
         if args.action == "list":
             return await templates.names()
         if args.action == "put":
@@ -726,9 +729,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# The commands whose data is sharded on Redis Cluster (queue/shards.py); the others (dead letters, learner
-# attributes, templates, campaigns, events, demo, bench) still use one Redis's keys.
-CLUSTER_READY = frozenset({cmd_serve, cmd_worker, cmd_api, cmd_send, cmd_devices, cmd_prefs, cmd_vapid_keygen})
+# The commands whose data is sharded on Redis Cluster (queue/shards.py); the others (campaigns, app events, automations,
+# message traces, webhooks, the demo) still use one Redis's keys and exit 2 there, naming the command.
+CLUSTER_READY = frozenset({cmd_serve, cmd_worker, cmd_api, cmd_send, cmd_devices, cmd_prefs, cmd_vapid_keygen, cmd_dlq,
+                           cmd_users, cmd_templates})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -742,7 +746,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging(settings.log_level)
     if settings.redis.cluster and args.fn not in CLUSTER_READY:
-        sys.stderr.write("error: this command does not work on Redis Cluster yet (redis.cluster = true); "
+        sys.stderr.write(f"error: `pushgw {args.command}` does not work on Redis Cluster yet (redis.cluster = true); "
                          "see README, Scaling Redis\n")
         return 2
     try:

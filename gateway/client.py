@@ -16,7 +16,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from ..campaigns.audiences import Attributes, UserAttributes, count, parse_audience
+from ..campaigns.audiences import Attributes, count_all, parse_audience
 from ..campaigns.events import EventRecorder
 from ..campaigns.experiments import Campaign
 from ..campaigns.fanout import CampaignError, CampaignStore
@@ -100,24 +100,24 @@ class PushClient:
 
     async def set_attributes(self, user: str, attributes: dict[str, Any], *, replace: bool = False) -> Attributes:
         """A learner's cohort, track, skills, locale, time zone, topics, first name, vars (PATCH; `replace`: PUT)."""
-        return await UserAttributes(self.redis, self._intake.keys).update(user, attributes, merge=not replace)
+        return await self._intake.attributes.update(user, attributes, merge=not replace)
 
     async def attributes(self, user: str) -> Attributes:
-        return await UserAttributes(self.redis, self._intake.keys).get(user)
+        return await self._intake.attributes.get(user)
 
     async def import_attributes(self, learners: Iterable[tuple[str, dict[str, Any]]]) -> int:
         """Replace the attributes of many learners at once (validated first; pipelined chunks of 1000)."""
-        return await UserAttributes(self.redis, self._intake.keys).import_many(learners)
+        return await self._intake.attributes.import_many(learners)
 
     async def audience_size(self, audience: dict[str, Any]) -> int:
-        return await count(self.redis, self._intake.keys, parse_audience(audience))
+        return await count_all(self.redis, self._intake.shards, parse_audience(audience))
 
     async def save_template(self, name: str, template: dict[str, Any]) -> Template:
         """Validate and store a template (`MessageInvalid` names each field at fault)."""
-        return await Templates(self.redis, self._intake.keys).save(name, template)
+        return await Templates(self.redis, self._intake.home).save(name, template)
 
     async def render_template(self, name: str, variables: dict[str, str], locale: str | None = None) -> Rendered:
-        return (await Templates(self.redis, self._intake.keys).require(name)).render(variables, locale)
+        return (await Templates(self.redis, self._intake.home).require(name)).render(variables, locale)
 
     async def create_campaign(self, campaign: dict[str, Any]) -> Campaign:
         return await self._campaigns.create(campaign,

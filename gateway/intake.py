@@ -15,7 +15,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from ..campaigns.audiences import NO_ATTRIBUTES, UserAttributes
+from ..campaigns.audiences import NO_ATTRIBUTES, ShardedAttributes
 from ..campaigns.besttime import BestTimes
 from ..campaigns.templates import Rendered, RenderError, Template, Templates
 from ..core import metrics
@@ -35,7 +35,7 @@ from ..providers.base import PayloadTooLarge
 from ..providers.endpoints import EndpointPolicy
 from ..providers.payloads import check_payload_limits
 from ..queue.keys import Keys
-from ..queue.sharded import ShardedQueue, shard_map
+from ..queue.sharded import ShardedQueue, home_keys, shard_map
 from ..queue.status import record_accepted
 from ..users.profiles import Profiles
 from ..users.registry import DeviceRegistry
@@ -70,6 +70,8 @@ class Intake:
         self.registries = [DeviceRegistry(redis, k) for k in self.shards.all_keys()]
         self.registry = self.registries[0]
         self.profiles = [Profiles(redis, k) for k in self.shards.all_keys()]
+        self.home = home_keys(self.shards)  # saved templates (one fixed hash tag on Redis Cluster)
+        self.attributes = ShardedAttributes(redis, self.shards)
         self.policy = EndpointPolicy(settings.webpush)
         # `app` names an [apns.<name>] or [fcm.<name>] section; "default" (the field's default) always passes.
         self.apps = frozenset({"default", *(a.name for a in settings.apns), *(a.name for a in settings.fcm)})
@@ -156,7 +158,7 @@ class Intake:
         if not any(isinstance(o, dict) and "template" in o for o in objs):
             return list(objs)
 
-        templates = Templates(self.queue.redis, self.keys)
+        templates = Templates(self.queue.redis, self.home)
         cache: dict[str, Template] = {}
         # The learners' attributes (locale, first name) for the whole batch in one round trip; an
         # invalid user id is left out here and refused with its field below.
@@ -165,7 +167,7 @@ class Intake:
             if isinstance(o, dict) and "template" in o and isinstance(o.get("user"), str):
                 with suppress(MessageInvalid):
                     valid.add(parse_user(o["user"]))
-        learners = await UserAttributes(self.queue.redis, self.keys).get_many(sorted(valid))
+        learners = await self.attributes.get_many(sorted(valid))
         out: list[Any] = []
         errors: list[FieldError] = []
         batch = len(objs) > 1

@@ -13,14 +13,57 @@ message sent without an id gets a new one on each attempt, so clients of a clust
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from ..core.config import RedisSettings
 from ..core.schema import Message
 from .keys import Keys
 from .shards import ShardMap
 from .streams import CancelStatus, StreamQueue
+
+T = TypeVar("T")
+
+
+class BadShardedId(ValueError):
+    """An id that does not name a shard's stream entry: `<shard>/<stream id>` on Redis Cluster."""
+
+
+def sharded_id(shard: int, entry_id: str) -> str:
+    """The id of shard n's stream entry across shards (a stream id is only unique within its shard's stream)."""
+    return f"{shard}/{entry_id}"
+
+
+def split_sharded_id(text: str, shards: int) -> tuple[int, str]:
+    """`<shard>/<stream id>` -> (shard, stream id); `BadShardedId` if it names no shard of `shards`."""
+    shard, sep, entry = text.partition("/")
+    if not sep or not shard.isdigit() or int(shard) >= shards or not entry:
+        raise BadShardedId(f"ids on Redis Cluster are <shard>/<stream id> (from a listing), got {text!r}")
+    return int(shard), entry
+
+
+async def read_shards_in_turn(shards: int, count: int, start: str,
+                              read: Callable[[int, int, str], Awaitable[list[T]]]) -> list[tuple[int, T]]:
+    """At most `count` entries of a per-shard stream (dead letters, token events), shard 0's first, then shard 1's, ...
+    `start` is "-" or a sharded id ("(" in front: after it); `read(shard, count, start)` reads one shard's stream
+    from a stream id ("-", an id, or "(" + id) and returns its entries oldest first."""
+    first, begin = 0, "-"
+    if start != "-":
+        first, entry = split_sharded_id(start.removeprefix("("), shards)
+        begin = "(" + entry if start.startswith("(") else entry
+    out: list[tuple[int, T]] = []
+    for n in range(first, shards):
+        out += [(n, e) for e in await read(n, count - len(out), begin if n == first else "-")]
+        if len(out) >= count:
+            break
+    return out
+
+
+def home_keys(shards: ShardMap) -> Keys:
+    """Where the deployment's global records live (saved templates): with one Redis today's keys; on Redis Cluster
+    every such key under the one fixed hash tag `{<prefix>}`, so a transaction over a record and its index set is
+    legal and all of them stay on the one node serving that tag's slot."""
+    return Keys("{" + shards.prefix + "}") if shards.clustered else Keys(shards.prefix)
 
 
 def shard_map(s: RedisSettings) -> ShardMap:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import redis as redis_sync
 from aiohttp.test_utils import TestClient, TestServer
@@ -235,9 +236,79 @@ async def test_api_on_a_cluster_serves_sharded_routes_and_refuses_the_rest(clust
             {"id": f"a-{i}", "user": f"learner-{i}", "body": "b"} for i in range(20)]})
         assert resp.status == 202 and (await resp.json())["queued"] == 20
         assert (await (await api.get("/v1/users/learner-1/devices", headers=auth)).json())["devices"][0]["fcm"] == "t1"
-        for path in ("/v1/deadletters", "/v1/events/invalid-tokens", "/v1/templates", "/v1/campaigns"):
+        for path in ("/v1/campaigns", "/v1/automations", "/v1/messages/a-1"):
             resp = await api.get(path, headers=auth)
             assert resp.status == 501 and (await resp.json())["error"]["code"] == "not_in_cluster_mode", path
+            assert path.split("/")[2] in (await resp.json())["error"]["message"]
+    finally:
+        await api.close()
+        await redis.aclose()
+
+
+async def test_attributes_audiences_templates_and_dead_letters_through_the_api_on_a_cluster(
+    cluster: LocalCluster,
+) -> None:
+    token = "cluster-test-token-0123456789"
+    settings = replace(cluster_settings(cluster), api=ApiSettings(clients=(ApiClient("ops", token, SCOPES),)))
+    redis = make_redis(redis_url_for(settings.redis), max_connections=16, timeout_s=5.0)
+    api = TestClient(TestServer(create_app(settings, redis)))
+    await api.start_server()
+    auth = {"Authorization": f"Bearer {token}"}
+    shards = shard_map(settings.redis)
+    try:
+        learners = USERS[:20]
+        assert len({shards.shard_of(u) for u in learners}) > 8  # the learners spread over the shards
+        resp = await api.post("/v1/attributes/batch", headers=auth, json={"users": [
+            {"user": u, "attributes": {"cohort": "c1" if i % 2 else "c2", "first_name": f"N{i}", "locale": "fr"}}
+            for i, u in enumerate(learners)]})
+        assert resp.status == 200 and await resp.json() == {"imported": 20}
+        resp = await api.patch(f"/v1/users/{learners[1]}/attributes", headers=auth, json={"cohort": "c2"})
+        assert resp.status == 200 and (await resp.json())["cohort"] == "c2"
+        got = await (await api.get(f"/v1/users/{learners[1]}/attributes", headers=auth)).json()
+        assert got["first_name"] == "N1" and got["cohort"] == "c2"
+        # each learner's attributes hash lives on the learner's shard, beside its preferences
+        assert await redis.exists(shards.user_keys(learners[1]).user(learners[1])) == 1
+        for cohort, size in (("c1", 9), ("c2", 11)):
+            audience = {"filter": {"cohort": [cohort, "none"]}}  # a union of index sets, then the count
+            resp = await api.post("/v1/audiences/count", headers=auth, json={"audience": audience})
+            assert resp.status == 200 and (await resp.json())["count"] == size, cohort
+        template = {"default_locale": "en", "variables": {"first_name": "there"},
+                    "locales": {"en": {"title": "Hi", "body": "Hello {first_name}"},
+                                "fr": {"title": "Salut", "body": "Bonjour {first_name}"}}}
+        assert (await api.put("/v1/templates/hello", headers=auth, json=template)).status == 200
+        assert await (await api.get("/v1/templates", headers=auth)).json() == {"templates": ["hello"]}
+        rendered = await (await api.post("/v1/templates/hello/render", headers=auth,
+                                          json={"vars": {"first_name": "Ada"}, "locale": "fr"})).json()
+        assert rendered["body"] == "Bonjour Ada"
+        resp = await api.post("/v1/messages/batch", headers=auth, json={"messages": [
+            {"id": f"t-{u}", "user": u, "template": "hello"} for u in learners]})
+        assert resp.status == 202 and (await resp.json())["queued"] == 20
+        queue = ShardedQueue(redis, shards)
+        for u in learners[:3]:  # rendered with each learner's own attributes, read from the learner's shard
+            entries = await redis.xrange(queue.keys_of(parse_message({"id": "x", "user": u, "body": "b"})).stream)
+            bodies = {orjson.loads(f[b"m"])["body"] for _, f in entries if orjson.loads(f[b"m"])["id"] == f"t-{u}"}
+            assert bodies == {f"Bonjour N{learners.index(u)}"}, u
+        # a dead letter on two shards each: listed with shard-qualified ids, paged, then replayed
+        dead = [learners[0], next(u for u in learners if shards.shard_of(u) != shards.shard_of(learners[0]))]
+        for u in dead:
+            k = shards.user_keys(u)
+            await redis.xadd(k.dead, {"m": orjson.dumps({"id": f"d-{u}", "user": u, "body": "b"}), "reason": "r",
+                                      "attempts": 3, "provider": "fcm", "t": 1, "at": 2})
+        listed = (await (await api.get("/v1/deadletters?count=1", headers=auth)).json())
+        assert listed["total"] == 2 and len(listed["dead_letters"]) == 1
+        first = listed["dead_letters"][0]["entry_id"]
+        rest = await (await api.get("/v1/deadletters", headers=auth, params={"start": "(" + first})).json()
+        ids = [first] + [e["entry_id"] for e in rest["dead_letters"]]
+        assert sorted(int(i.split("/")[0]) for i in ids) == sorted(shards.shard_of(u) for u in dead)
+        bad = await api.post("/v1/deadletters/replay", headers=auth, json={"ids": ["1-0"]})
+        assert bad.status == 400 and "<shard>/<stream id>" in (await bad.json())["error"]["message"]
+        resp = await api.post("/v1/deadletters/replay", headers=auth, json={"ids": ids})
+        assert resp.status == 200 and await resp.json() == {"replayed": 2}
+        assert (await (await api.get("/v1/deadletters", headers=auth)).json())["total"] == 0
+        for u in dead:  # back on the stream of the shard it died on
+            back = await redis.xrange(shards.user_keys(u).stream)
+            assert any(orjson.loads(f[b"m"])["id"] == f"d-{u}" for _, f in back), u
+        assert (await api.get("/v1/events/invalid-tokens", headers=auth)).status == 200
     finally:
         await api.close()
         await redis.aclose()
@@ -253,10 +324,19 @@ def test_cli_on_a_cluster_runs_sharded_commands_and_refuses_the_rest(
     assert main(["-c", str(cfg), "devices", "list", "learner-9"]) == 0
     assert '"fcm": "tok-9"' in capsys.readouterr().out
     assert main(["-c", str(cfg), "prefs", "learner-9", "--opt-out-all"]) == 0
+    assert main(["-c", str(cfg), "users", "set", "learner-9", "--attributes", '{"first_name": "Ada"}']) == 0
+    template = tmp_path / "t.json"
+    template.write_text('{"default_locale": "en", "locales": {"en": {"title": "Hi", "body": "Hello {first_name}"}}, '
+                        '"variables": {"first_name": "there"}}')
+    assert main(["-c", str(cfg), "templates", "put", "hi", str(template)]) == 0
     assert main(["-c", str(cfg), "send", "--user", "learner-9", "--body", "b", "--id", "cli-c1"]) == 0
     assert '"status": "queued"' in capsys.readouterr().out
-    assert main(["-c", str(cfg), "dlq", "count"]) == 2
-    assert "does not work on Redis Cluster yet" in capsys.readouterr().err
+    assert main(["-c", str(cfg), "dlq", "count"]) == 0
+    assert '"dead_letters": 0' in capsys.readouterr().out
+    assert main(["-c", str(cfg), "dlq", "replay", "1-0"]) == 2
+    assert "<shard>/<stream id>" in capsys.readouterr().err
+    assert main(["-c", str(cfg), "campaigns", "list"]) == 2
+    assert "`pushgw campaigns` does not work on Redis Cluster yet" in capsys.readouterr().err
 
 
 def blocking_redis_sync(url: str) -> redis_sync.Redis:

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from ...automations.events import is_learning, parse_learning_event
-from ...campaigns.audiences import UserAttributes, count, parse_audience
+from ...campaigns.audiences import count_all, parse_audience
 from ...campaigns.events import MAX_EVENTS, EventRecorder, parse_events, summary
 from ...campaigns.fanout import CampaignStore
 from ...campaigns.report import ChartUnavailable, campaign_report, chart_png, report_exists
@@ -45,19 +45,24 @@ class CampaignRoutes:
         await self.auth.charge(client, 1)
         return request.app[REDIS], request.app[INTAKE].keys
 
+    async def _templates(self, request: web.Request) -> Templates:
+        """Saved templates, in the deployment's home for global records (queue/sharded.py `home_keys`)."""
+        redis, _ = await self._setup(request, "campaigns")
+        return Templates(redis, request.app[INTAKE].home)
+
     # ------------------------------------------------------------------ learners
 
     async def put_attributes(self, request: web.Request) -> web.Response:
         """PUT replaces a learner's attributes, PATCH changes the fields named (null clears one)."""
-        redis, keys = await self._setup(request, "devices")
+        await self._setup(request, "devices")
         body = await read_json(request)
-        attrs = await UserAttributes(redis, keys).update(request.match_info["user"], body,
-                                                         merge=request.method == "PATCH")
+        attrs = await request.app[INTAKE].attributes.update(request.match_info["user"], body,
+                                                            merge=request.method == "PATCH")
         return json_response(attrs.to_json())
 
     async def get_attributes(self, request: web.Request) -> web.Response:
-        redis, keys = await self._setup(request, "devices")
-        attrs = await UserAttributes(redis, keys).get(request.match_info["user"])
+        await self._setup(request, "devices")
+        attrs = await request.app[INTAKE].attributes.get(request.match_info["user"])
         return json_response(attrs.to_json())
 
     async def import_attributes(self, request: web.Request) -> web.Response:
@@ -70,40 +75,41 @@ class CampaignRoutes:
                                                   '{"user": ..., "attributes": {...}}')])
         await self.auth.charge(client, len(users))
         try:
-            n = await UserAttributes(request.app[REDIS], request.app[INTAKE].keys).import_many(
+            n = await request.app[INTAKE].attributes.import_many(
                 [(u["user"], u["attributes"]) for u in users])
         except MessageInvalid as e:
             raise MessageInvalid([FieldError(f"users{err.field}", err.message) for err in e.errors]) from None
         return json_response({"imported": n})
 
     async def audience_count(self, request: web.Request) -> web.Response:
-        redis, keys = await self._setup(request, "campaigns")
+        redis, _ = await self._setup(request, "campaigns")
         body = await read_json(request)
         audience = parse_audience(body.get("audience") if isinstance(body, dict) else None)
-        return json_response({"audience": audience.to_json(), "count": await count(redis, keys, audience)})
+        size = await count_all(redis, request.app[INTAKE].shards, audience)
+        return json_response({"audience": audience.to_json(), "count": size})
 
     # ------------------------------------------------------------------ templates
 
     async def put_template(self, request: web.Request) -> web.Response:
-        redis, keys = await self._setup(request, "campaigns")
+        templates = await self._templates(request)
         body = await read_json(request)
-        t = await Templates(redis, keys).save(request.match_info["name"], body)
+        t = await templates.save(request.match_info["name"], body)
         return json_response(t.to_json())
 
     async def get_template(self, request: web.Request) -> web.Response:
-        redis, keys = await self._setup(request, "campaigns")
-        t = await Templates(redis, keys).get(request.match_info["name"])
+        templates = await self._templates(request)
+        t = await templates.get(request.match_info["name"])
         if t is None:
             raise ApiError(404, "not_found", "no such template")
         return json_response(t.to_json())
 
     async def list_templates(self, request: web.Request) -> web.Response:
-        redis, keys = await self._setup(request, "campaigns")
-        return json_response({"templates": await Templates(redis, keys).names()})
+        templates = await self._templates(request)
+        return json_response({"templates": await templates.names()})
 
     async def render_template(self, request: web.Request) -> web.Response:
         """A preview: what a learner with this locale and these variables would read."""
-        redis, keys = await self._setup(request, "campaigns")
+        templates = await self._templates(request)
         body = await read_json(request)
         if not isinstance(body, dict) or set(body) - {"vars", "locale"}:
             raise MessageInvalid([FieldError("$", 'send {"vars": {...}, "locale": "fr"}')])
@@ -112,7 +118,7 @@ class CampaignRoutes:
             raise MessageInvalid([FieldError("vars", "must be an object of string values")])
         if locale is not None and not isinstance(locale, str):
             raise MessageInvalid([FieldError("locale", "must be a language tag such as fr")])
-        t = await Templates(redis, keys).get(request.match_info["name"])
+        t = await templates.get(request.match_info["name"])
         if t is None:
             raise ApiError(404, "not_found", "no such template")
         try:
