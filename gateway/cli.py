@@ -730,9 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # The commands whose data is sharded on Redis Cluster (queue/shards.py); the others (campaigns, app events, automations,
-# message traces, webhooks, the demo) still use one Redis's keys and exit 2 there, naming the command.
+# the demo) still use one Redis's keys and exit 2 there, naming the command.
 CLUSTER_READY = frozenset({cmd_serve, cmd_worker, cmd_api, cmd_send, cmd_devices, cmd_prefs, cmd_vapid_keygen, cmd_dlq,
-                           cmd_users, cmd_templates})
+                           cmd_users, cmd_templates, cmd_trace, cmd_webhooks})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

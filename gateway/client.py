@@ -25,7 +25,7 @@ from ..campaigns.templates import Rendered, Template, Templates
 from ..core.config import Settings
 from ..core.schema import Device
 from ..queue.connection import redis_from_url
-from ..queue.status import StatusReader
+from ..queue.sharded import ShardedStatus
 from ..users.profiles import Preferences
 from .intake import Intake
 
@@ -42,7 +42,7 @@ class PushClient:
         self.redis = redis
         self._intake = Intake(redis, settings, source="client")
         self._campaigns = CampaignStore(redis, self._intake.keys)
-        self._status = StatusReader(redis, self._intake.keys)
+        self._status = ShardedStatus(redis, self._intake.shards)
         self._user_messages = settings.status.user_messages
         self._owns = owns_redis
 

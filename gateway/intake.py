@@ -7,6 +7,7 @@ caller fixes its input and sends the same batch again; idempotency ids make that
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from contextlib import suppress
@@ -285,8 +286,7 @@ class Intake:
             chunk_flags = await self.queue.enqueue(chunk, now_ms, owner=client or "")
             flags += chunk_flags
             if status.enabled and any(chunk_flags):  # a duplicate keeps the status of the message first accepted
-                await record_accepted(self.queue.redis, self.keys, [m for m, f in zip(chunk, chunk_flags, strict=True) if f],
-                                      now_ms, retention_s=status.retention_s, user_messages=status.user_messages)
+                await self._record_accepted([m for m, f in zip(chunk, chunk_flags, strict=True) if f], now_ms)
         queued = sum(flags)
         if queued:
             self._enqueued.inc(queued)
@@ -326,6 +326,17 @@ class Intake:
         device = self.parse_device(obj)
         await self.registry_for(user).register(user, device)
         return device
+
+    async def _record_accepted(self, messages: list[Message], now_ms: int) -> None:
+        """Each accepted message's first status step on the message's shard (where its worker writes the rest), one
+        pipeline per shard, concurrently; with one Redis one pipeline under today's keys."""
+        status = self.settings.status
+        by_shard: dict[int, list[Message]] = {}
+        for m in messages:
+            by_shard.setdefault(self.queue.shard_of(m), []).append(m)
+        await asyncio.gather(*(record_accepted(self.queue.redis, self.shards.keys(n), ms, now_ms,
+                                               retention_s=status.retention_s, user_messages=status.user_messages)
+                               for n, ms in by_shard.items()))
 
     def registry_for(self, user: str) -> DeviceRegistry:
         """The registry of the user's shard (the only one with a single Redis)."""

@@ -20,6 +20,7 @@ from ..core.config import RedisSettings
 from ..core.schema import Message
 from .keys import Keys
 from .shards import ShardMap
+from .status import StatusReader
 from .streams import CancelStatus, StreamQueue
 
 T = TypeVar("T")
@@ -129,3 +130,23 @@ class ShardedQueue:
         if len(self.queues) == 1:
             return await self.queues[0].cancel_ref(ref, client)
         return sorted(i for ids in await asyncio.gather(*(q.cancel_ref(ref, client) for q in self.queues)) for i in ids)
+
+
+class ShardedStatus:
+    """Message status on every shard (queue/status.py): the intake and the workers write a message's status hash on
+    the message's shard (its user's, or its id's), and a learner's recent list on the learner's shard. With one Redis
+    this is `StatusReader` under today's keys. On Redis Cluster a message id alone does not name its shard, so
+    `message` asks every shard (one HGETALL each, concurrently) and the shard that has it answers."""
+
+    def __init__(self, redis: Any, shards: ShardMap) -> None:
+        self.shards = shards
+        self.readers = [StatusReader(redis, k) for k in shards.all_keys()]
+
+    async def message(self, message_id: str) -> dict[str, Any] | None:
+        if len(self.readers) == 1:
+            return await self.readers[0].message(message_id)
+        found = await asyncio.gather(*(r.message(message_id) for r in self.readers))
+        return next((f for f in found if f is not None), None)
+
+    async def user(self, user: str, limit: int) -> list[dict[str, Any]]:
+        return await self.readers[self.shards.shard_of(user)].user(user, limit)

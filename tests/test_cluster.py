@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import pytest
 import redis as redis_sync
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from pushgw.core.config import (
     SCOPES,
@@ -28,19 +29,23 @@ from pushgw.core.config import (
     ProviderSettings,
     RedisSettings,
     Settings,
+    WebhookSettings,
+    WebhookSubscription,
     WorkerSettings,
 )
 from pushgw.core.schema import Device, parse_message
 from pushgw.gateway.api import create_app
 from pushgw.gateway.cli import main
 from pushgw.gateway.client import PushClient
+from pushgw.gateway.intake import Intake
 from pushgw.gateway.pool import make_redis, run_worker
 from pushgw.gateway.shard_owner import LEASE_S, ShardOwner, share
 from pushgw.gateway.topology import LocalCluster
+from pushgw.gateway.webhooks import WebhookDispatcher
 from pushgw.providers.fakes.fcm import FakeFcm
 from pushgw.providers.fakes.tls import LocalCA
 from pushgw.queue.connection import ShardedCluster, blocking_redis, redis_url_for
-from pushgw.queue.sharded import ShardedQueue, shard_map
+from pushgw.queue.sharded import ShardedQueue, ShardedStatus, shard_map
 from pushgw.queue.shards import key_slot
 from pushgw.queue.streams import Commit, DeadLetter
 from pushgw.ratelimit.base import ADMIT
@@ -236,7 +241,9 @@ async def test_api_on_a_cluster_serves_sharded_routes_and_refuses_the_rest(clust
             {"id": f"a-{i}", "user": f"learner-{i}", "body": "b"} for i in range(20)]})
         assert resp.status == 202 and (await resp.json())["queued"] == 20
         assert (await (await api.get("/v1/users/learner-1/devices", headers=auth)).json())["devices"][0]["fcm"] == "t1"
-        for path in ("/v1/campaigns", "/v1/automations", "/v1/messages/a-1"):
+        status = await api.get("/v1/messages/a-1", headers=auth)  # read from the message's shard
+        assert status.status == 200 and (await status.json())["state"] == "queued"
+        for path in ("/v1/campaigns", "/v1/automations"):
             resp = await api.get(path, headers=auth)
             assert resp.status == 501 and (await resp.json())["error"]["code"] == "not_in_cluster_mode", path
             assert path.split("/")[2] in (await resp.json())["error"]["message"]
@@ -390,6 +397,73 @@ async def test_retries_token_removal_dead_letters_and_schedules_in_every_mode(
         finally:
             stop.set()
             await asyncio.wait_for(worker, 20)
+
+
+class Hooks:
+    """An HTTPS webhook receiver on loopback that keeps every posted event."""
+
+    def __init__(self, ca: LocalCA) -> None:
+        self.ca = ca
+        self.events: list[dict[str, Any]] = []
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.events += orjson.loads(await request.read())["events"]
+        return web.Response(status=204)
+
+    async def __aenter__(self) -> Hooks:
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.ca.server_context()).start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+
+async def test_message_status_outcome_events_and_webhooks_per_shard_in_every_mode(
+    mode: RedisSettings, local_ca: LocalCA, tmp_path: Path
+) -> None:
+    users = USERS[:16]
+    async with deployment(mode, local_ca, tmp_path, users) as d, Hooks(local_ca) as hooks:
+        settings = replace(
+            d.settings, api=ApiSettings(clients=(ApiClient("svc", "svc-token-0123456789"),)),
+            webhooks=WebhookSettings(subscriptions=(WebhookSubscription(
+                "lms", "svc", f"https://127.0.0.1:{hooks.port}/hook", "whsec-0123456789abcdef", ("delivered",)),),
+                allowed_hosts=("127.0.0.1",), allow_private=True, ca_file=str(local_ca.ca_file),
+                backoff_base_s=0.05, backoff_cap_s=0.2))
+        assert settings.status.enabled and settings.status.events
+        dispatcher = WebhookDispatcher(settings, d.redis, consumer="d1")
+        await dispatcher.ensure_groups()
+        await Intake(d.redis, settings).submit(
+            [{"id": f"s-{u}", "user": u, "title": "t", "body": "b"} for u in users], client="svc")
+        statuses = ShardedStatus(d.redis, shard_map(settings.redis))
+        assert (await statuses.message(f"s-{users[5]}") or {}).get("state") == "queued"
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(run_worker(settings, d.url, "w0", stop)),
+                 asyncio.create_task(dispatcher.run(stop))]
+        try:
+            deadline = time.monotonic() + 30
+            while len({e["message"] for e in hooks.events}) < len(users):
+                assert time.monotonic() < deadline, f"{len(hooks.events)} webhook events of {len(users)}"
+                await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), 20)
+        assert sorted(e["message"] for e in hooks.events) == sorted(f"s-{u}" for u in users)
+        shards = shard_map(settings.redis)
+        on = {n for n, k in enumerate(shards.all_keys()) if await d.redis.xlen(k.outcome_events)}
+        assert on == {shards.shard_of(u) for u in users}  # each shard's worker wrote its own shard's stream
+        for u in users:
+            status = await statuses.message(f"s-{u}")
+            assert status is not None and status["state"] == "delivered", u
+            assert [m["id"] for m in await statuses.user(u, 10)] == [f"s-{u}"]
+        assert await statuses.message("no-such-message") is None
 
 
 def cluster_settings_for_mode(redis: RedisSettings) -> Settings:

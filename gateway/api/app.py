@@ -68,14 +68,15 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 # The routes whose data is sharded on Redis Cluster (queue/shards.py) or kept in the home of global records
-# (queue/sharded.py `home_keys`); the others (campaigns, app events, automations, message status) still use one
-# Redis's keys and answer 501 naming the route.
+# (queue/sharded.py `home_keys`); the others (campaigns, app events, automations) still use one Redis's keys and
+# answer 501 naming the route.
 CLUSTER_READY_ROUTES = frozenset({
     "/v1/messages", "/v1/messages/batch", "/v1/users/{user}/devices", "/v1/users/{user}/devices/{key}",
     "/v1/users/{user}/preferences", "/healthz", "/readyz", "/metrics", "/openapi.yaml",
     "/v1/deadletters", "/v1/deadletters/replay", "/v1/events/invalid-tokens",
     "/v1/users/{user}/attributes", "/v1/attributes/batch", "/v1/audiences/count",
     "/v1/templates", "/v1/templates/{name}", "/v1/templates/{name}/render",
+    "/v1/messages/{id}", "/v1/users/{user}/messages",
 })
 
 
