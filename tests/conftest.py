@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
-from pushgw.core.config import ApnsApp, FcmApp, ProviderSettings, Settings, WebPushSettings
+from pushgw.core.config import ApnsApp, FcmApp, ProviderSettings, RedisSettings, Settings, WebPushSettings
 from pushgw.core.schema import Device
 from pushgw.gateway.api import create_app
 from pushgw.gateway.embedded import EmbeddedRedis
@@ -26,7 +26,8 @@ from pushgw.providers.fakes.webpush import FakePushService
 from pushgw.providers.fcm import FcmProvider
 from pushgw.providers.vapid import make_vapid_key
 from pushgw.providers.webpush import WebPushProvider
-from pushgw.queue.connection import redis_from_url
+from pushgw.queue.connection import redis_from_url, redis_url_for
+from redis.asyncio.cluster import RedisCluster
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +65,32 @@ def cluster3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]
     cluster = LocalCluster(tmp_path_factory.mktemp("cluster3"), masters=3).start()
     yield cluster
     cluster.stop()
+
+
+# The delivery and policy suites (test_worker.py, test_policy.py, test_queue.py, ...) also run on the run's 1-node Redis
+# Cluster through the gateway's cluster client: a module opts in with `redis = redis_or_cluster`, and keeps every
+# key of a test under a hash-tagged prefix when `in_cluster` (what one shard's worker sees: queue/shards.py). There,
+# a script or transaction over two slots, a key built outside the prefix, or a command redis-py's cluster client
+# refuses fails the test; the 1-node cluster is started once per run and emptied before each test.
+@pytest.fixture(params=["single", "cluster1"])
+async def redis_or_cluster(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[Any]:
+    if request.param == "single":
+        client = redis_from_url(redis_url)
+        await client.flushall()
+    else:
+        cluster: LocalCluster = request.getfixturevalue("cluster1")
+        for node in cluster.nodes:
+            with node.client() as r:
+                r.flushall()
+        client = redis_from_url(redis_url_for(RedisSettings(cluster=True, cluster_nodes=cluster.seeds)))
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def in_cluster(redis: Any) -> bool:
+    """Whether this test's Redis is the 1-node cluster (its keys then need one hash tag)."""
+    return isinstance(redis, RedisCluster)
 
 
 @pytest.fixture(scope="session")
