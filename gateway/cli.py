@@ -554,6 +554,31 @@ def cmd_automations(args: argparse.Namespace, settings: Settings) -> int:
         return 2
 
 
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    """Move a single-Redis deployment (`--from`) onto the Redis Cluster shards the config describes (README, Scaling
+    Redis: stop the old workers first; rerunning is safe)."""
+    from ..queue.connection import is_cluster_url, redis_from_url
+    from .migrate import Migration
+
+    if not settings.redis.cluster:
+        sys.stderr.write("error: migrate moves a deployment onto Redis Cluster: the config needs redis.cluster = true "
+                         "and redis.cluster_nodes\n")
+        return 2
+    if is_cluster_url(args.source) or not args.source.startswith(("redis://", "rediss://", "unix://")):
+        sys.stderr.write("error: --from takes the old single Redis's URL (redis://, rediss:// or unix://)\n")
+        return 2
+
+    async def go(dest: Any) -> Any:
+        source = redis_from_url(args.source)
+        try:
+            return (await Migration(source, dest, settings, source_prefix=args.from_prefix).run()).to_json()
+        finally:
+            await source.aclose()
+
+    _print(asyncio.run(_with_client(settings, go)))
+    return 0
+
+
 def cmd_vapid_keygen(args: argparse.Namespace, settings: Settings) -> int:
     from ..providers.vapid import application_server_key, load_vapid_key, make_vapid_key
 
@@ -723,6 +748,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="report: JSON instead of a table")
     a.set_defaults(fn=cmd_automations)
 
+    mg = sub.add_parser("migrate", help="move a single-Redis deployment onto the Redis Cluster of the config "
+                                        "(devices, preferences, attributes, templates, queued and scheduled messages)")
+    mg.add_argument("--from", dest="source", required=True, metavar="URL", help="the old Redis, e.g. redis://old:6379/0")
+    mg.add_argument("--from-prefix", dest="from_prefix", help="the old deployment's redis.prefix (default: the config's)")
+    mg.set_defaults(fn=cmd_migrate)
+
     k = sub.add_parser("vapid-keygen", help="write a new VAPID (P-256) private key")
     k.add_argument("directory")
     k.set_defaults(fn=cmd_vapid_keygen)
@@ -732,7 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
 # The commands whose data is sharded on Redis Cluster (queue/shards.py); the others (campaigns, app events, automations,
 # the demo) still use one Redis's keys and exit 2 there, naming the command.
 CLUSTER_READY = frozenset({cmd_serve, cmd_worker, cmd_api, cmd_send, cmd_devices, cmd_prefs, cmd_vapid_keygen, cmd_dlq,
-                           cmd_users, cmd_templates, cmd_trace, cmd_webhooks})
+                           cmd_users, cmd_templates, cmd_trace, cmd_webhooks, cmd_migrate})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
