@@ -331,6 +331,10 @@ class Intake:
         """Each accepted message's first status step on the message's shard (where its worker writes the rest), one
         pipeline per shard, concurrently; with one Redis one pipeline under today's keys."""
         status = self.settings.status
+        if self.shards.count == 1:
+            await record_accepted(self.queue.redis, self.shards.keys(0), messages, now_ms,
+                                  retention_s=status.retention_s, user_messages=status.user_messages)
+            return
         by_shard: dict[int, list[Message]] = {}
         for m in messages:
             by_shard.setdefault(self.queue.shard_of(m), []).append(m)
