@@ -226,14 +226,33 @@ async def test_frequency_caps_keep_one_slot_per_shard(client: ShardedCluster, ru
         assert decisions[0] is ADMIT and decisions[1] is not ADMIT
 
 
-async def test_api_on_a_cluster_serves_sharded_routes_and_refuses_the_rest(cluster: LocalCluster) -> None:
+@dataclass
+class ClusterApi:
+    """The HTTP API of a cluster deployment on a loopback server, with an admin client's headers."""
+
+    api: TestClient[Any, Any]
+    redis: Any
+    settings: Settings
+    auth: dict[str, str]
+
+
+@contextlib.asynccontextmanager
+async def cluster_api(cluster: LocalCluster) -> AsyncIterator[ClusterApi]:
     token = "cluster-test-token-0123456789"
     settings = replace(cluster_settings(cluster), api=ApiSettings(clients=(ApiClient("ops", token, SCOPES),)))
     redis = make_redis(redis_url_for(settings.redis), max_connections=16, timeout_s=5.0)
     api = TestClient(TestServer(create_app(settings, redis)))
     await api.start_server()
-    auth = {"Authorization": f"Bearer {token}"}
     try:
+        yield ClusterApi(api, redis, settings, {"Authorization": f"Bearer {token}"})
+    finally:
+        await api.close()
+        await redis.aclose()
+
+
+async def test_api_on_a_cluster_serves_sharded_routes_and_refuses_the_rest(cluster: LocalCluster) -> None:
+    async with cluster_api(cluster) as c:
+        api, auth = c.api, c.auth
         assert (await api.put("/v1/users/learner-1/devices", json={"fcm": "t1"}, headers=auth)).status == 201
         assert (await api.put("/v1/users/learner-1/preferences", json={"timezone": "Europe/Paris"},
                               headers=auth)).status == 200
@@ -247,22 +266,14 @@ async def test_api_on_a_cluster_serves_sharded_routes_and_refuses_the_rest(clust
             resp = await api.get(path, headers=auth)
             assert resp.status == 501 and (await resp.json())["error"]["code"] == "not_in_cluster_mode", path
             assert path.split("/")[2] in (await resp.json())["error"]["message"]
-    finally:
-        await api.close()
-        await redis.aclose()
 
 
 async def test_attributes_audiences_templates_and_dead_letters_through_the_api_on_a_cluster(
     cluster: LocalCluster,
 ) -> None:
-    token = "cluster-test-token-0123456789"
-    settings = replace(cluster_settings(cluster), api=ApiSettings(clients=(ApiClient("ops", token, SCOPES),)))
-    redis = make_redis(redis_url_for(settings.redis), max_connections=16, timeout_s=5.0)
-    api = TestClient(TestServer(create_app(settings, redis)))
-    await api.start_server()
-    auth = {"Authorization": f"Bearer {token}"}
-    shards = shard_map(settings.redis)
-    try:
+    async with cluster_api(cluster) as c:
+        api, auth, redis = c.api, c.auth, c.redis
+        shards = shard_map(c.settings.redis)
         learners = USERS[:20]
         assert len({shards.shard_of(u) for u in learners}) > 8  # the learners spread over the shards
         resp = await api.post("/v1/attributes/batch", headers=auth, json={"users": [
@@ -316,9 +327,6 @@ async def test_attributes_audiences_templates_and_dead_letters_through_the_api_o
             back = await redis.xrange(shards.user_keys(u).stream)
             assert any(orjson.loads(f[b"m"])["id"] == f"d-{u}" for _, f in back), u
         assert (await api.get("/v1/events/invalid-tokens", headers=auth)).status == 200
-    finally:
-        await api.close()
-        await redis.aclose()
 
 
 def test_cli_on_a_cluster_runs_sharded_commands_and_refuses_the_rest(
