@@ -79,7 +79,7 @@ class Intake:
         self._enqueued = metrics.ENQUEUED.labels(source)
         self._scheduled = metrics.SCHEDULED.labels(source)
         self._group_ready = False
-        self.best = BestTimes(redis, self.keys, settings.policy)
+        self.best = BestTimes(redis, self.keys, settings.policy, self.attributes)
 
     def validate(self, objs: Sequence[Any]) -> list[Message]:
         """Parse every message; raise `MessageInvalid` with `[i].field` errors for all that fail."""

@@ -260,6 +260,10 @@ async def test_api_on_a_cluster_serves_sharded_routes_and_refuses_the_rest(clust
             {"id": f"a-{i}", "user": f"learner-{i}", "body": "b"} for i in range(20)]})
         assert resp.status == 202 and (await resp.json())["queued"] == 20
         assert (await (await api.get("/v1/users/learner-1/devices", headers=auth)).json())["devices"][0]["fcm"] == "t1"
+        # the best send time reads each learner's attributes on the learner's shard (one batch over many shards)
+        resp = await api.post("/v1/messages/batch", headers=auth, json={"messages": [
+            {"id": f"best-{i}", "user": f"learner-{i}", "body": "b", "send_time": "best"} for i in range(20)]})
+        assert resp.status == 202 and (await resp.json())["queued"] == 20
         status = await api.get("/v1/messages/a-1", headers=auth)  # read from the message's shard
         assert status.status == 200 and (await status.json())["state"] == "queued"
         for path in ("/v1/campaigns", "/v1/automations"):
