@@ -188,6 +188,10 @@ class UserAttributes:
     async def get(self, user: str) -> Attributes:
         return (await self.get_many([parse_user(user)]))[user]
 
+    def user_key(self, user: str) -> str:
+        """The hash holding the learner's attributes and preferences."""
+        return self.keys.user(user)
+
     async def get_many(self, users: Sequence[str]) -> dict[str, Attributes]:
         """Attributes of many users in one round trip (users with none get empty attributes). One Lua call, not a
         pipeline of HMGETs: for a fan-out chunk of 1000 learners it halves the client's CPU (one reply to parse)."""
@@ -280,6 +284,9 @@ class ShardedAttributes:
 
     def of(self, user: str) -> UserAttributes:
         return self.parts[self.shards.shard_of(user)]
+
+    def user_key(self, user: str) -> str:
+        return self.of(user).user_key(user)
 
     async def get(self, user: str) -> Attributes:
         return await self.of(parse_user(user)).get(user)

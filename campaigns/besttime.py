@@ -94,7 +94,7 @@ class BestTimes:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for u in users:
-                pipe.exists(self.keys.user(u))
+                pipe.exists(self.attrs.user_key(u))
             known = {u for u, found in zip(users, await pipe.execute(), strict=True) if found}
         opens = [(u, at) for u, at in opens if u in known]
         if not opens:

@@ -451,9 +451,10 @@ def cmd_campaigns(args: argparse.Namespace, settings: Settings) -> int:
     async def go(client: Any, redis: Any) -> Any:
         from ..campaigns.fanout import CampaignStore, FanoutRunner
         from ..campaigns.report import format_report
-        from ..queue.keys import Keys
+        from ..queue.sharded import home_keys, shard_map
 
-        store = CampaignStore(redis, Keys(settings.redis.prefix))
+        shards = shard_map(settings.redis)
+        store = CampaignStore(redis, home_keys(shards), shards)
         if args.action == "list":
             return await store.ids()
         if args.action == "create":
@@ -760,10 +761,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# The commands whose data is sharded on Redis Cluster (queue/shards.py); the others (campaigns, app events, automations,
-# the demo) still use one Redis's keys and exit 2 there, naming the command.
+# The commands whose data is sharded on Redis Cluster (queue/shards.py); the others (automations, the demo) still
+# use one Redis's keys and exit 2 there, naming the command.
 CLUSTER_READY = frozenset({cmd_serve, cmd_worker, cmd_api, cmd_send, cmd_devices, cmd_prefs, cmd_vapid_keygen, cmd_dlq,
-                           cmd_users, cmd_templates, cmd_trace, cmd_webhooks, cmd_migrate})
+                           cmd_users, cmd_templates, cmd_trace, cmd_webhooks, cmd_migrate, cmd_campaigns,
+                           cmd_events})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

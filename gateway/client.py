@@ -41,7 +41,7 @@ class PushClient:
     def __init__(self, redis: aioredis.Redis, settings: Settings, *, owns_redis: bool = False) -> None:
         self.redis = redis
         self._intake = Intake(redis, settings, source="client")
-        self._campaigns = CampaignStore(redis, self._intake.keys)
+        self._campaigns = CampaignStore(redis, self._intake.home, self._intake.shards)
         self._status = ShardedStatus(redis, self._intake.shards)
         self._user_messages = settings.status.user_messages
         self._owns = owns_redis
@@ -161,9 +161,9 @@ class PushClient:
 
     async def campaign_report(self, campaign: str) -> dict[str, Any]:
         """The report; `CampaignError` (404) for a campaign neither stored nor with figures, as the API answers."""
-        if not await report_exists(self.redis, self._intake.keys, campaign):
+        if not await report_exists(self.redis, self._intake.home, campaign, self._intake.shards):
             raise CampaignError(404, "not_found", f"no such campaign {campaign!r} (no definition and no figures)")
-        return await campaign_report(self.redis, self._intake.keys, campaign)
+        return await campaign_report(self.redis, self._intake.home, campaign, self._intake.shards)
 
     async def campaign_chart(self, campaign: str) -> bytes:
         """The report as a PNG (needs matplotlib: `ChartUnavailable` otherwise)."""
@@ -172,7 +172,7 @@ class PushClient:
     async def report_events(self, events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """App events: {"type": opened|clicked|converted|dismissed|opt_out, "message_id"} or {"type", "campaign",
         "user"}; each counted once per learner and type; per event {"status": counted|duplicate|ignored, ...}."""
-        return await EventRecorder(self.redis, self._intake.keys).record(list(events))
+        return await EventRecorder(self.redis, self._intake.home).record(list(events))
 
     async def report_event(self, type: str, *, message_id: str | None = None, campaign: str | None = None,
                            user: str | None = None) -> dict[str, Any]:

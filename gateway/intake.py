@@ -79,7 +79,9 @@ class Intake:
         self._enqueued = metrics.ENQUEUED.labels(source)
         self._scheduled = metrics.SCHEDULED.labels(source)
         self._group_ready = False
-        self.best = BestTimes(redis, self.keys, settings.policy, self.attributes)
+        # Learners' opens (their best hour) are kept with the global records on Redis Cluster: one home, read by the
+        # intake and the fan-out alike.
+        self.best = BestTimes(redis, self.home, settings.policy, self.attributes)
 
     def validate(self, objs: Sequence[Any]) -> list[Message]:
         """Parse every message; raise `MessageInvalid` with `[i].field` errors for all that fail."""

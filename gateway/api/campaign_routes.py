@@ -21,8 +21,10 @@ from ...campaigns.fanout import CampaignStore
 from ...campaigns.report import ChartUnavailable, campaign_report, chart_png, report_exists
 from ...campaigns.templates import RenderError, Templates
 from ...core.schema import FieldError, MessageInvalid
+from ...queue.keys import Keys
+from ...queue.shards import ShardMap
 from .auth import Authenticator, require_scope
-from .context import ENGINE, INTAKE, REDIS
+from .context import ENGINE, INTAKE, REDIS, SETTINGS
 from .errors import ApiError, json_response, read_json
 
 MAX_IMPORT = 1000
@@ -30,9 +32,9 @@ OPEN_TYPES = ("opened", "clicked")  # the app events that teach a learner's best
 _EVENT_RE = re.compile(r"^events\[(\d+)\]")
 
 
-async def _known(redis: Any, keys: Any, cid: str) -> None:
+async def _known(redis: Any, keys: Keys, cid: str, shards: ShardMap) -> None:
     """A report exists for a stored campaign, or for any campaign label the workers have figures for."""
-    if not await report_exists(redis, keys, cid):
+    if not await report_exists(redis, keys, cid, shards):
         raise ApiError(404, "not_found", f"no such campaign {cid!r} (no definition and no figures)")
 
 
@@ -129,48 +131,53 @@ class CampaignRoutes:
 
     # ------------------------------------------------------------------ campaigns
 
+    async def _campaigns(self, request: web.Request) -> tuple[Any, Keys, ShardMap]:
+        """Campaigns live in the home of global records (queue/sharded.py `home_keys`), their learners on shards."""
+        redis, _ = await self._setup(request, "campaigns")
+        return redis, request.app[INTAKE].home, request.app[INTAKE].shards
+
     async def create_campaign(self, request: web.Request) -> web.Response:
-        redis, keys = await self._setup(request, "campaigns")
+        redis, keys, shards = await self._campaigns(request)
         body = await read_json(request)
-        c = await CampaignStore(redis, keys).create(
+        c = await CampaignStore(redis, keys, shards).create(
             body, declarative_navigate=request.app[INTAKE].settings.webpush.declarative_navigate)
         return json_response(c.to_json(), 201)
 
     async def list_campaigns(self, request: web.Request) -> web.Response:
-        redis, keys = await self._setup(request, "campaigns")
-        return json_response({"campaigns": await CampaignStore(redis, keys).ids()})
+        redis, keys, shards = await self._campaigns(request)
+        return json_response({"campaigns": await CampaignStore(redis, keys, shards).ids()})
 
     async def get_campaign(self, request: web.Request) -> web.Response:
-        redis, keys = await self._setup(request, "campaigns")
-        s = await CampaignStore(redis, keys).require(request.match_info["id"])
+        redis, keys, shards = await self._campaigns(request)
+        s = await CampaignStore(redis, keys, shards).require(request.match_info["id"])
         return json_response(s.campaign.to_json() | {"stage_percent": s.stage_percent,
                                                      "stages": [st.to_json() for st in s.stages], "created_at": s.created_at})
 
     async def launch(self, request: web.Request) -> web.Response:
-        redis, keys = await self._setup(request, "campaigns")
+        redis, keys, shards = await self._campaigns(request)
         body = await read_json(request)
         if not isinstance(body, dict) or "percent" not in body or set(body) - {"percent", "weights"}:
             raise MessageInvalid([FieldError("percent", 'send {"percent": 10} for a 10% pilot, 100 for all '
                                                                  '(and "weights": {"b": 1} to roll out only variant b)')])
-        status = await CampaignStore(redis, keys).launch(request.match_info["id"], body["percent"], body.get("weights"))
+        status = await CampaignStore(redis, keys, shards).launch(request.match_info["id"], body["percent"], body.get("weights"))
         return json_response(status, 202)
 
     async def status(self, request: web.Request) -> web.Response:
-        redis, keys = await self._setup(request, "campaigns")
-        return json_response(await CampaignStore(redis, keys).status(request.match_info["id"]))
+        redis, keys, shards = await self._campaigns(request)
+        return json_response(await CampaignStore(redis, keys, shards).status(request.match_info["id"]))
 
     async def report(self, request: web.Request) -> web.Response:
-        redis, keys = await self._setup(request, "campaigns")
+        redis, keys, shards = await self._campaigns(request)
         cid = request.match_info["id"]
-        await _known(redis, keys, cid)
-        return json_response(await campaign_report(redis, keys, cid))
+        await _known(redis, keys, cid, shards)
+        return json_response(await campaign_report(redis, keys, cid, shards))
 
     async def report_png(self, request: web.Request) -> web.Response:
-        redis, keys = await self._setup(request, "campaigns")
+        redis, keys, shards = await self._campaigns(request)
         cid = request.match_info["id"]
-        await _known(redis, keys, cid)
+        await _known(redis, keys, cid, shards)
         try:
-            png = chart_png(await campaign_report(redis, keys, cid))
+            png = chart_png(await campaign_report(redis, keys, cid, shards))
         except ChartUnavailable as e:
             raise ApiError(501, "chart_unavailable", str(e)) from None
         return web.Response(body=png, content_type="image/png")
@@ -198,7 +205,10 @@ class CampaignRoutes:
                 errors += [FieldError(_renumber(err.field, app_at), err.message) for err in e.errors]
         if errors:
             raise MessageInvalid(sorted(errors, key=lambda err: _index(err.field)))
-        redis, keys = request.app[REDIS], request.app[INTAKE].keys
+        if learning_at and request.app[SETTINGS].redis.cluster:
+            raise ApiError(501, "not_in_cluster_mode", "learning events (automations) do not work on Redis Cluster yet; "
+                                                       "app events (opened, converted, ...) do")
+        redis, keys = request.app[REDIS], request.app[INTAKE].home
         results: list[dict[str, Any]] = [{} for _ in events]
         if app_at:
             recorded = await EventRecorder(redis, keys).record([events[i] for i in app_at])
