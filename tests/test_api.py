@@ -19,6 +19,9 @@ from pushgw.gateway.api.errors import ApiError
 from pushgw.queue.keys import Keys
 from pushgw.queue.streams import Commit, DeadLetter, StreamQueue
 
+ALSO_ON_CLUSTER = True  # every test using `redis` also runs on the 1-node cluster (tests/conftest.py)
+KEY_PREFIX = "apitest"
+
 ENQUEUER = "enqueue-token-0123456789"
 DEVICES = "devices-token-0123456789"
 ADMIN = "admin-token-0123456789ab"
@@ -26,16 +29,6 @@ LIMITED = "limited-token-0123456789"
 FCM_TOKEN = "fcm-token-abc"
 
 
-@pytest.fixture
-def redis(redis_or_cluster: aioredis.Redis) -> aioredis.Redis:
-    """Every test here on one Redis and on a 1-node Redis Cluster (tests/conftest.py)."""
-    return redis_or_cluster
-
-
-@pytest.fixture
-def prefix(in_cluster: bool) -> str:
-    """The deployment's key prefix; on the cluster one hash tag, as one shard's keys have."""
-    return "{apitest}" if in_cluster else "apitest"
 
 
 def settings(prefix: str, **api: Any) -> Settings:

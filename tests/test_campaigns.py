@@ -49,6 +49,8 @@ from pushgw.ratelimit.policy import DeliveryPolicy
 from pushgw.users.profiles import Profiles
 from pushgw.users.registry import DeviceRegistry
 
+ALSO_ON_CLUSTER = True  # every test using `redis` also runs on the 1-node cluster (tests/conftest.py)
+
 PREFIX = "cmptest"
 TOKEN = "campaign-test-token-0123456789"
 EVENTS_TOKEN = "events-only-token-0123456789"
@@ -60,11 +62,6 @@ SETTINGS = Settings(
 )
 KEYS = Keys(PREFIX)
 
-
-@pytest.fixture
-def redis(redis_or_cluster: aioredis.Redis) -> aioredis.Redis:
-    """The Redis tests here on one Redis and on a 1-node Redis Cluster (tests/conftest.py)."""
-    return redis_or_cluster
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 from pushgw.core.config import ApiClient, ApiSettings, RedisSettings, Settings
@@ -17,21 +16,14 @@ from pushgw.core.schema import loads_message, parse_message
 from pushgw.queue.keys import Keys
 from pushgw.queue.streams import Commit, StreamQueue
 
+ALSO_ON_CLUSTER = True  # every test using `redis` also runs on the 1-node cluster (tests/conftest.py)
+KEY_PREFIX = "cancel"
+
 COURSES = "courses-token-0123456789"
 QUIZZES = "quizzes-token-0123456789"
 ADMIN = "admin-token-0123456789ab"
 
 
-@pytest.fixture
-def redis(redis_or_cluster: aioredis.Redis) -> aioredis.Redis:
-    """Every test here on one Redis and on a 1-node Redis Cluster (tests/conftest.py)."""
-    return redis_or_cluster
-
-
-@pytest.fixture
-def keys(in_cluster: bool) -> Keys:
-    """The deployment's keys; on the cluster under one hash tag, as one shard's are."""
-    return Keys("{cancel}" if in_cluster else "cancel")
 
 
 def settings(keys: Keys) -> Settings:

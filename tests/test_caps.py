@@ -16,6 +16,9 @@ from pushgw.queue.keys import Keys
 from pushgw.ratelimit.base import Admit, Defer, Drop
 from pushgw.ratelimit.caps import FrequencyCaps
 
+ALSO_ON_CLUSTER = True  # every test using `redis` also runs on the 1-node cluster (tests/conftest.py)
+KEY_PREFIX = "caps"
+
 WEEK = 7 * 86400.0
 T0 = 1_800_000_000.0
 POLICY = PolicySettings(
@@ -24,16 +27,6 @@ POLICY = PolicySettings(
 )
 
 
-@pytest.fixture
-def redis(redis_or_cluster: aioredis.Redis) -> aioredis.Redis:
-    """The Redis tests here on one Redis and on a 1-node Redis Cluster (tests/conftest.py)."""
-    return redis_or_cluster
-
-
-@pytest.fixture
-def keys(in_cluster: bool) -> Keys:
-    """The test's keys; on the cluster under one hash tag, as one shard's are."""
-    return Keys("{caps}" if in_cluster else "caps")
 
 
 def msg(i: int | str, category: str = "reminder", user: str | None = "learner-1", **kw: object) -> Message:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 import redis.asyncio as aioredis
 from pushgw.core.config import ProviderSettings, RedisSettings, Settings, WorkerSettings
 from pushgw.core.schema import Device, Message
@@ -14,17 +13,10 @@ from pushgw.providers.base import Delivered, Delivery, Outcome
 from pushgw.queue.keys import Keys
 from pushgw.queue.streams import StreamQueue
 
-
-@pytest.fixture
-def redis(redis_or_cluster: aioredis.Redis) -> aioredis.Redis:
-    """The Redis tests here on one Redis and on a 1-node Redis Cluster (tests/conftest.py)."""
-    return redis_or_cluster
+ALSO_ON_CLUSTER = True  # every test using `redis` also runs on the 1-node cluster (tests/conftest.py)
+KEY_PREFIX = "lanes"
 
 
-@pytest.fixture
-def keys(in_cluster: bool) -> Keys:
-    """The test's keys; on the cluster under one hash tag, as one shard's are."""
-    return Keys("{lanes}" if in_cluster else "lanes")
 
 
 

@@ -39,18 +39,10 @@ from pushgw.users.profiles import Preferences, Profiles
 from pushgw.users.registry import DeviceRegistry
 
 PREFIX = "policytest"
+ALSO_ON_CLUSTER = True  # every test using `redis` also runs on the 1-node cluster (tests/conftest.py)
+KEY_PREFIX = PREFIX
 
 
-@pytest.fixture
-def redis(redis_or_cluster: aioredis.Redis) -> aioredis.Redis:
-    """The Redis tests here on one Redis and on a 1-node Redis Cluster (tests/conftest.py)."""
-    return redis_or_cluster
-
-
-@pytest.fixture
-def prefix(in_cluster: bool) -> str:
-    """The test's key prefix: hash-tagged on the cluster, as one shard's keys are."""
-    return "{" + PREFIX + "}" if in_cluster else PREFIX
 TOKEN = "policy-test-token-0123456789"
 LEARNING = PolicySettings(
     windows=("07:30-09:00", "12:00-13:30", "17:30-21:00"), timezone="Europe/Paris", window_jitter_s=900,

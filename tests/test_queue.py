@@ -14,17 +14,10 @@ from pushgw.queue.streams import Commit, DeadLetter, Entry, StreamQueue
 from pushgw.users import registry as registry_module
 from pushgw.users.registry import MAX_DEVICES_PER_USER, DeviceRegistry, RegistryFull
 
-
-@pytest.fixture
-def redis(redis_or_cluster: aioredis.Redis) -> aioredis.Redis:
-    """Every Redis test here on one Redis and on a 1-node Redis Cluster (tests/conftest.py)."""
-    return redis_or_cluster
+ALSO_ON_CLUSTER = True  # every test using `redis` also runs on the 1-node cluster (tests/conftest.py)
+KEY_PREFIX = "t"
 
 
-@pytest.fixture
-def keys(in_cluster: bool) -> Keys:
-    """The test's keys; on the cluster under one hash tag, as one shard's are."""
-    return Keys("{t}" if in_cluster else "t")
 
 
 def m(i: int | str, **kw: object) -> Message:

@@ -28,6 +28,8 @@ from pushgw.queue.keys import Keys
 from pushgw.queue.streams import Commit, StreamQueue
 from pushgw.users.registry import DeviceRegistry
 
+ALSO_ON_CLUSTER = True  # every test using `redis` also runs on the 1-node cluster (tests/conftest.py)
+
 APNS_TOKEN = "a" * 64
 APNS_TOKEN_2 = "b" * 64
 
@@ -62,16 +64,6 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def redis(redis_or_cluster: aioredis.Redis) -> aioredis.Redis:
-    """Every test here on one Redis and on a 1-node Redis Cluster (tests/conftest.py)."""
-    return redis_or_cluster
-
-
-@pytest.fixture
-def keys(in_cluster: bool) -> Keys:
-    """The test's keys: today's names, or on the cluster one shard's (a hash-tagged prefix)."""
-    return Keys("{pushgw}" if in_cluster else "pushgw")
 
 
 def make_settings(keys: Keys, **worker: object) -> Settings:
