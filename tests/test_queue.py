@@ -121,13 +121,13 @@ async def test_claim_stale_takes_over_only_idle_entries(redis: aioredis.Redis, k
     await q.ensure_group()
     await q.enqueue([m(1), m(2)])
     dead = await q.read_new("dead", 1, 10)
-    await asyncio.sleep(0.15)
+    await asyncio.sleep(1.2)  # idle past the 1 s below; the live reader's entry stays far from it on a loaded machine
     alive = await q.read_new("alive", 1, 10)
-    claimed = await q.claim_stale("janitor", 100, 10)
+    claimed = await q.claim_stale("janitor", 1000, 10)
     assert [e.entry_id for e in claimed] == [dead[0].entry_id]
     assert claimed[0].redelivered
     await q.touch("alive", [alive[0].entry_id])
-    assert await q.claim_stale("janitor", 100, 10) == []
+    assert await q.claim_stale("janitor", 1000, 10) == []
 
 
 async def test_dead_letters_list_replay_purge(redis: aioredis.Redis, keys: Keys) -> None:
