@@ -9,6 +9,7 @@ Redis, which stays one command for 100k+ learners instead of a scan of every pro
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,6 +22,7 @@ import redis.asyncio as aioredis
 from ..core.schema import FieldError, MessageInvalid, parse_user
 from ..core.windows import WindowError, zone
 from ..queue.keys import Keys
+from ..queue.shards import ShardMap
 from ..users.profiles import update_hash
 
 VALUE_RE = re.compile(r"^[a-z0-9_-]{1,48}\Z")
@@ -186,6 +188,10 @@ class UserAttributes:
     async def get(self, user: str) -> Attributes:
         return (await self.get_many([parse_user(user)]))[user]
 
+    def user_key(self, user: str) -> str:
+        """The hash holding the learner's attributes and preferences."""
+        return self.keys.user(user)
+
     async def get_many(self, users: Sequence[str]) -> dict[str, Attributes]:
         """Attributes of many users in one round trip (users with none get empty attributes). One Lua call, not a
         pipeline of HMGETs: for a fan-out chunk of 1000 learners it halves the client's CPU (one reply to parse)."""
@@ -227,22 +233,12 @@ class UserAttributes:
         """Replace the attributes of many learners (an import from the learning platform): validated first,
         then written in pipelined chunks. Not isolated from a concurrent update of the same learner. A learner named
         twice is written once, with the last row; a row without `timezone` keeps the learner's time zone."""
-        parsed: dict[str, tuple[Attributes, bool]] = {}
-        rows = 0
-        errors: list[FieldError] = []
-        for i, (user, obj) in enumerate(items):
-            rows += 1
-            try:
-                u = parse_user(user)
-                attrs = parse_attributes(obj)
-            except MessageInvalid as e:
-                errors += [FieldError(f"[{i}].{err.field}", err.message) for err in e.errors]
-                continue
-            parsed.pop(u, None)  # last wins (and is written in its own place)
-            parsed[u] = (attrs, isinstance(obj, dict) and "timezone" in obj)
-        if errors:
-            raise MessageInvalid(errors[:50])
-        learners = list(parsed.items())
+        rows, parsed = parse_import(items)
+        await self.write_import(list(parsed.items()), chunk)
+        return rows
+
+    async def write_import(self, learners: Sequence[tuple[str, ImportRow]], chunk: int = 1000) -> None:
+        """Write validated import rows (`parse_import`), in pipelined chunks."""
         for i in range(0, len(learners), chunk):
             part = learners[i:i + chunk]
             old = await self.get_many([u for u, _ in part])
@@ -252,6 +248,71 @@ class UserAttributes:
                         attrs = replace(attrs, timezone=old[user].timezone)
                     self._write(pipe, user, old[user], attrs, tz_given)
                 await pipe.execute()
+
+
+ImportRow = tuple[Attributes, bool]  # the attributes, and whether the row named `timezone`
+
+
+def parse_import(items: Iterable[tuple[str, Any]]) -> tuple[int, dict[str, ImportRow]]:
+    """Validate an import's rows: (rows read, learner -> its last row); `MessageInvalid` naming `[i].field` for bad rows."""
+    parsed: dict[str, ImportRow] = {}
+    rows = 0
+    errors: list[FieldError] = []
+    for i, (user, obj) in enumerate(items):
+        rows += 1
+        try:
+            u = parse_user(user)
+            attrs = parse_attributes(obj)
+        except MessageInvalid as e:
+            errors += [FieldError(f"[{i}].{err.field}", err.message) for err in e.errors]
+            continue
+        parsed.pop(u, None)  # last wins (and is written in its own place)
+        parsed[u] = (attrs, isinstance(obj, dict) and "timezone" in obj)
+    if errors:
+        raise MessageInvalid(errors[:50])
+    return rows, parsed
+
+
+class ShardedAttributes:
+    """Learners' attributes on each learner's shard (queue/shards.py), beside the preferences in the same hash, with
+    the shard's own audience index sets: a learner's write is one transaction on one slot. With one Redis, exactly
+    `UserAttributes` under today's keys."""
+
+    def __init__(self, redis: aioredis.Redis, shards: ShardMap) -> None:
+        self.shards = shards
+        self.parts = [UserAttributes(redis, k) for k in shards.all_keys()]
+
+    def of(self, user: str) -> UserAttributes:
+        return self.parts[self.shards.shard_of(user)]
+
+    def user_key(self, user: str) -> str:
+        return self.of(user).user_key(user)
+
+    async def get(self, user: str) -> Attributes:
+        return await self.of(parse_user(user)).get(user)
+
+    async def update(self, user: str, obj: Any, *, merge: bool = True) -> Attributes:
+        return await self.of(parse_user(user)).update(user, obj, merge=merge)
+
+    async def get_many(self, users: Sequence[str]) -> dict[str, Attributes]:
+        """One Lua call per shard with learners among `users`, concurrently."""
+        if len(self.parts) == 1:
+            return await self.parts[0].get_many(users)
+        by_shard: dict[int, list[str]] = {}
+        for u in users:
+            by_shard.setdefault(self.shards.shard_of(u), []).append(u)
+        out: dict[str, Attributes] = {}
+        for found in await asyncio.gather(*(self.parts[n].get_many(us) for n, us in by_shard.items())):
+            out |= found
+        return out
+
+    async def import_many(self, items: Iterable[tuple[str, Any]], chunk: int = 1000) -> int:
+        """`UserAttributes.import_many` over every shard: the whole import is validated before any shard is written."""
+        rows, parsed = parse_import(items)
+        by_shard: dict[int, list[tuple[str, ImportRow]]] = {}
+        for user, row in parsed.items():
+            by_shard.setdefault(self.shards.shard_of(user), []).append((user, row))
+        await asyncio.gather(*(self.parts[n].write_import(rows_n, chunk) for n, rows_n in by_shard.items()))
         return rows
 
 
@@ -318,15 +379,23 @@ async def materialize(redis: aioredis.Redis, keys: Keys, audience: Audience, des
         i = 0
         for name, values in audience.filter:
             if len(values) > 1:
-                pipe.sunionstore(temps[i], [keys.audience_index(name, v) for v in values])
+                # by name: redis-py's cluster pipeline refuses its multi-key helpers, though every key here is on
+                # `keys`' one slot (a shard's index sets, queue/shards.py)
+                pipe.execute_command("SUNIONSTORE", temps[i], *(keys.audience_index(name, v) for v in values))
                 i += 1
-        pipe.sinterstore(dest, sources)
+        pipe.execute_command("SINTERSTORE", dest, *sources)
         if ttl_s is not None:
             pipe.expire(dest, ttl_s)
         if temps:
             pipe.delete(*temps)
         replies = await pipe.execute()
     return int(replies[len(temps)])
+
+
+async def count_all(redis: aioredis.Redis, shards: ShardMap, audience: Audience) -> int:
+    """How many learners the audience has now on every shard: each shard's own index sets, summed (a learner's
+    attributes and index entries live on one shard only)."""
+    return sum(await asyncio.gather(*(count(redis, k, audience) for k in shards.all_keys())))
 
 
 async def count(redis: aioredis.Redis, keys: Keys, audience: Audience) -> int:

@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from ..core.config import PolicySettings
 from ..core.windows import SendWindows, WindowError, zone
 from ..queue.keys import Keys
-from .audiences import NO_ATTRIBUTES, Attributes, UserAttributes
+from .audiences import NO_ATTRIBUTES, Attributes, ShardedAttributes, UserAttributes
 from .experiments import next_local
 
 EPOCH = 1_767_225_600  # 2026-01-01T00:00Z: weights stay far inside a float for decades
@@ -70,11 +70,13 @@ def _counts(raw: Mapping[bytes, bytes]) -> dict[int, float]:
 
 
 class BestTimes:
-    def __init__(self, redis: aioredis.Redis, keys: Keys, policy: PolicySettings) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, policy: PolicySettings,
+                 attrs: UserAttributes | ShardedAttributes | None = None) -> None:
+        """`attrs`: where learners' attributes are read (on Redis Cluster each learner's shard); `keys`' by default."""
         self.redis = redis
         self.keys = keys
         self.policy = policy
-        self.attrs = UserAttributes(redis, keys)
+        self.attrs = attrs or UserAttributes(redis, keys)
 
     def _zone(self, a: Attributes) -> ZoneInfo:
         try:
@@ -92,7 +94,7 @@ class BestTimes:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for u in users:
-                pipe.exists(self.keys.user(u))
+                pipe.exists(self.attrs.user_key(u))
             known = {u for u, found in zip(users, await pipe.execute(), strict=True) if found}
         opens = [(u, at) for u, at in opens if u in known]
         if not opens:

@@ -7,7 +7,7 @@ A launch (`CampaignStore.launch`) only writes a job record and returns: the API 
 - **chunks**: `SSCAN` of the campaign's member set (frozen at the first launch), 1000 learners at a
   time: assignment (experiments.py), attributes (locale, first name, time zone: one pipelined
   read), rendering (templates.py), validation and payload limits (the same as the API), then one
-  `StreamQueue.enqueue` per 500 messages, so the worker's policy (opt-outs, windows, caps) applies;
+  enqueue per 500 messages (on each learner's shard on Redis Cluster), so the worker's policy applies;
 - **crash safety**: the cursor and the progress counters advance in one Lua call that first checks
   the lease, after the chunk's messages are queued. A runner that dies mid-chunk leaves the cursor
   before that chunk; when its lease expires another runner redoes the chunk, and the message ids
@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -36,8 +36,9 @@ from ..core.windows import zone
 from ..providers.base import PayloadTooLarge
 from ..providers.payloads import check_payload_limits
 from ..queue.keys import Keys
-from ..queue.streams import StreamQueue
-from .audiences import VALUE_RE, UserAttributes, materialize
+from ..queue.sharded import ShardedQueue, home_keys, shard_map
+from ..queue.shards import ShardMap
+from .audiences import VALUE_RE, Audience, ShardedAttributes, materialize
 from .besttime import BestTimes
 from .experiments import CONTROL, Campaign, Stage, load_campaign, message_id, parse_campaign, share
 from .templates import Rendered, RenderError, Template, Templates
@@ -75,6 +76,17 @@ else
 end
 return 1
 """
+
+
+async def _chunks(items: AsyncIterator[Any], size: int) -> AsyncIterator[list[Any]]:
+    batch: list[Any] = []
+    async for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def message_json(c: Campaign, variant: str, user: str, r: Rendered) -> dict[str, Any]:
@@ -120,10 +132,31 @@ class Stored:
 
 
 class CampaignStore:
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+    """Campaign definitions, their frozen audiences and fan-out jobs, under `keys`: with one Redis today's keys; on
+    Redis Cluster the home of global records (queue/sharded.py `home_keys`), one slot, so a launch stays one
+    transaction. `shards`: where the learners' audience index sets are (each learner's shard); None: `keys`."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, shards: ShardMap | None = None) -> None:
         self.redis = redis
         self.keys = keys
+        self.shards = shards if shards is not None and shards.clustered else None
         self.templates = Templates(redis, keys)
+
+    async def _audience(self, audience: Audience, dest: str) -> int:
+        """Compute the audience into the set `dest` (under `keys`, expiring in an hour); its size. On Redis Cluster
+        each shard computes its learners from its own index sets, which are then copied into `dest`."""
+        if self.shards is None:
+            return await materialize(self.redis, self.keys, audience, dest, ttl_s=3600)
+        for k in self.shards.all_keys():
+            part = f"{k.prefix}:aud:launch:{uuid.uuid4().hex}"
+            try:
+                if await materialize(self.redis, k, audience, part, ttl_s=3600):
+                    async for chunk in _chunks(self.redis.sscan_iter(part, count=CHUNK), CHUNK):
+                        await self.redis.sadd(dest, *chunk)
+                        await self.redis.expire(dest, 3600)
+            finally:
+                await self.redis.delete(part)
+        return int(await self.redis.scard(dest))
 
     async def create(self, obj: Any, now: float | None = None, *, declarative_navigate: str | None = None) -> Campaign:
         """Validate (templates must exist and render with the campaign's vars) and store; 409 if the id exists.
@@ -212,7 +245,7 @@ class CampaignStore:
         members = 0
         if not orjson.loads(await self.redis.hget(k.campaign(cid), "stages") or b"[]"):
             tmp = f"{k.campaign_members(cid)}:tmp:{uuid.uuid4().hex}"
-            members = await materialize(self.redis, k, stored.campaign.audience, tmp, ttl_s=3600)
+            members = await self._audience(stored.campaign.audience, tmp)
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
@@ -232,7 +265,9 @@ class CampaignStore:
                     pipe.multi()  # type: ignore[no-untyped-call]
                     if stage == 0 and tmp is not None:
                         if members:
-                            pipe.rename(tmp, k.campaign_members(cid))
+                            # by name: redis-py's cluster pipeline refuses its rename helper (both keys are on
+                            # one slot: the campaign's, queue/shards.py)
+                            pipe.execute_command("RENAME", tmp, k.campaign_members(cid))
                             pipe.persist(k.campaign_members(cid))
                         else:
                             pipe.delete(k.campaign_members(cid))
@@ -273,18 +308,20 @@ class CampaignStore:
 
 
 class FanoutRunner:
-    """Runs fan-out jobs; any number of runners may run (one lease per job)."""
+    """Runs fan-out jobs; any number of runners may run (one lease per job). On Redis Cluster the jobs live with the
+    campaigns in the home of global records, and each chunk's messages are queued on their learners' shards."""
 
     def __init__(self, redis: aioredis.Redis, settings: Settings, *, chunk: int = CHUNK, lease_ms: int = LEASE_MS,
                  clock: Any = time.time) -> None:
         self.redis = redis
         self.settings = settings
-        self.keys = Keys(settings.redis.prefix)
-        self.queue = StreamQueue(redis, self.keys, idempotency_window_s=settings.worker.idempotency_window_s,
-                                 done_ttl_s=settings.worker.done_ttl_s)
-        self.store = CampaignStore(redis, self.keys)
-        self.attrs = UserAttributes(redis, self.keys)
-        self.best = BestTimes(redis, self.keys, settings.policy)
+        shards = shard_map(settings.redis)
+        self.keys = home_keys(shards)
+        self.queue = ShardedQueue(redis, shards, idempotency_window_s=settings.worker.idempotency_window_s,
+                                  done_ttl_s=settings.worker.done_ttl_s)
+        self.store = CampaignStore(redis, self.keys, shards)
+        self.attrs = ShardedAttributes(redis, shards)
+        self.best = BestTimes(redis, self.keys, settings.policy, self.attrs)
         self.chunk = chunk
         self.lease_ms = lease_ms
         self.clock = clock

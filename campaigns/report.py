@@ -35,6 +35,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from ..queue.keys import Keys
+from ..queue.shards import ShardMap
 from .experiments import CONTROL
 from .fanout import CampaignStore
 
@@ -93,46 +94,91 @@ def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-async def report_exists(redis: aioredis.Redis, keys: Keys, campaign: str) -> bool:
+def _figure_keys(keys: Keys, shards: ShardMap | None) -> list[Keys]:
+    """Where the workers write a campaign's delivery figures: each shard's keys on Redis Cluster, else `keys`."""
+    return shards.all_keys() if shards is not None and shards.clustered else [keys]
+
+
+async def report_exists(redis: aioredis.Redis, keys: Keys, campaign: str, shards: ShardMap | None = None) -> bool:
     """A report exists for a stored campaign, or for any campaign label the workers have figures for."""
     if await CampaignStore(redis, keys).get(campaign) is not None:
         return True
-    return bool(await redis.exists(keys.campaign_variants(keys.upstream_campaign(campaign))))
+    for k in _figure_keys(keys, shards):
+        if await redis.exists(k.campaign_variants(k.upstream_campaign(campaign))):
+            return True
+    return False
 
 
-async def campaign_report(redis: aioredis.Redis, keys: Keys, campaign: str) -> dict[str, Any]:
+async def _arm_figures(redis: aioredis.Redis, k: Keys, figures: str, arms: Sequence[str],
+                       events: Keys | None, campaign: str) -> list[list[int]]:
+    """Per arm: delivered, failed, failed and delivered, dropped, -, dropped and settled, -, then (with `events`, the
+    keys of the event sets when they share `k`'s slot) each event figure among the delivered. One pipeline."""
+    tmp = f"{k.prefix}:report:{uuid.uuid4().hex}"
+    async with redis.pipeline(transaction=False) as pipe:
+        for arm in arms:
+            d, f, x = (k.kpi_users(figures, arm, o) for o in ("delivered", "failed", "dropped"))
+            pipe.scard(d)
+            pipe.scard(f)
+            pipe.sintercard(2, [f, d])
+            pipe.scard(x)
+            pipe.execute_command("SUNIONSTORE", tmp, d, f)  # by name: the cluster pipeline refuses the helper
+            pipe.sintercard(2, [x, tmp])
+            pipe.delete(tmp)
+            if events is not None:
+                for fig in EVENT_FIGURES:
+                    pipe.sintercard(2, [events.event_users(campaign, arm, fig), d])
+        replies = await pipe.execute()
+    per = 7 + (len(EVENT_FIGURES) if events is not None else 0)
+    return [[int(r) for r in replies[per * i:per * i + per]] for i in range(len(arms))]
+
+
+async def _events_among_delivered(redis: aioredis.Redis, keys: Keys, shards: ShardMap, campaign: str, figures: str,
+                                  arm: str) -> list[int]:
+    """Redis Cluster: each event figure's learners (kept with the campaign) who were delivered (on their shards)."""
+    out: list[int] = []
+    for fig in EVENT_FIGURES:
+        by_shard: dict[int, list[str]] = {}
+        for u in await redis.smembers(keys.event_users(campaign, arm, fig)):
+            user = _s(u)
+            by_shard.setdefault(shards.shard_of(user), []).append(user)
+        n = 0
+        for shard, users in by_shard.items():
+            found = await redis.smismember(shards.keys(shard).kpi_users(figures, arm, "delivered"), users)
+            n += sum(1 for x in found if x)
+        out.append(n)
+    return out
+
+
+async def campaign_report(redis: aioredis.Redis, keys: Keys, campaign: str,
+                          shards: ShardMap | None = None) -> dict[str, Any]:
     """The report as JSON (the API's, the CLI's and the chart's source).
 
     A stored campaign's figures are its own fan-out's only; a label that names no stored campaign reports the
-    figures of the upstream messages labelled with it, kept apart (`Keys.upstream_campaign`)."""
+    figures of the upstream messages labelled with it, kept apart (`Keys.upstream_campaign`). On Redis Cluster
+    (`shards`) the workers' figures are per shard (disjoint learners) and summed; the definition, the fan-out's
+    counters and the event sets are in `keys`, the home of global records."""
     stored = await CampaignStore(redis, keys).get(campaign)
     figures = campaign if stored is not None else keys.upstream_campaign(campaign)
     kpi = {_s(k): int(v) for k, v in (await redis.hgetall(keys.kpi(campaign))).items()} if stored else {}
-    seen = {_s(v) for v in await redis.smembers(keys.campaign_variants(figures))}
+    places = _figure_keys(keys, shards)
+    seen = {_s(v) for k in places for v in await redis.smembers(k.campaign_variants(figures))}
     if stored is not None:
         arms = [v.name for v in stored.campaign.variants]
         if stored.campaign.control_percent > 0:
             arms.append(CONTROL)
     else:
         arms = sorted(seen | {f.split(":", 1)[0] for f in kpi})
-    tmp = f"{keys.prefix}:report:{uuid.uuid4().hex}"
-    async with redis.pipeline(transaction=False) as pipe:
-        for arm in arms:
-            d, f, x = (keys.kpi_users(figures, arm, o) for o in ("delivered", "failed", "dropped"))
-            pipe.scard(d)
-            pipe.scard(f)
-            pipe.sintercard(2, [f, d])
-            pipe.scard(x)
-            pipe.sunionstore(tmp, [d, f])
-            pipe.sintercard(2, [x, tmp])
-            pipe.delete(tmp)
-            for fig in EVENT_FIGURES:
-                pipe.sintercard(2, [keys.event_users(campaign, arm, fig), d])
-        replies = await pipe.execute()
-    per = 7 + len(EVENT_FIGURES)
+    if shards is None or not shards.clustered:
+        rows = await _arm_figures(redis, keys, figures, arms, keys, campaign)
+    else:
+        rows = [[0] * 7 for _ in arms]
+        for k in places:
+            for total, part in zip(rows, await _arm_figures(redis, k, figures, arms, None, campaign), strict=True):
+                total[:] = [a + b for a, b in zip(total, part, strict=True)]
+        for row, arm in zip(rows, arms, strict=True):
+            row += await _events_among_delivered(redis, keys, shards, campaign, figures, arm)
     out_arms: list[dict[str, Any]] = []
-    for i, arm in enumerate(arms):
-        row = replies[per * i:per * i + per]
+    for arm, row in zip(arms, rows, strict=True):
         delivered, failed_all, failed_and_delivered, dropped_all, _, dropped_and_settled, _ = row[:7]
         a: dict[str, Any] = {"arm": arm, "control": arm == CONTROL}
         a["assigned"] = kpi.get(f"{arm}:assigned", 0)

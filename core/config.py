@@ -269,12 +269,6 @@ class Settings:
     webhooks: WebhookSettings = WebhookSettings()
     log_level: str = "INFO"
 
-    def __post_init__(self) -> None:
-        # Message status and outcome events use one Redis's keys (not sharded yet): off on Redis Cluster,
-        # however the settings were built.
-        if self.redis.cluster and (self.status.enabled or self.status.events):
-            object.__setattr__(self, "status", replace(self.status, enabled=False, events=False))
-
     def apns_app(self, name: str) -> ApnsApp | None:
         return next((a for a in self.apns if a.name == name), None)
 
@@ -569,11 +563,6 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
                          subscriptions=_subscriptions(data.get("webhooks", {}).get("subscriptions", []), env, api.clients)),
         log_level=level,
     )
-    if settings.redis.cluster:  # status and outcome events use one Redis's keys; not sharded yet
-        status_data = data.get("status", {})
-        if status_data.get("enabled") is True or status_data.get("events") is True or settings.webhooks.subscriptions:
-            raise ConfigError("message status, outcome events and webhooks do not work on Redis Cluster yet: "
-                              "leave status.enabled, status.events and [[webhooks.subscriptions]] unset")
     if settings.status.retention_s < 1 or settings.status.user_messages < 1 or settings.status.events_maxlen < 1:
         raise ConfigError("status.retention_s, status.user_messages and status.events_maxlen must be at least 1")
     if settings.webhooks.batch_size < 1 or settings.webhooks.max_attempts < 1 or settings.webhooks.timeout_s <= 0:

@@ -304,16 +304,15 @@ async def _run_webhooks(settings: Settings, consumer: str, metrics_port: int) ->
 
 
 def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
-    from ..queue.deadletter import DeadLetters
-    from ..queue.keys import Keys
+    from ..queue.deadletter import ShardedDeadLetters
+    from ..queue.sharded import BadShardedId, shard_map
 
-    keys = Keys(settings.redis.prefix)
     if args.action in ("replay", "purge") and not args.ids and not args.all:
         sys.stderr.write(f"error: dlq {args.action} needs entry ids (from `pushgw dlq list`) or --all\n")
         return 2
 
     async def go(redis: Any) -> Any:
-        dl = DeadLetters(redis, keys)
+        dl = ShardedDeadLetters(redis, shard_map(settings.redis))
         if args.action == "list":
             return [e.to_json() if hasattr(e, "to_json") else e for e in await dl.list(args.count or 50, args.start)]
         if args.action == "count":
@@ -323,7 +322,11 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
             return {"replayed": await dl.replay(ids, limit=args.count)}
         return {"purged": await dl.purge(ids)}
 
-    _print(asyncio.run(_with_client(settings, go)))
+    try:
+        _print(asyncio.run(_with_client(settings, go)))
+    except BadShardedId as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
     return 0
 
 
@@ -422,9 +425,9 @@ def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_templates(args: argparse.Namespace, settings: Settings) -> int:
     async def go(client: Any, redis: Any) -> Any:
         from ..campaigns.templates import Templates
-        from ..queue.keys import Keys
+        from ..queue.sharded import home_keys, shard_map
 
-        templates = Templates(redis, Keys(settings.redis.prefix))
+        templates = Templates(redis, home_keys(shard_map(settings.redis)))
         if args.action == "list":
             return await templates.names()
         if args.action == "put":
@@ -448,9 +451,10 @@ def cmd_campaigns(args: argparse.Namespace, settings: Settings) -> int:
     async def go(client: Any, redis: Any) -> Any:
         from ..campaigns.fanout import CampaignStore, FanoutRunner
         from ..campaigns.report import format_report
-        from ..queue.keys import Keys
+        from ..queue.sharded import home_keys, shard_map
 
-        store = CampaignStore(redis, Keys(settings.redis.prefix))
+        shards = shard_map(settings.redis)
+        store = CampaignStore(redis, home_keys(shards), shards)
         if args.action == "list":
             return await store.ids()
         if args.action == "create":
@@ -549,6 +553,31 @@ def cmd_automations(args: argparse.Namespace, settings: Settings) -> int:
     except (RuleNotFound, TooManyRules) as e:
         sys.stderr.write(f"error: {'no automation ' if isinstance(e, RuleNotFound) else ''}{e}\n")
         return 2
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    """Move a single-Redis deployment (`--from`) onto the Redis Cluster shards the config describes (README, Scaling
+    Redis: stop the old workers first; rerunning is safe)."""
+    from ..queue.connection import is_cluster_url, redis_from_url
+    from .migrate import Migration
+
+    if not settings.redis.cluster:
+        sys.stderr.write("error: migrate moves a deployment onto Redis Cluster: the config needs redis.cluster = true "
+                         "and redis.cluster_nodes\n")
+        return 2
+    if is_cluster_url(args.source) or not args.source.startswith(("redis://", "rediss://", "unix://")):
+        sys.stderr.write("error: --from takes the old single Redis's URL (redis://, rediss:// or unix://)\n")
+        return 2
+
+    async def go(dest: Any) -> Any:
+        source = redis_from_url(args.source)
+        try:
+            return (await Migration(source, dest, settings, source_prefix=args.from_prefix).run()).to_json()
+        finally:
+            await source.aclose()
+
+    _print(asyncio.run(_with_client(settings, go)))
+    return 0
 
 
 def cmd_vapid_keygen(args: argparse.Namespace, settings: Settings) -> int:
@@ -721,15 +750,23 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="report: JSON instead of a table")
     a.set_defaults(fn=cmd_automations)
 
+    mg = sub.add_parser("migrate", help="move a single-Redis deployment onto the Redis Cluster of the config "
+                                        "(devices, preferences, attributes, templates, queued and scheduled messages)")
+    mg.add_argument("--from", dest="source", required=True, metavar="URL", help="the old Redis, e.g. redis://old:6379/0")
+    mg.add_argument("--from-prefix", dest="from_prefix", help="the old deployment's redis.prefix (default: the config's)")
+    mg.set_defaults(fn=cmd_migrate)
+
     k = sub.add_parser("vapid-keygen", help="write a new VAPID (P-256) private key")
     k.add_argument("directory")
     k.set_defaults(fn=cmd_vapid_keygen)
     return p
 
 
-# The commands whose data is sharded on Redis Cluster (queue/shards.py); the others (dead letters, learner
-# attributes, templates, campaigns, events, demo, bench) still use one Redis's keys.
-CLUSTER_READY = frozenset({cmd_serve, cmd_worker, cmd_api, cmd_send, cmd_devices, cmd_prefs, cmd_vapid_keygen})
+# The commands whose data is sharded on Redis Cluster (queue/shards.py); the others (automations, the demo) still
+# use one Redis's keys and exit 2 there, naming the command.
+CLUSTER_READY = frozenset({cmd_serve, cmd_worker, cmd_api, cmd_send, cmd_devices, cmd_prefs, cmd_vapid_keygen, cmd_dlq,
+                           cmd_users, cmd_templates, cmd_trace, cmd_webhooks, cmd_migrate, cmd_campaigns,
+                           cmd_events})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -743,7 +780,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging(settings.log_level)
     if settings.redis.cluster and args.fn not in CLUSTER_READY:
-        sys.stderr.write("error: this command does not work on Redis Cluster yet (redis.cluster = true); "
+        sys.stderr.write(f"error: `pushgw {args.command}` does not work on Redis Cluster yet (redis.cluster = true); "
                          "see README, Scaling Redis\n")
         return 2
     try:

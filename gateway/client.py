@@ -16,7 +16,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from ..campaigns.audiences import Attributes, UserAttributes, count, parse_audience
+from ..campaigns.audiences import Attributes, count_all, parse_audience
 from ..campaigns.events import EventRecorder
 from ..campaigns.experiments import Campaign
 from ..campaigns.fanout import CampaignError, CampaignStore
@@ -25,7 +25,7 @@ from ..campaigns.templates import Rendered, Template, Templates
 from ..core.config import Settings
 from ..core.schema import Device
 from ..queue.connection import redis_from_url
-from ..queue.status import StatusReader
+from ..queue.sharded import ShardedStatus
 from ..users.profiles import Preferences
 from .intake import Intake
 
@@ -41,8 +41,8 @@ class PushClient:
     def __init__(self, redis: aioredis.Redis, settings: Settings, *, owns_redis: bool = False) -> None:
         self.redis = redis
         self._intake = Intake(redis, settings, source="client")
-        self._campaigns = CampaignStore(redis, self._intake.keys)
-        self._status = StatusReader(redis, self._intake.keys, settings.status.retention_s)
+        self._campaigns = CampaignStore(redis, self._intake.home, self._intake.shards)
+        self._status = ShardedStatus(redis, self._intake.shards, settings.status.retention_s)
         self._user_messages = settings.status.user_messages
         self._owns = owns_redis
 
@@ -100,24 +100,24 @@ class PushClient:
 
     async def set_attributes(self, user: str, attributes: dict[str, Any], *, replace: bool = False) -> Attributes:
         """A learner's cohort, track, skills, locale, time zone, topics, first name, vars (PATCH; `replace`: PUT)."""
-        return await UserAttributes(self.redis, self._intake.keys).update(user, attributes, merge=not replace)
+        return await self._intake.attributes.update(user, attributes, merge=not replace)
 
     async def attributes(self, user: str) -> Attributes:
-        return await UserAttributes(self.redis, self._intake.keys).get(user)
+        return await self._intake.attributes.get(user)
 
     async def import_attributes(self, learners: Iterable[tuple[str, dict[str, Any]]]) -> int:
         """Replace the attributes of many learners at once (validated first; pipelined chunks of 1000)."""
-        return await UserAttributes(self.redis, self._intake.keys).import_many(learners)
+        return await self._intake.attributes.import_many(learners)
 
     async def audience_size(self, audience: dict[str, Any]) -> int:
-        return await count(self.redis, self._intake.keys, parse_audience(audience))
+        return await count_all(self.redis, self._intake.shards, parse_audience(audience))
 
     async def save_template(self, name: str, template: dict[str, Any]) -> Template:
         """Validate and store a template (`MessageInvalid` names each field at fault)."""
-        return await Templates(self.redis, self._intake.keys).save(name, template)
+        return await Templates(self.redis, self._intake.home).save(name, template)
 
     async def render_template(self, name: str, variables: dict[str, str], locale: str | None = None) -> Rendered:
-        return (await Templates(self.redis, self._intake.keys).require(name)).render(variables, locale)
+        return (await Templates(self.redis, self._intake.home).require(name)).render(variables, locale)
 
     async def create_campaign(self, campaign: dict[str, Any]) -> Campaign:
         return await self._campaigns.create(campaign,
@@ -161,9 +161,9 @@ class PushClient:
 
     async def campaign_report(self, campaign: str) -> dict[str, Any]:
         """The report; `CampaignError` (404) for a campaign neither stored nor with figures, as the API answers."""
-        if not await report_exists(self.redis, self._intake.keys, campaign):
+        if not await report_exists(self.redis, self._intake.home, campaign, self._intake.shards):
             raise CampaignError(404, "not_found", f"no such campaign {campaign!r} (no definition and no figures)")
-        return await campaign_report(self.redis, self._intake.keys, campaign)
+        return await campaign_report(self.redis, self._intake.home, campaign, self._intake.shards)
 
     async def campaign_chart(self, campaign: str) -> bytes:
         """The report as a PNG (needs matplotlib: `ChartUnavailable` otherwise)."""
@@ -172,7 +172,7 @@ class PushClient:
     async def report_events(self, events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """App events: {"type": opened|clicked|converted|dismissed|opt_out, "message_id"} or {"type", "campaign",
         "user"}; each counted once per learner and type; per event {"status": counted|duplicate|ignored, ...}."""
-        return await EventRecorder(self.redis, self._intake.keys).record(list(events))
+        return await EventRecorder(self.redis, self._intake.home).record(list(events))
 
     async def report_event(self, type: str, *, message_id: str | None = None, campaign: str | None = None,
                            user: str | None = None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ caller fixes its input and sends the same batch again; idempotency ids make that
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from contextlib import suppress
@@ -15,7 +16,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from ..campaigns.audiences import NO_ATTRIBUTES, UserAttributes
+from ..campaigns.audiences import NO_ATTRIBUTES, ShardedAttributes
 from ..campaigns.besttime import BestTimes
 from ..campaigns.templates import Rendered, RenderError, Template, Templates
 from ..core import metrics
@@ -35,7 +36,7 @@ from ..providers.base import PayloadTooLarge
 from ..providers.endpoints import EndpointPolicy
 from ..providers.payloads import check_payload_limits
 from ..queue.keys import Keys
-from ..queue.sharded import ShardedQueue, shard_map
+from ..queue.sharded import ShardedQueue, home_keys, shard_map
 from ..queue.status import record_accepted
 from ..users.profiles import Profiles
 from ..users.registry import DeviceRegistry
@@ -70,13 +71,17 @@ class Intake:
         self.registries = [DeviceRegistry(redis, k) for k in self.shards.all_keys()]
         self.registry = self.registries[0]
         self.profiles = [Profiles(redis, k) for k in self.shards.all_keys()]
+        self.home = home_keys(self.shards)  # saved templates (one fixed hash tag on Redis Cluster)
+        self.attributes = ShardedAttributes(redis, self.shards)
         self.policy = EndpointPolicy(settings.webpush)
         # `app` names an [apns.<name>] or [fcm.<name>] section; "default" (the field's default) always passes.
         self.apps = frozenset({"default", *(a.name for a in settings.apns), *(a.name for a in settings.fcm)})
         self._enqueued = metrics.ENQUEUED.labels(source)
         self._scheduled = metrics.SCHEDULED.labels(source)
         self._group_ready = False
-        self.best = BestTimes(redis, self.keys, settings.policy)
+        # Learners' opens (their best hour) are kept with the global records on Redis Cluster: one home, read by the
+        # intake and the fan-out alike.
+        self.best = BestTimes(redis, self.home, settings.policy, self.attributes)
 
     def validate(self, objs: Sequence[Any]) -> list[Message]:
         """Parse every message; raise `MessageInvalid` with `[i].field` errors for all that fail."""
@@ -156,7 +161,7 @@ class Intake:
         if not any(isinstance(o, dict) and "template" in o for o in objs):
             return list(objs)
 
-        templates = Templates(self.queue.redis, self.keys)
+        templates = Templates(self.queue.redis, self.home)
         cache: dict[str, Template] = {}
         # The learners' attributes (locale, first name) for the whole batch in one round trip; an
         # invalid user id is left out here and refused with its field below.
@@ -165,7 +170,7 @@ class Intake:
             if isinstance(o, dict) and "template" in o and isinstance(o.get("user"), str):
                 with suppress(MessageInvalid):
                     valid.add(parse_user(o["user"]))
-        learners = await UserAttributes(self.queue.redis, self.keys).get_many(sorted(valid))
+        learners = await self.attributes.get_many(sorted(valid))
         out: list[Any] = []
         errors: list[FieldError] = []
         batch = len(objs) > 1
@@ -283,8 +288,7 @@ class Intake:
             chunk_flags = await self.queue.enqueue(chunk, now_ms, owner=client or "")
             flags += chunk_flags
             if status.enabled and any(chunk_flags):  # a duplicate keeps the status of the message first accepted
-                await record_accepted(self.queue.redis, self.keys, [m for m, f in zip(chunk, chunk_flags, strict=True) if f],
-                                      now_ms, retention_s=status.retention_s)
+                await self._record_accepted([m for m, f in zip(chunk, chunk_flags, strict=True) if f], now_ms)
         queued = sum(flags)
         if queued:
             self._enqueued.inc(queued)
@@ -324,6 +328,21 @@ class Intake:
         device = self.parse_device(obj)
         await self.registry_for(user).register(user, device)
         return device
+
+    async def _record_accepted(self, messages: list[Message], now_ms: int) -> None:
+        """Each accepted message's first status step on the message's shard (where its worker writes the rest), one
+        pipeline per shard, concurrently; with one Redis one pipeline under today's keys."""
+        status = self.settings.status
+        if self.shards.count == 1:
+            await record_accepted(self.queue.redis, self.shards.keys(0), messages, now_ms,
+                                  retention_s=status.retention_s)
+            return
+        by_shard: dict[int, list[Message]] = {}
+        for m in messages:
+            by_shard.setdefault(self.queue.shard_of(m), []).append(m)
+        await asyncio.gather(*(record_accepted(self.queue.redis, self.shards.keys(n), ms, now_ms,
+                                               retention_s=status.retention_s)
+                               for n, ms in by_shard.items()))
 
     def registry_for(self, user: str) -> DeviceRegistry:
         """The registry of the user's shard (the only one with a single Redis)."""

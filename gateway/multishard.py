@@ -329,9 +329,9 @@ class OwnedShards(StreamQueue):
         for kpi in c.kpi:
             part(shard_of(kpi[3])).kpi.append(kpi)
         for step in c.steps:
-            part(shard_of(step.message)).steps.append(step)
+            part(shard_of(step.shard_key or step.message)).steps.append(step)
         for started in c.started:
-            part(shard_of(started.message)).started.append(started)
+            part(shard_of(started.shard_key)).started.append(started)
         for outcome in c.outcomes:
             part(shard_of(outcome.message.user or outcome.message.id)).outcomes.append(outcome)
         return parts

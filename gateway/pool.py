@@ -71,27 +71,22 @@ async def run_worker(settings: Settings, redis_url: str, consumer: str, stop: as
 
     keys = Keys(settings.redis.prefix)
     rates = rates_for(client, keys, settings.policy.provider_rates)
-    if settings.redis.cluster:
-        await _run_cluster_worker(settings, client, providers, consumer, rates, stop)
-        for p in providers.values():
-            await p.close()
-        HELD.apply()
-        await client.aclose()
-        return
-    limiter = DeliveryPolicy(client, keys, settings.policy) if settings.policy.enabled else None
-    # Every worker process also runs campaign fan-outs (one lease per job), so a launch never blocks the API.
-
-    fanout = asyncio.create_task(FanoutRunner(client, settings).run(stop), name="fanout")
-    # ... and the inactivity rules' sweep (automations/engine.py): atomic pops, so every worker may run it.
-    sweep = asyncio.create_task(AutomationRunner(client, settings).run(stop), name="automations")
+    # Every worker process also runs campaign fan-outs (one lease per job), so a launch never blocks the API ...
+    background = [asyncio.create_task(FanoutRunner(client, settings).run(stop), name="fanout")]
+    if not settings.redis.cluster:  # ... and the inactivity rules' sweep (automations/engine.py): atomic pops, so
+        # every worker may run it. Automations are not sharded: on Redis Cluster their routes answer 501.
+        background.append(asyncio.create_task(AutomationRunner(client, settings).run(stop), name="automations"))
     try:
-        await Worker(settings, client, providers, consumer=consumer, limiter=limiter, rates=rates).run(stop)
+        if settings.redis.cluster:
+            await _run_cluster_worker(settings, client, providers, consumer, rates, stop)
+        else:
+            limiter = DeliveryPolicy(client, keys, settings.policy) if settings.policy.enabled else None
+            await Worker(settings, client, providers, consumer=consumer, limiter=limiter, rates=rates).run(stop)
     finally:
         stop.set()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(fanout, settings.worker.drain_deadline_s)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(sweep, settings.worker.drain_deadline_s)
+        for task in background:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, settings.worker.drain_deadline_s)
         for p in providers.values():
             await p.close()
 
@@ -110,7 +105,9 @@ async def _run_cluster_worker(settings: Settings, client: Any, providers: Any, c
     owner = ShardOwner(await key_client(client, shards.shared.live_workers), shards.shared, consumer, shards.count)
     ws = settings.worker
     queue = OwnedShards(client, shards, clients, idempotency_window_s=ws.idempotency_window_s,
-                        done_ttl_s=ws.done_ttl_s)
+                        done_ttl_s=ws.done_ttl_s,
+                        status_retention_s=settings.status.retention_s if settings.status.enabled else 0,
+                        events_maxlen=settings.status.events_maxlen if settings.status.events else 0)
     limiter = ShardedPolicy(client, shards, settings.policy, clients) if settings.policy.enabled else None
     worker = Worker(settings, client, providers, consumer=consumer, limiter=limiter, rates=rates,
                     keys=shards.shared, queue=queue, registry=ShardedRegistry(client, shards, clients))

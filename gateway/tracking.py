@@ -53,14 +53,15 @@ class Tracker:
             now = self._clock()
             details = {"provider": provider, "attempt": attempt, "next_attempt_at": round(due, 3), "last_error": error}
             self._commit().steps.append(Step(msg.id, int(now * 1000), "retrying", device_ref(device), details,
-                                             put_off_s(due, now)))
+                                             put_off_s(due, now), msg.user or msg.id))
 
     def held(self, msg: Message, rule: str, until: float) -> None:
         """The policy put the message off until `until` (a send window, a cap)."""
         if self._steps:
             now = self._clock()
             self._commit().steps.append(Step(msg.id, int(now * 1000), "held", "",
-                                             {"rule": rule, "until": round(until, 3)}, put_off_s(until, now)))
+                                             {"rule": rule, "until": round(until, 3)}, put_off_s(until, now),
+                                             msg.user or msg.id))
 
     def in_flight(self, job: Started, devices: Collection[Device]) -> None:
         """A worker took the job's message (or a retry of some of its devices) and sends to these devices. Only
@@ -84,10 +85,12 @@ class Tracker:
             if at > due_ms:
                 break  # this one and every later one started less than IN_FLIGHT_AFTER_S ago
             if at:
-                commit.started.append(_new(InFlight, (job.message.id, at, job.entry.attempt, job.devices)))
+                msg = job.message
+                commit.started.append(_new(InFlight, (msg.id, at, job.entry.attempt, job.devices, msg.user or msg.id)))
                 job.started_ms = 0
 
     def no_device(self, msg: Message) -> None:
         """The learner has no registered device: nothing to send."""
         if self._steps:
-            self._commit().steps.append(Step(msg.id, int(self._clock() * 1000), "no_device"))
+            self._commit().steps.append(Step(msg.id, int(self._clock() * 1000), "no_device",
+                                             shard_key=msg.user or msg.id))

@@ -54,6 +54,7 @@ from ..providers.base import retry_after_seconds
 from ..providers.endpoints import CheckedResolver, EndpointPolicy
 from ..providers.transport import AddressRefused, tls_contexts
 from ..queue.keys import Keys
+from ..queue.sharded import shard_map
 from .settle import backoff_delay
 
 log = logging.getLogger("pushgw.webhooks")
@@ -159,6 +160,8 @@ class WebhookDispatcher:
         self.ws = settings.webhooks
         self.redis = redis
         self.keys = Keys(settings.redis.prefix)
+        # Each shard's workers append to their shard's event stream (queue/shards.py): one stream with one Redis.
+        self.streams = [k.outcome_events for k in shard_map(settings.redis).all_keys()]
         self.consumer = consumer
         self.sender = WebhookSender(settings, clock)
         self._clock = clock
@@ -168,17 +171,17 @@ class WebhookDispatcher:
     async def ensure_groups(self) -> None:
         """Each subscription's group, at the stream's end when new: it gets the events from then on."""
         for sub in self.ws.subscriptions:
-            try:
-                await self.redis.xgroup_create(self.keys.outcome_events, self.keys.webhook_group(sub.name), id="$",
-                                               mkstream=True)
-            except ResponseError as e:
-                if "BUSYGROUP" not in str(e):
-                    raise
+            for stream in self.streams:
+                try:
+                    await self.redis.xgroup_create(stream, self.keys.webhook_group(sub.name), id="$", mkstream=True)
+                except ResponseError as e:
+                    if "BUSYGROUP" not in str(e):
+                        raise
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.ensure_groups()
-        tasks = [asyncio.create_task(self._subscription(sub, stop), name=f"webhook-{sub.name}")
-                 for sub in self.ws.subscriptions]
+        tasks = [asyncio.create_task(self._subscription(sub, stream, stop), name=f"webhook-{sub.name}-{n}")
+                 for sub in self.ws.subscriptions for n, stream in enumerate(self.streams)]
         tasks.append(asyncio.create_task(self._gauges(stop), name="webhook-gauges"))
         try:
             await stop.wait()
@@ -191,22 +194,27 @@ class WebhookDispatcher:
     async def _gauges(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             with contextlib.suppress(ConnectionError, OSError, aioredis.RedisError):
-                metrics.OUTCOME_EVENTS_LENGTH.set(await self.redis.xlen(self.keys.outcome_events))
-                groups = {_s(g["name"]): g for g in await self.redis.xinfo_groups(self.keys.outcome_events)}
-                for sub in self.ws.subscriptions:
-                    g = groups.get(self.keys.webhook_group(sub.name))
-                    if g is not None:
-                        metrics.WEBHOOK_LAG.labels(sub.name).set(int(g.get("lag") or 0) + int(g.get("pending") or 0))
+                length, lag = 0, dict.fromkeys((sub.name for sub in self.ws.subscriptions), 0)
+                for stream in self.streams:  # summed over the shards' streams
+                    length += await self.redis.xlen(stream)
+                    groups = {_s(g["name"]): g for g in await self.redis.xinfo_groups(stream)}
+                    for sub in self.ws.subscriptions:
+                        g = groups.get(self.keys.webhook_group(sub.name))
+                        if g is not None:
+                            lag[sub.name] += int(g.get("lag") or 0) + int(g.get("pending") or 0)
+                metrics.OUTCOME_EVENTS_LENGTH.set(length)
+                for name, behind in lag.items():
+                    metrics.WEBHOOK_LAG.labels(name).set(behind)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 5.0)
 
-    async def _subscription(self, sub: WebhookSubscription, stop: asyncio.Event) -> None:
+    async def _subscription(self, sub: WebhookSubscription, stream: str, stop: asyncio.Event) -> None:
         cursor = "0"  # first the entries this consumer read before a restart, then new ones
         failing = metrics.WEBHOOK_FAILING_SINCE.labels(sub.name)
         failing.set(0)
         while not stop.is_set():
             try:
-                cursor = await self._round(sub, cursor, stop, failing)
+                cursor = await self._round(sub, stream, cursor, stop, failing)
             except Stopping:
                 return
             except Exception as e:  # Redis down, or a bug: the task must go on while the process runs
@@ -223,10 +231,10 @@ class WebhookDispatcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 1.0)
 
-    async def _round(self, sub: WebhookSubscription, cursor: str, stop: asyncio.Event, failing: Any) -> str:
-        """Read a few entries (this consumer's unacknowledged ones while `cursor` is "0"), post the subscription's
-        events, acknowledge the entries; the cursor for the next round."""
-        group, stream = self.keys.webhook_group(sub.name), self.keys.outcome_events
+    async def _round(self, sub: WebhookSubscription, stream: str, cursor: str, stop: asyncio.Event, failing: Any) -> str:
+        """Read a few entries of one shard's stream (this consumer's unacknowledged ones while `cursor` is "0"), post
+        the subscription's events, acknowledge the entries; the cursor for the next round."""
+        group = self.keys.webhook_group(sub.name)
         reply: Any = await self.redis.xreadgroup(group, self.consumer, {stream: cursor}, count=READ_ENTRIES,
                                                  block=None if cursor == "0" else 1000)
         entries: list[Any] = reply[0][1] if reply else []

@@ -8,16 +8,19 @@ keep their raw bytes; they can be listed and purged but not replayed.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 
 from .keys import Keys
+from .sharded import read_shards_in_turn, sharded_id, split_sharded_id
+from .shards import ShardMap
 
 
 def _s(v: Any) -> str:
@@ -135,3 +138,65 @@ class DeadLetters:
         if not ids:
             return 0
         return int(await self.redis.xdel(self.keys.dead, *ids))
+
+
+class ShardedDeadLetters:
+    """The dead letters of every shard (queue/shards.py): each shard's workers write their own stream.
+
+    With one Redis this is exactly `DeadLetters` under today's keys and ids. On Redis Cluster an entry's id names its
+    shard, `<shard>/<stream id>` (a stream id alone is only unique within its shard); listing walks the shards in
+    order (a `start` id resumes in its shard), counting sums them, and a replay or purge runs per shard, each
+    shard's re-queue and removal in one transaction on that shard's slot."""
+
+    def __init__(self, redis: aioredis.Redis, shards: ShardMap) -> None:
+        self.shards = shards
+        self.parts = [DeadLetters(redis, k) for k in shards.all_keys()]
+
+    @property
+    def clustered(self) -> bool:
+        return len(self.parts) > 1
+
+    def _split(self, ids: Sequence[str]) -> dict[int, builtins.list[str]]:
+        out: dict[int, builtins.list[str]] = {}
+        for i in ids:
+            shard, entry = split_sharded_id(i, len(self.parts))
+            out.setdefault(shard, []).append(entry)
+        return out
+
+    async def count(self) -> int:
+        return sum(await asyncio.gather(*(p.count() for p in self.parts)))
+
+    async def list(self, count: int = 50, start: str = "-") -> builtins.list[DeadLetterEntry]:
+        """Oldest first within a shard, shard after shard; `start`: "-" or an entry id to resume from."""
+        if not self.clustered:
+            return await self.parts[0].list(count, start)
+        found = await read_shards_in_turn(len(self.parts), count, start, lambda n, c, s: self.parts[n].list(c, s))
+        return [replace(e, entry_id=sharded_id(n, e.entry_id)) for n, e in found]
+
+    async def get(self, ids: Sequence[str]) -> builtins.list[DeadLetterEntry]:
+        if not self.clustered:
+            return await self.parts[0].get(ids)
+        parts = self._split(ids)
+        found = await asyncio.gather(*(self.parts[n].get(e) for n, e in parts.items()))
+        return [replace(e, entry_id=sharded_id(n, e.entry_id)) for n, entries in zip(parts, found, strict=True)
+                for e in entries]
+
+    async def replay(self, ids: Sequence[str] | None, limit: int | None = None) -> int:
+        """`DeadLetters.replay` on every shard named (all shards when `ids` is None), at most `limit` in all."""
+        if not self.clustered:
+            return await self.parts[0].replay(ids, limit)
+        todo: dict[int, builtins.list[str] | None] = (
+            dict.fromkeys(range(len(self.parts))) if ids is None else dict(self._split(ids)))
+        replayed = 0
+        for n, entries in todo.items():
+            if limit is not None and replayed >= limit:
+                break
+            replayed += await self.parts[n].replay(entries, None if limit is None else limit - replayed)
+        return replayed
+
+    async def purge(self, ids: Sequence[str] | None) -> int:
+        if not self.clustered:
+            return await self.parts[0].purge(ids)
+        todo: dict[int, builtins.list[str] | None] = (
+            dict.fromkeys(range(len(self.parts))) if ids is None else dict(self._split(ids)))
+        return sum(await asyncio.gather(*(self.parts[n].purge(e) for n, e in todo.items())))

@@ -97,6 +97,12 @@ class Keys:
         return f"{self.prefix}:done:{ref}"
 
     @property
+    def migrated(self) -> str:
+        """Set of the source items (`<stream>/<entry id>`, `delayed/<member>`) `pushgw migrate` moved into this shard:
+        a rerun skips them (gateway/migrate.py)."""
+        return f"{self.prefix}:migrated"
+
+    @property
     def live_workers(self) -> str:
         """Sorted set of worker processes' consumer names scored by when their lease ends (Redis Cluster: who
         reads which shards, gateway/shard_owner.py)."""

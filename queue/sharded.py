@@ -13,15 +13,59 @@ message sent without an id gets a new one on each attempt, so clients of a clust
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from ..core.config import RedisSettings
 from ..core.schema import Message
 from .connection import ShardedCluster
 from .keys import Keys
 from .shards import ShardMap, key_slot
+from .status import StatusReader
 from .streams import CancelStatus, StreamQueue
+
+T = TypeVar("T")
+
+
+class BadShardedId(ValueError):
+    """An id that does not name a shard's stream entry: `<shard>/<stream id>` on Redis Cluster."""
+
+
+def sharded_id(shard: int, entry_id: str) -> str:
+    """The id of shard n's stream entry across shards (a stream id is only unique within its shard's stream)."""
+    return f"{shard}/{entry_id}"
+
+
+def split_sharded_id(text: str, shards: int) -> tuple[int, str]:
+    """`<shard>/<stream id>` -> (shard, stream id); `BadShardedId` if it names no shard of `shards`."""
+    shard, sep, entry = text.partition("/")
+    if not sep or not shard.isdigit() or int(shard) >= shards or not entry:
+        raise BadShardedId(f"ids on Redis Cluster are <shard>/<stream id> (from a listing), got {text!r}")
+    return int(shard), entry
+
+
+async def read_shards_in_turn(shards: int, count: int, start: str,
+                              read: Callable[[int, int, str], Awaitable[list[T]]]) -> list[tuple[int, T]]:
+    """At most `count` entries of a per-shard stream (dead letters, token events), shard 0's first, then shard 1's, ...
+    `start` is "-" or a sharded id ("(" in front: after it); `read(shard, count, start)` reads one shard's stream
+    from a stream id ("-", an id, or "(" + id) and returns its entries oldest first."""
+    first, begin = 0, "-"
+    if start != "-":
+        first, entry = split_sharded_id(start.removeprefix("("), shards)
+        begin = "(" + entry if start.startswith("(") else entry
+    out: list[tuple[int, T]] = []
+    for n in range(first, shards):
+        out += [(n, e) for e in await read(n, count - len(out), begin if n == first else "-")]
+        if len(out) >= count:
+            break
+    return out
+
+
+def home_keys(shards: ShardMap) -> Keys:
+    """Where the deployment's global records live (saved templates): with one Redis today's keys; on Redis Cluster
+    every such key under the one fixed hash tag `{<prefix>}`, so a transaction over a record and its index set is
+    legal and all of them stay on the one node serving that tag's slot."""
+    return Keys("{" + shards.prefix + "}") if shards.clustered else Keys(shards.prefix)
 
 
 def shard_map(s: RedisSettings) -> ShardMap:
@@ -106,3 +150,23 @@ class ShardedQueue:
         if len(self.queues) == 1:
             return await self.queues[0].cancel_ref(ref, client)
         return sorted(i for ids in await asyncio.gather(*(q.cancel_ref(ref, client) for q in self.queues)) for i in ids)
+
+
+class ShardedStatus:
+    """Message status on every shard (queue/status.py): the intake and the workers write a message's status string on
+    the message's shard (its user's, or its id's), and a learner's recent list on the learner's shard. With one Redis
+    this is `StatusReader` under today's keys. On Redis Cluster a message id alone does not name its shard, so
+    `message` asks every shard (one GET each, concurrently) and the shard that has it answers."""
+
+    def __init__(self, redis: Any, shards: ShardMap, retention_s: int) -> None:
+        self.shards = shards
+        self.readers = [StatusReader(redis, k, retention_s) for k in shards.all_keys()]
+
+    async def message(self, message_id: str) -> dict[str, Any] | None:
+        if len(self.readers) == 1:
+            return await self.readers[0].message(message_id)
+        found = await asyncio.gather(*(r.message(message_id) for r in self.readers))
+        return next((f for f in found if f is not None), None)
+
+    async def user(self, user: str, limit: int) -> list[dict[str, Any]]:
+        return await self.readers[self.shards.shard_of(user)].user(user, limit)

@@ -78,7 +78,8 @@ def put_off_s(until: float, now: float) -> int:
 class Step(NamedTuple):
     """One timeline step of a message that is neither a final outcome nor in flight: retrying, held,
     no_device; message-wide (`device` empty) or of one delivery. `put_off_s`: the step puts the message off
-    that many seconds (held, retrying), so its status is kept that much longer."""
+    that many seconds (held, retrying), so its status is kept that much longer. `shard_key`: what the message's
+    shard is computed from on Redis Cluster (its user, else its id: queue/sharded.py), where its status lives."""
 
     message: str
     at_ms: int
@@ -86,6 +87,7 @@ class Step(NamedTuple):
     device: str = ""
     details: dict[str, Any] | None = None
     put_off_s: int = 0
+    shard_key: str = ""
 
     def record(self) -> bytes:
         if self.details:
@@ -102,6 +104,7 @@ class InFlight(NamedTuple):
     at_ms: int
     attempt: int
     devices: Collection[Device]
+    shard_key: str  # as `Step.shard_key`
 
     def record(self) -> bytes:
         details = {"attempt": self.attempt, "devices": [device_ref(d) for d in self.devices]}

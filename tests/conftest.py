@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
-from pushgw.core.config import ApnsApp, FcmApp, ProviderSettings, Settings, WebPushSettings
+from pushgw.core.config import ApnsApp, FcmApp, ProviderSettings, RedisSettings, Settings, WebPushSettings
 from pushgw.core.schema import Device
 from pushgw.gateway.api import create_app
 from pushgw.gateway.embedded import EmbeddedRedis
@@ -26,7 +26,8 @@ from pushgw.providers.fakes.webpush import FakePushService
 from pushgw.providers.fcm import FcmProvider
 from pushgw.providers.vapid import make_vapid_key
 from pushgw.providers.webpush import WebPushProvider
-from pushgw.queue.connection import redis_from_url
+from pushgw.queue.connection import redis_from_url, redis_url_for
+from pushgw.queue.keys import Keys
 
 
 @pytest.fixture(scope="session")
@@ -43,9 +44,18 @@ def redis_url(redis_server: EmbeddedRedis) -> str:
 
 
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = redis_from_url(redis_url)  # as the gateway connects: commands packed by hiredis
-    await client.flushall()  # our own private server: every test starts empty
+async def redis(request: pytest.FixtureRequest, redis_url: str, redis_mode: str) -> AsyncIterator[Any]:
+    """The test's Redis, emptied first: the run's own server (as the gateway connects: commands packed by hiredis),
+    or in a module with `ALSO_ON_CLUSTER` also the run's 1-node cluster through the cluster client."""
+    if redis_mode == "single":
+        client = redis_from_url(redis_url)
+        await client.flushall()  # our own private server: every test starts empty
+    else:
+        cluster: LocalCluster = request.getfixturevalue("cluster1")
+        for node in cluster.nodes:
+            with node.client() as r:
+                r.flushall()
+        client = redis_from_url(redis_url_for(RedisSettings(cluster=True, cluster_nodes=cluster.seeds)))
     yield client
     await client.aclose()
 
@@ -64,6 +74,39 @@ def cluster3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]
     cluster = LocalCluster(tmp_path_factory.mktemp("cluster3"), masters=3).start()
     yield cluster
     cluster.stop()
+
+
+# The delivery, policy and campaign suites (test_worker.py, test_policy.py, test_campaigns.py, ...) also run on the
+# run's 1-node Redis Cluster through the gateway's cluster client: a module opts in with `ALSO_ON_CLUSTER = True`
+# (its tests that use `redis` run twice) and builds its keys from the `prefix`/`keys` fixtures, hash-tagged on the
+# cluster (what one shard's worker sees: queue/shards.py; the module's `KEY_PREFIX`, default "pushgw"). There a
+# script or transaction over two slots, a key built outside the prefix, or a command redis-py's cluster client
+# refuses fails the test; the 1-node cluster is started once per run and emptied before each test.
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if getattr(metafunc.module, "ALSO_ON_CLUSTER", False) and "redis" in metafunc.fixturenames:
+        metafunc.parametrize("redis_mode", ["single", "cluster1"], indirect=True)
+
+
+@pytest.fixture
+def redis_mode(request: pytest.FixtureRequest) -> str:
+    return getattr(request, "param", "single")
+
+
+@pytest.fixture
+def in_cluster(redis_mode: str) -> bool:
+    """Whether this test's Redis is the 1-node cluster (its keys then need one hash tag)."""
+    return redis_mode != "single"
+
+
+@pytest.fixture
+def prefix(request: pytest.FixtureRequest, in_cluster: bool) -> str:
+    base: str = getattr(request.module, "KEY_PREFIX", "pushgw")
+    return "{" + base + "}" if in_cluster else base
+
+
+@pytest.fixture
+def keys(prefix: str) -> Keys:
+    return Keys(prefix)
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,9 @@ from pushgw.gateway.api.errors import ApiError
 from pushgw.queue.keys import Keys
 from pushgw.queue.streams import Commit, DeadLetter, StreamQueue
 
+ALSO_ON_CLUSTER = True  # every test using `redis` also runs on the 1-node cluster (tests/conftest.py)
+KEY_PREFIX = "apitest"
+
 ENQUEUER = "enqueue-token-0123456789"
 DEVICES = "devices-token-0123456789"
 ADMIN = "admin-token-0123456789ab"
@@ -26,14 +29,16 @@ LIMITED = "limited-token-0123456789"
 FCM_TOKEN = "fcm-token-abc"
 
 
-def settings(**api: Any) -> Settings:
+
+
+def settings(prefix: str, **api: Any) -> Settings:
     clients = (
         ApiClient("course-service", ENQUEUER, ("enqueue",)),
         ApiClient("profile-service", DEVICES, ("devices",)),
         ApiClient("ops", ADMIN, ("enqueue", "devices", "admin")),
         ApiClient("quiz-service", LIMITED, ("enqueue",), rate_per_s=5.0, burst=10),
     )
-    return Settings(redis=RedisSettings(prefix="apitest"), api=ApiSettings(clients=clients, **api),
+    return Settings(redis=RedisSettings(prefix=prefix), api=ApiSettings(clients=clients, **api),
                     fcm=(FcmApp("campus"),))
 
 
@@ -41,11 +46,11 @@ Client = TestClient[Any, Any]
 
 
 @pytest.fixture
-async def make_client(redis: aioredis.Redis) -> AsyncIterator[Callable[..., Any]]:
+async def make_client(redis: aioredis.Redis, prefix: str) -> AsyncIterator[Callable[..., Any]]:
     made: list[Client] = []
 
     async def factory(s: Settings | None = None, r: aioredis.Redis | None = None) -> Client:
-        client: Client = TestClient(TestServer(create_app(s or settings(), r or redis)))
+        client: Client = TestClient(TestServer(create_app(s or settings(prefix), r or redis)))
         await client.start_server()
         made.append(client)
         return client
@@ -67,8 +72,8 @@ async def error(resp: ClientResponse, status: int, code: str) -> dict[str, Any]:
     return body
 
 
-async def queued(redis: aioredis.Redis) -> list[Message]:
-    k = Keys("apitest")
+async def queued(redis: aioredis.Redis, prefix: str) -> list[Message]:
+    k = Keys(prefix)
     entries = [*await redis.xrange(k.stream_high), *await redis.xrange(k.stream)]  # both lanes, high first
     return [loads_message(fields[b"m"]) for _, fields in entries]
 
@@ -77,17 +82,17 @@ MSG = {"id": "reminder-1", "user": "learner-1", "title": "Live session in 15 min
        "priority": "high", "ttl": 900}
 
 
-async def test_message_is_queued_and_duplicate_is_recognised(make_client: Any, redis: aioredis.Redis) -> None:
+async def test_message_is_queued_and_duplicate_is_recognised(prefix: str, make_client: Any, redis: aioredis.Redis) -> None:
     c = await make_client()
     resp = await c.post("/v1/messages", json=MSG, headers=auth(ENQUEUER))
     assert resp.status == 202 and await resp.json() == {"id": "reminder-1", "status": "queued"}
     resp = await c.post("/v1/messages", json=MSG, headers=auth(ENQUEUER))
     assert resp.status == 202 and (await resp.json())["status"] == "duplicate"
-    [m] = await queued(redis)
+    [m] = await queued(redis, prefix)
     assert m.id == "reminder-1" and m.user == "learner-1" and m.ttl == 900 and m.priority == "high"
 
 
-async def test_missing_and_wrong_tokens_are_401(make_client: Any, redis: aioredis.Redis) -> None:
+async def test_missing_and_wrong_tokens_are_401(prefix: str, make_client: Any, redis: aioredis.Redis) -> None:
     c = await make_client()
     body = await error(await c.post("/v1/messages", json=MSG), 401, "unauthenticated")
     assert "Bearer" in body["message"]
@@ -96,7 +101,7 @@ async def test_missing_and_wrong_tokens_are_401(make_client: Any, redis: aioredi
     assert resp.headers["WWW-Authenticate"].startswith("Bearer")
     await error(await c.post("/v1/messages", json=MSG, headers={"Authorization": f"Basic {ENQUEUER}"}), 401,
                 "unauthenticated")
-    assert await queued(redis) == []
+    assert await queued(redis, prefix) == []
 
 
 async def test_scopes(make_client: Any) -> None:
@@ -119,36 +124,38 @@ async def test_public_routes_need_no_token(make_client: Any) -> None:
     assert spec.status == 200 and "openapi: 3.0.3" in await spec.text()
 
 
-async def test_invalid_message_names_every_field(make_client: Any, redis: aioredis.Redis) -> None:
+async def test_invalid_message_names_every_field(prefix: str, make_client: Any, redis: aioredis.Redis) -> None:
     c = await make_client()
     bad = {"user": "learner 1", "priority": "urgent", "ttl": -5, "data": {"n": 3}}
     body = await error(await c.post("/v1/messages", json=bad, headers=auth(ENQUEUER)), 422, "invalid_message")
     fields = {f["field"] for f in body["fields"]}
     assert {"user", "priority", "ttl", "data.n"} <= fields
-    assert await queued(redis) == []
+    assert await queued(redis, prefix) == []
 
 
-async def test_batch_is_all_or_nothing_with_indexed_errors(make_client: Any, redis: aioredis.Redis) -> None:
+async def test_batch_is_all_or_nothing_with_indexed_errors(prefix: str, make_client: Any, redis: aioredis.Redis) -> None:
     c = await make_client()
     good = [dict(MSG, id=f"m-{i}") for i in range(5)]
     batch = [*good[:3], {"user": "u", "title": "t", "devices": [{"apns": "not-hex"}]}, *good[3:]]
     body = await error(await c.post("/v1/messages/batch", json={"messages": batch}, headers=auth(ENQUEUER)), 422,
                        "invalid_message")
     assert body["fields"] == [{"field": "messages[3].devices[0].apns", "message": "must be a hex device token (64+ hex digits)"}]
-    assert await queued(redis) == []
+    assert await queued(redis, prefix) == []
     resp = await c.post("/v1/messages/batch", json={"messages": good}, headers=auth(ENQUEUER))
     assert resp.status == 202
     doc = await resp.json()
     assert doc["queued"] == 5 and [r["id"] for r in doc["results"]] == [f"m-{i}" for i in range(5)]
-    assert [m.id for m in await queued(redis)] == [f"m-{i}" for i in range(5)]
+    assert [m.id for m in await queued(redis, prefix)] == [f"m-{i}" for i in range(5)]
 
 
-async def test_payload_over_the_provider_limit_is_refused_before_queueing(make_client: Any, redis: aioredis.Redis) -> None:
+async def test_payload_over_the_provider_limit_is_refused_before_queueing(
+    prefix: str, make_client: Any, redis: aioredis.Redis
+) -> None:
     c = await make_client()
     big = dict(MSG, body="x" * 4000)
     body = await error(await c.post("/v1/messages", json=big, headers=auth(ENQUEUER)), 422, "invalid_message")
     assert "limit is" in body["message"]
-    assert await queued(redis) == []
+    assert await queued(redis, prefix) == []
 
 
 @pytest.mark.parametrize(
@@ -167,18 +174,18 @@ async def test_malformed_bodies_are_4xx(make_client: Any, data: bytes, content_t
     await error(resp, status, code)
 
 
-async def test_body_and_batch_limits(make_client: Any, redis: aioredis.Redis) -> None:
-    c = await make_client(settings(max_body_bytes=2048, max_batch=3))
+async def test_body_and_batch_limits(prefix: str, make_client: Any, redis: aioredis.Redis) -> None:
+    c = await make_client(settings(prefix, max_body_bytes=2048, max_batch=3))
     resp = await c.post("/v1/messages", data=b'{"user": "u", "body": "' + b"x" * 4096 + b'"}',
                         headers=auth(ENQUEUER) | {"Content-Type": "application/json"})
     await error(resp, 413, "body_too_large")
     batch = {"messages": [dict(MSG, id=f"b-{i}") for i in range(4)]}
     await error(await c.post("/v1/messages/batch", json=batch, headers=auth(ENQUEUER)), 413, "batch_too_large")
     await error(await c.post("/v1/messages/batch", json={"messages": []}, headers=auth(ENQUEUER)), 422, "invalid_message")
-    assert await queued(redis) == []
+    assert await queued(redis, prefix) == []
 
 
-async def test_per_client_rate_limit(make_client: Any, redis: aioredis.Redis) -> None:
+async def test_per_client_rate_limit(prefix: str, make_client: Any, redis: aioredis.Redis) -> None:
     c = await make_client()
     batch = {"messages": [dict(MSG, id=f"r-{i}") for i in range(8)]}
     assert (await c.post("/v1/messages/batch", json=batch, headers=auth(LIMITED))).status == 202
@@ -188,15 +195,15 @@ async def test_per_client_rate_limit(make_client: Any, redis: aioredis.Redis) ->
     assert int(resp.headers["Retry-After"]) >= 1
     # Another client is not affected by quiz-service's bucket.
     assert (await c.post("/v1/messages/batch", json=batch, headers=auth(ENQUEUER))).status == 202
-    assert len(await queued(redis)) == 16
+    assert len(await queued(redis, prefix)) == 16
 
 
-async def test_batch_larger_than_the_clients_burst_is_413_not_free(make_client: Any, redis: aioredis.Redis) -> None:
+async def test_batch_larger_than_the_clients_burst_is_413_not_free(prefix: str, make_client: Any, redis: aioredis.Redis) -> None:
     c = await make_client()
     batch = {"messages": [dict(MSG, id=f"big-{i}") for i in range(11)]}  # quiz-service: burst 10
     body = await error(await c.post("/v1/messages/batch", json=batch, headers=auth(LIMITED)), 413, "batch_too_large")
     assert "burst" in body["message"]
-    assert await queued(redis) == []
+    assert await queued(redis, prefix) == []
 
 
 async def test_token_that_is_not_utf8_is_401(make_client: Any) -> None:
@@ -205,10 +212,10 @@ async def test_token_that_is_not_utf8_is_401(make_client: Any) -> None:
     await error(resp, 401, "unauthenticated")
 
 
-async def test_client_rate_refills_at_its_rate(redis: aioredis.Redis) -> None:
+async def test_client_rate_refills_at_its_rate(prefix: str, redis: aioredis.Redis) -> None:
     now = [1000.0]
-    limited = settings().api.clients[3]  # quiz-service: 5/s, burst 10
-    a = Authenticator(settings().api.clients, redis, Keys("apitest"), clock=lambda: now[0])
+    limited = settings(prefix).api.clients[3]  # quiz-service: 5/s, burst 10
+    a = Authenticator(settings(prefix).api.clients, redis, Keys(prefix), clock=lambda: now[0])
 
     async def wait_for(n: int) -> float:
         try:
@@ -227,7 +234,7 @@ async def test_client_rate_refills_at_its_rate(redis: aioredis.Redis) -> None:
     assert await wait_for(5) == 0.0 and await wait_for(1) > 0
 
 
-async def test_client_rate_is_one_limit_shared_by_every_api_process(make_client: Any, redis: aioredis.Redis) -> None:
+async def test_client_rate_is_one_limit_shared_by_every_api_process(prefix: str, make_client: Any, redis: aioredis.Redis) -> None:
     first, second = await make_client(), await make_client()  # two API processes on one Redis
     batch = {"messages": [dict(MSG, id=f"p-{i}") for i in range(8)]}
     assert (await first.post("/v1/messages/batch", json=batch, headers=auth(LIMITED))).status == 202
@@ -235,7 +242,7 @@ async def test_client_rate_is_one_limit_shared_by_every_api_process(make_client:
     resp = await second.post("/v1/messages/batch", json=batch, headers=auth(LIMITED))
     await error(resp, 429, "rate_limited")
     assert int(resp.headers["Retry-After"]) >= 1
-    assert len(await queued(redis)) == 8
+    assert len(await queued(redis, prefix)) == 8
 
 
 async def test_devices_register_list_delete(make_client: Any) -> None:
@@ -251,9 +258,9 @@ async def test_devices_register_list_delete(make_client: Any) -> None:
     assert "not an allowed push service" in body["fields"][0]["message"]
 
 
-async def test_dead_letters_list_and_replay(make_client: Any, redis: aioredis.Redis) -> None:
+async def test_dead_letters_list_and_replay(prefix: str, make_client: Any, redis: aioredis.Redis) -> None:
     c = await make_client()
-    q = StreamQueue(redis, Keys("apitest"))
+    q = StreamQueue(redis, Keys(prefix))
     msg = Message(id="dead-1", body="b", devices=(Device("fcm", FCM_TOKEN),), resolved=True)
     await q.ensure_group()
     await q.commit(Commit(dead=[DeadLetter(msg, "fcm SENDER_ID_MISMATCH", 1, "fcm", 0)]))
@@ -263,7 +270,7 @@ async def test_dead_letters_list_and_replay(make_client: Any, redis: aioredis.Re
     await error(await c.get("/v1/deadletters?count=x", headers=auth(ADMIN)), 400, "invalid_query")
     resp = await c.post("/v1/deadletters/replay", json={"ids": [listing["dead_letters"][0]["entry_id"]]}, headers=auth(ADMIN))
     assert resp.status == 200 and await resp.json() == {"replayed": 1}
-    assert [m.id for m in await queued(redis)] == ["dead-1"]
+    assert [m.id for m in await queued(redis, prefix)] == ["dead-1"]
 
 
 async def test_unknown_route_and_method_are_json_errors(make_client: Any) -> None:
@@ -282,9 +289,9 @@ async def test_redis_down_is_503_with_retry_after(make_client: Any) -> None:
     await dead.aclose()
 
 
-def test_api_refuses_to_start_without_clients(redis: aioredis.Redis) -> None:
+def test_api_refuses_to_start_without_clients(prefix: str, redis: aioredis.Redis) -> None:
     with pytest.raises(ConfigError, match="at least one client"):
-        create_app(replace(settings(), api=ApiSettings()), redis)
+        create_app(replace(settings(prefix), api=ApiSettings()), redis)
 
 
 async def test_tokens_never_reach_metrics_or_responses(make_client: Any) -> None:

@@ -17,7 +17,8 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from statistics import NormalDist
@@ -42,10 +43,13 @@ from pushgw.gateway.worker import Worker
 from pushgw.providers.base import Delivered, Delivery, Outcome, Retry, TokenInvalid
 from pushgw.providers.fakes.fcm import FakeFcm
 from pushgw.providers.fakes.tls import LocalCA
+from pushgw.queue.connection import redis_from_url
 from pushgw.queue.keys import Keys
 from pushgw.ratelimit.policy import DeliveryPolicy
 from pushgw.users.profiles import Profiles
 from pushgw.users.registry import DeviceRegistry
+
+ALSO_ON_CLUSTER = True  # every test using `redis` also runs on the 1-node cluster (tests/conftest.py)
 
 PREFIX = "cmptest"
 TOKEN = "campaign-test-token-0123456789"
@@ -57,6 +61,32 @@ SETTINGS = Settings(
                              ApiClient("app-backend", EVENTS_TOKEN, ("events",)))),
 )
 KEYS = Keys(PREFIX)
+
+
+
+@dataclass(frozen=True)
+class Mode:
+    """The deployment's settings and keys: on the cluster every key under one hash tag, as one shard's are."""
+
+    settings: Settings
+    keys: Keys
+
+
+@pytest.fixture
+def mode(in_cluster: bool) -> Mode:
+    if not in_cluster:
+        return Mode(SETTINGS, KEYS)
+    prefix = "{" + PREFIX + "}"
+    return Mode(replace(SETTINGS, redis=RedisSettings(prefix=prefix)), Keys(prefix))
+
+
+@pytest.fixture
+async def single_redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """One Redis only: for a test that also starts `pushgw worker` processes on `redis_url`."""
+    client = redis_from_url(redis_url)
+    await client.flushall()
+    yield client
+    await client.aclose()
 
 TEMPLATE = {
     "default_locale": "en",
@@ -94,12 +124,12 @@ def expected_arm(campaign: str, user: str, control: float, stages: list[tuple[fl
     return None
 
 
-async def queued_messages(redis: aioredis.Redis) -> list[dict[str, Any]]:
+async def queued_messages(redis: aioredis.Redis, keys: Keys = KEYS) -> list[dict[str, Any]]:
     """Every message in both lanes' streams and the delayed set (what the fan-out queued)."""
     out = []
-    for stream in (KEYS.stream, KEYS.stream_high):
+    for stream in (keys.stream, keys.stream_high):
         out += [json.loads(f[b"m"]) for _, f in await redis.xrange(stream)]
-    out += [json.loads(v) for v in (await redis.hgetall(KEYS.delayed_data)).values()]
+    out += [json.loads(v) for v in (await redis.hgetall(keys.delayed_data)).values()]
     return out
 
 
@@ -163,8 +193,8 @@ def test_templates_render_every_locale_and_refuse_broken_texts() -> None:
     assert {"default_locale", "variables.Bad", "locales.en.title", "locales.en.body", "locales.EN_us", "locales.fr"} <= fields
 
 
-async def test_a_message_may_name_a_template_instead_of_a_text(redis: aioredis.Redis) -> None:
-    client = PushClient(redis, SETTINGS)
+async def test_a_message_may_name_a_template_instead_of_a_text(mode: Mode, redis: aioredis.Redis) -> None:
+    client = PushClient(redis, mode.settings)
     await client.save_template("quiz-passed", {
         "default_locale": "en", "variables": {"first_name": "there", "score": None},
         "locales": {"en": {"title": "Well done {first_name}!", "body": "You scored {score}%"},
@@ -173,35 +203,35 @@ async def test_a_message_may_name_a_template_instead_of_a_text(redis: aioredis.R
     [(mid, queued)] = await client.send_many([{"id": "quiz-1", "user": "learner-7", "template": "quiz-passed",
                                                 "vars": {"score": "87"}, "category": "reward"}])
     assert queued and mid == "quiz-1"
-    [m] = await queued_messages(redis)
+    [m] = await queued_messages(redis, mode.keys)
     assert (m["title"], m["body"]) == ("Bravo Léa !", "Vous avez obtenu 87 %")
     with pytest.raises(MessageInvalid) as e:
         await client.send_many([{"user": "learner-7", "template": "quiz-passed"},
                                 {"user": "learner-7", "template": "nope"},
                                 {"user": "learner-7", "template": "quiz-passed", "vars": {"score": "1"}, "body": "x"}])
     assert [x.field for x in e.value.errors] == ["messages[0].vars.score", "messages[1].template", "messages[2].body"]
-    assert len(await queued_messages(redis)) == 1  # all or nothing
+    assert len(await queued_messages(redis, mode.keys)) == 1  # all or nothing
 
 
 # ---------------------------------------------------------------------------- audiences and fan-out
 
 
-async def test_audience_filters_and_attribute_indexes(redis: aioredis.Redis) -> None:
-    attrs = UserAttributes(redis, KEYS)
+async def test_audience_filters_and_attribute_indexes(mode: Mode, redis: aioredis.Redis) -> None:
+    attrs = UserAttributes(redis, mode.keys)
     await attrs.update("u1", {"cohort": "intermediate", "track": "data", "skills": ["python", "sql"], "topics": ["news"]})
     await attrs.update("u2", {"cohort": "intermediate", "track": "web", "skills": ["js"], "locale": "fr"})
     await attrs.update("u3", {"cohort": "advanced", "track": "data", "skills": ["python"], "topics": ["news"]})
-    client = PushClient(redis, SETTINGS)
+    client = PushClient(redis, mode.settings)
     assert await client.audience_size({"filter": {"cohort": "intermediate"}}) == 2
     assert await client.audience_size({"filter": {"cohort": ["intermediate", "advanced"], "skill": "python"}}) == 2
     assert await client.audience_size({"filter": {"track": "data", "cohort": "advanced"}}) == 1
     assert await client.audience_size({"topic": "news"}) == 2
     # A change moves the learner between index sets; time zone and opt-outs (preferences) are kept apart.
-    await Profiles(redis, KEYS).update("u1", {"opt_out": {"categories": ["reward"]}})
+    await Profiles(redis, mode.keys).update("u1", {"opt_out": {"categories": ["reward"]}})
     await attrs.update("u1", {"cohort": "advanced", "timezone": "Asia/Tokyo"})
     assert await client.audience_size({"filter": {"cohort": "intermediate"}}) == 1
-    assert (await Profiles(redis, KEYS).get("u1")).opt_out_categories == {"reward"}
-    assert (await Profiles(redis, KEYS).get("u1")).timezone == "Asia/Tokyo"  # the send-window policy sees it
+    assert (await Profiles(redis, mode.keys).get("u1")).opt_out_categories == {"reward"}
+    assert (await Profiles(redis, mode.keys).get("u1")).timezone == "Asia/Tokyo"  # the send-window policy sees it
     assert (await attrs.get("u1")).skills == ("python", "sql")  # PATCH keeps what it does not name
     await attrs.update("u1", {"cohort": "beginner"}, merge=False)
     assert (await attrs.get("u1")).skills == () and await client.audience_size({"filter": {"skill": "sql"}}) == 0
@@ -231,8 +261,8 @@ async def _setup_campaign(client: PushClient, cid: str, control: float = 10, **e
         **extra})
 
 
-async def test_pilot_control_group_and_rollout_get_exactly_their_share(redis: aioredis.Redis) -> None:
-    client = PushClient(redis, SETTINGS)
+async def test_pilot_control_group_and_rollout_get_exactly_their_share(mode: Mode, redis: aioredis.Redis) -> None:
+    client = PushClient(redis, mode.settings)
     users = await _import(client, 6000, lambda i: "beginner" if i % 5 == 0 else "intermediate")
     audience = [u for i, u in enumerate(users) if i % 5]
     await _setup_campaign(client, "pilot-share", control=10)
@@ -240,10 +270,10 @@ async def test_pilot_control_group_and_rollout_get_exactly_their_share(redis: ai
     assert status["fanout"]["state"] == "queued" and status["fanout"]["members"] == len(audience)
     with pytest.raises(CampaignError):
         await client.launch_campaign("pilot-share", 50)  # one fan-out at a time
-    assert await FanoutRunner(redis, SETTINGS, chunk=500).run_pending() == 1
+    assert await FanoutRunner(redis, mode.settings, chunk=500).run_pending() == 1
     pilot_weights = {"plain": 1.0, "social": 1.0}
     expected = {u: expected_arm("pilot-share", u, 10, [(10, pilot_weights)]) for u in audience}
-    got = {m["user"]: m["variant"] for m in await queued_messages(redis)}
+    got = {m["user"]: m["variant"] for m in await queued_messages(redis, mode.keys)}
     assert got == {u: a for u, a in expected.items() if a not in (None, CONTROL)}  # exactly the hash rule's pilot
     control = [u for u, a in expected.items() if a == CONTROL]
     job = (await client.campaign_status("pilot-share"))["fanout"]
@@ -251,30 +281,30 @@ async def test_pilot_control_group_and_rollout_get_exactly_their_share(redis: ai
     assert (job["sent"], job["control"], job["failed"]) == (len(got), len(control), 0)
     assert job["sent"] + job["control"] + job["outside"] == len(audience)  # every member accounted for
     assert abs(len(got) - 0.1 * (len(audience) - len(control))) < 4.5 * math.sqrt(0.09 * len(audience))
-    for m in await queued_messages(redis):
+    for m in await queued_messages(redis, mode.keys):
         assert m["campaign"] == "pilot-share" and m["id"] == message_id("pilot-share", m["user"])
         assert m["category"] == "new_content" and m["title"].endswith("Statistics 2")
     with pytest.raises(CampaignError):
         await client.launch_campaign("pilot-share", 10)  # a stage must grow
     # Rollout of the winner: the learners the pilot did not reach all get "social"; nobody gets a second message.
     await client.launch_campaign("pilot-share", 100, {"social": 1})
-    assert await FanoutRunner(redis, SETTINGS, chunk=700).run_pending() == 1
+    assert await FanoutRunner(redis, mode.settings, chunk=700).run_pending() == 1
     stages = [(10.0, pilot_weights), (100.0, {"social": 1.0})]
     expected = {u: expected_arm("pilot-share", u, 10, stages) for u in audience}
-    messages = await queued_messages(redis)
+    messages = await queued_messages(redis, mode.keys)
     assert len(messages) == len({m["id"] for m in messages}) == len({m["user"] for m in messages})
     got = {m["user"]: m["variant"] for m in messages}
     assert got == {u: a for u, a in expected.items() if a != CONTROL}
     assert {await client.assignment("pilot-share", u) for u in control} == {CONTROL}
     rollout = (await client.campaign_status("pilot-share"))["fanout"]
     assert rollout["sent"] == len(audience) - len(control) - job["sent"] and rollout["duplicates"] == 0
-    kpi = {k.decode(): int(v) for k, v in (await redis.hgetall(KEYS.kpi("pilot-share"))).items()}
+    kpi = {k.decode(): int(v) for k, v in (await redis.hgetall(mode.keys.kpi("pilot-share"))).items()}
     assert kpi[f"{CONTROL}:assigned"] == len(control)  # counted once, at the first stage
     assert kpi["plain:sent"] + kpi["social:sent"] == len(got)
 
 
-async def test_fanout_of_100k_learners_survives_a_crash_and_accounts_for_everyone(redis: aioredis.Redis) -> None:
-    client = PushClient(redis, SETTINGS)
+async def test_fanout_of_100k_learners_survives_a_crash_and_accounts_for_everyone(mode: Mode, redis: aioredis.Redis) -> None:
+    client = PushClient(redis, mode.settings)
     n = 100_000
     t0 = time.perf_counter()
     await _import(client, n)
@@ -282,13 +312,13 @@ async def test_fanout_of_100k_learners_survives_a_crash_and_accounts_for_everyon
     await _setup_campaign(client, "big-launch", control=5)
     await client.launch_campaign("big-launch", 100)
     # A runner dies after queueing its first chunk, before committing it: its lease expires, another runner redoes it.
-    crashing = FanoutRunner(redis, SETTINGS, lease_ms=300)
+    crashing = FanoutRunner(redis, mode.settings, lease_ms=300)
     crashing.crash_after_enqueue = True
     with pytest.raises(RuntimeError):
         await crashing.run_pending()
     t1 = time.perf_counter()
     stop = asyncio.Event()
-    runners = [FanoutRunner(redis, SETTINGS) for _ in range(2)]
+    runners = [FanoutRunner(redis, mode.settings) for _ in range(2)]
     tasks = [asyncio.create_task(r.run(stop, poll_s=0.05)) for r in runners]
     try:
         status = await client.wait_for_fanout("big-launch", timeout_s=300, poll_s=0.05)
@@ -297,7 +327,7 @@ async def test_fanout_of_100k_learners_survives_a_crash_and_accounts_for_everyon
         await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - t1
     job = status["fanout"]
-    messages = await queued_messages(redis)
+    messages = await queued_messages(redis, mode.keys)
     ids = [m["id"] for m in messages]
     control = sum(1 for i in range(n) if expected_arm("big-launch", f"learner-{i}", 5, []) == CONTROL)
     assert job["members"] == job["scanned"] == n
@@ -350,11 +380,11 @@ def _wilson_by_quadratic(x: int, n: int, z: float = 1.959963984540054) -> tuple[
     return (-b - d) / (2 * a), (-b + d) / (2 * a)
 
 
-async def test_report_matches_the_events_sent(redis: aioredis.Redis) -> None:
-    client = PushClient(redis, SETTINGS)
+async def test_report_matches_the_events_sent(mode: Mode, redis: aioredis.Redis) -> None:
+    client = PushClient(redis, mode.settings)
     n = 3000
     users = await _import(client, n)
-    registry = DeviceRegistry(redis, KEYS)
+    registry = DeviceRegistry(redis, mode.keys)
     for i, u in enumerate(users):
         for tok in _device_plan(i):
             await registry.register(u, Device("fcm", tok))
@@ -362,10 +392,10 @@ async def test_report_matches_the_events_sent(redis: aioredis.Redis) -> None:
             await client.set_preferences(u, opt_out_all=True)  # the same policy as any message: dropped
     await _setup_campaign(client, "stats-2", control=20)
     await client.launch_campaign("stats-2", 100)
-    assert await FanoutRunner(redis, SETTINGS).run_pending() == 1
+    assert await FanoutRunner(redis, mode.settings).run_pending() == 1
     sink = _Sink()
-    policy = DeliveryPolicy(redis, KEYS, SETTINGS.policy)
-    worker = Worker(SETTINGS, redis, {"fcm": sink}, consumer="w1", limiter=policy)
+    policy = DeliveryPolicy(redis, mode.keys, mode.settings.policy)
+    worker = Worker(mode.settings, redis, {"fcm": sink}, consumer="w1", limiter=policy)
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     delivered_before = REGISTRY.get_sample_value(
@@ -402,7 +432,7 @@ async def test_report_matches_the_events_sent(redis: aioredis.Redis) -> None:
                     truth[str(a)]["converted"].add(u)
     retried = rng.sample(events, 200)
     outsiders = [{"type": "opened", "campaign": "stats-2", "user": "stranger"}]
-    app = TestClient(TestServer(create_app(SETTINGS, redis)))
+    app = TestClient(TestServer(create_app(mode.settings, redis)))
     await app.start_server()
     try:
         h = {"Authorization": f"Bearer {EVENTS_TOKEN}"}
@@ -487,8 +517,8 @@ def test_campaign_metric_labels_are_bounded() -> None:
 # ---------------------------------------------------------------------------- API, client and CLI end to end
 
 
-async def test_campaign_through_the_api(redis: aioredis.Redis) -> None:
-    app = TestClient(TestServer(create_app(SETTINGS, redis)))
+async def test_campaign_through_the_api(mode: Mode, redis: aioredis.Redis) -> None:
+    app = TestClient(TestServer(create_app(mode.settings, redis)))
     await app.start_server()
     h = {"Authorization": f"Bearer {TOKEN}"}
     try:
@@ -530,11 +560,11 @@ async def test_campaign_through_the_api(redis: aioredis.Redis) -> None:
         assert resp.status == 404
         resp = await app.get("/v1/campaigns/api-launch/status", headers={"Authorization": f"Bearer {EVENTS_TOKEN}"})
         assert resp.status == 403
-        assert await FanoutRunner(redis, SETTINGS).run_pending() == 1  # what a worker process does in the background
+        assert await FanoutRunner(redis, mode.settings).run_pending() == 1  # what a worker process does in the background
         resp = await app.get("/v1/campaigns/api-launch/status", headers=h)
         status = await resp.json()
         assert status["fanout"]["state"] == "done" and status["fanout"]["sent"] == 2
-        texts = sorted(m["body"] for m in await queued_messages(redis))
+        texts = sorted(m["body"] for m in await queued_messages(redis, mode.keys))
         assert texts == ["Bonjour L0, Stats est ouvert", "Bonjour L1, Stats est ouvert"]
     finally:
         await app.close()
@@ -619,8 +649,10 @@ def test_campaign_scopes_in_the_configuration(tmp_path: Path) -> None:
         load_settings(cfg, env={})
 
 
-async def test_variants_by_send_time_and_frequency_and_a_learner_who_cannot_be_rendered(redis: aioredis.Redis) -> None:
-    client = PushClient(redis, SETTINGS)
+async def test_variants_by_send_time_and_frequency_and_a_learner_who_cannot_be_rendered(
+    mode: Mode, redis: aioredis.Redis
+) -> None:
+    client = PushClient(redis, mode.settings)
     users = await _import(client, 300)
     await client.set_attributes("learner-5", {"locale": "de"})  # the strict template has no German and no fallback
     await client.set_attributes("learner-6", {"timezone": "America/New_York"})
@@ -632,11 +664,11 @@ async def test_variants_by_send_time_and_frequency_and_a_learner_who_cannot_be_r
         "variants": [{"name": "once"}, {"name": "evening", "local_time": "18:00"},
                      {"name": "twice", "repeat": {"count": 2, "interval_s": 86400}}]})
     await client.launch_campaign("timing", 100)
-    assert await FanoutRunner(redis, SETTINGS).run_pending() == 1
+    assert await FanoutRunner(redis, mode.settings).run_pending() == 1
     status = (await client.campaign_status("timing"))["fanout"]
     assert status["failed"] == 1 and status["errors"][0].startswith("learner-5: locale:")  # refused, with the reason
     assert status["sent"] + status["failed"] == len(users)
-    messages = await queued_messages(redis)
+    messages = await queued_messages(redis, mode.keys)
     assert "learner-5" not in {m["user"] for m in messages}
     by_user: dict[str, list[dict[str, Any]]] = {}
     for m in messages:
@@ -655,30 +687,30 @@ async def test_variants_by_send_time_and_frequency_and_a_learner_who_cannot_be_r
         else:
             [m] = ms
             assert m["send_at"] == pytest.approx(t0 + 3600, abs=5)
-    kpi = {k.decode(): int(v) for k, v in (await redis.hgetall(KEYS.kpi("timing"))).items()}
+    kpi = {k.decode(): int(v) for k, v in (await redis.hgetall(mode.keys.kpi("timing"))).items()}
     assert kpi["twice:messages"] == 2 * kpi["twice:sent"] and kpi["once:messages"] == kpi["once:sent"]
 
 
-async def test_the_chart_says_clearly_when_matplotlib_is_missing(redis: aioredis.Redis,
+async def test_the_chart_says_clearly_when_matplotlib_is_missing(mode: Mode, redis: aioredis.Redis,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
     from pushgw.campaigns.report import ChartUnavailable, chart_png
 
-    client = PushClient(redis, SETTINGS)
+    client = PushClient(redis, mode.settings)
     # A campaign label from upstream messages: the workers' figures make a report; app events for it are ignored
     # (only stored campaigns count events, so the events scope cannot grow Redis with made-up campaigns).
     (r,) = await client.report_events([{"type": "opened", "campaign": "adhoc", "user": "u1", "variant": "a"}])
     assert (r["status"], r["reason"]) == ("ignored", "unknown_campaign")
-    figures = KEYS.upstream_campaign("adhoc")  # what a worker's commit writes for upstream-labelled messages
-    await redis.sadd(KEYS.kpi_users(figures, "a", "delivered"), "u1")
-    await redis.sadd(KEYS.campaign_variants(figures), "a")
+    figures = mode.keys.upstream_campaign("adhoc")  # what a worker's commit writes for upstream-labelled messages
+    await redis.sadd(mode.keys.kpi_users(figures, "a", "delivered"), "u1")
+    await redis.sadd(mode.keys.campaign_variants(figures), "a")
     report = await client.campaign_report("adhoc")
     assert [(a["arm"], a["delivered"], a["opened"]) for a in report["arms"]] == [("a", 1, 0)]
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without matplotlib looks like
     with pytest.raises(ChartUnavailable, match="pip install matplotlib"):
         chart_png(report)
-    app = TestClient(TestServer(create_app(SETTINGS, redis)))
+    app = TestClient(TestServer(create_app(mode.settings, redis)))
     await app.start_server()
     try:
         resp = await app.get("/v1/campaigns/adhoc/report.png", headers={"Authorization": f"Bearer {TOKEN}"})
@@ -688,7 +720,7 @@ async def test_the_chart_says_clearly_when_matplotlib_is_missing(redis: aioredis
 
 
 async def test_a_real_worker_process_fans_out_and_delivers_a_campaign(
-    redis: aioredis.Redis, redis_url: str, local_ca: LocalCA, tmp_path: Path
+    single_redis: aioredis.Redis, redis_url: str, local_ca: LocalCA, tmp_path: Path
 ) -> None:
     """`pushgw worker` (gateway/pool.py) runs the fan-out next to the deliveries: launch, and the process does the rest."""
     async with FakeFcm(local_ca) as fcm:
@@ -697,9 +729,9 @@ async def test_a_real_worker_process_fans_out_and_delivers_a_campaign(
         cfg.write_text(f'[redis]\nurl = "{redis_url}"\nprefix = "{PREFIX}"\n[worker]\nprocesses = 1\nblock_ms = 50\n'
                        f'[fcm.default]\nservice_account_file = "{account}"\nbase_url = "{fcm.base_url}"\n'
                        f'ca_file = "{local_ca.ca_file}"\n[log]\nlevel = "WARNING"\n')
-        client = PushClient(redis, SETTINGS)
+        client = PushClient(single_redis, SETTINGS)
         users = await _import(client, 600)
-        registry = DeviceRegistry(redis, KEYS)
+        registry = DeviceRegistry(single_redis, KEYS)
         for u in users:
             await registry.register(u, Device("fcm", f"fcm-{u}"))
         await _setup_campaign(client, "process-launch", control=10)

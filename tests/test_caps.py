@@ -16,6 +16,9 @@ from pushgw.queue.keys import Keys
 from pushgw.ratelimit.base import Admit, Defer, Drop
 from pushgw.ratelimit.caps import FrequencyCaps
 
+ALSO_ON_CLUSTER = True  # every test using `redis` also runs on the 1-node cluster (tests/conftest.py)
+KEY_PREFIX = "caps"
+
 WEEK = 7 * 86400.0
 T0 = 1_800_000_000.0
 POLICY = PolicySettings(
@@ -24,12 +27,14 @@ POLICY = PolicySettings(
 )
 
 
+
+
 def msg(i: int | str, category: str = "reminder", user: str | None = "learner-1", **kw: object) -> Message:
     return Message(id=f"m-{i}", user=user, body="b", category=category, **kw)  # type: ignore[arg-type]
 
 
-async def test_two_reminders_a_week_the_third_waits_for_the_first_to_leave_the_window(redis: aioredis.Redis) -> None:
-    caps = FrequencyCaps(redis, Keys("caps"), POLICY)
+async def test_two_reminders_a_week_the_third_waits_for_the_first_to_leave_the_window(redis: aioredis.Redis, keys: Keys) -> None:
+    caps = FrequencyCaps(redis, keys, POLICY)
     assert await caps.decide([msg(1)], T0) == [Admit()]
     assert await caps.decide([msg(2)], T0 + 3600) == [Admit()]
     [d] = await caps.decide([msg(3)], T0 + 2 * 86400)
@@ -41,14 +46,14 @@ async def test_two_reminders_a_week_the_third_waits_for_the_first_to_leave_the_w
     assert isinstance(d, Defer) and d.until == pytest.approx(T0 + 3600 + WEEK)
 
 
-async def test_messages_of_one_batch_count_against_each_other(redis: aioredis.Redis) -> None:
-    caps = FrequencyCaps(redis, Keys("caps"), POLICY)
+async def test_messages_of_one_batch_count_against_each_other(redis: aioredis.Redis, keys: Keys) -> None:
+    caps = FrequencyCaps(redis, keys, POLICY)
     out = await caps.decide([msg(1), msg(2, user="learner-2"), msg(3), msg(4)], T0)
     assert [type(d) for d in out] == [Admit, Admit, Admit, Defer]
 
 
-async def test_over_cap_drop_and_burst_defer(redis: aioredis.Redis) -> None:
-    caps = FrequencyCaps(redis, Keys("caps"), POLICY)
+async def test_over_cap_drop_and_burst_defer(redis: aioredis.Redis, keys: Keys) -> None:
+    caps = FrequencyCaps(redis, keys, POLICY)
     assert await caps.decide([msg(1, "new_content")], T0) == [Admit()]
     assert await caps.decide([msg(2, "new_content")], T0 + 10) == [Drop("cap_new_content")]
     # burst: 3 per minute across categories (new_content m-1 counts; reward has no cap of its own)
@@ -57,8 +62,8 @@ async def test_over_cap_drop_and_burst_defer(redis: aioredis.Redis) -> None:
     assert isinstance(out[2], Defer) and out[2].reason == "burst" and out[2].until == pytest.approx(T0 + 60)
 
 
-async def test_a_message_decided_again_after_a_crash_is_not_counted_twice(redis: aioredis.Redis) -> None:
-    caps = FrequencyCaps(redis, Keys("caps"), POLICY)
+async def test_a_message_decided_again_after_a_crash_is_not_counted_twice(redis: aioredis.Redis, keys: Keys) -> None:
+    caps = FrequencyCaps(redis, keys, POLICY)
     assert await caps.decide([msg(1)], T0) == [Admit()]
     assert await caps.decide([msg(1)], T0 + 5) == [Admit()]  # redelivered entry: same id
     assert await caps.decide([msg(2)], T0 + 6) == [Admit()]
@@ -66,9 +71,9 @@ async def test_a_message_decided_again_after_a_crash_is_not_counted_twice(redis:
 
 
 async def test_members_tell_a_new_enqueue_from_a_deferred_copy_and_duplicates_in_a_batch_count(
-    redis: aioredis.Redis,
+    redis: aioredis.Redis, keys: Keys,
 ) -> None:
-    caps = FrequencyCaps(redis, Keys("caps"), POLICY)
+    caps = FrequencyCaps(redis, keys, POLICY)
     assert await caps.decide([msg(1)], T0, members=["m-1:100"]) == [Admit()]
     assert await caps.decide([msg(1)], T0 + 1, members=["m-1:100"]) == [Admit()]  # the same acceptance again
     assert await caps.decide([msg(1)], T0 + 2, members=["m-1:900"]) == [Admit()]  # enqueued anew: counted
@@ -88,12 +93,12 @@ def test_zero_periods_are_config_errors(tmp_path: Path) -> None:
         load_settings(path, env={})
 
 
-async def test_retries_and_device_targeted_messages_are_not_limited(redis: aioredis.Redis) -> None:
-    caps = FrequencyCaps(redis, Keys("caps"), POLICY)
+async def test_retries_and_device_targeted_messages_are_not_limited(redis: aioredis.Redis, keys: Keys) -> None:
+    caps = FrequencyCaps(redis, keys, POLICY)
     retries = [msg(i, resolved=True, devices=(Device("fcm", "t"),)) for i in range(5)]
     direct = [msg(i + 10, user=None, devices=(Device("fcm", "t"),)) for i in range(5)]
     assert await caps.decide(retries + direct, T0) == [Admit()] * 10
-    assert await redis.exists(Keys("caps").cap("learner-1", "reminder")) == 0
+    assert await redis.exists(keys.cap("learner-1", "reminder")) == 0
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -187,9 +192,9 @@ class _Sink:
         return None
 
 
-async def test_worker_applies_caps_defers_and_drops_with_metrics(redis: aioredis.Redis) -> None:
+async def test_worker_applies_caps_defers_and_drops_with_metrics(redis: aioredis.Redis, keys: Keys) -> None:
     from prometheus_client import REGISTRY
-    from pushgw.core.config import Settings, WorkerSettings
+    from pushgw.core.config import RedisSettings, Settings, WorkerSettings
     from pushgw.gateway.worker import Worker
     from pushgw.queue.streams import StreamQueue
     from pushgw.users.registry import DeviceRegistry
@@ -198,14 +203,14 @@ async def test_worker_applies_caps_defers_and_drops_with_metrics(redis: aioredis
         labels = {"category": category, "rule": "cap", "action": action}
         return REGISTRY.get_sample_value("pushgw_policy_decisions_total", labels) or 0.0
 
-    keys = Keys()
     await DeviceRegistry(redis, keys).register("learner-1", Device("fcm", "tok-1"))
     q = StreamQueue(redis, keys)
     await q.ensure_group()
     await q.enqueue([msg(i) for i in range(5)] + [msg(f"n{i}", "new_content") for i in range(3)])
     before = (count("deferred", "reminder"), count("dropped", "new_content"))
     sink = _Sink()
-    settings = Settings(worker=WorkerSettings(block_ms=20, janitor_interval_s=0.05), policy=POLICY)
+    settings = Settings(redis=RedisSettings(prefix=keys.prefix), worker=WorkerSettings(block_ms=20, janitor_interval_s=0.05),
+                        policy=POLICY)
     worker = Worker(settings, redis, {"fcm": sink}, consumer="w", limiter=FrequencyCaps(redis, keys, POLICY))
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))

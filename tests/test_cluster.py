@@ -15,8 +15,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import redis as redis_sync
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from pushgw.core.config import (
     SCOPES,
@@ -28,19 +30,23 @@ from pushgw.core.config import (
     ProviderSettings,
     RedisSettings,
     Settings,
+    WebhookSettings,
+    WebhookSubscription,
     WorkerSettings,
 )
 from pushgw.core.schema import Device, parse_message
 from pushgw.gateway.api import create_app
 from pushgw.gateway.cli import main
 from pushgw.gateway.client import PushClient
+from pushgw.gateway.intake import Intake
 from pushgw.gateway.pool import make_redis, run_worker
 from pushgw.gateway.shard_owner import LEASE_S, ShardOwner, share
 from pushgw.gateway.topology import LocalCluster
+from pushgw.gateway.webhooks import WebhookDispatcher
 from pushgw.providers.fakes.fcm import FakeFcm
 from pushgw.providers.fakes.tls import LocalCA
 from pushgw.queue.connection import ShardedCluster, blocking_redis, redis_url_for
-from pushgw.queue.sharded import ShardedQueue, shard_map
+from pushgw.queue.sharded import ShardedQueue, ShardedStatus, shard_map
 from pushgw.queue.shards import key_slot
 from pushgw.queue.streams import Commit, DeadLetter
 from pushgw.ratelimit.base import ADMIT
@@ -221,14 +227,33 @@ async def test_frequency_caps_keep_one_slot_per_shard(client: ShardedCluster, ru
         assert decisions[0] is ADMIT and decisions[1] is not ADMIT
 
 
-async def test_api_on_a_cluster_serves_sharded_routes_and_refuses_the_rest(cluster: LocalCluster) -> None:
+@dataclass
+class ClusterApi:
+    """The HTTP API of a cluster deployment on a loopback server, with an admin client's headers."""
+
+    api: TestClient[Any, Any]
+    redis: Any
+    settings: Settings
+    auth: dict[str, str]
+
+
+@contextlib.asynccontextmanager
+async def cluster_api(cluster: LocalCluster) -> AsyncIterator[ClusterApi]:
     token = "cluster-test-token-0123456789"
     settings = replace(cluster_settings(cluster), api=ApiSettings(clients=(ApiClient("ops", token, SCOPES),)))
     redis = make_redis(redis_url_for(settings.redis), max_connections=16, timeout_s=5.0)
     api = TestClient(TestServer(create_app(settings, redis)))
     await api.start_server()
-    auth = {"Authorization": f"Bearer {token}"}
     try:
+        yield ClusterApi(api, redis, settings, {"Authorization": f"Bearer {token}"})
+    finally:
+        await api.close()
+        await redis.aclose()
+
+
+async def test_api_on_a_cluster_serves_sharded_routes_and_refuses_the_rest(cluster: LocalCluster) -> None:
+    async with cluster_api(cluster) as c:
+        api, auth = c.api, c.auth
         assert (await api.put("/v1/users/learner-1/devices", json={"fcm": "t1"}, headers=auth)).status == 201
         assert (await api.put("/v1/users/learner-1/preferences", json={"timezone": "Europe/Paris"},
                               headers=auth)).status == 200
@@ -236,12 +261,118 @@ async def test_api_on_a_cluster_serves_sharded_routes_and_refuses_the_rest(clust
             {"id": f"a-{i}", "user": f"learner-{i}", "body": "b"} for i in range(20)]})
         assert resp.status == 202 and (await resp.json())["queued"] == 20
         assert (await (await api.get("/v1/users/learner-1/devices", headers=auth)).json())["devices"][0]["fcm"] == "t1"
-        for path in ("/v1/deadletters", "/v1/events/invalid-tokens", "/v1/templates", "/v1/campaigns"):
+        # the best send time reads each learner's attributes on the learner's shard (one batch over many shards)
+        resp = await api.post("/v1/messages/batch", headers=auth, json={"messages": [
+            {"id": f"best-{i}", "user": f"learner-{i}", "body": "b", "send_time": "best"} for i in range(20)]})
+        assert resp.status == 202 and (await resp.json())["queued"] == 20
+        status = await api.get("/v1/messages/a-1", headers=auth)  # read from the message's shard
+        assert status.status == 200 and (await status.json())["state"] == "queued"
+        for path in ("/v1/automations", "/v1/automations/x/report"):
             resp = await api.get(path, headers=auth)
             assert resp.status == 501 and (await resp.json())["error"]["code"] == "not_in_cluster_mode", path
-    finally:
-        await api.close()
-        await redis.aclose()
+            assert path.split("/")[2] in (await resp.json())["error"]["message"]
+
+
+async def test_attributes_audiences_templates_and_dead_letters_through_the_api_on_a_cluster(
+    cluster: LocalCluster,
+) -> None:
+    async with cluster_api(cluster) as c:
+        api, auth, redis = c.api, c.auth, c.redis
+        shards = shard_map(c.settings.redis)
+        learners = USERS[:20]
+        assert len({shards.shard_of(u) for u in learners}) > 8  # the learners spread over the shards
+        resp = await api.post("/v1/attributes/batch", headers=auth, json={"users": [
+            {"user": u, "attributes": {"cohort": "c1" if i % 2 else "c2", "first_name": f"N{i}", "locale": "fr"}}
+            for i, u in enumerate(learners)]})
+        assert resp.status == 200 and await resp.json() == {"imported": 20}
+        resp = await api.patch(f"/v1/users/{learners[1]}/attributes", headers=auth, json={"cohort": "c2"})
+        assert resp.status == 200 and (await resp.json())["cohort"] == "c2"
+        got = await (await api.get(f"/v1/users/{learners[1]}/attributes", headers=auth)).json()
+        assert got["first_name"] == "N1" and got["cohort"] == "c2"
+        # each learner's attributes hash lives on the learner's shard, beside its preferences
+        assert await redis.exists(shards.user_keys(learners[1]).user(learners[1])) == 1
+        for cohort, size in (("c1", 9), ("c2", 11)):
+            audience = {"filter": {"cohort": [cohort, "none"]}}  # a union of index sets, then the count
+            resp = await api.post("/v1/audiences/count", headers=auth, json={"audience": audience})
+            assert resp.status == 200 and (await resp.json())["count"] == size, cohort
+        template = {"default_locale": "en", "variables": {"first_name": "there"},
+                    "locales": {"en": {"title": "Hi", "body": "Hello {first_name}"},
+                                "fr": {"title": "Salut", "body": "Bonjour {first_name}"}}}
+        assert (await api.put("/v1/templates/hello", headers=auth, json=template)).status == 200
+        assert await (await api.get("/v1/templates", headers=auth)).json() == {"templates": ["hello"]}
+        rendered = await (await api.post("/v1/templates/hello/render", headers=auth,
+                                          json={"vars": {"first_name": "Ada"}, "locale": "fr"})).json()
+        assert rendered["body"] == "Bonjour Ada"
+        resp = await api.post("/v1/messages/batch", headers=auth, json={"messages": [
+            {"id": f"t-{u}", "user": u, "template": "hello"} for u in learners]})
+        assert resp.status == 202 and (await resp.json())["queued"] == 20
+        queue = ShardedQueue(redis, shards)
+        for u in learners[:3]:  # rendered with each learner's own attributes, read from the learner's shard
+            entries = await redis.xrange(queue.keys_of(parse_message({"id": "x", "user": u, "body": "b"})).stream)
+            bodies = {orjson.loads(f[b"m"])["body"] for _, f in entries if orjson.loads(f[b"m"])["id"] == f"t-{u}"}
+            assert bodies == {f"Bonjour N{learners.index(u)}"}, u
+        # a dead letter on two shards each: listed with shard-qualified ids, paged, then replayed
+        dead = [learners[0], next(u for u in learners if shards.shard_of(u) != shards.shard_of(learners[0]))]
+        for u in dead:
+            k = shards.user_keys(u)
+            await redis.xadd(k.dead, {"m": orjson.dumps({"id": f"d-{u}", "user": u, "body": "b"}), "reason": "r",
+                                      "attempts": 3, "provider": "fcm", "t": 1, "at": 2})
+        listed = (await (await api.get("/v1/deadletters?count=1", headers=auth)).json())
+        assert listed["total"] == 2 and len(listed["dead_letters"]) == 1
+        first = listed["dead_letters"][0]["entry_id"]
+        rest = await (await api.get("/v1/deadletters", headers=auth, params={"start": "(" + first})).json()
+        ids = [first] + [e["entry_id"] for e in rest["dead_letters"]]
+        assert sorted(int(i.split("/")[0]) for i in ids) == sorted(shards.shard_of(u) for u in dead)
+        bad = await api.post("/v1/deadletters/replay", headers=auth, json={"ids": ["1-0"]})
+        assert bad.status == 400 and "<shard>/<stream id>" in (await bad.json())["error"]["message"]
+        resp = await api.post("/v1/deadletters/replay", headers=auth, json={"ids": ids})
+        assert resp.status == 200 and await resp.json() == {"replayed": 2}
+        assert (await (await api.get("/v1/deadletters", headers=auth)).json())["total"] == 0
+        for u in dead:  # back on the stream of the shard it died on
+            back = await redis.xrange(shards.user_keys(u).stream)
+            assert any(orjson.loads(f[b"m"])["id"] == f"d-{u}" for _, f in back), u
+        assert (await api.get("/v1/events/invalid-tokens", headers=auth)).status == 200
+
+
+async def test_a_campaign_fans_out_over_every_shard_from_the_cluster_workers_and_its_report_sums_them(
+    cluster: LocalCluster, local_ca: LocalCA, tmp_path: Path
+) -> None:
+    async with deployment(cluster_settings(cluster).redis, local_ca, tmp_path, USERS) as d:
+        client, shards = d.client, shard_map(d.settings.redis)
+        for i, u in enumerate(USERS):
+            await client.set_attributes(u, {"cohort": "c1" if i % 4 else "c2", "first_name": f"N{i}"})
+        cohort = [u for i, u in enumerate(USERS) if i % 4]
+        assert len({shards.shard_of(u) for u in cohort}) > 8  # the audience spreads over the shards
+        await client.save_template("hello", {"default_locale": "en", "variables": {"first_name": "there"},
+                                             "locales": {"en": {"title": "Hi", "body": "Hello {first_name}"}}})
+        await client.create_campaign({"id": "spring", "template": "hello", "audience": {"filter": {"cohort": "c1"}},
+                                      "variants": [{"name": "a", "weight": 1}, {"name": "b", "weight": 1}]})
+        status = await client.launch_campaign("spring", 100)
+        assert status["fanout"]["members"] == len(cohort)  # every shard's learners, frozen in one member set
+        stop = asyncio.Event()
+        worker = asyncio.create_task(run_worker(d.settings, d.url, "w0", stop))  # runs the fan-out too
+        try:
+            deadline = time.monotonic() + 30
+            while len(d.fake.received) < len(cohort):
+                assert time.monotonic() < deadline, f"{len(d.fake.received)} of {len(cohort)} delivered"
+                await asyncio.sleep(0.05)
+            report = await client.wait_for_delivery("spring", timeout_s=30, poll_s=0.05)
+        finally:
+            stop.set()
+            await asyncio.wait_for(worker, 20)
+        status = await client.campaign_status("spring")
+        assert status["fanout"]["state"] == "done" and status["fanout"]["sent"] == len(cohort)
+        assert {r.message["token"] for r in d.fake.received} == {f"tok-{u}" for u in cohort}
+        assert {r.message["notification"]["body"] for r in d.fake.received} == {
+            f"Hello N{i}" for i, u in enumerate(USERS) if i % 4}
+        # the workers counted each learner's delivery on its own shard; events are kept with the campaign
+        opened = cohort[:10]
+        results = await client.report_events([{"type": "opened", "campaign": "spring", "user": u} for u in opened])
+        assert [r["status"] for r in results] == ["counted"] * 10
+        report = await client.campaign_report("spring")
+        arms = {a["arm"]: a for a in report["arms"]}
+        assert sum(a["delivered"] for a in arms.values()) == sum(a["sent"] for a in arms.values()) == len(cohort)
+        assert sum(a["opened_delivered"] for a in arms.values()) == sum(a["opened"] for a in arms.values()) == 10
 
 
 def test_cli_on_a_cluster_runs_sharded_commands_and_refuses_the_rest(
@@ -254,10 +385,20 @@ def test_cli_on_a_cluster_runs_sharded_commands_and_refuses_the_rest(
     assert main(["-c", str(cfg), "devices", "list", "learner-9"]) == 0
     assert '"fcm": "tok-9"' in capsys.readouterr().out
     assert main(["-c", str(cfg), "prefs", "learner-9", "--opt-out-all"]) == 0
+    assert main(["-c", str(cfg), "users", "set", "learner-9", "--attributes", '{"first_name": "Ada"}']) == 0
+    template = tmp_path / "t.json"
+    template.write_text('{"default_locale": "en", "locales": {"en": {"title": "Hi", "body": "Hello {first_name}"}}, '
+                        '"variables": {"first_name": "there"}}')
+    assert main(["-c", str(cfg), "templates", "put", "hi", str(template)]) == 0
     assert main(["-c", str(cfg), "send", "--user", "learner-9", "--body", "b", "--id", "cli-c1"]) == 0
     assert '"status": "queued"' in capsys.readouterr().out
-    assert main(["-c", str(cfg), "dlq", "count"]) == 2
-    assert "does not work on Redis Cluster yet" in capsys.readouterr().err
+    assert main(["-c", str(cfg), "dlq", "count"]) == 0
+    assert '"dead_letters": 0' in capsys.readouterr().out
+    assert main(["-c", str(cfg), "dlq", "replay", "1-0"]) == 2
+    assert "<shard>/<stream id>" in capsys.readouterr().err
+    assert main(["-c", str(cfg), "campaigns", "list"]) == 0
+    assert main(["-c", str(cfg), "automations", "list"]) == 2
+    assert "`pushgw automations` does not work on Redis Cluster yet" in capsys.readouterr().err
 
 
 def blocking_redis_sync(url: str) -> redis_sync.Redis:
@@ -311,6 +452,73 @@ async def test_retries_token_removal_dead_letters_and_schedules_in_every_mode(
         finally:
             stop.set()
             await asyncio.wait_for(worker, 20)
+
+
+class Hooks:
+    """An HTTPS webhook receiver on loopback that keeps every posted event."""
+
+    def __init__(self, ca: LocalCA) -> None:
+        self.ca = ca
+        self.events: list[dict[str, Any]] = []
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.events += orjson.loads(await request.read())["events"]
+        return web.Response(status=204)
+
+    async def __aenter__(self) -> Hooks:
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.ca.server_context()).start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+
+async def test_message_status_outcome_events_and_webhooks_per_shard_in_every_mode(
+    mode: RedisSettings, local_ca: LocalCA, tmp_path: Path
+) -> None:
+    users = USERS[:16]
+    async with deployment(mode, local_ca, tmp_path, users) as d, Hooks(local_ca) as hooks:
+        settings = replace(
+            d.settings, api=ApiSettings(clients=(ApiClient("svc", "svc-token-0123456789"),)),
+            webhooks=WebhookSettings(subscriptions=(WebhookSubscription(
+                "lms", "svc", f"https://127.0.0.1:{hooks.port}/hook", "whsec-0123456789abcdef", ("delivered",)),),
+                allowed_hosts=("127.0.0.1",), allow_private=True, ca_file=str(local_ca.ca_file),
+                backoff_base_s=0.05, backoff_cap_s=0.2))
+        assert settings.status.enabled and settings.status.events
+        dispatcher = WebhookDispatcher(settings, d.redis, consumer="d1")
+        await dispatcher.ensure_groups()
+        await Intake(d.redis, settings).submit(
+            [{"id": f"s-{u}", "user": u, "title": "t", "body": "b"} for u in users], client="svc")
+        statuses = ShardedStatus(d.redis, shard_map(settings.redis), settings.status.retention_s)
+        assert (await statuses.message(f"s-{users[5]}") or {}).get("state") == "queued"
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(run_worker(settings, d.url, "w0", stop)),
+                 asyncio.create_task(dispatcher.run(stop))]
+        try:
+            deadline = time.monotonic() + 30
+            while len({e["message"] for e in hooks.events}) < len(users):
+                assert time.monotonic() < deadline, f"{len(hooks.events)} webhook events of {len(users)}"
+                await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), 20)
+        assert sorted(e["message"] for e in hooks.events) == sorted(f"s-{u}" for u in users)
+        shards = shard_map(settings.redis)
+        on = {n for n, k in enumerate(shards.all_keys()) if await d.redis.xlen(k.outcome_events)}
+        assert on == {shards.shard_of(u) for u in users}  # each shard's worker wrote its own shard's stream
+        for u in users:
+            status = await statuses.message(f"s-{u}")
+            assert status is not None and status["state"] == "delivered", u
+            assert [m["id"] for m in await statuses.user(u, 10)] == [f"s-{u}"]
+        assert await statuses.message("no-such-message") is None
 
 
 def cluster_settings_for_mode(redis: RedisSettings) -> Settings:

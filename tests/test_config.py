@@ -65,7 +65,6 @@ def test_secrets_stay_out_of_repr(tmp: Path) -> None:
         ("[redis]\ncluster = true\ncluster_nodes = ['h:1']\nurl = 'redis://h:2'", {}, "unset redis.url"),
         ("[redis]\ncluster = true\ncluster_nodes = ['h']", {}, "redis.cluster_nodes: 'h' is not host:port"),
         ("[redis]\ncluster = true\ncluster_nodes = ['h:1']\nwait_replicas = 1", {}, "redis.wait_replicas"),
-        ("[redis]\ncluster = true\ncluster_nodes = ['h:1']\n[status]\nenabled = true", {}, "not work on Redis Cluster yet"),
         ("[redis]\nshards = 0", {}, "redis.shards"),
         ("", {"PUSHGW_REDIS_SHARDS": "2000"}, "redis.shards"),
         ("[redis]\nwait_replicas = 1\nwait_timeout_ms = 0", {}, "redis.wait_timeout_ms"),
@@ -78,10 +77,11 @@ def test_bad_settings_name_the_setting(tmp: Path, text: str, env: dict[str, str]
     assert named in str(e.value)
 
 
-def test_status_and_events_are_off_on_a_cluster_unless_asked_for(tmp: Path) -> None:
+def test_status_and_events_keep_their_settings_on_a_cluster(tmp: Path) -> None:
     s = load_settings(write(tmp, "[redis]\ncluster = true\ncluster_nodes = ['h:1']"), env={})
-    assert (s.status.enabled, s.status.events) == (False, False)
-    assert load_settings(write(tmp, ""), env={}).status.enabled is True
+    assert (s.status.enabled, s.status.events) == (True, True)  # per shard (queue/sharded.py ShardedStatus)
+    s = load_settings(write(tmp, "[redis]\ncluster = true\ncluster_nodes = ['h:1']\n[status]\nevents = false"), env={})
+    assert (s.status.enabled, s.status.events) == (True, False)
 
 
 def test_missing_file_is_a_clear_error(tmp: Path) -> None:

@@ -13,6 +13,12 @@ from pushgw.providers.base import Delivered, Delivery, Outcome
 from pushgw.queue.keys import Keys
 from pushgw.queue.streams import StreamQueue
 
+ALSO_ON_CLUSTER = True  # every test using `redis` also runs on the 1-node cluster (tests/conftest.py)
+KEY_PREFIX = "lanes"
+
+
+
+
 
 def test_the_lane_queue_serves_high_first_and_gives_normal_one_in_weight_plus_one() -> None:
     q: LaneQueue[str] = LaneQueue(weight=3)
@@ -55,8 +61,7 @@ class _SlowSink:
         return None
 
 
-async def test_a_bulk_backlog_does_not_delay_a_high_priority_message(redis: aioredis.Redis) -> None:
-    keys = Keys("lanes")
+async def test_a_bulk_backlog_does_not_delay_a_high_priority_message(redis: aioredis.Redis, keys: Keys) -> None:
     q = StreamQueue(redis, keys)
     await q.ensure_group()
     bulk = [Message(id=f"bulk-{i}", devices=(Device("fcm", f"tok-{i}"),), body="New module", category="new_content")
@@ -64,7 +69,7 @@ async def test_a_bulk_backlog_does_not_delay_a_high_priority_message(redis: aior
     for i in range(0, len(bulk), 500):
         await q.enqueue(bulk[i:i + 500])
     ws = WorkerSettings(block_ms=50, batch_size=32, max_inflight=64, high_reserve=32, janitor_interval_s=0.5)
-    settings = Settings(redis=RedisSettings(prefix="lanes"), worker=ws, providers=ProviderSettings(concurrency=8))
+    settings = Settings(redis=RedisSettings(prefix=keys.prefix), worker=ws, providers=ProviderSettings(concurrency=8))
     sink = _SlowSink()
     stop = asyncio.Event()
     task = asyncio.create_task(Worker(settings, redis, {"fcm": sink}, consumer="w").run(stop))
@@ -94,8 +99,7 @@ async def test_a_bulk_backlog_does_not_delay_a_high_priority_message(redis: aior
         await asyncio.wait_for(task, 10)
 
 
-async def test_retries_and_deferrals_return_to_their_own_lane(redis: aioredis.Redis) -> None:
-    keys = Keys("lanes")
+async def test_retries_and_deferrals_return_to_their_own_lane(redis: aioredis.Redis, keys: Keys) -> None:
     q = StreamQueue(redis, keys)
     await q.ensure_group()
     high = Message(id="h", user="u", body="b", priority="high")

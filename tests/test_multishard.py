@@ -17,6 +17,7 @@ from pushgw.gateway.topology import LocalCluster
 from pushgw.queue.connection import ShardedCluster, SlotClient, blocking_redis, redis_url_for
 from pushgw.queue.sharded import ShardedQueue, shard_clients, shard_map
 from pushgw.queue.shards import ShardMap, key_slot
+from pushgw.queue.status import InFlight, Step
 from pushgw.queue.streams import Commit
 
 SHARDS = 16
@@ -149,6 +150,19 @@ async def test_a_commit_goes_to_each_entrys_and_each_messages_shard(client: Shar
     assert [s for s, st in enumerate(stats) if st.pending] == [split_qualified(first.ref)[0]]  # the one not acked
     assert [s for s, st in enumerate(stats) if st.delayed] == [9]  # the retry on its user's shard
     assert await q.done_marks([first.ref]) == {first.ref: {"fcm:t"}}  # its done mark, on its shard
+
+
+async def test_status_steps_go_to_their_messages_shard_which_is_its_users(client: ShardedCluster) -> None:
+    shards = shard_map(settings_of(client))
+    user = user_on(shards, 3)
+    msg_id = next(f"m-{i}" for i in range(1000) if shards.shard_of(f"m-{i}") != 3)  # its id alone names another
+    q = OwnedShards(client, shards, await shard_clients(client, shards), status_retention_s=60)
+    q.own(range(SHARDS))
+    await q.commit(Commit(steps=[Step(msg_id, 1, "retrying", "fcm:t", {"attempt": 2}, 5, user)],
+                          started=[InFlight(msg_id, 2, 1, [Device("fcm", "t")], user)]))
+    written = [n for n in range(SHARDS) if await client.exists(shards.keys(n).status(msg_id))]
+    assert written == [3]
+    assert b"retrying" in await client.get(shards.keys(3).status(msg_id))
 
 
 async def test_devices_of_users_on_every_shard_in_one_call(client: ShardedCluster) -> None:

@@ -39,6 +39,10 @@ from pushgw.users.profiles import Preferences, Profiles
 from pushgw.users.registry import DeviceRegistry
 
 PREFIX = "policytest"
+ALSO_ON_CLUSTER = True  # every test using `redis` also runs on the 1-node cluster (tests/conftest.py)
+KEY_PREFIX = PREFIX
+
+
 TOKEN = "policy-test-token-0123456789"
 LEARNING = PolicySettings(
     windows=("07:30-09:00", "12:00-13:30", "17:30-21:00"), timezone="Europe/Paris", window_jitter_s=900,
@@ -60,8 +64,8 @@ def count(rule: str, action: str, category: str) -> float:
     return REGISTRY.get_sample_value("pushgw_policy_decisions_total", labels) or 0.0
 
 
-async def test_opt_outs_drop_only_what_the_user_refused(redis: aioredis.Redis) -> None:
-    keys = Keys(PREFIX)
+async def test_opt_outs_drop_only_what_the_user_refused(redis: aioredis.Redis, prefix: str) -> None:
+    keys = Keys(prefix)
     profiles = Profiles(redis, keys)
     await profiles.update("learner-1", {"opt_out": {"categories": ["new_content"]}})
     await profiles.update("learner-2", {"opt_out": {"all": True}})
@@ -79,8 +83,8 @@ async def test_opt_outs_drop_only_what_the_user_refused(redis: aioredis.Redis) -
     assert count("opt_out", "dropped", "reminder") - before[1] == 1
 
 
-async def test_windows_defer_to_the_learners_next_window_with_jitter(redis: aioredis.Redis) -> None:
-    keys = Keys(PREFIX)
+async def test_windows_defer_to_the_learners_next_window_with_jitter(redis: aioredis.Redis, prefix: str) -> None:
+    keys = Keys(prefix)
     await Profiles(redis, keys).update("learner-ny", {"timezone": "America/New_York"})
     policy = DeliveryPolicy(redis, keys, LEARNING)
     night = paris(2026, 11, 25, 23, 15)  # 17:15 in New York
@@ -110,8 +114,8 @@ async def test_windows_defer_to_the_learners_next_window_with_jitter(redis: aior
     assert isinstance(d, Defer)
 
 
-async def test_opt_outs_also_stop_retries_and_re_reads_but_windows_do_not(redis: aioredis.Redis) -> None:
-    keys = Keys(PREFIX)
+async def test_opt_outs_also_stop_retries_and_re_reads_but_windows_do_not(redis: aioredis.Redis, prefix: str) -> None:
+    keys = Keys(prefix)
     await Profiles(redis, keys).update("learner-1", {"opt_out": {"categories": ["reminder"]}})
     policy = DeliveryPolicy(redis, keys, LEARNING)
     night = paris(2026, 11, 25, 23, 15)
@@ -123,8 +127,8 @@ async def test_opt_outs_also_stop_retries_and_re_reads_but_windows_do_not(redis:
     assert isinstance(out[3], Defer)
 
 
-async def test_preferences_validation(redis: aioredis.Redis) -> None:
-    profiles = Profiles(redis, Keys(PREFIX))
+async def test_preferences_validation(redis: aioredis.Redis, prefix: str) -> None:
+    profiles = Profiles(redis, Keys(prefix))
     with pytest.raises(MessageInvalid) as e:
         await profiles.update("learner-1", {"timezone": "Europe/Atlantis", "opt_out": {"all": "yes", "categories": ["A B"]},
                                             "colour": 1})
@@ -168,13 +172,15 @@ async def _run_until(worker: Worker, done: Callable[[], Any], rounds: int = 300)
         await asyncio.wait_for(task, 10)
 
 
-async def test_worker_holds_night_messages_until_the_morning_and_drops_what_would_expire(redis: aioredis.Redis) -> None:
-    keys = Keys(PREFIX)
+async def test_worker_holds_night_messages_until_the_morning_and_drops_what_would_expire(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    keys = Keys(prefix)
     await DeviceRegistry(redis, keys).register("learner-1", Device("fcm", "tok-1"))
     q = StreamQueue(redis, keys)
     await q.ensure_group()
     now = [paris(2026, 11, 25, 23, 15)]
-    settings = Settings(redis=RedisSettings(prefix=PREFIX), worker=WorkerSettings(block_ms=20, janitor_interval_s=0.05),
+    settings = Settings(redis=RedisSettings(prefix=prefix), worker=WorkerSettings(block_ms=20, janitor_interval_s=0.05),
                         policy=LEARNING)
     sink = _Sink()
     worker = Worker(settings, redis, {"fcm": sink}, consumer="w", limiter=DeliveryPolicy(redis, keys, LEARNING),
@@ -203,8 +209,8 @@ async def test_worker_holds_night_messages_until_the_morning_and_drops_what_woul
     await _run_until(worker, delivered)
 
 
-async def test_send_at_holds_a_message_and_ttl_counts_from_then(redis: aioredis.Redis) -> None:
-    keys = Keys(PREFIX)
+async def test_send_at_holds_a_message_and_ttl_counts_from_then(redis: aioredis.Redis, prefix: str) -> None:
+    keys = Keys(prefix)
     q = StreamQueue(redis, keys)
     await q.ensure_group()
     t0 = 1_900_000_000.0
@@ -227,8 +233,8 @@ async def test_send_at_holds_a_message_and_ttl_counts_from_then(redis: aioredis.
         assert [err.field for err in e.value.errors] == [field]
 
 
-async def test_scheduler_moves_each_item_exactly_once_with_concurrent_movers(redis: aioredis.Redis) -> None:
-    keys = Keys(PREFIX)
+async def test_scheduler_moves_each_item_exactly_once_with_concurrent_movers(redis: aioredis.Redis, prefix: str) -> None:
+    keys = Keys(prefix)
     q = StreamQueue(redis, keys)
     await q.ensure_group()
     t0 = 1_900_000_000.0
@@ -258,8 +264,8 @@ async def test_scheduler_moves_each_item_exactly_once_with_concurrent_movers(red
     assert await redis.zcard(keys.delayed) == 0 and await redis.hlen(keys.delayed_data) == 0
 
 
-async def test_preferences_through_the_api_and_the_client(redis: aioredis.Redis) -> None:
-    settings = Settings(redis=RedisSettings(prefix=PREFIX),
+async def test_preferences_through_the_api_and_the_client(redis: aioredis.Redis, prefix: str) -> None:
+    settings = Settings(redis=RedisSettings(prefix=prefix),
                         api=ApiSettings(clients=(ApiClient("app", TOKEN, ("enqueue", "devices")),
                                                  ApiClient("sender", TOKEN[::-1], ("enqueue",)))))
     client = TestClient(TestServer(create_app(settings, redis)))

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 
 from ..core.schema import Device, FieldError, parse_device
 from ..queue.keys import Keys
+from ..queue.sharded import read_shards_in_turn, sharded_id
 from .profiles import Preferences, preferences_of
 
 MAX_DEVICES_PER_USER = 100
@@ -138,6 +139,17 @@ class DeviceRegistry:
         """Invalid-token events (newest last) for upstream services that keep their own device lists."""
         items: Any = await self.redis.xrange(self.keys.invalid_tokens, min=after, max="+", count=count)
         return [{"id": _s(i)} | {_s(k): _s(v) for k, v in f.items()} for i, f in items]
+
+
+async def invalid_token_events(registries: Sequence[DeviceRegistry], count: int = 100,
+                               after: str = "-") -> list[dict[str, Any]]:
+    """Invalid-token events of every shard (each shard's workers write their own stream, queue/shards.py): with one
+    Redis, its stream's ids; on Redis Cluster shard after shard, ids `<shard>/<stream id>` (`after` resumes there)."""
+    if len(registries) == 1:
+        return await registries[0].invalid_token_events(count, after)
+    found = await read_shards_in_turn(len(registries), count, after,
+                                      lambda n, c, s: registries[n].invalid_token_events(c, s))
+    return [e | {"id": sharded_id(n, e["id"])} for n, e in found]
 
 
 def _s(v: Any) -> str:

@@ -67,11 +67,18 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
-# The routes whose data is sharded on Redis Cluster (queue/shards.py); the others (dead letters, token events,
-# learner attributes, templates, audiences, campaigns, app events) still use one Redis's keys and answer 501.
+# The routes whose data is sharded on Redis Cluster (queue/shards.py) or kept in the home of global records
+# (queue/sharded.py `home_keys`); the automations' routes still use one Redis's keys and answer 501 naming the route
+# (and POST /v1/events with learning events in it, campaign_routes.py).
 CLUSTER_READY_ROUTES = frozenset({
     "/v1/messages", "/v1/messages/batch", "/v1/users/{user}/devices", "/v1/users/{user}/devices/{key}",
     "/v1/users/{user}/preferences", "/healthz", "/readyz", "/metrics", "/openapi.yaml",
+    "/v1/deadletters", "/v1/deadletters/replay", "/v1/events/invalid-tokens",
+    "/v1/users/{user}/attributes", "/v1/attributes/batch", "/v1/audiences/count",
+    "/v1/templates", "/v1/templates/{name}", "/v1/templates/{name}/render",
+    "/v1/messages/{id}", "/v1/users/{user}/messages",
+    "/v1/campaigns", "/v1/campaigns/{id}", "/v1/campaigns/{id}/launch", "/v1/campaigns/{id}/status",
+    "/v1/campaigns/{id}/report", "/v1/campaigns/{id}/report.png", "/v1/events",
 })
 
 

@@ -15,14 +15,16 @@ from typing import Any
 from aiohttp import web
 
 from ...automations.events import is_learning, parse_learning_event
-from ...campaigns.audiences import UserAttributes, count, parse_audience
+from ...campaigns.audiences import count_all, parse_audience
 from ...campaigns.events import MAX_EVENTS, EventRecorder, parse_events, summary
 from ...campaigns.fanout import CampaignStore
 from ...campaigns.report import ChartUnavailable, campaign_report, chart_png, report_exists
 from ...campaigns.templates import RenderError, Templates
 from ...core.schema import FieldError, MessageInvalid
+from ...queue.keys import Keys
+from ...queue.shards import ShardMap
 from .auth import Authenticator, require_scope
-from .context import ENGINE, INTAKE, REDIS
+from .context import ENGINE, INTAKE, REDIS, SETTINGS
 from .errors import ApiError, json_response, read_json
 
 MAX_IMPORT = 1000
@@ -30,9 +32,9 @@ OPEN_TYPES = ("opened", "clicked")  # the app events that teach a learner's best
 _EVENT_RE = re.compile(r"^events\[(\d+)\]")
 
 
-async def _known(redis: Any, keys: Any, cid: str) -> None:
+async def _known(redis: Any, keys: Keys, cid: str, shards: ShardMap) -> None:
     """A report exists for a stored campaign, or for any campaign label the workers have figures for."""
-    if not await report_exists(redis, keys, cid):
+    if not await report_exists(redis, keys, cid, shards):
         raise ApiError(404, "not_found", f"no such campaign {cid!r} (no definition and no figures)")
 
 
@@ -45,19 +47,24 @@ class CampaignRoutes:
         await self.auth.charge(client, 1)
         return request.app[REDIS], request.app[INTAKE].keys
 
+    async def _templates(self, request: web.Request) -> Templates:
+        """Saved templates, in the deployment's home for global records (queue/sharded.py `home_keys`)."""
+        redis, _ = await self._setup(request, "campaigns")
+        return Templates(redis, request.app[INTAKE].home)
+
     # ------------------------------------------------------------------ learners
 
     async def put_attributes(self, request: web.Request) -> web.Response:
         """PUT replaces a learner's attributes, PATCH changes the fields named (null clears one)."""
-        redis, keys = await self._setup(request, "devices")
+        await self._setup(request, "devices")
         body = await read_json(request)
-        attrs = await UserAttributes(redis, keys).update(request.match_info["user"], body,
-                                                         merge=request.method == "PATCH")
+        attrs = await request.app[INTAKE].attributes.update(request.match_info["user"], body,
+                                                            merge=request.method == "PATCH")
         return json_response(attrs.to_json())
 
     async def get_attributes(self, request: web.Request) -> web.Response:
-        redis, keys = await self._setup(request, "devices")
-        attrs = await UserAttributes(redis, keys).get(request.match_info["user"])
+        await self._setup(request, "devices")
+        attrs = await request.app[INTAKE].attributes.get(request.match_info["user"])
         return json_response(attrs.to_json())
 
     async def import_attributes(self, request: web.Request) -> web.Response:
@@ -70,40 +77,41 @@ class CampaignRoutes:
                                                   '{"user": ..., "attributes": {...}}')])
         await self.auth.charge(client, len(users))
         try:
-            n = await UserAttributes(request.app[REDIS], request.app[INTAKE].keys).import_many(
+            n = await request.app[INTAKE].attributes.import_many(
                 [(u["user"], u["attributes"]) for u in users])
         except MessageInvalid as e:
             raise MessageInvalid([FieldError(f"users{err.field}", err.message) for err in e.errors]) from None
         return json_response({"imported": n})
 
     async def audience_count(self, request: web.Request) -> web.Response:
-        redis, keys = await self._setup(request, "campaigns")
+        redis, _ = await self._setup(request, "campaigns")
         body = await read_json(request)
         audience = parse_audience(body.get("audience") if isinstance(body, dict) else None)
-        return json_response({"audience": audience.to_json(), "count": await count(redis, keys, audience)})
+        size = await count_all(redis, request.app[INTAKE].shards, audience)
+        return json_response({"audience": audience.to_json(), "count": size})
 
     # ------------------------------------------------------------------ templates
 
     async def put_template(self, request: web.Request) -> web.Response:
-        redis, keys = await self._setup(request, "campaigns")
+        templates = await self._templates(request)
         body = await read_json(request)
-        t = await Templates(redis, keys).save(request.match_info["name"], body)
+        t = await templates.save(request.match_info["name"], body)
         return json_response(t.to_json())
 
     async def get_template(self, request: web.Request) -> web.Response:
-        redis, keys = await self._setup(request, "campaigns")
-        t = await Templates(redis, keys).get(request.match_info["name"])
+        templates = await self._templates(request)
+        t = await templates.get(request.match_info["name"])
         if t is None:
             raise ApiError(404, "not_found", "no such template")
         return json_response(t.to_json())
 
     async def list_templates(self, request: web.Request) -> web.Response:
-        redis, keys = await self._setup(request, "campaigns")
-        return json_response({"templates": await Templates(redis, keys).names()})
+        templates = await self._templates(request)
+        return json_response({"templates": await templates.names()})
 
     async def render_template(self, request: web.Request) -> web.Response:
         """A preview: what a learner with this locale and these variables would read."""
-        redis, keys = await self._setup(request, "campaigns")
+        templates = await self._templates(request)
         body = await read_json(request)
         if not isinstance(body, dict) or set(body) - {"vars", "locale"}:
             raise MessageInvalid([FieldError("$", 'send {"vars": {...}, "locale": "fr"}')])
@@ -112,7 +120,7 @@ class CampaignRoutes:
             raise MessageInvalid([FieldError("vars", "must be an object of string values")])
         if locale is not None and not isinstance(locale, str):
             raise MessageInvalid([FieldError("locale", "must be a language tag such as fr")])
-        t = await Templates(redis, keys).get(request.match_info["name"])
+        t = await templates.get(request.match_info["name"])
         if t is None:
             raise ApiError(404, "not_found", "no such template")
         try:
@@ -123,48 +131,53 @@ class CampaignRoutes:
 
     # ------------------------------------------------------------------ campaigns
 
+    async def _campaigns(self, request: web.Request) -> tuple[Any, Keys, ShardMap]:
+        """Campaigns live in the home of global records (queue/sharded.py `home_keys`), their learners on shards."""
+        redis, _ = await self._setup(request, "campaigns")
+        return redis, request.app[INTAKE].home, request.app[INTAKE].shards
+
     async def create_campaign(self, request: web.Request) -> web.Response:
-        redis, keys = await self._setup(request, "campaigns")
+        redis, keys, shards = await self._campaigns(request)
         body = await read_json(request)
-        c = await CampaignStore(redis, keys).create(
+        c = await CampaignStore(redis, keys, shards).create(
             body, declarative_navigate=request.app[INTAKE].settings.webpush.declarative_navigate)
         return json_response(c.to_json(), 201)
 
     async def list_campaigns(self, request: web.Request) -> web.Response:
-        redis, keys = await self._setup(request, "campaigns")
-        return json_response({"campaigns": await CampaignStore(redis, keys).ids()})
+        redis, keys, shards = await self._campaigns(request)
+        return json_response({"campaigns": await CampaignStore(redis, keys, shards).ids()})
 
     async def get_campaign(self, request: web.Request) -> web.Response:
-        redis, keys = await self._setup(request, "campaigns")
-        s = await CampaignStore(redis, keys).require(request.match_info["id"])
+        redis, keys, shards = await self._campaigns(request)
+        s = await CampaignStore(redis, keys, shards).require(request.match_info["id"])
         return json_response(s.campaign.to_json() | {"stage_percent": s.stage_percent,
                                                      "stages": [st.to_json() for st in s.stages], "created_at": s.created_at})
 
     async def launch(self, request: web.Request) -> web.Response:
-        redis, keys = await self._setup(request, "campaigns")
+        redis, keys, shards = await self._campaigns(request)
         body = await read_json(request)
         if not isinstance(body, dict) or "percent" not in body or set(body) - {"percent", "weights"}:
             raise MessageInvalid([FieldError("percent", 'send {"percent": 10} for a 10% pilot, 100 for all '
                                                                  '(and "weights": {"b": 1} to roll out only variant b)')])
-        status = await CampaignStore(redis, keys).launch(request.match_info["id"], body["percent"], body.get("weights"))
+        status = await CampaignStore(redis, keys, shards).launch(request.match_info["id"], body["percent"], body.get("weights"))
         return json_response(status, 202)
 
     async def status(self, request: web.Request) -> web.Response:
-        redis, keys = await self._setup(request, "campaigns")
-        return json_response(await CampaignStore(redis, keys).status(request.match_info["id"]))
+        redis, keys, shards = await self._campaigns(request)
+        return json_response(await CampaignStore(redis, keys, shards).status(request.match_info["id"]))
 
     async def report(self, request: web.Request) -> web.Response:
-        redis, keys = await self._setup(request, "campaigns")
+        redis, keys, shards = await self._campaigns(request)
         cid = request.match_info["id"]
-        await _known(redis, keys, cid)
-        return json_response(await campaign_report(redis, keys, cid))
+        await _known(redis, keys, cid, shards)
+        return json_response(await campaign_report(redis, keys, cid, shards))
 
     async def report_png(self, request: web.Request) -> web.Response:
-        redis, keys = await self._setup(request, "campaigns")
+        redis, keys, shards = await self._campaigns(request)
         cid = request.match_info["id"]
-        await _known(redis, keys, cid)
+        await _known(redis, keys, cid, shards)
         try:
-            png = chart_png(await campaign_report(redis, keys, cid))
+            png = chart_png(await campaign_report(redis, keys, cid, shards))
         except ChartUnavailable as e:
             raise ApiError(501, "chart_unavailable", str(e)) from None
         return web.Response(body=png, content_type="image/png")
@@ -192,7 +205,10 @@ class CampaignRoutes:
                 errors += [FieldError(_renumber(err.field, app_at), err.message) for err in e.errors]
         if errors:
             raise MessageInvalid(sorted(errors, key=lambda err: _index(err.field)))
-        redis, keys = request.app[REDIS], request.app[INTAKE].keys
+        if learning_at and request.app[SETTINGS].redis.cluster:
+            raise ApiError(501, "not_in_cluster_mode", "learning events (automations) do not work on Redis Cluster yet; "
+                                                       "app events (opened, converted, ...) do")
+        redis, keys = request.app[REDIS], request.app[INTAKE].home
         results: list[dict[str, Any]] = [{} for _ in events]
         if app_at:
             recorded = await EventRecorder(redis, keys).record([events[i] for i in app_at])

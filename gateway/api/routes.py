@@ -6,11 +6,14 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from ...core.schema import ID_RE, FieldError, MessageInvalid
-from ...queue.deadletter import DeadLetters
-from ...users.registry import RegistryFull
+from ...queue.deadletter import ShardedDeadLetters
+from ...queue.sharded import BadShardedId
+from ...users.registry import RegistryFull, invalid_token_events
 from .auth import Authenticator, require_scope
 from .context import INTAKE, REDIS, SETTINGS
 from .errors import ApiError, json_response, read_json
+
+ENTRY_ID = "a stream id such as 1700000000000-0; on Redis Cluster <shard>/<stream id>"
 
 
 class Routes:
@@ -110,11 +113,11 @@ class Routes:
         except ValueError:
             raise ApiError(400, "invalid_query", "count must be a whole number") from None
         start = request.query.get("start", "-")
-        dl = DeadLetters(request.app[REDIS], request.app[INTAKE].keys)
+        dl = ShardedDeadLetters(request.app[REDIS], request.app[INTAKE].shards)
         try:
             entries = await dl.list(count, start)
-        except aioredis.ResponseError:
-            raise ApiError(400, "invalid_query", "start must be a stream id such as 1700000000000-0") from None
+        except (aioredis.ResponseError, BadShardedId):
+            raise ApiError(400, "invalid_query", f"start must be a dead-letter id from a listing ({ENTRY_ID})") from None
         return json_response({"dead_letters": [e.to_json() for e in entries], "total": await dl.count()})
 
     async def replay(self, request: web.Request) -> web.Response:
@@ -125,9 +128,10 @@ class Routes:
         if not replay_all and (not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids)):
             raise ApiError(422, "invalid_request", "send {\"ids\": [\"<dead-letter id>\", ...]} or {\"all\": true}")
         try:
-            n = await DeadLetters(request.app[REDIS], request.app[INTAKE].keys).replay(None if replay_all else ids)
-        except aioredis.ResponseError:
-            raise ApiError(400, "invalid_request", "ids must be stream ids such as 1700000000000-0") from None
+            n = await ShardedDeadLetters(request.app[REDIS], request.app[INTAKE].shards).replay(
+                None if replay_all else ids)
+        except (aioredis.ResponseError, BadShardedId):
+            raise ApiError(400, "invalid_request", f"ids must be dead-letter ids from a listing ({ENTRY_ID})") from None
         return json_response({"replayed": n})
 
     async def invalid_tokens(self, request: web.Request) -> web.Response:
@@ -135,11 +139,12 @@ class Routes:
         after = request.query.get("after", "-")
         try:
             count = min(1000, max(1, int(request.query.get("count", "100"))))
-            events = await request.app[INTAKE].registry.invalid_token_events(count, after)
         except ValueError:
             raise ApiError(400, "invalid_query", "count must be a whole number") from None
-        except aioredis.ResponseError:
-            raise ApiError(400, "invalid_query", "after must be a stream id") from None
+        try:
+            events = await invalid_token_events(request.app[INTAKE].registries, count, after)
+        except (aioredis.ResponseError, BadShardedId):
+            raise ApiError(400, "invalid_query", f"after must be an event id from a listing ({ENTRY_ID})") from None
         return json_response({"events": events})
 
 

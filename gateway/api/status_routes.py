@@ -12,7 +12,7 @@ from aiohttp import web
 
 from ...core.config import ApiClient
 from ...core.schema import MessageInvalid, parse_user
-from ...queue.status import StatusReader
+from ...queue.sharded import ShardedStatus
 from .auth import Authenticator, require_scope
 from .context import INTAKE, REDIS, SETTINGS
 from .errors import ApiError, json_response
@@ -31,7 +31,7 @@ class StatusRoutes:
     async def message(self, request: web.Request) -> web.Response:
         client = require_scope(request, "enqueue")
         await self.auth.charge(client, 1)
-        reader = StatusReader(request.app[REDIS], request.app[INTAKE].keys, request.app[SETTINGS].status.retention_s)
+        reader = ShardedStatus(request.app[REDIS], request.app[INTAKE].shards, request.app[SETTINGS].status.retention_s)
         status = await reader.message(request.match_info["id"])
         if status is None or not _visible(client, status):
             raise ApiError(404, "not_found", "no status for this message id (unknown, not yours, or past "
@@ -51,7 +51,7 @@ class StatusRoutes:
             raise ApiError(422, "invalid_request", f"limit must be a whole number from 1 to {MAX_LIMIT}",
                            fields=[{"field": "limit", "message": f"must be 1 to {MAX_LIMIT}"}])
         await self.auth.charge(client, 1)
-        reader = StatusReader(request.app[REDIS], request.app[INTAKE].keys, request.app[SETTINGS].status.retention_s)
+        reader = ShardedStatus(request.app[REDIS], request.app[INTAKE].shards, request.app[SETTINGS].status.retention_s)
         found = await reader.user(user, settings.user_messages)  # the kept ones, then this client's of them
         mine = [s for s in found if _visible(client, s)][: int(raw)]
         return json_response({"user": user, "messages": mine})
