@@ -771,6 +771,9 @@ CLUSTER_READY = frozenset({cmd_serve, cmd_worker, cmd_api, cmd_send, cmd_devices
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if metrics_dir:  # every command may count something: a folder not made yet (by a supervisor) is made here
+        os.makedirs(metrics_dir, exist_ok=True)
     try:
         settings = load_settings(args.config)
     except ConfigError as e:

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from pushgw.core import metrics
 from pushgw.core.metrics import AutoDeferred, Deferred
 
 BUCKETS = (0.005, 0.01, 0.1, 1, 10)
@@ -55,7 +56,9 @@ def test_auto_deferred_writes_at_once_outside_an_event_loop() -> None:
     assert count(registry) == 1
 
 
-def test_auto_deferred_writes_itself_on_each_loop_even_after_a_loop_ended_with_a_write_pending() -> None:
+def test_auto_deferred_writes_itself_on_each_loop_even_after_a_loop_ended_with_a_write_pending(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     registry = CollectorRegistry()
     h = Histogram("req_seconds", "r", buckets=BUCKETS, registry=registry)
     held = AutoDeferred()
@@ -72,8 +75,12 @@ def test_auto_deferred_writes_itself_on_each_loop_even_after_a_loop_ended_with_a
                 return
             await asyncio.sleep(0.005)
 
+    # The first loop's write is due an hour on, so its shutdown (which runs the loop a little longer) cannot
+    # write it however slowly this machine runs: the loop ends with the write pending.
+    monkeypatch.setattr(metrics, "HOLD_S", 3600.0)
     asyncio.run(observe_then_end_at_once())
     assert count(registry) == 0
+    monkeypatch.setattr(metrics, "HOLD_S", 0.005)
     asyncio.run(observe_then_wait(3))  # a new loop gets its own write, which also writes the leftover
     assert count(registry) == 4
     assert registry.get_sample_value("req_seconds_bucket", {"le": "0.1"}) == 4

@@ -68,6 +68,16 @@ def _get(url: str) -> tuple[int, str]:
         return resp.status, resp.read().decode()
 
 
+def test_pushgw_send_works_with_a_metrics_folder_not_made_yet(redis_url: str, tmp_path: Path) -> None:
+    metrics_dir = tmp_path / "not-yet" / "metrics"
+    env = os.environ | {"PUSHGW_REDIS_URL": redis_url, "PUSHGW_REDIS_PREFIX": "probes-send",
+                        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    sent = subprocess.run([sys.executable, "-m", "pushgw.gateway.cli", "send", "--user", "nobody", "--title", "t",
+                           "--body", "b"], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert sent.returncode == 0, sent.stderr
+    assert metrics_dir.is_dir()
+
+
 def test_pushgw_worker_serves_probes_and_metrics_then_drains_on_sigterm(redis_url: str, tmp_path: Path) -> None:
     port = free_port()
     env = os.environ | {"PUSHGW_REDIS_URL": redis_url, "PUSHGW_WORKER_METRICS_PORT": str(port),
