@@ -370,7 +370,6 @@ class Bench:
     async def _gateway_run(self, settings: Settings, url: str, redis: Any, pop: Population, sinks: Any,
                            fakes: list[Any], others: dict[str, list[int]]) -> dict[str, Any]:
         from ..gateway.pool import Pool
-        from ..queue.keys import Keys
         from ..queue.sharded import ShardedQueue, shard_map
         from ..queue.status import record_accepted
 
@@ -387,84 +386,90 @@ class Bench:
 
         pool = Pool(settings, url, o.processes, consumer_prefix="bench")
         pool.start()
-        await self._workers_ready(redis, shards.all_keys(), o.processes)
-        pids = [p.pid for p in pool.children.values() if p.pid]
-        recorder = None
-        if o.profile_dir:
-            from .profile import Recorder
+        try:
+            await self._workers_ready(redis, shards.all_keys(), o.processes)
+            pids = [p.pid for p in pool.children.values() if p.pid]
+            recorder = None
+            if o.profile_dir:
+                from .profile import Recorder
 
-            recorder = Recorder(Path(o.profile_dir))
-            recorder.attach(pids)
-        calls0 = await command_calls(redis)
-        cpu0 = sum(proc_stat(pid)[0] for pid in pids)
-        meter = CpuMeter({"workers": pids, **others})
-        nodes = others.get("redis", []) if o.cluster else []  # each cluster node's own share, beside the sum
-        nodes0 = [proc_stat(pid)[0] for pid in nodes]
-        meter.start()
-        enqueued_at: dict[str, float] = {}
-        samples: list[Sample] = []
-        started = time.time()
-        done_at = started
+                recorder = Recorder(Path(o.profile_dir))
+                recorder.attach(pids)
+            calls0 = await command_calls(redis)
+            cpu0 = sum(proc_stat(pid)[0] for pid in pids)
+            meter = CpuMeter({"workers": pids, **others})
+            nodes = others.get("redis", []) if o.cluster else []  # each cluster node's own share, beside the sum
+            nodes0 = [proc_stat(pid)[0] for pid in nodes]
+            meter.start()
+            enqueued_at: dict[str, float] = {}
+            samples: list[Sample] = []
+            started = time.time()
+            done_at = started
 
-        status = settings.status
-        status_keys = Keys(settings.redis.prefix)
+            status = settings.status
 
-        async def enqueue(chunk: list[Message], now: float) -> None:
-            """As the intake does (gateway/intake.py `Intake.submit`): the enqueue, then, with status on, the
-            status of the messages it accepted (one more round trip)."""
-            now_ms = int(now * 1000)
-            flags = await q.enqueue(chunk, now_ms)
-            if status.enabled:
-                await record_accepted(redis, status_keys, [m for m, f in zip(chunk, flags, strict=True) if f], now_ms,
-                                      retention_s=status.retention_s)
+            async def enqueue(chunk: list[Message], now: float) -> None:
+                """As the intake does (gateway/intake.py `Intake.submit`): the enqueue, then, with status on, the
+                status of the messages it accepted (one more round trip)."""
+                now_ms = int(now * 1000)
+                flags = await q.enqueue(chunk, now_ms)
+                if status.enabled:  # on each accepted message's shard, as the intake writes it
+                    by_shard: dict[int, list[Message]] = {}
+                    for m, f in zip(chunk, flags, strict=True):
+                        if f:
+                            by_shard.setdefault(q.shard_of(m), []).append(m)
+                    await asyncio.gather(*(record_accepted(redis, shards.keys(s), ms, now_ms,
+                                                           retention_s=status.retention_s)
+                                           for s, ms in by_shard.items()))
 
-        async def enqueue_all() -> None:
-            if o.rate <= 0:
-                for i in range(0, len(msgs), ENQUEUE_CHUNK):
-                    chunk = msgs[i:i + ENQUEUE_CHUNK]
-                    now = time.time()  # before the call: a worker may deliver before it returns
+            async def enqueue_all() -> None:
+                if o.rate <= 0:
+                    for i in range(0, len(msgs), ENQUEUE_CHUNK):
+                        chunk = msgs[i:i + ENQUEUE_CHUNK]
+                        now = time.time()  # before the call: a worker may deliver before it returns
+                        await enqueue(chunk, now)
+                        for m in chunk:
+                            enqueued_at[m.id] = now
+                    return
+                step = max(1, int(o.rate / 50))  # 50 small batches a second
+                t0 = time.monotonic()
+                for i in range(0, len(msgs), step):
+                    due = t0 + i / o.rate
+                    wait = due - time.monotonic()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    chunk = msgs[i:i + step]
+                    now = time.time()
                     await enqueue(chunk, now)
                     for m in chunk:
                         enqueued_at[m.id] = now
-                return
-            step = max(1, int(o.rate / 50))  # 50 small batches a second
-            t0 = time.monotonic()
-            for i in range(0, len(msgs), step):
-                due = t0 + i / o.rate
-                wait = due - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                chunk = msgs[i:i + step]
-                now = time.time()
-                await enqueue(chunk, now)
-                for m in chunk:
-                    enqueued_at[m.id] = now
 
-        samples.append(Sample(0.0, 0, [proc_stat(pid)[1] for pid in pids]))
-        enqueue_task = asyncio.create_task(enqueue_all())
-        deadline = time.monotonic() + o.timeout_s
-        while time.monotonic() < deadline:
-            await asyncio.sleep(0.25)
-            acked = sum([await self._acked(redis, keys) for keys in shards.all_keys()])
-            rss = [proc_stat(pid)[1] for pid in pids]
-            samples.append(Sample(time.time() - started, acked, rss))
-            stats = sum_stats([await sq.stats() for sq in q.queues])
-            _progress(f"{_bar(len(enqueued_at), n)} enqueued {len(enqueued_at)}/{n}  lag {stats.lag}  pending "
-                      f"{stats.pending}  retries {stats.delayed}  rss {'/'.join(f'{r:.0f}' for r in rss)} MB")
-            if enqueue_task.done() and stats.lag == 0 and stats.pending == 0 and stats.delayed == 0:
-                done_at = time.time()
-                break
-        else:
-            _progress("gave up waiting (timeout)", final=True)
-        await enqueue_task
-        calls = await command_calls(redis)
-        calls.subtract(calls0)
-        cpu = sum(proc_stat(pid)[0] for pid in pids) - cpu0
-        cpu_split = meter.stop(len(expected))
-        by_node = [round((proc_stat(pid)[0] - t0) / max(1, len(expected)) * 1e6, 1) for pid, t0 in zip(nodes, nodes0,
-                                                                                                     strict=True)]
-        peak = [proc_stat(pid)[2] for pid in pids]
-        await asyncio.to_thread(pool.stop)
+            samples.append(Sample(0.0, 0, [proc_stat(pid)[1] for pid in pids]))
+            enqueue_task = asyncio.create_task(enqueue_all())
+            deadline = time.monotonic() + o.timeout_s
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.25)
+                acked = sum([await self._acked(redis, keys) for keys in shards.all_keys()])
+                rss = [proc_stat(pid)[1] for pid in pids]
+                samples.append(Sample(time.time() - started, acked, rss))
+                stats = sum_stats([await sq.stats() for sq in q.queues])
+                _progress(f"{_bar(len(enqueued_at), n)} enqueued {len(enqueued_at)}/{n}  lag {stats.lag}  pending "
+                          f"{stats.pending}  retries {stats.delayed}  rss {'/'.join(f'{r:.0f}' for r in rss)} MB")
+                if enqueue_task.done() and stats.lag == 0 and stats.pending == 0 and stats.delayed == 0:
+                    done_at = time.time()
+                    break
+            else:
+                _progress("gave up waiting (timeout)", final=True)
+            await enqueue_task
+            calls = await command_calls(redis)
+            calls.subtract(calls0)
+            cpu = sum(proc_stat(pid)[0] for pid in pids) - cpu0
+            cpu_split = meter.stop(len(expected))
+            by_node = [round((proc_stat(pid)[0] - t0) / max(1, len(expected)) * 1e6, 1) for pid, t0 in zip(nodes, nodes0,
+                                                                                                         strict=True)]
+            peak = [proc_stat(pid)[2] for pid in pids]
+        finally:
+            await asyncio.to_thread(pool.stop)  # also when the run failed: no worker outlives the bench
         profile_rows: list[dict[str, Any]] = []
         profile_sampled_over_cpu = 0.0
         if recorder is not None:
