@@ -338,10 +338,9 @@ fcm = 10000
             load_settings(cfg, env={})
 
 
-async def test_a_batchs_devices_and_preferences_come_in_one_command(redis: aioredis.Redis) -> None:
+async def test_a_batchs_devices_and_preferences_come_in_one_command(redis: aioredis.Redis, keys: Keys) -> None:
     """The worker's read for a batch with the policy on: what `Profiles.get_many` and `devices_many` answer
-    apart, in one Redis command."""
-    keys = Keys(PREFIX)
+    apart, in one Redis command (on a cluster, one shard's keys)."""
     profiles, registry = Profiles(redis, keys), DeviceRegistry(redis, keys)
     await profiles.update("learner-1", {"timezone": "Asia/Kolkata", "opt_out": {"categories": ["new_content"]}})
     await profiles.update("learner-2", {"opt_out": {"all": True}})
