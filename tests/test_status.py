@@ -421,6 +421,20 @@ async def test_a_step_that_puts_a_message_off_keeps_its_status_that_much_longer(
     assert status is not None and status["state"] == "held" and status["timeline"][-1]["rule"] == "quiet_hours"
 
 
+async def test_the_intakes_write_after_a_workers_held_step_keeps_the_longer_ttl(redis: aioredis.Redis) -> None:
+    """A worker can take a message and hold it before the intake's status write runs (between the enqueue and
+    that call): the intake's records are appended and the held step's longer TTL stays."""
+    now = time.time()
+    q = StreamQueue(redis, Keys(), status_retention_s=600, events_maxlen=1000)
+    held = Step("early", int(now * 1000), "held", "", {"rule": "quiet_hours", "until": now + 7200}, 7200)
+    await q.commit(Commit(steps=[held]))
+    await record_accepted(redis, Keys(), [Message(id="early", devices=(Device("fcm", "t1"),), title="t")],
+                          int(now * 1000) - 1, retention_s=600)
+    assert 600 + 7000 < await redis.ttl(Keys().status("early")) <= 600 + 7200
+    status = await StatusReader(redis, Keys(), 600).message("early")
+    assert status is not None and [t["state"] for t in status["timeline"]] == ["queued", "held"]
+
+
 class _Job:
     """The worker's job as the tracker sees it (gateway/settle.py `Job`)."""
 
