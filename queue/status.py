@@ -179,7 +179,8 @@ return 0
 
 # The intake's: the accepted messages' first records, then the learners' lists. A new message's key is created
 # with its TTL in one SET; if a worker already wrote the message's first steps (it can, between the enqueue and
-# this call), the records are appended to theirs, and the longer of the two TTLs is kept. A learner's list is appended to, and gets its TTL when created.
+# this call), the records are appended to theirs, and the longer of the two TTLs is kept. A learner's list is
+# appended to, and gets its TTL when created.
 # KEYS: the status keys, then the learners' lists.
 # ARGV: retention_s, the number of status keys, then per status key its records and its TTL, then per learner
 # list its lines and its TTL.
