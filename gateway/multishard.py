@@ -293,14 +293,11 @@ class OwnedShards(StreamQueue):
         for s, (start, end) in spans.items():
             mine = replies[start:end]
             error = next((r for r in mine if isinstance(r, Exception)), None)
-            if error is None and mine and isinstance(mine[-1], list):  # EXEC's replies: one failed inside the block
-                error = next((r for r in mine[-1] if isinstance(r, Exception)), None)
             if error is None and mine and mine[-1] is None:
                 error = RedisError("EXEC aborted")
             if error is not None:
-                own = self.parts[s].redis  # the shard whose slot moved follows it, not the group's first shard
-                if isinstance(error, MovedError) and isinstance(own, SlotClient):
-                    await own.follow()
+                if isinstance(error, MovedError) and isinstance(client, SlotClient):
+                    await client.follow()
                 errors[s] = error
         return errors
 

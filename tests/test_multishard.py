@@ -19,7 +19,6 @@ from pushgw.queue.sharded import ShardedQueue, shard_clients, shard_map
 from pushgw.queue.shards import ShardMap, key_slot
 from pushgw.queue.status import InFlight, Step
 from pushgw.queue.streams import Commit
-from redis.exceptions import MovedError
 
 SHARDS = 16
 
@@ -198,31 +197,6 @@ async def test_a_shards_client_follows_its_slot_to_a_new_master(cluster3: LocalC
         assert shard0.connection_pool is not pool
     finally:
         cluster3.move_slot(slot, home)
-        await client.aclose()
-
-
-async def test_a_commit_after_a_shards_slot_moved_follows_that_shards_new_master(cluster3: LocalCluster) -> None:
-    for n in cluster3.nodes:
-        with n.client() as r:
-            r.flushall()
-    client = blocking_redis(redis_url_for(settings(cluster3)), max_connections=16)
-    shards = ShardMap.cluster("ms", SHARDS)
-    node_of = [cluster3.owner_of(key_slot(shards.keys(s).stream)) for s in range(SHARDS)]
-    a, b = [s for s in range(SHARDS) if node_of[s] == node_of[0]][:2]  # two shards on one node: one pipeline
-    slot = key_slot(shards.keys(b).stream)
-    q = OwnedShards(client, shards, await shard_clients(client, shards))
-    q.own(range(SHARDS))
-    due = time.time() + 60
-    try:
-        cluster3.move_slot(slot, (node_of[b] + 1) % 3)
-        c = Commit(retries=[(due, message(user_on(shards, a), 1), 2, 0), (due, message(user_on(shards, b), 1), 2, 0)])
-        with pytest.raises(MovedError):
-            await q.commit(c)
-        assert [r[1].user for r in c.retries] == [user_on(shards, b)]  # shard a's part written, b's kept
-        await q.commit(c)  # the settler's retry: b's client now points at the slot's new master
-        assert [(await q.parts[s].stats()).delayed for s in (a, b)] == [1, 1]
-    finally:
-        cluster3.move_slot(slot, node_of[b])
         await client.aclose()
 
 
