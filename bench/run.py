@@ -371,7 +371,6 @@ class Bench:
                            fakes: list[Any], others: dict[str, list[int]]) -> dict[str, Any]:
         from ..gateway.pool import Pool
         from ..queue.sharded import ShardedQueue, shard_map
-        from ..queue.status import record_accepted
 
         o = self.o
         shards = shard_map(settings.redis)  # one shard under today's keys with one Redis
@@ -414,13 +413,8 @@ class Bench:
                 now_ms = int(now * 1000)
                 flags = await q.enqueue(chunk, now_ms)
                 if status.enabled:  # on each accepted message's shard, as the intake writes it
-                    by_shard: dict[int, list[Message]] = {}
-                    for m, f in zip(chunk, flags, strict=True):
-                        if f:
-                            by_shard.setdefault(q.shard_of(m), []).append(m)
-                    await asyncio.gather(*(record_accepted(redis, shards.keys(s), ms, now_ms,
-                                                           retention_s=status.retention_s)
-                                           for s, ms in by_shard.items()))
+                    await q.record_accepted([m for m, f in zip(chunk, flags, strict=True) if f], now_ms,
+                                            retention_s=status.retention_s)
 
             async def enqueue_all() -> None:
                 if o.rate <= 0:

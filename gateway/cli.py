@@ -29,11 +29,9 @@ from .embedded import EmbeddedRedis, EmbeddedRedisError
 
 
 def _multiproc_dir() -> None:
-    """Prometheus multiprocess mode must be chosen before prometheus_client is imported."""
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if path:
-        os.makedirs(path, exist_ok=True)
-    else:
+    """Prometheus multiprocess mode must be chosen before prometheus_client is imported (a folder named by
+    PROMETHEUS_MULTIPROC_DIR is made in `main`)."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="pushgw-metrics-")
 
 

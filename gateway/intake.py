@@ -7,7 +7,6 @@ caller fixes its input and sends the same batch again; idempotency ids make that
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 from contextlib import suppress
@@ -37,7 +36,6 @@ from ..providers.endpoints import EndpointPolicy
 from ..providers.payloads import check_payload_limits
 from ..queue.keys import Keys
 from ..queue.sharded import ShardedQueue, home_keys, shard_map
-from ..queue.status import record_accepted
 from ..users.profiles import Profiles
 from ..users.registry import DeviceRegistry
 
@@ -288,7 +286,8 @@ class Intake:
             chunk_flags = await self.queue.enqueue(chunk, now_ms, owner=client or "")
             flags += chunk_flags
             if status.enabled and any(chunk_flags):  # a duplicate keeps the status of the message first accepted
-                await self._record_accepted([m for m, f in zip(chunk, chunk_flags, strict=True) if f], now_ms)
+                await self.queue.record_accepted([m for m, f in zip(chunk, chunk_flags, strict=True) if f], now_ms,
+                                                 retention_s=status.retention_s)
         queued = sum(flags)
         if queued:
             self._enqueued.inc(queued)
@@ -328,21 +327,6 @@ class Intake:
         device = self.parse_device(obj)
         await self.registry_for(user).register(user, device)
         return device
-
-    async def _record_accepted(self, messages: list[Message], now_ms: int) -> None:
-        """Each accepted message's first status step on the message's shard (where its worker writes the rest), one
-        pipeline per shard, concurrently; with one Redis one pipeline under today's keys."""
-        status = self.settings.status
-        if self.shards.count == 1:
-            await record_accepted(self.queue.redis, self.shards.keys(0), messages, now_ms,
-                                  retention_s=status.retention_s)
-            return
-        by_shard: dict[int, list[Message]] = {}
-        for m in messages:
-            by_shard.setdefault(self.queue.shard_of(m), []).append(m)
-        await asyncio.gather(*(record_accepted(self.queue.redis, self.shards.keys(n), ms, now_ms,
-                                               retention_s=status.retention_s)
-                               for n, ms in by_shard.items()))
 
     def registry_for(self, user: str) -> DeviceRegistry:
         """The registry of the user's shard (the only one with a single Redis)."""

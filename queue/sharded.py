@@ -21,7 +21,7 @@ from ..core.schema import Message
 from .connection import ShardedCluster
 from .keys import Keys
 from .shards import ShardMap, key_slot
-from .status import StatusReader
+from .status import StatusReader, record_accepted
 from .streams import CancelStatus, StreamQueue
 
 T = TypeVar("T")
@@ -88,6 +88,18 @@ class ShardedQueue:
         self.options = options
         self.queues = [StreamQueue(redis, k, **options) for k in shards.all_keys()]
         self.direct = not isinstance(redis, ShardedCluster)  # each shard's queue on its own node's client
+
+    async def record_accepted(self, messages: Sequence[Message], now_ms: int, *, retention_s: int) -> None:
+        """The accepted messages' first status step (queue/status.py `record_accepted`) on each message's shard,
+        where its worker writes the rest: one call per shard, concurrently; with one Redis one call."""
+        if self.shards.count == 1:
+            await record_accepted(self.redis, self.shards.keys(0), messages, now_ms, retention_s=retention_s)
+            return
+        by_shard: dict[int, list[Message]] = {}
+        for m in messages:
+            by_shard.setdefault(self.shard_of(m), []).append(m)
+        await asyncio.gather(*(record_accepted(self.redis, self.shards.keys(n), ms, now_ms, retention_s=retention_s)
+                               for n, ms in by_shard.items()))
 
     async def _go_direct(self) -> None:
         """On Redis Cluster, each shard's queue moves to its `SlotClient` at the first enqueue (the cluster
